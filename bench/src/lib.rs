@@ -1,0 +1,1 @@
+//! Starling benchmarks against etcd (filled by its own issue).

@@ -1,0 +1,1 @@
+//! Starling node: the `starling` daemon and CLI (filled by its own issue).

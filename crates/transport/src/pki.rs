@@ -1,0 +1,688 @@
+//! The cluster's own PKI: a root CA, node keys and CSRs, signing, and PEM files on disk.
+//!
+//! The CA takes **only the public key** from a CSR. Every name, usage and date in a node
+//! certificate comes from the CA's own parameters, so a joiner cannot ask for a role, a name
+//! or a lifetime it was not given (SwarmKit's signing policy does the same).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
+
+use crate::identity::{ClusterId, IdentityError, NodeId, PeerIdentity, Role, dns_name, spiffe_uri};
+use crate::token::{CaDigest, RandomnessError, random_bytes};
+
+/// Lifetime of a cluster root CA: 20 years, as SwarmKit.
+pub const CA_LIFETIME: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
+
+/// Why a PKI operation failed. Nothing on disk changed unless the variant says so.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PkiError {
+    /// rcgen refused to build, parse or sign (bad key, bad parameters).
+    #[error("certificate operation failed: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// The CSR is not valid DER, its self-signature is wrong, or it asks for extensions the
+    /// CA does not parse. Nothing was signed.
+    #[error("certificate signing request rejected: {0}")]
+    BadCsr(String),
+    /// The CSR's key is not ECDSA P-256. Nothing was signed.
+    #[error(
+        "certificate signing request uses an unsupported key type (only ECDSA P-256 is accepted)"
+    )]
+    UnsupportedKey,
+    /// A PEM file did not hold what was expected.
+    #[error("{path}: {why}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Reading or writing a file failed. A write goes to a temporary file first, so the old
+    /// file, if any, is intact.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A certificate does not carry a valid node identity.
+    #[error("certificate identity: {0}")]
+    Identity(#[from] IdentityError),
+    /// The OS random number generator failed.
+    #[error(transparent)]
+    Randomness(#[from] RandomnessError),
+    /// A key does not match its certificate.
+    #[error("private key does not match the certificate: {0}")]
+    KeyMismatch(String),
+    /// A time is out of the range a certificate can carry.
+    #[error("time out of range for a certificate")]
+    TimeOutOfRange,
+}
+
+/// Parameters of node certificates the CA signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertOptions {
+    /// How long a certificate is valid from `now` (default 90 days).
+    pub lifetime: Duration,
+    /// How far before `now` validity starts, for clock skew between nodes (default 1 hour).
+    pub backdate: Duration,
+}
+
+impl Default for CertOptions {
+    fn default() -> Self {
+        CertOptions {
+            lifetime: Duration::from_secs(90 * 24 * 3600),
+            backdate: Duration::from_secs(3600),
+        }
+    }
+}
+
+fn to_offset(t: SystemTime) -> Result<time::OffsetDateTime, PkiError> {
+    let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).map_err(|_| PkiError::TimeOutOfRange)?,
+        Err(e) => -i64::try_from(e.duration().as_secs()).map_err(|_| PkiError::TimeOutOfRange)?,
+    };
+    time::OffsetDateTime::from_unix_timestamp(secs).map_err(|_| PkiError::TimeOutOfRange)
+}
+
+fn random_serial() -> Result<SerialNumber, PkiError> {
+    let mut bytes: [u8; 16] = random_bytes()?;
+    // Positive, and a non-zero first byte so the DER INTEGER keeps all 16 bytes.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn checked_sub(t: SystemTime, d: Duration) -> Result<SystemTime, PkiError> {
+    t.checked_sub(d).ok_or(PkiError::TimeOutOfRange)
+}
+
+fn checked_add(t: SystemTime, d: Duration) -> Result<SystemTime, PkiError> {
+    t.checked_add(d).ok_or(PkiError::TimeOutOfRange)
+}
+
+/// A cluster's root certificate authority: a P-256 key and a self-signed certificate.
+pub struct ClusterCa {
+    cluster_id: ClusterId,
+    cert: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa")
+            .field("cluster_id", &self.cluster_id)
+            .field("digest", &self.digest())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterCa {
+    /// A new CA for `cluster_id`, valid for 20 years from now.
+    pub fn create(cluster_id: ClusterId) -> Result<Self, PkiError> {
+        Self::create_at(cluster_id, SystemTime::now())
+    }
+
+    /// A new CA valid from `now` − 1 h for [`CA_LIFETIME`].
+    pub fn create_at(cluster_id: ClusterId, now: SystemTime) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("starling root CA {cluster_id}"));
+        dn.push(DnType::OrganizationName, cluster_id.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = to_offset(checked_sub(now, Duration::from_secs(3600))?)?;
+        params.not_after = to_offset(checked_add(now, CA_LIFETIME)?)?;
+        params.serial_number = Some(random_serial()?);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.self_signed(&key)?;
+        Ok(ClusterCa {
+            cluster_id,
+            cert: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A CA from its certificate and key in PEM (as saved by [`ClusterCa::to_pem`]).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let cert =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| PkiError::BadFile {
+                path: "CA certificate".into(),
+                why: e.to_string(),
+            })?;
+        let key = KeyPair::from_pem(key_pem)?;
+        let cluster_id = ca_cluster_id(&cert)?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key)?;
+        let ca = ClusterCa {
+            cluster_id,
+            cert,
+            issuer,
+        };
+        // The key must be the certificate's: sign a throwaway certificate and check it chains.
+        let probe = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let signed = ca.sign_key(
+            &probe,
+            &NodeId::new("probe")?,
+            &Role::new("probe")?,
+            &CertOptions::default(),
+            SystemTime::now(),
+        )?;
+        verify_chain(&signed, &ca.cert).map_err(PkiError::KeyMismatch)?;
+        Ok(ca)
+    }
+
+    /// The certificate and key in PEM, to replicate or save.
+    pub fn to_pem(&self) -> (String, String) {
+        (pem_cert(&self.cert), self.issuer.key().serialize_pem())
+    }
+
+    /// Saves `ca.crt` and `ca.key` in `dir` (files created with mode 0600).
+    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        let (cert, key) = self.to_pem();
+        write_private(&dir.join("ca.crt"), cert.as_bytes())?;
+        write_private(&dir.join("ca.key"), key.as_bytes())
+    }
+
+    /// Loads what [`ClusterCa::save`] wrote.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        let cert = read_text(&dir.join("ca.crt"))?;
+        let key = read_text(&dir.join("ca.key"))?;
+        Self::from_pem(&cert, &key)
+    }
+
+    /// The cluster this CA serves.
+    pub fn cluster_id(&self) -> &ClusterId {
+        &self.cluster_id
+    }
+
+    /// The CA certificate (DER): what every node trusts.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// SHA-256 of the CA certificate, as pinned by join tokens.
+    pub fn digest(&self) -> CaDigest {
+        CaDigest::of_certificate(&self.cert)
+    }
+
+    /// Signs a CSR (DER) for `node_id` with `role`, valid from now.
+    pub fn sign_csr(
+        &self,
+        csr: &[u8],
+        node_id: &NodeId,
+        role: &Role,
+        opts: &CertOptions,
+    ) -> Result<CertificateDer<'static>, PkiError> {
+        self.sign_csr_at(csr, node_id, role, opts, SystemTime::now())
+    }
+
+    /// Signs a CSR as of `now`. Only the CSR's public key is used, after its self-signature
+    /// is checked; names, usages, serial and validity are chosen here.
+    pub fn sign_csr_at(
+        &self,
+        csr: &[u8],
+        node_id: &NodeId,
+        role: &Role,
+        opts: &CertOptions,
+        now: SystemTime,
+    ) -> Result<CertificateDer<'static>, PkiError> {
+        let csr_der = CertificateSigningRequestDer::from(csr);
+        let parsed = CertificateSigningRequestParams::from_der(&csr_der)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        if *parsed.public_key.algorithm() != PKCS_ECDSA_P256_SHA256 {
+            return Err(PkiError::UnsupportedKey);
+        }
+        self.sign_key(&parsed.public_key, node_id, role, opts, now)
+    }
+
+    fn sign_key(
+        &self,
+        key: &impl rcgen::PublicKeyData,
+        node_id: &NodeId,
+        role: &Role,
+        opts: &CertOptions,
+        now: SystemTime,
+    ) -> Result<CertificateDer<'static>, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, node_id.as_str());
+        dn.push(DnType::OrganizationalUnitName, role.as_str());
+        dn.push(DnType::OrganizationName, self.cluster_id.as_str());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![
+            SanType::DnsName(dns_name(node_id, &self.cluster_id).try_into()?),
+            SanType::URI(spiffe_uri(&self.cluster_id, role, node_id).try_into()?),
+        ];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = to_offset(checked_sub(now, opts.backdate)?)?;
+        params.not_after = to_offset(checked_add(now, opts.lifetime)?)?;
+        params.serial_number = Some(random_serial()?);
+        Ok(params.signed_by(key, &self.issuer)?.der().clone())
+    }
+
+    /// Creates a key and a certificate for a node in one step (for the first manager, or
+    /// tests): the same as [`NodeKey::generate`], [`NodeKey::csr`] and [`ClusterCa::sign_csr`].
+    pub fn issue(
+        &self,
+        node_id: &NodeId,
+        role: &Role,
+        opts: &CertOptions,
+    ) -> Result<NodeCredentials, PkiError> {
+        self.issue_at(node_id, role, opts, SystemTime::now())
+    }
+
+    /// [`ClusterCa::issue`] as of `now`.
+    pub fn issue_at(
+        &self,
+        node_id: &NodeId,
+        role: &Role,
+        opts: &CertOptions,
+        now: SystemTime,
+    ) -> Result<NodeCredentials, PkiError> {
+        let key = NodeKey::generate()?;
+        let cert = self.sign_csr_at(&key.csr()?, node_id, role, opts, now)?;
+        NodeCredentials::new(cert, key, vec![self.cert.clone()])
+    }
+}
+
+fn ca_cluster_id(cert: &[u8]) -> Result<ClusterId, PkiError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, parsed) =
+        X509Certificate::from_der(cert).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+    if !parsed.is_ca() {
+        return Err(PkiError::BadFile {
+            path: "CA certificate".into(),
+            why: "not a CA certificate".into(),
+        });
+    }
+    let org = parsed
+        .subject()
+        .iter_organization()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or(IdentityError::MissingField("organization"))?;
+    Ok(ClusterId::new(org)?)
+}
+
+/// Checks that `leaf` is signed by `ca` (any validity period). Returns why not.
+fn verify_chain(leaf: &[u8], ca: &[u8]) -> Result<(), String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, leaf) = X509Certificate::from_der(leaf).map_err(|e| e.to_string())?;
+    let (_, ca) = X509Certificate::from_der(ca).map_err(|e| e.to_string())?;
+    leaf.verify_signature(Some(ca.public_key()))
+        .map_err(|e| e.to_string())
+}
+
+/// A node's private key (ECDSA P-256).
+pub struct NodeKey(KeyPair);
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeKey(..)")
+    }
+}
+
+impl NodeKey {
+    /// A fresh P-256 key.
+    pub fn generate() -> Result<Self, PkiError> {
+        Ok(NodeKey(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?))
+    }
+
+    /// A certificate signing request (DER) for this key. It names nothing: the CA decides.
+    pub fn csr(&self) -> Result<Vec<u8>, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        Ok(params.serialize_request(&self.0)?.der().to_vec())
+    }
+
+    fn der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.0.serialize_der().into())
+    }
+}
+
+/// What a node needs to take part: its certificate, its key, and the CA certificates it
+/// trusts. The identity in the certificate is parsed once, here.
+pub struct NodeCredentials {
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    roots: Vec<CertificateDer<'static>>,
+    identity: PeerIdentity,
+}
+
+impl Clone for NodeCredentials {
+    fn clone(&self) -> Self {
+        NodeCredentials {
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+            roots: self.roots.clone(),
+            identity: self.identity.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for NodeCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCredentials")
+            .field("identity", &self.identity)
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeCredentials {
+    /// Credentials from a signed certificate, the key it was signed for, and the trusted CA
+    /// certificates (the first is the one that signed `cert`).
+    pub fn new(
+        cert: CertificateDer<'static>,
+        key: NodeKey,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, PkiError> {
+        Self::from_parts(cert, key.der(), roots)
+    }
+
+    fn from_parts(
+        cert: CertificateDer<'static>,
+        key: PrivateKeyDer<'static>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, PkiError> {
+        let identity = PeerIdentity::from_certificate(&cert)?;
+        if roots.is_empty() {
+            return Err(PkiError::BadFile {
+                path: "credentials".into(),
+                why: "no trusted CA certificate".into(),
+            });
+        }
+        // The key must match the certificate: rustls checks it against the public key.
+        let provider = rustls::crypto::ring::default_provider();
+        rustls::sign::CertifiedKey::from_der(vec![cert.clone()], key.clone_key(), &provider)
+            .map_err(|e| PkiError::KeyMismatch(e.to_string()))?;
+        Ok(NodeCredentials {
+            cert,
+            key,
+            roots,
+            identity,
+        })
+    }
+
+    /// The identity in the certificate.
+    pub fn identity(&self) -> &PeerIdentity {
+        &self.identity
+    }
+
+    /// The node certificate (DER).
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// The trusted CA certificates (DER).
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    pub(crate) fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    /// Saves `node.crt`, `node.key` and `ca.crt` (all trusted roots) in `dir`, each created
+    /// with mode 0600 and replaced atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        let key_pem = match &self.key {
+            PrivateKeyDer::Pkcs8(k) => pem_block("PRIVATE KEY", k.secret_pkcs8_der()),
+            _ => {
+                return Err(PkiError::BadFile {
+                    path: dir.join("node.key"),
+                    why: "only PKCS#8 keys are stored".into(),
+                });
+            }
+        };
+        let roots: String = self.roots.iter().map(|c| pem_cert(c)).collect();
+        write_private(&dir.join("node.crt"), pem_cert(&self.cert).as_bytes())?;
+        write_private(&dir.join("node.key"), key_pem.as_bytes())?;
+        write_private(&dir.join("ca.crt"), roots.as_bytes())
+    }
+
+    /// Loads what [`NodeCredentials::save`] wrote.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        let cert_path = dir.join("node.crt");
+        let key_path = dir.join("node.key");
+        let ca_path = dir.join("ca.crt");
+        let cert =
+            CertificateDer::from_pem_slice(read_text(&cert_path)?.as_bytes()).map_err(|e| {
+                PkiError::BadFile {
+                    path: cert_path.clone(),
+                    why: e.to_string(),
+                }
+            })?;
+        let key = PrivateKeyDer::from_pem_slice(read_text(&key_path)?.as_bytes()).map_err(|e| {
+            PkiError::BadFile {
+                path: key_path.clone(),
+                why: e.to_string(),
+            }
+        })?;
+        let roots = CertificateDer::pem_slice_iter(read_text(&ca_path)?.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| PkiError::BadFile {
+                path: ca_path.clone(),
+                why: e.to_string(),
+            })?;
+        Self::from_parts(cert, key, roots)
+    }
+}
+
+fn pem_cert(der: &[u8]) -> String {
+    pem_block("CERTIFICATE", der)
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der))
+}
+
+fn read_text(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file created with mode 0600, fsynced and
+/// renamed over the target, so a crash leaves either the old file or the new one.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io)?;
+    if let Some(parent) = path.parent() {
+        if let Ok(d) = fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn ca() -> ClusterCa {
+        ClusterCa::create(ClusterId::new("c1").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn signed_certificate_carries_the_identity() {
+        let ca = ca();
+        let creds = ca
+            .issue(
+                &NodeId::new("n7").unwrap(),
+                &Role::WORKER,
+                &CertOptions::default(),
+            )
+            .unwrap();
+        let id = creds.identity();
+        assert_eq!(id.node_id.as_str(), "n7");
+        assert_eq!(id.role, Role::WORKER);
+        assert_eq!(id.cluster_id.as_str(), "c1");
+        assert_eq!(id.serial.0.len(), 16);
+        let life = id
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap()
+            .as_secs();
+        assert!((89 * 24 * 3600..=90 * 24 * 3600).contains(&life), "{life}");
+        verify_chain(creds.certificate(), ca.certificate()).unwrap();
+    }
+
+    #[test]
+    fn only_the_csr_public_key_is_taken() {
+        // A CSR that asks for another node's name and a CA bit gets neither.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["m1.c1.starling".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, "manager");
+        let csr = params.serialize_request(&key).unwrap();
+        let ca = ca();
+        let cert = ca
+            .sign_csr(
+                csr.der(),
+                &NodeId::new("w9").unwrap(),
+                &Role::WORKER,
+                &CertOptions::default(),
+            )
+            .unwrap();
+        let id = PeerIdentity::from_certificate(&cert).unwrap();
+        assert_eq!(id.node_id.as_str(), "w9");
+        assert_eq!(id.role, Role::WORKER);
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, x) = X509Certificate::from_der(&cert).unwrap();
+        assert!(!x.is_ca());
+    }
+
+    #[test]
+    fn garbage_and_tampered_csrs_are_rejected() {
+        let ca = ca();
+        let n = NodeId::new("n1").unwrap();
+        let o = CertOptions::default();
+        assert!(matches!(
+            ca.sign_csr(b"junk", &n, &Role::WORKER, &o),
+            Err(PkiError::BadCsr(_))
+        ));
+        let mut csr = NodeKey::generate().unwrap().csr().unwrap();
+        let last = csr.len() - 3;
+        csr[last] ^= 0x55;
+        assert!(ca.sign_csr(&csr, &n, &Role::WORKER, &o).is_err());
+        let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let csr = CertificateParams::default().serialize_request(&ed).unwrap();
+        assert!(matches!(
+            ca.sign_csr(csr.der(), &n, &Role::WORKER, &o),
+            Err(PkiError::UnsupportedKey)
+        ));
+    }
+
+    #[test]
+    fn files_are_private_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca();
+        ca.save(dir.path()).unwrap();
+        let loaded = ClusterCa::load(dir.path()).unwrap();
+        assert_eq!(loaded.certificate(), ca.certificate());
+        assert_eq!(loaded.cluster_id(), ca.cluster_id());
+        let creds = loaded
+            .issue(
+                &NodeId::new("m1").unwrap(),
+                &Role::MANAGER,
+                &CertOptions::default(),
+            )
+            .unwrap();
+        verify_chain(creds.certificate(), ca.certificate()).unwrap();
+        let node_dir = dir.path().join("node");
+        fs::create_dir(&node_dir).unwrap();
+        creds.save(&node_dir).unwrap();
+        for f in ["node.crt", "node.key", "ca.crt"] {
+            let mode = fs::metadata(node_dir.join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        for f in ["ca.crt", "ca.key"] {
+            let mode = fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        let back = NodeCredentials::load(&node_dir).unwrap();
+        assert_eq!(back.identity(), creds.identity());
+        assert_eq!(back.roots(), creds.roots());
+    }
+
+    #[test]
+    fn mismatched_or_corrupt_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = ca();
+        let b = ca();
+        let (cert, _) = a.to_pem();
+        let (_, key) = b.to_pem();
+        assert!(matches!(
+            ClusterCa::from_pem(&cert, &key),
+            Err(PkiError::KeyMismatch(_))
+        ));
+        let creds = a
+            .issue(
+                &NodeId::new("m1").unwrap(),
+                &Role::MANAGER,
+                &CertOptions::default(),
+            )
+            .unwrap();
+        creds.save(dir.path()).unwrap();
+        fs::write(dir.path().join("node.crt"), "garbage").unwrap();
+        assert!(matches!(
+            NodeCredentials::load(dir.path()),
+            Err(PkiError::BadFile { .. })
+        ));
+        creds.save(dir.path()).unwrap();
+        fs::remove_file(dir.path().join("node.key")).unwrap();
+        assert!(matches!(
+            NodeCredentials::load(dir.path()),
+            Err(PkiError::Io { .. })
+        ));
+    }
+}
