@@ -184,6 +184,22 @@ async fn read_exact(
     }
 }
 
+/// Writes one frame, finishes the stream, and waits until the peer acknowledged all of it
+/// (so closing the connection right after cannot lose it).
+async fn write_frame_acked(
+    send: &mut quinn::SendStream,
+    body: &[u8],
+    max: usize,
+) -> Result<(), MessageError> {
+    write_frame(send, body, max).await?;
+    match send.stopped().await {
+        Ok(None) => Ok(()),
+        Ok(Some(code)) => Err(MessageError::Refused(StreamCode::from_varint(code))),
+        Err(quinn::StoppedError::ConnectionLost(e)) => Err(MessageError::ConnectionLost(e)),
+        Err(quinn::StoppedError::ZeroRttRejected) => Err(MessageError::ClosedStream),
+    }
+}
+
 /// Writes one frame and finishes the stream.
 pub(crate) async fn write_frame(
     send: &mut quinn::SendStream,
@@ -222,6 +238,9 @@ pub struct Request {
     body: Frame,
     send: Option<quinn::SendStream>,
     max_frame: usize,
+    // Keeps the connection open until the response is acknowledged, even if the handler
+    // dropped every other handle.
+    _conn: quinn::Connection,
 }
 
 impl Request {
@@ -235,10 +254,10 @@ impl Request {
         self.body.decode()
     }
 
-    /// Sends `body` as the response.
+    /// Sends `body` as the response; returns once the requester's QUIC stack acknowledged it.
     pub async fn respond(mut self, body: &[u8]) -> Result<(), MessageError> {
         let mut send = self.send.take().ok_or(MessageError::ClosedStream)?;
-        write_frame(&mut send, body, self.max_frame).await
+        write_frame_acked(&mut send, body, self.max_frame).await
     }
 
     /// Encodes `msg` and sends it as the response.
@@ -358,10 +377,10 @@ impl Connection {
         };
         match tokio::time::timeout(limits.request_timeout, exchange).await {
             Ok(result) => {
-                if let Err(e) = &result {
-                    if !e.is_connection_lost() {
-                        let _ = recv.stop(e.stream_code().to_varint());
-                    }
+                if let Err(e) = &result
+                    && !e.is_connection_lost()
+                {
+                    let _ = recv.stop(e.stream_code().to_varint());
                 }
                 result
             }
@@ -468,16 +487,18 @@ impl Connection {
                         let Ok((send, recv)) = bi else { break };
                         let tx = tx.clone();
                         let peer = peer.clone();
+                        let conn = conn.clone();
                         tokio::spawn(async move {
-                            read_inbound(recv, Some(send), limits, tx, peer).await;
+                            read_inbound(recv, Some(send), conn, limits, tx, peer).await;
                         });
                     }
                     uni = conn.accept_uni() => {
                         let Ok(recv) = uni else { break };
                         let tx = tx.clone();
                         let peer = peer.clone();
+                        let conn = conn.clone();
                         tokio::spawn(async move {
-                            read_inbound(recv, None, limits, tx, peer).await;
+                            read_inbound(recv, None, conn, limits, tx, peer).await;
                         });
                     }
                     _ = tx.closed() => break,
@@ -491,6 +512,7 @@ impl Connection {
 async fn read_inbound(
     mut recv: quinn::RecvStream,
     mut send: Option<quinn::SendStream>,
+    conn: quinn::Connection,
     limits: Limits,
     tx: mpsc::Sender<Inbound>,
     peer: Option<String>,
@@ -510,6 +532,7 @@ async fn read_inbound(
                     body,
                     send: Some(send),
                     max_frame: limits.max_frame,
+                    _conn: conn,
                 }),
                 None => Inbound::Message(body),
             };

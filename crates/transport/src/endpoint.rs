@@ -710,10 +710,10 @@ impl Endpoint {
                 .clone()
         };
         let mut guard = slot.lock().await;
-        if let Some(conn) = guard.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
+        if let Some(conn) = guard.as_ref()
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
         }
         *guard = None;
         let conn = self.connect(protocol, node, addr).await?;
@@ -749,10 +749,10 @@ impl Endpoint {
             if n != node {
                 return true;
             }
-            if let Ok(guard) = slot.try_lock() {
-                if let Some(c) = guard.as_ref() {
-                    c.close(CloseCode::SHUTDOWN, "disconnected");
-                }
+            if let Ok(guard) = slot.try_lock()
+                && let Some(c) = guard.as_ref()
+            {
+                c.close(CloseCode::SHUTDOWN, "disconnected");
             }
             false
         });

@@ -133,9 +133,16 @@ pub(crate) fn pinned_client_config(
 }
 
 /// The server's CA certificate does not have the digest in the join token.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("the CA certificate the server presented does not match the join token's digest")]
 pub(crate) struct PinMismatch;
+
+// rustls shows the inner error of `CertificateError::Other` with `Debug`: make that readable.
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
 
 /// Trusts a server whose chain ends in the CA certificate with a given digest, and whose
 /// leaf that CA signed. The server name is not checked: a joiner does not know the manager's

@@ -1,0 +1,327 @@
+//! Connections that must work: every ALPN a role allows, each message kind, the pool,
+//! rotation and the CA-pinned join.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use starling_transport::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t10_every_role_on_every_alpn_it_may_use() {
+    let c = Cluster::new("c1");
+    let m1 = c.endpoint("m1", Role::MANAGER);
+    for p in [raft(), gossip(), join()] {
+        serve_echo(&m1, &p);
+    }
+    let m2 = c.endpoint("m2", Role::MANAGER);
+    let w1 = c.endpoint("w1", Role::WORKER);
+    let cases = [
+        (&m2, raft(), Role::MANAGER),
+        (&m2, gossip(), Role::MANAGER),
+        (&m2, join(), Role::MANAGER),
+        (&w1, gossip(), Role::WORKER),
+    ];
+    for (ep, proto, role) in cases {
+        let conn = ep
+            .connect(&proto, &id("m1"), m1.local_addr())
+            .await
+            .unwrap();
+        assert_eq!(conn.alpn(), proto.alpn());
+        let peer = conn.peer().unwrap();
+        assert_eq!(peer.node_id, id("m1"));
+        assert_eq!(peer.role, Role::MANAGER);
+        assert_eq!(peer.cluster_id.as_str(), "c1");
+        let reply: Echo = conn
+            .call(&Echo {
+                seq: 1,
+                text: format!("{role}"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(reply.text, role.as_str().to_uppercase());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t11_request_one_way_and_datagram() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    serve_echo(&server, &gossip());
+    let client = c.endpoint("w1", Role::WORKER);
+    let conn = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+
+    // Request/response, several in flight at once.
+    let mut calls = Vec::new();
+    for seq in 0..32u64 {
+        let conn = conn.clone();
+        calls.push(tokio::spawn(async move {
+            conn.call::<Echo, Echo>(&Echo {
+                seq,
+                text: format!("m{seq}"),
+            })
+            .await
+        }));
+    }
+    for (seq, call) in calls.into_iter().enumerate() {
+        let reply = call.await.unwrap().unwrap();
+        assert_eq!(reply.seq, seq as u64);
+        assert_eq!(reply.text, format!("M{seq}"));
+    }
+
+    // One-way: the server echoes it back one-way, which arrives through accept().
+    conn.send_message(&Echo {
+        seq: 99,
+        text: "one-way".into(),
+    })
+    .await
+    .unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(5), conn.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    match back {
+        Inbound::Message(frame) => assert_eq!(frame.decode::<Echo>().unwrap().seq, 99),
+        other => panic!("expected a one-way message, got {other:?}"),
+    }
+
+    // Datagrams: size checked against the connection's limit, echo received.
+    let max = conn.max_datagram_size().unwrap();
+    assert!(max >= 1000, "datagram limit {max}");
+    let err = conn.send_datagram(&vec![0u8; max + 1]).unwrap_err();
+    assert!(matches!(err, MessageError::DatagramTooLarge { size, .. } if size == max + 1));
+    let body = Encode::encode(&Echo {
+        seq: 5,
+        text: "dg".into(),
+    })
+    .unwrap();
+    let mut echoed = None;
+    for _ in 0..10 {
+        conn.send_datagram(&body).unwrap();
+        if let Ok(Ok(f)) =
+            tokio::time::timeout(Duration::from_millis(500), conn.read_datagram()).await
+        {
+            echoed = Some(f);
+            break;
+        }
+    }
+    let echoed = echoed.expect("no datagram echoed in 10 tries");
+    assert_eq!(echoed.decode::<Echo>().unwrap().seq, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t12_pool_dials_once_and_reconnects_after_server_restart() {
+    let c = Cluster::new("c1");
+    let server_creds = c.creds("m1", Role::MANAGER);
+    let server = Endpoint::bind(config(), ring_provider(), Some(server_creds.clone())).unwrap();
+    let addr = server.local_addr();
+    let admitted = serve_echo(&server, &gossip());
+    let client = c.endpoint("w1", Role::WORKER);
+
+    // Many concurrent callers, one dial.
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .connection(&gossip(), &id("m1"), addr)
+                .await
+                .map(|c| c.quinn().stable_id())
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap().unwrap());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one pooled connection for all callers");
+    assert!(
+        eventually(Duration::from_secs(5), || admitted
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1)
+        .await
+    );
+
+    let body = Encode::encode(&Echo {
+        seq: 1,
+        text: "a".into(),
+    })
+    .unwrap();
+    let reply = client
+        .request(&gossip(), &id("m1"), addr, &body)
+        .await
+        .unwrap();
+    assert_eq!(reply.decode::<Echo>().unwrap().text, "A");
+
+    // Restart the server on the same address with the same identity.
+    server.close().await;
+    drop(server);
+    let cfg = EndpointConfig {
+        listen: addr,
+        ..config()
+    };
+    // The old socket is released once quinn's driver has finished; poll for it.
+    let mut rebound = None;
+    for _ in 0..500 {
+        match Endpoint::bind(cfg.clone(), ring_provider(), Some(server_creds.clone())) {
+            Ok(ep) => {
+                rebound = Some(ep);
+                break;
+            }
+            Err(EndpointError::Bind { .. }) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let server = rebound.expect("address not released within 5 s");
+    let admitted = serve_echo(&server, &gossip());
+
+    // The pooled connection learned of the close; the pool redials once.
+    let reply = client
+        .request(&gossip(), &id("m1"), addr, &body)
+        .await
+        .unwrap();
+    assert_eq!(reply.decode::<Echo>().unwrap().text, "A");
+    assert_eq!(admitted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // Dialing oneself is refused, pooled or not.
+    let err = client
+        .connection(&gossip(), &id("w1"), addr)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::DialSelf), "{err}");
+    let err = client
+        .connect(&gossip(), &id("m1"), client.local_addr())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::DialSelf), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t13_rotation_new_connections_see_new_serial_old_ones_keep_working() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    let first_serial = server.identity().unwrap().serial;
+    serve_echo(&server, &gossip());
+    let client = c.endpoint("w1", Role::WORKER);
+    let old = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    assert_eq!(old.peer().unwrap().serial, first_serial);
+
+    // Promotion: a new certificate with another role, swapped in without a restart.
+    server.rotate(c.creds("m1", Role::WORKER)).unwrap();
+    let second_serial = server.identity().unwrap().serial;
+    assert_ne!(first_serial, second_serial);
+    let new = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    assert_eq!(new.peer().unwrap().serial, second_serial);
+    assert_eq!(new.peer().unwrap().role, Role::WORKER);
+
+    for conn in [&old, &new] {
+        let r: Echo = conn
+            .call(&Echo {
+                seq: 3,
+                text: "x".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.text, "X");
+    }
+
+    // The client rotates too: the server sees its new serial on a new connection.
+    let client_serial = client.identity().unwrap().serial;
+    client.rotate(c.creds("w1", Role::WORKER)).unwrap();
+    assert_ne!(client.identity().unwrap().serial, client_serial);
+    let _raft = server.listen(&raft()).unwrap();
+    client.rotate(c.creds("w1", Role::MANAGER)).unwrap();
+    let dialed = client
+        .connect(&raft(), &id("m1"), server.local_addr())
+        .await;
+    // The server now holds a worker certificate: a raft dialer refuses it.
+    assert!(
+        matches!(dialed, Err(ConnectError::ServerRoleForbidden(_))),
+        "{dialed:?}"
+    );
+
+    // Rotating to another node's credentials is refused.
+    let err = client.rotate(c.creds("w2", Role::WORKER)).unwrap_err();
+    assert!(
+        matches!(err, EndpointError::IdentityChanged { .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t14_join_with_token_pins_the_ca() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    let mut listener = server.listen(&join()).unwrap();
+    let mut secrets = JoinSecrets::new(c.ca.digest());
+    secrets.rotate(Role::WORKER).unwrap();
+    let token = secrets.token(&Role::WORKER).unwrap();
+
+    // A node with no credentials at all.
+    let joiner = Endpoint::bind(config(), ring_provider(), None).unwrap();
+    assert!(joiner.identity().is_none());
+    let err = joiner
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::NoCredentials));
+
+    let join_protocol = join();
+    let dial = joiner.connect_pinned(&join_protocol, server.local_addr(), &token);
+    let (conn, accepted) = tokio::join!(dial, listener.accept());
+    let conn = conn.unwrap();
+    let accepted = accepted.unwrap();
+    assert!(accepted.peer().is_none(), "the joiner is anonymous");
+    assert_eq!(conn.peer().unwrap().node_id, id("m1"));
+
+    // The joiner sends its secret and CSR; the manager checks, signs and answers.
+    let key = NodeKey::generate().unwrap();
+    let csr = key.csr().unwrap();
+    let manager = tokio::spawn(async move {
+        let Ok(Inbound::Request(req)) = accepted.accept().await else {
+            panic!("no request")
+        };
+        let (token_text, csr): (String, Vec<u8>) = req.decode().unwrap();
+        let token: JoinToken = token_text.parse().unwrap();
+        let role = secrets.authorize(&token).unwrap();
+        let cert =
+            c.ca.sign_csr(&csr, &id("w7"), &role, &CertOptions::default())
+                .unwrap();
+        req.respond_with(&(cert.to_vec(), c.ca.certificate().to_vec()))
+            .await
+            .unwrap();
+        c
+    });
+    let (cert, ca): (Vec<u8>, Vec<u8>) = conn.call(&(token.to_string(), csr)).await.unwrap();
+    let c = manager.await.unwrap();
+    let creds = NodeCredentials::new(cert.into(), key, vec![ca.into()]).unwrap();
+    assert_eq!(creds.identity().node_id, id("w7"));
+
+    // The joined node installs its credentials on the same endpoint and is now a member.
+    joiner.rotate(creds).unwrap();
+    serve_echo(&server, &gossip());
+    let member = joiner
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    let r: Echo = member
+        .call(&Echo {
+            seq: 1,
+            text: "in".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.text, "IN");
+    drop(c);
+}

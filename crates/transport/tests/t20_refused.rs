@@ -1,0 +1,330 @@
+//! Peers and bytes that must be refused, each with the close code or error that says why.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use starling_transport::*;
+
+fn refused_with(err: &ConnectError, want: CloseCode) -> bool {
+    matches!(err, ConnectError::Refused { code, .. } if *code == want)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_no_certificate_on_a_certificate_alpn() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    serve_echo(&server, &gossip());
+    let mut secrets = JoinSecrets::new(c.ca.digest());
+    secrets.rotate(Role::WORKER).unwrap();
+    let token = secrets.token(&Role::WORKER).unwrap();
+    let anon = Endpoint::bind(config(), ring_provider(), None).unwrap();
+    // A certificate-less dial (the join path) on a protocol that requires a certificate.
+    let err = anon
+        .connect_pinned(&gossip(), server.local_addr(), &token)
+        .await
+        .unwrap_err();
+    assert!(refused_with(&err, CloseCode::NO_CERTIFICATE), "{err}");
+}
+
+/// Credentials signed by `signer` that trust `trusted`'s CA.
+fn forge(signer: &Cluster, trusted: &Cluster) -> NodeCredentials {
+    let key = NodeKey::generate().unwrap();
+    let cert = signer
+        .ca
+        .sign_csr(
+            &key.csr().unwrap(),
+            &id("w1"),
+            &Role::WORKER,
+            &CertOptions::default(),
+        )
+        .unwrap();
+    NodeCredentials::new(cert, key, vec![trusted.ca.certificate().clone()]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t21_certificate_from_another_ca() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    serve_echo(&server, &gossip());
+
+    // A node of another cluster that trusts this cluster's CA still dials the name of a
+    // node of its own cluster, which the server's certificate does not carry.
+    let stranger = Cluster::new("c2");
+    let client = Endpoint::bind(config(), ring_provider(), Some(forge(&stranger, &c))).unwrap();
+    let err = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Untrusted(_)), "{err}");
+
+    // A forged CA that copies this cluster's id (so its name matches the real issuer's):
+    // the signature does not verify.
+    let forger = Cluster::new("c1");
+    let forged = forger.creds("w1", Role::WORKER);
+    let client = Endpoint::bind(config(), ring_provider(), Some(forge(&forger, &c))).unwrap();
+    let err = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectError::HandshakeRejected {
+                alert: rustls::AlertDescription::DecryptError,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // And a client of the other CA does not trust the server.
+    let other = Endpoint::bind(config(), ring_provider(), Some(forged)).unwrap();
+    let err = other
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Untrusted(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t22_expired_certificate() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    serve_echo(&server, &gossip());
+    let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+    let opts = CertOptions {
+        lifetime: Duration::from_secs(24 * 3600),
+        ..CertOptions::default()
+    };
+    let expired =
+        c.ca.issue_at(&id("w1"), &Role::WORKER, &opts, two_days_ago)
+            .unwrap();
+    assert!(expired.identity().not_after < SystemTime::now());
+    let client = Endpoint::bind(config(), ring_provider(), Some(expired)).unwrap();
+    let err = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectError::HandshakeRejected {
+                alert: rustls::AlertDescription::CertificateExpired,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t23_worker_on_a_manager_only_alpn() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    let admitted = serve_echo(&server, &raft());
+    let worker = c.endpoint("w1", Role::WORKER);
+    let err = worker
+        .connect(&raft(), &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(refused_with(&err, CloseCode::ROLE_FORBIDDEN), "{err}");
+    assert_eq!(admitted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t24_dialing_a_but_reaching_b() {
+    let c = Cluster::new("c1");
+    let b = c.endpoint("b", Role::MANAGER);
+    serve_echo(&b, &gossip());
+    let client = c.endpoint("w1", Role::WORKER);
+    // B's certificate is valid in this cluster, but it is not A's.
+    let err = client
+        .connect(&gossip(), &id("a"), b.local_addr())
+        .await
+        .unwrap_err();
+    match err {
+        ConnectError::Untrusted(reason) => {
+            assert!(
+                reason.contains("not valid for name") || reason.contains("NotValidForName"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected Untrusted, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t25_join_pin_with_a_mismatching_digest() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    serve_echo(&server, &join());
+    let other = Cluster::new("c1");
+    let mut secrets = JoinSecrets::new(other.ca.digest());
+    secrets.rotate(Role::WORKER).unwrap();
+    let token = secrets.token(&Role::WORKER).unwrap();
+    let joiner = Endpoint::bind(config(), ring_provider(), None).unwrap();
+    let err = joiner
+        .connect_pinned(&join(), server.local_addr(), &token)
+        .await
+        .unwrap_err();
+    match err {
+        ConnectError::Untrusted(reason) => assert!(reason.contains("digest"), "{reason}"),
+        other => panic!("expected Untrusted, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t26_malformed_frames() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    serve_echo(&server, &gossip());
+    let client = c.endpoint("w1", Role::WORKER);
+    let conn = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+
+    // A frame whose header promises more than the stream carries.
+    let (mut send, mut recv) = conn.quinn().open_bi().await.unwrap();
+    send.write_all(&100u32.to_be_bytes()).await.unwrap();
+    send.write_all(b"short").await.unwrap();
+    send.finish().unwrap();
+    let err = recv.read_to_end(1024).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "read error: stream reset by peer: error {}",
+            StreamCode::MALFORMED_FRAME.0
+        ),
+    );
+
+    // Bytes after the frame.
+    let (mut send, mut recv) = conn.quinn().open_bi().await.unwrap();
+    send.write_all(&1u32.to_be_bytes()).await.unwrap();
+    send.write_all(b"ab").await.unwrap();
+    send.finish().unwrap();
+    assert!(recv.read_to_end(1024).await.is_err());
+
+    // A well-framed body that is not an `Echo`: the handler's decode fails with a typed
+    // error and it refuses the request.
+    let err = conn
+        .request(b"\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MessageError::Refused(StreamCode::UNDECODABLE)),
+        "{err}"
+    );
+    let garbage = Frame::copy_from(&[0xff; 9]);
+    let decode_err = garbage.decode::<Echo>().unwrap_err();
+    assert!(decode_err.type_name.contains("Echo"), "{decode_err}");
+
+    // The connection survives all of it.
+    let r: Echo = conn
+        .call(&Echo {
+            seq: 1,
+            text: "ok".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.text, "OK");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t27_frame_over_the_limit() {
+    let c = Cluster::new("c1");
+    let small = EndpointConfig {
+        max_frame_size: 1024,
+        ..config()
+    };
+    let server =
+        Endpoint::bind(small, ring_provider(), Some(c.creds("m1", Role::MANAGER))).unwrap();
+    serve_echo(&server, &gossip());
+    let client = c.endpoint("w1", Role::WORKER);
+    let conn = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    let err = conn.request(&vec![7u8; 4096]).await.unwrap_err();
+    assert!(
+        matches!(err, MessageError::Refused(StreamCode::FRAME_TOO_LARGE)),
+        "{err}"
+    );
+    // A header that claims 4 GiB is refused before anything is allocated.
+    let (mut send, mut recv) = conn.quinn().open_bi().await.unwrap();
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let err = recv.read_to_end(1024).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&StreamCode::FRAME_TOO_LARGE.0.to_string()),
+        "{err}"
+    );
+    // The sender's own limit is checked before sending.
+    let tiny = EndpointConfig {
+        max_frame_size: 16,
+        ..config()
+    };
+    let client2 = Endpoint::bind(tiny, ring_provider(), Some(c.creds("w2", Role::WORKER))).unwrap();
+    let conn2 = client2
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    let err = conn2.request(&[0u8; 17]).await.unwrap_err();
+    assert!(
+        matches!(err, MessageError::FrameTooLarge { size: 17, max: 16 }),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t28_unknown_alpn() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    serve_echo(&server, &gossip());
+    let client = c.endpoint("w1", Role::WORKER);
+    let unknown = Protocol::new("test/nope/1", PeerPolicy::any_member()).unwrap();
+    let err = client
+        .connect(&unknown, &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectError::HandshakeRejected {
+                alert: rustls::AlertDescription::NoApplicationProtocol,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t29_bad_config_is_a_clear_error() {
+    let c = Cluster::new("c1");
+    let bad = EndpointConfig {
+        keep_alive: Duration::from_secs(60),
+        ..config()
+    };
+    let err = Endpoint::bind(bad, ring_provider(), Some(c.creds("m1", Role::MANAGER))).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EndpointError::Config(ConfigError {
+                field: "keep_alive",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    assert!(Protocol::new(Vec::new(), PeerPolicy::any_member()).is_err());
+    let server = c.endpoint("m1", Role::MANAGER);
+    let _l = server.listen(&gossip()).unwrap();
+    assert!(matches!(
+        server.listen(&gossip()),
+        Err(EndpointError::AlreadyListening(_))
+    ));
+}
