@@ -86,5 +86,7 @@ pub use token::{
     CaDigest, JoinSecret, JoinSecrets, JoinToken, RandomnessError, TokenError, TokenPart,
 };
 
-/// Re-exported so users can derive message types with the same rkyv as this crate.
+/// Re-exported so users can derive message types with the same rkyv as this crate:
+/// `#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]` with
+/// `#[rkyv(crate = starling_transport::rkyv)]` when rkyv is not a direct dependency.
 pub use rkyv;
