@@ -99,14 +99,12 @@ impl Frame {
         Frame(v)
     }
 
-    pub(crate) fn zeroed(len: usize) -> Self {
-        let mut v = AlignedVec::with_capacity(len);
-        v.resize(len, 0);
-        Frame(v)
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Frame(AlignedVec::with_capacity(capacity))
     }
 
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.0.as_mut_slice()
+    pub(crate) fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
     }
 
     /// The body's bytes.

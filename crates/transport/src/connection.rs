@@ -13,6 +13,9 @@ use crate::codec::{Decode, DecodeError, Encode, EncodeError, FRAME_HEADER, Frame
 use crate::error::{CloseCode, StreamCode};
 use crate::identity::PeerIdentity;
 
+/// Inbound messages queued for `accept`, and streams read at once, per connection.
+const INBOUND_QUEUE: usize = 16;
+
 /// Limits that apply to every message on a connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -153,8 +156,19 @@ pub(crate) async fn read_frame(
     if len > max {
         return Err(MessageError::FrameTooLarge { size: len, max });
     }
-    let mut frame = Frame::zeroed(len);
-    read_exact(recv, frame.as_mut_slice(), FRAME_HEADER, FRAME_HEADER + len).await?;
+    // Grow the buffer only as bytes arrive: a header alone must not make us allocate.
+    let mut frame = Frame::with_capacity(len.min(64 * 1024));
+    while frame.len() < len {
+        match recv.read_chunk(len - frame.len(), true).await? {
+            Some(chunk) => frame.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(MessageError::Truncated {
+                    expected: FRAME_HEADER + len,
+                    received: FRAME_HEADER + frame.len(),
+                });
+            }
+        }
+    }
     let mut probe = [0u8; 1];
     match recv.read(&mut probe).await? {
         None => Ok(frame),
@@ -200,18 +214,20 @@ async fn write_frame_acked(
     }
 }
 
+fn check_size(size: usize, max: usize) -> Result<(), MessageError> {
+    if size > max || u32::try_from(size).is_err() {
+        return Err(MessageError::FrameTooLarge { size, max });
+    }
+    Ok(())
+}
+
 /// Writes one frame and finishes the stream.
 pub(crate) async fn write_frame(
     send: &mut quinn::SendStream,
     body: &[u8],
     max: usize,
 ) -> Result<(), MessageError> {
-    if body.len() > max || u32::try_from(body.len()).is_err() {
-        return Err(MessageError::FrameTooLarge {
-            size: body.len(),
-            max,
-        });
-    }
+    check_size(body.len(), max)?;
     let header = (body.len() as u32).to_be_bytes();
     send.write_all(&header).await?;
     send.write_all(body).await?;
@@ -238,6 +254,7 @@ pub struct Request {
     body: Frame,
     send: Option<quinn::SendStream>,
     max_frame: usize,
+    timeout: Duration,
     // Keeps the connection open until the response is acknowledged, even if the handler
     // dropped every other handle.
     _conn: quinn::Connection,
@@ -257,7 +274,16 @@ impl Request {
     /// Sends `body` as the response; returns once the requester's QUIC stack acknowledged it.
     pub async fn respond(mut self, body: &[u8]) -> Result<(), MessageError> {
         let mut send = self.send.take().ok_or(MessageError::ClosedStream)?;
-        write_frame_acked(&mut send, body, self.max_frame).await
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, write_frame_acked(&mut send, body, self.max_frame))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => {
+                let _ = send.reset(StreamCode::TIMEOUT.to_varint());
+                Err(MessageError::Timeout(timeout))
+            }
+        }
     }
 
     /// Encodes `msg` and sends it as the response.
@@ -367,29 +393,32 @@ impl Connection {
     /// timeout.
     pub async fn request(&self, body: &[u8]) -> Result<Frame, MessageError> {
         let limits = self.0.limits;
+        check_size(body.len(), limits.max_frame)?;
         if let Some(reason) = self.0.conn.close_reason() {
             return Err(MessageError::NotSent(reason));
         }
-        let (mut send, mut recv) = self.0.conn.open_bi().await.map_err(MessageError::NotSent)?;
+        let mut streams = None;
         let exchange = async {
-            write_frame(&mut send, body, limits.max_frame).await?;
-            read_frame(&mut recv, limits.max_frame).await
+            let (send, recv) = self.0.conn.open_bi().await.map_err(MessageError::NotSent)?;
+            let (send, recv) = streams.insert((send, recv));
+            write_frame(send, body, limits.max_frame).await?;
+            read_frame(recv, limits.max_frame).await
         };
-        match tokio::time::timeout(limits.request_timeout, exchange).await {
-            Ok(result) => {
-                if let Err(e) = &result
-                    && !e.is_connection_lost()
-                {
-                    let _ = recv.stop(e.stream_code().to_varint());
-                }
-                result
-            }
-            Err(_) => {
-                let _ = send.reset(StreamCode::TIMEOUT.to_varint());
-                let _ = recv.stop(StreamCode::TIMEOUT.to_varint());
-                Err(MessageError::Timeout(limits.request_timeout))
-            }
+        let result = tokio::time::timeout(limits.request_timeout, exchange).await;
+        let (code, result) = match result {
+            Ok(Ok(frame)) => return Ok(frame),
+            Ok(Err(e)) if e.is_connection_lost() => return Err(e),
+            Ok(Err(e)) => (e.stream_code(), Err(e)),
+            Err(_) => (
+                StreamCode::TIMEOUT,
+                Err(MessageError::Timeout(limits.request_timeout)),
+            ),
+        };
+        if let Some((mut send, mut recv)) = streams {
+            let _ = send.reset(code.to_varint());
+            let _ = recv.stop(code.to_varint());
         }
+        result
     }
 
     /// Encodes `req`, sends it as a request and decodes the response as `Resp`.
@@ -401,13 +430,28 @@ impl Connection {
 
     /// Sends a one-way message on its own stream; returns once it is handed to QUIC.
     pub async fn send(&self, body: &[u8]) -> Result<(), MessageError> {
-        let mut send = self
-            .0
-            .conn
-            .open_uni()
-            .await
-            .map_err(MessageError::NotSent)?;
-        write_frame(&mut send, body, self.0.limits.max_frame).await
+        let limits = self.0.limits;
+        check_size(body.len(), limits.max_frame)?;
+        if let Some(reason) = self.0.conn.close_reason() {
+            return Err(MessageError::NotSent(reason));
+        }
+        let deliver = async {
+            let mut send = self
+                .0
+                .conn
+                .open_uni()
+                .await
+                .map_err(MessageError::NotSent)?;
+            let result = write_frame_acked(&mut send, body, limits.max_frame).await;
+            Ok::<_, MessageError>((send, result))
+        };
+        match tokio::time::timeout(limits.request_timeout, deliver).await {
+            Ok(Ok((_, result))) => result,
+            Ok(Err(e)) => Err(e),
+            // Dropping the stream here resets nothing by itself; the peer sees a truncated
+            // frame or nothing, and refuses it.
+            Err(_) => Err(MessageError::Timeout(limits.request_timeout)),
+        }
     }
 
     /// Encodes `msg` and sends it one-way.
@@ -476,12 +520,22 @@ impl Connection {
     }
 
     fn spawn_pump(&self) -> mpsc::Receiver<Inbound> {
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
+        // At most this many streams are being read at once; with the queue, that bounds the
+        // frames a peer can make this side buffer to 2 × INBOUND_QUEUE × max_frame.
+        let reading = Arc::new(tokio::sync::Semaphore::new(INBOUND_QUEUE));
         let conn = self.0.conn.clone();
         let limits = self.0.limits;
         let peer = self.0.peer.as_ref().map(|p| p.node_id.to_string());
         tokio::spawn(async move {
             loop {
+                let permit = tokio::select! {
+                    p = reading.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = tx.closed() => break,
+                };
                 tokio::select! {
                     bi = conn.accept_bi() => {
                         let Ok((send, recv)) = bi else { break };
@@ -490,6 +544,7 @@ impl Connection {
                         let conn = conn.clone();
                         tokio::spawn(async move {
                             read_inbound(recv, Some(send), conn, limits, tx, peer).await;
+                            drop(permit);
                         });
                     }
                     uni = conn.accept_uni() => {
@@ -499,6 +554,7 @@ impl Connection {
                         let conn = conn.clone();
                         tokio::spawn(async move {
                             read_inbound(recv, None, conn, limits, tx, peer).await;
+                            drop(permit);
                         });
                     }
                     _ = tx.closed() => break,
@@ -532,6 +588,7 @@ async fn read_inbound(
                     body,
                     send: Some(send),
                     max_frame: limits.max_frame,
+                    timeout: limits.request_timeout,
                     _conn: conn,
                 }),
                 None => Inbound::Message(body),

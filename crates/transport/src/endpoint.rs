@@ -25,6 +25,9 @@ use crate::token::JoinToken;
 /// client's handshake completes) surfaces in `connect`, not at the first request.
 const ADMITTED: u8 = 0xA1;
 
+/// The largest `max_frame_size` accepted.
+const MAX_FRAME_LIMIT: usize = 256 << 20;
+
 /// The server name a joiner dials; not verified (the CA pin is), but it must be a DNS name.
 const JOIN_SERVER_NAME: &str = "join.starling";
 
@@ -39,7 +42,9 @@ pub fn ring_provider() -> Arc<CryptoProvider> {
 pub struct EndpointConfig {
     /// The UDP address to bind (port 0 picks a free one).
     pub listen: SocketAddr,
-    /// Largest frame (message body) accepted or sent. Default 16 MiB.
+    /// Largest frame (message body) accepted or sent. Default 8 MiB, at most 256 MiB. A
+    /// peer can make this side buffer up to 32 frames per connection, so keep it modest and
+    /// stream large transfers in chunks.
     pub max_frame_size: usize,
     /// Time for a request to get its response, and for an inbound stream to deliver its
     /// frame. Default 10 s.
@@ -64,7 +69,7 @@ impl Default for EndpointConfig {
     fn default() -> Self {
         EndpointConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            max_frame_size: 16 << 20,
+            max_frame_size: 8 << 20,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
@@ -95,8 +100,8 @@ impl EndpointConfig {
                 why: why.to_owned(),
             })
         };
-        if self.max_frame_size == 0 || self.max_frame_size > u32::MAX as usize {
-            return err("max_frame_size", "must be between 1 byte and 4 GiB");
+        if self.max_frame_size == 0 || self.max_frame_size > MAX_FRAME_LIMIT {
+            return err("max_frame_size", "must be between 1 byte and 256 MiB");
         }
         for (field, d) in [
             ("request_timeout", self.request_timeout),
@@ -160,6 +165,10 @@ impl PeerPolicy {
         self.roles.as_ref().is_none_or(|r| r.contains(role))
     }
 
+    fn names_roles(&self) -> bool {
+        self.roles.as_ref().is_some_and(|r| !r.is_empty())
+    }
+
     /// Whether certificate-less peers are admitted.
     pub fn admits_anonymous(&self) -> bool {
         self.anonymous
@@ -218,6 +227,16 @@ pub enum EndpointError {
     /// A protocol is already listening on this ALPN.
     #[error("a protocol already listens on ALPN {0:?}")]
     AlreadyListening(String),
+    /// `bind` was called outside a tokio runtime.
+    #[error("Endpoint::bind must be called inside a tokio runtime")]
+    NoRuntime,
+    /// The endpoint was closed.
+    #[error("the endpoint is closed")]
+    Closed,
+    /// New credentials are unusable: the certificate is expired or not signed by the first
+    /// trusted root.
+    #[error("credentials rejected: {0}")]
+    BadCredentials(String),
     /// New credentials are for another cluster or another node.
     #[error("credentials are for {found}, this endpoint is {expected}")]
     IdentityChanged {
@@ -271,6 +290,16 @@ pub enum ConnectError {
     /// The server's role may not serve this protocol.
     #[error("the server's role {0} may not serve this protocol")]
     ServerRoleForbidden(Role),
+    /// A pinned dial (join) needs a protocol whose policy names the server roles to trust;
+    /// with [`PeerPolicy::any_member`] any node of the pinned CA could pose as a manager.
+    #[error("a pinned dial needs a protocol policy that names the roles of the servers to trust")]
+    PolicyTooWide,
+    /// Another caller's dial to the same node, which this call waited for, just failed.
+    #[error("a concurrent dial to this node failed: {0}")]
+    DialFailed(String),
+    /// The endpoint was closed.
+    #[error("the endpoint is closed")]
+    Closed,
     /// No handshake and admission within the connect timeout.
     #[error("no connection within {0:?}")]
     Timeout(Duration),
@@ -330,9 +359,18 @@ struct Listening {
 struct State {
     credentials: Option<NodeCredentials>,
     listening: HashMap<Vec<u8>, Listening>,
+    closed: bool,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+#[derive(Default)]
+struct SlotState {
+    conn: Option<Connection>,
+    /// When the last dial failed, and why: callers that were already waiting get that
+    /// answer instead of dialing again one after another.
+    failed: Option<(std::time::Instant, String)>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
 struct Shared {
     quinn: quinn::Endpoint,
@@ -366,23 +404,33 @@ impl Shared {
     /// credentials there is nothing to serve with.
     fn refresh_server_config(&self) -> Result<(), rustls::Error> {
         let state = self.state();
-        let Some(creds) = &state.credentials else {
-            self.quinn.set_server_config(None);
-            return Ok(());
+        let server = match &state.credentials {
+            Some(creds) if !state.closed => {
+                self.build_server_config(creds.roots(), state.listening.keys().cloned().collect())?
+            }
+            _ => None,
         };
-        let mut alpns: Vec<Vec<u8>> = state.listening.keys().cloned().collect();
-        alpns.sort();
+        self.quinn.set_server_config(server);
+        Ok(())
+    }
+
+    /// A server configuration for `roots` and `alpns`, or `None` when there is nothing to
+    /// serve.
+    fn build_server_config(
+        &self,
+        roots: &[CertificateDer<'static>],
+        mut alpns: Vec<Vec<u8>>,
+    ) -> Result<Option<quinn::ServerConfig>, rustls::Error> {
         if alpns.is_empty() {
-            self.quinn.set_server_config(None);
-            return Ok(());
+            return Ok(None);
         }
-        let cfg = tls::server_config(&self.provider, creds.roots(), self.certs.clone(), alpns)?;
+        alpns.sort();
+        let cfg = tls::server_config(&self.provider, roots, self.certs.clone(), alpns)?;
         let quic = QuicServerConfig::try_from(cfg)
             .map_err(|e| rustls::Error::General(format!("QUIC server config: {e}")))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
         server.transport_config(self.transport.clone());
-        self.quinn.set_server_config(Some(server));
-        Ok(())
+        Ok(Some(server))
     }
 
     fn client_config(
@@ -474,6 +522,9 @@ impl Endpoint {
         credentials: Option<NodeCredentials>,
     ) -> Result<Self, EndpointError> {
         config.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(EndpointError::NoRuntime);
+        }
         let mut transport = quinn::TransportConfig::default();
         transport
             .max_idle_timeout(Some(
@@ -511,6 +562,7 @@ impl Endpoint {
             state: RwLock::new(State {
                 credentials: None,
                 listening: HashMap::new(),
+                closed: false,
             }),
             pool: Mutex::new(HashMap::new()),
             local_addr,
@@ -557,6 +609,9 @@ impl Endpoint {
         let (tx, rx) = mpsc::channel(self.shared().config.accept_queue);
         {
             let mut state = self.shared().state_mut();
+            if state.closed {
+                return Err(EndpointError::Closed);
+            }
             if state.listening.contains_key(protocol.alpn()) {
                 return Err(EndpointError::AlreadyListening(
                     String::from_utf8_lossy(protocol.alpn()).into_owned(),
@@ -586,6 +641,9 @@ impl Endpoint {
     /// node id and cluster must stay the same (the role may change: promotion, demotion).
     pub fn rotate(&self, credentials: NodeCredentials) -> Result<(), EndpointError> {
         let shared = self.shared();
+        credentials
+            .check_usable(std::time::SystemTime::now())
+            .map_err(|e| EndpointError::BadCredentials(e.to_string()))?;
         let mut chain = vec![credentials.certificate().clone()];
         // Send the CA too, so a joiner can pin it by digest.
         chain.extend(credentials.roots().first().cloned());
@@ -594,21 +652,27 @@ impl Endpoint {
             credentials.key().clone_key(),
             &shared.provider,
         )?;
-        {
-            let mut state = shared.state_mut();
-            if let Some(old) = &state.credentials {
-                let (o, n) = (old.identity(), credentials.identity());
-                if o.node_id != n.node_id || o.cluster_id != n.cluster_id {
-                    return Err(EndpointError::IdentityChanged {
-                        expected: format!("{} of {}", o.node_id, o.cluster_id),
-                        found: format!("{} of {}", n.node_id, n.cluster_id),
-                    });
-                }
-            }
-            shared.certs.set(Arc::new(key));
-            state.credentials = Some(credentials);
+        let mut state = shared.state_mut();
+        if state.closed {
+            return Err(EndpointError::Closed);
         }
-        shared.refresh_server_config()?;
+        if let Some(old) = &state.credentials {
+            let (o, n) = (old.identity(), credentials.identity());
+            if o.node_id != n.node_id || o.cluster_id != n.cluster_id {
+                return Err(EndpointError::IdentityChanged {
+                    expected: format!("{} of {}", o.node_id, o.cluster_id),
+                    found: format!("{} of {}", n.node_id, n.cluster_id),
+                });
+            }
+        }
+        // Build everything that can fail before changing anything.
+        let server = shared.build_server_config(
+            credentials.roots(),
+            state.listening.keys().cloned().collect(),
+        )?;
+        shared.certs.set(Arc::new(key));
+        state.credentials = Some(credentials);
+        shared.quinn.set_server_config(server);
         Ok(())
     }
 
@@ -624,6 +688,9 @@ impl Endpoint {
         let shared = self.shared();
         let (own, roots) = {
             let state = shared.state();
+            if state.closed {
+                return Err(ConnectError::Closed);
+            }
             let creds = state
                 .credentials
                 .as_ref()
@@ -672,6 +739,12 @@ impl Endpoint {
         if addr == shared.local_addr {
             return Err(ConnectError::DialSelf);
         }
+        if shared.state().closed {
+            return Err(ConnectError::Closed);
+        }
+        if !protocol.policy().names_roles() {
+            return Err(ConnectError::PolicyTooWide);
+        }
         let tls = tls::pinned_client_config(&shared.provider, token.ca_digest, protocol.alpn())?;
         let cfg = shared.client_config(tls)?;
         let connecting = shared.quinn.connect_with(cfg, addr, JOIN_SERVER_NAME)?;
@@ -709,16 +782,30 @@ impl Endpoint {
                 .or_default()
                 .clone()
         };
+        let arrived = std::time::Instant::now();
         let mut guard = slot.lock().await;
-        if let Some(conn) = guard.as_ref()
+        if let Some(conn) = guard.conn.as_ref()
             && conn.close_reason().is_none()
         {
             return Ok(conn.clone());
         }
-        *guard = None;
-        let conn = self.connect(protocol, node, addr).await?;
-        *guard = Some(conn.clone());
-        Ok(conn)
+        if let Some((at, why)) = &guard.failed
+            && *at >= arrived
+        {
+            return Err(ConnectError::DialFailed(why.clone()));
+        }
+        guard.conn = None;
+        match self.connect(protocol, node, addr).await {
+            Ok(conn) => {
+                guard.conn = Some(conn.clone());
+                guard.failed = None;
+                Ok(conn)
+            }
+            Err(e) => {
+                guard.failed = Some((std::time::Instant::now(), e.to_string()));
+                Err(e)
+            }
+        }
     }
 
     /// Sends a request over the pooled connection to `node`. If that connection turns out
@@ -750,7 +837,7 @@ impl Endpoint {
                 return true;
             }
             if let Ok(guard) = slot.try_lock()
-                && let Some(c) = guard.as_ref()
+                && let Some(c) = guard.conn.as_ref()
             {
                 c.close(CloseCode::SHUTDOWN, "disconnected");
             }
@@ -759,8 +846,22 @@ impl Endpoint {
     }
 
     /// Closes every connection and the socket, and waits until peers were told.
+    /// Listeners return `None` from then on; dials, `listen` and `rotate` fail with
+    /// `Closed`.
     pub async fn close(&self) {
         let shared = self.shared();
+        {
+            let mut state = shared.state_mut();
+            state.closed = true;
+            // Dropping the senders ends every listener's `accept`.
+            state.listening.clear();
+        }
+        shared.quinn.set_server_config(None);
+        shared
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         shared
             .quinn
             .close(CloseCode::SHUTDOWN.to_varint(), b"endpoint closed");
@@ -974,31 +1075,43 @@ async fn admit(shared: Arc<Shared>, incoming: quinn::Incoming) {
             Ok(id) => Some(id),
         },
     };
-    let permit = match tx.try_reserve() {
-        Ok(p) => p,
-        Err(mpsc::error::TrySendError::Full(())) => {
-            return refuse(
-                CloseCode::OVERLOADED,
-                format!("{alpn_text} accept queue full"),
-            );
-        }
-        Err(mpsc::error::TrySendError::Closed(())) => {
-            return refuse(
-                CloseCode::UNKNOWN_PROTOCOL,
-                format!("{alpn_text} stopped listening"),
-            );
-        }
-    };
+    // Refuse early if the queue is full; the slot is taken only after admission, so a peer
+    // that stalls the admission cannot hold one.
+    if tx.capacity() == 0 {
+        return refuse(
+            CloseCode::OVERLOADED,
+            format!("{alpn_text} accept queue full"),
+        );
+    }
     let admitted = async {
         let mut s = conn.open_uni().await?;
         s.write_all(&[ADMITTED]).await?;
         s.finish()?;
         Ok::<_, MessageError>(())
     };
-    if let Err(e) = admitted.await {
-        debug!(%remote, error = %e, "peer left before admission");
-        return;
+    match tokio::time::timeout(timeout, admitted).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "peer left before admission");
+            return;
+        }
+        Err(_) => {
+            return refuse(
+                CloseCode::ADMISSION_FAILED,
+                format!("admission not accepted within {timeout:?}"),
+            );
+        }
     }
     debug!(%remote, alpn = %alpn_text, peer = ?peer.as_ref().map(|p| p.node_id.to_string()), "admitted");
-    permit.send(Connection::new(conn, peer, alpn, shared.limits()));
+    let admitted = Connection::new(conn, peer, alpn, shared.limits());
+    match tx.try_send(admitted) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(c)) => {
+            c.close(CloseCode::OVERLOADED, "accept queue full");
+            warn!(%remote, alpn = %alpn_text, "refused peer: accept queue full");
+        }
+        Err(mpsc::error::TrySendError::Closed(c)) => {
+            c.close(CloseCode::UNKNOWN_PROTOCOL, "protocol stopped listening");
+        }
+    }
 }

@@ -66,6 +66,12 @@ pub enum PkiError {
     /// A key does not match its certificate.
     #[error("private key does not match the certificate: {0}")]
     KeyMismatch(String),
+    /// The certificate has expired.
+    #[error("the certificate has expired")]
+    Expired,
+    /// The certificate is not signed by the first trusted root.
+    #[error("the certificate is not signed by the trusted CA: {0}")]
+    NotSignedByRoot(String),
     /// A time is out of the range a certificate can carry.
     #[error("time out of range for a certificate")]
     TimeOutOfRange,
@@ -243,11 +249,11 @@ impl ClusterCa {
         now: SystemTime,
     ) -> Result<CertificateDer<'static>, PkiError> {
         let csr_der = CertificateSigningRequestDer::from(csr);
+        // rcgen checks the CSR's self-signature.
         let parsed = CertificateSigningRequestParams::from_der(&csr_der)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
-        if *parsed.public_key.algorithm() != PKCS_ECDSA_P256_SHA256 {
-            return Err(PkiError::UnsupportedKey);
-        }
+        // The key itself must be a P-256 point; the signature algorithm alone does not say.
+        check_p256_key(csr)?;
         self.sign_key(&parsed.public_key, node_id, role, opts, now)
     }
 
@@ -308,6 +314,29 @@ impl ClusterCa {
         let cert = self.sign_csr_at(&key.csr()?, node_id, role, opts, now)?;
         NodeCredentials::new(cert, key, vec![self.cert.clone()])
     }
+}
+
+fn check_p256_key(csr: &[u8]) -> Result<(), PkiError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
+    use x509_parser::prelude::FromDer;
+    let (_, req) =
+        X509CertificationRequest::from_der(csr).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    let spki = &req.certification_request_info.subject_pki;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    let point = &spki.subject_public_key.data;
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY
+        || curve.as_ref() != Some(&OID_EC_P256)
+        || point.len() != 65
+        || point.first() != Some(&0x04)
+    {
+        return Err(PkiError::UnsupportedKey);
+    }
+    Ok(())
 }
 
 fn ca_cluster_id(cert: &[u8]) -> Result<ClusterId, PkiError> {
@@ -448,51 +477,61 @@ impl NodeCredentials {
         &self.key
     }
 
-    /// Saves `node.crt`, `node.key` and `ca.crt` (all trusted roots) in `dir`, each created
-    /// with mode 0600 and replaced atomically.
+    /// Checks that the certificate is valid at `now` and signed by the first trusted root.
+    pub fn check_usable(&self, now: SystemTime) -> Result<(), PkiError> {
+        if self.identity.not_after <= now {
+            return Err(PkiError::Expired);
+        }
+        let root = self.roots.first().ok_or_else(|| PkiError::BadFile {
+            path: "credentials".into(),
+            why: "no trusted CA certificate".into(),
+        })?;
+        verify_chain(&self.cert, root).map_err(PkiError::NotSignedByRoot)
+    }
+
+    /// Saves the certificate, the key and every trusted root as one PEM file,
+    /// `dir/node.pem`, created with mode 0600 and replaced atomically, so a crash never
+    /// leaves a certificate beside a key that does not match it.
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
+        let path = dir.join(NODE_PEM);
         let key_pem = match &self.key {
             PrivateKeyDer::Pkcs8(k) => pem_block("PRIVATE KEY", k.secret_pkcs8_der()),
             _ => {
                 return Err(PkiError::BadFile {
-                    path: dir.join("node.key"),
+                    path,
                     why: "only PKCS#8 keys are stored".into(),
                 });
             }
         };
-        let roots: String = self.roots.iter().map(|c| pem_cert(c)).collect();
-        write_private(&dir.join("node.crt"), pem_cert(&self.cert).as_bytes())?;
-        write_private(&dir.join("node.key"), key_pem.as_bytes())?;
-        write_private(&dir.join("ca.crt"), roots.as_bytes())
+        let mut bundle = pem_cert(&self.cert);
+        bundle.push_str(&key_pem);
+        for root in &self.roots {
+            bundle.push_str(&pem_cert(root));
+        }
+        write_private(&path, bundle.as_bytes())
     }
 
-    /// Loads what [`NodeCredentials::save`] wrote.
+    /// Loads what [`NodeCredentials::save`] wrote: the first certificate in `node.pem` is
+    /// the node's, the others are trusted roots.
     pub fn load(dir: &Path) -> Result<Self, PkiError> {
-        let cert_path = dir.join("node.crt");
-        let key_path = dir.join("node.key");
-        let ca_path = dir.join("ca.crt");
-        let cert =
-            CertificateDer::from_pem_slice(read_text(&cert_path)?.as_bytes()).map_err(|e| {
-                PkiError::BadFile {
-                    path: cert_path.clone(),
-                    why: e.to_string(),
-                }
-            })?;
-        let key = PrivateKeyDer::from_pem_slice(read_text(&key_path)?.as_bytes()).map_err(|e| {
-            PkiError::BadFile {
-                path: key_path.clone(),
-                why: e.to_string(),
-            }
-        })?;
-        let roots = CertificateDer::pem_slice_iter(read_text(&ca_path)?.as_bytes())
+        let path = dir.join(NODE_PEM);
+        let text = read_text(&path)?;
+        let bad = |why: String| PkiError::BadFile {
+            path: path.clone(),
+            why,
+        };
+        let mut certs = CertificateDer::pem_slice_iter(text.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| PkiError::BadFile {
-                path: ca_path.clone(),
-                why: e.to_string(),
-            })?;
-        Self::from_parts(cert, key, roots)
+            .map_err(|e| bad(e.to_string()))?
+            .into_iter();
+        let cert = certs.next().ok_or_else(|| bad("no certificate".into()))?;
+        let key = PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        Self::from_parts(cert, key, certs.collect())
     }
 }
+
+/// The file [`NodeCredentials::save`] writes.
+const NODE_PEM: &str = "node.pem";
 
 fn pem_cert(der: &[u8]) -> String {
     pem_block("CERTIFICATE", der)
@@ -611,12 +650,16 @@ mod tests {
         let last = csr.len() - 3;
         csr[last] ^= 0x55;
         assert!(ca.sign_csr(&csr, &n, &Role::WORKER, &o).is_err());
-        let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-        let csr = CertificateParams::default().serialize_request(&ed).unwrap();
-        assert!(matches!(
-            ca.sign_csr(csr.der(), &n, &Role::WORKER, &o),
-            Err(PkiError::UnsupportedKey)
-        ));
+        for alg in [&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P384_SHA384] {
+            let other = KeyPair::generate_for(alg).unwrap();
+            let csr = CertificateParams::default()
+                .serialize_request(&other)
+                .unwrap();
+            assert!(matches!(
+                ca.sign_csr(csr.der(), &n, &Role::WORKER, &o),
+                Err(PkiError::UnsupportedKey)
+            ));
+        }
     }
 
     #[test]
@@ -638,10 +681,11 @@ mod tests {
         let node_dir = dir.path().join("node");
         fs::create_dir(&node_dir).unwrap();
         creds.save(&node_dir).unwrap();
-        for f in ["node.crt", "node.key", "ca.crt"] {
-            let mode = fs::metadata(node_dir.join(f)).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600, "{f}");
-        }
+        let mode = fs::metadata(node_dir.join(NODE_PEM))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         for f in ["ca.crt", "ca.key"] {
             let mode = fs::metadata(dir.path().join(f))
                 .unwrap()
@@ -652,6 +696,34 @@ mod tests {
         let back = NodeCredentials::load(&node_dir).unwrap();
         assert_eq!(back.identity(), creds.identity());
         assert_eq!(back.roots(), creds.roots());
+    }
+
+    #[test]
+    fn usable_means_unexpired_and_signed_by_the_root() {
+        let a = ca();
+        let b = ca();
+        let n = NodeId::new("n1").unwrap();
+        let now = SystemTime::now();
+        let creds = a.issue(&n, &Role::WORKER, &CertOptions::default()).unwrap();
+        creds.check_usable(now).unwrap();
+        assert!(matches!(
+            creds.check_usable(now + Duration::from_secs(91 * 24 * 3600)),
+            Err(PkiError::Expired)
+        ));
+        let key = NodeKey::generate().unwrap();
+        let cert = a
+            .sign_csr(
+                &key.csr().unwrap(),
+                &n,
+                &Role::WORKER,
+                &CertOptions::default(),
+            )
+            .unwrap();
+        let wrong_root = NodeCredentials::new(cert, key, vec![b.certificate().clone()]).unwrap();
+        assert!(matches!(
+            wrong_root.check_usable(now),
+            Err(PkiError::NotSignedByRoot(_))
+        ));
     }
 
     #[test]
@@ -673,13 +745,16 @@ mod tests {
             )
             .unwrap();
         creds.save(dir.path()).unwrap();
-        fs::write(dir.path().join("node.crt"), "garbage").unwrap();
+        fs::write(dir.path().join(NODE_PEM), "garbage").unwrap();
         assert!(matches!(
             NodeCredentials::load(dir.path()),
             Err(PkiError::BadFile { .. })
         ));
-        creds.save(dir.path()).unwrap();
-        fs::remove_file(dir.path().join("node.key")).unwrap();
+        // A bundle cut short (no key) is refused, not half-loaded.
+        let (cert_only, _) = a.to_pem();
+        fs::write(dir.path().join(NODE_PEM), cert_only).unwrap();
+        assert!(NodeCredentials::load(dir.path()).is_err());
+        fs::remove_file(dir.path().join(NODE_PEM)).unwrap();
         assert!(matches!(
             NodeCredentials::load(dir.path()),
             Err(PkiError::Io { .. })

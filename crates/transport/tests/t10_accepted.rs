@@ -325,3 +325,196 @@ async fn t14_join_with_token_pins_the_ca() {
     assert_eq!(r.text, "IN");
     drop(c);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t15_close_ends_listeners_and_dials() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    let mut listener = server.listen(&gossip()).unwrap();
+    let waiting = tokio::spawn(async move { listener.accept().await.is_none() });
+    server.close().await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap(),
+        "accept returns None after close"
+    );
+    let err = server
+        .connect(&gossip(), &id("m2"), "127.0.0.1:9".parse().unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectError::Closed), "{err}");
+    assert!(matches!(server.listen(&raft()), Err(EndpointError::Closed)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t16_dropped_listener_unregisters_its_alpn() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    serve_echo(&server, &gossip());
+    let listener = server.listen(&raft()).unwrap();
+    drop(listener);
+    let m2 = c.endpoint("m2", Role::MANAGER);
+    let err = m2
+        .connect(&raft(), &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectError::HandshakeRejected {
+                alert: rustls::AlertDescription::NoApplicationProtocol,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The other protocol is untouched.
+    m2.connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t17_full_accept_queue_refuses_with_overloaded() {
+    let c = Cluster::new("c1");
+    let cfg = EndpointConfig {
+        accept_queue: 1,
+        ..config()
+    };
+    let server = Endpoint::bind(cfg, ring_provider(), Some(c.creds("m1", Role::MANAGER))).unwrap();
+    let _listener = server.listen(&gossip()).unwrap(); // never accepts
+    let a = c.endpoint("w1", Role::WORKER);
+    let b = c.endpoint("w2", Role::WORKER);
+    a.connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    let err = b
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConnectError::Refused { code, .. } if code == CloseCode::OVERLOADED),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t18_pinned_dial_refuses_a_worker_posing_as_manager() {
+    let c = Cluster::new("c1");
+    // A worker (valid certificate of the pinned CA) answers on the join protocol.
+    let worker = c.endpoint("w1", Role::WORKER);
+    serve_echo(&worker, &join());
+    let mut secrets = JoinSecrets::new(c.ca.digest());
+    secrets.rotate(Role::MANAGER).unwrap();
+    let token = secrets.token(&Role::MANAGER).unwrap();
+    let joiner = Endpoint::bind(config(), ring_provider(), None).unwrap();
+    let err = joiner
+        .connect_pinned(&join(), worker.local_addr(), &token)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConnectError::ServerRoleForbidden(ref r) if *r == Role::WORKER),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t19_trusted_roots_rotate_while_running() {
+    // CA rotation: nodes of a new CA are admitted once the server trusts it too.
+    let c = Cluster::new("c1");
+    let next = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    serve_echo(&server, &gossip());
+    let key = NodeKey::generate().unwrap();
+    let cert = next
+        .ca
+        .sign_csr(
+            &key.csr().unwrap(),
+            &id("w1"),
+            &Role::WORKER,
+            &CertOptions::default(),
+        )
+        .unwrap();
+    let creds = NodeCredentials::new(
+        cert,
+        key,
+        vec![next.ca.certificate().clone(), c.ca.certificate().clone()],
+    )
+    .unwrap();
+    let client = Endpoint::bind(config(), ring_provider(), Some(creds)).unwrap();
+    let before = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await;
+    assert!(
+        matches!(before, Err(ConnectError::HandshakeRejected { .. })),
+        "{before:?}"
+    );
+
+    let key = NodeKey::generate().unwrap();
+    let cert =
+        c.ca.sign_csr(
+            &key.csr().unwrap(),
+            &id("m1"),
+            &Role::MANAGER,
+            &CertOptions::default(),
+        )
+        .unwrap();
+    let both = NodeCredentials::new(
+        cert,
+        key,
+        vec![c.ca.certificate().clone(), next.ca.certificate().clone()],
+    )
+    .unwrap();
+    server.rotate(both).unwrap();
+    let conn = client
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    let r: Echo = conn
+        .call(&Echo {
+            seq: 1,
+            text: "new ca".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.text, "NEW CA");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t19b_concurrent_callers_share_one_failed_dial() {
+    let c = Cluster::new("c1");
+    let cfg = EndpointConfig {
+        connect_timeout: Duration::from_millis(500),
+        ..config()
+    };
+    let client = Endpoint::bind(cfg, ring_provider(), Some(c.creds("w1", Role::WORKER))).unwrap();
+    // Nothing listens there.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client.connection(&gossip(), &id("m9"), addr).await
+        }));
+    }
+    let mut shared_failures = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => panic!("dial to a dead address succeeded"),
+            Err(ConnectError::DialFailed(_)) => shared_failures += 1,
+            Err(_) => {}
+        }
+    }
+    assert_eq!(shared_failures, 7, "waiters got the first dial's failure");
+    // One timeout, not eight in a row (a bound on correctness, not a speed target).
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

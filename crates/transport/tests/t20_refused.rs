@@ -17,16 +17,32 @@ async fn t20_no_certificate_on_a_certificate_alpn() {
     let c = Cluster::new("c1");
     let server = c.endpoint("m1", Role::MANAGER);
     serve_echo(&server, &gossip());
+    serve_echo(&server, &join());
+    // A peer with no certificate that trusts the server: refused on a member protocol...
+    let err = raw_dial(
+        None,
+        &[&c.ca],
+        GOSSIP,
+        "m1.c1.starling",
+        server.local_addr(),
+    )
+    .await
+    .unwrap_err();
+    assert!(closed_with(&err, CloseCode::NO_CERTIFICATE), "{err}");
+    // ...and admitted on the anonymous join protocol.
+    raw_dial(None, &[&c.ca], JOIN, "m1.c1.starling", server.local_addr())
+        .await
+        .unwrap();
+    // The library's own pinned dial refuses a policy that would trust any member as server.
     let mut secrets = JoinSecrets::new(c.ca.digest());
     secrets.rotate(Role::WORKER).unwrap();
     let token = secrets.token(&Role::WORKER).unwrap();
     let anon = Endpoint::bind(config(), ring_provider(), None).unwrap();
-    // A certificate-less dial (the join path) on a protocol that requires a certificate.
     let err = anon
         .connect_pinned(&gossip(), server.local_addr(), &token)
         .await
         .unwrap_err();
-    assert!(refused_with(&err, CloseCode::NO_CERTIFICATE), "{err}");
+    assert!(matches!(err, ConnectError::PolicyTooWide), "{err}");
 }
 
 /// Credentials signed by `signer` that trust `trusted`'s CA.
@@ -49,44 +65,75 @@ async fn t21_certificate_from_another_ca() {
     let c = Cluster::new("c1");
     let server = c.endpoint("m1", Role::MANAGER);
     serve_echo(&server, &gossip());
+    let addr = server.local_addr();
 
-    // A node of another cluster that trusts this cluster's CA still dials the name of a
-    // node of its own cluster, which the server's certificate does not carry.
+    // A certificate of another cluster's CA: the server does not know the issuer.
     let stranger = Cluster::new("c2");
-    let client = Endpoint::bind(config(), ring_provider(), Some(forge(&stranger, &c))).unwrap();
-    let err = client
-        .connect(&gossip(), &id("m1"), server.local_addr())
-        .await
-        .unwrap_err();
-    assert!(matches!(err, ConnectError::Untrusted(_)), "{err}");
+    let creds = stranger.creds("w1", Role::WORKER);
+    let err = raw_dial(
+        Some((&creds, &stranger.ca)),
+        &[&c.ca],
+        GOSSIP,
+        "m1.c1.starling",
+        addr,
+    )
+    .await
+    .unwrap_err();
+    assert!(alerted(&err, rustls::AlertDescription::UnknownCA), "{err}");
 
     // A forged CA that copies this cluster's id (so its name matches the real issuer's):
     // the signature does not verify.
     let forger = Cluster::new("c1");
-    let forged = forger.creds("w1", Role::WORKER);
-    let client = Endpoint::bind(config(), ring_provider(), Some(forge(&forger, &c))).unwrap();
-    let err = client
-        .connect(&gossip(), &id("m1"), server.local_addr())
-        .await
-        .unwrap_err();
+    let creds = forger.creds("w1", Role::WORKER);
+    let err = raw_dial(
+        Some((&creds, &forger.ca)),
+        &[&c.ca],
+        GOSSIP,
+        "m1.c1.starling",
+        addr,
+    )
+    .await
+    .unwrap_err();
     assert!(
-        matches!(
-            err,
-            ConnectError::HandshakeRejected {
-                alert: rustls::AlertDescription::DecryptError,
-                ..
-            }
-        ),
+        alerted(&err, rustls::AlertDescription::DecryptError),
         "{err}"
     );
 
-    // And a client of the other CA does not trust the server.
-    let other = Endpoint::bind(config(), ring_provider(), Some(forged)).unwrap();
-    let err = other
-        .connect(&gossip(), &id("m1"), server.local_addr())
-        .await
-        .unwrap_err();
+    // The library refuses to even load credentials that its roots did not sign...
+    let client = Endpoint::bind(config(), ring_provider(), Some(forge(&forger, &c)));
+    assert!(matches!(client, Err(EndpointError::BadCredentials(_))));
+    // ...and a node of the other CA does not trust this server.
+    let other = Endpoint::bind(
+        config(),
+        ring_provider(),
+        Some(forger.creds("w1", Role::WORKER)),
+    )
+    .unwrap();
+    let err = other.connect(&gossip(), &id("m1"), addr).await.unwrap_err();
     assert!(matches!(err, ConnectError::Untrusted(_)), "{err}");
+
+    // A server that trusts two clusters' CAs still refuses the other cluster's nodes.
+    let dir = tempfile::tempdir().unwrap();
+    let m2 = c.creds("m2", Role::MANAGER);
+    m2.save(dir.path()).unwrap();
+    let mut pem = std::fs::read_to_string(dir.path().join("node.pem")).unwrap();
+    pem.push_str(&stranger.ca.to_pem().0);
+    std::fs::write(dir.path().join("node.pem"), pem).unwrap();
+    let m2 = NodeCredentials::load(dir.path()).unwrap();
+    assert_eq!(m2.roots().len(), 2);
+    let server2 = Endpoint::bind(config(), ring_provider(), Some(m2)).unwrap();
+    serve_echo(&server2, &gossip());
+    let creds = stranger.creds("w1", Role::WORKER);
+    let err = raw_dial(
+        Some((&creds, &stranger.ca)),
+        &[&c.ca],
+        GOSSIP,
+        "m2.c1.starling",
+        server2.local_addr(),
+    )
+    .await
+    .unwrap_err();
+    assert!(closed_with(&err, CloseCode::WRONG_CLUSTER), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,21 +150,22 @@ async fn t22_expired_certificate() {
         c.ca.issue_at(&id("w1"), &Role::WORKER, &opts, two_days_ago)
             .unwrap();
     assert!(expired.identity().not_after < SystemTime::now());
-    let client = Endpoint::bind(config(), ring_provider(), Some(expired)).unwrap();
-    let err = client
-        .connect(&gossip(), &id("m1"), server.local_addr())
-        .await
-        .unwrap_err();
+    let err = raw_dial(
+        Some((&expired, &c.ca)),
+        &[&c.ca],
+        GOSSIP,
+        "m1.c1.starling",
+        server.local_addr(),
+    )
+    .await
+    .unwrap_err();
     assert!(
-        matches!(
-            err,
-            ConnectError::HandshakeRejected {
-                alert: rustls::AlertDescription::CertificateExpired,
-                ..
-            }
-        ),
+        alerted(&err, rustls::AlertDescription::CertificateExpired),
         "{err}"
     );
+    // The library does not install expired credentials in the first place.
+    let local = Endpoint::bind(config(), ring_provider(), Some(expired));
+    assert!(matches!(local, Err(EndpointError::BadCredentials(_))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

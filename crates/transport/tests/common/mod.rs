@@ -133,3 +133,60 @@ pub async fn eventually(deadline: Duration, mut f: impl FnMut() -> bool) -> bool
     }
     f()
 }
+
+/// A hostile or misconfigured peer, built from quinn and rustls directly so that none of the
+/// library's own guard rails apply: it presents `client` (certificate and key, or nothing),
+/// trusts `roots`, dials `server_name` at `addr` on `alpn`, and waits for the server's
+/// admission. Returns how the server answered.
+pub async fn raw_dial(
+    client: Option<(&NodeCredentials, &ClusterCa)>,
+    roots: &[&ClusterCa],
+    alpn: &[u8],
+    server_name: &str,
+    addr: std::net::SocketAddr,
+) -> Result<(), quinn::ConnectionError> {
+    use std::sync::Arc;
+    let provider = ring_provider();
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.certificate().clone()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(store);
+    let mut tls = match client {
+        Some((creds, _)) => {
+            let dir = tempfile::tempdir().unwrap();
+            creds.save(dir.path()).unwrap();
+            let pem = std::fs::read(dir.path().join("node.pem")).unwrap();
+            use rustls::pki_types::pem::PemObject;
+            let cert = rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem).unwrap();
+            builder.with_client_auth_cert(vec![cert], key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = ep.connect(addr, server_name).unwrap().await?;
+    let mut admission = conn.accept_uni().await?;
+    let mut byte = [0u8; 1];
+    admission.read_exact(&mut byte).await.map_err(|e| match e {
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => c,
+        _ => quinn::ConnectionError::LocallyClosed,
+    })?;
+    Ok(())
+}
+
+/// Whether the server closed with application code `code`.
+pub fn closed_with(e: &quinn::ConnectionError, code: CloseCode) -> bool {
+    matches!(e, quinn::ConnectionError::ApplicationClosed(c) if u64::from(c.error_code) == u64::from(code.0))
+}
+
+/// Whether the server aborted the handshake with TLS alert `alert`.
+pub fn alerted(e: &quinn::ConnectionError, alert: rustls::AlertDescription) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c) if u64::from(c.error_code) == 0x100 + u64::from(u8::from(alert)))
+}
