@@ -1,0 +1,232 @@
+//! The durable Raft log: openraft's `RaftLogStorage` over the [`Wal`](crate::wal::Wal).
+//!
+//! Every change is one WAL record (vote, entry batch, truncation, purge, commit mark) in one
+//! queue, so they reach the disk in the order openraft issued them (openraft's
+//! `docs/protocol/io_ordering.md`). Entries are readable as soon as `append` returns and
+//! acknowledged (the `IOFlushed` callback) only after the group commit's fsync. The vote is
+//! on disk before `save_vote` returns. The log is also kept in memory; after a purge the WAL
+//! is compacted now and then so it does not grow without bound.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, RaftLogReader};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
+use crate::wal::{Wal, WalOptions};
+
+/// Purged entries after which the WAL is rewritten without them.
+const COMPACT_AFTER_PURGED: u64 = 10_000;
+
+#[derive(Serialize, Deserialize)]
+enum LogRecord {
+    Vote(Vote),
+    Entries(Vec<Entry>),
+    TruncateAfter(Option<LogId>),
+    Purge(LogId),
+    Committed(Option<LogId>),
+}
+
+#[derive(Default)]
+struct Inner {
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    last_purged: Option<LogId>,
+    log: BTreeMap<u64, Entry>,
+    purged_since_compaction: u64,
+}
+
+impl Inner {
+    fn replay(&mut self, record: LogRecord) {
+        match record {
+            LogRecord::Vote(v) => self.vote = Some(v),
+            LogRecord::Entries(entries) => {
+                for e in entries {
+                    self.log.insert(e.log_id.index, e);
+                }
+            }
+            LogRecord::TruncateAfter(after) => {
+                let from = after.map_or(0, |l| l.index + 1);
+                self.log.split_off(&from);
+            }
+            LogRecord::Purge(upto) => {
+                let keep = self.log.split_off(&(upto.index + 1));
+                self.purged_since_compaction += self.log.len() as u64;
+                self.log = keep;
+                if self.last_purged.as_ref() < Some(&upto) {
+                    self.last_purged = Some(upto);
+                }
+            }
+            LogRecord::Committed(c) => self.committed = c,
+        }
+    }
+
+    /// The records that rebuild this state from nothing.
+    fn image(&self) -> io::Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        if let Some(v) = &self.vote {
+            out.push(encode(&LogRecord::Vote(v.clone()))?);
+        }
+        if let Some(p) = &self.last_purged {
+            out.push(encode(&LogRecord::Purge(p.clone()))?);
+        }
+        let entries: Vec<Entry> = self.log.values().cloned().collect();
+        for chunk in entries.chunks(1024) {
+            out.push(encode(&LogRecord::Entries(chunk.to_vec()))?);
+        }
+        out.push(encode(&LogRecord::Committed(self.committed.clone()))?);
+        Ok(out)
+    }
+}
+
+/// The durable Raft log of one manager.
+#[derive(Clone)]
+pub(crate) struct LogStore {
+    inner: Arc<Mutex<Inner>>,
+    wal: Arc<Wal>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `dir`, replaying the WAL. A torn tail from a crash is
+    /// cut; corruption anywhere else is an error.
+    pub(crate) fn open(dir: &Path) -> io::Result<Self> {
+        let (wal, records) = Wal::open(dir, WalOptions::default())
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut inner = Inner::default();
+        for bytes in records {
+            inner.replay(decode::<LogRecord>(&bytes)?);
+        }
+        Ok(LogStore {
+            inner: Arc::new(Mutex::new(inner)),
+            wal: Arc::new(wal),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a record; `done` runs after it is on disk.
+    fn write(&self, record: &LogRecord, done: impl FnOnce(io::Result<()>) + Send + 'static) -> io::Result<()> {
+        let bytes = encode(record)?;
+        self.wal.append(bytes, Box::new(done));
+        Ok(())
+    }
+
+    /// Queues a record and waits until it is on disk.
+    async fn write_durable(&self, record: &LogRecord) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.write(record, move |r| {
+            let _ = tx.send(r);
+        })?;
+        rx.await
+            .map_err(|_| io::Error::other("the WAL writer stopped"))?
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let inner = self.lock();
+        Ok(inner.log.range(range).map(|(_, e)| e.clone()).collect())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.lock().vote.clone())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let inner = self.lock();
+        let last = inner
+            .log
+            .values()
+            .next_back()
+            .map(|e| e.log_id.clone())
+            .or_else(|| inner.last_purged.clone());
+        Ok(LogState {
+            last_purged_log_id: inner.last_purged.clone(),
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        self.write_durable(&LogRecord::Vote(vote.clone())).await?;
+        self.lock().vote = Some(vote.clone());
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Not waited for: a lost commit mark only means re-applying fewer entries at start.
+        self.write(&LogRecord::Committed(committed.clone()), |_| {})?;
+        self.lock().committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.lock().committed.clone())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let record = LogRecord::Entries(entries);
+        let mut inner = self.lock();
+        // Queue while holding the lock so WAL order equals the in-memory order.
+        self.write(&record, move |r| callback.io_completed(r))?;
+        if let LogRecord::Entries(entries) = record {
+            for e in entries {
+                inner.log.insert(e.log_id.index, e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let mut inner = self.lock();
+        // Ordered before any later append by the WAL's single queue.
+        self.write(&LogRecord::TruncateAfter(last_log_id.clone()), |_| {})?;
+        inner.replay(LogRecord::TruncateAfter(last_log_id));
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let mut inner = self.lock();
+        self.write(&LogRecord::Purge(log_id.clone()), |_| {})?;
+        inner.replay(LogRecord::Purge(log_id));
+        if inner.purged_since_compaction >= COMPACT_AFTER_PURGED {
+            inner.purged_since_compaction = 0;
+            // Rewrite the WAL with the records that rebuild the current state. The lock is
+            // held so no append slips in between taking the image and queueing the
+            // compaction (which goes through the same queue, after everything before it).
+            // It blocks this thread for one file write, every 10 000 purged entries.
+            let image = inner.image()?;
+            self.wal.compact(image)?;
+        }
+        Ok(())
+    }
+}

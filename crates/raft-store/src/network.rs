@@ -1,0 +1,442 @@
+//! Raft over the transport: ALPN `starling/raft/1`, managers only. Each RPC is one request
+//! on the pooled connection to the target manager; snapshots go as a series of chunk
+//! requests, each with its own timeout, so any size streams through. The same protocol
+//! carries writes and read-index requests forwarded from followers to the leader.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::errors::{
+    NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{RaftNetworkV2, ReadPolicy};
+use openraft::async_runtime::WatchReceiver;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use starling_transport::{Endpoint, NodeId, PeerPolicy, Protocol, Role};
+use tracing::{debug, warn};
+
+use crate::state::{Command, CommandResult};
+use crate::types::{ManagerNode, SnapshotMeta, TypeConfig, Vote, decode, encode};
+
+/// The ALPN of the managers' Raft protocol.
+pub const RAFT_ALPN: &[u8] = b"starling/raft/1";
+
+/// Bytes of snapshot per chunk request.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// A partly received snapshot is dropped after this long without a new chunk.
+const SNAPSHOT_IDLE: Duration = Duration::from_secs(60);
+
+pub(crate) type Raft = openraft::Raft<TypeConfig, crate::sm_store::StateMachine>;
+
+/// The Raft protocol: managers only, both ways.
+pub fn raft_protocol() -> Result<Protocol, starling_transport::ConfigError> {
+    Protocol::new(RAFT_ALPN, PeerPolicy::roles([Role::MANAGER]))
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) enum RaftRpc {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<TypeConfig>),
+    PreVote(VoteRequest<TypeConfig>),
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
+    SnapshotChunk {
+        transfer: u64,
+        offset: u64,
+        data: Vec<u8>,
+        /// Set on the last chunk: install with this vote and meta.
+        finish: Option<(Vote, SnapshotMeta)>,
+    },
+    /// A client write forwarded by a follower.
+    Write(Command),
+    /// A follower asks the leader for a linearizable read index.
+    ReadIndex,
+}
+
+/// The answer to a forwarded write or read index.
+#[derive(Serialize, Deserialize, Debug)]
+pub(crate) enum LeaderReply<T> {
+    Done(T),
+    /// This node is not the leader; try that one (if known).
+    NotLeader(Option<(u64, ManagerNode)>),
+    /// The leader could not reach a quorum.
+    NoQuorum(String),
+    Failed(String),
+}
+
+/// Why a remote call failed, before any Raft semantics.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    /// The request did not leave: no connection, or it was closed before sending.
+    #[error("not sent: {0}")]
+    NotSent(String),
+    /// The request may have arrived, but no answer came back.
+    #[error("no answer: {0}")]
+    Lost(String),
+    #[error("{0}")]
+    Remote(String),
+    #[error("bad reply: {0}")]
+    Decode(String),
+}
+
+/// Sends one RPC to `node` and decodes the reply as `Result<T, String>`.
+pub(crate) async fn call<T: DeserializeOwned>(
+    endpoint: &Endpoint,
+    protocol: &Protocol,
+    node: &ManagerNode,
+    rpc: &RaftRpc,
+) -> Result<T, CallError> {
+    use starling_transport::{MessageError, RequestError};
+    let not_sent = |why: String| CallError::NotSent(format!("{node}: {why}"));
+    let name = NodeId::new(node.name.clone()).map_err(|e| not_sent(e.to_string()))?;
+    let addr: SocketAddr = node
+        .addr
+        .parse()
+        .map_err(|e: std::net::AddrParseError| not_sent(e.to_string()))?;
+    let body = encode(rpc).map_err(|e| CallError::Decode(e.to_string()))?;
+    let reply = endpoint
+        .request(protocol, &name, addr, &body)
+        .await
+        .map_err(|e| match e {
+            RequestError::Connect(_)
+            | RequestError::Message(MessageError::NotSent(_) | MessageError::FrameTooLarge { .. }) => {
+                not_sent(e.to_string())
+            }
+            other => CallError::Lost(format!("{node}: {other}")),
+        })?;
+    let result: Result<T, String> =
+        decode(reply.as_bytes()).map_err(|e| CallError::Decode(e.to_string()))?;
+    result.map_err(CallError::Remote)
+}
+
+/// Makes a Raft client per target manager.
+#[derive(Clone)]
+pub(crate) struct Network {
+    endpoint: Endpoint,
+    protocol: Protocol,
+}
+
+impl Network {
+    pub(crate) fn new(endpoint: Endpoint, protocol: Protocol) -> Self {
+        Network { endpoint, protocol }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &ManagerNode) -> Self::Network {
+        PeerClient {
+            target,
+            node: node.clone(),
+            endpoint: self.endpoint.clone(),
+            protocol: self.protocol.clone(),
+        }
+    }
+}
+
+/// The Raft client to one manager.
+pub(crate) struct PeerClient {
+    target: u64,
+    node: ManagerNode,
+    endpoint: Endpoint,
+    protocol: Protocol,
+}
+
+fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
+    match e {
+        // Only Unreachable makes openraft back off instead of retrying at once.
+        CallError::NotSent(_) | CallError::Lost(_) | CallError::Remote(_) => {
+            RPCError::Unreachable(Unreachable::from_string(e.to_string()))
+        }
+        CallError::Decode(_) => RPCError::Network(NetworkError::from_string(e.to_string())),
+    }
+}
+
+impl PeerClient {
+    async fn rpc<T: DeserializeOwned>(
+        &self,
+        rpc: &RaftRpc,
+        option: &RPCOption,
+    ) -> Result<T, RPCError<TypeConfig>> {
+        match tokio::time::timeout(
+            option.hard_ttl(),
+            call(&self.endpoint, &self.protocol, &self.node, rpc),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(rpc_error),
+            Err(_) => Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                "no answer from {} within {:?}",
+                self.node,
+                option.hard_ttl()
+            )))),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(&RaftRpc::Append(rpc), &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(&RaftRpc::Vote(rpc), &option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(&RaftRpc::PreVote(rpc), &option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(&RaftRpc::TransferLeader(req), &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, Self::SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        // openraft gives the whole transfer one short deadline; the transport's request
+        // timeout applies to each chunk instead, so a snapshot of any size gets through.
+        let data = snapshot.snapshot.into_inner();
+        let transfer = u64::from_le_bytes(rand_bytes());
+        let chunks: Vec<&[u8]> = if data.is_empty() {
+            vec![&[]]
+        } else {
+            data.chunks(SNAPSHOT_CHUNK).collect()
+        };
+        let last = chunks.len() - 1;
+        let started = Instant::now();
+        tokio::pin!(cancel);
+        let mut offset = 0u64;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let rpc = RaftRpc::SnapshotChunk {
+                transfer,
+                offset,
+                data: chunk.to_vec(),
+                finish: (i == last).then(|| (vote.clone(), snapshot.meta.clone())),
+            };
+            let sent = tokio::select! {
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                r = call::<Option<SnapshotResponse<TypeConfig>>>(&self.endpoint, &self.protocol, &self.node, &rpc) => r,
+            };
+            match sent {
+                Ok(Some(resp)) => {
+                    debug!(target = self.target, bytes = data.len(), elapsed = ?started.elapsed(), "snapshot sent");
+                    return Ok(resp);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(StreamingError::Unreachable(Unreachable::from_string(
+                        e.to_string(),
+                    )));
+                }
+            }
+            offset += chunk.len() as u64;
+        }
+        Err(StreamingError::Network(NetworkError::from_string(
+            "the receiver did not install the snapshot after the last chunk",
+        )))
+    }
+}
+
+fn rand_bytes() -> [u8; 8] {
+    // Uniqueness per sender is enough (transfers are keyed by peer too); the clock and a
+    // counter give that without a random number generator.
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ NEXT.fetch_add(1, Ordering::Relaxed).rotate_left(40)).to_le_bytes()
+}
+
+struct Incoming {
+    data: Vec<u8>,
+    last_chunk: Instant,
+}
+
+/// Answers Raft RPCs from other managers.
+#[derive(Clone)]
+pub(crate) struct RaftServer {
+    raft: Raft,
+    transfers: Arc<Mutex<HashMap<(String, u64), Incoming>>>,
+}
+
+impl RaftServer {
+    pub(crate) fn new(raft: Raft) -> Self {
+        RaftServer {
+            raft,
+            transfers: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Serves admitted connections until the listener ends.
+    pub(crate) async fn serve(self, mut listener: starling_transport::Listener) {
+        while let Some(conn) = listener.accept().await {
+            let server = self.clone();
+            tokio::spawn(async move {
+                let peer = conn
+                    .peer()
+                    .map(|p| p.node_id.to_string())
+                    .unwrap_or_default();
+                loop {
+                    match conn.accept().await {
+                        Ok(starling_transport::Inbound::Request(req)) => {
+                            let server = server.clone();
+                            let peer = peer.clone();
+                            tokio::spawn(async move {
+                                let reply = match decode::<RaftRpc>(req.body().as_bytes()) {
+                                    Ok(rpc) => server.handle(&peer, rpc).await,
+                                    Err(e) => {
+                                        warn!(%peer, error = %e, "undecodable raft message");
+                                        req.refuse(starling_transport::StreamCode::UNDECODABLE);
+                                        return;
+                                    }
+                                };
+                                if let Err(e) = req.respond(&reply).await {
+                                    debug!(%peer, error = %e, "raft reply not delivered");
+                                }
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, peer: &str, rpc: RaftRpc) -> Vec<u8> {
+        fn reply<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Vec<u8> {
+            let r = r.map_err(|e| e.to_string());
+            encode(&r).unwrap_or_default()
+        }
+        match rpc {
+            RaftRpc::Append(req) => reply(self.raft.append_entries(req).await),
+            RaftRpc::Vote(req) => reply(self.raft.vote(req).await),
+            RaftRpc::PreVote(req) => reply(self.raft.pre_vote(req).await),
+            RaftRpc::TransferLeader(req) => reply(self.raft.handle_transfer_leader(req).await),
+            RaftRpc::SnapshotChunk {
+                transfer,
+                offset,
+                data,
+                finish,
+            } => reply(self.snapshot_chunk(peer, transfer, offset, data, finish).await),
+            RaftRpc::Write(cmd) => reply(Ok::<_, String>(leader_write(&self.raft, cmd).await)),
+            RaftRpc::ReadIndex => reply(Ok::<_, String>(leader_read_index(&self.raft).await)),
+        }
+    }
+
+    async fn snapshot_chunk(
+        &self,
+        peer: &str,
+        transfer: u64,
+        offset: u64,
+        data: Vec<u8>,
+        finish: Option<(Vote, SnapshotMeta)>,
+    ) -> Result<Option<SnapshotResponse<TypeConfig>>, String> {
+        let key = (peer.to_owned(), transfer);
+        let complete = {
+            let mut transfers = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
+            transfers.retain(|_, t| t.last_chunk.elapsed() < SNAPSHOT_IDLE);
+            let entry = transfers.entry(key.clone()).or_insert_with(|| Incoming {
+                data: Vec::new(),
+                last_chunk: Instant::now(),
+            });
+            if entry.data.len() as u64 != offset {
+                transfers.remove(&key);
+                return Err(format!(
+                    "snapshot chunk at offset {offset} does not follow the {} bytes received",
+                    offset
+                ));
+            }
+            entry.data.extend_from_slice(&data);
+            entry.last_chunk = Instant::now();
+            match finish {
+                Some(f) => transfers.remove(&key).map(|t| (t.data, f)),
+                None => None,
+            }
+        };
+        let Some((data, (vote, meta))) = complete else {
+            return Ok(None);
+        };
+        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
+            meta,
+            snapshot: Cursor::new(data),
+        };
+        self.raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn leader_hint(raft: &Raft, f: &openraft::errors::ForwardToLeader<TypeConfig>) -> Option<(u64, ManagerNode)> {
+    if let (Some(id), Some(node)) = (f.leader_id, f.leader_node.clone()) {
+        return Some((id, node));
+    }
+    let m = raft.metrics().borrow_watched().clone();
+    let id = m.current_leader?;
+    let node = m.membership_config.membership().get_node(&id)?.clone();
+    Some((id, node))
+}
+
+/// Runs a write on this node as leader.
+pub(crate) async fn leader_write(raft: &Raft, cmd: Command) -> LeaderReply<CommandResult> {
+    use openraft::errors::{ClientWriteError, RaftError};
+    match raft.client_write(cmd).await {
+        Ok(resp) => LeaderReply::Done(resp.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            LeaderReply::NotLeader(leader_hint(raft, &f))
+        }
+        Err(e) => LeaderReply::Failed(e.to_string()),
+    }
+}
+
+/// Confirms leadership with a quorum and returns the index a linearizable read must wait for.
+pub(crate) async fn leader_read_index(raft: &Raft) -> LeaderReply<u64> {
+    use openraft::errors::{LinearizableReadError, RaftError};
+    match raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+        Ok(read) => LeaderReply::Done(read.log_id().index),
+        Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
+            LeaderReply::NotLeader(leader_hint(raft, &f))
+        }
+        Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q))) => {
+            LeaderReply::NoQuorum(q.to_string())
+        }
+        Err(e) => LeaderReply::Failed(e.to_string()),
+    }
+}

@@ -1,0 +1,554 @@
+//! The typed handle the node crate uses: open a manager's store, write (forwarded to the
+//! leader), read with a consistency level, watch, and change the voter set.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::{ChangeMembers, ServerState};
+use starling_transport::{Endpoint, NodeId, Protocol};
+use tokio::sync::broadcast;
+use tracing::{debug, info};
+
+use crate::log_store::LogStore;
+use crate::network::{
+    CallError, LeaderReply, Network, Raft, RaftRpc, RaftServer, call, leader_read_index,
+    leader_write, raft_protocol,
+};
+use crate::sm_store::{Shared, StateMachine};
+use crate::state::{ClusterState, Command, CommandResult, KvEvent};
+use crate::types::ManagerNode;
+
+/// Settings of a manager's store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Where the log and snapshots live (created if missing).
+    pub data_dir: PathBuf,
+    /// This manager's Raft id: assigned once by the cluster, never reused.
+    pub raft_id: u64,
+    /// This manager's transport node id and address, as other managers reach it.
+    pub node: ManagerNode,
+    /// Scales heartbeat and election timeouts (1 = 50 ms heartbeat, 300–600 ms election
+    /// timeout). Raise it on slow or loaded machines.
+    pub timing_multiplier: u32,
+    /// Time for a write or read to be answered once a leader is known.
+    pub request_timeout: Duration,
+    /// Log entries between snapshots.
+    pub snapshot_interval: u64,
+}
+
+impl StoreConfig {
+    /// A configuration with default timing for `raft_id` / `node` in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>, raft_id: u64, node: ManagerNode) -> Self {
+        StoreConfig {
+            data_dir: data_dir.into(),
+            raft_id,
+            node,
+            timing_multiplier: 1,
+            request_timeout: Duration::from_secs(5),
+            snapshot_interval: 5_000,
+        }
+    }
+
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(50 * u64::from(self.timing_multiplier.max(1)))
+    }
+
+    /// The longest election timeout.
+    pub fn election_timeout_max(&self) -> Duration {
+        Duration::from_millis(600 * u64::from(self.timing_multiplier.max(1)))
+    }
+
+    /// The bound on a write or linearizable read that cannot reach a quorum:
+    /// 2 × the election timeout plus the request timeout.
+    pub fn quorum_deadline(&self) -> Duration {
+        2 * self.election_timeout_max() + self.request_timeout
+    }
+
+    fn raft_config(&self) -> Result<openraft::Config, StoreError> {
+        let m = u64::from(self.timing_multiplier.max(1));
+        let config = openraft::Config {
+            cluster_name: "starling".into(),
+            heartbeat_interval: 50 * m,
+            election_timeout_min: 300 * m,
+            election_timeout_max: 600 * m,
+            // Per request here; snapshots are chunked with a timeout per chunk.
+            install_snapshot_timeout: 1000 * m,
+            enable_pre_vote: Some(true),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_interval),
+            max_in_snapshot_log_to_keep: 1_000,
+            max_payload_entries: 512,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map_err(|e| StoreError::Config(e.to_string()))
+    }
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// Reflects every write acknowledged before the read began (Raft read index, confirmed
+    /// with a quorum by the leader).
+    #[default]
+    Linearizable,
+    /// This manager's local state, answered even without a quorum; the revision says how
+    /// current it is.
+    Stale,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No quorum of managers answered within the deadline. Nothing was acknowledged; a
+    /// write may still be committed if the quorum comes back before a new leader is chosen.
+    #[error(
+        "no quorum: {reachable} of {voters} managers reachable, {needed} needed (gave up after {waited:?})"
+    )]
+    NoQuorum {
+        /// Managers (this one included) that answered a probe.
+        reachable: usize,
+        /// Voting managers.
+        voters: usize,
+        /// Needed for a quorum.
+        needed: usize,
+        /// How long the operation waited.
+        waited: Duration,
+    },
+    /// The outcome is unknown: the request reached the leader, but its answer was lost.
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    /// `watch` asked for revisions that are no longer kept.
+    #[error("revision {requested} is compacted; the oldest available is {oldest}")]
+    Compacted {
+        /// Requested start.
+        requested: u64,
+        /// Oldest revision still available.
+        oldest: u64,
+    },
+    /// This node is not the leader, for an operation that must run there.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<String>,
+    },
+    /// The log or snapshot files could not be read or written.
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+    /// openraft reported an error.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// A setting is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// A manager's replicated store.
+pub struct Store {
+    raft: Raft,
+    sm: Arc<Shared>,
+    endpoint: Endpoint,
+    protocol: Protocol,
+    config: StoreConfig,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("raft_id", &self.config.raft_id)
+            .field("node", &self.config.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A Raft status summary, for `node ls` and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// This manager's Raft id.
+    pub id: u64,
+    /// Whether it leads.
+    pub is_leader: bool,
+    /// The leader's Raft id, if known.
+    pub leader: Option<u64>,
+    /// Current term.
+    pub term: u64,
+    /// Voting members.
+    pub voters: BTreeSet<u64>,
+    /// Non-voting members.
+    pub learners: BTreeSet<u64>,
+    /// Members and where they are reached.
+    pub nodes: Vec<(u64, ManagerNode)>,
+    /// Last log index applied here (the revision of the local state).
+    pub applied: u64,
+    /// Last log index.
+    pub last_log_index: u64,
+}
+
+/// A stream of key-value changes under a prefix.
+pub struct Watch {
+    backlog: std::collections::VecDeque<KvEvent>,
+    live: broadcast::Receiver<KvEvent>,
+    prefix: String,
+    /// Live events below this revision were already in the backlog.
+    live_from: u64,
+}
+
+impl Watch {
+    /// The next change, in revision order, with no gap and no duplicate; `Err` with the
+    /// revision to resume from if this watcher fell too far behind the live stream.
+    pub async fn next(&mut self) -> Result<KvEvent, StoreError> {
+        if let Some(e) = self.backlog.pop_front() {
+            return Ok(e);
+        }
+        loop {
+            match self.live.recv().await {
+                Ok(e) if e.revision >= self.live_from && e.key.starts_with(&self.prefix) => {
+                    return Ok(e);
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    return Err(StoreError::Compacted {
+                        requested: self.live_from,
+                        oldest: self.live_from,
+                    });
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(StoreError::Raft("store closed".into()));
+                }
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Opens the store in `config.data_dir` and starts Raft; serves the Raft protocol on
+    /// `endpoint` (which must hold a manager certificate). A new store is empty until
+    /// [`Store::initialize`] (first manager) or until a leader adds it.
+    pub async fn open(config: StoreConfig, endpoint: Endpoint) -> Result<Self, StoreError> {
+        let raft_config = Arc::new(config.raft_config()?);
+        std::fs::create_dir_all(&config.data_dir)?;
+        let log = LogStore::open(&config.data_dir.join("log"))?;
+        let sm = StateMachine::open(&config.data_dir.join("state"))?;
+        let shared = sm.shared.clone();
+        let protocol = raft_protocol().map_err(|e| StoreError::Config(e.to_string()))?;
+        let listener = endpoint
+            .listen(&protocol)
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        let network = Network::new(endpoint.clone(), protocol.clone());
+        let raft = Raft::new(config.raft_id, raft_config, network, log, sm)
+            .await
+            .map_err(|e| StoreError::Raft(e.to_string()))?;
+        let server = tokio::spawn(RaftServer::new(raft.clone()).serve(listener));
+        info!(raft_id = config.raft_id, node = %config.node, "raft store open");
+        Ok(Store {
+            raft,
+            sm: shared,
+            endpoint,
+            protocol,
+            config,
+            server,
+        })
+    }
+
+    /// Makes this manager the single voter of a new cluster. Does nothing if the store
+    /// already belongs to a cluster.
+    pub async fn initialize(&self) -> Result<(), StoreError> {
+        if self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| StoreError::Raft(e.to_string()))?
+        {
+            return Ok(());
+        }
+        let mut members = std::collections::BTreeMap::new();
+        members.insert(self.config.raft_id, self.config.node.clone());
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| StoreError::Raft(e.to_string()))
+    }
+
+    /// This manager's Raft id.
+    pub fn raft_id(&self) -> u64 {
+        self.config.raft_id
+    }
+
+    /// The current Raft status.
+    pub fn status(&self) -> RaftStatus {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: BTreeSet<u64> = membership.learner_ids().collect();
+        RaftStatus {
+            id: self.config.raft_id,
+            is_leader: m.state == ServerState::Leader,
+            leader: m.current_leader,
+            term: m.current_term,
+            voters,
+            learners,
+            nodes: membership.nodes().map(|(i, n)| (*i, n.clone())).collect(),
+            applied: self.sm.read().data.revision(),
+            last_log_index: m.last_log_index.unwrap_or(0),
+        }
+    }
+
+    fn leader_node(&self) -> Option<(u64, ManagerNode)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
+    }
+
+    /// Runs `op` on the leader (here, or forwarded), retrying while there is no leader or
+    /// the leader moved, until the quorum deadline.
+    async fn on_leader<T: serde::de::DeserializeOwned + Send>(
+        &self,
+        rpc: impl Fn() -> RaftRpc,
+        local: impl AsyncFn() -> LeaderReply<T>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let deadline = started + self.config.quorum_deadline();
+        let mut hint: Option<(u64, ManagerNode)> = None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(self.no_quorum(started.elapsed()).await);
+            }
+            let target = hint.take().or_else(|| self.leader_node());
+            let reply = match target {
+                None => None,
+                Some((id, _)) if id == self.config.raft_id => {
+                    match tokio::time::timeout(remaining, local()).await {
+                        Ok(r) => Some(r),
+                        Err(_) => return Err(self.no_quorum(started.elapsed()).await),
+                    }
+                }
+                Some((_, node)) => {
+                    let sent = tokio::time::timeout(
+                        remaining,
+                        call::<LeaderReply<T>>(&self.endpoint, &self.protocol, &node, &rpc()),
+                    )
+                    .await;
+                    match sent {
+                        Ok(Ok(r)) => Some(r),
+                        Ok(Err(CallError::NotSent(e))) => {
+                            debug!(leader = %node, error = %e, "leader unreachable; retrying");
+                            None
+                        }
+                        Ok(Err(e)) => return Err(StoreError::Unknown(e.to_string())),
+                        Err(_) => return Err(self.no_quorum(started.elapsed()).await),
+                    }
+                }
+            };
+            match reply {
+                Some(LeaderReply::Done(v)) => return Ok(v),
+                Some(LeaderReply::NotLeader(h)) => hint = h,
+                Some(LeaderReply::NoQuorum(_)) => {}
+                Some(LeaderReply::Failed(e)) => return Err(StoreError::Raft(e)),
+                None => {}
+            }
+            // A leader is being elected or moved: wait a heartbeat and look again.
+            tokio::time::sleep(self.config.heartbeat()).await;
+        }
+    }
+
+    /// Counts the managers that answer now, for a no-quorum error.
+    async fn no_quorum(&self, waited: Duration) -> StoreError {
+        let status = self.status();
+        let probes = status
+            .nodes
+            .iter()
+            .filter(|(id, _)| status.voters.contains(id) && *id != self.config.raft_id)
+            .map(|(_, node)| {
+                let endpoint = self.endpoint.clone();
+                let protocol = self.protocol.clone();
+                let node = node.clone();
+                async move {
+                    let Ok(name) = NodeId::new(node.name.clone()) else {
+                        return false;
+                    };
+                    let Ok(addr) = node.addr.parse() else {
+                        return false;
+                    };
+                    tokio::time::timeout(
+                        Duration::from_millis(500),
+                        endpoint.connection(&protocol, &name, addr),
+                    )
+                    .await
+                    .is_ok_and(|c| c.is_ok())
+                }
+            });
+        let answered = futures::future::join_all(probes).await;
+        let me = usize::from(status.voters.contains(&self.config.raft_id));
+        let voters = status.voters.len();
+        StoreError::NoQuorum {
+            reachable: me + answered.into_iter().filter(|ok| *ok).count(),
+            voters,
+            needed: voters / 2 + 1,
+            waited,
+        }
+    }
+
+    /// Commits `cmd` through the leader and returns its result (with its revision). Fails
+    /// with [`StoreError::NoQuorum`] within [`StoreConfig::quorum_deadline`].
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
+        let raft = self.raft.clone();
+        self.on_leader(
+            || RaftRpc::Write(cmd.clone()),
+            async || leader_write(&raft, cmd.clone()).await,
+        )
+        .await
+    }
+
+    /// Runs `f` on the state at the requested consistency; returns its answer and the
+    /// revision the state reflected.
+    pub async fn read<T>(
+        &self,
+        consistency: Consistency,
+        f: impl FnOnce(&ClusterState) -> T,
+    ) -> Result<(T, u64), StoreError> {
+        if consistency == Consistency::Linearizable {
+            let raft = self.raft.clone();
+            let index = self
+                .on_leader(|| RaftRpc::ReadIndex, async || leader_read_index(&raft).await)
+                .await?;
+            self.wait_applied(index).await?;
+        }
+        let st = self.sm.read();
+        Ok((f(&st.data), st.data.revision()))
+    }
+
+    /// Waits until this manager applied `index`.
+    async fn wait_applied(&self, index: u64) -> Result<(), StoreError> {
+        let mut rx = self.sm.applied.subscribe();
+        let wait = rx.wait_for(|applied| *applied >= index);
+        match tokio::time::timeout(self.config.request_timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(StoreError::Raft("store closed".into())),
+            Err(_) => Err(StoreError::Unknown(format!(
+                "this manager did not catch up to revision {index} in time"
+            ))),
+        }
+    }
+
+    /// Watches keys under `prefix` from `from_revision` on: first the kept history, then
+    /// live changes, with no gap and no duplicate.
+    pub fn watch(&self, prefix: &str, from_revision: u64) -> Result<Watch, StoreError> {
+        // Subscribe before reading history so nothing falls between the two.
+        let live = self.sm.events.subscribe();
+        let st = self.sm.read();
+        let backlog = st
+            .data
+            .history_since(prefix, from_revision)
+            .map_err(|oldest| StoreError::Compacted {
+                requested: from_revision,
+                oldest,
+            })?;
+        // Every event up to the current revision is in the history just read.
+        let live_from = st.data.revision() + 1;
+        Ok(Watch {
+            backlog: backlog.into(),
+            live,
+            prefix: prefix.to_owned(),
+            live_from,
+        })
+    }
+
+    fn must_lead(&self) -> Result<(), StoreError> {
+        let s = self.status();
+        if s.is_leader {
+            Ok(())
+        } else {
+            Err(StoreError::NotLeader {
+                leader: self.leader_node().map(|(_, n)| n.to_string()),
+            })
+        }
+    }
+
+    /// Adds a manager as a learner and waits until it has caught up (run on the leader).
+    pub async fn add_learner(&self, id: u64, node: ManagerNode) -> Result<(), StoreError> {
+        self.must_lead()?;
+        self.raft
+            .add_learner(id, node, true)
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Raft(e.to_string()))
+    }
+
+    /// Makes a caught-up learner a voter (run on the leader).
+    pub async fn promote(&self, id: u64) -> Result<(), StoreError> {
+        self.must_lead()?;
+        let ids: BTreeSet<u64> = [id].into();
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(ids), true)
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Raft(e.to_string()))
+    }
+
+    /// Turns a voter back into a learner (run on the leader).
+    pub async fn demote(&self, id: u64) -> Result<(), StoreError> {
+        self.must_lead()?;
+        let ids: BTreeSet<u64> = [id].into();
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(ids), true)
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Raft(e.to_string()))
+    }
+
+    /// Removes a manager from the group entirely (run on the leader).
+    pub async fn remove(&self, id: u64) -> Result<(), StoreError> {
+        self.must_lead()?;
+        let ids: BTreeSet<u64> = [id].into();
+        let status = self.status();
+        if status.voters.contains(&id) {
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
+                .await
+                .map_err(|e| StoreError::Raft(e.to_string()))?;
+        }
+        if self.status().learners.contains(&id) {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(ids), false)
+                .await
+                .map_err(|e| StoreError::Raft(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Asks the leader (this node) to hand leadership to `to`.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), StoreError> {
+        self.must_lead()?;
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| StoreError::Raft(e.to_string()))
+    }
+
+    /// Takes a snapshot now (and purges the log up to it).
+    pub async fn snapshot(&self) -> Result<(), StoreError> {
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| StoreError::Raft(e.to_string()))
+    }
+
+    /// Stops Raft and the protocol server. The data stays on disk.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        self.server.abort();
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| StoreError::Raft(e.to_string()))
+    }
+}

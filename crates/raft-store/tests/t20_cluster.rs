@@ -1,0 +1,221 @@
+//! Three managers in one process over real mTLS QUIC on loopback.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use starling_raft_store::*;
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t20_election_and_forwarded_write() {
+    let c = TestCluster::start(3, 5_000).await;
+    let leader = c.leader_id(T).await;
+    let status = c.m(leader).store.status();
+    assert_eq!(status.voters.len(), 3);
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    // A write on a follower is forwarded to the leader.
+    let r = c.m(follower).store.write(put("k", "v1")).await.unwrap();
+    assert!(matches!(r.outcome, Outcome::Put { prev: None }));
+    c.wait_applied(r.revision, T).await;
+    for m in c.running() {
+        let (v, rev) = get(&m.store, "k", Consistency::Stale).await;
+        assert_eq!(v.as_deref(), Some(&b"v1"[..]));
+        assert!(rev >= r.revision);
+    }
+    // Linearizable read on a follower sees it too.
+    let (v, _) = get(&c.m(follower).store, "k", Consistency::Linearizable).await;
+    assert_eq!(v.as_deref(), Some(&b"v1"[..]));
+    // CAS through a follower: revision-checked, and a stale expectation fails.
+    let ok = c
+        .m(follower)
+        .store
+        .write(Command::cas_revision("k", r.revision, b"v2".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(ok.outcome, Outcome::Txn { succeeded: true });
+    let stale = c
+        .m(follower)
+        .store
+        .write(Command::cas_revision("k", r.revision, b"v3".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(stale.outcome, Outcome::Txn { succeeded: false });
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t21_leader_stopped_new_leader_old_rejoins_as_follower() {
+    let mut c = TestCluster::start(3, 5_000).await;
+    let old = c.leader_id(T).await;
+    let r1 = c.m(old).store.write(put("a", "1")).await.unwrap();
+    c.wait_applied(r1.revision, T).await;
+    let stopped_at = Instant::now();
+    c.stop(old).await;
+    let new = c.wait_leader(T).await;
+    assert_ne!(new, old);
+    let r2 = c.m(new).store.write(put("a", "2")).await.unwrap();
+    eprintln!("leader stop -> first write acknowledged: {:?}", stopped_at.elapsed());
+    // A linearizable read after the leader change never returns the old value.
+    for m in c.running() {
+        let (v, _) = get(&m.store, "a", Consistency::Linearizable).await;
+        assert_eq!(v.as_deref(), Some(&b"2"[..]));
+    }
+    c.restart(old).await;
+    c.wait_applied(r2.revision, T).await;
+    let leader = c.wait_leader(T).await;
+    let status = c.m(old).store.status();
+    assert!(!status.is_leader || leader == old);
+    assert_eq!(status.leader, Some(leader));
+    let (v, _) = get(&c.m(old).store, "a", Consistency::Stale).await;
+    assert_eq!(v.as_deref(), Some(&b"2"[..]));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t22_all_stopped_and_reopened_keep_state_and_revision() {
+    let mut c = TestCluster::start(3, 5_000).await;
+    let mut last = 0;
+    for i in 0..50 {
+        let r = c.m(1).store.write(put(&format!("k{i}"), &format!("v{i}"))).await.unwrap();
+        last = r.revision;
+    }
+    c.wait_applied(last, T).await;
+    let before: Vec<_> = c
+        .running()
+        .map(|m| {
+            let st = m.store.status();
+            (st.id, st.applied)
+        })
+        .collect();
+    for id in 1..=3 {
+        c.stop(id).await;
+    }
+    for id in 1..=3 {
+        c.restart(id).await;
+    }
+    c.wait_leader(T).await;
+    c.wait_applied(last, T).await;
+    for m in c.running() {
+        let (v, rev) = get(&m.store, "k49", Consistency::Stale).await;
+        assert_eq!(v.as_deref(), Some(&b"v49"[..]));
+        assert!(rev >= last);
+        let n = m.store.read(Consistency::Stale, |s| s.range("k").len()).await.unwrap().0;
+        assert_eq!(n, 50);
+    }
+    assert_eq!(before.len(), 3);
+    // And it goes on taking writes.
+    c.m(2).store.write(put("after", "restart")).await.unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t23_new_manager_catches_up_by_snapshot_after_20000_writes() {
+    let mut c = TestCluster::start(3, 2_000).await;
+    let leader = c.leader_id(T).await;
+    let mut tasks = Vec::new();
+    let writers = 64;
+    let per = 20_000 / writers;
+    let started = Instant::now();
+    for w in 0..writers {
+        let store = &c.m(leader).store;
+        tasks.push(async move {
+            let mut last = 0;
+            for i in 0..per {
+                let r = store
+                    .write(put(&format!("w{w:02}/{i:04}"), "0123456789abcdef"))
+                    .await
+                    .unwrap();
+                last = r.revision;
+            }
+            last
+        });
+    }
+    let last = futures::future::join_all(tasks).await.into_iter().max().unwrap();
+    eprintln!("20 000 writes with {writers} writers in {:?}", started.elapsed());
+    c.wait_applied(last, T).await;
+    c.m(leader).store.snapshot().await.unwrap();
+
+    c.add_manager_process(4).await;
+    c.join(4).await;
+    let m4 = c.m(4);
+    let status = m4.store.status();
+    assert!(status.voters.contains(&4), "{status:?}");
+    assert!(status.applied >= last);
+    let n = m4.store.read(Consistency::Stale, |s| s.range("w").len()).await.unwrap().0;
+    assert_eq!(n, writers * per);
+    // It was caught up by a snapshot: the log before the snapshot was purged on the leader,
+    // and the new manager holds a snapshot file.
+    assert!(c.data_dir(4).join("state/snapshot.bin").exists());
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t24_two_of_three_stopped_writes_fail_with_no_quorum_stale_reads_answer() {
+    let mut c = TestCluster::start(3, 5_000).await;
+    let r = c.m(1).store.write(put("q", "before")).await.unwrap();
+    c.wait_applied(r.revision, T).await;
+    let leader = c.leader_id(T).await;
+    let survivor = (1..=3).find(|i| *i != leader).unwrap();
+    for id in (1..=3).filter(|i| *i != survivor) {
+        c.stop(id).await;
+    }
+    let store = &c.m(survivor).store;
+    let bound = c.config(survivor).quorum_deadline() + Duration::from_secs(2);
+    let started = Instant::now();
+    let err = store.write(put("q", "after")).await.unwrap_err();
+    let took = started.elapsed();
+    match err {
+        StoreError::NoQuorum {
+            reachable,
+            voters,
+            needed,
+            ..
+        } => {
+            assert_eq!((reachable, voters, needed), (1, 3, 2));
+        }
+        other => panic!("expected NoQuorum, got {other}"),
+    }
+    assert!(took <= bound, "took {took:?}, bound {bound:?}");
+    let err = store
+        .read(Consistency::Linearizable, |s| s.revision())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoQuorum { .. }), "{err}");
+    let (v, rev) = get(store, "q", Consistency::Stale).await;
+    assert_eq!(v.as_deref(), Some(&b"before"[..]));
+    assert!(rev >= r.revision);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t25_watch_resumes_without_gap_or_duplicate() {
+    let c = TestCluster::start(3, 5_000).await;
+    let s = &c.m(1).store;
+    let first = s.write(put("w/a", "1")).await.unwrap().revision;
+    s.write(put("other", "x")).await.unwrap();
+    s.write(put("w/b", "2")).await.unwrap();
+    c.wait_applied(first + 2, T).await;
+    let follower = &c.m(2).store;
+    let mut watch = follower.watch("w/", first).unwrap();
+    let live = tokio::spawn({
+        async move {
+            let mut seen = Vec::new();
+            while seen.len() < 4 {
+                let e = tokio::time::timeout(T, watch.next()).await.unwrap().unwrap();
+                seen.push((e.revision, e.key));
+            }
+            seen
+        }
+    });
+    s.write(put("w/c", "3")).await.unwrap();
+    s.write(Command::Delete { key: "w/a".into() }).await.unwrap();
+    let seen = live.await.unwrap();
+    let keys: Vec<&str> = seen.iter().map(|(_, k)| k.as_str()).collect();
+    assert_eq!(keys, vec!["w/a", "w/b", "w/c", "w/a"]);
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
+    c.shutdown().await;
+}
