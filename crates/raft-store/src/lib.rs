@@ -33,7 +33,9 @@ pub use state::{
     Availability, ClusterInfo, ClusterState, Command, CommandResult, Compare, KvEntry, KvEvent,
     NodeRecord, NodeRole, NodeStatus, Outcome, Settings, StateImage, TxnOp, WATCH_HISTORY,
 };
-pub use store::{Consistency, RaftStatus, Store, StoreConfig, StoreError, Watch};
+pub use store::{
+    Consistency, MAX_COMMAND_BYTES, RaftStatus, Store, StoreConfig, StoreError, Watch,
+};
 pub use types::ManagerNode;
 pub use wal::{AppendCallback, Wal, WalError, WalOptions, WalStats};
 

@@ -71,16 +71,16 @@ impl Inner {
     fn image(&self) -> io::Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         if let Some(v) = &self.vote {
-            out.push(encode(&LogRecord::Vote(v.clone()))?);
+            out.push(encode(&LogRecord::Vote(*v))?);
         }
         if let Some(p) = &self.last_purged {
-            out.push(encode(&LogRecord::Purge(p.clone()))?);
+            out.push(encode(&LogRecord::Purge(*p))?);
         }
         let entries: Vec<Entry> = self.log.values().cloned().collect();
         for chunk in entries.chunks(1024) {
             out.push(encode(&LogRecord::Entries(chunk.to_vec()))?);
         }
-        out.push(encode(&LogRecord::Committed(self.committed.clone()))?);
+        out.push(encode(&LogRecord::Committed(self.committed))?);
         Ok(out)
     }
 }
@@ -102,8 +102,8 @@ impl LogStore {
     /// Opens (or creates) the log in `dir`, replaying the WAL. A torn tail from a crash is
     /// cut; corruption anywhere else is an error.
     pub(crate) fn open(dir: &Path) -> io::Result<Self> {
-        let (wal, records) = Wal::open(dir, WalOptions::default())
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let (wal, records) =
+            Wal::open(dir, WalOptions::default()).map_err(|e| io::Error::other(e.to_string()))?;
         let mut inner = Inner::default();
         for bytes in records {
             inner.replay(decode::<LogRecord>(&bytes)?);
@@ -119,7 +119,11 @@ impl LogStore {
     }
 
     /// Queues a record; `done` runs after it is on disk.
-    fn write(&self, record: &LogRecord, done: impl FnOnce(io::Result<()>) + Send + 'static) -> io::Result<()> {
+    fn write(
+        &self,
+        record: &LogRecord,
+        done: impl FnOnce(io::Result<()>) + Send + 'static,
+    ) -> io::Result<()> {
         let bytes = encode(record)?;
         self.wal.append(bytes, Box::new(done));
         Ok(())
@@ -146,7 +150,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.lock().vote.clone())
+        Ok(self.lock().vote)
     }
 }
 
@@ -159,10 +163,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .log
             .values()
             .next_back()
-            .map(|e| e.log_id.clone())
-            .or_else(|| inner.last_purged.clone());
+            .map(|e| e.log_id)
+            .or_else(|| inner.last_purged);
         Ok(LogState {
-            last_purged_log_id: inner.last_purged.clone(),
+            last_purged_log_id: inner.last_purged,
             last_log_id: last,
         })
     }
@@ -172,23 +176,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.write_durable(&LogRecord::Vote(vote.clone())).await?;
-        self.lock().vote = Some(vote.clone());
+        self.write_durable(&LogRecord::Vote(*vote)).await?;
+        self.lock().vote = Some(*vote);
         Ok(())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         // Not waited for: a lost commit mark only means re-applying fewer entries at start.
-        self.write(&LogRecord::Committed(committed.clone()), |_| {})?;
+        self.write(&LogRecord::Committed(committed), |_| {})?;
         self.lock().committed = committed;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.lock().committed.clone())
+        Ok(self.lock().committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -209,23 +217,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let mut inner = self.lock();
         // Ordered before any later append by the WAL's single queue.
-        self.write(&LogRecord::TruncateAfter(last_log_id.clone()), |_| {})?;
+        self.write(&LogRecord::TruncateAfter(last_log_id), |_| {})?;
         inner.replay(LogRecord::TruncateAfter(last_log_id));
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let mut inner = self.lock();
-        self.write(&LogRecord::Purge(log_id.clone()), |_| {})?;
+        self.write(&LogRecord::Purge(log_id), |_| {})?;
         inner.replay(LogRecord::Purge(log_id));
         if inner.purged_since_compaction >= COMPACT_AFTER_PURGED {
             inner.purged_since_compaction = 0;
             // Rewrite the WAL with the records that rebuild the current state. The lock is
             // held so no append slips in between taking the image and queueing the
             // compaction (which goes through the same queue, after everything before it).
-            // It blocks this thread for one file write, every 10 000 purged entries.
+            // Not waited for: appends queued after it land in the new segment.
             let image = inner.image()?;
-            self.wal.compact(image)?;
+            self.wal.compact_then(
+                image,
+                Box::new(|r| {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "raft log compaction failed");
+                    }
+                }),
+            );
         }
         Ok(())
     }

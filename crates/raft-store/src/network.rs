@@ -9,16 +9,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::errors::{
-    NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable,
-};
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{RaftNetworkV2, ReadPolicy};
-use openraft::async_runtime::WatchReceiver;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use starling_transport::{Endpoint, NodeId, PeerPolicy, Protocol, Role};
@@ -79,6 +77,9 @@ pub(crate) enum CallError {
     /// The request did not leave: no connection, or it was closed before sending.
     #[error("not sent: {0}")]
     NotSent(String),
+    /// The request is larger than a frame may be; nothing was sent.
+    #[error("too large to send: {0}")]
+    TooLarge(String),
     /// The request may have arrived, but no answer came back.
     #[error("no answer: {0}")]
     Lost(String),
@@ -107,8 +108,10 @@ pub(crate) async fn call<T: DeserializeOwned>(
         .request(protocol, &name, addr, &body)
         .await
         .map_err(|e| match e {
-            RequestError::Connect(_)
-            | RequestError::Message(MessageError::NotSent(_) | MessageError::FrameTooLarge { .. }) => {
+            RequestError::Message(MessageError::FrameTooLarge { .. }) => {
+                CallError::TooLarge(format!("{node}: {e}"))
+            }
+            RequestError::Connect(_) | RequestError::Message(MessageError::NotSent(_)) => {
                 not_sent(e.to_string())
             }
             other => CallError::Lost(format!("{node}: {other}")),
@@ -123,11 +126,19 @@ pub(crate) async fn call<T: DeserializeOwned>(
 pub(crate) struct Network {
     endpoint: Endpoint,
     protocol: Protocol,
+    min_budget: Duration,
 }
 
 impl Network {
-    pub(crate) fn new(endpoint: Endpoint, protocol: Protocol) -> Self {
-        Network { endpoint, protocol }
+    /// `min_budget` is the least time an RPC gets: openraft hands replication and
+    /// heartbeats only a heartbeat interval, which must also cover a (re)connect and the
+    /// follower's fsync on a loaded machine.
+    pub(crate) fn new(endpoint: Endpoint, protocol: Protocol, min_budget: Duration) -> Self {
+        Network {
+            endpoint,
+            protocol,
+            min_budget,
+        }
     }
 }
 
@@ -140,6 +151,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             node: node.clone(),
             endpoint: self.endpoint.clone(),
             protocol: self.protocol.clone(),
+            min_budget: self.min_budget,
         }
     }
 }
@@ -150,37 +162,49 @@ pub(crate) struct PeerClient {
     node: ManagerNode,
     endpoint: Endpoint,
     protocol: Protocol,
+    min_budget: Duration,
 }
 
 fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
     match e {
-        // Only Unreachable makes openraft back off instead of retrying at once.
-        CallError::NotSent(_) | CallError::Lost(_) | CallError::Remote(_) => {
+        // Unreachable makes openraft back off (200 ms doubling to 1 s): right for a peer
+        // that cannot be dialed or is shutting down, wrong for one lost message.
+        CallError::NotSent(_) | CallError::Remote(_) | CallError::TooLarge(_) => {
             RPCError::Unreachable(Unreachable::from_string(e.to_string()))
         }
-        CallError::Decode(_) => RPCError::Network(NetworkError::from_string(e.to_string())),
+        CallError::Lost(_) | CallError::Decode(_) => {
+            RPCError::Network(NetworkError::from_string(e.to_string()))
+        }
     }
 }
 
 impl PeerClient {
+    async fn try_rpc<T: DeserializeOwned>(
+        &self,
+        rpc: &RaftRpc,
+        option: &RPCOption,
+    ) -> Result<T, CallError> {
+        let budget = option.hard_ttl().max(self.min_budget);
+        match tokio::time::timeout(
+            budget,
+            call(&self.endpoint, &self.protocol, &self.node, rpc),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Lost(format!(
+                "no answer from {} within {budget:?}",
+                self.node
+            ))),
+        }
+    }
+
     async fn rpc<T: DeserializeOwned>(
         &self,
         rpc: &RaftRpc,
         option: &RPCOption,
     ) -> Result<T, RPCError<TypeConfig>> {
-        match tokio::time::timeout(
-            option.hard_ttl(),
-            call(&self.endpoint, &self.protocol, &self.node, rpc),
-        )
-        .await
-        {
-            Ok(r) => r.map_err(rpc_error),
-            Err(_) => Err(RPCError::Unreachable(Unreachable::from_string(format!(
-                "no answer from {} within {:?}",
-                self.node,
-                option.hard_ttl()
-            )))),
-        }
+        self.try_rpc(rpc, option).await.map_err(rpc_error)
     }
 }
 
@@ -192,7 +216,23 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.rpc(&RaftRpc::Append(rpc), &option).await
+        // A batch over the frame limit is sent in halves: the follower takes a prefix and
+        // openraft, told of the partial success, sends the rest next.
+        let total = rpc.entries.len();
+        let mut n = total;
+        loop {
+            let mut part = rpc.clone();
+            part.entries.truncate(n);
+            let last = part.entries.last().map(|e| e.log_id);
+            match self.try_rpc(&RaftRpc::Append(part), &option).await {
+                Ok(AppendEntriesResponse::Success) if n < total => {
+                    return Ok(AppendEntriesResponse::PartialSuccess(last));
+                }
+                Ok(resp) => return Ok(resp),
+                Err(CallError::TooLarge(_)) if n > 1 => n /= 2,
+                Err(e) => return Err(rpc_error(e)),
+            }
+        }
     }
 
     async fn vote(
@@ -244,7 +284,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 transfer,
                 offset,
                 data: chunk.to_vec(),
-                finish: (i == last).then(|| (vote.clone(), snapshot.meta.clone())),
+                finish: (i == last).then(|| (vote, snapshot.meta.clone())),
             };
             let sent = tokio::select! {
                 closed = &mut cancel => return Err(StreamingError::Closed(closed)),
@@ -353,7 +393,10 @@ impl RaftServer {
                 offset,
                 data,
                 finish,
-            } => reply(self.snapshot_chunk(peer, transfer, offset, data, finish).await),
+            } => reply(
+                self.snapshot_chunk(peer, transfer, offset, data, finish)
+                    .await,
+            ),
             RaftRpc::Write(cmd) => reply(Ok::<_, String>(leader_write(&self.raft, cmd).await)),
             RaftRpc::ReadIndex => reply(Ok::<_, String>(leader_read_index(&self.raft).await)),
         }
@@ -370,16 +413,20 @@ impl RaftServer {
         let key = (peer.to_owned(), transfer);
         let complete = {
             let mut transfers = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
-            transfers.retain(|_, t| t.last_chunk.elapsed() < SNAPSHOT_IDLE);
+            // One transfer per peer: a new one (a retry) replaces an unfinished one, and
+            // idle transfers are dropped, so memory stays bounded by the number of managers.
+            transfers.retain(|(p, t), inc| {
+                inc.last_chunk.elapsed() < SNAPSHOT_IDLE && (p != peer || *t == transfer)
+            });
             let entry = transfers.entry(key.clone()).or_insert_with(|| Incoming {
                 data: Vec::new(),
                 last_chunk: Instant::now(),
             });
-            if entry.data.len() as u64 != offset {
+            let received = entry.data.len();
+            if received as u64 != offset {
                 transfers.remove(&key);
                 return Err(format!(
-                    "snapshot chunk at offset {offset} does not follow the {} bytes received",
-                    offset
+                    "snapshot chunk at offset {offset} does not follow the {received} bytes received"
                 ));
             }
             entry.data.extend_from_slice(&data);
@@ -404,7 +451,10 @@ impl RaftServer {
     }
 }
 
-fn leader_hint(raft: &Raft, f: &openraft::errors::ForwardToLeader<TypeConfig>) -> Option<(u64, ManagerNode)> {
+fn leader_hint(
+    raft: &Raft,
+    f: &openraft::errors::ForwardToLeader<TypeConfig>,
+) -> Option<(u64, ManagerNode)> {
     if let (Some(id), Some(node)) = (f.leader_id, f.leader_node.clone()) {
         return Some((id, node));
     }

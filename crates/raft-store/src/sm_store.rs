@@ -27,10 +27,22 @@ pub(crate) struct SmState {
     current: Option<(SnapshotMeta, Arc<Vec<u8>>)>,
 }
 
+/// What watchers are told.
+#[derive(Clone, Debug)]
+pub(crate) enum WatchSignal {
+    /// A change.
+    Event(KvEvent),
+    /// A snapshot replaced the state: history before `revision` is gone, and changes
+    /// between what a watcher saw and `revision` will not be reported.
+    Reset { revision: u64 },
+}
+
 /// Shared with the [`Store`](crate::Store) handle: stale reads, watches, applied index.
 pub(crate) struct Shared {
     pub(crate) state: RwLock<SmState>,
-    pub(crate) events: broadcast::Sender<KvEvent>,
+    pub(crate) events: broadcast::Sender<WatchSignal>,
+    /// Serializes snapshot saves (a build and an install may run at once).
+    save: tokio::sync::Mutex<()>,
     pub(crate) applied: watch::Sender<u64>,
 }
 
@@ -106,9 +118,16 @@ fn parse_snapshot_file(bytes: &[u8]) -> io::Result<(SnapshotMeta, Vec<u8>)> {
 
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
-    let mut f = std::fs::File::create(&tmp)?;
+    // Snapshots hold the cluster's CA key and join secrets: owner only.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
@@ -120,7 +139,9 @@ impl StateMachine {
     /// Opens the state machine in `dir`: empty, or as of the snapshot saved there. A corrupt
     /// snapshot file is an error (nothing is overwritten).
     pub(crate) fn open(dir: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         let _ = std::fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
         let path = dir.join(SNAPSHOT_FILE);
         let mut state = SmState {
@@ -134,7 +155,7 @@ impl StateMachine {
                 let (meta, data) = parse_snapshot_file(&bytes)
                     .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
                 state.data = ClusterState::from_image(decode_image(&data)?);
-                state.last_applied = meta.last_log_id.clone();
+                state.last_applied = meta.last_log_id;
                 state.membership = meta.last_membership.clone();
                 state.current = Some((meta, Arc::new(data)));
             }
@@ -142,12 +163,13 @@ impl StateMachine {
             Err(e) => return Err(e),
         }
         let revision = state.data.revision();
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(65_536);
         let (applied, _) = watch::channel(revision);
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 state: RwLock::new(state),
                 events,
+                save: tokio::sync::Mutex::new(()),
                 applied,
             }),
             dir: dir.to_owned(),
@@ -156,6 +178,29 @@ impl StateMachine {
 
     fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
         write_atomically(&self.dir, SNAPSHOT_FILE, &snapshot_file_bytes(meta, data)?)
+    }
+
+    /// Saves a snapshot unless a newer one is already current; returns whether it did.
+    /// Saves are serialized, so a slow build can never overwrite a newer installed snapshot
+    /// (the log before that one may already be purged).
+    async fn save_if_newer(&self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<bool> {
+        let _guard = self.shared.save.lock().await;
+        let newer_exists = {
+            let st = self.shared.read();
+            st.current
+                .as_ref()
+                .is_some_and(|(m, _)| m.last_log_id > meta.last_log_id)
+        };
+        if newer_exists {
+            return Ok(false);
+        }
+        let this = self.clone();
+        let m = meta.clone();
+        let data = tokio::task::spawn_blocking(move || this.save_snapshot(&m, &data).map(|_| data))
+            .await
+            .map_err(io::Error::other)??;
+        self.shared.write().current = Some((meta.clone(), Arc::new(data)));
+        Ok(true)
     }
 }
 
@@ -166,17 +211,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let (meta, data) = {
             let st = self.shared.read();
             let meta = SnapshotMeta {
-                last_log_id: st.last_applied.clone(),
+                last_log_id: st.last_applied,
                 last_membership: st.membership.clone(),
             };
             (meta, encode_image(st.data.image())?)
         };
-        let this = self.clone();
-        let (m, d) = (meta.clone(), data);
-        let data = tokio::task::spawn_blocking(move || this.save_snapshot(&m, &d).map(|_| d))
-            .await
-            .map_err(io::Error::other)??;
-        self.shared.write().current = Some((meta.clone(), Arc::new(data.clone())));
+        self.save_if_newer(&meta, data.clone()).await?;
         Ok(Snapshot {
             meta,
             snapshot: Cursor::new(data),
@@ -190,7 +230,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let st = self.shared.read();
-        Ok((st.last_applied.clone(), st.membership.clone()))
+        Ok((st.last_applied, st.membership.clone()))
     }
 
     async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
@@ -201,14 +241,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
             let mut st = self.shared.write();
-            st.last_applied = Some(entry.log_id.clone());
+            st.last_applied = Some(entry.log_id);
             match &entry.payload {
                 EntryPayload::Normal(cmd) => {
                     let (result, events) = st.data.apply(index, cmd);
                     drop(st);
                     for e in events {
                         // No receivers is fine: nobody is watching.
-                        let _ = self.shared.events.send(e);
+                        let _ = self.shared.events.send(WatchSignal::Event(e));
                     }
                     if let Some(r) = responder {
                         r.send(result);
@@ -225,7 +265,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
                 EntryPayload::Membership(m) => {
-                    st.membership = StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                    st.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     st.data.advance(index);
                     drop(st);
                     if let Some(r) = responder {
@@ -255,19 +295,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
         let image = decode_image(&data)?;
-        let this = self.clone();
-        let (m, d) = (meta.clone(), data);
-        let data = tokio::task::spawn_blocking(move || this.save_snapshot(&m, &d).map(|_| d))
-            .await
-            .map_err(io::Error::other)??;
+        // On disk first: openraft purges the log up to this snapshot once it is installed.
+        self.save_if_newer(meta, data).await?;
         let revision = image.revision;
         {
             let mut st = self.shared.write();
             st.data = ClusterState::from_image(image);
-            st.last_applied = meta.last_log_id.clone();
+            st.last_applied = meta.last_log_id;
             st.membership = meta.last_membership.clone();
-            st.current = Some((meta.clone(), Arc::new(data)));
         }
+        let _ = self.shared.events.send(WatchSignal::Reset { revision });
         self.shared.applied.send_replace(revision);
         Ok(())
     }

@@ -116,7 +116,7 @@ impl Default for Settings {
         Settings {
             timing_multiplier: 1,
             cert_lifetime_secs: 90 * 24 * 3600,
-            snapshot_interval: 5_000,
+            snapshot_interval: 50_000,
         }
     }
 }
@@ -488,12 +488,7 @@ impl ClusterState {
         (CommandResult { revision, outcome }, events)
     }
 
-    fn change_node(
-        &mut self,
-        revision: u64,
-        id: &str,
-        f: impl FnOnce(&mut NodeRecord),
-    ) -> Outcome {
+    fn change_node(&mut self, revision: u64, id: &str, f: impl FnOnce(&mut NodeRecord)) -> Outcome {
         match self.image.nodes.get_mut(id) {
             Some(n) => {
                 f(n);
@@ -624,10 +619,7 @@ mod tests {
         s.apply(3, &put("a", "1"));
         s.apply(5, &put("a", "2"));
         let e = s.get("a").unwrap();
-        assert_eq!(
-            (e.create_revision, e.mod_revision, e.version),
-            (3, 5, 2)
-        );
+        assert_eq!((e.create_revision, e.mod_revision, e.version), (3, 5, 2));
         s.apply(6, &Command::Delete { key: "a".into() });
         assert!(s.get("a").is_none());
         s.apply(8, &put("a", "3"));
@@ -646,9 +638,15 @@ mod tests {
         assert_eq!(s.get("k").unwrap().value, b"x");
         let (r, _) = s.apply(3, &Command::cas_revision("k", 1, b"y".to_vec()));
         assert_eq!(r.outcome, Outcome::Txn { succeeded: true });
-        let (r, _) = s.apply(4, &Command::cas_value("k", Some(b"x".to_vec()), b"z".to_vec()));
+        let (r, _) = s.apply(
+            4,
+            &Command::cas_value("k", Some(b"x".to_vec()), b"z".to_vec()),
+        );
         assert_eq!(r.outcome, Outcome::Txn { succeeded: false });
-        let (r, _) = s.apply(5, &Command::cas_value("k", Some(b"y".to_vec()), b"z".to_vec()));
+        let (r, _) = s.apply(
+            5,
+            &Command::cas_value("k", Some(b"y".to_vec()), b"z".to_vec()),
+        );
         assert_eq!(r.outcome, Outcome::Txn { succeeded: true });
         assert_eq!(s.get("k").unwrap().value, b"z");
     }
@@ -739,7 +737,10 @@ mod tests {
         };
         assert_eq!(node.status, NodeStatus::Ready);
         assert_eq!(node.hostname, "h2");
-        assert_eq!((node.version, node.created_revision, node.updated_revision), (3, 1, 3));
+        assert_eq!(
+            (node.version, node.created_revision, node.updated_revision),
+            (3, 1, 3)
+        );
         let (r, _) = s.apply(4, &Command::RemoveNode { id: "zz".into() });
         assert_eq!(r.outcome, Outcome::NoSuchNode { id: "zz".into() });
     }

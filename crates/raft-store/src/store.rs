@@ -17,7 +17,7 @@ use crate::network::{
     CallError, LeaderReply, Network, Raft, RaftRpc, RaftServer, call, leader_read_index,
     leader_write, raft_protocol,
 };
-use crate::sm_store::{Shared, StateMachine};
+use crate::sm_store::{Shared, StateMachine, WatchSignal};
 use crate::state::{ClusterState, Command, CommandResult, KvEvent};
 use crate::types::ManagerNode;
 
@@ -30,13 +30,15 @@ pub struct StoreConfig {
     pub raft_id: u64,
     /// This manager's transport node id and address, as other managers reach it.
     pub node: ManagerNode,
-    /// Scales heartbeat and election timeouts (1 = 50 ms heartbeat, 300–600 ms election
-    /// timeout). Raise it on slow or loaded machines.
+    /// Scales heartbeat and election timeouts (1 = 50 ms heartbeat, 150–300 ms election
+    /// timeout, pre-vote on). Raise it on slow or heavily loaded machines.
     pub timing_multiplier: u32,
     /// Time for a write or read to be answered once a leader is known.
     pub request_timeout: Duration,
     /// Log entries between snapshots.
     pub snapshot_interval: u64,
+    /// How long a new manager may take to catch up before it becomes a voter.
+    pub catch_up_timeout: Duration,
 }
 
 impl StoreConfig {
@@ -48,7 +50,8 @@ impl StoreConfig {
             node,
             timing_multiplier: 1,
             request_timeout: Duration::from_secs(5),
-            snapshot_interval: 5_000,
+            snapshot_interval: 50_000,
+            catch_up_timeout: Duration::from_secs(120),
         }
     }
 
@@ -59,7 +62,7 @@ impl StoreConfig {
 
     /// The longest election timeout.
     pub fn election_timeout_max(&self) -> Duration {
-        Duration::from_millis(600 * u64::from(self.timing_multiplier.max(1)))
+        Duration::from_millis(300 * u64::from(self.timing_multiplier.max(1)))
     }
 
     /// The bound on a write or linearizable read that cannot reach a quorum:
@@ -73,8 +76,12 @@ impl StoreConfig {
         let config = openraft::Config {
             cluster_name: "starling".into(),
             heartbeat_interval: 50 * m,
-            election_timeout_min: 300 * m,
-            election_timeout_max: 600 * m,
+            election_timeout_min: 150 * m,
+            election_timeout_max: 300 * m,
+            // A restarted leader must win an election again: its commit mark may not have
+            // reached the disk before the crash, and resuming leadership on a stale commit
+            // index could serve stale linearizable reads.
+            enable_leader_restore: Some(false),
             // Per request here; snapshots are chunked with a timeout per chunk.
             install_snapshot_timeout: 1000 * m,
             enable_pre_vote: Some(true),
@@ -86,6 +93,41 @@ impl StoreConfig {
         config
             .validate()
             .map_err(|e| StoreError::Config(e.to_string()))
+    }
+}
+
+/// An operation that must run on the leader: locally when this node leads, else forwarded.
+trait LeaderCall: Send + Sync {
+    type Out: serde::de::DeserializeOwned + Send;
+    /// Whether the call may be repeated when its answer is lost (reads may, writes not).
+    const REPEATABLE: bool;
+    fn rpc(&self) -> RaftRpc;
+    fn local(&self, raft: &Raft) -> impl Future<Output = LeaderReply<Self::Out>> + Send;
+}
+
+struct WriteCall(Command);
+
+impl LeaderCall for WriteCall {
+    type Out = CommandResult;
+    const REPEATABLE: bool = false;
+    fn rpc(&self) -> RaftRpc {
+        RaftRpc::Write(self.0.clone())
+    }
+    fn local(&self, raft: &Raft) -> impl Future<Output = LeaderReply<CommandResult>> + Send {
+        leader_write(raft, self.0.clone())
+    }
+}
+
+struct ReadIndexCall;
+
+impl LeaderCall for ReadIndexCall {
+    type Out = u64;
+    const REPEATABLE: bool = true;
+    fn rpc(&self) -> RaftRpc {
+        RaftRpc::ReadIndex
+    }
+    fn local(&self, raft: &Raft) -> impl Future<Output = LeaderReply<u64>> + Send {
+        leader_read_index(raft)
     }
 }
 
@@ -131,6 +173,14 @@ pub enum StoreError {
         /// Oldest revision still available.
         oldest: u64,
     },
+    /// The command is larger than [`MAX_COMMAND_BYTES`]; nothing was written.
+    #[error("command of {size} bytes is over the limit of {max} bytes")]
+    TooLarge {
+        /// Its encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
     /// This node is not the leader, for an operation that must run there.
     #[error("not the leader (leader: {leader:?})")]
     NotLeader {
@@ -147,6 +197,17 @@ pub enum StoreError {
     #[error("invalid configuration: {0}")]
     Config(String),
 }
+
+/// The largest command a write may carry, encoded (etcd's default request limit is 1.5 MiB).
+/// Keeping commands well under the transport's frame limit keeps every replication batch
+/// sendable.
+pub const MAX_COMMAND_BYTES: usize = 1 << 20;
+
+/// A learner this close to the leader's last entry counts as caught up.
+const CAUGHT_UP_LAG: u64 = 64;
+
+/// Time given to probing the other managers when reporting a lost quorum.
+const PROBE_TIME: Duration = Duration::from_millis(300);
 
 /// A manager's replicated store.
 pub struct Store {
@@ -193,35 +254,67 @@ pub struct RaftStatus {
 /// A stream of key-value changes under a prefix.
 pub struct Watch {
     backlog: std::collections::VecDeque<KvEvent>,
-    live: broadcast::Receiver<KvEvent>,
+    live: broadcast::Receiver<WatchSignal>,
     prefix: String,
     /// Live events below this revision were already in the backlog.
     live_from: u64,
+    /// Revision of the last event returned (to say where to resume).
+    last: Option<u64>,
+    /// Set once events may have been missed: the watch only reports that from then on.
+    broken: Option<u64>,
 }
 
 impl Watch {
     /// The next change, in revision order, with no gap and no duplicate; `Err` with the
     /// revision to resume from if this watcher fell too far behind the live stream.
     pub async fn next(&mut self) -> Result<KvEvent, StoreError> {
+        if let Some(oldest) = self.broken {
+            return Err(self.compacted(oldest));
+        }
         if let Some(e) = self.backlog.pop_front() {
+            self.last = Some(e.revision);
             return Ok(e);
         }
         loop {
             match self.live.recv().await {
-                Ok(e) if e.revision >= self.live_from && e.key.starts_with(&self.prefix) => {
+                Ok(WatchSignal::Event(e))
+                    if e.revision >= self.live_from && e.key.starts_with(&self.prefix) =>
+                {
+                    self.last = Some(e.revision);
                     return Ok(e);
                 }
-                Ok(_) => {}
+                Ok(WatchSignal::Event(_)) => {}
+                Ok(WatchSignal::Reset { revision }) if revision >= self.live_from => {
+                    // A snapshot replaced the state: changes up to it were never seen here.
+                    self.broken = Some(revision + 1);
+                    return Err(self.compacted(revision + 1));
+                }
+                Ok(WatchSignal::Reset { .. }) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    return Err(StoreError::Compacted {
-                        requested: self.live_from,
-                        oldest: self.live_from,
-                    });
+                    // Events were dropped for this slow watcher; the caller resumes with a
+                    // new watch from the revision after the last one it got.
+                    let next = self.resume_from();
+                    self.broken = Some(next);
+                    return Err(self.compacted(next));
                 }
                 Err(broadcast::error::RecvError::Closed) => {
                     return Err(StoreError::Raft("store closed".into()));
                 }
             }
+        }
+    }
+
+    /// The revision to start a new watch from to continue this one. Events of the last
+    /// revision already returned are delivered again from there if that revision held
+    /// several (a transaction); skip those by key.
+    pub fn resume_from(&self) -> u64 {
+        self.last.map_or(self.live_from, |r| r + 1)
+    }
+
+    fn compacted(&self, oldest: u64) -> StoreError {
+        StoreError::Compacted {
+            requested: self.resume_from(),
+            oldest,
         }
     }
 }
@@ -240,7 +333,11 @@ impl Store {
         let listener = endpoint
             .listen(&protocol)
             .map_err(|e| StoreError::Config(e.to_string()))?;
-        let network = Network::new(endpoint.clone(), protocol.clone());
+        let network = Network::new(
+            endpoint.clone(),
+            protocol.clone(),
+            Duration::from_millis(500 * u64::from(config.timing_multiplier.max(1))),
+        );
         let raft = Raft::new(config.raft_id, raft_config, network, log, sm)
             .await
             .map_err(|e| StoreError::Raft(e.to_string()))?;
@@ -308,13 +405,10 @@ impl Store {
 
     /// Runs `op` on the leader (here, or forwarded), retrying while there is no leader or
     /// the leader moved, until the quorum deadline.
-    async fn on_leader<T: serde::de::DeserializeOwned + Send>(
-        &self,
-        rpc: impl Fn() -> RaftRpc,
-        local: impl AsyncFn() -> LeaderReply<T>,
-    ) -> Result<T, StoreError> {
+    async fn on_leader<L: LeaderCall>(&self, op: L) -> Result<L::Out, StoreError> {
         let started = Instant::now();
-        let deadline = started + self.config.quorum_deadline();
+        // Keep time for the reachability probes of a no-quorum answer inside the bound.
+        let deadline = started + self.config.quorum_deadline() - PROBE_TIME;
         let mut hint: Option<(u64, ManagerNode)> = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -325,25 +419,64 @@ impl Store {
             let reply = match target {
                 None => None,
                 Some((id, _)) if id == self.config.raft_id => {
-                    match tokio::time::timeout(remaining, local()).await {
+                    match tokio::time::timeout(remaining, op.local(&self.raft)).await {
                         Ok(r) => Some(r),
                         Err(_) => return Err(self.no_quorum(started.elapsed()).await),
                     }
                 }
-                Some((_, node)) => {
-                    let sent = tokio::time::timeout(
-                        remaining,
-                        call::<LeaderReply<T>>(&self.endpoint, &self.protocol, &node, &rpc()),
-                    )
-                    .await;
-                    match sent {
-                        Ok(Ok(r)) => Some(r),
-                        Ok(Err(CallError::NotSent(e))) => {
-                            debug!(leader = %node, error = %e, "leader unreachable; retrying");
-                            None
+                Some((id, node)) => {
+                    // Dial first: nothing is sent yet, so giving up when the leader moves
+                    // (a dead leader's address would take the whole connect timeout) is safe.
+                    let dialed = tokio::select! {
+                        d = tokio::time::timeout(remaining, self.dial(&node)) => match d {
+                            Ok(ok) => ok,
+                            Err(_) => return Err(self.no_quorum(started.elapsed()).await),
+                        },
+                        _ = self.leader_moves_from(id) => false,
+                    };
+                    if dialed {
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        // A leader that died without closing its connection looks alive
+                        // until the idle timeout: stop waiting for it once another leader
+                        // is known.
+                        let rpc = op.rpc();
+                        let sent = tokio::select! {
+                            r = tokio::time::timeout(
+                                remaining,
+                                call::<LeaderReply<L::Out>>(
+                                    &self.endpoint,
+                                    &self.protocol,
+                                    &node,
+                                    &rpc,
+                                ),
+                            ) => Some(r),
+                            _ = self.leader_moves_from(id) => None,
+                        };
+                        match sent {
+                            Some(Ok(Ok(r))) => Some(r),
+                            Some(Ok(Err(CallError::NotSent(e)))) => {
+                                debug!(leader = %node, error = %e, "leader unreachable; retrying");
+                                None
+                            }
+                            Some(Ok(Err(e))) if !L::REPEATABLE => {
+                                return Err(StoreError::Unknown(e.to_string()));
+                            }
+                            Some(Ok(Err(_))) => None,
+                            Some(Err(_)) if !L::REPEATABLE => {
+                                return Err(StoreError::Unknown(format!(
+                                    "no answer from the leader {node} within the deadline"
+                                )));
+                            }
+                            Some(Err(_)) => return Err(self.no_quorum(started.elapsed()).await),
+                            None if !L::REPEATABLE => {
+                                return Err(StoreError::Unknown(format!(
+                                    "the leader {node} was replaced while the write was in flight"
+                                )));
+                            }
+                            None => None,
                         }
-                        Ok(Err(e)) => return Err(StoreError::Unknown(e.to_string())),
-                        Err(_) => return Err(self.no_quorum(started.elapsed()).await),
+                    } else {
+                        None
                     }
                 }
             };
@@ -356,6 +489,30 @@ impl Store {
             }
             // A leader is being elected or moved: wait a heartbeat and look again.
             tokio::time::sleep(self.config.heartbeat()).await;
+        }
+    }
+
+    /// Opens (or reuses) the pooled connection to `node`; false if it cannot be reached.
+    async fn dial(&self, node: &ManagerNode) -> bool {
+        let (Ok(name), Ok(addr)) = (NodeId::new(node.name.clone()), node.addr.parse()) else {
+            return false;
+        };
+        self.endpoint
+            .connection(&self.protocol, &name, addr)
+            .await
+            .is_ok()
+    }
+
+    /// Returns once this manager no longer considers `id` the leader.
+    async fn leader_moves_from(&self, id: u64) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if rx.borrow_watched().current_leader != Some(id) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -377,12 +534,9 @@ impl Store {
                     let Ok(addr) = node.addr.parse() else {
                         return false;
                     };
-                    tokio::time::timeout(
-                        Duration::from_millis(500),
-                        endpoint.connection(&protocol, &name, addr),
-                    )
-                    .await
-                    .is_ok_and(|c| c.is_ok())
+                    tokio::time::timeout(PROBE_TIME, endpoint.connection(&protocol, &name, addr))
+                        .await
+                        .is_ok_and(|c| c.is_ok())
                 }
             });
         let answered = futures::future::join_all(probes).await;
@@ -399,12 +553,14 @@ impl Store {
     /// Commits `cmd` through the leader and returns its result (with its revision). Fails
     /// with [`StoreError::NoQuorum`] within [`StoreConfig::quorum_deadline`].
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
-        let raft = self.raft.clone();
-        self.on_leader(
-            || RaftRpc::Write(cmd.clone()),
-            async || leader_write(&raft, cmd.clone()).await,
-        )
-        .await
+        let size = postcard::experimental::serialized_size(&cmd).unwrap_or(usize::MAX);
+        if size > MAX_COMMAND_BYTES {
+            return Err(StoreError::TooLarge {
+                size,
+                max: MAX_COMMAND_BYTES,
+            });
+        }
+        self.on_leader(WriteCall(cmd)).await
     }
 
     /// Runs `f` on the state at the requested consistency; returns its answer and the
@@ -415,21 +571,24 @@ impl Store {
         f: impl FnOnce(&ClusterState) -> T,
     ) -> Result<(T, u64), StoreError> {
         if consistency == Consistency::Linearizable {
-            let raft = self.raft.clone();
-            let index = self
-                .on_leader(|| RaftRpc::ReadIndex, async || leader_read_index(&raft).await)
-                .await?;
-            self.wait_applied(index).await?;
+            let started = Instant::now();
+            let index = self.on_leader(ReadIndexCall).await?;
+            let left = self
+                .config
+                .quorum_deadline()
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(100));
+            self.wait_applied(index, left).await?;
         }
         let st = self.sm.read();
         Ok((f(&st.data), st.data.revision()))
     }
 
     /// Waits until this manager applied `index`.
-    async fn wait_applied(&self, index: u64) -> Result<(), StoreError> {
+    async fn wait_applied(&self, index: u64, within: Duration) -> Result<(), StoreError> {
         let mut rx = self.sm.applied.subscribe();
         let wait = rx.wait_for(|applied| *applied >= index);
-        match tokio::time::timeout(self.config.request_timeout, wait).await {
+        match tokio::time::timeout(within, wait).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(StoreError::Raft("store closed".into())),
             Err(_) => Err(StoreError::Unknown(format!(
@@ -452,12 +611,14 @@ impl Store {
                 oldest,
             })?;
         // Every event up to the current revision is in the history just read.
-        let live_from = st.data.revision() + 1;
+        let live_from = (st.data.revision() + 1).max(from_revision);
         Ok(Watch {
             backlog: backlog.into(),
             live,
             prefix: prefix.to_owned(),
             live_from,
+            last: None,
+            broken: None,
         })
     }
 
@@ -475,33 +636,77 @@ impl Store {
     /// Adds a manager as a learner and waits until it has caught up (run on the leader).
     pub async fn add_learner(&self, id: u64, node: ManagerNode) -> Result<(), StoreError> {
         self.must_lead()?;
-        self.raft
-            .add_learner(id, node, true)
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Raft(e.to_string()))
+        self.bounded(self.raft.add_learner(id, node, false)).await?;
+        self.wait_caught_up(id).await
+    }
+
+    /// Waits until `id` has replicated close to the leader's last log entry (it may need
+    /// a snapshot first), for at most [`StoreConfig::catch_up_timeout`].
+    async fn wait_caught_up(&self, id: u64) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.config.catch_up_timeout;
+        let mut rx = self.raft.metrics();
+        loop {
+            let lag = {
+                let m = rx.borrow_watched();
+                let last = m.last_log_index.unwrap_or(0);
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map_or(0, |l| l.index);
+                last.saturating_sub(matched)
+            };
+            if lag <= CAUGHT_UP_LAG {
+                return Ok(());
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(StoreError::Raft(format!(
+                    "manager {id} is still {lag} entries behind after {:?}",
+                    self.config.catch_up_timeout
+                )));
+            }
+            let _ =
+                tokio::time::timeout(remaining.min(Duration::from_millis(100)), rx.changed()).await;
+            self.must_lead()?;
+        }
+    }
+
+    /// Runs a membership change, failing with [`StoreError::NoQuorum`] past the deadline.
+    async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        op: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        match tokio::time::timeout(self.config.quorum_deadline() - PROBE_TIME, op).await {
+            Ok(r) => r.map_err(|e| StoreError::Raft(e.to_string())),
+            Err(_) => Err(self.no_quorum(started.elapsed()).await),
+        }
     }
 
     /// Makes a caught-up learner a voter (run on the leader).
     pub async fn promote(&self, id: u64) -> Result<(), StoreError> {
         self.must_lead()?;
+        self.wait_caught_up(id).await?;
         let ids: BTreeSet<u64> = [id].into();
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(ids), true)
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Raft(e.to_string()))
+        self.bounded(
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(ids), true),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Turns a voter back into a learner (run on the leader).
     pub async fn demote(&self, id: u64) -> Result<(), StoreError> {
         self.must_lead()?;
         let ids: BTreeSet<u64> = [id].into();
-        self.raft
-            .change_membership(ChangeMembers::RemoveVoters(ids), true)
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Raft(e.to_string()))
+        self.bounded(
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(ids), true),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Removes a manager from the group entirely (run on the leader).
@@ -510,16 +715,18 @@ impl Store {
         let ids: BTreeSet<u64> = [id].into();
         let status = self.status();
         if status.voters.contains(&id) {
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
-                .await
-                .map_err(|e| StoreError::Raft(e.to_string()))?;
+            self.bounded(
+                self.raft
+                    .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false),
+            )
+            .await?;
         }
         if self.status().learners.contains(&id) {
-            self.raft
-                .change_membership(ChangeMembers::RemoveNodes(ids), false)
-                .await
-                .map_err(|e| StoreError::Raft(e.to_string()))?;
+            self.bounded(
+                self.raft
+                    .change_membership(ChangeMembers::RemoveNodes(ids), false),
+            )
+            .await?;
         }
         Ok(())
     }

@@ -54,9 +54,9 @@
 //! rx.await.map_err(|_| io::Error::other("wal writer stopped"))??;
 //! ```
 
-
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -246,8 +246,12 @@ impl Wal {
     /// anywhere else is [`WalError::Corrupt`].
     pub fn open(dir: &Path, options: WalOptions) -> Result<(Wal, Vec<Vec<u8>>), WalError> {
         fs::create_dir_all(dir).map_err(io_error(dir, "creating the log directory"))?;
+        // The log holds the cluster's CA key and join secrets: owner only.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_error(dir, "restricting the log directory"))?;
         let lock_path = dir.join(LOCK_FILE_NAME);
         let lock = OpenOptions::new()
+            .mode(0o600)
             .create(true)
             .truncate(false)
             .write(true)
@@ -275,6 +279,7 @@ impl Wal {
             Some(&seq) => {
                 let path = segment_path(dir, seq);
                 let file = OpenOptions::new()
+                    .mode(0o600)
                     .append(true)
                     .open(&path)
                     .map_err(io_error(&path, "opening the active segment"))?;
@@ -362,18 +367,25 @@ impl Wal {
     /// crash at any point leaves either the old or the new content for [`Wal::open`]. Later
     /// appends go after the new content. Do not call it from a completion callback.
     pub fn compact(&self, records: Vec<Vec<u8>>) -> io::Result<()> {
-        if let Some(record) = records.iter().find(|r| u32::try_from(r.len()).is_err()) {
-            return Err(record_too_large(record.len()));
-        }
         let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(Command::Compact {
+        self.compact_then(
             records,
-            done: Box::new(move |result| {
+            Box::new(move |result| {
                 // See `append_sync`.
                 let _ = tx.send(result);
             }),
-        });
+        );
         rx.recv().unwrap_or_else(|_| Err(writer_gone()))
+    }
+
+    /// [`Wal::compact`] without waiting: queues the compaction (ordered with appends like
+    /// everything else) and calls `done` when it is on disk.
+    pub fn compact_then(&self, records: Vec<Vec<u8>>, done: AppendCallback) {
+        if let Some(record) = records.iter().find(|r| u32::try_from(r.len()).is_err()) {
+            done(Err(record_too_large(record.len())));
+            return;
+        }
+        self.submit(Command::Compact { records, done });
     }
 
     /// Counters since this log was opened.
@@ -593,6 +605,7 @@ impl Writer {
             _ => {}
         }
         let mut file = OpenOptions::new()
+            .mode(0o600)
             .create_new(true)
             .append(true)
             .open(&tmp)?;
@@ -701,7 +714,8 @@ fn recover(dir: &Path, max_batch_bytes: usize) -> Result<Recovered, WalError> {
             // further from the end than two batches is media corruption of acknowledged
             // records: refuse to start rather than drop them.
             let slack = 2 * max_batch_bytes as u64;
-            if index + 1 != live.len() || scan.file_len.saturating_sub(torn.offset) > slack {
+            let far_from_end = scan.file_len.saturating_sub(torn.offset) > slack;
+            if index + 1 != live.len() || (torn.reason == "checksum mismatch" && far_from_end) {
                 return Err(WalError::Corrupt {
                     file: path,
                     offset: torn.offset,
@@ -745,6 +759,7 @@ fn recover(dir: &Path, max_batch_bytes: usize) -> Result<Recovered, WalError> {
             "torn tail in the last write-ahead log segment; truncating to the last good record"
         );
         let file = OpenOptions::new()
+            .mode(0o600)
             .write(true)
             .open(&path)
             .map_err(io_error(&path, "opening a segment to truncate it"))?;
@@ -935,6 +950,7 @@ fn scan_segment(path: &Path, out: &mut Vec<Vec<u8>>) -> io::Result<SegmentScan> 
 /// Creates segment `seq` with its header, syncs it and the directory.
 fn create_segment(dir: &Path, seq: u64, kind: u8, counters: &Counters) -> io::Result<File> {
     let mut file = OpenOptions::new()
+        .mode(0o600)
         .create_new(true)
         .append(true)
         .open(segment_path(dir, seq))?;
@@ -989,6 +1005,7 @@ fn io_error(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> WalE
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

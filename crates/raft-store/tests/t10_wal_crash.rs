@@ -6,8 +6,7 @@
 //! `<exe> --exact crash_child --nocapture --test-threads=1` with `WAL_CRASH_DIR=<dir>`. Run
 //! standalone (without `WAL_CRASH_DIR`), `crash_child` does nothing and passes.
 
-// The crate name differs between the scratch crate and `starling-raft-store`; this alias is the
-// only line to change when the file is copied.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 use starling_raft_store::{Wal, WalOptions};
 
 use std::io::{self, BufRead, BufReader, Write};

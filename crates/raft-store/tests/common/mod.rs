@@ -82,12 +82,17 @@ impl TestCluster {
                 &CertOptions::default(),
             )
             .unwrap();
-        let endpoint =
-            Endpoint::bind(EndpointConfig::default(), ring_provider(), Some(creds.clone()))
-                .unwrap();
+        let endpoint = Endpoint::bind(
+            EndpointConfig::default(),
+            ring_provider(),
+            Some(creds.clone()),
+        )
+        .unwrap();
         self.addrs.push(endpoint.local_addr());
         self.creds.push(creds);
-        let store = Store::open(self.config(id), endpoint.clone()).await.unwrap();
+        let store = Store::open(self.config(id), endpoint.clone())
+            .await
+            .unwrap();
         self.managers.push(Some(Manager {
             id,
             store,
@@ -163,7 +168,9 @@ impl TestCluster {
                 Err(e) => panic!("rebind {addr}: {e}"),
             }
         };
-        let store = Store::open(self.config(id), endpoint.clone()).await.unwrap();
+        let store = Store::open(self.config(id), endpoint.clone())
+            .await
+            .unwrap();
         self.managers[(id - 1) as usize] = Some(Manager {
             id,
             store,
@@ -184,12 +191,15 @@ impl TestCluster {
                 .filter(|m| m.store.status().is_leader)
                 .map(|m| m.id)
                 .collect();
-            if let [l] = leaders[..] {
-                if self.running().all(|m| m.store.status().leader == Some(l)) {
-                    return l;
-                }
+            if let [l] = leaders[..]
+                && self.running().all(|m| m.store.status().leader == Some(l))
+            {
+                return l;
             }
-            assert!(Instant::now() < deadline, "no agreed leader within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
