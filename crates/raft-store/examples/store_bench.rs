@@ -168,6 +168,13 @@ async fn reads(
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let quick = std::env::args().any(|a| a == "--quick");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let only_failover = std::env::args().any(|a| a == "--failover");
     let secs = Duration::from_secs(if quick { 1 } else { 10 });
     let dir = tempfile::tempdir()?;
     let ca = ClusterCa::create(ClusterId::new("bench")?)?;
@@ -222,7 +229,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let leader_store = m(&managers, li).ok_or("leader")?;
     let follower_store = m(&managers, (li + 1) % 3).ok_or("follower")?;
     let _ = writes(&leader_store, 16, Duration::from_secs(1)).await;
-    for clients in [1, 16, 64, 256] {
+    let term_before = leader_store.status().term;
+    for clients in [1, 16, 64, 256].into_iter().filter(|_| !only_failover) {
         let (lat, wall, err) = writes(&leader_store, clients, secs).await;
         row(
             &format!("durable writes, {clients} clients (leader)"),
@@ -231,23 +239,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             err,
         );
     }
-    let (lat, wall, err) = writes(&follower_store, 64, secs).await;
-    row("durable writes, 64 clients (follower)", lat, wall, err);
-    for (name, store) in [("leader", &leader_store), ("follower", &follower_store)] {
-        let (lat, wall, err) = reads(store, 64, secs, Consistency::Linearizable).await;
-        row(
-            &format!("linearizable reads, 64 clients ({name})"),
-            lat,
-            wall,
-            err,
-        );
+    if !only_failover {
+        let (lat, wall, err) = writes(&follower_store, 64, secs).await;
+        row("durable writes, 64 clients (follower)", lat, wall, err);
+        for (name, store) in [("leader", &leader_store), ("follower", &follower_store)] {
+            let (lat, wall, err) = reads(store, 64, secs, Consistency::Linearizable).await;
+            row(
+                &format!("linearizable reads, 64 clients ({name})"),
+                lat,
+                wall,
+                err,
+            );
+        }
+        let (lat, wall, err) = reads(&follower_store, 64, secs, Consistency::Stale).await;
+        row("stale reads, 64 clients (follower)", lat, wall, err);
+        let (lat, wall, err) = reads(&leader_store, 1, secs, Consistency::Linearizable).await;
+        row("linearizable reads, 1 client (leader)", lat, wall, err);
     }
-    let (lat, wall, err) = reads(&follower_store, 64, secs, Consistency::Stale).await;
-    row("stale reads, 64 clients (follower)", lat, wall, err);
-    let (lat, wall, err) = reads(&leader_store, 1, secs, Consistency::Linearizable).await;
-    row("linearizable reads, 1 client (leader)", lat, wall, err);
+
+    let term_after = m(&managers, 0).ok_or("m1")?.status().term;
+    println!();
+    println!(
+        "term before the load: {term_before}, after: {term_after} ({} elections under load)",
+        term_after - term_before
+    );
 
     // Failover: a client writes in a loop through a follower; the leader is stopped.
+    // (Handles to a stopped manager's store would keep its socket bound.)
+    drop((leader_store, follower_store, first));
     println!();
     let mut failovers = Vec::new();
     for round in 0..(if quick { 2 } else { 5 }) {
@@ -255,11 +274,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let writer = m(&managers, (li + 1) % 3).ok_or("writer")?;
         writer.write(Command::Noop).await?;
         let old = managers[li].take().ok_or("leader")?;
+        let old_addr = old.endpoint.local_addr();
         let stopped = Instant::now();
         old.store.shutdown().await?;
-        old.endpoint.close().await;
-        let old_addr = old.endpoint.local_addr();
-        drop(old);
+        // Closing the endpoint waits for peers to acknowledge (up to a few PTOs): do that
+        // in the background, as a crashed process would not wait either.
+        let closing = tokio::spawn(async move {
+            old.endpoint.close().await;
+            drop(old);
+        });
         loop {
             if writer
                 .write(Command::Put {
@@ -278,10 +301,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "failover round {round}: leader m{} stopped -> first acknowledged write {took:?}",
             li + 1
         );
+        let _ = closing.await;
         managers[li] = Some(start(li as u64 + 1, dir.path(), &creds[li], Some(old_addr)).await?);
         // Let the restarted manager catch up before the next round.
         let target = writer.status().applied;
+        let deadline = Instant::now() + Duration::from_secs(30);
         while m(&managers, li).ok_or("restarted")?.status().applied < target {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "restarted m{} did not catch up to {target}: {:?}",
+                    li + 1,
+                    m(&managers, li).ok_or("m")?.status()
+                )
+                .into());
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -30,8 +30,10 @@ pub struct StoreConfig {
     pub raft_id: u64,
     /// This manager's transport node id and address, as other managers reach it.
     pub node: ManagerNode,
-    /// Scales heartbeat and election timeouts (1 = 50 ms heartbeat, 150–300 ms election
-    /// timeout, pre-vote on). Raise it on slow or heavily loaded machines.
+    /// Scales heartbeat and election timeouts (1 = 40 ms heartbeat, 120–240 ms election
+    /// timeout, pre-vote on: a follower that misses heartbeats asks before it campaigns, and
+    /// peers that still hear the leader refuse, so a slow moment does not depose a healthy
+    /// leader). Raise it on slow or heavily loaded machines.
     pub timing_multiplier: u32,
     /// Time for a write or read to be answered once a leader is known.
     pub request_timeout: Duration,
@@ -57,12 +59,12 @@ impl StoreConfig {
 
     /// The heartbeat interval.
     pub fn heartbeat(&self) -> Duration {
-        Duration::from_millis(50 * u64::from(self.timing_multiplier.max(1)))
+        Duration::from_millis(40 * u64::from(self.timing_multiplier.max(1)))
     }
 
     /// The longest election timeout.
     pub fn election_timeout_max(&self) -> Duration {
-        Duration::from_millis(300 * u64::from(self.timing_multiplier.max(1)))
+        Duration::from_millis(240 * u64::from(self.timing_multiplier.max(1)))
     }
 
     /// The bound on a write or linearizable read that cannot reach a quorum:
@@ -75,9 +77,9 @@ impl StoreConfig {
         let m = u64::from(self.timing_multiplier.max(1));
         let config = openraft::Config {
             cluster_name: "starling".into(),
-            heartbeat_interval: 50 * m,
-            election_timeout_min: 150 * m,
-            election_timeout_max: 300 * m,
+            heartbeat_interval: 40 * m,
+            election_timeout_min: 120 * m,
+            election_timeout_max: 240 * m,
             // A restarted leader must win an election again: its commit mark may not have
             // reached the disk before the crash, and resuming leadership on a stale commit
             // index could serve stale linearizable reads.
@@ -416,6 +418,7 @@ impl Store {
                 return Err(self.no_quorum(started.elapsed()).await);
             }
             let target = hint.take().or_else(|| self.leader_node());
+            debug!(target = ?target.as_ref().map(|t| t.0), elapsed = ?started.elapsed(), "leader call");
             let reply = match target {
                 None => None,
                 Some((id, _)) if id == self.config.raft_id => {
@@ -507,7 +510,9 @@ impl Store {
     async fn leader_moves_from(&self, id: u64) {
         let mut rx = self.raft.metrics();
         loop {
-            if rx.borrow_watched().current_leader != Some(id) {
+            // borrow_and_update marks the value seen, so `changed` then waits for a new one
+            // (borrowing without it would make `changed` return at once, forever).
+            if rx.borrow_and_update().current_leader != Some(id) {
                 return;
             }
             if rx.changed().await.is_err() {
@@ -647,7 +652,7 @@ impl Store {
         let mut rx = self.raft.metrics();
         loop {
             let lag = {
-                let m = rx.borrow_watched();
+                let m = rx.borrow_and_update();
                 let last = m.last_log_index.unwrap_or(0);
                 let matched = m
                     .replication

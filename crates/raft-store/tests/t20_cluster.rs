@@ -167,7 +167,15 @@ async fn t23_new_manager_catches_up_by_snapshot_after_20000_writes() {
     c.m(leader).store.snapshot().await.unwrap();
 
     c.add_manager_process(4).await;
+    // A watcher on the new manager from the start: the snapshot that catches it up skips
+    // history, which the watch must report rather than silently jump over.
+    let mut early = c.m(4).store.watch("w", 0).unwrap();
     c.join(4).await;
+    let err = tokio::time::timeout(T, early.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Compacted { .. }), "{err}");
     let m4 = c.m(4);
     let status = m4.store.status();
     assert!(status.voters.contains(&4), "{status:?}");
