@@ -39,6 +39,26 @@ pub use store::{
 pub use types::ManagerNode;
 pub use wal::{AppendCallback, Wal, WalError, WalOptions, WalStats};
 
+/// Entry points for the fuzz targets in `fuzz/`: every decoder of bytes that come from a peer
+/// or from disk. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes a Raft RPC as a manager receives it.
+    pub fn decode_raft_rpc(bytes: &[u8]) -> bool {
+        crate::types::decode::<crate::network::RaftRpc>(bytes).is_ok()
+    }
+
+    /// Decodes a WAL record of the log store.
+    pub fn decode_log_record(bytes: &[u8]) -> bool {
+        crate::log_store::decode_record(bytes)
+    }
+
+    /// Parses a snapshot file and decodes its state image.
+    pub fn parse_snapshot(bytes: &[u8]) -> bool {
+        crate::sm_store::parse_snapshot(bytes)
+    }
+}
+
 #[cfg(test)]
 mod storage_suite {
     use openraft::StorageError;
@@ -67,5 +87,23 @@ mod storage_suite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn openraft_storage_suite() -> Result<(), StorageError<TypeConfig>> {
         Suite::test_all(Builder).await
+    }
+}
+
+#[cfg(test)]
+mod decoder_tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Bytes from peers and from disk never panic a decoder.
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = crate::fuzzing::decode_raft_rpc(&bytes);
+            let _ = crate::fuzzing::decode_log_record(&bytes);
+            let _ = crate::fuzzing::parse_snapshot(&bytes);
+            let mut with_magic = b"STRLSNP1".to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = crate::fuzzing::parse_snapshot(&with_magic);
+        }
     }
 }

@@ -33,6 +33,11 @@ enum LogRecord {
     Committed(Option<LogId>),
 }
 
+/// Whether `bytes` decode as a log record (for the fuzz target).
+pub(crate) fn decode_record(bytes: &[u8]) -> bool {
+    decode::<LogRecord>(bytes).is_ok()
+}
+
 #[derive(Default)]
 struct Inner {
     vote: Option<Vote>,

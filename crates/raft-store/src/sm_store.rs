@@ -116,6 +116,11 @@ fn parse_snapshot_file(bytes: &[u8]) -> io::Result<(SnapshotMeta, Vec<u8>)> {
     Ok((meta, data))
 }
 
+/// Whether `bytes` parse as a snapshot file with a valid image (for the fuzz target).
+pub(crate) fn parse_snapshot(bytes: &[u8]) -> bool {
+    parse_snapshot_file(bytes).is_ok_and(|(_, data)| decode_image(&data).is_ok())
+}
+
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

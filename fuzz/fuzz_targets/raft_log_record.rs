@@ -1,0 +1,8 @@
+//! A record read back from the WAL (disk bytes): decoding must fail cleanly, never panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = starling_raft_store::fuzzing::decode_log_record(data);
+});
