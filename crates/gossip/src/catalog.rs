@@ -1,0 +1,464 @@
+//! The service catalog: one versioned record per node, merged by version, exchanged as small
+//! version notices (foca custom broadcasts) and full records pulled on demand, plus a
+//! periodic digest exchange so late joiners converge. Pure: no I/O, no clock.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::GossipId;
+
+/// Health of one endpoint, as its node reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    /// Passing its checks.
+    Healthy,
+    /// Failing its checks.
+    Unhealthy,
+    /// Not checked yet.
+    Unknown,
+}
+
+/// One service endpoint a node offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEndpoint {
+    /// Service name.
+    pub service: String,
+    /// Task that serves it.
+    pub task: String,
+    /// IP address.
+    pub addr: String,
+    /// Port.
+    pub port: u16,
+    /// Health.
+    pub health: Health,
+}
+
+/// Everything one node publishes. Newer means a higher `(generation, version)`: a restarted
+/// node (new generation) supersedes whatever its previous life published.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node id.
+    pub node: String,
+    /// The node's generation (grows on every restart).
+    pub generation: u64,
+    /// Bumped on every change within a generation.
+    pub version: u64,
+    /// Endpoints.
+    pub endpoints: Vec<ServiceEndpoint>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NodeRecord {
+    /// An empty record for `node` in `generation`, version 0.
+    pub fn empty(node: impl Into<String>, generation: u64) -> Self {
+        NodeRecord {
+            node: node.into(),
+            generation,
+            version: 0,
+            endpoints: Vec::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// `(generation, version)`: what "newer" compares.
+    pub fn stamp(&self) -> (u64, u64) {
+        (self.generation, self.version)
+    }
+}
+
+/// The small notice a node broadcasts when its record changes; peers that see a newer stamp
+/// pull the full record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionNotice {
+    /// Whose record.
+    pub node: String,
+    /// Its generation.
+    pub generation: u64,
+    /// Its version.
+    pub version: u64,
+}
+
+impl VersionNotice {
+    /// The stamp the notice announces.
+    pub fn stamp(&self) -> (u64, u64) {
+        (self.generation, self.version)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    record: NodeRecord,
+    down: bool,
+}
+
+/// The catalog as one node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Catalog {
+    entries: BTreeMap<String, Entry>,
+}
+
+/// A digest: the stamp of every record a node holds.
+pub type Digest = Vec<(String, (u64, u64))>;
+
+impl Catalog {
+    /// An empty catalog.
+    pub fn new() -> Self {
+        Catalog::default()
+    }
+
+    /// Takes `record` if it is newer than what is held; returns whether it was. A newer
+    /// generation also clears a Down mark (the node is back).
+    pub fn merge(&mut self, record: NodeRecord) -> bool {
+        match self.entries.get_mut(&record.node) {
+            Some(e) if e.record.stamp() >= record.stamp() => false,
+            Some(e) => {
+                if record.generation > e.record.generation {
+                    e.down = false;
+                }
+                e.record = record;
+                true
+            }
+            None => {
+                self.entries.insert(
+                    record.node.clone(),
+                    Entry {
+                        record,
+                        down: false,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// The stamp held for `node`.
+    pub fn stamp_of(&self, node: &str) -> Option<(u64, u64)> {
+        self.entries.get(node).map(|e| e.record.stamp())
+    }
+
+    /// The record held for `node`.
+    pub fn record(&self, node: &str) -> Option<&NodeRecord> {
+        self.entries.get(node).map(|e| &e.record)
+    }
+
+    /// Whether a notice announces something newer than what is held.
+    pub fn wants(&self, notice: &VersionNotice) -> bool {
+        self.stamp_of(&notice.node)
+            .is_none_or(|held| held < notice.stamp())
+    }
+
+    /// Every stamp held, by node.
+    pub fn digest(&self) -> Digest {
+        self.entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.record.stamp()))
+            .collect()
+    }
+
+    /// The records held that are newer than (or absent from) `digest`: what a peer that
+    /// sent that digest lacks.
+    pub fn newer_than(&self, digest: &Digest) -> Vec<NodeRecord> {
+        let theirs: BTreeMap<&str, (u64, u64)> =
+            digest.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        self.entries
+            .values()
+            .filter(|e| {
+                theirs
+                    .get(e.record.node.as_str())
+                    .is_none_or(|s| *s < e.record.stamp())
+            })
+            .map(|e| e.record.clone())
+            .collect()
+    }
+
+    /// Records of these nodes, for a pull.
+    pub fn records(&self, nodes: &[String]) -> Vec<NodeRecord> {
+        nodes
+            .iter()
+            .filter_map(|n| self.entries.get(n).map(|e| e.record.clone()))
+            .collect()
+    }
+
+    /// Marks `node` Down: its record is kept (and still served to peers) but its endpoints
+    /// leave the service view until it comes back.
+    pub fn mark_down(&mut self, node: &str, generation: u64) {
+        if let Some(e) = self.entries.get_mut(node)
+            && e.record.generation <= generation
+        {
+            e.down = true;
+        }
+    }
+
+    /// Clears a Down mark (the node is alive again, same generation).
+    pub fn mark_up(&mut self, node: &str) {
+        if let Some(e) = self.entries.get_mut(node) {
+            e.down = false;
+        }
+    }
+
+    /// Forgets `node` (removed from the cluster).
+    pub fn remove(&mut self, node: &str) {
+        self.entries.remove(node);
+    }
+
+    /// Whether `node` is marked Down.
+    pub fn is_down(&self, node: &str) -> bool {
+        self.entries.get(node).is_some_and(|e| e.down)
+    }
+
+    /// Number of records held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Service name → endpoints on nodes not marked Down, ordered by service, node, task.
+    pub fn services(&self) -> BTreeMap<String, Vec<(String, ServiceEndpoint)>> {
+        let mut out: BTreeMap<String, Vec<(String, ServiceEndpoint)>> = BTreeMap::new();
+        for e in self.entries.values().filter(|e| !e.down) {
+            for ep in &e.record.endpoints {
+                out.entry(ep.service.clone())
+                    .or_default()
+                    .push((e.record.node.clone(), ep.clone()));
+            }
+        }
+        out
+    }
+}
+
+/// A record change to pull: the notice and the peer that relayed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Want {
+    /// What was announced.
+    pub notice: VersionNotice,
+    /// Who relayed it (it has the record, or will soon), if known.
+    pub from: Option<GossipId>,
+}
+
+/// The catalog shared between a node's foca instance (which sees notices) and its driver
+/// (which pulls and serves records).
+#[derive(Clone, Debug, Default)]
+pub struct SharedCatalog {
+    /// The catalog.
+    pub catalog: Arc<Mutex<Catalog>>,
+    /// Notices of newer records, waiting to be pulled.
+    pub wants: Arc<Mutex<Vec<Want>>>,
+}
+
+impl SharedCatalog {
+    /// Locks the catalog.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the pending wants.
+    pub fn take_wants(&self) -> Vec<Want> {
+        std::mem::take(&mut *self.wants.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The key foca keeps a notice under: a newer notice of the same node replaces an older one
+/// still waiting to be retransmitted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoticeKey {
+    node: String,
+    stamp: (u64, u64),
+}
+
+impl foca::Invalidates for NoticeKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.node == other.node && self.stamp > other.stamp
+    }
+}
+
+/// A notice that could not be decoded; foca drops the packet's remaining broadcasts.
+#[derive(Debug, thiserror::Error)]
+#[error("bad version notice: {0}")]
+pub struct NoticeError(String);
+
+/// foca's custom-broadcast handler for version notices.
+#[derive(Clone, Debug, Default)]
+pub struct NoticeHandler {
+    shared: SharedCatalog,
+}
+
+impl NoticeHandler {
+    /// A handler over `shared`.
+    pub fn new(shared: SharedCatalog) -> Self {
+        NoticeHandler { shared }
+    }
+}
+
+/// Encodes a notice for `Foca::add_broadcast`.
+pub fn encode_notice(notice: &VersionNotice) -> Vec<u8> {
+    postcard::to_stdvec(notice).unwrap_or_default()
+}
+
+impl foca::BroadcastHandler<GossipId> for NoticeHandler {
+    type Key = NoticeKey;
+    type Error = NoticeError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        sender: Option<&GossipId>,
+    ) -> Result<Option<Self::Key>, Self::Error> {
+        let notice: VersionNotice =
+            postcard::from_bytes(data).map_err(|e| NoticeError(e.to_string()))?;
+        // Only news is kept and passed on (foca's contract: `Some` means "new").
+        if !self.shared.lock().wants(&notice) {
+            return Ok(None);
+        }
+        let key = NoticeKey {
+            node: notice.node.clone(),
+            stamp: notice.stamp(),
+        };
+        let mut wants = self.shared.wants.lock().unwrap_or_else(|p| p.into_inner());
+        // One pending pull per node, for the newest stamp seen.
+        wants.retain(|w| w.notice.node != notice.node || w.notice.stamp() > notice.stamp());
+        if !wants.iter().any(|w| w.notice.node == notice.node) {
+            wants.push(Want {
+                notice,
+                from: sender.cloned(),
+            });
+        }
+        Ok(Some(key))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rec(node: &str, generation: u64, version: u64) -> NodeRecord {
+        NodeRecord {
+            node: node.into(),
+            generation,
+            version,
+            endpoints: vec![ServiceEndpoint {
+                service: format!("svc-{version}"),
+                task: "t".into(),
+                addr: "10.0.0.1".into(),
+                port: 80,
+                health: Health::Healthy,
+            }],
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn newer_wins_and_generation_beats_version() {
+        let mut c = Catalog::new();
+        assert!(c.merge(rec("a", 1, 5)));
+        assert!(!c.merge(rec("a", 1, 4)));
+        assert!(!c.merge(rec("a", 1, 5)));
+        assert!(c.merge(rec("a", 1, 6)));
+        c.mark_down("a", 1);
+        assert!(c.is_down("a"));
+        assert!(c.services().is_empty());
+        // A restart (new generation) wins even with a lower version, and clears Down.
+        assert!(c.merge(rec("a", 2, 0)));
+        assert!(!c.is_down("a"));
+        assert_eq!(c.stamp_of("a"), Some((2, 0)));
+        // A Down notice about the old generation does not hide the new one.
+        c.mark_down("a", 1);
+        assert!(!c.is_down("a"));
+    }
+
+    #[test]
+    fn digest_exchange_fills_the_gaps() {
+        let mut a = Catalog::new();
+        let mut b = Catalog::new();
+        a.merge(rec("x", 1, 3));
+        a.merge(rec("y", 1, 1));
+        b.merge(rec("x", 1, 1));
+        b.merge(rec("z", 1, 1));
+        for r in a.newer_than(&b.digest()) {
+            b.merge(r);
+        }
+        for r in b.newer_than(&a.digest()) {
+            a.merge(r);
+        }
+        assert_eq!(a, b);
+        assert!(a.newer_than(&b.digest()).is_empty());
+    }
+
+    #[test]
+    fn handler_keeps_only_news() {
+        let shared = SharedCatalog::default();
+        shared.lock().merge(rec("a", 1, 2));
+        let mut h = NoticeHandler::new(shared.clone());
+        use foca::BroadcastHandler;
+        let old = encode_notice(&VersionNotice {
+            node: "a".into(),
+            generation: 1,
+            version: 2,
+        });
+        assert!(h.receive_item(&old, None).unwrap().is_none());
+        let new = encode_notice(&VersionNotice {
+            node: "a".into(),
+            generation: 1,
+            version: 3,
+        });
+        assert!(h.receive_item(&new, None).unwrap().is_some());
+        assert_eq!(shared.take_wants().len(), 1);
+        assert!(h.receive_item(b"\xff\xff\xff", None).is_err());
+    }
+
+    fn arb_records() -> impl Strategy<Value = Vec<NodeRecord>> {
+        prop::collection::vec(
+            (
+                prop::sample::select(vec!["a", "b", "c", "d"]),
+                0u64..3,
+                0u64..5,
+            ),
+            0..40,
+        )
+        .prop_map(|v| v.into_iter().map(|(n, g, ver)| rec(n, g, ver)).collect())
+    }
+
+    proptest! {
+        /// Any delivery order of the same records gives the same catalog.
+        #[test]
+        fn merge_is_order_independent(records in arb_records(), seed in any::<u64>()) {
+            let mut a = Catalog::new();
+            for r in &records {
+                a.merge(r.clone());
+            }
+            let mut shuffled = records.clone();
+            // A deterministic shuffle from the seed.
+            let mut s = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            let mut b = Catalog::new();
+            for r in shuffled {
+                b.merge(r);
+            }
+            prop_assert_eq!(a.digest(), b.digest());
+            prop_assert_eq!(a, b);
+        }
+
+        /// Two catalogs that exchange digests both ways end equal.
+        #[test]
+        fn digest_exchange_converges(x in arb_records(), y in arb_records()) {
+            let mut a = Catalog::new();
+            let mut b = Catalog::new();
+            for r in x { a.merge(r); }
+            for r in y { b.merge(r); }
+            for r in a.newer_than(&b.digest()) { b.merge(r); }
+            for r in b.newer_than(&a.digest()) { a.merge(r); }
+            prop_assert_eq!(a.digest(), b.digest());
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! A gossip member's identity: node id, address and generation.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Who a gossip member is. The generation grows on every restart (the caller persists it),
+/// so a restarted node replaces its previous life at the same address instead of being
+/// confused with it; kept small because it rides in every packet header.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GossipId {
+    /// The node id (its certificate's CN).
+    pub node: String,
+    /// Where it receives gossip.
+    pub addr: SocketAddr,
+    /// Its generation.
+    pub generation: u64,
+}
+
+impl GossipId {
+    /// An identity.
+    pub fn new(node: impl Into<String>, addr: SocketAddr, generation: u64) -> Self {
+        GossipId {
+            node: node.into(),
+            addr,
+            generation,
+        }
+    }
+}
+
+impl foca::Identity for GossipId {
+    type Addr = SocketAddr;
+
+    /// A node whose identity was declared Down comes back with the next generation, which
+    /// wins the address conflict.
+    fn renew(&self) -> Option<Self> {
+        Some(GossipId {
+            generation: self.generation.saturating_add(1),
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.generation > adversary.generation
+    }
+}
+
+/// Where a node's generation is kept between restarts (a file in the data directory, for
+/// the node crate; memory in tests).
+pub trait GenerationStore {
+    /// Returns the generation for this start: one more than the last one handed out.
+    fn next_generation(&mut self) -> std::io::Result<u64>;
+}
+
+/// A generation kept in a file, replaced atomically.
+#[derive(Debug, Clone)]
+pub struct FileGeneration(pub std::path::PathBuf);
+
+impl GenerationStore for FileGeneration {
+    fn next_generation(&mut self) -> std::io::Result<u64> {
+        let last = match std::fs::read_to_string(&self.0) {
+            Ok(s) => s.trim().parse::<u64>().map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: not a generation number: {e}", self.0.display()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let next = last + 1;
+        let tmp = self.0.with_extension("tmp");
+        std::fs::write(&tmp, next.to_string())?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &self.0)?;
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use foca::Identity;
+
+    #[test]
+    fn newer_generation_wins_and_renew_bumps() {
+        let a = GossipId::new("n1", "127.0.0.1:1".parse().unwrap(), 3);
+        let b = a.renew().unwrap();
+        assert_eq!(b.generation, 4);
+        assert!(b.win_addr_conflict(&a));
+        assert!(!a.win_addr_conflict(&b));
+    }
+
+    #[test]
+    fn file_generation_grows_and_rejects_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = FileGeneration(dir.path().join("generation"));
+        assert_eq!(g.next_generation().unwrap(), 1);
+        assert_eq!(g.next_generation().unwrap(), 2);
+        std::fs::write(dir.path().join("generation"), "junk").unwrap();
+        assert!(g.next_generation().is_err());
+    }
+}

@@ -1,0 +1,189 @@
+//! Seeded simulations: 100 nodes on virtual time over a simulated network.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::Duration;
+
+use starling_gossip::sim::{SimConfig, Simulator};
+use starling_gossip::{Health, ServiceEndpoint};
+
+const STEP: Duration = Duration::from_millis(50);
+const N: usize = 100;
+
+fn endpoint(service: &str, port: u16) -> ServiceEndpoint {
+    ServiceEndpoint {
+        service: service.into(),
+        task: format!("{service}.1"),
+        addr: "10.1.0.1".into(),
+        port,
+        health: Health::Healthy,
+    }
+}
+
+fn converged(sim: &Simulator) -> bool {
+    let live: Vec<usize> = sim.live().collect();
+    live.iter().all(|i| sim.members_seen(*i) == live.len() - 1)
+}
+
+fn catalogs_full(sim: &Simulator) -> bool {
+    sim.live().all(|i| sim.catalog(i).len() == sim.len())
+}
+
+fn cluster(seed: u64, loss: f64) -> Simulator {
+    let cfg = SimConfig {
+        seed,
+        loss,
+        ..SimConfig::default()
+    };
+    let mut sim = Simulator::cluster(cfg, N);
+    let took = sim.run_until(STEP, Duration::from_secs(60), |s| {
+        converged(s) && catalogs_full(s)
+    });
+    assert!(
+        took.is_some(),
+        "100 nodes did not converge in 60 s of virtual time"
+    );
+    sim
+}
+
+#[test]
+fn t10_hundred_nodes_converge() {
+    let sim = cluster(1, 0.0);
+    for i in sim.live() {
+        assert_eq!(sim.members_seen(i), N - 1);
+        // Every node holds every node's (empty) record too.
+        assert_eq!(sim.catalog(i).len(), N, "node {i}");
+    }
+}
+
+#[test]
+fn t11_killed_node_is_down_everywhere_within_the_bound() {
+    let mut sim = cluster(2, 0.0);
+    sim.kill(42);
+    // foca's LAN preset at n = 100: 1 s probes, suspicion 8 s; allow a few probe rounds.
+    let bound = Duration::from_secs(20);
+    let took = sim.run_until(STEP, bound, |s| s.live().all(|i| s.sees_down(i, 42)));
+    assert!(
+        took.is_some(),
+        "node 42 not Down everywhere within {bound:?}"
+    );
+    // Its record is kept, marked: its endpoints leave the service view.
+    assert!(sim.live().all(|i| sim.catalog(i).is_down("n42")));
+}
+
+#[test]
+fn t12_record_change_reaches_every_live_node() {
+    let mut sim = cluster(3, 0.0);
+    let stamp = sim.publish(7, vec![endpoint("web", 8080)]);
+    let took = sim.run_until(STEP, Duration::from_secs(10), |s| {
+        s.fraction_with(7, stamp) == 1.0
+    });
+    assert!(took.is_some());
+    for i in sim.live() {
+        let services = sim.catalog(i).services();
+        assert_eq!(services["web"][0].0, "n7");
+    }
+    // A second change supersedes the first everywhere.
+    let stamp2 = sim.publish(7, vec![endpoint("web", 8081)]);
+    assert!(stamp2 > stamp);
+    assert!(
+        sim.run_until(STEP, Duration::from_secs(10), |s| s
+            .fraction_with(7, stamp2)
+            == 1.0)
+            .is_some()
+    );
+}
+
+#[test]
+fn t13_partition_heals() {
+    let mut sim = cluster(4, 0.0);
+    let a: Vec<usize> = (0..N / 2).collect();
+    let b: Vec<usize> = (N / 2..N).collect();
+    sim.partition(&a, &b);
+    // Each side declares the other Down.
+    let split = sim.run_until(STEP, Duration::from_secs(60), |s| {
+        a.iter().all(|i| s.members_seen(*i) == a.len() - 1)
+            && b.iter().all(|i| s.members_seen(*i) == b.len() - 1)
+    });
+    assert!(split.is_some(), "the sides did not separate");
+    // A change on one side while split.
+    let stamp = sim.publish(3, vec![endpoint("db", 5432)]);
+    sim.heal();
+    // foca re-contacts Down members periodically (65 s in the LAN preset); refuted nodes
+    // rejoin with a new generation.
+    let healed = sim.run_until(STEP, Duration::from_secs(240), converged);
+    assert!(healed.is_some(), "the partition did not heal");
+    assert!(
+        sim.run_until(STEP, Duration::from_secs(30), |s| s.fraction_with(3, stamp)
+            == 1.0)
+            .is_some()
+    );
+}
+
+#[test]
+fn t14_late_joiner_converges_without_new_changes() {
+    let mut sim = cluster(5, 0.0);
+    let mut stamps = Vec::new();
+    for i in [1, 20, 55, 99] {
+        stamps.push((i, sim.publish(i, vec![endpoint(&format!("s{i}"), 9000)])));
+    }
+    sim.run_for(Duration::from_secs(30));
+    // Long after the notices stopped circulating, a new node joins.
+    let late = sim.add_node();
+    let took = sim.run_until(STEP, Duration::from_secs(60), |s| {
+        stamps
+            .iter()
+            .all(|(i, st)| s.stamp_seen(late, *i).is_some_and(|x| x >= *st))
+            && s.members_seen(late) == N
+    });
+    assert!(took.is_some(), "the late joiner did not converge");
+    assert_eq!(sim.catalog(late).len(), N + 1);
+}
+
+#[test]
+fn t15_restart_with_new_generation_replaces_old_identity() {
+    let mut sim = cluster(6, 0.0);
+    sim.kill(9);
+    sim.run_for(Duration::from_secs(2));
+    sim.restart(9);
+    let stamp = sim.publish(9, vec![endpoint("api", 443)]);
+    assert_eq!(stamp.0, 2, "second generation");
+    let took = sim.run_until(STEP, Duration::from_secs(60), |s| {
+        s.live()
+            .filter(|i| *i != 9)
+            .all(|i| s.generation_seen(i, 9) == Some(2))
+            && s.fraction_with(9, stamp) == 1.0
+    });
+    assert!(took.is_some(), "the restarted node was not adopted");
+    // No flood: still one member per node.
+    assert!(converged(&sim));
+    for i in sim.live() {
+        assert_eq!(sim.members_seen(i), N - 1);
+    }
+}
+
+#[test]
+fn t16_same_seed_same_run() {
+    let run = |seed| {
+        let mut sim = Simulator::cluster(
+            SimConfig {
+                seed,
+                loss: 0.05,
+                ..SimConfig::default()
+            },
+            30,
+        );
+        sim.run_for(Duration::from_secs(10));
+        let s = sim.publish(3, vec![endpoint("x", 1)]);
+        sim.run_for(Duration::from_secs(3));
+        (0..30)
+            .map(|i| {
+                (
+                    sim.members_seen(i),
+                    sim.stamp_seen(i, 3) >= Some(s),
+                    sim.sent_bytes(i),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(9), run(9));
+}
