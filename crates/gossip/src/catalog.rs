@@ -287,12 +287,17 @@ pub struct NoticeError(String);
 #[derive(Clone, Debug, Default)]
 pub struct NoticeHandler {
     shared: SharedCatalog,
+    own: String,
 }
 
 impl NoticeHandler {
-    /// A handler over `shared`.
-    pub fn new(shared: SharedCatalog) -> Self {
-        NoticeHandler { shared }
+    /// A handler over `shared` for the node `own` (whose own notices it always accepts:
+    /// foca asks the handler for the key of every broadcast it is given to send, too).
+    pub fn new(shared: SharedCatalog, own: impl Into<String>) -> Self {
+        NoticeHandler {
+            shared,
+            own: own.into(),
+        }
     }
 }
 
@@ -312,6 +317,18 @@ impl foca::BroadcastHandler<GossipId> for NoticeHandler {
     ) -> Result<Option<Self::Key>, Self::Error> {
         let notice: VersionNotice =
             postcard::from_bytes(data).map_err(|e| NoticeError(e.to_string()))?;
+        if notice.node == self.own {
+            // Ours: foca is taking it for sending (or it came back around). Only the
+            // newest stamp is worth sending; never pull our own record.
+            let held = self.shared.lock().stamp_of(&notice.node);
+            return Ok(held
+                .is_none_or(|h| h <= notice.stamp())
+                .then(|| NoticeKey {
+                    node: notice.node.clone(),
+                    stamp: notice.stamp(),
+                })
+                .filter(|_| sender.is_none()));
+        }
         // Only news is kept and passed on (foca's contract: `Some` means "new").
         if !self.shared.lock().wants(&notice) {
             return Ok(None);
@@ -396,7 +413,7 @@ mod tests {
     fn handler_keeps_only_news() {
         let shared = SharedCatalog::default();
         shared.lock().merge(rec("a", 1, 2));
-        let mut h = NoticeHandler::new(shared.clone());
+        let mut h = NoticeHandler::new(shared.clone(), "me");
         use foca::BroadcastHandler;
         let old = encode_notice(&VersionNotice {
             node: "a".into(),

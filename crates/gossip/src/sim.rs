@@ -214,7 +214,7 @@ impl Simulator {
             self.cfg.gossip.foca_config(n_hint),
             StdRng::seed_from_u64(seed),
             PostcardCodec,
-            NoticeHandler::new(shared.clone()),
+            NoticeHandler::new(shared.clone(), id.node.clone()),
         );
         shared
             .lock()
@@ -289,6 +289,11 @@ impl Simulator {
                 self.blocked.insert((*y, *x));
             }
         }
+    }
+
+    /// Sets the gossip datagram loss probability from now on.
+    pub fn set_loss(&mut self, loss: f64) {
+        self.cfg.loss = loss.clamp(0.0, 1.0);
     }
 
     /// Removes every partition.
@@ -453,7 +458,10 @@ impl Simulator {
                 if !self.reachable(from, to) {
                     return;
                 }
-                let records = self.nodes[to].shared.lock().records(std::slice::from_ref(&want.node));
+                let records = self.nodes[to]
+                    .shared
+                    .lock()
+                    .records(std::slice::from_ref(&want.node));
                 self.nodes[to].sent_bytes += records_size(&records);
                 let d = self.delay();
                 let want = (!fallback).then_some(want);
