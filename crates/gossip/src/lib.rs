@@ -15,6 +15,7 @@
 
 mod catalog;
 mod config;
+mod driver;
 mod identity;
 pub mod sim;
 
@@ -23,4 +24,7 @@ pub use catalog::{
     VersionNotice, Want, encode_notice,
 };
 pub use config::GossipConfig;
+pub use driver::{
+    GOSSIP_ALPN, GossipError, GossipEvent, GossipNode, GossipSettings, MemberView, gossip_protocol,
+};
 pub use identity::{FileGeneration, GenerationStore, GossipId};

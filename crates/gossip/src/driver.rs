@@ -1,0 +1,700 @@
+//! The tokio driver: one task owns the foca instance and its one ordered timer queue;
+//! packets travel as QUIC datagrams on ALPN `starling/gossip/1`; catalog pulls, digests and
+//! membership push-pull are requests on the same connections.
+
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification, PostcardCodec, Timer};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use starling_transport::{Connection, Endpoint, Inbound, NodeId, PeerPolicy, Protocol};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::catalog::{
+    Digest, NodeRecord, NoticeHandler, ServiceEndpoint, SharedCatalog, VersionNotice, encode_notice,
+};
+use crate::config::GossipConfig;
+use crate::identity::GossipId;
+
+/// The ALPN of the gossip protocol.
+pub const GOSSIP_ALPN: &[u8] = b"starling/gossip/1";
+
+/// The gossip protocol: any member of the cluster.
+pub fn gossip_protocol() -> Result<Protocol, starling_transport::ConfigError> {
+    Protocol::new(GOSSIP_ALPN, PeerPolicy::any_member())
+}
+
+/// What happened, for subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GossipEvent {
+    /// A member became active.
+    MemberUp(GossipId),
+    /// A member was declared Down.
+    MemberDown(GossipId),
+    /// A member came back with a new identity (a restart: new generation).
+    Restarted {
+        /// The identity it had.
+        old: GossipId,
+        /// The identity it has.
+        new: GossipId,
+    },
+    /// A node's catalog record changed.
+    CatalogChanged {
+        /// Whose record.
+        node: String,
+        /// Its new `(generation, version)`.
+        stamp: (u64, u64),
+    },
+}
+
+/// A member as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    /// Its identity.
+    pub id: GossipId,
+    /// Whether it is active (false: Down or suspected).
+    pub up: bool,
+}
+
+/// Why the gossip node could not start or act.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GossipError {
+    /// The gossip protocol could not be registered on the endpoint.
+    #[error("cannot listen for gossip: {0}")]
+    Listen(String),
+    /// The node's task has stopped.
+    #[error("the gossip node is stopped")]
+    Stopped,
+}
+
+/// Settings of one node's gossip.
+#[derive(Debug, Clone)]
+pub struct GossipSettings {
+    /// This node's identity (with this start's generation).
+    pub id: GossipId,
+    /// Nodes to announce to when joining or when no member is left.
+    pub seeds: Vec<(String, SocketAddr)>,
+    /// Tuning.
+    pub config: GossipConfig,
+    /// Seed of foca's random choices (use a random one outside tests).
+    pub rng_seed: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+enum Rpc {
+    /// Send me these nodes' records.
+    Pull(Vec<String>),
+    /// My digest and member count: send what I lack (and your members if our counts
+    /// differ), and list what you lack.
+    Digest { digest: Digest, members: usize },
+    /// Records you said you lacked.
+    Push(Vec<NodeRecord>),
+    /// My membership (the second half of a push-pull).
+    Members(Vec<Member<GossipId>>),
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct DigestReply {
+    records: Vec<NodeRecord>,
+    need: Vec<String>,
+    members: Option<Vec<Member<GossipId>>>,
+}
+
+enum Input {
+    Data(Bytes),
+    Publish {
+        endpoints: Vec<ServiceEndpoint>,
+        labels: BTreeMap<String, String>,
+        done: oneshot::Sender<(u64, u64)>,
+    },
+    Members(Vec<Member<GossipId>>),
+    MembershipFor(oneshot::Sender<(usize, Vec<Member<GossipId>>)>),
+    Leave(oneshot::Sender<()>),
+    Connection(Connection),
+}
+
+enum Due {
+    Foca(Timer<GossipId>),
+    Sync,
+    Reannounce,
+}
+
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    due: Due,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// A running gossip member.
+pub struct GossipNode {
+    tx: mpsc::Sender<Input>,
+    shared: SharedCatalog,
+    events: broadcast::Sender<GossipEvent>,
+    members: Arc<Mutex<BTreeMap<SocketAddr, MemberView>>>,
+    id: GossipId,
+    task: tokio::task::JoinHandle<()>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for GossipNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GossipNode")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Ctx {
+    endpoint: Endpoint,
+    protocol: Protocol,
+    shared: SharedCatalog,
+    events: broadcast::Sender<GossipEvent>,
+    tx: mpsc::Sender<Input>,
+}
+
+impl GossipNode {
+    /// Starts gossip on `endpoint` (which serves ALPN `starling/gossip/1` from now on) and
+    /// announces to the seeds.
+    pub async fn start(endpoint: Endpoint, settings: GossipSettings) -> Result<Self, GossipError> {
+        let protocol = gossip_protocol().map_err(|e| GossipError::Listen(e.to_string()))?;
+        let mut listener = endpoint
+            .listen(&protocol)
+            .map_err(|e| GossipError::Listen(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(1024);
+        let (events, _) = broadcast::channel(4096);
+        let shared = SharedCatalog::default();
+        shared.lock().merge(NodeRecord::empty(
+            settings.id.node.clone(),
+            settings.id.generation,
+        ));
+        let ctx = Arc::new(Ctx {
+            endpoint,
+            protocol,
+            shared: shared.clone(),
+            events: events.clone(),
+            tx: tx.clone(),
+        });
+        let members = Arc::new(Mutex::new(BTreeMap::new()));
+        let accept_tx = tx.clone();
+        let listener = tokio::spawn(async move {
+            while let Some(conn) = listener.accept().await {
+                if accept_tx.send(Input::Connection(conn)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let id = settings.id.clone();
+        let task = tokio::spawn(run(ctx, settings, rx, members.clone()));
+        Ok(GossipNode {
+            tx,
+            shared,
+            events,
+            members,
+            id,
+            task,
+            listener,
+        })
+    }
+
+    /// This node's identity.
+    pub fn id(&self) -> &GossipId {
+        &self.id
+    }
+
+    /// Publishes this node's endpoints and labels (its record's version goes up); returns
+    /// the new `(generation, version)`.
+    pub async fn publish(
+        &self,
+        endpoints: Vec<ServiceEndpoint>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(u64, u64), GossipError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Publish {
+                endpoints,
+                labels,
+                done,
+            })
+            .await
+            .map_err(|_| GossipError::Stopped)?;
+        rx.await.map_err(|_| GossipError::Stopped)
+    }
+
+    /// Membership and catalog events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<GossipEvent> {
+        self.events.subscribe()
+    }
+
+    /// Every member this node knows, with its state.
+    pub fn members(&self) -> Vec<MemberView> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The catalog.
+    pub fn catalog(&self) -> crate::catalog::Catalog {
+        self.shared.lock().clone()
+    }
+
+    /// Service name → endpoints on live nodes.
+    pub fn services(&self) -> BTreeMap<String, Vec<(String, ServiceEndpoint)>> {
+        self.shared.lock().services()
+    }
+
+    /// Leaves gracefully: tells the members this node is going, lingers so the news
+    /// spreads, then stops.
+    pub async fn leave(self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Input::Leave(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.listener.abort();
+        self.task.abort();
+    }
+
+    /// Stops at once, telling nobody (as a crash would).
+    pub fn stop(self) {
+        self.listener.abort();
+        self.task.abort();
+    }
+}
+
+impl Drop for GossipNode {
+    fn drop(&mut self) {
+        self.listener.abort();
+        self.task.abort();
+    }
+}
+
+async fn request<T: for<'de> Deserialize<'de>>(ctx: &Ctx, to: &GossipId, rpc: &Rpc) -> Option<T> {
+    let node = NodeId::new(to.node.clone()).ok()?;
+    let body = postcard::to_stdvec(rpc).ok()?;
+    let reply = ctx
+        .endpoint
+        .request(&ctx.protocol, &node, to.addr, &body)
+        .await
+        .map_err(|e| debug!(peer = %to.node, error = %e, "gossip request failed"))
+        .ok()?;
+    postcard::from_bytes(reply.as_bytes()).ok()
+}
+
+fn merge_records(ctx: &Ctx, records: Vec<NodeRecord>) {
+    let mut changed = Vec::new();
+    {
+        let mut c = ctx.shared.lock();
+        for r in records {
+            let stamp = r.stamp();
+            let node = r.node.clone();
+            if c.merge(r) {
+                changed.push((node, stamp));
+            }
+        }
+    }
+    for (node, stamp) in changed {
+        let _ = ctx.events.send(GossipEvent::CatalogChanged { node, stamp });
+    }
+}
+
+/// Serves a peer's requests and reads its datagrams.
+fn serve_connection(ctx: Arc<Ctx>, conn: Connection) {
+    let dg = conn.clone();
+    let tx = ctx.tx.clone();
+    tokio::spawn(async move {
+        while let Ok(frame) = dg.read_datagram().await {
+            if tx
+                .send(Input::Data(Bytes::copy_from_slice(frame.as_bytes())))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok(Inbound::Request(req)) = conn.accept().await {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let Ok(rpc) = postcard::from_bytes::<Rpc>(req.body().as_bytes()) else {
+                    req.refuse(starling_transport::StreamCode::UNDECODABLE);
+                    return;
+                };
+                let reply: Vec<u8> = match rpc {
+                    Rpc::Pull(nodes) => {
+                        postcard::to_stdvec(&ctx.shared.lock().records(&nodes)).unwrap_or_default()
+                    }
+                    Rpc::Digest { digest, members } => {
+                        let mut reply = {
+                            let c = ctx.shared.lock();
+                            DigestReply {
+                                records: c.newer_than(&digest),
+                                need: digest
+                                    .iter()
+                                    .filter(|(n, st)| c.stamp_of(n).is_none_or(|m| m < *st))
+                                    .map(|(n, _)| n.clone())
+                                    .collect(),
+                                members: None,
+                            }
+                        };
+                        let (tx, rx) = oneshot::channel();
+                        if ctx.tx.send(Input::MembershipFor(tx)).await.is_ok()
+                            && let Ok((count, mine)) = rx.await
+                            && count != members
+                        {
+                            reply.members = Some(mine);
+                        }
+                        postcard::to_stdvec(&reply).unwrap_or_default()
+                    }
+                    Rpc::Push(records) => {
+                        merge_records(&ctx, records);
+                        Vec::new()
+                    }
+                    Rpc::Members(members) => {
+                        let _ = ctx.tx.send(Input::Members(members)).await;
+                        Vec::new()
+                    }
+                };
+                let _ = req.respond(&reply).await;
+            });
+        }
+    });
+}
+
+struct State {
+    foca: Foca<GossipId, PostcardCodec, StdRng, NoticeHandler>,
+    runtime: AccumulatingRuntime<GossipId>,
+    queue: BinaryHeap<Scheduled>,
+    seq: u64,
+    rng: StdRng,
+    settings: GossipSettings,
+    idle_backoff: Duration,
+    dialed: HashSet<SocketAddr>,
+}
+
+impl State {
+    fn schedule(&mut self, after: Duration, due: Due) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at: Instant::now() + after,
+            seq: self.seq,
+            due,
+        });
+    }
+
+    fn membership(&self) -> (usize, Vec<Member<GossipId>>) {
+        let mut v: Vec<Member<GossipId>> = self.foca.iter_membership_state().cloned().collect();
+        v.push(Member::alive(self.settings.id.clone()));
+        (self.foca.num_members(), v)
+    }
+}
+
+async fn run(
+    ctx: Arc<Ctx>,
+    settings: GossipSettings,
+    mut rx: mpsc::Receiver<Input>,
+    members: Arc<Mutex<BTreeMap<SocketAddr, MemberView>>>,
+) {
+    let foca = Foca::with_custom_broadcast(
+        settings.id.clone(),
+        settings.config.foca_config(settings.seeds.len() + 1),
+        StdRng::seed_from_u64(settings.rng_seed),
+        PostcardCodec,
+        NoticeHandler::new(ctx.shared.clone(), settings.id.node.clone()),
+    );
+    let mut st = State {
+        foca,
+        runtime: AccumulatingRuntime::new(),
+        queue: BinaryHeap::new(),
+        seq: 0,
+        rng: StdRng::seed_from_u64(settings.rng_seed ^ 0x5eed),
+        idle_backoff: settings.config.reannounce_min,
+        settings,
+        dialed: HashSet::new(),
+    };
+    announce(&mut st);
+    let sync = st.settings.config.sync_interval;
+    st.schedule(sync, Due::Sync);
+    loop {
+        let next = st.queue.peek().map(|s| s.at);
+        tokio::select! {
+            input = rx.recv() => {
+                let Some(input) = input else { break };
+                match input {
+                    Input::Data(data) => {
+                        if let Err(e) = st.foca.handle_data(&data, &mut st.runtime) {
+                            debug!(error = %e, "gossip packet refused");
+                        }
+                    }
+                    Input::Publish { endpoints, labels, done } => {
+                        let stamp = publish(&ctx, &mut st, endpoints, labels);
+                        let _ = done.send(stamp);
+                    }
+                    Input::Members(m) => {
+                        let _ = st.foca.apply_many(m.into_iter(), false, &mut st.runtime);
+                    }
+                    Input::MembershipFor(tx) => {
+                        let _ = tx.send(st.membership());
+                    }
+                    Input::Connection(conn) => serve_connection(ctx.clone(), conn),
+                    Input::Leave(done) => {
+                        let _ = st.foca.leave_cluster(&mut st.runtime);
+                        drain(&ctx, &mut st, &members);
+                        tokio::time::sleep(st.settings.config.leave_linger).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                }
+            }
+            _ = sleep_until(next) => {
+                let now = Instant::now();
+                // Every timer that is due, in order: foca requires all of them, in order.
+                while st.queue.peek().is_some_and(|s| s.at <= now) {
+                    let Some(s) = st.queue.pop() else { break };
+                    match s.due {
+                        Due::Foca(t) => {
+                            let _ = st.foca.handle_timer(t, &mut st.runtime);
+                        }
+                        Due::Sync => {
+                            st.schedule(sync, Due::Sync);
+                            start_sync(&ctx, &mut st);
+                        }
+                        Due::Reannounce => {
+                            if st.foca.num_members() == 0 {
+                                announce(&mut st);
+                                st.idle_backoff = (st.idle_backoff * 2).min(st.settings.config.reannounce_max);
+                                let b = st.idle_backoff;
+                                st.schedule(b, Due::Reannounce);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        drain(&ctx, &mut st, &members);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn announce(st: &mut State) {
+    let seeds: Vec<(String, SocketAddr)> = st
+        .settings
+        .seeds
+        .iter()
+        .filter(|(n, _)| *n != st.settings.id.node)
+        .cloned()
+        .collect();
+    for (node, addr) in seeds {
+        let _ = st
+            .foca
+            .announce(GossipId::new(node, addr, 0), &mut st.runtime);
+    }
+}
+
+fn publish(
+    ctx: &Arc<Ctx>,
+    st: &mut State,
+    endpoints: Vec<ServiceEndpoint>,
+    labels: BTreeMap<String, String>,
+) -> (u64, u64) {
+    let id = &st.settings.id;
+    let mut rec = ctx
+        .shared
+        .lock()
+        .record(&id.node)
+        .cloned()
+        .unwrap_or_else(|| NodeRecord::empty(id.node.clone(), id.generation));
+    rec.version += 1;
+    rec.endpoints = endpoints;
+    rec.labels = labels;
+    let notice = VersionNotice {
+        node: rec.node.clone(),
+        generation: rec.generation,
+        version: rec.version,
+    };
+    let stamp = rec.stamp();
+    merge_records(ctx, vec![rec]);
+    if let Err(e) = st.foca.add_broadcast(&encode_notice(&notice)) {
+        warn!(error = %e, "version notice not queued");
+    }
+    let _ = st.foca.broadcast(&mut st.runtime);
+    stamp
+}
+
+/// One anti-entropy round with a random member: digests both ways, membership push-pull
+/// when the member counts differ.
+fn start_sync(ctx: &Arc<Ctx>, st: &mut State) {
+    let members: Vec<GossipId> = st.foca.iter_members().map(|m| m.id().clone()).collect();
+    if members.is_empty() {
+        return;
+    }
+    let peer = members[st.rng.random_range(0..members.len())].clone();
+    let digest = ctx.shared.lock().digest();
+    let count = st.foca.num_members();
+    let (_, mine) = st.membership();
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let rpc = Rpc::Digest {
+            digest,
+            members: count,
+        };
+        let Some(reply) = request::<DigestReply>(&ctx, &peer, &rpc).await else {
+            return;
+        };
+        merge_records(&ctx, reply.records);
+        if let Some(m) = reply.members {
+            let _ = ctx.tx.send(Input::Members(m)).await;
+            let _ = request::<()>(&ctx, &peer, &Rpc::Members(mine)).await;
+        }
+        if !reply.need.is_empty() {
+            let back = ctx.shared.lock().records(&reply.need);
+            let _ = request::<()>(&ctx, &peer, &Rpc::Push(back)).await;
+        }
+    });
+}
+
+fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr, MemberView>>>) {
+    while let Some((dst, data)) = st.runtime.to_send() {
+        let ctx2 = ctx.clone();
+        let new_peer = st.dialed.insert(dst.addr);
+        tokio::spawn(async move {
+            let Ok(node) = NodeId::new(dst.node.clone()) else {
+                return;
+            };
+            match ctx2
+                .endpoint
+                .connection(&ctx2.protocol, &node, dst.addr)
+                .await
+            {
+                Ok(conn) => {
+                    if new_peer {
+                        // Datagrams and requests may come back on the connection we dialed.
+                        serve_connection(ctx2.clone(), conn.clone());
+                    }
+                    if let Err(e) = conn.send_datagram(&data) {
+                        debug!(peer = %dst.node, error = %e, "gossip datagram not sent");
+                    }
+                }
+                Err(e) => debug!(peer = %dst.node, error = %e, "gossip peer unreachable"),
+            }
+        });
+    }
+    while let Some((after, timer)) = st.runtime.to_schedule() {
+        st.schedule(after, Due::Foca(timer));
+    }
+    let mut retune = false;
+    while let Some(n) = st.runtime.to_notify() {
+        let mut view = members.lock().unwrap_or_else(|p| p.into_inner());
+        let event = match n {
+            OwnedNotification::MemberUp(id) => {
+                ctx.shared.lock().mark_up(&id.node);
+                view.insert(
+                    id.addr,
+                    MemberView {
+                        id: id.clone(),
+                        up: true,
+                    },
+                );
+                retune = true;
+                Some(GossipEvent::MemberUp(id))
+            }
+            OwnedNotification::MemberDown(id) => {
+                ctx.shared.lock().mark_down(&id.node, id.generation);
+                view.insert(
+                    id.addr,
+                    MemberView {
+                        id: id.clone(),
+                        up: false,
+                    },
+                );
+                retune = true;
+                Some(GossipEvent::MemberDown(id))
+            }
+            OwnedNotification::Rename(old, new) => {
+                view.insert(
+                    new.addr,
+                    MemberView {
+                        id: new.clone(),
+                        up: true,
+                    },
+                );
+                Some(GossipEvent::Restarted { old, new })
+            }
+            OwnedNotification::Idle => {
+                let b = st.idle_backoff;
+                drop(view);
+                st.schedule(b, Due::Reannounce);
+                None
+            }
+            OwnedNotification::Active => {
+                st.idle_backoff = st.settings.config.reannounce_min;
+                None
+            }
+            _ => None,
+        };
+        if let Some(e) = event {
+            let _ = ctx.events.send(e);
+        }
+    }
+    if retune {
+        let cfg = st.settings.config.foca_config(st.foca.num_members() + 1);
+        let _ = st.foca.set_config(cfg);
+    }
+    // Pull records whose notices arrived: from the relay, or the origin if the relay lacks
+    // them.
+    for want in ctx.shared.take_wants() {
+        let ctx = ctx.clone();
+        let origin = st
+            .foca
+            .iter_members()
+            .map(|m| m.id().clone())
+            .find(|m| m.node == want.notice.node);
+        tokio::spawn(async move {
+            let nodes = vec![want.notice.node.clone()];
+            for peer in [want.from, origin].into_iter().flatten() {
+                if let Some(records) =
+                    request::<Vec<NodeRecord>>(&ctx, &peer, &Rpc::Pull(nodes.clone())).await
+                {
+                    merge_records(&ctx, records);
+                }
+                if !ctx.shared.lock().wants(&want.notice) {
+                    break;
+                }
+            }
+        });
+    }
+}
