@@ -706,13 +706,36 @@ impl Endpoint {
             shared.certs.clone(),
             protocol.alpn(),
         )?;
-        let cfg = shared.client_config(tls)?;
         let server_name = dns_name(node, &own.cluster_id);
-        let connecting = shared.quinn.connect_with(cfg, addr, &server_name)?;
+        self.dial(
+            tls,
+            addr,
+            &server_name,
+            protocol,
+            Some(node),
+            Some(&own.cluster_id),
+        )
+        .await
+    }
+
+    /// Handshake, the dialer's checks on the server, and admission, within the connect
+    /// timeout.
+    async fn dial(
+        &self,
+        tls: rustls::ClientConfig,
+        addr: SocketAddr,
+        server_name: &str,
+        protocol: &Protocol,
+        expected_node: Option<&NodeId>,
+        cluster: Option<&ClusterId>,
+    ) -> Result<Connection, ConnectError> {
+        let shared = self.shared();
+        let cfg = shared.client_config(tls)?;
+        let connecting = shared.quinn.connect_with(cfg, addr, server_name)?;
         let timeout = shared.config.connect_timeout;
         let dial = async {
             let conn = connecting.await.map_err(classify)?;
-            let peer = check_server(&conn, protocol, Some(node), Some(&own.cluster_id))?;
+            let peer = check_server(&conn, protocol, expected_node, cluster)?;
             await_admission(&conn).await?;
             Ok(Connection::new(
                 conn,
@@ -746,23 +769,8 @@ impl Endpoint {
             return Err(ConnectError::PolicyTooWide);
         }
         let tls = tls::pinned_client_config(&shared.provider, token.ca_digest, protocol.alpn())?;
-        let cfg = shared.client_config(tls)?;
-        let connecting = shared.quinn.connect_with(cfg, addr, JOIN_SERVER_NAME)?;
-        let timeout = shared.config.connect_timeout;
-        let dial = async {
-            let conn = connecting.await.map_err(classify)?;
-            let peer = check_server(&conn, protocol, None, None)?;
-            await_admission(&conn).await?;
-            Ok(Connection::new(
-                conn,
-                Some(peer),
-                protocol.alpn().to_vec(),
-                shared.limits(),
-            ))
-        };
-        tokio::time::timeout(timeout, dial)
+        self.dial(tls, addr, JOIN_SERVER_NAME, protocol, None, None)
             .await
-            .map_err(|_| ConnectError::Timeout(timeout))?
     }
 
     /// A pooled connection to `node` on `protocol`: a live one is reused; otherwise one dial
