@@ -174,6 +174,16 @@ impl Catalog {
             .collect()
     }
 
+    /// The nodes whose records in `digest` are newer than (or absent from) this catalog:
+    /// what to ask the peer that sent the digest for.
+    pub fn lacking(&self, digest: &Digest) -> Vec<String> {
+        digest
+            .iter()
+            .filter(|(n, st)| self.stamp_of(n).is_none_or(|mine| mine < *st))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// Records of these nodes, for a pull.
     pub fn records(&self, nodes: &[String]) -> Vec<NodeRecord> {
         nodes

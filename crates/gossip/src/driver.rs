@@ -357,11 +357,7 @@ fn serve_connection(ctx: Arc<Ctx>, conn: Connection) {
                             let c = ctx.shared.lock();
                             DigestReply {
                                 records: c.newer_than(&digest),
-                                need: digest
-                                    .iter()
-                                    .filter(|(n, st)| c.stamp_of(n).is_none_or(|m| m < *st))
-                                    .map(|(n, _)| n.clone())
-                                    .collect(),
+                                need: c.lacking(&digest),
                                 members: None,
                             }
                         };

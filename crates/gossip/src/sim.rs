@@ -422,11 +422,7 @@ impl Simulator {
                 }
                 let (records, need) = {
                     let catalog = self.nodes[to].shared.lock();
-                    let need: Vec<String> = digest
-                        .iter()
-                        .filter(|(n, st)| catalog.stamp_of(n).is_none_or(|mine| mine < *st))
-                        .map(|(n, _)| n.clone())
-                        .collect();
+                    let need = catalog.lacking(&digest);
                     (catalog.newer_than(&digest), need)
                 };
                 let mismatch = self.nodes[to].foca.num_members() != members;
