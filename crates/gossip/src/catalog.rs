@@ -202,9 +202,12 @@ impl Catalog {
         }
     }
 
-    /// Clears a Down mark (the node is alive again, same generation).
-    pub fn mark_up(&mut self, node: &str) {
-        if let Some(e) = self.entries.get_mut(node) {
+    /// Clears a Down mark: the node is alive in `generation` (an older generation's
+    /// late "up" does not revive a newer record's mark).
+    pub fn mark_up(&mut self, node: &str, generation: u64) {
+        if let Some(e) = self.entries.get_mut(node)
+            && generation >= e.record.generation
+        {
             e.down = false;
         }
     }
@@ -260,6 +263,9 @@ pub struct SharedCatalog {
     pub catalog: Arc<Mutex<Catalog>>,
     /// Notices of newer records, waiting to be pulled.
     pub wants: Arc<Mutex<Vec<Want>>>,
+    /// The newest stamp whose notice was seen, per node: a notice is news (and passed on)
+    /// only the first time, whether or not its record has been pulled yet.
+    pub seen: Arc<Mutex<BTreeMap<String, (u64, u64)>>>,
 }
 
 impl SharedCatalog {
@@ -284,7 +290,8 @@ pub struct NoticeKey {
 
 impl foca::Invalidates for NoticeKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.node == other.node && self.stamp > other.stamp
+        // `>=`: a repeat of the same notice replaces the queued one instead of adding a copy.
+        self.node == other.node && self.stamp >= other.stamp
     }
 }
 
@@ -339,9 +346,17 @@ impl foca::BroadcastHandler<GossipId> for NoticeHandler {
                 })
                 .filter(|_| sender.is_none()));
         }
-        // Only news is kept and passed on (foca's contract: `Some` means "new").
+        // Only news is kept and passed on (foca's contract: `Some` means "new"): a stamp
+        // newer than both the record held and any notice seen before.
         if !self.shared.lock().wants(&notice) {
             return Ok(None);
+        }
+        {
+            let mut seen = self.shared.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.get(&notice.node).is_some_and(|s| *s >= notice.stamp()) {
+                return Ok(None);
+            }
+            seen.insert(notice.node.clone(), notice.stamp());
         }
         let key = NoticeKey {
             node: notice.node.clone(),
@@ -392,6 +407,9 @@ mod tests {
         c.mark_down("a", 1);
         assert!(c.is_down("a"));
         assert!(c.services().is_empty());
+        // A late "up" of an older generation does not clear the mark of a newer one.
+        c.mark_up("a", 0);
+        assert!(c.is_down("a"));
         // A restart (new generation) wins even with a lower version, and clears Down.
         assert!(c.merge(rec("a", 2, 0)));
         assert!(!c.is_down("a"));
@@ -437,6 +455,8 @@ mod tests {
             version: 3,
         });
         assert!(h.receive_item(&new, None).unwrap().is_some());
+        // The same notice again (another relay) is not news, even before the pull.
+        assert!(h.receive_item(&new, None).unwrap().is_none());
         assert_eq!(shared.take_wants().len(), 1);
         assert!(h.receive_item(b"\xff\xff\xff", None).is_err());
     }

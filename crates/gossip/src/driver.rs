@@ -2,7 +2,7 @@
 //! packets travel as QUIC datagrams on ALPN `starling/gossip/1`; catalog pulls, digests and
 //! membership push-pull are requests on the same connections.
 
-use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use starling_transport::{Connection, Endpoint, Inbound, NodeId, PeerPolicy, Protocol};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -46,6 +46,10 @@ pub enum GossipEvent {
         /// The identity it has.
         new: GossipId,
     },
+    /// This node was declared Down by the others and rejoined under a new generation;
+    /// persist it ([`GenerationStore::observed`](crate::GenerationStore::observed)) so the
+    /// next start goes above it.
+    Rejoined(GossipId),
     /// A node's catalog record changed.
     CatalogChanged {
         /// Whose record.
@@ -160,6 +164,7 @@ pub struct GossipNode {
     id: GossipId,
     task: tokio::task::JoinHandle<()>,
     listener: tokio::task::JoinHandle<()>,
+    shutdown: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for GossipNode {
@@ -176,7 +181,24 @@ struct Ctx {
     shared: SharedCatalog,
     events: broadcast::Sender<GossipEvent>,
     tx: mpsc::Sender<Input>,
+    /// Becomes true when the node stops: every task it spawned ends.
+    shutdown: watch::Receiver<bool>,
+    own: String,
 }
+
+impl Ctx {
+    /// Runs `f` unless or until the node stops.
+    async fn unless_stopped<F: std::future::Future>(&self, f: F) -> Option<F::Output> {
+        let mut stop = self.shutdown.clone();
+        tokio::select! {
+            r = f => Some(r),
+            _ = stop.wait_for(|s| *s) => None,
+        }
+    }
+}
+
+/// The largest record accepted from a peer, encoded.
+const MAX_RECORD_BYTES: usize = 64 * 1024;
 
 impl GossipNode {
     /// Starts gossip on `endpoint` (which serves ALPN `starling/gossip/1` from now on) and
@@ -193,12 +215,15 @@ impl GossipNode {
             settings.id.node.clone(),
             settings.id.generation,
         ));
+        let (shutdown, shutdown_rx) = watch::channel(false);
         let ctx = Arc::new(Ctx {
             endpoint,
             protocol,
             shared: shared.clone(),
             events: events.clone(),
             tx: tx.clone(),
+            shutdown: shutdown_rx,
+            own: settings.id.node.clone(),
         });
         let members = Arc::new(Mutex::new(BTreeMap::new()));
         let accept_tx = tx.clone();
@@ -219,6 +244,7 @@ impl GossipNode {
             id,
             task,
             listener,
+            shutdown,
         })
     }
 
@@ -266,9 +292,23 @@ impl GossipNode {
         self.shared.lock().clone()
     }
 
-    /// Service name → endpoints on live nodes.
+    /// Service name → endpoints on live nodes: this one and the members foca reports
+    /// active (a node never seen alive, such as one already Down when this node joined, is
+    /// not listed).
     pub fn services(&self) -> BTreeMap<String, Vec<(String, ServiceEndpoint)>> {
-        self.shared.lock().services()
+        let up: std::collections::BTreeSet<String> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.up)
+            .map(|m| m.id.node)
+            .chain([self.id.node.clone()])
+            .collect();
+        let mut all = self.shared.lock().services();
+        for list in all.values_mut() {
+            list.retain(|(node, _)| up.contains(node));
+        }
+        all.retain(|_, l| !l.is_empty());
+        all
     }
 
     /// Leaves gracefully: tells the members this node is going, lingers so the news
@@ -278,12 +318,16 @@ impl GossipNode {
         if self.tx.send(Input::Leave(done)).await.is_ok() {
             let _ = rx.await;
         }
-        self.listener.abort();
-        self.task.abort();
+        self.halt();
     }
 
     /// Stops at once, telling nobody (as a crash would).
     pub fn stop(self) {
+        self.halt();
+    }
+
+    fn halt(&self) {
+        let _ = self.shutdown.send(true);
         self.listener.abort();
         self.task.abort();
     }
@@ -291,8 +335,7 @@ impl GossipNode {
 
 impl Drop for GossipNode {
     fn drop(&mut self) {
-        self.listener.abort();
-        self.task.abort();
+        self.halt();
     }
 }
 
@@ -300,15 +343,24 @@ async fn request<T: for<'de> Deserialize<'de>>(ctx: &Ctx, to: &GossipId, rpc: &R
     let node = NodeId::new(to.node.clone()).ok()?;
     let body = postcard::to_stdvec(rpc).ok()?;
     let reply = ctx
-        .endpoint
-        .request(&ctx.protocol, &node, to.addr, &body)
-        .await
+        .unless_stopped(ctx.endpoint.request(&ctx.protocol, &node, to.addr, &body))
+        .await?
         .map_err(|e| debug!(peer = %to.node, error = %e, "gossip request failed"))
         .ok()?;
     postcard::from_bytes(reply.as_bytes()).ok()
 }
 
+/// Merges records from peers. This node's own record is never taken from a peer, and
+/// oversized records are dropped.
 fn merge_records(ctx: &Ctx, records: Vec<NodeRecord>) {
+    let records = records.into_iter().filter(|r| {
+        r.node != ctx.own
+            && postcard::experimental::serialized_size(r).is_ok_and(|n| n <= MAX_RECORD_BYTES)
+    });
+    merge_checked(ctx, records);
+}
+
+fn merge_checked(ctx: &Ctx, records: impl Iterator<Item = NodeRecord>) {
     let mut changed = Vec::new();
     {
         let mut c = ctx.shared.lock();
@@ -329,8 +381,9 @@ fn merge_records(ctx: &Ctx, records: Vec<NodeRecord>) {
 fn serve_connection(ctx: Arc<Ctx>, conn: Connection) {
     let dg = conn.clone();
     let tx = ctx.tx.clone();
+    let stop_dg = ctx.clone();
     tokio::spawn(async move {
-        while let Ok(frame) = dg.read_datagram().await {
+        while let Some(Ok(frame)) = stop_dg.unless_stopped(dg.read_datagram()).await {
             if tx
                 .send(Input::Data(Bytes::copy_from_slice(frame.as_bytes())))
                 .await
@@ -341,7 +394,7 @@ fn serve_connection(ctx: Arc<Ctx>, conn: Connection) {
         }
     });
     tokio::spawn(async move {
-        while let Ok(Inbound::Request(req)) = conn.accept().await {
+        while let Some(Ok(Inbound::Request(req))) = ctx.unless_stopped(conn.accept()).await {
             let ctx = ctx.clone();
             tokio::spawn(async move {
                 let Ok(rpc) = postcard::from_bytes::<Rpc>(req.body().as_bytes()) else {
@@ -393,7 +446,8 @@ struct State {
     rng: StdRng,
     settings: GossipSettings,
     idle_backoff: Duration,
-    dialed: HashSet<SocketAddr>,
+    /// Whether a re-announce chain is already scheduled.
+    reannouncing: bool,
 }
 
 impl State {
@@ -406,8 +460,10 @@ impl State {
         });
     }
 
+    /// Active members and this node (under its current identity), for a push-pull: Down
+    /// members are left out so a peer that already forgot them does not resurrect them.
     fn membership(&self) -> (usize, Vec<Member<GossipId>>) {
-        let mut v: Vec<Member<GossipId>> = self.foca.iter_membership_state().cloned().collect();
+        let mut v: Vec<Member<GossipId>> = self.foca.iter_members().cloned().collect();
         v.push(Member::alive(self.settings.id.clone()));
         (self.foca.num_members(), v)
     }
@@ -434,9 +490,22 @@ async fn run(
         rng: StdRng::seed_from_u64(settings.rng_seed ^ 0x5eed),
         idle_backoff: settings.config.reannounce_min,
         settings,
-        dialed: HashSet::new(),
+        reannouncing: true,
     };
     announce(&mut st);
+    // Until a seed answers, keep announcing (with backoff): foca reports Idle only after
+    // having been connected once.
+    let first = st.settings.config.reannounce_min;
+    st.schedule(first, Due::Reannounce);
+    // Tell the cluster this generation's (empty) record exists, so peers holding an older
+    // generation's endpoints drop them without waiting for a digest exchange.
+    let id = st.settings.id.clone();
+    let notice = VersionNotice {
+        node: id.node.clone(),
+        generation: id.generation,
+        version: 0,
+    };
+    let _ = st.foca.add_broadcast(&encode_notice(&notice));
     let sync = st.settings.config.sync_interval;
     st.schedule(sync, Due::Sync);
     loop {
@@ -455,16 +524,25 @@ async fn run(
                         let _ = done.send(stamp);
                     }
                     Input::Members(m) => {
-                        let _ = st.foca.apply_many(m.into_iter(), false, &mut st.runtime);
+                        if let Err(e) = st.foca.apply_many(m.into_iter(), false, &mut st.runtime) {
+                            warn!(error = %e, "membership from a peer not applied");
+                        }
                     }
                     Input::MembershipFor(tx) => {
                         let _ = tx.send(st.membership());
                     }
                     Input::Connection(conn) => serve_connection(ctx.clone(), conn),
                     Input::Leave(done) => {
+                        // Announce the departure, then keep gossiping it while lingering:
+                        // one round to three members could be lost.
                         let _ = st.foca.leave_cluster(&mut st.runtime);
                         drain(&ctx, &mut st, &members);
-                        tokio::time::sleep(st.settings.config.leave_linger).await;
+                        let until = Instant::now() + st.settings.config.leave_linger;
+                        while Instant::now() < until {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let _ = st.foca.gossip(&mut st.runtime);
+                            drain(&ctx, &mut st, &members);
+                        }
                         let _ = done.send(());
                         return;
                     }
@@ -477,7 +555,9 @@ async fn run(
                     let Some(s) = st.queue.pop() else { break };
                     match s.due {
                         Due::Foca(t) => {
-                            let _ = st.foca.handle_timer(t, &mut st.runtime);
+                            if let Err(e) = st.foca.handle_timer(t, &mut st.runtime) {
+                                warn!(error = %e, "gossip timer failed");
+                            }
                         }
                         Due::Sync => {
                             st.schedule(sync, Due::Sync);
@@ -489,6 +569,8 @@ async fn run(
                                 st.idle_backoff = (st.idle_backoff * 2).min(st.settings.config.reannounce_max);
                                 let b = st.idle_backoff;
                                 st.schedule(b, Due::Reannounce);
+                            } else {
+                                st.reannouncing = false;
                             }
                         }
                     }
@@ -521,6 +603,23 @@ fn announce(st: &mut State) {
     }
 }
 
+/// After a rejoin under `new`: this node's record moves to the new generation and is
+/// announced, so peers drop what the old identity published.
+fn rejoined(ctx: &Arc<Ctx>, st: &mut State, new: &GossipId) {
+    let mut rec = ctx
+        .shared
+        .lock()
+        .record(&new.node)
+        .cloned()
+        .unwrap_or_else(|| NodeRecord::empty(new.node.clone(), new.generation));
+    rec.generation = new.generation;
+    rec.version = 0;
+    let endpoints = std::mem::take(&mut rec.endpoints);
+    let labels = std::mem::take(&mut rec.labels);
+    merge_checked(ctx, std::iter::once(rec));
+    publish(ctx, st, endpoints, labels);
+}
+
 fn publish(
     ctx: &Arc<Ctx>,
     st: &mut State,
@@ -543,7 +642,7 @@ fn publish(
         version: rec.version,
     };
     let stamp = rec.stamp();
-    merge_records(ctx, vec![rec]);
+    merge_checked(ctx, std::iter::once(rec));
     if let Err(e) = st.foca.add_broadcast(&encode_notice(&notice)) {
         warn!(error = %e, "version notice not queued");
     }
@@ -585,27 +684,22 @@ fn start_sync(ctx: &Arc<Ctx>, st: &mut State) {
 
 fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr, MemberView>>>) {
     while let Some((dst, data)) = st.runtime.to_send() {
+        // Each direction uses the connection its sender dialed: what this node sends goes
+        // on its pooled connection, what peers send arrives on theirs, through the listener.
         let ctx2 = ctx.clone();
-        let new_peer = st.dialed.insert(dst.addr);
         tokio::spawn(async move {
             let Ok(node) = NodeId::new(dst.node.clone()) else {
                 return;
             };
-            match ctx2
-                .endpoint
-                .connection(&ctx2.protocol, &node, dst.addr)
-                .await
-            {
-                Ok(conn) => {
-                    if new_peer {
-                        // Datagrams and requests may come back on the connection we dialed.
-                        serve_connection(ctx2.clone(), conn.clone());
-                    }
+            let dial = ctx2.endpoint.connection(&ctx2.protocol, &node, dst.addr);
+            match ctx2.unless_stopped(dial).await {
+                Some(Ok(conn)) => {
                     if let Err(e) = conn.send_datagram(&data) {
                         debug!(peer = %dst.node, error = %e, "gossip datagram not sent");
                     }
                 }
-                Err(e) => debug!(peer = %dst.node, error = %e, "gossip peer unreachable"),
+                Some(Err(e)) => debug!(peer = %dst.node, error = %e, "gossip peer unreachable"),
+                None => {}
             }
         });
     }
@@ -615,9 +709,14 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
     let mut retune = false;
     while let Some(n) = st.runtime.to_notify() {
         let mut view = members.lock().unwrap_or_else(|p| p.into_inner());
+        // News about an older identity at an address never overrides a newer one.
+        let stale = |view: &BTreeMap<SocketAddr, MemberView>, id: &GossipId| {
+            view.get(&id.addr)
+                .is_some_and(|m| m.id.generation > id.generation)
+        };
         let event = match n {
-            OwnedNotification::MemberUp(id) => {
-                ctx.shared.lock().mark_up(&id.node);
+            OwnedNotification::MemberUp(id) if !stale(&view, &id) => {
+                ctx.shared.lock().mark_up(&id.node, id.generation);
                 view.insert(
                     id.addr,
                     MemberView {
@@ -628,7 +727,7 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
                 retune = true;
                 Some(GossipEvent::MemberUp(id))
             }
-            OwnedNotification::MemberDown(id) => {
+            OwnedNotification::MemberDown(id) if !stale(&view, &id) => {
                 ctx.shared.lock().mark_down(&id.node, id.generation);
                 view.insert(
                     id.addr,
@@ -641,6 +740,7 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
                 Some(GossipEvent::MemberDown(id))
             }
             OwnedNotification::Rename(old, new) => {
+                ctx.shared.lock().mark_up(&new.node, new.generation);
                 view.insert(
                     new.addr,
                     MemberView {
@@ -650,10 +750,19 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
                 );
                 Some(GossipEvent::Restarted { old, new })
             }
-            OwnedNotification::Idle => {
-                let b = st.idle_backoff;
+            OwnedNotification::Rejoin(new) => {
                 drop(view);
-                st.schedule(b, Due::Reannounce);
+                st.settings.id = new.clone();
+                rejoined(ctx, st, &new);
+                Some(GossipEvent::Rejoined(new))
+            }
+            OwnedNotification::Idle => {
+                drop(view);
+                if !st.reannouncing {
+                    st.reannouncing = true;
+                    let b = st.idle_backoff;
+                    st.schedule(b, Due::Reannounce);
+                }
                 None
             }
             OwnedNotification::Active => {
@@ -668,7 +777,9 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
     }
     if retune {
         let cfg = st.settings.config.foca_config(st.foca.num_members() + 1);
-        let _ = st.foca.set_config(cfg);
+        if let Err(e) = st.foca.set_config(cfg) {
+            warn!(error = %e, "gossip configuration not re-tuned");
+        }
     }
     // Pull records whose notices arrived: from the relay, or the origin if the relay lacks
     // them.
@@ -685,7 +796,9 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
                 if let Some(records) =
                     request::<Vec<NodeRecord>>(&ctx, &peer, &Rpc::Pull(nodes.clone())).await
                 {
-                    merge_records(&ctx, records);
+                    // Only what was asked for.
+                    let asked = records.into_iter().filter(|r| nodes.contains(&r.node));
+                    merge_records(&ctx, asked.collect());
                 }
                 if !ctx.shared.lock().wants(&want.notice) {
                     break;

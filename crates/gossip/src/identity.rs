@@ -45,7 +45,8 @@ impl foca::Identity for GossipId {
     }
 
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
-        self.generation > adversary.generation
+        // The node id breaks a tie, so two identities never both lose (or both win).
+        (self.generation, &self.node) > (adversary.generation, &adversary.node)
     }
 }
 
@@ -54,6 +55,10 @@ impl foca::Identity for GossipId {
 pub trait GenerationStore {
     /// Returns the generation for this start: one more than the last one handed out.
     fn next_generation(&mut self) -> std::io::Result<u64>;
+
+    /// Records that the node rejoined under `generation` while running (foca renewed its
+    /// identity after being declared Down), so the next start goes above it.
+    fn observed(&mut self, generation: u64) -> std::io::Result<()>;
 }
 
 /// A generation kept in a file, replaced atomically.
@@ -61,6 +66,20 @@ pub trait GenerationStore {
 pub struct FileGeneration(pub std::path::PathBuf);
 
 impl GenerationStore for FileGeneration {
+    fn observed(&mut self, generation: u64) -> std::io::Result<()> {
+        let last = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if generation > last {
+            let tmp = self.0.with_extension("tmp");
+            std::fs::write(&tmp, generation.to_string())?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &self.0)?;
+        }
+        Ok(())
+    }
+
     fn next_generation(&mut self) -> std::io::Result<u64> {
         let last = match std::fs::read_to_string(&self.0) {
             Ok(s) => s.trim().parse::<u64>().map_err(|e| {
@@ -77,6 +96,9 @@ impl GenerationStore for FileGeneration {
         std::fs::write(&tmp, next.to_string())?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, &self.0)?;
+        if let Some(dir) = self.0.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
         Ok(next)
     }
 }
@@ -102,6 +124,8 @@ mod tests {
         let mut g = FileGeneration(dir.path().join("generation"));
         assert_eq!(g.next_generation().unwrap(), 1);
         assert_eq!(g.next_generation().unwrap(), 2);
+        g.observed(7).unwrap();
+        assert_eq!(g.next_generation().unwrap(), 8);
         std::fs::write(dir.path().join("generation"), "junk").unwrap();
         assert!(g.next_generation().is_err());
     }

@@ -51,7 +51,8 @@ impl Default for SimConfig {
 
 #[derive(Debug)]
 enum Event {
-    Timer(usize, Timer<GossipId>),
+    /// A foca timer of node `.0` in its life `.1` (timers of a previous life are dropped).
+    Timer(usize, u64, Timer<GossipId>),
     Packet {
         from: usize,
         to: usize,
@@ -242,6 +243,8 @@ impl Simulator {
         self.by_addr.insert(sim_addr(i), i);
         if i != 0 {
             self.announce(i);
+            let b = self.cfg.gossip.reannounce_min;
+            self.schedule(b, Event::Reannounce(i));
         }
         let first = self.cfg.gossip.sync_interval;
         let offset =
@@ -362,8 +365,8 @@ impl Simulator {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Timer(i, t) => {
-                if !self.nodes[i].alive {
+            Event::Timer(i, life, t) => {
+                if !self.nodes[i].alive || self.nodes[i].id.generation != life {
                     return;
                 }
                 let node = &mut self.nodes[i];
@@ -593,7 +596,8 @@ impl Simulator {
             );
         }
         while let Some((after, timer)) = self.nodes[i].runtime.to_schedule() {
-            self.schedule(after, Event::Timer(i, timer));
+            let life = self.nodes[i].id.generation;
+            self.schedule(after, Event::Timer(i, life, timer));
         }
         let mut retune = false;
         while let Some(n) = self.nodes[i].runtime.to_notify() {
@@ -608,12 +612,13 @@ impl Simulator {
                 }
                 OwnedNotification::MemberUp(id) => {
                     if node.down.remove(&id.node).is_some() {
-                        node.shared.lock().mark_up(&id.node);
+                        node.shared.lock().mark_up(&id.node, id.generation);
                     }
                     retune = true;
                 }
                 OwnedNotification::Rename(_, new) => {
                     node.down.remove(&new.node);
+                    node.shared.lock().mark_up(&new.node, new.generation);
                 }
                 OwnedNotification::Idle => {
                     let b = node.idle_backoff;

@@ -194,3 +194,59 @@ async fn t20_eight_nodes_join_publish_fail_and_return() {
         ep.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t21_node_started_before_its_seed_joins_when_the_seed_appears() {
+    init_tracing();
+    let ca = ClusterCa::create(ClusterId::new("g2").unwrap()).unwrap();
+    let seed_creds = ca
+        .issue(
+            &NodeId::new("s").unwrap(),
+            &Role::MANAGER,
+            &CertOptions::default(),
+        )
+        .unwrap();
+    let late_creds = ca
+        .issue(
+            &NodeId::new("w").unwrap(),
+            &Role::WORKER,
+            &CertOptions::default(),
+        )
+        .unwrap();
+    let seed_ep = bind(&seed_creds, None).await;
+    let w_ep = bind(&late_creds, None).await;
+    // The worker starts first: its announcements find no gossip listener yet.
+    let w = GossipNode::start(
+        w_ep.clone(),
+        GossipSettings {
+            id: GossipId::new("w", w_ep.local_addr(), 1),
+            seeds: vec![("s".into(), seed_ep.local_addr())],
+            config: GossipConfig::default(),
+            rng_seed: 7,
+        },
+    )
+    .await
+    .unwrap();
+    // Part of the scenario, not a wait for a result: let the first announcements fail.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = GossipNode::start(
+        seed_ep.clone(),
+        GossipSettings {
+            id: GossipId::new("s", seed_ep.local_addr(), 1),
+            seeds: vec![],
+            config: GossipConfig::default(),
+            rng_seed: 8,
+        },
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the worker joined through the late seed",
+        Duration::from_secs(20),
+        || up_members(&w) == 1 && up_members(&s) == 1,
+    )
+    .await;
+    drop((w, s));
+    w_ep.close().await;
+    seed_ep.close().await;
+}
