@@ -1,1 +1,13 @@
-//! Starling node: the `starling` daemon and CLI (filled by its own issue).
+//! Starling node: the `starling` daemon and CLI — a node's life (init, run), its control API
+//! on a Unix socket, and the client commands that call it.
+//!
+//! ```text
+//!   starling init ──▶ cluster id, CA, tokens, single-voter Raft group, gossip, control.sock
+//!   starling run  ──▶ the same node again from its data directory
+//!   starling node ls / kv / members / join-token ──HTTP/JSON over DIR/control.sock──▶ node
+//! ```
+
+pub mod control;
+pub mod daemon;
+pub mod datadir;
+pub mod http;

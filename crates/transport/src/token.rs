@@ -157,6 +157,15 @@ pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], RandomnessError>
 pub struct CaDigest(pub [u8; DIGEST_LEN]);
 
 impl CaDigest {
+    /// The digest of the first certificate in a PEM text, or `None` if there is none.
+    pub fn of_pem_certificate(pem: &str) -> Option<Self> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .ok()
+            .map(|der| Self::of_certificate(&der))
+    }
+
     /// The digest of a DER certificate.
     pub fn of_certificate(der: &[u8]) -> Self {
         let d = ring::digest::digest(&ring::digest::SHA256, der);

@@ -1,0 +1,256 @@
+//! The control API: HTTP/JSON on the node's Unix socket (see `API.md`).
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use starling_raft_store::{Command, Consistency, NodeRole, Outcome, StoreError};
+use starling_transport::{CaDigest, JoinSecret, JoinToken};
+
+use crate::daemon::Manager;
+use crate::http::{HttpRequest, HttpResponse};
+
+fn lower<T: std::fmt::Debug>(v: &T) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
+fn store_error(e: &StoreError) -> HttpResponse {
+    let status = match e {
+        StoreError::NoQuorum { .. } => 503,
+        StoreError::TooLarge { .. } => 413,
+        _ => 500,
+    };
+    HttpResponse::error(status, e)
+}
+
+fn consistency(req: &HttpRequest) -> Result<Consistency, HttpResponse> {
+    match req.param("consistency") {
+        None | Some("linearizable") => Ok(Consistency::Linearizable),
+        Some("stale") => Ok(Consistency::Stale),
+        Some(other) => Err(HttpResponse::error(
+            400,
+            format!("unknown consistency {other:?}: use linearizable or stale"),
+        )),
+    }
+}
+
+/// Routes one request.
+pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
+    let path = req.path.clone();
+    let method = req.method.as_str();
+    if let Some(key) = path.strip_prefix("/v1/kv/") {
+        return kv(&m, method, key, &req).await;
+    }
+    match (method, path.as_str()) {
+        ("GET", "/v1/info") => info(&m),
+        ("GET", "/v1/nodes") => nodes(&m).await,
+        ("GET", "/v1/members") => members(&m),
+        ("GET", "/v1/kv") => kv_list(&m, &req).await,
+        ("GET", p) if p.starts_with("/v1/join-token/") => {
+            join_token(&m, &p["/v1/join-token/".len()..]).await
+        }
+        (_, "/v1/info" | "/v1/nodes" | "/v1/members" | "/v1/kv") => {
+            HttpResponse::error(405, format!("{method} is not allowed on {path}"))
+        }
+        _ => HttpResponse::error(404, format!("no such endpoint: {path}")),
+    }
+}
+
+fn info(m: &Manager) -> HttpResponse {
+    let s = m.store.status();
+    HttpResponse::json(
+        200,
+        &json!({
+            "node_id": m.state.node_id,
+            "cluster_id": m.state.cluster_id,
+            "role": m.state.role,
+            "addr": m.state.advertise.to_string(),
+            "raft": {"id": s.id, "leader": s.leader, "term": s.term, "applied": s.applied},
+        }),
+    )
+}
+
+async fn nodes(m: &Manager) -> HttpResponse {
+    // docker node ls reads through the leader; without a quorum, answer from local state
+    // and say so.
+    let read = |s: &starling_raft_store::ClusterState| s.nodes().cloned().collect::<Vec<_>>();
+    let (records, note) = match m.store.read(Consistency::Linearizable, read).await {
+        Ok((r, _)) => (r, None),
+        Err(e @ StoreError::NoQuorum { .. }) => {
+            match m.store.read(Consistency::Stale, read).await {
+                Ok((r, _)) => (r, Some(format!("{e}; showing this manager's local state"))),
+                Err(e) => return store_error(&e),
+            }
+        }
+        Err(e) => return store_error(&e),
+    };
+    let status = m.store.status();
+    let up: std::collections::BTreeSet<String> = m
+        .gossip
+        .members()
+        .into_iter()
+        .filter(|v| v.up)
+        .map(|v| v.id.node)
+        .chain([m.state.node_id.clone()])
+        .collect();
+    let list: Vec<Value> = records
+        .iter()
+        .map(|n| {
+            let raft_id = status
+                .nodes
+                .iter()
+                .find(|(_, node)| node.name == n.id)
+                .map(|(id, _)| *id);
+            let manager_status = match (n.role.clone(), raft_id) {
+                (NodeRole::Manager, Some(id)) if status.leader == Some(id) => json!("leader"),
+                (NodeRole::Manager, _) if up.contains(&n.id) => json!("reachable"),
+                (NodeRole::Manager, _) => json!("unreachable"),
+                (NodeRole::Worker, _) => Value::Null,
+            };
+            json!({
+                "id": n.id,
+                "hostname": n.hostname,
+                "role": lower(&n.role),
+                "status": lower(&n.status),
+                "availability": lower(&n.availability),
+                "manager_status": manager_status,
+                "addr": n.addr,
+                "version": n.version,
+            })
+        })
+        .collect();
+    let mut body = json!({ "nodes": list });
+    if let Some(note) = note {
+        body["warning"] = json!(note);
+    }
+    HttpResponse::json(200, &body)
+}
+
+fn members(m: &Manager) -> HttpResponse {
+    let list: Vec<Value> = m
+        .gossip
+        .members()
+        .into_iter()
+        .map(|v| {
+            json!({
+                "node": v.id.node,
+                "addr": v.id.addr.to_string(),
+                "state": if v.up { "alive" } else { "down" },
+                "generation": v.id.generation,
+            })
+        })
+        .collect();
+    HttpResponse::json(
+        200,
+        &json!({ "self": {"node": m.state.node_id, "generation": m.gossip.id().generation}, "members": list }),
+    )
+}
+
+fn entry_json(key: &str, e: &starling_raft_store::KvEntry, revision: u64) -> Value {
+    json!({
+        "key": key,
+        "value": String::from_utf8_lossy(&e.value),
+        "create_revision": e.create_revision,
+        "mod_revision": e.mod_revision,
+        "version": e.version,
+        "revision": revision,
+    })
+}
+
+async fn kv(m: &Manager, method: &str, key: &str, req: &HttpRequest) -> HttpResponse {
+    if key.is_empty() {
+        return HttpResponse::error(400, "empty key");
+    }
+    match method {
+        "GET" => {
+            let c = match consistency(req) {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
+            match m.store.read(c, |s| s.get(key).cloned()).await {
+                Ok((Some(e), rev)) => HttpResponse::json(200, &entry_json(key, &e, rev)),
+                Ok((None, rev)) => HttpResponse::json(
+                    404,
+                    &json!({"error": format!("key {key:?} not found"), "revision": rev}),
+                ),
+                Err(e) => store_error(&e),
+            }
+        }
+        "PUT" => {
+            let value = req.body.clone();
+            let cmd = match req.param("expect-revision").map(str::parse::<u64>) {
+                None => Command::Put {
+                    key: key.to_owned(),
+                    value,
+                },
+                Some(Ok(rev)) => Command::cas_revision(key, rev, value),
+                Some(Err(_)) => {
+                    return HttpResponse::error(400, "expect-revision must be a number");
+                }
+            };
+            match m.store.write(cmd).await {
+                Ok(r) => match r.outcome {
+                    Outcome::Txn { succeeded: false } => HttpResponse::json(
+                        412,
+                        &json!({"error": format!("compare failed: {key:?} is not at revision {}", req.param("expect-revision").unwrap_or("?")), "revision": r.revision}),
+                    ),
+                    _ => HttpResponse::json(200, &json!({"revision": r.revision})),
+                },
+                Err(e) => store_error(&e),
+            }
+        }
+        "DELETE" => match m
+            .store
+            .write(Command::Delete {
+                key: key.to_owned(),
+            })
+            .await
+        {
+            Ok(r) => {
+                let deleted = matches!(r.outcome, Outcome::Deleted { prev: Some(_) });
+                HttpResponse::json(200, &json!({"revision": r.revision, "deleted": deleted}))
+            }
+            Err(e) => store_error(&e),
+        },
+        _ => HttpResponse::error(405, format!("{method} is not allowed on keys")),
+    }
+}
+
+async fn kv_list(m: &Manager, req: &HttpRequest) -> HttpResponse {
+    let c = match consistency(req) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let prefix = req.param("prefix").unwrap_or("").to_owned();
+    match m.store.read(c, |s| s.range(&prefix)).await {
+        Ok((entries, rev)) => {
+            let list: Vec<Value> = entries.iter().map(|(k, e)| entry_json(k, e, rev)).collect();
+            HttpResponse::json(200, &json!({"keys": list, "revision": rev}))
+        }
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn join_token(m: &Manager, role: &str) -> HttpResponse {
+    if role != "worker" && role != "manager" {
+        return HttpResponse::error(400, format!("unknown role {role:?}: use worker or manager"));
+    }
+    let read = m
+        .store
+        .read(Consistency::Stale, |s| {
+            let c = s.cluster();
+            (c.ca_cert_pem.clone(), c.join_secrets.get(role).cloned())
+        })
+        .await;
+    let ((ca_pem, secret), _) = match read {
+        Ok(v) => v,
+        Err(e) => return store_error(&e),
+    };
+    let Some(secret) = secret.and_then(|s| <[u8; 16]>::try_from(s.as_slice()).ok()) else {
+        return HttpResponse::error(500, "the cluster has no join secret for this role");
+    };
+    let Some(digest) = CaDigest::of_pem_certificate(&ca_pem) else {
+        return HttpResponse::error(500, "the cluster CA certificate is unreadable");
+    };
+    let token = JoinToken::new(digest, JoinSecret::from_bytes(secret));
+    HttpResponse::json(200, &json!({"role": role, "token": token.to_string()}))
+}

@@ -1,0 +1,206 @@
+//! A running manager: its endpoint, Raft store, gossip and control socket.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use starling_gossip::{
+    FileGeneration, GenerationStore, GossipConfig, GossipId, GossipNode, GossipSettings,
+};
+use starling_raft_store::{
+    Availability, ClusterInfo, Command, ManagerNode, NodeRecord, NodeRole, NodeStatus, Settings,
+    Store, StoreConfig,
+};
+use starling_transport::{
+    CertOptions, ClusterCa, ClusterId, Endpoint, EndpointConfig, JoinSecret, NodeCredentials,
+    NodeId, Role, ring_provider,
+};
+use tracing::info;
+
+use crate::datadir::{DataDir, NodeState, random_id};
+
+/// Options of `starling init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Data directory.
+    pub data_dir: DataDir,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Address others reach this node at (default: `listen`).
+    pub advertise: Option<SocketAddr>,
+    /// Host name to report (default: the machine's).
+    pub hostname: Option<String>,
+}
+
+/// Everything a running manager holds.
+pub struct Manager {
+    /// Its identity file.
+    pub state: NodeState,
+    /// The replicated store.
+    pub store: Arc<Store>,
+    /// Gossip.
+    pub gossip: Arc<GossipNode>,
+    /// The QUIC endpoint.
+    pub endpoint: Endpoint,
+    /// The data directory.
+    pub data_dir: DataDir,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn bind(listen: SocketAddr, creds: NodeCredentials) -> anyhow::Result<Endpoint> {
+    let cfg = EndpointConfig {
+        listen,
+        ..EndpointConfig::default()
+    };
+    Endpoint::bind(cfg, ring_provider(), Some(creds))
+        .with_context(|| format!("cannot listen on {listen}"))
+}
+
+/// Creates a new cluster with this node as its first manager, and runs it.
+pub async fn init(opts: InitOptions) -> anyhow::Result<Manager> {
+    let dir = opts.data_dir.clone();
+    if dir.is_initialised() {
+        anyhow::bail!(
+            "{} already holds a node (use `starling run --data-dir {}`)",
+            dir.0.display(),
+            dir.0.display()
+        );
+    }
+    dir.create()
+        .with_context(|| format!("cannot create {}", dir.0.display()))?;
+    let cluster_id = random_id()?;
+    let node_id = random_id()?;
+    let ca = ClusterCa::create(ClusterId::new(cluster_id.clone())?)?;
+    ca.save(&dir.0)?;
+    let creds = ca.issue(
+        &NodeId::new(node_id.clone())?,
+        &Role::MANAGER,
+        &CertOptions::default(),
+    )?;
+    creds.save(&dir.0)?;
+    let advertise = opts.advertise.unwrap_or(opts.listen);
+    let state = NodeState {
+        node_id: node_id.clone(),
+        cluster_id: cluster_id.clone(),
+        role: "manager".into(),
+        raft_id: Some(1),
+        listen: opts.listen,
+        advertise,
+        hostname: opts.hostname.unwrap_or_else(hostname),
+        managers: vec![(node_id.clone(), advertise)],
+    };
+    let endpoint = bind(opts.listen, creds.clone())?;
+    dir.save(&state)?;
+    let manager = start_manager(dir, state, endpoint, creds).await?;
+    manager.store.initialize().await?;
+    let (ca_cert, ca_key) = ca.to_pem();
+    let mut join_secrets = BTreeMap::new();
+    for role in ["manager", "worker"] {
+        join_secrets.insert(role.to_owned(), JoinSecret::generate()?.as_bytes().to_vec());
+    }
+    manager
+        .store
+        .write(Command::SetCluster {
+            info: ClusterInfo {
+                cluster_id,
+                ca_cert_pem: ca_cert,
+                ca_key_pem: ca_key,
+                join_secrets,
+                settings: Settings::default(),
+            },
+        })
+        .await?;
+    manager
+        .store
+        .write(Command::UpsertNode {
+            node: NodeRecord {
+                id: node_id,
+                hostname: manager.state.hostname.clone(),
+                addr: advertise.to_string(),
+                role: NodeRole::Manager,
+                desired_role: NodeRole::Manager,
+                availability: Availability::Active,
+                status: NodeStatus::Ready,
+                labels: BTreeMap::new(),
+                cert_serial: manager
+                    .endpoint
+                    .identity()
+                    .map(|i| i.serial.to_string())
+                    .unwrap_or_default(),
+                version: 0,
+                created_revision: 0,
+                updated_revision: 0,
+            },
+        })
+        .await?;
+    info!(cluster = %manager.state.cluster_id, node = %manager.state.node_id, "cluster initialised");
+    Ok(manager)
+}
+
+/// Restarts the node in `dir` (identity, certificate, log).
+pub async fn run(dir: DataDir) -> anyhow::Result<Manager> {
+    let state = dir.load()?;
+    if state.role != "manager" {
+        anyhow::bail!(
+            "worker nodes are not supported by `run` yet: {} is a {}",
+            state.node_id,
+            state.role
+        );
+    }
+    let creds = NodeCredentials::load(&dir.0)?;
+    let endpoint = bind(state.listen, creds.clone())?;
+    start_manager(dir, state, endpoint, creds).await
+}
+
+async fn start_manager(
+    dir: DataDir,
+    state: NodeState,
+    endpoint: Endpoint,
+    _creds: NodeCredentials,
+) -> anyhow::Result<Manager> {
+    let raft_id = state
+        .raft_id
+        .ok_or_else(|| anyhow::anyhow!("manager state without a raft id"))?;
+    let store = Store::open(
+        StoreConfig::new(
+            dir.raft_dir(),
+            raft_id,
+            ManagerNode {
+                name: state.node_id.clone(),
+                addr: state.advertise.to_string(),
+            },
+        ),
+        endpoint.clone(),
+    )
+    .await?;
+    let generation = FileGeneration(dir.generation_file()).next_generation()?;
+    let gossip = GossipNode::start(
+        endpoint.clone(),
+        GossipSettings {
+            id: GossipId::new(state.node_id.clone(), state.advertise, generation),
+            seeds: state
+                .managers
+                .iter()
+                .map(|(n, a)| (n.clone(), *a))
+                .collect(),
+            config: GossipConfig::default(),
+            rng_seed: generation ^ u64::from_str_radix(&state.node_id, 16).unwrap_or(7),
+        },
+    )
+    .await?;
+    Ok(Manager {
+        state,
+        store: Arc::new(store),
+        gossip: Arc::new(gossip),
+        endpoint,
+        data_dir: dir,
+    })
+}

@@ -1,0 +1,384 @@
+//! The `starling` command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use starling_node::datadir::DataDir;
+use starling_node::{control, daemon, http};
+
+#[derive(Parser)]
+#[command(
+    name = "starling",
+    version,
+    about = "Starling: a swarm-mode control plane on Raft and SWIM over mTLS QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct DirArg {
+    /// The node's data directory.
+    #[arg(long, env = "STARLING_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new cluster with this node as its first manager, and run it.
+    Init {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Address to listen on (UDP).
+        #[arg(long, env = "STARLING_LISTEN")]
+        listen: SocketAddr,
+        /// Address other nodes reach this one at (default: --listen).
+        #[arg(long, env = "STARLING_ADVERTISE")]
+        advertise: Option<SocketAddr>,
+        /// Host name to report (default: this machine's).
+        #[arg(long)]
+        hostname: Option<String>,
+    },
+    /// Run the node already set up in the data directory.
+    Run {
+        #[command(flatten)]
+        dir: DirArg,
+    },
+    /// Nodes of the cluster.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// The replicated key-value store.
+    Kv {
+        #[command(subcommand)]
+        cmd: KvCmd,
+    },
+    /// The gossip view: members, addresses, states, generations.
+    Members {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Print the token that lets a node join with a role.
+    JoinToken {
+        #[command(flatten)]
+        dir: DirArg,
+        /// `worker` or `manager`.
+        role: String,
+        /// Print only the token.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List the nodes, like `docker node ls`.
+    Ls {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvCmd {
+    /// Set a key.
+    Put {
+        #[command(flatten)]
+        dir: DirArg,
+        key: String,
+        value: String,
+    },
+    /// Read a key.
+    Get {
+        #[command(flatten)]
+        dir: DirArg,
+        key: String,
+        /// `linearizable` (default) or `stale`.
+        #[arg(long, default_value = "linearizable")]
+        consistency: String,
+    },
+    /// Delete a key.
+    Del {
+        #[command(flatten)]
+        dir: DirArg,
+        key: String,
+    },
+    /// Set a key only if it is at the given revision (0: only if absent).
+    Cas {
+        #[command(flatten)]
+        dir: DirArg,
+        key: String,
+        /// The revision the key must be at.
+        #[arg(long)]
+        expect_revision: u64,
+        value: String,
+    },
+    /// List the keys under a prefix.
+    Ls {
+        #[command(flatten)]
+        dir: DirArg,
+        prefix: String,
+    },
+}
+
+async fn serve_until_signal(m: daemon::Manager) -> anyhow::Result<()> {
+    let sock = m.data_dir.control_socket();
+    let listener = http::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
+    let m = Arc::new(m);
+    let handler_m = m.clone();
+    let server = tokio::spawn(http::serve(listener, move |req| {
+        let m = handler_m.clone();
+        async move { control::handle(m, req).await }
+    }));
+    eprintln!(
+        "starling: node {} of cluster {} ({}) serving on {}; control socket {}",
+        m.state.node_id,
+        m.state.cluster_id,
+        m.state.role,
+        m.state.advertise,
+        sock.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("starling: shutting down");
+    server.abort();
+    let _ = std::fs::remove_file(&sock);
+    let _ = m.store.shutdown().await;
+    m.endpoint.close().await;
+    Ok(())
+}
+
+async fn call(
+    dir: &DirArg,
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> anyhow::Result<serde_json::Value> {
+    let sock = DataDir(dir.data_dir.clone()).control_socket();
+    let r = http::call(&sock, method, target, body)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+    if r.status >= 400 {
+        let msg = v["error"].as_str().unwrap_or("request failed").to_owned();
+        anyhow::bail!("{msg}");
+    }
+    Ok(v)
+}
+
+fn print_nodes(v: &serde_json::Value, format: Format) {
+    let empty = Vec::new();
+    let nodes = v["nodes"].as_array().unwrap_or(&empty);
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(nodes).unwrap_or_default()
+        ),
+        Format::Table => {
+            println!(
+                "{:<14} {:<20} {:<8} {:<13} {:<15} VERSION",
+                "ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"
+            );
+            for n in nodes {
+                let cap = |s: &serde_json::Value| {
+                    let s = s.as_str().unwrap_or("");
+                    let mut c = s.chars();
+                    c.next()
+                        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+                        .unwrap_or_default()
+                };
+                println!(
+                    "{:<14} {:<20} {:<8} {:<13} {:<15} {}",
+                    n["id"].as_str().unwrap_or(""),
+                    n["hostname"].as_str().unwrap_or(""),
+                    cap(&n["status"]),
+                    cap(&n["availability"]),
+                    cap(&n["manager_status"]),
+                    n["version"]
+                );
+            }
+        }
+    }
+    if let Some(w) = v["warning"].as_str() {
+        eprintln!("warning: {w}");
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(real_main()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line per cause, no backtrace: this is for operators.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
+                .unwrap_or_else(|_| "warn,starling=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Init {
+            dir,
+            listen,
+            advertise,
+            hostname,
+        } => {
+            let m = daemon::init(daemon::InitOptions {
+                data_dir: DataDir(dir.data_dir),
+                listen,
+                advertise,
+                hostname,
+            })
+            .await?;
+            serve_until_signal(m).await
+        }
+        Cmd::Run { dir } => serve_until_signal(daemon::run(DataDir(dir.data_dir)).await?).await,
+        Cmd::Node {
+            cmd: NodeCmd::Ls { dir, format },
+        } => {
+            let v = call(&dir, "GET", "/v1/nodes", b"").await?;
+            print_nodes(&v, format);
+            Ok(())
+        }
+        Cmd::Members { dir, format } => {
+            let v = call(&dir, "GET", "/v1/members", b"").await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Format::Table => {
+                    println!("{:<14} {:<22} {:<6} GENERATION", "NODE", "ADDRESS", "STATE");
+                    for m in v["members"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<14} {:<22} {:<6} {}",
+                            m["node"].as_str().unwrap_or(""),
+                            m["addr"].as_str().unwrap_or(""),
+                            m["state"].as_str().unwrap_or(""),
+                            m["generation"]
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::JoinToken { dir, role, quiet } => {
+            let v = call(
+                &dir,
+                "GET",
+                &format!("/v1/join-token/{}", http::percent_encode(&role)),
+                b"",
+            )
+            .await?;
+            let token = v["token"].as_str().unwrap_or("");
+            if quiet {
+                println!("{token}");
+            } else {
+                println!(
+                    "To add a {role} to this cluster, run:\n\n    starling join --token {token} --manager <MANAGER-IP:PORT> --data-dir <DIR> --listen <IP:PORT>\n"
+                );
+            }
+            Ok(())
+        }
+        Cmd::Kv { cmd } => kv(cmd).await,
+    }
+}
+
+async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
+    let key_path = |k: &str| format!("/v1/kv/{}", http::percent_encode(k));
+    match cmd {
+        KvCmd::Put { dir, key, value } => {
+            let v = call(&dir, "PUT", &key_path(&key), value.as_bytes()).await?;
+            println!("revision {}", v["revision"]);
+        }
+        KvCmd::Cas {
+            dir,
+            key,
+            expect_revision,
+            value,
+        } => {
+            let target = format!("{}?expect-revision={expect_revision}", key_path(&key));
+            let v = call(&dir, "PUT", &target, value.as_bytes()).await?;
+            println!("revision {}", v["revision"]);
+        }
+        KvCmd::Get {
+            dir,
+            key,
+            consistency,
+        } => {
+            let target = format!(
+                "{}?consistency={}",
+                key_path(&key),
+                http::percent_encode(&consistency)
+            );
+            let v = call(&dir, "GET", &target, b"").await?;
+            println!("{}", v["value"].as_str().unwrap_or(""));
+            eprintln!(
+                "revision {} (mod_revision {})",
+                v["revision"], v["mod_revision"]
+            );
+        }
+        KvCmd::Del { dir, key } => {
+            let v = call(&dir, "DELETE", &key_path(&key), b"").await?;
+            println!(
+                "revision {}{}",
+                v["revision"],
+                if v["deleted"] == true {
+                    ""
+                } else {
+                    " (no such key)"
+                }
+            );
+        }
+        KvCmd::Ls { dir, prefix } => {
+            let v = call(
+                &dir,
+                "GET",
+                &format!("/v1/kv?prefix={}", http::percent_encode(&prefix)),
+                b"",
+            )
+            .await?;
+            for k in v["keys"].as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}",
+                    k["key"].as_str().unwrap_or(""),
+                    k["value"].as_str().unwrap_or("")
+                );
+            }
+            eprintln!("revision {}", v["revision"]);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! The `starling` binary as an operator uses it: init, client commands over the control
+//! socket, restart with `run`, and clear errors for bad input.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_starling");
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn starling(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap()
+}
+
+fn spawn(args: &[&str]) -> Daemon {
+    Daemon(
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_ready(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = starling(&[
+            "node",
+            "ls",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--format",
+            "json",
+        ]);
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node not ready: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn terminate(mut d: Daemon) {
+    let pid = d.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if d.0.try_wait().unwrap().is_some() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no clean exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn t10_init_commands_restart_and_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m1");
+    let d = dir.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let daemon = spawn(&[
+        "init",
+        "--data-dir",
+        d,
+        "--listen",
+        &listen,
+        "--hostname",
+        "alpha",
+    ]);
+    wait_ready(&dir);
+
+    let ls = starling(&["node", "ls", "--data-dir", d, "--format", "json"]);
+    let nodes: serde_json::Value = serde_json::from_str(&stdout(&ls)).unwrap();
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 1);
+    let me = &nodes[0];
+    for key in [
+        "id",
+        "hostname",
+        "role",
+        "status",
+        "availability",
+        "manager_status",
+        "addr",
+        "version",
+    ] {
+        assert!(me.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(me["hostname"], "alpha");
+    assert_eq!(me["role"], "manager");
+    assert_eq!(me["status"], "ready");
+    assert_eq!(me["manager_status"], "leader");
+    let table = stdout(&starling(&["node", "ls", "--data-dir", d]));
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(table.contains("Leader"), "{table}");
+
+    // Key-value: put, get, compare-and-swap (a stale expectation fails with a reason).
+    let put = starling(&["kv", "put", "--data-dir", d, "greeting", "hello"]);
+    assert!(put.status.success());
+    let rev: u64 = stdout(&put)
+        .trim()
+        .trim_start_matches("revision ")
+        .parse()
+        .unwrap();
+    let get = starling(&["kv", "get", "--data-dir", d, "greeting"]);
+    assert_eq!(stdout(&get).trim(), "hello");
+    let bad_cas = starling(&[
+        "kv",
+        "cas",
+        "--data-dir",
+        d,
+        "greeting",
+        "--expect-revision",
+        &(rev + 100).to_string(),
+        "x",
+    ]);
+    assert!(!bad_cas.status.success());
+    let err = String::from_utf8_lossy(&bad_cas.stderr);
+    assert!(
+        err.contains("compare failed") && !err.contains("backtrace"),
+        "{err}"
+    );
+    let cas = starling(&[
+        "kv",
+        "cas",
+        "--data-dir",
+        d,
+        "greeting",
+        "--expect-revision",
+        &rev.to_string(),
+        "hi",
+    ]);
+    assert!(
+        cas.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cas.stderr)
+    );
+    let stale = starling(&[
+        "kv",
+        "get",
+        "--data-dir",
+        d,
+        "greeting",
+        "--consistency",
+        "stale",
+    ]);
+    assert_eq!(stdout(&stale).trim(), "hi");
+    let bad = starling(&[
+        "kv",
+        "get",
+        "--data-dir",
+        d,
+        "greeting",
+        "--consistency",
+        "eventual",
+    ]);
+    assert!(!bad.status.success());
+
+    // Join tokens parse and differ per role.
+    let w = stdout(&starling(&["join-token", "--data-dir", d, "worker", "-q"]));
+    let m = stdout(&starling(&["join-token", "--data-dir", d, "manager", "-q"]));
+    let wt: starling_transport::JoinToken = w.trim().parse().unwrap();
+    let mt: starling_transport::JoinToken = m.trim().parse().unwrap();
+    assert_eq!(wt.ca_digest, mt.ca_digest);
+    assert_ne!(wt, mt);
+
+    // Bad input: a second init on the same directory; the same port taken.
+    let again = starling(&[
+        "init",
+        "--data-dir",
+        d,
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a node"));
+    let other = tmp.path().join("other");
+    let busy = starling(&[
+        "init",
+        "--data-dir",
+        other.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("cannot listen"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+
+    // SIGTERM, then `run` brings back the same node with its data.
+    let id = me["id"].as_str().unwrap().to_owned();
+    terminate(daemon);
+    let _daemon = spawn(&["run", "--data-dir", d]);
+    wait_ready(&dir);
+    let get = starling(&["kv", "get", "--data-dir", d, "greeting"]);
+    assert_eq!(stdout(&get).trim(), "hi");
+    let ls = stdout(&starling(&[
+        "node",
+        "ls",
+        "--data-dir",
+        d,
+        "--format",
+        "json",
+    ]));
+    assert!(ls.contains(&id));
+
+    // A client pointed at a directory with no node says so.
+    let none = starling(&[
+        "node",
+        "ls",
+        "--data-dir",
+        tmp.path().join("nothing").to_str().unwrap(),
+    ]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("control socket"));
+}
