@@ -321,6 +321,16 @@ impl GossipNode {
         self.halt();
     }
 
+    /// Like [`GossipNode::leave`] through a shared handle: announces the departure, lingers,
+    /// and stops gossiping (the handle stays, inert).
+    pub async fn leave_shared(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Input::Leave(done)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.halt();
+    }
+
     /// Stops at once, telling nobody (as a crash would).
     pub fn stop(self) {
         self.halt();

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use starling_raft_store::{Command, Consistency, NodeRole, Outcome, StoreError};
+use starling_raft_store::{Command, Consistency, NodeRole, Outcome, Store, StoreError};
 use starling_transport::{CaDigest, JoinSecret, JoinToken};
 
 use crate::daemon::Manager;
@@ -37,16 +37,27 @@ fn consistency(req: &HttpRequest) -> Result<Consistency, HttpResponse> {
 pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
     let path = req.path.clone();
     let method = req.method.as_str();
+    let Some(store) = m.store.clone() else {
+        return match (method, path.as_str()) {
+            ("GET", "/v1/info") => info(&m),
+            ("GET", "/v1/members") => members(&m),
+            _ => HttpResponse::error(
+                503,
+                "this node is a worker: run this command against a manager's data directory",
+            ),
+        };
+    };
+    let store = &*store;
     if let Some(key) = path.strip_prefix("/v1/kv/") {
-        return kv(&m, method, key, &req).await;
+        return kv(store, method, key, &req).await;
     }
     match (method, path.as_str()) {
         ("GET", "/v1/info") => info(&m),
-        ("GET", "/v1/nodes") => nodes(&m).await,
+        ("GET", "/v1/nodes") => nodes(&m, store).await,
         ("GET", "/v1/members") => members(&m),
-        ("GET", "/v1/kv") => kv_list(&m, &req).await,
+        ("GET", "/v1/kv") => kv_list(store, &req).await,
         ("GET", p) if p.starts_with("/v1/join-token/") => {
-            join_token(&m, &p["/v1/join-token/".len()..]).await
+            join_token(store, &p["/v1/join-token/".len()..]).await
         }
         (_, "/v1/info" | "/v1/nodes" | "/v1/members" | "/v1/kv") => {
             HttpResponse::error(405, format!("{method} is not allowed on {path}"))
@@ -56,7 +67,10 @@ pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
 }
 
 fn info(m: &Manager) -> HttpResponse {
-    let s = m.store.status();
+    let raft = m.store.as_ref().map(|st| {
+        let s = st.status();
+        json!({"id": s.id, "leader": s.leader, "term": s.term, "applied": s.applied})
+    });
     HttpResponse::json(
         200,
         &json!({
@@ -64,26 +78,24 @@ fn info(m: &Manager) -> HttpResponse {
             "cluster_id": m.state.cluster_id,
             "role": m.state.role,
             "addr": m.state.advertise.to_string(),
-            "raft": {"id": s.id, "leader": s.leader, "term": s.term, "applied": s.applied},
+            "raft": raft,
         }),
     )
 }
 
-async fn nodes(m: &Manager) -> HttpResponse {
+async fn nodes(m: &Manager, store: &Store) -> HttpResponse {
     // docker node ls reads through the leader; without a quorum, answer from local state
     // and say so.
     let read = |s: &starling_raft_store::ClusterState| s.nodes().cloned().collect::<Vec<_>>();
-    let (records, note) = match m.store.read(Consistency::Linearizable, read).await {
+    let (records, note) = match store.read(Consistency::Linearizable, read).await {
         Ok((r, _)) => (r, None),
-        Err(e @ StoreError::NoQuorum { .. }) => {
-            match m.store.read(Consistency::Stale, read).await {
-                Ok((r, _)) => (r, Some(format!("{e}; showing this manager's local state"))),
-                Err(e) => return store_error(&e),
-            }
-        }
+        Err(e @ StoreError::NoQuorum { .. }) => match store.read(Consistency::Stale, read).await {
+            Ok((r, _)) => (r, Some(format!("{e}; showing this manager's local state"))),
+            Err(e) => return store_error(&e),
+        },
         Err(e) => return store_error(&e),
     };
-    let status = m.store.status();
+    let status = store.status();
     let up: std::collections::BTreeSet<String> = m
         .gossip
         .members()
@@ -156,7 +168,7 @@ fn entry_json(key: &str, e: &starling_raft_store::KvEntry, revision: u64) -> Val
     })
 }
 
-async fn kv(m: &Manager, method: &str, key: &str, req: &HttpRequest) -> HttpResponse {
+async fn kv(store: &Store, method: &str, key: &str, req: &HttpRequest) -> HttpResponse {
     if key.is_empty() {
         return HttpResponse::error(400, "empty key");
     }
@@ -166,7 +178,7 @@ async fn kv(m: &Manager, method: &str, key: &str, req: &HttpRequest) -> HttpResp
                 Ok(c) => c,
                 Err(r) => return r,
             };
-            match m.store.read(c, |s| s.get(key).cloned()).await {
+            match store.read(c, |s| s.get(key).cloned()).await {
                 Ok((Some(e), rev)) => HttpResponse::json(200, &entry_json(key, &e, rev)),
                 Ok((None, rev)) => HttpResponse::json(
                     404,
@@ -187,7 +199,7 @@ async fn kv(m: &Manager, method: &str, key: &str, req: &HttpRequest) -> HttpResp
                     return HttpResponse::error(400, "expect-revision must be a number");
                 }
             };
-            match m.store.write(cmd).await {
+            match store.write(cmd).await {
                 Ok(r) => match r.outcome {
                     Outcome::Txn { succeeded: false } => HttpResponse::json(
                         412,
@@ -198,8 +210,7 @@ async fn kv(m: &Manager, method: &str, key: &str, req: &HttpRequest) -> HttpResp
                 Err(e) => store_error(&e),
             }
         }
-        "DELETE" => match m
-            .store
+        "DELETE" => match store
             .write(Command::Delete {
                 key: key.to_owned(),
             })
@@ -215,13 +226,13 @@ async fn kv(m: &Manager, method: &str, key: &str, req: &HttpRequest) -> HttpResp
     }
 }
 
-async fn kv_list(m: &Manager, req: &HttpRequest) -> HttpResponse {
+async fn kv_list(store: &Store, req: &HttpRequest) -> HttpResponse {
     let c = match consistency(req) {
         Ok(c) => c,
         Err(r) => return r,
     };
     let prefix = req.param("prefix").unwrap_or("").to_owned();
-    match m.store.read(c, |s| s.range(&prefix)).await {
+    match store.read(c, |s| s.range(&prefix)).await {
         Ok((entries, rev)) => {
             let list: Vec<Value> = entries.iter().map(|(k, e)| entry_json(k, e, rev)).collect();
             HttpResponse::json(200, &json!({"keys": list, "revision": rev}))
@@ -230,12 +241,11 @@ async fn kv_list(m: &Manager, req: &HttpRequest) -> HttpResponse {
     }
 }
 
-async fn join_token(m: &Manager, role: &str) -> HttpResponse {
+async fn join_token(store: &Store, role: &str) -> HttpResponse {
     if role != "worker" && role != "manager" {
         return HttpResponse::error(400, format!("unknown role {role:?}: use worker or manager"));
     }
-    let read = m
-        .store
+    let read = store
         .read(Consistency::Stale, |s| {
             let c = s.cluster();
             (c.ca_cert_pem.clone(), c.join_secrets.get(role).cloned())

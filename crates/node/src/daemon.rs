@@ -33,12 +33,12 @@ pub struct InitOptions {
     pub hostname: Option<String>,
 }
 
-/// Everything a running manager holds.
+/// Everything a running node holds.
 pub struct Manager {
     /// Its identity file.
     pub state: NodeState,
-    /// The replicated store.
-    pub store: Arc<Store>,
+    /// The replicated store (managers only).
+    pub store: Option<Arc<Store>>,
     /// Gossip.
     pub gossip: Arc<GossipNode>,
     /// The QUIC endpoint.
@@ -100,14 +100,17 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<Manager> {
     let endpoint = bind(opts.listen, creds.clone())?;
     dir.save(&state)?;
     let manager = start_manager(dir, state, endpoint, creds).await?;
-    manager.store.initialize().await?;
+    let store = manager
+        .store
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no store"))?;
+    store.initialize().await?;
     let (ca_cert, ca_key) = ca.to_pem();
     let mut join_secrets = BTreeMap::new();
     for role in ["manager", "worker"] {
         join_secrets.insert(role.to_owned(), JoinSecret::generate()?.as_bytes().to_vec());
     }
-    manager
-        .store
+    store
         .write(Command::SetCluster {
             info: ClusterInfo {
                 cluster_id,
@@ -118,8 +121,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<Manager> {
             },
         })
         .await?;
-    manager
-        .store
+    store
         .write(Command::UpsertNode {
             node: NodeRecord {
                 id: node_id,
@@ -148,16 +150,160 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<Manager> {
 /// Restarts the node in `dir` (identity, certificate, log).
 pub async fn run(dir: DataDir) -> anyhow::Result<Manager> {
     let state = dir.load()?;
-    if state.role != "manager" {
-        anyhow::bail!(
-            "worker nodes are not supported by `run` yet: {} is a {}",
-            state.node_id,
-            state.role
-        );
-    }
     let creds = NodeCredentials::load(&dir.0)?;
     let endpoint = bind(state.listen, creds.clone())?;
-    start_manager(dir, state, endpoint, creds).await
+    if state.role == "manager" {
+        start_manager(dir, state, endpoint, creds).await
+    } else {
+        start_worker(dir, state, endpoint).await
+    }
+}
+
+/// Options of `starling join`.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// Data directory.
+    pub data_dir: DataDir,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Address others reach this node at (default: `listen`).
+    pub advertise: Option<SocketAddr>,
+    /// Host name to report.
+    pub hostname: Option<String>,
+    /// The join token.
+    pub token: String,
+    /// A manager to join through.
+    pub manager: SocketAddr,
+}
+
+/// Joins a cluster through a manager with a token, and runs the node.
+pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
+    use crate::join::{JoinReply, JoinRequest, call, join_protocol};
+    let dir = opts.data_dir.clone();
+    if dir.is_initialised() {
+        anyhow::bail!(
+            "{} already holds a node (use `starling run --data-dir {}`)",
+            dir.0.display(),
+            dir.0.display()
+        );
+    }
+    let token: starling_transport::JoinToken = opts.token.parse().context("bad --token")?;
+    let cfg = EndpointConfig {
+        listen: opts.listen,
+        ..EndpointConfig::default()
+    };
+    let endpoint = Endpoint::bind(cfg, ring_provider(), None)
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let protocol = join_protocol()?;
+    let conn = endpoint
+        .connect_pinned(&protocol, opts.manager, &token)
+        .await
+        .with_context(|| format!("cannot join through {}", opts.manager))?;
+    let key = starling_transport::NodeKey::generate()?;
+    let advertise = opts.advertise.unwrap_or(opts.listen);
+    let hostname = opts.hostname.unwrap_or_else(hostname);
+    let reply = call(
+        &conn,
+        &JoinRequest::Join {
+            token: opts.token.clone(),
+            csr: key.csr()?,
+            hostname: hostname.clone(),
+            advertise,
+        },
+    )
+    .await?;
+    let (node_id, cluster_id, role, raft_id, cert, ca, managers) = match reply {
+        JoinReply::Joined {
+            node_id,
+            cluster_id,
+            role,
+            raft_id,
+            cert,
+            ca,
+            managers,
+        } => (node_id, cluster_id, role, raft_id, cert, ca, managers),
+        JoinReply::Refused(why) => anyhow::bail!("join refused: {why}"),
+        other => anyhow::bail!("unexpected answer to a join: {other:?}"),
+    };
+    conn.close(starling_transport::CloseCode::SHUTDOWN, "joined");
+    let creds = NodeCredentials::new(cert.into(), key, vec![ca.into()])?;
+    dir.create()
+        .with_context(|| format!("cannot create {}", dir.0.display()))?;
+    creds.save(&dir.0)?;
+    endpoint.rotate(creds.clone())?;
+    let state = NodeState {
+        node_id,
+        cluster_id,
+        role: role.clone(),
+        raft_id,
+        listen: opts.listen,
+        advertise,
+        hostname,
+        managers,
+    };
+    dir.save(&state)?;
+    if role != "manager" {
+        return start_worker(dir, state, endpoint).await;
+    }
+    let raft_id = raft_id.ok_or_else(|| anyhow::anyhow!("a manager join without a raft id"))?;
+    let seeds = state.managers.clone();
+    let node = start_manager(dir, state, endpoint.clone(), creds).await?;
+    // Ask the leader to add this manager: learner first, voter once caught up.
+    let mut target = seeds.first().cloned();
+    for _ in 0..10 {
+        let Some((leader_id, addr)) = target.clone() else {
+            break;
+        };
+        let conn = endpoint
+            .connect(&protocol, &NodeId::new(leader_id)?, addr)
+            .await?;
+        match call(&conn, &JoinRequest::AddManager { raft_id }).await? {
+            JoinReply::Added => return Ok(node),
+            JoinReply::NotLeader { leader } => target = leader.or(target),
+            JoinReply::Refused(why) => anyhow::bail!("could not join the raft group: {why}"),
+            other => anyhow::bail!("unexpected answer: {other:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("no leader accepted this manager into the raft group")
+}
+
+async fn start_gossip(
+    dir: &DataDir,
+    state: &NodeState,
+    endpoint: &Endpoint,
+) -> anyhow::Result<GossipNode> {
+    let generation = FileGeneration(dir.generation_file()).next_generation()?;
+    Ok(GossipNode::start(
+        endpoint.clone(),
+        GossipSettings {
+            id: GossipId::new(state.node_id.clone(), state.advertise, generation),
+            seeds: state
+                .managers
+                .iter()
+                .filter(|(n, _)| *n != state.node_id)
+                .map(|(n, a)| (n.clone(), *a))
+                .collect(),
+            config: GossipConfig::default(),
+            rng_seed: generation ^ u64::from_str_radix(&state.node_id, 16).unwrap_or(7),
+        },
+    )
+    .await?)
+}
+
+async fn start_worker(
+    dir: DataDir,
+    state: NodeState,
+    endpoint: Endpoint,
+) -> anyhow::Result<Manager> {
+    let gossip = start_gossip(&dir, &state, &endpoint).await?;
+    Ok(Manager {
+        state,
+        store: None,
+        gossip: Arc::new(gossip),
+        endpoint,
+        data_dir: dir,
+    })
 }
 
 async fn start_manager(
@@ -181,24 +327,13 @@ async fn start_manager(
         endpoint.clone(),
     )
     .await?;
-    let generation = FileGeneration(dir.generation_file()).next_generation()?;
-    let gossip = GossipNode::start(
-        endpoint.clone(),
-        GossipSettings {
-            id: GossipId::new(state.node_id.clone(), state.advertise, generation),
-            seeds: state
-                .managers
-                .iter()
-                .map(|(n, a)| (n.clone(), *a))
-                .collect(),
-            config: GossipConfig::default(),
-            rng_seed: generation ^ u64::from_str_radix(&state.node_id, 16).unwrap_or(7),
-        },
-    )
-    .await?;
+    let store = Arc::new(store);
+    let listener = endpoint.listen(&crate::join::join_protocol()?)?;
+    tokio::spawn(crate::join::serve(store.clone(), listener));
+    let gossip = start_gossip(&dir, &state, &endpoint).await?;
     Ok(Manager {
         state,
-        store: Arc::new(store),
+        store: Some(store),
         gossip: Arc::new(gossip),
         endpoint,
         data_dir: dir,

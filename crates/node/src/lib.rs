@@ -11,3 +11,4 @@ pub mod control;
 pub mod daemon;
 pub mod datadir;
 pub mod http;
+pub mod join;

@@ -49,6 +49,26 @@ enum Cmd {
         #[arg(long)]
         hostname: Option<String>,
     },
+    /// Join a cluster with a token, through any manager, and run the node.
+    Join {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Address to listen on (UDP).
+        #[arg(long, env = "STARLING_LISTEN")]
+        listen: SocketAddr,
+        /// Address other nodes reach this one at (default: --listen).
+        #[arg(long, env = "STARLING_ADVERTISE")]
+        advertise: Option<SocketAddr>,
+        /// Host name to report (default: this machine's).
+        #[arg(long)]
+        hostname: Option<String>,
+        /// The join token (`starling join-token worker|manager` on a manager).
+        #[arg(long, env = "STARLING_TOKEN")]
+        token: String,
+        /// A manager's address.
+        #[arg(long)]
+        manager: SocketAddr,
+    },
     /// Run the node already set up in the data directory.
     Run {
         #[command(flatten)]
@@ -163,7 +183,14 @@ async fn serve_until_signal(m: daemon::Manager) -> anyhow::Result<()> {
     eprintln!("starling: shutting down");
     server.abort();
     let _ = std::fs::remove_file(&sock);
-    let _ = m.store.shutdown().await;
+    // A worker leaves gossip first, so managers see it go at once; a manager's store stops
+    // with it (its peers elect without it if it led).
+    if m.store.is_none() {
+        m.gossip.leave_shared().await;
+    }
+    if let Some(store) = &m.store {
+        let _ = store.shutdown().await;
+    }
     m.endpoint.close().await;
     Ok(())
 }
@@ -263,6 +290,25 @@ async fn real_main() -> anyhow::Result<()> {
                 listen,
                 advertise,
                 hostname,
+            })
+            .await?;
+            serve_until_signal(m).await
+        }
+        Cmd::Join {
+            dir,
+            listen,
+            advertise,
+            hostname,
+            token,
+            manager,
+        } => {
+            let m = daemon::join(daemon::JoinOptions {
+                data_dir: DataDir(dir.data_dir),
+                listen,
+                advertise,
+                hostname,
+                token,
+                manager,
             })
             .await?;
             serve_until_signal(m).await

@@ -1,0 +1,299 @@
+//! Joining a cluster: ALPN `starling/join/1`, the only protocol that admits a peer without a
+//! certificate. The joiner pins the CA by the token's digest and sends the token's secret and
+//! a CSR; a manager checks the secret (constant time), assigns a node id, signs the CSR with
+//! fresh parameters, commits the node record and answers with the certificate. A new
+//! manager then asks the leader (now with its certificate) to add it to the Raft group.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use starling_raft_store::{
+    Availability, Command, Consistency, ManagerNode, NodeRecord, NodeRole, NodeStatus, Outcome,
+    Store, StoreError,
+};
+use starling_transport::{
+    CaDigest, CertOptions, ClusterCa, Connection, Inbound, JoinSecret, JoinSecrets, JoinToken,
+    PeerPolicy, Protocol, Role,
+};
+use tracing::{info, warn};
+
+use crate::datadir::random_id;
+
+/// The ALPN of the join protocol.
+pub const JOIN_ALPN: &[u8] = b"starling/join/1";
+
+/// The join protocol: served by managers; certificate-less joiners admitted.
+pub fn join_protocol() -> anyhow::Result<Protocol> {
+    Ok(Protocol::new(
+        JOIN_ALPN,
+        PeerPolicy::roles([Role::MANAGER]).allow_anonymous(),
+    )?)
+}
+
+/// What a joiner sends.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum JoinRequest {
+    /// Join with a token.
+    Join {
+        /// The token's text.
+        token: String,
+        /// A CSR for the joiner's key (DER).
+        csr: Vec<u8>,
+        /// Its host name.
+        hostname: String,
+        /// Where it is reached.
+        advertise: SocketAddr,
+    },
+    /// A joined manager, now holding its certificate, asks to be added to the Raft group.
+    AddManager {
+        /// Its Raft id.
+        raft_id: u64,
+    },
+}
+
+/// A manager's answer.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum JoinReply {
+    /// Admitted.
+    Joined {
+        /// The id assigned.
+        node_id: String,
+        /// The cluster.
+        cluster_id: String,
+        /// `manager` or `worker`.
+        role: String,
+        /// Raft id, for a manager.
+        raft_id: Option<u64>,
+        /// The signed certificate (DER).
+        cert: Vec<u8>,
+        /// The CA certificate (DER).
+        ca: Vec<u8>,
+        /// Managers: node id and address.
+        managers: Vec<(String, SocketAddr)>,
+    },
+    /// Added to the Raft group as a voter.
+    Added,
+    /// Ask the leader instead.
+    NotLeader {
+        /// The leader's node id and address, if known.
+        leader: Option<(String, SocketAddr)>,
+    },
+    /// Refused, with the reason.
+    Refused(String),
+}
+
+const RAFT_ID_KEY: &str = "_starling/next-raft-id";
+
+async fn allocate_raft_id(store: &Store) -> Result<u64, StoreError> {
+    for _ in 0..32 {
+        let (current, _) = store
+            .read(Consistency::Linearizable, |s| {
+                s.get(RAFT_ID_KEY).map(|e| {
+                    let n = std::str::from_utf8(&e.value)
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(2);
+                    (n, e.mod_revision)
+                })
+            })
+            .await?;
+        let (next, rev) = current.unwrap_or((2, 0));
+        let r = store
+            .write(Command::cas_revision(
+                RAFT_ID_KEY,
+                rev,
+                (next + 1).to_string().into_bytes(),
+            ))
+            .await?;
+        if r.outcome == (Outcome::Txn { succeeded: true }) {
+            return Ok(next);
+        }
+    }
+    Err(StoreError::Raft("raft id allocation kept racing".into()))
+}
+
+fn managers(store: &Store) -> Vec<(String, SocketAddr)> {
+    store
+        .status()
+        .nodes
+        .into_iter()
+        .filter_map(|(_, n)| n.addr.parse().ok().map(|a| (n.name, a)))
+        .collect()
+}
+
+fn leader(store: &Store) -> Option<(String, SocketAddr)> {
+    let s = store.status();
+    let id = s.leader?;
+    s.nodes
+        .into_iter()
+        .find(|(i, _)| *i == id)
+        .and_then(|(_, n)| n.addr.parse().ok().map(|a| (n.name, a)))
+}
+
+/// Serves the join protocol on a manager.
+pub async fn serve(store: Arc<Store>, mut listener: starling_transport::Listener) {
+    while let Some(conn) = listener.accept().await {
+        let store = store.clone();
+        tokio::spawn(async move {
+            while let Ok(Inbound::Request(req)) = conn.accept().await {
+                let reply = match decode_request(req.body().as_bytes()) {
+                    Some(r) => handle(&store, &conn, r).await,
+                    None => JoinReply::Refused("malformed join request".into()),
+                };
+                let _ = req.respond(&encode(&reply)).await;
+            }
+        });
+    }
+}
+
+fn decode_request(bytes: &[u8]) -> Option<JoinRequest> {
+    serde_json::from_slice(bytes).ok()
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+async fn handle(store: &Store, conn: &Connection, req: JoinRequest) -> JoinReply {
+    match req {
+        JoinRequest::Join {
+            token,
+            csr,
+            hostname,
+            advertise,
+        } => match admit(store, &token, &csr, hostname, advertise).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(peer = %conn.remote_address(), error = %e, "join refused");
+                JoinReply::Refused(e.to_string())
+            }
+        },
+        JoinRequest::AddManager { raft_id } => {
+            let Some(peer) = conn.peer().filter(|p| p.role == Role::MANAGER) else {
+                return JoinReply::Refused(
+                    "only a node with a manager certificate can be added".into(),
+                );
+            };
+            if !store.status().is_leader {
+                return JoinReply::NotLeader {
+                    leader: leader(store),
+                };
+            }
+            let node = ManagerNode {
+                name: peer.node_id.to_string(),
+                addr: conn.remote_address().to_string(),
+            };
+            let addr = store
+                .read(Consistency::Stale, |s| {
+                    s.node(peer.node_id.as_str()).map(|n| n.addr.clone())
+                })
+                .await
+                .ok()
+                .and_then(|(a, _)| a);
+            let node = ManagerNode {
+                addr: addr.unwrap_or(node.addr),
+                ..node
+            };
+            match async {
+                store.add_learner(raft_id, node).await?;
+                store.promote(raft_id).await
+            }
+            .await
+            {
+                Ok(()) => {
+                    info!(node = %peer.node_id, raft_id, "manager added to the raft group");
+                    JoinReply::Added
+                }
+                Err(e) => JoinReply::Refused(e.to_string()),
+            }
+        }
+    }
+}
+
+async fn admit(
+    store: &Store,
+    token: &str,
+    csr: &[u8],
+    hostname: String,
+    advertise: SocketAddr,
+) -> anyhow::Result<JoinReply> {
+    let token: JoinToken = token.parse().context("bad join token")?;
+    let (info, _) = store
+        .read(Consistency::Linearizable, |s| s.cluster().clone())
+        .await?;
+    let digest = CaDigest::of_pem_certificate(&info.ca_cert_pem)
+        .ok_or_else(|| anyhow::anyhow!("the cluster CA certificate is unreadable"))?;
+    let mut secrets = JoinSecrets::new(digest);
+    for (role, secret) in &info.join_secrets {
+        if let Ok(bytes) = <[u8; 16]>::try_from(secret.as_slice()) {
+            secrets.set(Role::new(role.clone())?, JoinSecret::from_bytes(bytes));
+        }
+    }
+    let role = secrets.authorize(&token).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the join token is not valid for this cluster (wrong, rotated, or for another cluster)"
+        )
+    })?;
+    let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
+    let node_id = random_id()?;
+    let raft_id = if role == Role::MANAGER {
+        Some(allocate_raft_id(store).await?)
+    } else {
+        None
+    };
+    let opts = CertOptions {
+        lifetime: std::time::Duration::from_secs(info.settings.cert_lifetime_secs),
+        ..CertOptions::default()
+    };
+    let cert = ca.sign_csr(
+        csr,
+        &starling_transport::NodeId::new(node_id.clone())?,
+        &role,
+        &opts,
+    )?;
+    let serial = starling_transport::PeerIdentity::from_certificate(&cert)?
+        .serial
+        .to_string();
+    let node_role = if role == Role::MANAGER {
+        NodeRole::Manager
+    } else {
+        NodeRole::Worker
+    };
+    store
+        .write(Command::UpsertNode {
+            node: NodeRecord {
+                id: node_id.clone(),
+                hostname,
+                addr: advertise.to_string(),
+                role: node_role.clone(),
+                desired_role: node_role,
+                availability: Availability::Active,
+                status: NodeStatus::Ready,
+                labels: BTreeMap::new(),
+                cert_serial: serial,
+                version: 0,
+                created_revision: 0,
+                updated_revision: 0,
+            },
+        })
+        .await?;
+    info!(node = %node_id, %role, %advertise, "node joined");
+    Ok(JoinReply::Joined {
+        node_id,
+        cluster_id: info.cluster_id,
+        role: role.to_string(),
+        raft_id,
+        cert: cert.to_vec(),
+        ca: ca.certificate().to_vec(),
+        managers: managers(store),
+    })
+}
+
+/// Sends a join request and decodes the reply.
+pub async fn call(conn: &Connection, req: &JoinRequest) -> anyhow::Result<JoinReply> {
+    let reply = conn.request(&encode(req)).await?;
+    serde_json::from_slice(reply.as_bytes()).context("malformed join reply")
+}

@@ -1,0 +1,193 @@
+//! Joining through a token: a worker and a second manager join the first manager; bad tokens
+//! are refused with a clear message.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_starling");
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn starling(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap()
+}
+
+fn spawn(args: &[&str]) -> Daemon {
+    Daemon(
+        Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what} not within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn nodes(dir: &Path) -> Option<Vec<serde_json::Value>> {
+    let out = starling(&[
+        "node",
+        "ls",
+        "--data-dir",
+        dir.to_str()?,
+        "--format",
+        "json",
+    ]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()?
+        .as_array()
+        .cloned()
+}
+
+#[test]
+fn t20_worker_and_manager_join_with_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m1 = tmp.path().join("m1");
+    let m1_addr = format!("127.0.0.1:{}", free_port());
+    let _m1 = spawn(&[
+        "init",
+        "--data-dir",
+        m1.to_str().unwrap(),
+        "--listen",
+        &m1_addr,
+        "--hostname",
+        "m1",
+    ]);
+    poll("m1 ready", Duration::from_secs(20), || nodes(&m1));
+    let token = |role: &str| {
+        String::from_utf8(
+            starling(&["join-token", "--data-dir", m1.to_str().unwrap(), role, "-q"]).stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    let (wt, mt) = (token("worker"), token("manager"));
+
+    let w1 = tmp.path().join("w1");
+    let _w1 = spawn(&[
+        "join",
+        "--data-dir",
+        w1.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--hostname",
+        "w1",
+        "--token",
+        &wt,
+        "--manager",
+        &m1_addr,
+    ]);
+    let m2 = tmp.path().join("m2");
+    let _m2 = spawn(&[
+        "join",
+        "--data-dir",
+        m2.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--hostname",
+        "m2",
+        "--token",
+        &mt,
+        "--manager",
+        &m1_addr,
+    ]);
+
+    let list = poll("three nodes, m2 reachable", Duration::from_secs(30), || {
+        let list = nodes(&m1)?;
+        let m2_ok = list
+            .iter()
+            .any(|n| n["hostname"] == "m2" && n["manager_status"] == "reachable");
+        (list.len() == 3 && m2_ok).then_some(list)
+    });
+    let by = |h: &str| list.iter().find(|n| n["hostname"] == h).unwrap().clone();
+    assert_eq!(by("m1")["manager_status"], "leader");
+    assert_eq!(by("w1")["role"], "worker");
+    assert_eq!(by("w1")["manager_status"], serde_json::Value::Null);
+    assert_eq!(by("m2")["role"], "manager");
+    // The second manager answers too, from the same replicated state.
+    poll("m2 serves node ls", Duration::from_secs(20), || {
+        nodes(&m2).filter(|l| l.len() == 3)
+    });
+    // A worker has no cluster state to show.
+    let on_worker = starling(&["node", "ls", "--data-dir", w1.to_str().unwrap()]);
+    assert!(!on_worker.status.success());
+    assert!(String::from_utf8_lossy(&on_worker.stderr).contains("worker"));
+
+    // Bad tokens: malformed, and well-formed but wrong.
+    let x = tmp.path().join("x");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let bad = starling(&[
+        "join",
+        "--data-dir",
+        x.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--token",
+        "STRL-1-aaa-bbb",
+        "--manager",
+        &m1_addr,
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad --token"));
+    // Change a character in the middle of the secret (the last one carries padding bits).
+    let mut chars: Vec<char> = wt.chars().collect();
+    let i = chars.len() - 5;
+    chars[i] = if chars[i] == 'a' { 'b' } else { 'a' };
+    let wrong: String = chars.into_iter().collect();
+    let refused = starling(&[
+        "join",
+        "--data-dir",
+        x.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--token",
+        &wrong,
+        "--manager",
+        &m1_addr,
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not valid for this cluster"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        !x.join("node.json").exists(),
+        "a refused join leaves no node behind"
+    );
+}
