@@ -9,6 +9,9 @@ use starling_transport::{CaDigest, JoinSecret, JoinToken};
 use crate::daemon::Manager;
 use crate::http::{HttpRequest, HttpResponse};
 
+/// A manager that answered the leader's heartbeats this recently is reachable.
+const REACHABLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn lower<T: std::fmt::Debug>(v: &T) -> String {
     format!("{v:?}").to_lowercase()
 }
@@ -112,9 +115,18 @@ async fn nodes(m: &Manager, store: &Store) -> HttpResponse {
                 .iter()
                 .find(|(_, node)| node.name == n.id)
                 .map(|(id, _)| *id);
+            // From Raft: the leader knows when each manager last answered a heartbeat;
+            // elsewhere gossip's view stands in.
+            let raft_reachable = |id: u64| {
+                if status.is_leader {
+                    id == status.id || status.acked.get(&id).is_some_and(|d| *d < REACHABLE_WITHIN)
+                } else {
+                    up.contains(&n.id)
+                }
+            };
             let manager_status = match (n.role.clone(), raft_id) {
                 (NodeRole::Manager, Some(id)) if status.leader == Some(id) => json!("leader"),
-                (NodeRole::Manager, _) if up.contains(&n.id) => json!("reachable"),
+                (NodeRole::Manager, Some(id)) if raft_reachable(id) => json!("reachable"),
                 (NodeRole::Manager, _) => json!("unreachable"),
                 (NodeRole::Worker, _) => Value::Null,
             };

@@ -250,7 +250,7 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
     let node = start_manager(dir, state, endpoint.clone(), creds).await?;
     // Ask the leader to add this manager: learner first, voter once caught up.
     let mut target = seeds.first().cloned();
-    for _ in 0..10 {
+    for _ in 0..50 {
         let Some((leader_id, addr)) = target.clone() else {
             break;
         };
@@ -260,6 +260,8 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
         match call(&conn, &JoinRequest::AddManager { raft_id }).await? {
             JoinReply::Added => return Ok(node),
             JoinReply::NotLeader { leader } => target = leader.or(target),
+            // Another manager's change was under way (through another manager): retry.
+            JoinReply::Refused(why) if why.contains("undergoing a configuration change") => {}
             JoinReply::Refused(why) => anyhow::bail!("could not join the raft group: {why}"),
             other => anyhow::bail!("unexpected answer: {other:?}"),
         }

@@ -135,12 +135,15 @@ fn leader(store: &Store) -> Option<(String, SocketAddr)> {
 
 /// Serves the join protocol on a manager.
 pub async fn serve(store: Arc<Store>, mut listener: starling_transport::Listener) {
+    // Raft takes one membership change at a time: managers joining together queue here.
+    let membership = Arc::new(tokio::sync::Mutex::new(()));
     while let Some(conn) = listener.accept().await {
         let store = store.clone();
+        let membership = membership.clone();
         tokio::spawn(async move {
             while let Ok(Inbound::Request(req)) = conn.accept().await {
                 let reply = match decode_request(req.body().as_bytes()) {
-                    Some(r) => handle(&store, &conn, r).await,
+                    Some(r) => handle(&store, &conn, r, &membership).await,
                     None => JoinReply::Refused("malformed join request".into()),
                 };
                 let _ = req.respond(&encode(&reply)).await;
@@ -157,7 +160,12 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-async fn handle(store: &Store, conn: &Connection, req: JoinRequest) -> JoinReply {
+async fn handle(
+    store: &Store,
+    conn: &Connection,
+    req: JoinRequest,
+    membership: &tokio::sync::Mutex<()>,
+) -> JoinReply {
     match req {
         JoinRequest::Join {
             token,
@@ -197,6 +205,7 @@ async fn handle(store: &Store, conn: &Connection, req: JoinRequest) -> JoinReply
                 addr: addr.unwrap_or(node.addr),
                 ..node
             };
+            let _one_at_a_time = membership.lock().await;
             match async {
                 store.add_learner(raft_id, node).await?;
                 store.promote(raft_id).await

@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use starling_node::datadir::DataDir;
 use starling_node::{control, daemon, http};
 
+mod demo;
+
 #[derive(Parser)]
 #[command(
     name = "starling",
@@ -74,6 +76,9 @@ enum Cmd {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// Start a local cluster (3 managers, 3 workers) on loopback, kill its leader, show
+    /// that writes go on, then stop and clean up.
+    Demo,
     /// Nodes of the cluster.
     Node {
         #[command(subcommand)]
@@ -359,6 +364,7 @@ async fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Kv { cmd } => kv(cmd).await,
+        Cmd::Demo => tokio::task::spawn_blocking(demo::run).await?,
     }
 }
 

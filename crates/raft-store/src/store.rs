@@ -251,6 +251,9 @@ pub struct RaftStatus {
     pub applied: u64,
     /// Last log index.
     pub last_log_index: u64,
+    /// On the leader: how long ago each follower last acknowledged a heartbeat (absent:
+    /// never). Empty on followers.
+    pub acked: std::collections::BTreeMap<u64, Duration>,
 }
 
 /// A stream of key-value changes under a prefix.
@@ -395,6 +398,20 @@ impl Store {
             nodes: membership.nodes().map(|(i, n)| (*i, n.clone())).collect(),
             applied: self.sm.read().data.revision(),
             last_log_index: m.last_log_index.unwrap_or(0),
+            acked: m
+                .heartbeat
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|(id, at)| {
+                            at.as_ref().map(|t| {
+                                use openraft::Instant as _;
+                                (*id, (**t).elapsed())
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
