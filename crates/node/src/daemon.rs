@@ -270,6 +270,41 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
     anyhow::bail!("no leader accepted this manager into the raft group")
 }
 
+/// The leader's liveness loop: every second, gossip's view becomes node status in Raft.
+async fn reconcile_liveness(store: Arc<Store>, gossip: Arc<GossipNode>, me: String) {
+    use crate::liveness::{Liveness, LivenessConfig};
+    let cfg = LivenessConfig::default();
+    let mut liveness = Liveness::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let leading = store.status().is_leader;
+        let alive: std::collections::BTreeSet<String> = gossip
+            .members()
+            .into_iter()
+            .filter(|m| m.up)
+            .map(|m| m.id.node)
+            .chain([me.clone()])
+            .collect();
+        let records = match store
+            .read(starling_raft_store::Consistency::Stale, |s| {
+                s.nodes().cloned().collect::<Vec<_>>()
+            })
+            .await
+        {
+            Ok((r, _)) => r,
+            Err(_) => continue,
+        };
+        let now = std::time::Instant::now();
+        for cmd in liveness.round(&cfg, now, leading, &alive, &records) {
+            if let Err(e) = store.write(cmd).await {
+                tracing::debug!(error = %e, "liveness update not written");
+                break;
+            }
+        }
+    }
+}
+
 async fn start_gossip(
     dir: &DataDir,
     state: &NodeState,
@@ -332,11 +367,16 @@ async fn start_manager(
     let store = Arc::new(store);
     let listener = endpoint.listen(&crate::join::join_protocol()?)?;
     tokio::spawn(crate::join::serve(store.clone(), listener));
-    let gossip = start_gossip(&dir, &state, &endpoint).await?;
+    let gossip = Arc::new(start_gossip(&dir, &state, &endpoint).await?);
+    tokio::spawn(reconcile_liveness(
+        store.clone(),
+        gossip.clone(),
+        state.node_id.clone(),
+    ));
     Ok(Manager {
         state,
         store: Some(store),
-        gossip: Arc::new(gossip),
+        gossip,
         endpoint,
         data_dir: dir,
     })

@@ -12,3 +12,4 @@ pub mod daemon;
 pub mod datadir;
 pub mod http;
 pub mod join;
+pub mod liveness;

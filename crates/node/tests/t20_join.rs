@@ -191,3 +191,63 @@ fn t20_worker_and_manager_join_with_tokens() {
         "a refused join leaves no node behind"
     );
 }
+
+#[test]
+fn t21_killed_worker_goes_down_and_comes_back_ready() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m1 = tmp.path().join("m1");
+    let m1_addr = format!("127.0.0.1:{}", free_port());
+    let _m1 = spawn(&[
+        "init",
+        "--data-dir",
+        m1.to_str().unwrap(),
+        "--listen",
+        &m1_addr,
+        "--hostname",
+        "m1",
+    ]);
+    poll("m1 ready", Duration::from_secs(20), || nodes(&m1));
+    let wt = String::from_utf8(
+        starling(&[
+            "join-token",
+            "--data-dir",
+            m1.to_str().unwrap(),
+            "worker",
+            "-q",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let w1 = tmp.path().join("w1");
+    let w1_addr = format!("127.0.0.1:{}", free_port());
+    let worker = spawn(&[
+        "join",
+        "--data-dir",
+        w1.to_str().unwrap(),
+        "--listen",
+        &w1_addr,
+        "--hostname",
+        "w1",
+        "--token",
+        wt.trim(),
+        "--manager",
+        &m1_addr,
+    ]);
+    let status = |want: &str| {
+        nodes(&m1).and_then(|l| {
+            l.iter()
+                .find(|n| n["hostname"] == "w1")
+                .filter(|n| n["status"] == want)
+                .map(|_| ())
+        })
+    };
+    poll("w1 ready", Duration::from_secs(20), || status("ready"));
+    // kill -9: gossip declares it Down, the leader marks it down after its grace periods.
+    drop(worker);
+    poll("w1 down", Duration::from_secs(60), || status("down"));
+    // Restarted from its data directory (new gossip generation): ready again.
+    let _worker = spawn(&["run", "--data-dir", w1.to_str().unwrap()]);
+    poll("w1 ready again", Duration::from_secs(60), || {
+        status("ready")
+    });
+}
