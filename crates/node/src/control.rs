@@ -57,6 +57,10 @@ pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
     match (method, path.as_str()) {
         ("GET", "/v1/info") => info(&m),
         ("GET", "/v1/nodes") => nodes(&m, store).await,
+        ("GET", "/v1/watch") => watch(store, &req).await,
+        (_, p) if p.starts_with("/v1/nodes/") => {
+            node_op(store, method, &p["/v1/nodes/".len()..], &req).await
+        }
         ("GET", "/v1/members") => members(&m),
         ("GET", "/v1/kv") => kv_list(store, &req).await,
         ("GET", p) if p.starts_with("/v1/join-token/") => {
@@ -147,6 +151,137 @@ async fn nodes(m: &Manager, store: &Store) -> HttpResponse {
         body["warning"] = json!(note);
     }
     HttpResponse::json(200, &body)
+}
+
+fn node_json(n: &starling_raft_store::NodeRecord) -> Value {
+    json!({
+        "id": n.id,
+        "hostname": n.hostname,
+        "role": lower(&n.role),
+        "desired_role": lower(&n.desired_role),
+        "status": lower(&n.status),
+        "availability": lower(&n.availability),
+        "addr": n.addr,
+        "labels": n.labels,
+        "cert_serial": n.cert_serial,
+        "version": n.version,
+        "created_revision": n.created_revision,
+        "updated_revision": n.updated_revision,
+    })
+}
+
+/// `GET /v1/nodes/{id}`, `PUT /v1/nodes/{id}/availability` (body: active|pause|drain),
+/// `DELETE /v1/nodes/{id}[?force=true]`.
+async fn node_op(store: &Store, method: &str, rest: &str, req: &HttpRequest) -> HttpResponse {
+    use starling_raft_store::{Availability, NodeStatus};
+    let (id, sub) = rest.split_once('/').unwrap_or((rest, ""));
+    let record = match store
+        .read(Consistency::Linearizable, |s| s.node(id).cloned())
+        .await
+    {
+        Ok((Some(r), _)) => r,
+        Ok((None, _)) => return HttpResponse::error(404, format!("no such node: {id}")),
+        Err(e) => return store_error(&e),
+    };
+    match (method, sub) {
+        ("GET", "") => HttpResponse::json(200, &node_json(&record)),
+        ("PUT", "availability") => {
+            let availability = match std::str::from_utf8(&req.body).map(str::trim) {
+                Ok("active") => Availability::Active,
+                Ok("pause") => Availability::Pause,
+                Ok("drain") => Availability::Drain,
+                _ => {
+                    return HttpResponse::error(400, "availability must be active, pause or drain");
+                }
+            };
+            match store
+                .write(Command::SetNodeAvailability {
+                    id: id.to_owned(),
+                    availability,
+                })
+                .await
+            {
+                Ok(r) => HttpResponse::json(200, &json!({"revision": r.revision})),
+                Err(e) => store_error(&e),
+            }
+        }
+        ("DELETE", "") => {
+            let force = req.param("force") == Some("true");
+            if record.status != NodeStatus::Down && !force {
+                return HttpResponse::error(
+                    409,
+                    format!(
+                        "node {id} is {} (not down): use --force to remove it anyway",
+                        lower(&record.status)
+                    ),
+                );
+            }
+            if record.role == NodeRole::Manager {
+                return HttpResponse::error(
+                    409,
+                    format!(
+                        "node {id} is a manager: demote it first (managers are never removed from the voter set implicitly)"
+                    ),
+                );
+            }
+            match store.write(Command::RemoveNode { id: id.to_owned() }).await {
+                Ok(r) => HttpResponse::json(200, &json!({"revision": r.revision})),
+                Err(e) => store_error(&e),
+            }
+        }
+        _ => HttpResponse::error(405, format!("{method} is not allowed on /v1/nodes/{rest}")),
+    }
+}
+
+/// `GET /v1/watch?prefix=P&from=N`: the changes under `P` from revision `N` on, waiting up
+/// to `wait` seconds (default 30) for the first one: long polling, so a client resumes from
+/// the last revision it got plus one, with no gap and no duplicate.
+async fn watch(store: &Store, req: &HttpRequest) -> HttpResponse {
+    let prefix = req.param("prefix").unwrap_or("");
+    let from = match req.param("from").map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return HttpResponse::error(400, "from must be a revision number"),
+    };
+    let wait = req
+        .param("wait")
+        .and_then(|w| w.parse::<u64>().ok())
+        .unwrap_or(30)
+        .min(300);
+    let mut w = match store.watch(prefix, from) {
+        Ok(w) => w,
+        Err(e) => return HttpResponse::error(410, e),
+    };
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait);
+    loop {
+        let timeout = if events.is_empty() {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        } else {
+            std::time::Duration::from_millis(0)
+        };
+        match tokio::time::timeout(timeout, w.next()).await {
+            Ok(Ok(e)) => {
+                events.push(json!({
+                    "revision": e.revision,
+                    "key": e.key,
+                    "type": if e.entry.is_some() { "put" } else { "delete" },
+                    "value": e.entry.map(|v| String::from_utf8_lossy(&v.value).into_owned()),
+                }));
+                if events.len() >= 1000 {
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                if events.is_empty() {
+                    return HttpResponse::error(410, e);
+                }
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    HttpResponse::json(200, &json!({"events": events}))
 }
 
 fn members(m: &Manager) -> HttpResponse {

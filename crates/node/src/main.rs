@@ -111,6 +111,33 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum NodeCmd {
+    /// Show one node in detail.
+    Inspect {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Node id.
+        id: String,
+    },
+    /// Change a node's availability.
+    Update {
+        #[command(flatten)]
+        dir: DirArg,
+        /// `active`, `pause` or `drain`.
+        #[arg(long)]
+        availability: String,
+        /// Node id.
+        id: String,
+    },
+    /// Remove a node from the cluster (a node that is not down needs --force).
+    Rm {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Node id.
+        id: String,
+        /// Remove it even if it is not down.
+        #[arg(long)]
+        force: bool,
+    },
     /// List the nodes, like `docker node ls`.
     Ls {
         #[command(flatten)]
@@ -154,6 +181,15 @@ enum KvCmd {
         #[arg(long)]
         expect_revision: u64,
         value: String,
+    },
+    /// Print every change under a prefix as it happens, from a revision on.
+    Watch {
+        #[command(flatten)]
+        dir: DirArg,
+        prefix: String,
+        /// First revision to report (default: from now on).
+        #[arg(long)]
+        from_revision: Option<u64>,
     },
     /// List the keys under a prefix.
     Ls {
@@ -326,6 +362,35 @@ async fn real_main() -> anyhow::Result<()> {
             print_nodes(&v, format);
             Ok(())
         }
+        Cmd::Node {
+            cmd: NodeCmd::Inspect { dir, id },
+        } => {
+            let path = format!("/v1/nodes/{}", http::percent_encode(&id));
+            let v = call(&dir, "GET", &path, b"").await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::Node {
+            cmd:
+                NodeCmd::Update {
+                    dir,
+                    availability,
+                    id,
+                },
+        } => {
+            let path = format!("/v1/nodes/{}/availability", http::percent_encode(&id));
+            call(&dir, "PUT", &path, availability.as_bytes()).await?;
+            println!("{id}");
+            Ok(())
+        }
+        Cmd::Node {
+            cmd: NodeCmd::Rm { dir, id, force },
+        } => {
+            let path = format!("/v1/nodes/{}?force={force}", http::percent_encode(&id));
+            call(&dir, "DELETE", &path, b"").await?;
+            println!("{id}");
+            Ok(())
+        }
         Cmd::Members { dir, format } => {
             let v = call(&dir, "GET", "/v1/members", b"").await?;
             match format {
@@ -413,6 +478,38 @@ async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
                     " (no such key)"
                 }
             );
+        }
+        KvCmd::Watch {
+            dir,
+            prefix,
+            from_revision,
+        } => {
+            let mut from = match from_revision {
+                Some(r) => r,
+                None => {
+                    let info = call(&dir, "GET", "/v1/info", b"").await?;
+                    info["raft"]["applied"].as_u64().unwrap_or(0) + 1
+                }
+            };
+            loop {
+                let target = format!(
+                    "/v1/watch?prefix={}&from={from}&wait=30",
+                    http::percent_encode(&prefix)
+                );
+                let v = call(&dir, "GET", &target, b"").await?;
+                for e in v["events"].as_array().into_iter().flatten() {
+                    let rev = e["revision"].as_u64().unwrap_or(from);
+                    match e["type"].as_str() {
+                        Some("put") => println!(
+                            "{rev} PUT {} {}",
+                            e["key"].as_str().unwrap_or(""),
+                            e["value"].as_str().unwrap_or("")
+                        ),
+                        _ => println!("{rev} DELETE {}", e["key"].as_str().unwrap_or("")),
+                    }
+                    from = from.max(rev + 1);
+                }
+            }
         }
         KvCmd::Ls { dir, prefix } => {
             let v = call(

@@ -188,6 +188,89 @@ fn t10_init_commands_restart_and_bad_input() {
     ]);
     assert!(!bad.status.success());
 
+    // Node operations: update availability, inspect, refuse to remove a live manager.
+    let id = me["id"].as_str().unwrap().to_owned();
+    assert!(
+        starling(&[
+            "node",
+            "update",
+            "--data-dir",
+            d,
+            "--availability",
+            "drain",
+            &id
+        ])
+        .status
+        .success()
+    );
+    let inspect: serde_json::Value = serde_json::from_str(&stdout(&starling(&[
+        "node",
+        "inspect",
+        "--data-dir",
+        d,
+        &id,
+    ])))
+    .unwrap();
+    assert_eq!(inspect["availability"], "drain");
+    let bad = starling(&[
+        "node",
+        "update",
+        "--data-dir",
+        d,
+        "--availability",
+        "sideways",
+        &id,
+    ]);
+    assert!(!bad.status.success());
+    let rm = starling(&["node", "rm", "--data-dir", d, &id]);
+    assert!(String::from_utf8_lossy(&rm.stderr).contains("not down"));
+    let rm = starling(&["node", "rm", "--data-dir", d, &id, "--force"]);
+    assert!(String::from_utf8_lossy(&rm.stderr).contains("demote it first"));
+    let missing = starling(&["node", "inspect", "--data-dir", d, "nosuchnode"]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no such node"));
+
+    // Watch from a revision: history first, then live changes, in order.
+    let mut watch = Command::new(BIN)
+        .args([
+            "kv",
+            "watch",
+            "--data-dir",
+            d,
+            "greeting",
+            "--from-revision",
+            &rev.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let del = starling(&["kv", "del", "--data-dir", d, "greeting"]);
+    assert!(del.status.success());
+    let stdout_pipe = watch.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout_pipe)
+            .lines()
+            .take(3)
+            .map(|l| l.unwrap())
+            .collect::<Vec<_>>()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lines.is_finished() {
+        assert!(Instant::now() < deadline, "watch printed too little");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let lines = lines.join().unwrap();
+    assert!(lines[0].ends_with("PUT greeting hello"), "{lines:?}");
+    assert!(lines[1].ends_with("PUT greeting hi"), "{lines:?}");
+    assert!(lines[2].ends_with("DELETE greeting"), "{lines:?}");
+    assert!(
+        starling(&["kv", "put", "--data-dir", d, "greeting", "hi"])
+            .status
+            .success()
+    );
+
     // Join tokens parse and differ per role.
     let w = stdout(&starling(&["join-token", "--data-dir", d, "worker", "-q"]));
     let m = stdout(&starling(&["join-token", "--data-dir", d, "manager", "-q"]));
