@@ -44,6 +44,12 @@ pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
         return match (method, path.as_str()) {
             ("GET", "/v1/info") => info(&m),
             ("GET", "/v1/members") => members(&m),
+            ("POST", "/v1/leave") => {
+                // Leave gossip (managers see it Down at once), then stop the daemon.
+                m.gossip.leave_shared().await;
+                m.stop.notify_one();
+                HttpResponse::json(200, &json!({"left": m.state.node_id}))
+            }
             _ => HttpResponse::error(
                 503,
                 "this node is a worker: run this command against a manager's data directory",
@@ -63,9 +69,17 @@ pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
         }
         ("GET", "/v1/members") => members(&m),
         ("GET", "/v1/kv") => kv_list(store, &req).await,
+        ("POST", p) if p.starts_with("/v1/join-token/") && p.ends_with("/rotate") => {
+            let role = &p["/v1/join-token/".len()..p.len() - "/rotate".len()];
+            rotate_token(store, role).await
+        }
         ("GET", p) if p.starts_with("/v1/join-token/") => {
             join_token(store, &p["/v1/join-token/".len()..]).await
         }
+        ("POST", "/v1/leave") => HttpResponse::error(
+            409,
+            "this node is a manager: demote it first (`starling node demote`), then leave",
+        ),
         (_, "/v1/info" | "/v1/nodes" | "/v1/members" | "/v1/kv") => {
             HttpResponse::error(405, format!("{method} is not allowed on {path}"))
         }
@@ -386,6 +400,30 @@ async fn kv_list(store: &Store, req: &HttpRequest) -> HttpResponse {
         }
         Err(e) => store_error(&e),
     }
+}
+
+/// Replaces a role's join secret: tokens issued before stop working.
+async fn rotate_token(store: &Store, role: &str) -> HttpResponse {
+    if role != "worker" && role != "manager" {
+        return HttpResponse::error(400, format!("unknown role {role:?}: use worker or manager"));
+    }
+    let mut info = match store
+        .read(Consistency::Linearizable, |s| s.cluster().clone())
+        .await
+    {
+        Ok((i, _)) => i,
+        Err(e) => return store_error(&e),
+    };
+    let secret = match JoinSecret::generate() {
+        Ok(s) => s,
+        Err(e) => return HttpResponse::error(500, e),
+    };
+    info.join_secrets
+        .insert(role.to_owned(), secret.as_bytes().to_vec());
+    if let Err(e) = store.write(Command::SetCluster { info }).await {
+        return store_error(&e);
+    }
+    join_token(store, role).await
 }
 
 async fn join_token(store: &Store, role: &str) -> HttpResponse {

@@ -45,6 +45,8 @@ pub struct Manager {
     pub endpoint: Endpoint,
     /// The data directory.
     pub data_dir: DataDir,
+    /// Notified when the node should stop (after `leave`).
+    pub stop: Arc<tokio::sync::Notify>,
 }
 
 fn hostname() -> String {
@@ -340,6 +342,7 @@ async fn start_worker(
         gossip: Arc::new(gossip),
         endpoint,
         data_dir: dir,
+        stop: Arc::new(tokio::sync::Notify::new()),
     })
 }
 
@@ -379,5 +382,6 @@ async fn start_manager(
         gossip,
         endpoint,
         data_dir: dir,
+        stop: Arc::new(tokio::sync::Notify::new()),
     })
 }

@@ -106,6 +106,14 @@ enum Cmd {
         /// Print only the token.
         #[arg(short, long)]
         quiet: bool,
+        /// Replace the role's secret first: earlier tokens stop working.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Leave the cluster: a worker leaves gossip and stops (a manager must be demoted first).
+    Leave {
+        #[command(flatten)]
+        dir: DirArg,
     },
 }
 
@@ -217,9 +225,11 @@ async fn serve_until_signal(m: daemon::Manager) -> anyhow::Result<()> {
         sock.display()
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = m.stop.clone();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+        _ = stop.notified() => {}
     }
     eprintln!("starling: shutting down");
     server.abort();
@@ -410,14 +420,23 @@ async fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::JoinToken { dir, role, quiet } => {
-            let v = call(
-                &dir,
-                "GET",
-                &format!("/v1/join-token/{}", http::percent_encode(&role)),
-                b"",
-            )
-            .await?;
+        Cmd::Leave { dir } => {
+            let v = call(&dir, "POST", "/v1/leave", b"").await?;
+            println!("left: {}", v["left"].as_str().unwrap_or(""));
+            Ok(())
+        }
+        Cmd::JoinToken {
+            dir,
+            role,
+            quiet,
+            rotate,
+        } => {
+            let path = format!("/v1/join-token/{}", http::percent_encode(&role));
+            let v = if rotate {
+                call(&dir, "POST", &format!("{path}/rotate"), b"").await?
+            } else {
+                call(&dir, "GET", &path, b"").await?
+            };
             let token = v["token"].as_str().unwrap_or("");
             if quiet {
                 println!("{token}");

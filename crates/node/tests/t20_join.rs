@@ -251,3 +251,93 @@ fn t21_killed_worker_goes_down_and_comes_back_ready() {
         status("ready")
     });
 }
+
+#[test]
+fn t22_rotated_token_is_refused_and_a_worker_leaves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m1 = tmp.path().join("m1");
+    let m1_addr = format!("127.0.0.1:{}", free_port());
+    let _m1 = spawn(&[
+        "init",
+        "--data-dir",
+        m1.to_str().unwrap(),
+        "--listen",
+        &m1_addr,
+        "--hostname",
+        "m1",
+    ]);
+    poll("m1 ready", Duration::from_secs(20), || nodes(&m1));
+    let token = |args: &[&str]| {
+        let mut all = vec![
+            "join-token",
+            "--data-dir",
+            m1.to_str().unwrap(),
+            "worker",
+            "-q",
+        ];
+        all.extend_from_slice(args);
+        String::from_utf8(starling(&all).stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let old = token(&[]);
+    let new = token(&["--rotate"]);
+    assert_ne!(old, new);
+    assert_eq!(token(&[]), new);
+    let x = tmp.path().join("x");
+    let refused = starling(&[
+        "join",
+        "--data-dir",
+        x.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--token",
+        &old,
+        "--manager",
+        &m1_addr,
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not valid"));
+
+    let w1 = tmp.path().join("w1");
+    let mut worker = spawn(&[
+        "join",
+        "--data-dir",
+        w1.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--hostname",
+        "w1",
+        "--token",
+        &new,
+        "--manager",
+        &m1_addr,
+    ]);
+    poll("w1 ready", Duration::from_secs(20), || {
+        nodes(&m1)?
+            .iter()
+            .find(|n| n["hostname"] == "w1" && n["status"] == "ready")
+            .map(|_| ())
+    });
+    // A manager cannot simply leave.
+    let m_leave = starling(&["leave", "--data-dir", m1.to_str().unwrap()]);
+    assert!(!m_leave.status.success());
+    assert!(String::from_utf8_lossy(&m_leave.stderr).contains("demote"));
+    // The worker leaves: its process ends, and the managers mark it down.
+    let left = starling(&["leave", "--data-dir", w1.to_str().unwrap()]);
+    assert!(
+        left.status.success(),
+        "{}",
+        String::from_utf8_lossy(&left.stderr)
+    );
+    poll("the worker process exits", Duration::from_secs(20), || {
+        worker.0.try_wait().unwrap().map(|_| ())
+    });
+    poll("w1 down", Duration::from_secs(60), || {
+        nodes(&m1)?
+            .iter()
+            .find(|n| n["hostname"] == "w1" && n["status"] == "down")
+            .map(|_| ())
+    });
+}
