@@ -58,7 +58,7 @@ pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
     };
     let store = &*store;
     if let Some(key) = path.strip_prefix("/v1/kv/") {
-        return kv(store, method, key, &req).await;
+        return kv(store, &m.metrics, method, key, &req).await;
     }
     match (method, path.as_str()) {
         ("GET", "/v1/info") => info(&m),
@@ -329,7 +329,22 @@ fn entry_json(key: &str, e: &starling_raft_store::KvEntry, revision: u64) -> Val
     })
 }
 
-async fn kv(store: &Store, method: &str, key: &str, req: &HttpRequest) -> HttpResponse {
+async fn kv(
+    store: &Store,
+    metrics: &crate::metrics::Metrics,
+    method: &str,
+    key: &str,
+    req: &HttpRequest,
+) -> HttpResponse {
+    let started = std::time::Instant::now();
+    let r = kv_inner(store, method, key, req).await;
+    if method != "GET" && r.status == 200 {
+        metrics.write_took(started.elapsed());
+    }
+    r
+}
+
+async fn kv_inner(store: &Store, method: &str, key: &str, req: &HttpRequest) -> HttpResponse {
     if key.is_empty() {
         return HttpResponse::error(400, "empty key");
     }

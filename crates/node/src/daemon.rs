@@ -47,6 +47,8 @@ pub struct Manager {
     pub data_dir: DataDir,
     /// Notified when the node should stop (after `leave`).
     pub stop: Arc<tokio::sync::Notify>,
+    /// Counters for `--metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn hostname() -> String {
@@ -273,14 +275,29 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
 }
 
 /// The leader's liveness loop: every second, gossip's view becomes node status in Raft.
-async fn reconcile_liveness(store: Arc<Store>, gossip: Arc<GossipNode>, me: String) {
+async fn reconcile_liveness(
+    store: Arc<Store>,
+    gossip: Arc<GossipNode>,
+    me: String,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let mut last_leader = None;
     use crate::liveness::{Liveness, LivenessConfig};
     let cfg = LivenessConfig::default();
     let mut liveness = Liveness::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let leading = store.status().is_leader;
+        let status = store.status();
+        if status.leader != last_leader {
+            if last_leader.is_some() {
+                metrics
+                    .leader_changes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            last_leader = status.leader;
+        }
+        let leading = status.is_leader;
         let alive: std::collections::BTreeSet<String> = gossip
             .members()
             .into_iter()
@@ -336,6 +353,7 @@ async fn start_worker(
     endpoint: Endpoint,
 ) -> anyhow::Result<Manager> {
     let gossip = start_gossip(&dir, &state, &endpoint).await?;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     Ok(Manager {
         state,
         store: None,
@@ -343,6 +361,7 @@ async fn start_worker(
         endpoint,
         data_dir: dir,
         stop: Arc::new(tokio::sync::Notify::new()),
+        metrics,
     })
 }
 
@@ -368,13 +387,15 @@ async fn start_manager(
     )
     .await?;
     let store = Arc::new(store);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let listener = endpoint.listen(&crate::join::join_protocol()?)?;
-    tokio::spawn(crate::join::serve(store.clone(), listener));
+    tokio::spawn(crate::join::serve(store.clone(), listener, metrics.clone()));
     let gossip = Arc::new(start_gossip(&dir, &state, &endpoint).await?);
     tokio::spawn(reconcile_liveness(
         store.clone(),
         gossip.clone(),
         state.node_id.clone(),
+        metrics.clone(),
     ));
     Ok(Manager {
         state,
@@ -383,5 +404,6 @@ async fn start_manager(
         endpoint,
         data_dir: dir,
         stop: Arc::new(tokio::sync::Notify::new()),
+        metrics,
     })
 }

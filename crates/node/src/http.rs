@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 /// Largest request or response body accepted.
@@ -37,8 +37,10 @@ impl HttpRequest {
 pub struct HttpResponse {
     /// Status code.
     pub status: u16,
-    /// Body (JSON).
+    /// Body.
     pub body: Vec<u8>,
+    /// Its media type.
+    pub content_type: &'static str,
 }
 
 impl HttpResponse {
@@ -47,6 +49,7 @@ impl HttpResponse {
         HttpResponse {
             status,
             body: serde_json::to_vec(value).unwrap_or_default(),
+            content_type: "application/json",
         }
     }
 
@@ -117,7 +120,7 @@ pub fn percent_encode(s: &str) -> String {
 }
 
 /// Reads one request; `Err` with a reason for anything malformed.
-async fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, String> {
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<HttpRequest, String> {
     let (head, mut body) = read_head(stream).await?;
     let mut lines = head.split("\r\n");
     let request_line = lines.next().ok_or("empty request")?;
@@ -143,7 +146,7 @@ async fn read_request(stream: &mut UnixStream) -> Result<HttpRequest, String> {
     })
 }
 
-async fn read_head(stream: &mut UnixStream) -> Result<(String, Vec<u8>), String> {
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(String, Vec<u8>), String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -177,8 +180,8 @@ fn content_length<'a>(lines: impl Iterator<Item = &'a str>) -> Result<usize, Str
     Ok(length)
 }
 
-async fn read_body(
-    stream: &mut UnixStream,
+async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
     body: &mut Vec<u8>,
     length: usize,
 ) -> Result<(), String> {
@@ -194,11 +197,15 @@ async fn read_body(
     Ok(())
 }
 
-async fn write_response(stream: &mut UnixStream, r: &HttpResponse) -> std::io::Result<()> {
+async fn write_response<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    r: &HttpResponse,
+) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         r.status,
         reason(r.status),
+        r.content_type,
         r.body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -228,6 +235,24 @@ where
         tokio::spawn(async move {
             let response = match read_request(&mut stream).await {
                 Ok(req) => handler(req).await,
+                Err(e) => HttpResponse::error(400, e),
+            };
+            let _ = write_response(&mut stream, &response).await;
+        });
+    }
+}
+
+/// Serves plain-text responses from `render` on a TCP address (Prometheus metrics).
+pub async fn serve_tcp<H, F>(listener: tokio::net::TcpListener, render: H)
+where
+    H: Fn(HttpRequest) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = HttpResponse> + Send,
+{
+    while let Ok((mut stream, _)) = listener.accept().await {
+        let render = render.clone();
+        tokio::spawn(async move {
+            let response = match read_request(&mut stream).await {
+                Ok(req) => render(req).await,
                 Err(e) => HttpResponse::error(400, e),
             };
             let _ = write_response(&mut stream, &response).await;
@@ -267,7 +292,11 @@ pub async fn call(
         .ok_or("bad status line")?;
     let length = content_length(lines)?;
     read_body(&mut stream, &mut rest, length).await?;
-    Ok(HttpResponse { status, body: rest })
+    Ok(HttpResponse {
+        status,
+        body: rest,
+        content_type: "application/json",
+    })
 }
 
 #[cfg(test)]

@@ -134,16 +134,29 @@ fn leader(store: &Store) -> Option<(String, SocketAddr)> {
 }
 
 /// Serves the join protocol on a manager.
-pub async fn serve(store: Arc<Store>, mut listener: starling_transport::Listener) {
+pub async fn serve(
+    store: Arc<Store>,
+    mut listener: starling_transport::Listener,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
     // Raft takes one membership change at a time: managers joining together queue here.
     let membership = Arc::new(tokio::sync::Mutex::new(()));
     while let Some(conn) = listener.accept().await {
         let store = store.clone();
         let membership = membership.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             while let Ok(Inbound::Request(req)) = conn.accept().await {
                 let reply = match decode_request(req.body().as_bytes()) {
-                    Some(r) => handle(&store, &conn, r, &membership).await,
+                    Some(r) => {
+                        let reply = handle(&store, &conn, r, &membership).await;
+                        if matches!(reply, JoinReply::Joined { .. }) {
+                            metrics
+                                .joins
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        reply
+                    }
                     None => JoinReply::Refused("malformed join request".into()),
                 };
                 let _ = req.respond(&encode(&reply)).await;

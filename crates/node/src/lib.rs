@@ -13,3 +13,4 @@ pub mod datadir;
 pub mod http;
 pub mod join;
 pub mod liveness;
+pub mod metrics;

@@ -29,6 +29,13 @@ struct DirArg {
     data_dir: PathBuf,
 }
 
+#[derive(clap::Args, Clone)]
+struct DaemonArgs {
+    /// Serve Prometheus metrics on this TCP address (off by default).
+    #[arg(long, env = "STARLING_METRICS")]
+    metrics: Option<SocketAddr>,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Table,
@@ -50,6 +57,8 @@ enum Cmd {
         /// Host name to report (default: this machine's).
         #[arg(long)]
         hostname: Option<String>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Join a cluster with a token, through any manager, and run the node.
     Join {
@@ -70,11 +79,15 @@ enum Cmd {
         /// A manager's address.
         #[arg(long)]
         manager: SocketAddr,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Run the node already set up in the data directory.
     Run {
         #[command(flatten)]
         dir: DirArg,
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Start a local cluster (3 managers, 3 workers) on loopback, kill its leader, show
     /// that writes go on, then stop and clean up.
@@ -207,10 +220,26 @@ enum KvCmd {
     },
 }
 
-async fn serve_until_signal(m: daemon::Manager) -> anyhow::Result<()> {
+async fn serve_until_signal(m: daemon::Manager, args: DaemonArgs) -> anyhow::Result<()> {
     let sock = m.data_dir.control_socket();
     let listener = http::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
     let m = Arc::new(m);
+    if let Some(addr) = args.metrics {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        let mm = m.clone();
+        tokio::spawn(http::serve_tcp(tcp, move |_req| {
+            let m = mm.clone();
+            async move {
+                http::HttpResponse {
+                    status: 200,
+                    body: starling_node::metrics::render(&m).into_bytes(),
+                    content_type: "text/plain; version=0.0.4",
+                }
+            }
+        }));
+    }
     let handler_m = m.clone();
     let server = tokio::spawn(http::serve(listener, move |req| {
         let m = handler_m.clone();
@@ -335,6 +364,7 @@ async fn real_main() -> anyhow::Result<()> {
             listen,
             advertise,
             hostname,
+            daemon: args,
         } => {
             let m = daemon::init(daemon::InitOptions {
                 data_dir: DataDir(dir.data_dir),
@@ -343,7 +373,7 @@ async fn real_main() -> anyhow::Result<()> {
                 hostname,
             })
             .await?;
-            serve_until_signal(m).await
+            serve_until_signal(m, args).await
         }
         Cmd::Join {
             dir,
@@ -352,6 +382,7 @@ async fn real_main() -> anyhow::Result<()> {
             hostname,
             token,
             manager,
+            daemon: args,
         } => {
             let m = daemon::join(daemon::JoinOptions {
                 data_dir: DataDir(dir.data_dir),
@@ -362,9 +393,11 @@ async fn real_main() -> anyhow::Result<()> {
                 manager,
             })
             .await?;
-            serve_until_signal(m).await
+            serve_until_signal(m, args).await
         }
-        Cmd::Run { dir } => serve_until_signal(daemon::run(DataDir(dir.data_dir)).await?).await,
+        Cmd::Run { dir, daemon: args } => {
+            serve_until_signal(daemon::run(DataDir(dir.data_dir)).await?, args).await
+        }
         Cmd::Node {
             cmd: NodeCmd::Ls { dir, format },
         } => {
