@@ -7,6 +7,7 @@
 //!   starling node ls / kv / members / join-token ──HTTP/JSON over DIR/control.sock──▶ node
 //! ```
 
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datadir;

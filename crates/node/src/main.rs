@@ -18,15 +18,31 @@ mod demo;
     about = "Starling: a swarm-mode control plane on Raft and SWIM over mTLS QUIC"
 )]
 struct Cli {
+    /// A TOML file with defaults for the flags (flags and STARLING_* variables win).
+    #[arg(long, global = true, env = "STARLING_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
+}
+
+static FILE_CONFIG: std::sync::OnceLock<starling_node::config::FileConfig> =
+    std::sync::OnceLock::new();
+
+fn file_config() -> &'static starling_node::config::FileConfig {
+    FILE_CONFIG.get_or_init(Default::default)
 }
 
 #[derive(clap::Args, Clone)]
 struct DirArg {
     /// The node's data directory.
     #[arg(long, env = "STARLING_DATA_DIR")]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
+}
+
+impl DirArg {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        starling_node::config::required(self.data_dir.clone(), &file_config().data_dir, "data-dir")
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -50,7 +66,7 @@ enum Cmd {
         dir: DirArg,
         /// Address to listen on (UDP).
         #[arg(long, env = "STARLING_LISTEN")]
-        listen: SocketAddr,
+        listen: Option<SocketAddr>,
         /// Address other nodes reach this one at (default: --listen).
         #[arg(long, env = "STARLING_ADVERTISE")]
         advertise: Option<SocketAddr>,
@@ -66,7 +82,7 @@ enum Cmd {
         dir: DirArg,
         /// Address to listen on (UDP).
         #[arg(long, env = "STARLING_LISTEN")]
-        listen: SocketAddr,
+        listen: Option<SocketAddr>,
         /// Address other nodes reach this one at (default: --listen).
         #[arg(long, env = "STARLING_ADVERTISE")]
         advertise: Option<SocketAddr>,
@@ -75,10 +91,10 @@ enum Cmd {
         hostname: Option<String>,
         /// The join token (`starling join-token worker|manager` on a manager).
         #[arg(long, env = "STARLING_TOKEN")]
-        token: String,
+        token: Option<String>,
         /// A manager's address.
-        #[arg(long)]
-        manager: SocketAddr,
+        #[arg(long, env = "STARLING_MANAGER")]
+        manager: Option<SocketAddr>,
         #[command(flatten)]
         daemon: DaemonArgs,
     },
@@ -224,7 +240,7 @@ async fn serve_until_signal(m: daemon::Manager, args: DaemonArgs) -> anyhow::Res
     let sock = m.data_dir.control_socket();
     let listener = http::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
     let m = Arc::new(m);
-    if let Some(addr) = args.metrics {
+    if let Some(addr) = args.metrics.or(file_config().metrics) {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
@@ -281,7 +297,7 @@ async fn call(
     target: &str,
     body: &[u8],
 ) -> anyhow::Result<serde_json::Value> {
-    let sock = DataDir(dir.data_dir.clone()).control_socket();
+    let sock = DataDir(dir.path()?).control_socket();
     let r = http::call(&sock, method, target, body)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -358,6 +374,11 @@ async fn real_main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(path) = &cli.config {
+        let _ = FILE_CONFIG.set(starling_node::config::FileConfig::load(path)?);
+    }
+    let fc = file_config();
+    use starling_node::config::required;
     match cli.command {
         Cmd::Init {
             dir,
@@ -367,10 +388,10 @@ async fn real_main() -> anyhow::Result<()> {
             daemon: args,
         } => {
             let m = daemon::init(daemon::InitOptions {
-                data_dir: DataDir(dir.data_dir),
-                listen,
-                advertise,
-                hostname,
+                data_dir: DataDir(dir.path()?),
+                listen: required(listen, &fc.listen, "listen")?,
+                advertise: advertise.or(fc.advertise),
+                hostname: hostname.or_else(|| fc.hostname.clone()),
             })
             .await?;
             serve_until_signal(m, args).await
@@ -385,18 +406,18 @@ async fn real_main() -> anyhow::Result<()> {
             daemon: args,
         } => {
             let m = daemon::join(daemon::JoinOptions {
-                data_dir: DataDir(dir.data_dir),
-                listen,
-                advertise,
-                hostname,
-                token,
-                manager,
+                data_dir: DataDir(dir.path()?),
+                listen: required(listen, &fc.listen, "listen")?,
+                advertise: advertise.or(fc.advertise),
+                hostname: hostname.or_else(|| fc.hostname.clone()),
+                token: required(token, &fc.token, "token")?,
+                manager: required(manager, &fc.manager, "manager")?,
             })
             .await?;
             serve_until_signal(m, args).await
         }
         Cmd::Run { dir, daemon: args } => {
-            serve_until_signal(daemon::run(DataDir(dir.data_dir)).await?, args).await
+            serve_until_signal(daemon::run(DataDir(dir.path()?)).await?, args).await
         }
         Cmd::Node {
             cmd: NodeCmd::Ls { dir, format },

@@ -331,3 +331,46 @@ fn t10_init_commands_restart_and_bad_input() {
     assert!(!none.status.success());
     assert!(String::from_utf8_lossy(&none.stderr).contains("control socket"));
 }
+
+#[test]
+fn t11_config_file_supplies_flags_and_mistakes_are_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n");
+    let cfg = tmp.path().join("starling.toml");
+    let listen = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"{}\"\nlisten = \"{listen}\"\nhostname = \"from-file\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let _d = spawn(&["--config", cfg.to_str().unwrap(), "init"]);
+    wait_ready(&dir);
+    let ls = stdout(&starling(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "node",
+        "ls",
+        "--format",
+        "json",
+    ]));
+    assert!(ls.contains("from-file"), "{ls}");
+
+    // No listen address anywhere: the error says the three ways to give one.
+    let other = tmp.path().join("o");
+    let out = starling(&["init", "--data-dir", other.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--listen is required") && err.contains("STARLING_LISTEN"),
+        "{err}"
+    );
+    // A typo in the file is named.
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "listn = \"127.0.0.1:1\"\n").unwrap();
+    let out = starling(&["--config", bad.to_str().unwrap(), "init"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listn"));
+}
