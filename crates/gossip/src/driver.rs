@@ -336,6 +336,11 @@ impl GossipNode {
         self.halt();
     }
 
+    /// Stops at once through a shared handle, telling nobody (a restart follows).
+    pub fn halt_shared(&self) {
+        self.halt();
+    }
+
     fn halt(&self) {
         let _ = self.shutdown.send(true);
         self.listener.abort();

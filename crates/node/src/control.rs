@@ -64,6 +64,14 @@ pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
         ("GET", "/v1/info") => info(&m),
         ("GET", "/v1/nodes") => nodes(&m, store).await,
         ("GET", "/v1/watch") => watch(store, &req).await,
+        ("POST", p)
+            if p.starts_with("/v1/nodes/")
+                && (p.ends_with("/promote") || p.ends_with("/demote")) =>
+        {
+            let rest = &p["/v1/nodes/".len()..];
+            let (id, action) = rest.rsplit_once('/').unwrap_or((rest, ""));
+            role_change(&m, store, id, action == "promote").await
+        }
         (_, p) if p.starts_with("/v1/nodes/") => {
             node_op(store, method, &p["/v1/nodes/".len()..], &req).await
         }
@@ -165,6 +173,94 @@ async fn nodes(m: &Manager, store: &Store) -> HttpResponse {
         body["warning"] = json!(note);
     }
     HttpResponse::json(200, &body)
+}
+
+/// Promotion records the wish (the node picks up a manager certificate on its next renewal
+/// and joins the Raft group); demotion goes through the leader, which takes the node out of
+/// the Raft group first (handing leadership over if it is the node itself).
+async fn role_change(m: &Manager, store: &Store, id: &str, promote: bool) -> HttpResponse {
+    use crate::join::{JoinReply, JoinRequest, call, demote_on_leader, join_protocol};
+    let record = match store
+        .read(Consistency::Linearizable, |s| s.node(id).cloned())
+        .await
+    {
+        Ok((Some(r), _)) => r,
+        Ok((None, _)) => return HttpResponse::error(404, format!("no such node: {id}")),
+        Err(e) => return store_error(&e),
+    };
+    if promote {
+        if record.role == NodeRole::Manager {
+            return HttpResponse::error(409, format!("node {id} is already a manager"));
+        }
+        return match store
+            .write(Command::SetNodeRole {
+                id: id.to_owned(),
+                role: record.role,
+                desired_role: NodeRole::Manager,
+            })
+            .await
+        {
+            Ok(r) => HttpResponse::json(200, &json!({"revision": r.revision, "promoted": id})),
+            Err(e) => store_error(&e),
+        };
+    }
+    if record.role != NodeRole::Manager {
+        return HttpResponse::error(409, format!("node {id} is not a manager"));
+    }
+    let Ok(protocol) = join_protocol() else {
+        return HttpResponse::error(500, "join protocol");
+    };
+    for _ in 0..20 {
+        let reply = if store.status().is_leader {
+            demote_on_leader(store, id).await
+        } else {
+            let leader = store.status().leader.and_then(|l| {
+                store
+                    .status()
+                    .nodes
+                    .into_iter()
+                    .find(|(i, _)| *i == l)
+                    .map(|(_, n)| n)
+            });
+            match leader {
+                Some(n) => {
+                    let (Ok(node), Ok(addr)) = (
+                        starling_transport::NodeId::new(n.name.clone()),
+                        n.addr.parse(),
+                    ) else {
+                        return HttpResponse::error(500, "bad leader address");
+                    };
+                    match m.endpoint.connect(&protocol, &node, addr).await {
+                        Ok(conn) => match call(
+                            &conn,
+                            &JoinRequest::Demote {
+                                node_id: id.to_owned(),
+                            },
+                        )
+                        .await
+                        {
+                            Ok(r) => r,
+                            Err(e) => JoinReply::Refused(e.to_string()),
+                        },
+                        Err(e) => JoinReply::Refused(format!("cannot reach the leader: {e}")),
+                    }
+                }
+                None => JoinReply::NotLeader { leader: None },
+            }
+        };
+        match reply {
+            JoinReply::Demoted => return HttpResponse::json(200, &json!({"demoted": id})),
+            JoinReply::NotLeader { .. } => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            JoinReply::Refused(why) if why.contains("undergoing a configuration change") => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            JoinReply::Refused(why) => return HttpResponse::error(409, why),
+            other => return HttpResponse::error(500, format!("unexpected answer: {other:?}")),
+        }
+    }
+    HttpResponse::error(503, "no leader completed the demotion")
 }
 
 fn node_json(n: &starling_raft_store::NodeRecord) -> Value {

@@ -49,6 +49,22 @@ pub struct Manager {
     pub stop: Arc<tokio::sync::Notify>,
     /// Counters for `--metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Background tasks of this role (join server, liveness), ended by `stop_components`.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Manager {
+    /// Stops what this role runs (store, gossip, background tasks), keeping the endpoint:
+    /// before a role change, or at shutdown.
+    pub async fn stop_components(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(store) = &self.store {
+            let _ = store.shutdown().await;
+        }
+        self.gossip.halt_shared();
+    }
 }
 
 fn hostname() -> String {
@@ -252,8 +268,21 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
     let raft_id = raft_id.ok_or_else(|| anyhow::anyhow!("a manager join without a raft id"))?;
     let seeds = state.managers.clone();
     let node = start_manager(dir, state, endpoint.clone(), creds).await?;
-    // Ask the leader to add this manager: learner first, voter once caught up.
-    let mut target = seeds.first().cloned();
+    enter_raft_group(&endpoint, &seeds, raft_id).await?;
+    Ok(node)
+}
+
+/// Asks the leader (found through `seeds`) to add this manager to the Raft group: learner
+/// first, voter once caught up.
+pub async fn enter_raft_group(
+    endpoint: &Endpoint,
+    seeds: &[(String, SocketAddr)],
+    raft_id: u64,
+) -> anyhow::Result<()> {
+    use crate::join::{JoinReply, JoinRequest, call, join_protocol};
+    let protocol = join_protocol()?;
+    let me = endpoint.identity().map(|i| i.node_id.to_string());
+    let mut target = seeds.iter().find(|(n, _)| Some(n) != me.as_ref()).cloned();
     for _ in 0..50 {
         let Some((leader_id, addr)) = target.clone() else {
             break;
@@ -262,7 +291,7 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
             .connect(&protocol, &NodeId::new(leader_id)?, addr)
             .await?;
         match call(&conn, &JoinRequest::AddManager { raft_id }).await? {
-            JoinReply::Added => return Ok(node),
+            JoinReply::Added => return Ok(()),
             JoinReply::NotLeader { leader } => target = leader.or(target),
             // Another manager's change was under way (through another manager): retry.
             JoinReply::Refused(why) if why.contains("undergoing a configuration change") => {}
@@ -272,6 +301,102 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     anyhow::bail!("no leader accepted this manager into the raft group")
+}
+
+/// The node as it runs now: replaced when its role changes.
+pub type Current = Arc<std::sync::RwLock<Arc<Manager>>>;
+
+/// Every second, asks a manager whether this node's role changed (promotion, demotion); on a
+/// change it takes the new certificate, stops what the old role ran and starts the new one on
+/// the same endpoint.
+pub async fn renewal_loop(current: Current) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let m = current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match renew_once(&m).await {
+            Ok(Some(new)) => {
+                *current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "role change failed"),
+        }
+    }
+}
+
+async fn renew_once(m: &Manager) -> anyhow::Result<Option<Manager>> {
+    use crate::join::{JoinReply, JoinRequest, call, join_protocol};
+    let protocol = join_protocol()?;
+    // Current Raft members first (a manager knows them), then the managers this node was
+    // told of.
+    let mut targets: Vec<(String, SocketAddr)> = Vec::new();
+    if let Some(store) = &m.store {
+        for (_, n) in store.status().nodes {
+            if let Ok(a) = n.addr.parse() {
+                targets.push((n.name, a));
+            }
+        }
+    }
+    targets.extend(m.state.managers.iter().cloned());
+    targets.retain(|(n, _)| *n != m.state.node_id);
+    let mut seen = std::collections::BTreeSet::new();
+    targets.retain(|t| seen.insert(t.clone()));
+    for (node, addr) in targets {
+        let Ok(id) = NodeId::new(node.clone()) else {
+            continue;
+        };
+        let dial = m.endpoint.connect(&protocol, &id, addr);
+        let Ok(Ok(conn)) = tokio::time::timeout(std::time::Duration::from_secs(2), dial).await
+        else {
+            continue;
+        };
+        let key = starling_transport::NodeKey::generate()?;
+        let reply = match call(&conn, &JoinRequest::Renew { csr: key.csr()? }).await {
+            Ok(r) => r,
+            Err(_) => continue,
+        };
+        conn.close(starling_transport::CloseCode::SHUTDOWN, "renewed");
+        let (role, raft_id, cert, ca, managers) = match reply {
+            JoinReply::Unchanged => return Ok(None),
+            JoinReply::Renewed {
+                role,
+                raft_id,
+                cert,
+                ca,
+                managers,
+            } => (role, raft_id, cert, ca, managers),
+            JoinReply::Refused(why) => anyhow::bail!("renewal refused: {why}"),
+            _ => continue,
+        };
+        info!(node = %m.state.node_id, %role, "role changed; restarting this node's role");
+        let creds = NodeCredentials::new(cert.into(), key, vec![ca.into()])?;
+        let dir = m.data_dir.clone();
+        creds.save(&dir.0)?;
+        let mut state = m.state.clone();
+        state.role = role.clone();
+        state.raft_id = raft_id;
+        if !managers.is_empty() {
+            state.managers = managers;
+        }
+        dir.save(&state)?;
+        m.stop_components().await;
+        m.endpoint.rotate(creds.clone())?;
+        let mut new = if role == "manager" {
+            let raft_id =
+                raft_id.ok_or_else(|| anyhow::anyhow!("a promotion without a raft id"))?;
+            // A fresh log: this Raft id is new, and never shared with an earlier life.
+            let _ = std::fs::remove_dir_all(dir.raft_dir());
+            let seeds = state.managers.clone();
+            let new = start_manager(dir, state, m.endpoint.clone(), creds).await?;
+            enter_raft_group(&m.endpoint, &seeds, raft_id).await?;
+            new
+        } else {
+            let _ = std::fs::remove_dir_all(dir.raft_dir());
+            start_worker(dir, state, m.endpoint.clone()).await?
+        };
+        new.stop = m.stop.clone();
+        return Ok(Some(new));
+    }
+    Ok(None)
 }
 
 /// The leader's liveness loop: every second, gossip's view becomes node status in Raft.
@@ -354,6 +479,7 @@ async fn start_worker(
 ) -> anyhow::Result<Manager> {
     let gossip = start_gossip(&dir, &state, &endpoint).await?;
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    let tasks = Vec::new();
     Ok(Manager {
         state,
         store: None,
@@ -362,6 +488,7 @@ async fn start_worker(
         data_dir: dir,
         stop: Arc::new(tokio::sync::Notify::new()),
         metrics,
+        tasks,
     })
 }
 
@@ -388,15 +515,19 @@ async fn start_manager(
     .await?;
     let store = Arc::new(store);
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let listener = endpoint.listen(&crate::join::join_protocol()?)?;
-    tokio::spawn(crate::join::serve(store.clone(), listener, metrics.clone()));
+    let listener = endpoint.listen(&crate::join::join_server_protocol()?)?;
+    let mut tasks = vec![tokio::spawn(crate::join::serve(
+        store.clone(),
+        listener,
+        metrics.clone(),
+    ))];
     let gossip = Arc::new(start_gossip(&dir, &state, &endpoint).await?);
-    tokio::spawn(reconcile_liveness(
+    tasks.push(tokio::spawn(reconcile_liveness(
         store.clone(),
         gossip.clone(),
         state.node_id.clone(),
         metrics.clone(),
-    ));
+    )));
     Ok(Manager {
         state,
         store: Some(store),
@@ -405,5 +536,6 @@ async fn start_manager(
         data_dir: dir,
         stop: Arc::new(tokio::sync::Notify::new()),
         metrics,
+        tasks,
     })
 }

@@ -25,11 +25,22 @@ use crate::datadir::random_id;
 /// The ALPN of the join protocol.
 pub const JOIN_ALPN: &[u8] = b"starling/join/1";
 
-/// The join protocol: served by managers; certificate-less joiners admitted.
+/// The join protocol as a dialer uses it: the server must be a manager; no certificate is
+/// needed to dial (a joiner has none yet).
 pub fn join_protocol() -> anyhow::Result<Protocol> {
     Ok(Protocol::new(
         JOIN_ALPN,
         PeerPolicy::roles([Role::MANAGER]).allow_anonymous(),
+    )?)
+}
+
+/// The join protocol as a manager serves it: joiners without a certificate, and members of
+/// either role (a worker renews its certificate after a promotion). Each request checks the
+/// role it needs.
+pub fn join_server_protocol() -> anyhow::Result<Protocol> {
+    Ok(Protocol::new(
+        JOIN_ALPN,
+        PeerPolicy::roles([Role::MANAGER, Role::WORKER]).allow_anonymous(),
     )?)
 }
 
@@ -51,6 +62,17 @@ pub enum JoinRequest {
     AddManager {
         /// Its Raft id.
         raft_id: u64,
+    },
+    /// A member asks whether its role changed (promotion, demotion); if so it gets a
+    /// certificate for the new role, for this CSR.
+    Renew {
+        /// A CSR for a fresh key (DER).
+        csr: Vec<u8>,
+    },
+    /// A manager asks the leader to demote a manager (remove it from the Raft group).
+    Demote {
+        /// The node to demote.
+        node_id: String,
     },
 }
 
@@ -76,6 +98,23 @@ pub enum JoinReply {
     },
     /// Added to the Raft group as a voter.
     Added,
+    /// Demoted.
+    Demoted,
+    /// The role did not change.
+    Unchanged,
+    /// A certificate for the node's new role.
+    Renewed {
+        /// `manager` or `worker`.
+        role: String,
+        /// Raft id, for a manager.
+        raft_id: Option<u64>,
+        /// The certificate (DER).
+        cert: Vec<u8>,
+        /// The CA certificate (DER).
+        ca: Vec<u8>,
+        /// Managers: node id and address.
+        managers: Vec<(String, SocketAddr)>,
+    },
     /// Ask the leader instead.
     NotLeader {
         /// The leader's node id and address, if known.
@@ -192,6 +231,22 @@ async fn handle(
                 JoinReply::Refused(e.to_string())
             }
         },
+        JoinRequest::Renew { csr } => {
+            let Some(peer) = conn.peer() else {
+                return JoinReply::Refused("a renewal needs the node's current certificate".into());
+            };
+            match renew(store, peer, &csr).await {
+                Ok(r) => r,
+                Err(e) => JoinReply::Refused(e.to_string()),
+            }
+        }
+        JoinRequest::Demote { node_id } => {
+            if conn.peer().is_none_or(|p| p.role != Role::MANAGER) {
+                return JoinReply::Refused("only a manager can demote".into());
+            }
+            let _one_at_a_time = membership.lock().await;
+            demote_on_leader(store, &node_id).await
+        }
         JoinRequest::AddManager { raft_id } => {
             let Some(peer) = conn.peer().filter(|p| p.role == Role::MANAGER) else {
                 return JoinReply::Refused(
@@ -221,7 +276,15 @@ async fn handle(
             let _one_at_a_time = membership.lock().await;
             match async {
                 store.add_learner(raft_id, node).await?;
-                store.promote(raft_id).await
+                store.promote(raft_id).await?;
+                store
+                    .write(Command::SetNodeRole {
+                        id: peer.node_id.to_string(),
+                        role: NodeRole::Manager,
+                        desired_role: NodeRole::Manager,
+                    })
+                    .await
+                    .map(|_| ())
             }
             .await
             {
@@ -233,6 +296,129 @@ async fn handle(
             }
         }
     }
+}
+
+/// The leader demotes `node_id`: out of the Raft group, recorded as a worker. The last
+/// manager is refused; the leader itself hands leadership over first.
+pub async fn demote_on_leader(store: &Store, node_id: &str) -> JoinReply {
+    let s = store.status();
+    if !s.is_leader {
+        return JoinReply::NotLeader {
+            leader: leader(store),
+        };
+    }
+    let Some((raft_id, _)) = s.nodes.iter().find(|(_, n)| n.name == node_id) else {
+        return JoinReply::Refused(format!("{node_id} is not a manager"));
+    };
+    let raft_id = *raft_id;
+    if s.voters.len() <= 1 && s.voters.contains(&raft_id) {
+        return JoinReply::Refused("the last manager cannot be demoted".into());
+    }
+    if raft_id == s.id {
+        // Demoting the leader: hand leadership to another voter first; the caller retries
+        // with the new leader.
+        let Some(other) = s.voters.iter().copied().find(|v| *v != s.id) else {
+            return JoinReply::Refused("the last manager cannot be demoted".into());
+        };
+        if let Err(e) = store.transfer_leader(other).await {
+            return JoinReply::Refused(e.to_string());
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while store.status().is_leader && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        return JoinReply::NotLeader {
+            leader: leader(store),
+        };
+    }
+    let result = async {
+        store.demote(raft_id).await?;
+        store.remove(raft_id).await?;
+        // A Raft id is never reused: a later promotion gets a new one.
+        store
+            .write(Command::Delete {
+                key: format!("_starling/raft-id/{node_id}"),
+            })
+            .await?;
+        store
+            .write(Command::SetNodeRole {
+                id: node_id.to_owned(),
+                role: NodeRole::Worker,
+                desired_role: NodeRole::Worker,
+            })
+            .await
+    }
+    .await;
+    match result {
+        Ok(_) => {
+            info!(node = %node_id, raft_id, "manager demoted");
+            JoinReply::Demoted
+        }
+        Err(e) => JoinReply::Refused(e.to_string()),
+    }
+}
+
+async fn raft_id_for(store: &Store, node: &str) -> Result<u64, StoreError> {
+    let key = format!("_starling/raft-id/{node}");
+    let (held, _) = store
+        .read(Consistency::Linearizable, |s| {
+            s.get(&key)
+                .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse::<u64>().ok())
+        })
+        .await?;
+    if let Some(id) = held {
+        return Ok(id);
+    }
+    let id = allocate_raft_id(store).await?;
+    store
+        .write(Command::Put {
+            key,
+            value: id.to_string().into_bytes(),
+        })
+        .await?;
+    Ok(id)
+}
+
+async fn renew(
+    store: &Store,
+    peer: &starling_transport::PeerIdentity,
+    csr: &[u8],
+) -> anyhow::Result<JoinReply> {
+    let node = peer.node_id.as_str();
+    let ((record, info), _) = store
+        .read(Consistency::Linearizable, |s| {
+            (s.node(node).cloned(), s.cluster().clone())
+        })
+        .await?;
+    let record =
+        record.ok_or_else(|| anyhow::anyhow!("node {node} was removed from the cluster"))?;
+    let want = if record.desired_role == NodeRole::Manager {
+        Role::MANAGER
+    } else {
+        Role::WORKER
+    };
+    if want == peer.role {
+        return Ok(JoinReply::Unchanged);
+    }
+    let raft_id = if want == Role::MANAGER {
+        Some(raft_id_for(store, node).await?)
+    } else {
+        None
+    };
+    let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
+    let opts = CertOptions {
+        lifetime: std::time::Duration::from_secs(info.settings.cert_lifetime_secs),
+        ..CertOptions::default()
+    };
+    let cert = ca.sign_csr(csr, &peer.node_id, &want, &opts)?;
+    info!(node = %node, role = %want, "certificate reissued for a new role");
+    Ok(JoinReply::Renewed {
+        role: want.to_string(),
+        raft_id,
+        cert: cert.to_vec(),
+        ca: ca.certificate().to_vec(),
+        managers: managers(store),
+    })
 }
 
 async fn admit(

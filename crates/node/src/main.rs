@@ -148,6 +148,21 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum NodeCmd {
+    /// Make a worker a manager: it gets a manager certificate and joins the Raft group.
+    Promote {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Node id.
+        id: String,
+    },
+    /// Make a manager a worker: it leaves the Raft group (the leader hands over first; the
+    /// last manager cannot be demoted) and gets a worker certificate.
+    Demote {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Node id.
+        id: String,
+    },
     /// Show one node in detail.
     Inspect {
         #[command(flatten)]
@@ -239,14 +254,16 @@ enum KvCmd {
 async fn serve_until_signal(m: daemon::Manager, args: DaemonArgs) -> anyhow::Result<()> {
     let sock = m.data_dir.control_socket();
     let listener = http::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
-    let m = Arc::new(m);
+    let stop = m.stop.clone();
+    let current: daemon::Current = Arc::new(std::sync::RwLock::new(Arc::new(m)));
+    let now = |c: &daemon::Current| c.read().unwrap_or_else(|p| p.into_inner()).clone();
     if let Some(addr) = args.metrics.or(file_config().metrics) {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        let mm = m.clone();
+        let c = current.clone();
         tokio::spawn(http::serve_tcp(tcp, move |_req| {
-            let m = mm.clone();
+            let m = now(&c);
             async move {
                 http::HttpResponse {
                     status: 200,
@@ -256,37 +273,40 @@ async fn serve_until_signal(m: daemon::Manager, args: DaemonArgs) -> anyhow::Res
             }
         }));
     }
-    let handler_m = m.clone();
+    let c = current.clone();
     let server = tokio::spawn(http::serve(listener, move |req| {
-        let m = handler_m.clone();
+        let m = now(&c);
         async move { control::handle(m, req).await }
     }));
-    eprintln!(
-        "starling: node {} of cluster {} ({}) serving on {}; control socket {}",
-        m.state.node_id,
-        m.state.cluster_id,
-        m.state.role,
-        m.state.advertise,
-        sock.display()
-    );
+    let renewal = tokio::spawn(daemon::renewal_loop(current.clone()));
+    {
+        let m = now(&current);
+        eprintln!(
+            "starling: node {} of cluster {} ({}) serving on {}; control socket {}",
+            m.state.node_id,
+            m.state.cluster_id,
+            m.state.role,
+            m.state.advertise,
+            sock.display()
+        );
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let stop = m.stop.clone();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
         _ = stop.notified() => {}
     }
     eprintln!("starling: shutting down");
+    renewal.abort();
     server.abort();
     let _ = std::fs::remove_file(&sock);
+    let m = now(&current);
     // A worker leaves gossip first, so managers see it go at once; a manager's store stops
     // with it (its peers elect without it if it led).
     if m.store.is_none() {
         m.gossip.leave_shared().await;
     }
-    if let Some(store) = &m.store {
-        let _ = store.shutdown().await;
-    }
+    m.stop_components().await;
     m.endpoint.close().await;
     Ok(())
 }
@@ -424,6 +444,22 @@ async fn real_main() -> anyhow::Result<()> {
         } => {
             let v = call(&dir, "GET", "/v1/nodes", b"").await?;
             print_nodes(&v, format);
+            Ok(())
+        }
+        Cmd::Node {
+            cmd: NodeCmd::Promote { dir, id },
+        } => {
+            let path = format!("/v1/nodes/{}/promote", http::percent_encode(&id));
+            call(&dir, "POST", &path, b"").await?;
+            println!("Node {id} promoted to a manager in the cluster.");
+            Ok(())
+        }
+        Cmd::Node {
+            cmd: NodeCmd::Demote { dir, id },
+        } => {
+            let path = format!("/v1/nodes/{}/demote", http::percent_encode(&id));
+            call(&dir, "POST", &path, b"").await?;
+            println!("Manager {id} demoted in the cluster.");
             Ok(())
         }
         Cmd::Node {

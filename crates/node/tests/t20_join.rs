@@ -341,3 +341,129 @@ fn t22_rotated_token_is_refused_and_a_worker_leaves() {
             .map(|_| ())
     });
 }
+
+fn id_of(list: &[serde_json::Value], host: &str) -> String {
+    list.iter()
+        .find(|n| n["hostname"] == host)
+        .and_then(|n| n["id"].as_str())
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn t23_promote_a_worker_then_demote_managers_down_to_the_last() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m1 = tmp.path().join("m1");
+    let m1_addr = format!("127.0.0.1:{}", free_port());
+    let _m1 = spawn(&[
+        "init",
+        "--data-dir",
+        m1.to_str().unwrap(),
+        "--listen",
+        &m1_addr,
+        "--hostname",
+        "m1",
+    ]);
+    poll("m1 ready", Duration::from_secs(20), || nodes(&m1));
+    let wt = String::from_utf8(
+        starling(&[
+            "join-token",
+            "--data-dir",
+            m1.to_str().unwrap(),
+            "worker",
+            "-q",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let w1 = tmp.path().join("w1");
+    let _w1 = spawn(&[
+        "join",
+        "--data-dir",
+        w1.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--hostname",
+        "w1",
+        "--token",
+        wt.trim(),
+        "--manager",
+        &m1_addr,
+    ]);
+    let list = poll("w1 joined", Duration::from_secs(20), || {
+        nodes(&m1).filter(|l| l.len() == 2)
+    });
+    let (m1_id, w1_id) = (id_of(&list, "m1"), id_of(&list, "w1"));
+
+    // Promote: the worker gets a manager certificate, joins the Raft group, serves node ls.
+    let out = starling(&[
+        "node",
+        "promote",
+        "--data-dir",
+        m1.to_str().unwrap(),
+        &w1_id,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    poll("w1 is a reachable manager", Duration::from_secs(30), || {
+        nodes(&m1)?
+            .iter()
+            .find(|n| {
+                n["hostname"] == "w1"
+                    && n["role"] == "manager"
+                    && n["manager_status"] == "reachable"
+            })
+            .map(|_| ())
+    });
+    poll("w1 serves node ls", Duration::from_secs(30), || {
+        nodes(&w1).filter(|l| l.len() == 2)
+    });
+    let again = starling(&[
+        "node",
+        "promote",
+        "--data-dir",
+        m1.to_str().unwrap(),
+        &w1_id,
+    ]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already a manager"));
+
+    // Demote the leader (m1): leadership moves to w1 first; m1 becomes a worker.
+    let out = starling(&["node", "demote", "--data-dir", m1.to_str().unwrap(), &m1_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    poll("w1 leads, m1 is a worker", Duration::from_secs(30), || {
+        let l = nodes(&w1)?;
+        let w = l.iter().find(|n| n["hostname"] == "w1")?;
+        let m = l.iter().find(|n| n["hostname"] == "m1")?;
+        (w["manager_status"] == "leader" && m["role"] == "worker").then_some(())
+    });
+    poll("m1 runs as a worker", Duration::from_secs(30), || {
+        let out = starling(&["node", "ls", "--data-dir", m1.to_str().unwrap()]);
+        String::from_utf8_lossy(&out.stderr)
+            .contains("worker")
+            .then_some(())
+    });
+    // The last manager cannot be demoted.
+    let last = starling(&["node", "demote", "--data-dir", w1.to_str().unwrap(), &w1_id]);
+    assert!(!last.status.success());
+    assert!(String::from_utf8_lossy(&last.stderr).contains("last manager"));
+    // Writes go on through the new manager.
+    assert!(
+        starling(&[
+            "kv",
+            "put",
+            "--data-dir",
+            w1.to_str().unwrap(),
+            "after",
+            "demotion"
+        ])
+        .status
+        .success()
+    );
+}
