@@ -84,10 +84,18 @@ pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
         ("GET", p) if p.starts_with("/v1/join-token/") => {
             join_token(store, &p["/v1/join-token/".len()..]).await
         }
-        ("POST", "/v1/leave") => HttpResponse::error(
-            409,
-            "this node is a manager: demote it first (`starling node demote`), then leave",
-        ),
+        ("POST", "/v1/leave") => {
+            // A manager is demoted first (through the leader; refused for the last one),
+            // then leaves like a worker.
+            let id = m.state.node_id.clone();
+            let demoted = role_change(&m, store, &id, false).await;
+            if demoted.status != 200 {
+                return demoted;
+            }
+            m.gossip.leave_shared().await;
+            m.stop.notify_one();
+            HttpResponse::json(200, &json!({"left": id, "demoted": true}))
+        }
         (_, "/v1/info" | "/v1/nodes" | "/v1/members" | "/v1/kv") => {
             HttpResponse::error(405, format!("{method} is not allowed on {path}"))
         }
@@ -98,7 +106,7 @@ pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
 fn info(m: &Manager) -> HttpResponse {
     let raft = m.store.as_ref().map(|st| {
         let s = st.status();
-        json!({"id": s.id, "leader": s.leader, "term": s.term, "applied": s.applied})
+        json!({"id": s.id, "leader": s.leader, "term": s.term, "applied": s.applied, "voters": s.voters.len()})
     });
     HttpResponse::json(
         200,
@@ -206,6 +214,10 @@ async fn role_change(m: &Manager, store: &Store, id: &str, promote: bool) -> Htt
     }
     if record.role != NodeRole::Manager {
         return HttpResponse::error(409, format!("node {id} is not a manager"));
+    }
+    // Without a quorum there is no leader to run the change: say so, with the count.
+    if let Err(e) = store.read(Consistency::Linearizable, |_| ()).await {
+        return store_error(&e);
     }
     let Ok(protocol) = join_protocol() else {
         return HttpResponse::error(500, "join protocol");

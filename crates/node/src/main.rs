@@ -139,7 +139,8 @@ enum Cmd {
         #[arg(long)]
         rotate: bool,
     },
-    /// Leave the cluster: a worker leaves gossip and stops (a manager must be demoted first).
+    /// Leave the cluster: a worker leaves gossip and stops; a manager is demoted first
+    /// (refused for the last one).
     Leave {
         #[command(flatten)]
         dir: DirArg,
@@ -571,8 +572,13 @@ async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
             );
             let v = call(&dir, "GET", &target, b"").await?;
             println!("{}", v["value"].as_str().unwrap_or(""));
+            let stale = if consistency == "stale" {
+                " — a stale read of this manager's local state"
+            } else {
+                ""
+            };
             eprintln!(
-                "revision {} (mod_revision {})",
+                "revision {} (mod_revision {}){stale}",
                 v["revision"], v["mod_revision"]
             );
         }

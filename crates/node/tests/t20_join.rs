@@ -320,10 +320,10 @@ fn t22_rotated_token_is_refused_and_a_worker_leaves() {
             .find(|n| n["hostname"] == "w1" && n["status"] == "ready")
             .map(|_| ())
     });
-    // A manager cannot simply leave.
+    // The only manager cannot leave (it would have to be demoted, and it is the last one).
     let m_leave = starling(&["leave", "--data-dir", m1.to_str().unwrap()]);
     assert!(!m_leave.status.success());
-    assert!(String::from_utf8_lossy(&m_leave.stderr).contains("demote"));
+    assert!(String::from_utf8_lossy(&m_leave.stderr).contains("last manager"));
     // The worker leaves: its process ends, and the managers mark it down.
     let left = starling(&["leave", "--data-dir", w1.to_str().unwrap()]);
     assert!(
@@ -465,5 +465,198 @@ fn t23_promote_a_worker_then_demote_managers_down_to_the_last() {
         ])
         .status
         .success()
+    );
+}
+
+#[test]
+fn t24_killed_leader_restarted_with_run_is_reachable_again_and_a_manager_leaves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<_> = (1..=3).map(|i| tmp.path().join(format!("m{i}"))).collect();
+    let m1_addr = format!("127.0.0.1:{}", free_port());
+    let mut daemons = vec![spawn(&[
+        "init",
+        "--data-dir",
+        dirs[0].to_str().unwrap(),
+        "--listen",
+        &m1_addr,
+        "--hostname",
+        "m1",
+    ])];
+    poll("m1 ready", Duration::from_secs(20), || nodes(&dirs[0]));
+    let mt = String::from_utf8(
+        starling(&[
+            "join-token",
+            "--data-dir",
+            dirs[0].to_str().unwrap(),
+            "manager",
+            "-q",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    for (i, d) in dirs.iter().enumerate().skip(1) {
+        let host = format!("m{}", i + 1);
+        daemons.push(spawn(&[
+            "join",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--hostname",
+            &host,
+            "--token",
+            mt.trim(),
+            "--manager",
+            &m1_addr,
+        ]));
+    }
+    let reachable = |d: &Path, n: usize| {
+        nodes(d).filter(|l| {
+            l.iter()
+                .filter(|x| x["manager_status"] == "leader" || x["manager_status"] == "reachable")
+                .count()
+                == n
+        })
+    };
+    poll("three managers", Duration::from_secs(30), || {
+        reachable(&dirs[0], 3)
+    });
+    // kill -9 the leader (m1), a new leader answers through m2, then m1 comes back with `run`.
+    let old = daemons.remove(0);
+    drop(old);
+    poll("a new leader", Duration::from_secs(30), || {
+        nodes(&dirs[1])?
+            .iter()
+            .find(|n| n["manager_status"] == "leader" && n["hostname"] != "m1")
+            .map(|_| ())
+    });
+    assert!(
+        starling(&[
+            "kv",
+            "put",
+            "--data-dir",
+            dirs[1].to_str().unwrap(),
+            "k",
+            "v"
+        ])
+        .status
+        .success()
+    );
+    let _m1 = spawn(&["run", "--data-dir", dirs[0].to_str().unwrap()]);
+    poll("m1 reachable again", Duration::from_secs(30), || {
+        nodes(&dirs[1])?
+            .iter()
+            .find(|n| n["hostname"] == "m1" && n["manager_status"] == "reachable")
+            .map(|_| ())
+    });
+    // A manager leaves: it is demoted first, then goes.
+    let out = starling(&["leave", "--data-dir", dirs[2].to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    poll("m3 is no longer a manager", Duration::from_secs(30), || {
+        nodes(&dirs[1])?
+            .iter()
+            .find(|n| n["hostname"] == "m3" && n["role"] == "worker")
+            .map(|_| ())
+    });
+}
+
+#[test]
+fn t25_without_quorum_writes_fail_fast_and_local_reads_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<_> = (1..=3).map(|i| tmp.path().join(format!("m{i}"))).collect();
+    let m1_addr = format!("127.0.0.1:{}", free_port());
+    let _m1 = spawn(&[
+        "init",
+        "--data-dir",
+        dirs[0].to_str().unwrap(),
+        "--listen",
+        &m1_addr,
+        "--hostname",
+        "m1",
+    ]);
+    poll("m1 ready", Duration::from_secs(20), || nodes(&dirs[0]));
+    let d0 = dirs[0].to_str().unwrap();
+    assert!(
+        starling(&["kv", "put", "--data-dir", d0, "q", "before"])
+            .status
+            .success()
+    );
+    let mt = String::from_utf8(starling(&["join-token", "--data-dir", d0, "manager", "-q"]).stdout)
+        .unwrap();
+    let mut others = Vec::new();
+    for (i, d) in dirs.iter().enumerate().skip(1) {
+        let host = format!("m{}", i + 1);
+        others.push(spawn(&[
+            "join",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--hostname",
+            &host,
+            "--token",
+            mt.trim(),
+            "--manager",
+            &m1_addr,
+        ]));
+    }
+    poll("three voters", Duration::from_secs(30), || {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "--unix-socket",
+                dirs[0].join("control.sock").to_str()?,
+                "http://x/v1/info",
+            ])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["raft"]["voters"] == 3).then_some(())
+    });
+    drop(others); // kill -9 two of three managers
+    let started = Instant::now();
+    let put = starling(&["kv", "put", "--data-dir", d0, "q", "after"]);
+    assert!(!put.status.success());
+    let err = String::from_utf8_lossy(&put.stderr);
+    assert!(
+        err.contains("no quorum") && err.contains("1 of 3 managers reachable"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    // Local state still answers, and says so.
+    let stale = starling(&["kv", "get", "--data-dir", d0, "q", "--consistency", "stale"]);
+    assert_eq!(String::from_utf8_lossy(&stale.stdout).trim(), "before");
+    assert!(String::from_utf8_lossy(&stale.stderr).contains("stale"));
+    let ls = starling(&["node", "ls", "--data-dir", d0]);
+    assert!(ls.status.success());
+    assert!(String::from_utf8_lossy(&ls.stderr).contains("no quorum"));
+    // So does a join: refused with the quorum error.
+    let wt = String::from_utf8(starling(&["join-token", "--data-dir", d0, "worker", "-q"]).stdout)
+        .unwrap();
+    let x = tmp.path().join("x");
+    let join = starling(&[
+        "join",
+        "--data-dir",
+        x.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--token",
+        wt.trim(),
+        "--manager",
+        &m1_addr,
+    ]);
+    assert!(!join.status.success());
+    assert!(
+        String::from_utf8_lossy(&join.stderr).contains("no quorum"),
+        "{}",
+        String::from_utf8_lossy(&join.stderr)
     );
 }

@@ -58,6 +58,8 @@ pub(crate) enum RaftRpc {
     Write(Command),
     /// A follower asks the leader for a linearizable read index.
     ReadIndex,
+    /// Are you there? (Counting reachable managers for a no-quorum error.)
+    Ping,
 }
 
 /// The answer to a forwarded write or read index.
@@ -399,6 +401,7 @@ impl RaftServer {
             ),
             RaftRpc::Write(cmd) => reply(Ok::<_, String>(leader_write(&self.raft, cmd).await)),
             RaftRpc::ReadIndex => reply(Ok::<_, String>(leader_read_index(&self.raft).await)),
+            RaftRpc::Ping => reply(Ok::<_, String>(())),
         }
     }
 

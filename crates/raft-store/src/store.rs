@@ -550,15 +550,14 @@ impl Store {
                 let protocol = self.protocol.clone();
                 let node = node.clone();
                 async move {
-                    let Ok(name) = NodeId::new(node.name.clone()) else {
-                        return false;
-                    };
-                    let Ok(addr) = node.addr.parse() else {
-                        return false;
-                    };
-                    tokio::time::timeout(PROBE_TIME, endpoint.connection(&protocol, &name, addr))
-                        .await
-                        .is_ok_and(|c| c.is_ok())
+                    // A round trip, not just a pooled connection: a killed peer's connection
+                    // looks alive until the idle timeout.
+                    tokio::time::timeout(
+                        PROBE_TIME,
+                        call::<()>(&endpoint, &protocol, &node, &RaftRpc::Ping),
+                    )
+                    .await
+                    .is_ok_and(|r| r.is_ok())
                 }
             });
         let answered = futures::future::join_all(probes).await;
