@@ -133,6 +133,7 @@ async fn nodes(m: &Manager, store: &Store) -> HttpResponse {
         Err(e) => return store_error(&e),
     };
     let status = store.status();
+    let acks = store.leader_acks().await;
     let up: std::collections::BTreeSet<String> = m
         .gossip
         .members()
@@ -149,14 +150,15 @@ async fn nodes(m: &Manager, store: &Store) -> HttpResponse {
                 .iter()
                 .find(|(_, node)| node.name == n.id)
                 .map(|(id, _)| *id);
-            // From Raft: the leader knows when each manager last answered a heartbeat;
-            // elsewhere gossip's view stands in.
-            let raft_reachable = |id: u64| {
-                if status.is_leader {
-                    id == status.id || status.acked.get(&id).is_some_and(|d| *d < REACHABLE_WITHIN)
-                } else {
-                    up.contains(&n.id)
+            // From Raft: the leader knows when each manager last answered its heartbeats
+            // (asked of the leader when this manager follows); without a leader, gossip's
+            // view stands in.
+            let raft_reachable = |id: u64| match &acks {
+                Some(acks) => {
+                    Some(id) == status.leader
+                        || acks.get(&id).is_some_and(|d| *d < REACHABLE_WITHIN)
                 }
+                None => up.contains(&n.id),
             };
             let manager_status = match (n.role.clone(), raft_id) {
                 (NodeRole::Manager, Some(id)) if status.leader == Some(id) => json!("leader"),

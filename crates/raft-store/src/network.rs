@@ -60,6 +60,9 @@ pub(crate) enum RaftRpc {
     ReadIndex,
     /// Are you there? (Counting reachable managers for a no-quorum error.)
     Ping,
+    /// The leader's view of its followers: milliseconds since each last answered a
+    /// heartbeat.
+    Acks,
 }
 
 /// The answer to a forwarded write or read index.
@@ -402,6 +405,10 @@ impl RaftServer {
             RaftRpc::Write(cmd) => reply(Ok::<_, String>(leader_write(&self.raft, cmd).await)),
             RaftRpc::ReadIndex => reply(Ok::<_, String>(leader_read_index(&self.raft).await)),
             RaftRpc::Ping => reply(Ok::<_, String>(())),
+            RaftRpc::Acks => {
+                let acks = crate::store::acks_of(&self.raft);
+                reply(Ok::<_, String>(acks))
+            }
         }
     }
 

@@ -256,6 +256,28 @@ pub struct RaftStatus {
     pub acked: std::collections::BTreeMap<u64, Duration>,
 }
 
+/// Milliseconds since each follower last acknowledged the leader's heartbeat (empty unless
+/// `raft` leads).
+pub(crate) fn acks_of(raft: &Raft) -> std::collections::BTreeMap<u64, u64> {
+    let m = raft.metrics().borrow_watched().clone();
+    m.heartbeat
+        .as_ref()
+        .map(|h| {
+            h.iter()
+                .filter_map(|(id, at)| {
+                    at.as_ref().map(|t| {
+                        use openraft::Instant as _;
+                        (
+                            *id,
+                            u64::try_from((**t).elapsed().as_millis()).unwrap_or(u64::MAX),
+                        )
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A stream of key-value changes under a prefix.
 pub struct Watch {
     backlog: std::collections::VecDeque<KvEvent>,
@@ -398,20 +420,10 @@ impl Store {
             nodes: membership.nodes().map(|(i, n)| (*i, n.clone())).collect(),
             applied: self.sm.read().data.revision(),
             last_log_index: m.last_log_index.unwrap_or(0),
-            acked: m
-                .heartbeat
-                .as_ref()
-                .map(|h| {
-                    h.iter()
-                        .filter_map(|(id, at)| {
-                            at.as_ref().map(|t| {
-                                use openraft::Instant as _;
-                                (*id, (**t).elapsed())
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            acked: acks_of(&self.raft)
+                .into_iter()
+                .map(|(id, ms)| (id, Duration::from_millis(ms)))
+                .collect(),
         }
     }
 
@@ -760,6 +772,34 @@ impl Store {
             .transfer_leader(to)
             .await
             .map_err(|e| StoreError::Raft(e.to_string()))
+    }
+
+    /// The leader's view of the managers: how long ago each answered its heartbeats (this
+    /// manager asks the leader if it is not the leader itself). `None` without a reachable
+    /// leader.
+    pub async fn leader_acks(&self) -> Option<std::collections::BTreeMap<u64, Duration>> {
+        let s = self.status();
+        if s.is_leader {
+            return Some(s.acked);
+        }
+        let (_, node) = self.leader_node()?;
+        let acks = tokio::time::timeout(
+            PROBE_TIME,
+            call::<std::collections::BTreeMap<u64, u64>>(
+                &self.endpoint,
+                &self.protocol,
+                &node,
+                &RaftRpc::Acks,
+            ),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(
+            acks.into_iter()
+                .map(|(id, ms)| (id, Duration::from_millis(ms)))
+                .collect(),
+        )
     }
 
     /// Takes a snapshot now (and purges the log up to it).
