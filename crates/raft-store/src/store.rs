@@ -669,7 +669,8 @@ impl Store {
     /// Adds a manager as a learner and waits until it has caught up (run on the leader).
     pub async fn add_learner(&self, id: u64, node: ManagerNode) -> Result<(), StoreError> {
         self.must_lead()?;
-        self.bounded(self.raft.add_learner(id, node, false)).await?;
+        self.bounded(|| self.raft.add_learner(id, node.clone(), false))
+            .await?;
         self.wait_caught_up(id).await
     }
 
@@ -706,14 +707,31 @@ impl Store {
     }
 
     /// Runs a membership change, failing with [`StoreError::NoQuorum`] past the deadline.
-    async fn bounded<T, E: std::fmt::Display>(
+    ///
+    /// Raft takes one membership change at a time: while an earlier one (or the initial
+    /// membership) is still being committed, the change is retried until the deadline.
+    async fn bounded<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
         &self,
-        op: impl Future<Output = Result<T, E>>,
+        mut op: impl FnMut() -> F,
     ) -> Result<T, StoreError> {
         let started = Instant::now();
-        match tokio::time::timeout(self.config.quorum_deadline() - PROBE_TIME, op).await {
-            Ok(r) => r.map_err(|e| StoreError::Raft(e.to_string())),
-            Err(_) => Err(self.no_quorum(started.elapsed()).await),
+        let deadline = started + self.config.quorum_deadline() - PROBE_TIME;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, op()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    let text = e.to_string();
+                    if text.contains("undergoing a configuration change")
+                        && Instant::now() < deadline
+                    {
+                        tokio::time::sleep(self.config.heartbeat()).await;
+                        continue;
+                    }
+                    return Err(StoreError::Raft(text));
+                }
+                Err(_) => return Err(self.no_quorum(started.elapsed()).await),
+            }
         }
     }
 
@@ -722,10 +740,10 @@ impl Store {
         self.must_lead()?;
         self.wait_caught_up(id).await?;
         let ids: BTreeSet<u64> = [id].into();
-        self.bounded(
+        self.bounded(|| {
             self.raft
-                .change_membership(ChangeMembers::AddVoterIds(ids), true),
-        )
+                .change_membership(ChangeMembers::AddVoterIds(ids.clone()), true)
+        })
         .await
         .map(|_| ())
     }
@@ -734,10 +752,10 @@ impl Store {
     pub async fn demote(&self, id: u64) -> Result<(), StoreError> {
         self.must_lead()?;
         let ids: BTreeSet<u64> = [id].into();
-        self.bounded(
+        self.bounded(|| {
             self.raft
-                .change_membership(ChangeMembers::RemoveVoters(ids), true),
-        )
+                .change_membership(ChangeMembers::RemoveVoters(ids.clone()), true)
+        })
         .await
         .map(|_| ())
     }
@@ -748,17 +766,17 @@ impl Store {
         let ids: BTreeSet<u64> = [id].into();
         let status = self.status();
         if status.voters.contains(&id) {
-            self.bounded(
+            self.bounded(|| {
                 self.raft
-                    .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false),
-            )
+                    .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
+            })
             .await?;
         }
         if self.status().learners.contains(&id) {
-            self.bounded(
+            self.bounded(|| {
                 self.raft
-                    .change_membership(ChangeMembers::RemoveNodes(ids), false),
-            )
+                    .change_membership(ChangeMembers::RemoveNodes(ids.clone()), false)
+            })
             .await?;
         }
         Ok(())
