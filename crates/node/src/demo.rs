@@ -198,7 +198,13 @@ pub(crate) fn run() -> anyhow::Result<()> {
                 .iter()
                 .filter(|n| n["manager_status"] == "reachable" || n["manager_status"] == "leader")
                 .count();
-            (list.len() == 6 && managers == 3 && reachable == 3).then_some(())
+            let ready = list.iter().all(|n| n["status"] == "ready");
+            let leaders = list
+                .iter()
+                .filter(|n| n["manager_status"] == "leader")
+                .count();
+            (list.len() == 6 && managers == 3 && reachable == 3 && leaders == 1 && ready)
+                .then_some(())
         },
     )?;
     println!();
