@@ -104,6 +104,9 @@ enum Rpc {
     Push(Vec<NodeRecord>),
     /// My membership (the second half of a push-pull).
     Members(Vec<Member<GossipId>>),
+    /// A sync round's first message: the catalog's fingerprint and the member count; the
+    /// answer says whether they match (then nothing more is sent).
+    Fingerprint { fingerprint: u64, members: usize },
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -446,6 +449,20 @@ fn serve_connection(ctx: Arc<Ctx>, conn: Connection) {
                         let _ = ctx.tx.send(Input::Members(members)).await;
                         Vec::new()
                     }
+                    Rpc::Fingerprint {
+                        fingerprint,
+                        members,
+                    } => {
+                        let mine = ctx.shared.lock().fingerprint();
+                        let (tx, rx) = oneshot::channel();
+                        let count = if ctx.tx.send(Input::MembershipFor(tx)).await.is_ok() {
+                            rx.await.map(|(c, _)| c).ok()
+                        } else {
+                            None
+                        };
+                        let in_sync = mine == fingerprint && count == Some(members);
+                        postcard::to_stdvec(&in_sync).unwrap_or_default()
+                    }
                 };
                 let _ = req.respond(&reply).await;
             });
@@ -673,11 +690,22 @@ fn start_sync(ctx: &Arc<Ctx>, st: &mut State) {
         return;
     }
     let peer = members[st.rng.random_range(0..members.len())].clone();
-    let digest = ctx.shared.lock().digest();
+    let (digest, fingerprint) = {
+        let c = ctx.shared.lock();
+        (c.digest(), c.fingerprint())
+    };
     let count = st.foca.num_members();
     let (_, mine) = st.membership();
     let ctx = ctx.clone();
     tokio::spawn(async move {
+        // Most rounds end here: same catalog, same member count.
+        let probe = Rpc::Fingerprint {
+            fingerprint,
+            members: count,
+        };
+        if request::<bool>(&ctx, &peer, &probe).await != Some(false) {
+            return;
+        }
         let rpc = Rpc::Digest {
             digest,
             members: count,

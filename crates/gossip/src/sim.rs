@@ -70,6 +70,18 @@ enum Event {
         from: usize,
         members: Vec<Member<GossipId>>,
     },
+    /// A sync round's first message: fingerprint and member count only.
+    Fingerprint {
+        from: usize,
+        to: usize,
+        fingerprint: u64,
+        members: usize,
+    },
+    /// The peer's answer to a fingerprint that differs: send the full digest.
+    SendDigest {
+        to: usize,
+        from: usize,
+    },
     Pull {
         from: usize,
         to: usize,
@@ -396,16 +408,51 @@ impl Simulator {
                     return;
                 }
                 let peer = members[self.rng.random_range(0..members.len())];
-                let digest = self.nodes[i].shared.lock().digest();
-                self.nodes[i].sent_bytes += digest_size(&digest);
+                let fingerprint = self.nodes[i].shared.lock().fingerprint();
+                self.nodes[i].sent_bytes += 16;
+                let d = self.delay();
+                self.schedule(
+                    d,
+                    Event::Fingerprint {
+                        from: i,
+                        to: peer,
+                        fingerprint,
+                        members: self.nodes[i].foca.num_members(),
+                    },
+                );
+            }
+            Event::Fingerprint {
+                from,
+                to,
+                fingerprint,
+                members,
+            } => {
+                if !self.reachable(from, to) {
+                    return;
+                }
+                let same = self.nodes[to].shared.lock().fingerprint() == fingerprint
+                    && self.nodes[to].foca.num_members() == members;
+                if same {
+                    return;
+                }
+                self.nodes[to].sent_bytes += 8;
+                let d = self.delay();
+                self.schedule(d, Event::SendDigest { to: from, from: to });
+            }
+            Event::SendDigest { to, from } => {
+                if !self.reachable(from, to) {
+                    return;
+                }
+                let digest = self.nodes[to].shared.lock().digest();
+                self.nodes[to].sent_bytes += digest_size(&digest);
                 let d = self.delay();
                 self.schedule(
                     d,
                     Event::Digest {
-                        from: i,
-                        to: peer,
+                        from: to,
+                        to: from,
                         digest,
-                        members: self.nodes[i].foca.num_members(),
+                        members: self.nodes[to].foca.num_members(),
                     },
                 );
             }
