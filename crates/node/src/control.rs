@@ -64,22 +64,17 @@ pub async fn handle(m: Arc<Manager>, req: HttpRequest) -> HttpResponse {
         ("GET", "/v1/info") => info(&m),
         ("GET", "/v1/nodes") => nodes(&m, store).await,
         ("GET", "/v1/watch") => watch(store, &req).await,
-        ("POST", p)
-            if p.starts_with("/v1/nodes/")
-                && (p.ends_with("/promote") || p.ends_with("/demote")) =>
-        {
-            let rest = &p["/v1/nodes/".len()..];
-            let (id, action) = rest.rsplit_once('/').unwrap_or((rest, ""));
-            role_change(&m, store, id, action == "promote").await
+        ("POST", p) if role_action(p).is_some() => {
+            let (id, promote) = role_action(p).unwrap_or_default();
+            role_change(&m, store, id, promote).await
         }
         (_, p) if p.starts_with("/v1/nodes/") => {
             node_op(store, method, &p["/v1/nodes/".len()..], &req).await
         }
         ("GET", "/v1/members") => members(&m),
         ("GET", "/v1/kv") => kv_list(store, &req).await,
-        ("POST", p) if p.starts_with("/v1/join-token/") && p.ends_with("/rotate") => {
-            let role = &p["/v1/join-token/".len()..p.len() - "/rotate".len()];
-            rotate_token(store, role).await
+        ("POST", p) if rotate_role(p).is_some() => {
+            rotate_token(store, rotate_role(p).unwrap_or_default()).await
         }
         ("GET", p) if p.starts_with("/v1/join-token/") => {
             join_token(store, &p["/v1/join-token/".len()..]).await
@@ -528,6 +523,22 @@ async fn kv_list(store: &Store, req: &HttpRequest) -> HttpResponse {
 }
 
 /// Replaces a role's join secret: tokens issued before stop working.
+/// `(id, promote?)` from `/v1/nodes/{id}/promote` or `/v1/nodes/{id}/demote`.
+fn role_action(path: &str) -> Option<(&str, bool)> {
+    let (id, action) = path.strip_prefix("/v1/nodes/")?.rsplit_once('/')?;
+    match action {
+        "promote" => Some((id, true)),
+        "demote" => Some((id, false)),
+        _ => None,
+    }
+}
+
+/// The role in `/v1/join-token/{role}/rotate`, if `path` has that shape.
+fn rotate_role(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/join-token/")?
+        .strip_suffix("/rotate")
+}
+
 async fn rotate_token(store: &Store, role: &str) -> HttpResponse {
     if role != "worker" && role != "manager" {
         return HttpResponse::error(400, format!("unknown role {role:?}: use worker or manager"));
@@ -573,4 +584,26 @@ async fn join_token(store: &Store, role: &str) -> HttpResponse {
     };
     let token = JoinToken::new(digest, JoinSecret::from_bytes(secret));
     HttpResponse::json(200, &json!({"role": role, "token": token.to_string()}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{role_action, rotate_role};
+
+    #[test]
+    fn role_paths_parse() {
+        assert_eq!(role_action("/v1/nodes/n1/promote"), Some(("n1", true)));
+        assert_eq!(role_action("/v1/nodes/n1/demote"), Some(("n1", false)));
+        assert_eq!(role_action("/v1/nodes/promote"), None);
+        assert_eq!(role_action("/v1/nodes/n1/other"), None);
+    }
+
+    #[test]
+    fn rotate_paths_parse_without_panicking() {
+        assert_eq!(rotate_role("/v1/join-token/worker/rotate"), Some("worker"));
+        assert_eq!(rotate_role("/v1/join-token//rotate"), Some(""));
+        // Prefix and suffix overlap: this used to slice out of bounds.
+        assert_eq!(rotate_role("/v1/join-token/rotate"), None);
+        assert_eq!(rotate_role("/v1/join-token/worker"), None);
+    }
 }

@@ -119,6 +119,16 @@ pub fn percent_encode(s: &str) -> String {
     out
 }
 
+/// How long a client may take to send its whole request before the connection is dropped.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads one request within [`READ_TIMEOUT`]; `Err` with a reason for anything malformed or slow.
+async fn read_request_timed<S: AsyncRead + Unpin>(stream: &mut S) -> Result<HttpRequest, String> {
+    tokio::time::timeout(READ_TIMEOUT, read_request(stream))
+        .await
+        .map_err(|_| format!("request not received within {} s", READ_TIMEOUT.as_secs()))?
+}
+
 /// Reads one request; `Err` with a reason for anything malformed.
 async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<HttpRequest, String> {
     let (head, mut body) = read_head(stream).await?;
@@ -168,6 +178,11 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(String, Vec<
 fn content_length<'a>(lines: impl Iterator<Item = &'a str>) -> Result<usize, String> {
     let mut length = 0;
     for line in lines {
+        if let Some((k, _)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("transfer-encoding")
+        {
+            return Err("Transfer-Encoding is not supported; send a Content-Length".into());
+        }
         if let Some((k, v)) = line.split_once(':')
             && k.trim().eq_ignore_ascii_case("content-length")
         {
@@ -233,7 +248,7 @@ where
     while let Ok((mut stream, _)) = listener.accept().await {
         let handler = handler.clone();
         tokio::spawn(async move {
-            let response = match read_request(&mut stream).await {
+            let response = match read_request_timed(&mut stream).await {
                 Ok(req) => handler(req).await,
                 Err(e) => HttpResponse::error(400, e),
             };
@@ -251,7 +266,10 @@ where
     while let Ok((mut stream, _)) = listener.accept().await {
         let render = render.clone();
         tokio::spawn(async move {
-            let response = match read_request(&mut stream).await {
+            let response = match read_request_timed(&mut stream).await {
+                Ok(req) if !req.body.is_empty() => {
+                    HttpResponse::error(400, "the metrics endpoint takes no request body")
+                }
                 Ok(req) => render(req).await,
                 Err(e) => HttpResponse::error(400, e),
             };
@@ -334,5 +352,18 @@ mod tests {
         assert_eq!(v["p"], "/v1/kv/a/b");
         assert_eq!(v["q"], "1");
         assert_eq!(v["n"], 5);
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_and_truncated_heads_are_refused() {
+        let chunked =
+            b"POST /v1/kv/a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let err = read_request(&mut &chunked[..]).await.unwrap_err();
+        assert!(err.contains("Transfer-Encoding"), "{err}");
+        let truncated = b"GET /v1/status HTTP/1.1\r\nHost: x";
+        let err = read_request(&mut &truncated[..]).await.unwrap_err();
+        assert!(err.contains("closed"), "{err}");
+        let ok = b"GET /v1/status HTTP/1.1\r\n\r\n";
+        assert_eq!(read_request(&mut &ok[..]).await.unwrap().path, "/v1/status");
     }
 }

@@ -241,8 +241,21 @@ async fn handle(
             }
         }
         JoinRequest::Demote { node_id } => {
-            if conn.peer().is_none_or(|p| p.role != Role::MANAGER) {
+            let Some(peer) = conn.peer().filter(|p| p.role == Role::MANAGER) else {
                 return JoinReply::Refused("only a manager can demote".into());
+            };
+            // A manager certificate outlives a demotion until its renewal; only a current
+            // member of the Raft group may demote.
+            let member = store
+                .status()
+                .nodes
+                .iter()
+                .any(|(_, n)| n.name == peer.node_id.as_str());
+            if !member {
+                return JoinReply::Refused(format!(
+                    "{} is not a member of the raft group and cannot demote",
+                    peer.node_id
+                ));
             }
             let _one_at_a_time = membership.lock().await;
             demote_on_leader(store, &node_id).await
@@ -274,6 +287,12 @@ async fn handle(
                 ..node
             };
             let _one_at_a_time = membership.lock().await;
+            // Only a node the cluster wants as a manager, with the Raft id the cluster gave
+            // it, is added: a stale manager certificate or a made-up id is refused.
+            if let Err(reason) = check_add_manager(store, peer.node_id.as_str(), raft_id).await {
+                warn!(node = %peer.node_id, raft_id, %reason, "add-manager refused");
+                return JoinReply::Refused(reason);
+            }
             match async {
                 store.add_learner(raft_id, node).await?;
                 store.promote(raft_id).await?;
@@ -295,6 +314,28 @@ async fn handle(
                 Err(e) => JoinReply::Refused(e.to_string()),
             }
         }
+    }
+}
+
+/// Whether `node` may enter the Raft group as `raft_id`: its record must want it to be a
+/// manager and `raft_id` must be the id allocated to it.
+async fn check_add_manager(store: &Store, node: &str, raft_id: u64) -> Result<(), String> {
+    let key = format!("_starling/raft-id/{node}");
+    let ((wanted, allocated), _) = store
+        .read(Consistency::Linearizable, |s| {
+            (
+                s.node(node).map(|r| r.desired_role == NodeRole::Manager),
+                s.get(&key)
+                    .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse::<u64>().ok()),
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    match (wanted, allocated) {
+        (None, _) => Err(format!("node {node} is not in the cluster")),
+        (Some(false), _) => Err(format!("node {node} is not meant to be a manager")),
+        (Some(true), Some(id)) if id == raft_id => Ok(()),
+        (Some(true), _) => Err(format!("raft id {raft_id} was not allocated to {node}")),
     }
 }
 
@@ -448,7 +489,7 @@ async fn admit(
     let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
     let node_id = random_id()?;
     let raft_id = if role == Role::MANAGER {
-        Some(allocate_raft_id(store).await?)
+        Some(raft_id_for(store, &node_id).await?)
     } else {
         None
     };

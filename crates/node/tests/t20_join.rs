@@ -2,6 +2,7 @@
 //! are refused with a clear message.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use starling_node::join::{JoinReply, JoinRequest, call, join_protocol};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -190,6 +191,59 @@ fn t20_worker_and_manager_join_with_tokens() {
         !x.join("node.json").exists(),
         "a refused join leaves no node behind"
     );
+
+    // The membership requests behind the CLI check who asks: a worker certificate cannot
+    // demote or enter the Raft group, and a manager cannot enter it under a made-up Raft id.
+    let leader = starling_node::datadir::DataDir(m1.clone()).load().unwrap();
+    let ask = |dir: &Path, req: JoinRequest| {
+        let creds = starling_transport::NodeCredentials::load(dir).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let cfg = starling_transport::EndpointConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                ..Default::default()
+            };
+            let ep = starling_transport::Endpoint::bind(
+                cfg,
+                starling_transport::ring_provider(),
+                Some(creds),
+            )
+            .unwrap();
+            let conn = ep
+                .connect(
+                    &join_protocol().unwrap(),
+                    &starling_transport::NodeId::new(leader.node_id.clone()).unwrap(),
+                    leader.listen,
+                )
+                .await
+                .unwrap();
+            call(&conn, &req).await.unwrap()
+        })
+    };
+    let refused = |reply: JoinReply, why: &str| match reply {
+        JoinReply::Refused(r) => assert!(r.contains(why), "{r}"),
+        other => panic!("expected a refusal ({why}), got {other:?}"),
+    };
+    let m2_id = starling_node::datadir::DataDir(m2.clone())
+        .load()
+        .unwrap()
+        .node_id;
+    refused(
+        ask(&w1, JoinRequest::Demote { node_id: m2_id }),
+        "only a manager",
+    );
+    refused(
+        ask(&w1, JoinRequest::AddManager { raft_id: 4242 }),
+        "manager certificate",
+    );
+    refused(
+        ask(&m2, JoinRequest::AddManager { raft_id: 4242 }),
+        "was not allocated",
+    );
+    assert_eq!(nodes(&m1).unwrap().len(), 3, "nothing changed");
 }
 
 #[test]
