@@ -30,7 +30,7 @@ pub struct StoreConfig {
     pub raft_id: u64,
     /// This manager's transport node id and address, as other managers reach it.
     pub node: ManagerNode,
-    /// Scales heartbeat and election timeouts (1 = 40 ms heartbeat, 120–240 ms election
+    /// Scales heartbeat and election timeouts (1 = 40 ms heartbeat, 120–180 ms election
     /// timeout, pre-vote on: a follower that misses heartbeats asks before it campaigns, and
     /// peers that still hear the leader refuse, so a slow moment does not depose a healthy
     /// leader). Raise it on slow or heavily loaded machines.
@@ -64,7 +64,7 @@ impl StoreConfig {
 
     /// The longest election timeout.
     pub fn election_timeout_max(&self) -> Duration {
-        Duration::from_millis(240 * u64::from(self.timing_multiplier.max(1)))
+        Duration::from_millis(180 * u64::from(self.timing_multiplier.max(1)))
     }
 
     /// The bound on a write or linearizable read that cannot reach a quorum:
@@ -79,7 +79,7 @@ impl StoreConfig {
             cluster_name: "starling".into(),
             heartbeat_interval: 40 * m,
             election_timeout_min: 120 * m,
-            election_timeout_max: 240 * m,
+            election_timeout_max: 180 * m,
             // A restarted leader must win an election again: its commit mark may not have
             // reached the disk before the crash, and resuming leadership on a stale commit
             // index could serve stale linearizable reads.
