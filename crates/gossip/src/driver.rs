@@ -165,8 +165,9 @@ pub struct GossipNode {
     events: broadcast::Sender<GossipEvent>,
     members: Arc<Mutex<BTreeMap<SocketAddr, MemberView>>>,
     id: GossipId,
-    task: tokio::task::JoinHandle<()>,
-    listener: tokio::task::JoinHandle<()>,
+    /// The driver task and the accept loop (which owns the ALPN listener); taken when they
+    /// are awaited after a halt.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -245,8 +246,7 @@ impl GossipNode {
             events,
             members,
             id,
-            task,
-            listener,
+            tasks: Mutex::new(vec![task, listener]),
             shutdown,
         })
     }
@@ -339,15 +339,23 @@ impl GossipNode {
         self.halt();
     }
 
-    /// Stops at once through a shared handle, telling nobody (a restart follows).
-    pub fn halt_shared(&self) {
+    /// Stops at once through a shared handle, telling nobody (a restart follows). Returns
+    /// once the driver and its listener are gone, so the gossip ALPN is free to listen on
+    /// again on the same endpoint.
+    pub async fn halt_shared(&self) {
         self.halt();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            // Aborted: the error says so, and is the expected outcome.
+            let _ = t.await;
+        }
     }
 
     fn halt(&self) {
         let _ = self.shutdown.send(true);
-        self.listener.abort();
-        self.task.abort();
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            t.abort();
+        }
     }
 }
 

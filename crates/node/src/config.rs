@@ -9,6 +9,7 @@
 //! metrics = "127.0.0.1:9470"
 //! manager = "10.0.0.1:4700"   # for `join`
 //! token = "STRL-1-…"          # for `join`
+//! snapshot_interval = 50000   # log entries between a manager's snapshots
 //! ```
 
 use std::net::SocketAddr;
@@ -34,6 +35,8 @@ pub struct FileConfig {
     pub manager: Option<SocketAddr>,
     /// The join token.
     pub token: Option<String>,
+    /// Log entries between a manager's snapshots.
+    pub snapshot_interval: Option<u64>,
 }
 
 impl FileConfig {

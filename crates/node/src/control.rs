@@ -343,6 +343,15 @@ async fn node_op(store: &Store, method: &str, rest: &str, req: &HttpRequest) -> 
                     ),
                 );
             }
+            // The revocation first: should the removal not follow, the node is refused but
+            // still listed, and `node rm` can be run again.
+            let revoke = Command::Put {
+                key: format!("{}{id}", crate::daemon::REMOVED_PREFIX),
+                value: Vec::new(),
+            };
+            if let Err(e) = store.write(revoke).await {
+                return store_error(&e);
+            }
             match store.write(Command::RemoveNode { id: id.to_owned() }).await {
                 Ok(r) => HttpResponse::json(200, &json!({"revision": r.revision})),
                 Err(e) => store_error(&e),

@@ -20,6 +20,14 @@ use tracing::info;
 
 use crate::datadir::{DataDir, NodeState, random_id};
 
+/// Log entries between a manager's snapshots, when the daemon's flags set it (by `main`,
+/// before the node starts); otherwise [`StoreConfig`]'s default.
+pub static SNAPSHOT_INTERVAL: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Keys under this prefix name the nodes removed from the cluster (`node rm`); every
+/// manager refuses them on its endpoint.
+pub const REMOVED_PREFIX: &str = "_starling/removed/";
+
 /// Options of `starling init`.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
@@ -50,20 +58,24 @@ pub struct Manager {
     /// Counters for `--metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Background tasks of this role (join server, liveness), ended by `stop_components`.
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Manager {
     /// Stops what this role runs (store, gossip, background tasks), keeping the endpoint:
     /// before a role change, or at shutdown.
     pub async fn stop_components(&self) {
-        for t in &self.tasks {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
             t.abort();
+            // Awaited so that what the task owns (the join listener's ALPN) is released
+            // before the next role listens on the same endpoint.
+            let _ = t.await;
         }
         if let Some(store) = &self.store {
             let _ = store.shutdown().await;
         }
-        self.gossip.halt_shared();
+        self.gossip.halt_shared().await;
     }
 }
 
@@ -308,22 +320,48 @@ pub type Current = Arc<std::sync::RwLock<Arc<Manager>>>;
 
 /// Every second, asks a manager whether this node's role changed (promotion, demotion); on a
 /// change it takes the new certificate, stops what the old role ran and starts the new one on
-/// the same endpoint.
+/// the same endpoint. A new role that fails to start is retried every second until it runs:
+/// the certificate already names the new role, so asking again would answer "unchanged".
 pub async fn renewal_loop(current: Current) {
+    let mut pending: Option<RoleChange> = None;
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let m = current.read().unwrap_or_else(|p| p.into_inner()).clone();
-        match renew_once(&m).await {
-            Ok(Some(new)) => {
+        if pending.is_none() {
+            match renew_once(&m).await {
+                Ok(change) => pending = change,
+                Err(e) => tracing::warn!(error = %e, "role renewal failed"),
+            }
+        }
+        let Some(mut change) = pending.take() else {
+            continue;
+        };
+        let started = start_role(&m, &change).await;
+        change.stopped = true;
+        match started {
+            Ok(new) => {
                 *current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "role change failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, role = %change.state.role, "starting the new role failed; retrying");
+                pending = Some(change);
+            }
         }
     }
 }
 
-async fn renew_once(m: &Manager) -> anyhow::Result<Option<Manager>> {
+/// A role change granted by a manager, saved to disk and in effect on the endpoint; what is
+/// left is to start the new role's components.
+struct RoleChange {
+    state: NodeState,
+    creds: NodeCredentials,
+    /// The old role's components are stopped (done once).
+    stopped: bool,
+}
+
+/// Asks a manager whether this node's role changed. On a change the new certificate and
+/// state are saved and the certificate is put in use; the old role's components are stopped.
+async fn renew_once(m: &Manager) -> anyhow::Result<Option<RoleChange>> {
     use crate::join::{JoinReply, JoinRequest, call, join_protocol};
     let protocol = join_protocol()?;
     // Current Raft members first (a manager knows them), then the managers this node was
@@ -368,40 +406,62 @@ async fn renew_once(m: &Manager) -> anyhow::Result<Option<Manager>> {
             _ => continue,
         };
         info!(node = %m.state.node_id, %role, "role changed; restarting this node's role");
+        if role == "manager" && raft_id.is_none() {
+            anyhow::bail!("a promotion without a raft id");
+        }
         let creds = NodeCredentials::new(cert.into(), key, vec![ca.into()])?;
-        let dir = m.data_dir.clone();
+        let dir = &m.data_dir;
         creds.save(&dir.0)?;
         let mut state = m.state.clone();
-        state.role = role.clone();
+        state.role = role;
         state.raft_id = raft_id;
         if !managers.is_empty() {
             state.managers = managers;
         }
         dir.save(&state)?;
-        m.stop_components().await;
-        m.endpoint.rotate(creds.clone())?;
-        let mut new = if role == "manager" {
-            let raft_id =
-                raft_id.ok_or_else(|| anyhow::anyhow!("a promotion without a raft id"))?;
-            // A fresh log: this Raft id is new, and never shared with an earlier life.
-            let _ = std::fs::remove_dir_all(dir.raft_dir());
-            let seeds = state.managers.clone();
-            let new = start_manager(dir, state, m.endpoint.clone(), creds).await?;
-            enter_raft_group(&m.endpoint, &seeds, raft_id).await?;
-            new
-        } else {
-            let _ = std::fs::remove_dir_all(dir.raft_dir());
-            start_worker(dir, state, m.endpoint.clone()).await?
-        };
-        new.stop = m.stop.clone();
-        return Ok(Some(new));
+        return Ok(Some(RoleChange {
+            state,
+            creds,
+            stopped: false,
+        }));
     }
     Ok(None)
+}
+
+/// Stops the old role (once) and starts the new one on the same endpoint.
+async fn start_role(m: &Manager, change: &RoleChange) -> anyhow::Result<Manager> {
+    let dir = m.data_dir.clone();
+    let state = change.state.clone();
+    let creds = change.creds.clone();
+    if !change.stopped {
+        m.stop_components().await;
+        m.endpoint.rotate(creds.clone())?;
+        // A fresh log: a Raft id is new on every promotion, never shared with an earlier
+        // life, and a worker keeps no log.
+        let _ = std::fs::remove_dir_all(dir.raft_dir());
+    }
+    let mut new = if state.role == "manager" {
+        let raft_id = state
+            .raft_id
+            .ok_or_else(|| anyhow::anyhow!("a promotion without a raft id"))?;
+        let seeds = state.managers.clone();
+        let new = start_manager(dir, state, m.endpoint.clone(), creds).await?;
+        if let Err(e) = enter_raft_group(&m.endpoint, &seeds, raft_id).await {
+            new.stop_components().await;
+            return Err(e);
+        }
+        new
+    } else {
+        start_worker(dir, state, m.endpoint.clone()).await?
+    };
+    new.stop = m.stop.clone();
+    Ok(new)
 }
 
 /// The leader's liveness loop: every second, gossip's view becomes node status in Raft.
 async fn reconcile_liveness(
     store: Arc<Store>,
+    endpoint: Endpoint,
     gossip: Arc<GossipNode>,
     me: String,
     metrics: Arc<crate::metrics::Metrics>,
@@ -430,15 +490,24 @@ async fn reconcile_liveness(
             .map(|m| m.id.node)
             .chain([me.clone()])
             .collect();
-        let records = match store
+        let (records, removed) = match store
             .read(starling_raft_store::Consistency::Stale, |s| {
-                s.nodes().cloned().collect::<Vec<_>>()
+                (
+                    s.nodes().cloned().collect::<Vec<_>>(),
+                    s.range(REMOVED_PREFIX),
+                )
             })
             .await
         {
             Ok((r, _)) => r,
             Err(_) => continue,
         };
+        // Every manager, leader or not, refuses removed nodes.
+        endpoint.revoke(
+            removed.into_iter().filter_map(|(key, _)| {
+                NodeId::new(key.strip_prefix(REMOVED_PREFIX)?.to_owned()).ok()
+            }),
+        );
         let now = std::time::Instant::now();
         for cmd in liveness.round(&cfg, now, leading, &alive, &records) {
             if let Err(e) = store.write(cmd).await {
@@ -488,7 +557,7 @@ async fn start_worker(
         data_dir: dir,
         stop: Arc::new(tokio::sync::Notify::new()),
         metrics,
-        tasks,
+        tasks: std::sync::Mutex::new(tasks),
     })
 }
 
@@ -501,29 +570,37 @@ async fn start_manager(
     let raft_id = state
         .raft_id
         .ok_or_else(|| anyhow::anyhow!("manager state without a raft id"))?;
-    let store = Store::open(
-        StoreConfig::new(
-            dir.raft_dir(),
-            raft_id,
-            ManagerNode {
-                name: state.node_id.clone(),
-                addr: state.advertise.to_string(),
-            },
-        ),
-        endpoint.clone(),
-    )
-    .await?;
-    let store = Arc::new(store);
-    let metrics = Arc::new(crate::metrics::Metrics::default());
+    // The ALPN listeners first, so a start that fails leaves nothing running.
     let listener = endpoint.listen(&crate::join::join_server_protocol()?)?;
+    let mut config = StoreConfig::new(
+        dir.raft_dir(),
+        raft_id,
+        ManagerNode {
+            name: state.node_id.clone(),
+            addr: state.advertise.to_string(),
+        },
+    );
+    if let Some(n) = SNAPSHOT_INTERVAL.get() {
+        config.snapshot_interval = *n;
+    }
+    let store = Store::open(config, endpoint.clone()).await?;
+    let store = Arc::new(store);
+    let gossip = match start_gossip(&dir, &state, &endpoint).await {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            let _ = store.shutdown().await;
+            return Err(e);
+        }
+    };
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let mut tasks = vec![tokio::spawn(crate::join::serve(
         store.clone(),
         listener,
         metrics.clone(),
     ))];
-    let gossip = Arc::new(start_gossip(&dir, &state, &endpoint).await?);
     tasks.push(tokio::spawn(reconcile_liveness(
         store.clone(),
+        endpoint.clone(),
         gossip.clone(),
         state.node_id.clone(),
         metrics.clone(),
@@ -536,6 +613,6 @@ async fn start_manager(
         data_dir: dir,
         stop: Arc::new(tokio::sync::Notify::new()),
         metrics,
-        tasks,
+        tasks: std::sync::Mutex::new(tasks),
     })
 }

@@ -50,6 +50,19 @@ struct DaemonArgs {
     /// Serve Prometheus metrics on this TCP address (off by default).
     #[arg(long, env = "STARLING_METRICS")]
     metrics: Option<SocketAddr>,
+    /// A manager snapshots its state (and trims its log) after this many new log entries
+    /// (default 50 000).
+    #[arg(long, env = "STARLING_SNAPSHOT_INTERVAL", value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_interval: Option<u64>,
+}
+
+impl DaemonArgs {
+    /// Hands the Raft tuning to the daemon before the node starts.
+    fn tune(&self) {
+        if let Some(n) = self.snapshot_interval.or(file_config().snapshot_interval) {
+            let _ = daemon::SNAPSHOT_INTERVAL.set(n);
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -408,6 +421,7 @@ async fn real_main() -> anyhow::Result<()> {
             hostname,
             daemon: args,
         } => {
+            args.tune();
             let m = daemon::init(daemon::InitOptions {
                 data_dir: DataDir(dir.path()?),
                 listen: required(listen, &fc.listen, "listen")?,
@@ -426,6 +440,7 @@ async fn real_main() -> anyhow::Result<()> {
             manager,
             daemon: args,
         } => {
+            args.tune();
             let m = daemon::join(daemon::JoinOptions {
                 data_dir: DataDir(dir.path()?),
                 listen: required(listen, &fc.listen, "listen")?,
@@ -438,6 +453,7 @@ async fn real_main() -> anyhow::Result<()> {
             serve_until_signal(m, args).await
         }
         Cmd::Run { dir, daemon: args } => {
+            args.tune();
             serve_until_signal(daemon::run(DataDir(dir.path()?)).await?, args).await
         }
         Cmd::Node {

@@ -299,6 +299,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Self::SnapshotData,
     ) -> Result<(), io::Error> {
         let data = snapshot.into_inner();
+        let data_len = data.len();
         let image = decode_image(&data)?;
         // On disk first: openraft purges the log up to this snapshot once it is installed.
         self.save_if_newer(meta, data).await?;
@@ -311,6 +312,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let _ = self.shared.events.send(WatchSignal::Reset { revision });
         self.shared.applied.send_replace(revision);
+        tracing::info!(revision, bytes = data_len, "snapshot installed");
         Ok(())
     }
 

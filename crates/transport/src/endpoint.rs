@@ -10,7 +10,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::codec::Frame;
 use crate::connection::{Connection, Limits, MessageError};
@@ -360,6 +360,8 @@ struct State {
     credentials: Option<NodeCredentials>,
     listening: HashMap<Vec<u8>, Listening>,
     closed: bool,
+    /// Nodes removed from the cluster: refused on every protocol, both ways.
+    revoked: std::collections::BTreeSet<NodeId>,
 }
 
 #[derive(Default)]
@@ -563,6 +565,7 @@ impl Endpoint {
                 credentials: None,
                 listening: HashMap::new(),
                 closed: false,
+                revoked: Default::default(),
             }),
             pool: Mutex::new(HashMap::new()),
             local_addr,
@@ -736,6 +739,15 @@ impl Endpoint {
         let dial = async {
             let conn = connecting.await.map_err(classify)?;
             let peer = check_server(&conn, protocol, expected_node, cluster)?;
+            if shared.state().revoked.contains(&peer.node_id) {
+                let reason = format!("node {} was removed from the cluster", peer.node_id);
+                warn!(remote = %addr, %reason, "refusing server");
+                conn.close(CloseCode::REVOKED.to_varint(), reason.as_bytes());
+                return Err(ConnectError::Refused {
+                    code: CloseCode::REVOKED,
+                    reason,
+                });
+            }
             await_admission(&conn).await?;
             Ok(Connection::new(
                 conn,
@@ -851,6 +863,25 @@ impl Endpoint {
             }
             false
         });
+    }
+
+    /// Sets the nodes removed from the cluster: from now on they are refused on every
+    /// protocol (close code [`CloseCode::REVOKED`]) whether they dial or are dialed, and
+    /// pooled connections to them are closed. Node ids are never reused, so the set only
+    /// grows in practice; the whole set is given each time. Connections accepted from them
+    /// earlier stay until they close (as after a demotion; see the crate docs).
+    pub fn revoke(&self, nodes: impl IntoIterator<Item = NodeId>) {
+        let nodes: std::collections::BTreeSet<NodeId> = nodes.into_iter().collect();
+        let added: Vec<NodeId> = {
+            let mut state = self.shared().state_mut();
+            let added = nodes.difference(&state.revoked).cloned().collect();
+            state.revoked = nodes;
+            added
+        };
+        for node in &added {
+            info!(%node, "node revoked: refused from now on");
+            self.disconnect(node);
+        }
     }
 
     /// Closes every connection and the socket, and waits until peers were told.
@@ -1043,7 +1074,7 @@ async fn admit(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return refuse(CloseCode::UNKNOWN_PROTOCOL, "no ALPN negotiated".into());
     };
     let alpn_text = String::from_utf8_lossy(&alpn).into_owned();
-    let (policy, tx, cluster) = {
+    let (policy, tx, cluster, revoked) = {
         let state = shared.state();
         let Some(l) = state.listening.get(&alpn) else {
             drop(state);
@@ -1056,7 +1087,12 @@ async fn admit(shared: Arc<Shared>, incoming: quinn::Incoming) {
             .credentials
             .as_ref()
             .map(|c| c.identity().cluster_id.clone());
-        (l.policy.clone(), l.tx.clone(), cluster)
+        (
+            l.policy.clone(),
+            l.tx.clone(),
+            cluster,
+            state.revoked.clone(),
+        )
     };
     let peer = match peer_certificate(&conn) {
         None if policy.admits_anonymous() => None,
@@ -1072,6 +1108,12 @@ async fn admit(shared: Arc<Shared>, incoming: quinn::Incoming) {
                 return refuse(
                     CloseCode::WRONG_CLUSTER,
                     format!("certificate of cluster {}", id.cluster_id),
+                );
+            }
+            Ok(id) if revoked.contains(&id.node_id) => {
+                return refuse(
+                    CloseCode::REVOKED,
+                    format!("node {} was removed from the cluster", id.node_id),
                 );
             }
             Ok(id) if !policy.admits(&id.role) => {

@@ -60,6 +60,7 @@ code_table!(
     /// | `0x106` | `UNKNOWN_PROTOCOL` | no protocol is listening on the negotiated ALPN |
     /// | `0x107` | `ADMISSION_FAILED` | the admission step after the handshake failed |
     /// | `0x108` | `OVERLOADED` | the protocol's accept queue is full |
+    /// | `0x109` | `REVOKED` | the peer's node was removed from the cluster |
     CloseCode {
         /// The endpoint or connection is closing normally.
         SHUTDOWN = 0x0, "shutdown";
@@ -79,6 +80,8 @@ code_table!(
         ADMISSION_FAILED = 0x107, "admission failed";
         /// The protocol's accept queue is full.
         OVERLOADED = 0x108, "overloaded";
+        /// The peer's node was removed from the cluster ([`Endpoint::revoke`](crate::Endpoint::revoke)).
+        REVOKED = 0x109, "node removed from the cluster";
     }
 );
 

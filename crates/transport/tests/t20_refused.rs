@@ -376,3 +376,39 @@ async fn t29_bad_config_is_a_clear_error() {
         Err(EndpointError::AlreadyListening(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t30_a_revoked_node_is_refused_both_ways() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    let _admitted = serve_echo(&server, &gossip());
+    let w1 = c.endpoint("w1", Role::WORKER);
+    let _w1_listens = serve_echo(&w1, &gossip());
+    // Admitted before the revocation...
+    w1.connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    // ...refused after it, with its own close code, when it dials...
+    server.revoke([id("w1")]);
+    w1.disconnect(&id("m1"));
+    let err = w1
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap_err();
+    assert!(refused_with(&err, CloseCode::REVOKED), "{err}");
+    // ...and when it is dialed.
+    let err = server
+        .connect(&gossip(), &id("w1"), w1.local_addr())
+        .await
+        .unwrap_err();
+    assert!(refused_with(&err, CloseCode::REVOKED), "{err}");
+    // Other members are not affected; an empty set lifts the revocation.
+    let w2 = c.endpoint("w2", Role::WORKER);
+    w2.connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    server.revoke([]);
+    w1.connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+}

@@ -7,13 +7,25 @@ use std::time::{Duration, Instant};
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_starling");
 
-/// A daemon process, killed and reaped when dropped.
-pub(crate) struct Daemon(pub(crate) Child);
+/// A daemon process, killed and reaped when dropped. Its stderr (the log) goes to
+/// `<data dir>.log`, printed when the test fails so a failure shows what the node did.
+pub(crate) struct Daemon(pub(crate) Child, pub(crate) Option<std::path::PathBuf>);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking()
+            && let Some(log) = &self.1
+            && let Ok(text) = std::fs::read_to_string(log)
+        {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!("---- log of {} (last {} lines)", log.display(), tail.len());
+            for l in tail {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
@@ -34,14 +46,27 @@ pub(crate) fn starling(args: &[&str]) -> Output {
 }
 
 pub(crate) fn spawn(args: &[&str]) -> Daemon {
-    Daemon(
-        Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    let log = args
+        .iter()
+        .position(|a| *a == "--data-dir")
+        .and_then(|i| args.get(i + 1))
+        .map(|d| std::path::PathBuf::from(format!("{d}.log")));
+    let stderr = match &log {
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null()),
+        None => Stdio::null(),
+    };
+    let child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    Daemon(child, log)
 }
 
 pub(crate) fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
