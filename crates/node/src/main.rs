@@ -403,7 +403,11 @@ async fn real_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
-                .unwrap_or_else(|_| "warn,starling=info".into()),
+                // openraft warns on every failed heartbeat and replication attempt (25 a
+                // second per unreachable peer); an unreachable manager shows in `node ls`.
+                .unwrap_or_else(|_| {
+                    "warn,starling=info,openraft::core::heartbeat=error,openraft::replication=error,openraft::engine::handler::replication_handler=error".into()
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
