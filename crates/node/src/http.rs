@@ -20,6 +20,8 @@ pub struct HttpRequest {
     pub query: Vec<(String, String)>,
     /// The body.
     pub body: Vec<u8>,
+    /// The client sent `Connection: close`: the connection ends after the answer.
+    pub close: bool,
 }
 
 impl HttpRequest {
@@ -122,23 +124,93 @@ pub fn percent_encode(s: &str) -> String {
 /// How long a client may take to send its whole request before the connection is dropped.
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Reads one request within [`READ_TIMEOUT`]; `Err` with a reason for anything malformed or slow.
-async fn read_request_timed<S: AsyncRead + Unpin>(stream: &mut S) -> Result<HttpRequest, String> {
-    tokio::time::timeout(READ_TIMEOUT, read_request(stream))
-        .await
-        .map_err(|_| format!("request not received within {} s", READ_TIMEOUT.as_secs()))?
+/// How long an open connection may stay idle between two requests.
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The bytes read from one connection and not yet consumed: a request's head and body, and
+/// whatever a client already sent of the next one.
+#[derive(Default)]
+struct ConnBuf {
+    buf: Vec<u8>,
 }
 
-/// Reads one request; `Err` with a reason for anything malformed.
+impl ConnBuf {
+    /// Reads more bytes; `Ok(false)` at end of stream.
+    async fn fill<S: AsyncRead + Unpin>(&mut self, stream: &mut S) -> Result<bool, String> {
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    }
+}
+
+/// Reads one request within [`READ_TIMEOUT`] of its first byte; `Ok(None)` when the client
+/// closed (or stayed idle for [`IDLE_TIMEOUT`]) between requests; `Err` with a reason for
+/// anything malformed or slow.
+async fn next_request<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    conn: &mut ConnBuf,
+) -> Result<Option<HttpRequest>, String> {
+    if conn.buf.is_empty() {
+        match tokio::time::timeout(IDLE_TIMEOUT, conn.fill(stream)).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) | Err(_) => return Ok(None),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    tokio::time::timeout(READ_TIMEOUT, read_request_from(stream, conn))
+        .await
+        .map_err(|_| format!("request not received within {} s", READ_TIMEOUT.as_secs()))?
+        .map(Some)
+}
+
+/// Reads one whole request; `Err` with a reason for anything malformed.
+#[cfg(test)]
 async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<HttpRequest, String> {
-    let (head, mut body) = read_head(stream).await?;
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().ok_or("empty request")?;
+    read_request_from(stream, &mut ConnBuf::default()).await
+}
+
+/// Reads one HTTP message (request or response): its head (start line and headers), its
+/// body, and whether the sender asked to close the connection after it.
+async fn read_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    conn: &mut ConnBuf,
+) -> Result<(String, Vec<u8>, bool), String> {
+    let head_end = loop {
+        if let Some(end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        if conn.buf.len() > 64 * 1024 {
+            return Err("header too large".into());
+        }
+        if !conn.fill(stream).await? {
+            return Err("connection closed in the header".into());
+        }
+    };
+    let head = std::str::from_utf8(&conn.buf[..head_end])
+        .map_err(|_| "head is not UTF-8")?
+        .to_owned();
+    let (length, close) = headers(head.split("\r\n").skip(1))?;
+    let total = head_end + 4 + length;
+    while conn.buf.len() < total {
+        if !conn.fill(stream).await? {
+            return Err("connection closed in the body".into());
+        }
+    }
+    let body = conn.buf[head_end + 4..total].to_vec();
+    conn.buf.drain(..total);
+    Ok((head, body, close))
+}
+
+async fn read_request_from<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    conn: &mut ConnBuf,
+) -> Result<HttpRequest, String> {
+    let (head, body, close) = read_message(stream, conn).await?;
+    let request_line = head.split("\r\n").next().ok_or("empty request")?;
     let mut parts = request_line.split(' ');
     let method = parts.next().ok_or("no method")?.to_owned();
     let target = parts.next().ok_or("no path")?;
-    let length = content_length(lines)?;
-    read_body(stream, &mut body, length).await?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let query = query
         .split('&')
@@ -153,79 +225,79 @@ async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<HttpReques
         path: percent_decode(path),
         query,
         body,
+        close,
     })
 }
 
-async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(String, Vec<u8>), String> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8(buf[..end].to_vec()).map_err(|_| "head is not UTF-8")?;
-            return Ok((head, buf[end + 4..].to_vec()));
-        }
-        if buf.len() > 64 * 1024 {
-            return Err("header too large".into());
-        }
-        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed in the header".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn content_length<'a>(lines: impl Iterator<Item = &'a str>) -> Result<usize, String> {
+/// The body length and whether the client asked to close after this request.
+fn headers<'a>(lines: impl Iterator<Item = &'a str>) -> Result<(usize, bool), String> {
     let mut length = 0;
+    let mut close = false;
     for line in lines {
-        if let Some((k, _)) = line.split_once(':')
-            && k.trim().eq_ignore_ascii_case("transfer-encoding")
-        {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let k = k.trim();
+        if k.eq_ignore_ascii_case("transfer-encoding") {
             return Err("Transfer-Encoding is not supported; send a Content-Length".into());
         }
-        if let Some((k, v)) = line.split_once(':')
-            && k.trim().eq_ignore_ascii_case("content-length")
-        {
+        if k.eq_ignore_ascii_case("content-length") {
             length = v.trim().parse().map_err(|_| "bad content-length")?;
+        }
+        if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close") {
+            close = true;
         }
     }
     if length > MAX_BODY {
         return Err("body too large".into());
     }
-    Ok(length)
-}
-
-async fn read_body<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    body: &mut Vec<u8>,
-    length: usize,
-) -> Result<(), String> {
-    let mut chunk = [0u8; 8192];
-    while body.len() < length {
-        let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed in the body".into());
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(length);
-    Ok(())
+    Ok((length, close))
 }
 
 async fn write_response<S: AsyncWrite + Unpin>(
     stream: &mut S,
     r: &HttpResponse,
+    close: bool,
 ) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
         r.status,
         reason(r.status),
         r.content_type,
-        r.body.len()
+        r.body.len(),
+        if close { "close" } else { "keep-alive" },
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&r.body).await?;
-    stream.shutdown().await
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&r.body);
+    stream.write_all(&out).await?;
+    if close {
+        stream.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// Answers the requests of one connection with `handler`, in order, until the client closes
+/// or asks to (`Connection: close`); a malformed request gets a 400 and ends the connection.
+async fn serve_connection<S, H, F>(mut stream: S, handler: H)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(HttpRequest) -> F,
+    F: std::future::Future<Output = HttpResponse>,
+{
+    let mut conn = ConnBuf::default();
+    loop {
+        let (response, close) = match next_request(&mut stream, &mut conn).await {
+            Ok(None) => return,
+            Ok(Some(req)) => {
+                let close = req.close;
+                (handler(req).await, close)
+            }
+            Err(e) => (HttpResponse::error(400, e), true),
+        };
+        if write_response(&mut stream, &response, close).await.is_err() || close {
+            return;
+        }
+    }
 }
 
 /// Binds the control socket at `path` with mode 0600 (removing a stale socket file).
@@ -239,21 +311,15 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves requests with `handler` until the listener fails.
+/// Serves requests with `handler` until the listener fails. Connections are kept open
+/// between requests (HTTP/1.1 keep-alive) unless the client sends `Connection: close`.
 pub async fn serve<H, F>(listener: UnixListener, handler: H)
 where
     H: Fn(HttpRequest) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = HttpResponse> + Send,
+    F: std::future::Future<Output = HttpResponse> + Send + 'static,
 {
-    while let Ok((mut stream, _)) = listener.accept().await {
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let response = match read_request_timed(&mut stream).await {
-                Ok(req) => handler(req).await,
-                Err(e) => HttpResponse::error(400, e),
-            };
-            let _ = write_response(&mut stream, &response).await;
-        });
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(serve_connection(stream, handler.clone()));
     }
 }
 
@@ -261,60 +327,100 @@ where
 pub async fn serve_tcp<H, F>(listener: tokio::net::TcpListener, render: H)
 where
     H: Fn(HttpRequest) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = HttpResponse> + Send,
+    F: std::future::Future<Output = HttpResponse> + Send + 'static,
 {
-    while let Ok((mut stream, _)) = listener.accept().await {
+    while let Ok((stream, _)) = listener.accept().await {
         let render = render.clone();
-        tokio::spawn(async move {
-            let response = match read_request_timed(&mut stream).await {
-                Ok(req) if !req.body.is_empty() => {
+        tokio::spawn(serve_connection(stream, move |req: HttpRequest| {
+            let render = render.clone();
+            async move {
+                if req.body.is_empty() {
+                    render(req).await
+                } else {
                     HttpResponse::error(400, "the metrics endpoint takes no request body")
                 }
-                Ok(req) => render(req).await,
-                Err(e) => HttpResponse::error(400, e),
-            };
-            let _ = write_response(&mut stream, &response).await;
-        });
+            }
+        }));
     }
 }
 
-/// Sends one request to the control socket at `path`.
+/// A client of a node's control socket that keeps its connection open between requests
+/// (HTTP/1.1 keep-alive), for callers that send many.
+pub struct ControlClient {
+    stream: UnixStream,
+    conn: ConnBuf,
+}
+
+impl ControlClient {
+    /// Connects to the control socket at `path`.
+    pub async fn connect(path: &Path) -> Result<Self, String> {
+        let stream = UnixStream::connect(path).await.map_err(|e| {
+            format!(
+                "cannot reach the node's control socket {}: {e} (is the node running, and is --data-dir right?)",
+                path.display()
+            )
+        })?;
+        Ok(ControlClient {
+            stream,
+            conn: ConnBuf::default(),
+        })
+    }
+
+    /// Sends one request and reads its answer. After an `Err` the connection is in an
+    /// unknown state: connect again.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        target: &str,
+        body: &[u8],
+    ) -> Result<HttpResponse, String> {
+        self.send(method, target, body, false).await
+    }
+
+    async fn send(
+        &mut self,
+        method: &str,
+        target: &str,
+        body: &[u8],
+        close: bool,
+    ) -> Result<HttpResponse, String> {
+        let mut out = format!(
+            "{method} {target} HTTP/1.1\r\nHost: starling\r\nContent-Length: {}\r\n{}\r\n",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" },
+        )
+        .into_bytes();
+        out.extend_from_slice(body);
+        self.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (head, body, _) = read_message(&mut self.stream, &mut self.conn).await?;
+        let status: u16 = head
+            .split("\r\n")
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .ok_or("bad status line")?;
+        Ok(HttpResponse {
+            status,
+            body,
+            content_type: "application/json",
+        })
+    }
+}
+
+/// Sends one request to the control socket at `path` on a connection of its own.
 pub async fn call(
     path: &Path,
     method: &str,
     target: &str,
     body: &[u8],
 ) -> Result<HttpResponse, String> {
-    let mut stream = UnixStream::connect(path).await.map_err(|e| {
-        format!(
-            "cannot reach the node's control socket {}: {e} (is the node running, and is --data-dir right?)",
-            path.display()
-        )
-    })?;
-    let head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: starling\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream
-        .write_all(head.as_bytes())
+    ControlClient::connect(path)
+        .await?
+        .send(method, target, body, true)
         .await
-        .map_err(|e| e.to_string())?;
-    stream.write_all(body).await.map_err(|e| e.to_string())?;
-    let (head, mut rest) = read_head(&mut stream).await?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().ok_or("empty response")?;
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad status line")?;
-    let length = content_length(lines)?;
-    read_body(&mut stream, &mut rest, length).await?;
-    Ok(HttpResponse {
-        status,
-        body: rest,
-        content_type: "application/json",
-    })
 }
 
 #[cfg(test)]
@@ -352,6 +458,45 @@ mod tests {
         assert_eq!(v["p"], "/v1/kv/a/b");
         assert_eq!(v["q"], "1");
         assert_eq!(v["n"], 5);
+    }
+
+    #[tokio::test]
+    async fn one_connection_carries_many_requests_even_pipelined() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let listener = bind(&path).unwrap();
+        tokio::spawn(serve(listener, |req: HttpRequest| async move {
+            HttpResponse::json(
+                200,
+                &serde_json::json!({"p": req.path, "n": req.body.len()}),
+            )
+        }));
+        let mut client = ControlClient::connect(&path).await.unwrap();
+        for i in 0..3 {
+            let body = vec![b'x'; i];
+            let r = client
+                .request("PUT", &format!("/v1/kv/k{i}"), &body)
+                .await
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(
+                (v["p"].as_str().unwrap(), v["n"].as_u64().unwrap()),
+                (&*format!("/v1/kv/k{i}"), i as u64)
+            );
+        }
+        // Two requests in one write: two answers, in order, then the close is honoured.
+        let mut raw = UnixStream::connect(&path).await.unwrap();
+        raw.write_all(
+            b"PUT /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhiGET /b HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        raw.read_to_string(&mut out).await.unwrap();
+        let a = out.find("\"p\":\"/a\"").unwrap();
+        let b = out.find("\"p\":\"/b\"").unwrap();
+        assert!(a < b, "{out}");
+        assert!(out.contains("Connection: close"), "{out}");
     }
 
     #[tokio::test]
