@@ -1,0 +1,481 @@
+//! The two systems under test, each as three real processes on loopback with data on disk:
+//! Starling (the `starling` binary: `init`, then two `join --token`) and etcd 3.4 (`etcd` from
+//! Debian's `etcd-server`). Both are killed (by pid) and their data removed when dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use starling_node::http::ControlClient;
+
+/// A process killed and reaped when dropped.
+#[derive(Debug)]
+pub struct Proc(Child);
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
+        Ok(Proc(child))
+    }
+
+    /// kill -9 and reap.
+    pub fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free port on 127.0.0.1 (UDP and TCP are both free in practice).
+pub fn free_port() -> anyhow::Result<u16> {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(tcp.local_addr()?.port())
+}
+
+/// Polls `f` until it returns `Some`, at most `within`.
+pub async fn poll<T, F, Fut>(what: &str, within: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The `starling` binary built beside this one (built first when run under cargo).
+pub fn starling_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("STARLING_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/starling-bench, or target/<profile>/deps/<test> in tests.
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "starling-node", "--bin", "starling"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status()?;
+        if !status.success() {
+            bail!("building the starling binary failed");
+        }
+    }
+    let bin = dir.join("starling");
+    if !bin.exists() {
+        bail!(
+            "no starling binary at {}: build it (cargo build --release -p starling-node) or set STARLING_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A Starling manager.
+#[derive(Debug)]
+pub struct StarlingMember {
+    /// Data directory.
+    pub dir: PathBuf,
+    /// UDP address.
+    pub addr: SocketAddr,
+    proc: Option<Proc>,
+}
+
+impl StarlingMember {
+    /// Its control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+}
+
+/// Three Starling managers (and any workers joined for the join measure).
+#[derive(Debug)]
+pub struct Starling {
+    bin: PathBuf,
+    base: PathBuf,
+    /// The managers.
+    pub members: Vec<StarlingMember>,
+    workers: Vec<Proc>,
+}
+
+/// One control call on a fresh connection; `(status, body)`.
+pub async fn control(socket: &Path, method: &str, target: &str) -> Option<(u16, Value)> {
+    let r = starling_node::http::call(socket, method, target, b"")
+        .await
+        .ok()?;
+    Some((
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    ))
+}
+
+impl Starling {
+    /// Starts `n` managers under `base`.
+    pub async fn start(base: &Path, n: usize) -> anyhow::Result<Starling> {
+        let bin = starling_binary()?;
+        std::fs::create_dir_all(base)?;
+        let mut s = Starling {
+            bin,
+            base: base.to_path_buf(),
+            members: Vec::new(),
+            workers: Vec::new(),
+        };
+        for i in 0..n {
+            let dir = base.join(format!("m{i}"));
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            let listen = addr.to_string();
+            let d = dir.display().to_string();
+            let name = format!("m{i}");
+            let mut args = vec!["--data-dir", &d, "--listen", &listen, "--hostname", &name];
+            let token;
+            let via;
+            let mut cmd = Command::new(&s.bin);
+            if i == 0 {
+                cmd.arg("init");
+            } else {
+                token = s.token("manager").await?;
+                via = s.members[0].addr.to_string();
+                cmd.arg("join");
+                args.extend(["--token", &token, "--manager", &via]);
+            }
+            cmd.args(&args);
+            let proc = Proc::spawn(&mut cmd, &base.join(format!("m{i}.log")))?;
+            s.members.push(StarlingMember {
+                dir,
+                addr,
+                proc: Some(proc),
+            });
+            s.wait_serving(i).await?;
+        }
+        s.wait_healthy().await?;
+        Ok(s)
+    }
+
+    async fn token(&self, role: &str) -> anyhow::Result<String> {
+        let (_, v) = control(
+            &self.members[0].socket(),
+            "GET",
+            &format!("/v1/join-token/{role}"),
+        )
+        .await
+        .context("no join token")?;
+        Ok(v["token"].as_str().unwrap_or_default().to_owned())
+    }
+
+    async fn wait_serving(&self, i: usize) -> anyhow::Result<()> {
+        let socket = self.members[i].socket();
+        poll(
+            "a Starling manager serving",
+            Duration::from_secs(30),
+            || {
+                let socket = socket.clone();
+                async move {
+                    control(&socket, "GET", "/v1/info")
+                        .await
+                        .filter(|(s, _)| *s == 200)
+                }
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The index of the leader, when every running manager agrees on it.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut ids = Vec::new();
+        for m in self.members.iter().filter(|m| m.proc.is_some()) {
+            let (_, v) = control(&m.socket(), "GET", "/v1/info").await?;
+            ids.push((v["raft"]["id"].as_u64()?, v["raft"]["leader"].as_u64()?));
+        }
+        let leader = ids.first()?.1;
+        if ids.iter().any(|(_, l)| *l != leader) {
+            return None;
+        }
+        ids.iter().position(|(id, _)| *id == leader)
+    }
+
+    /// Waits until all managers agree on a leader and every one is reachable.
+    pub async fn wait_healthy(&self) -> anyhow::Result<usize> {
+        poll(
+            "the Starling managers healthy",
+            Duration::from_secs(60),
+            || async {
+                let l = self.leader().await?;
+                let (_, v) = control(&self.members[l].socket(), "GET", "/v1/nodes").await?;
+                let rows = v["nodes"].as_array()?;
+                let managers: Vec<&Value> =
+                    rows.iter().filter(|r| r["role"] == "manager").collect();
+                (managers.len() == self.members.len()
+                    && managers.iter().all(|r| {
+                        r["manager_status"] == "leader" || r["manager_status"] == "reachable"
+                    }))
+                .then_some(l)
+            },
+        )
+        .await
+    }
+
+    /// kill -9 manager `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(p) = self.members[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Restarts manager `i` on its data directory.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let d = self.members[i].dir.display().to_string();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["run", "--data-dir", &d]);
+        let proc = Proc::spawn(&mut cmd, &self.base.join(format!("m{i}.log")))?;
+        self.members[i].proc = Some(proc);
+        self.wait_serving(i).await
+    }
+
+    /// A keep-alive client of manager `i`.
+    pub async fn client(&self, i: usize) -> anyhow::Result<ControlClient> {
+        ControlClient::connect(&self.members[i].socket())
+            .await
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// Starts `starling join` for a new worker and returns the time until `ready` in
+    /// `node ls` (polled every 2 ms on the leader).
+    pub async fn join_worker(&mut self, n: usize) -> anyhow::Result<Duration> {
+        let token = self.token("worker").await?;
+        let dir = self.base.join(format!("w{n}"));
+        let d = dir.display().to_string();
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let name = format!("w{n}");
+        let via = self.members[0].addr.to_string();
+        let leader = self.leader().await.context("no leader")?;
+        let socket = self.members[leader].socket();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "join",
+            "--data-dir",
+            &d,
+            "--listen",
+            &listen,
+            "--hostname",
+            &name,
+            "--token",
+            &token,
+            "--manager",
+            &via,
+        ]);
+        let t0 = Instant::now();
+        self.workers
+            .push(Proc::spawn(&mut cmd, &self.base.join(format!("w{n}.log")))?);
+        let mut client = ControlClient::connect(&socket)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        loop {
+            if let Ok(r) = client.request("GET", "/v1/nodes", b"").await {
+                let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+                let ready = v["nodes"].as_array().is_some_and(|rows| {
+                    rows.iter()
+                        .any(|r| r["hostname"] == name.as_str() && r["status"] == "ready")
+                });
+                if ready {
+                    return Ok(t0.elapsed());
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("worker {name} not ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// An etcd member.
+#[derive(Debug)]
+pub struct EtcdMember {
+    /// `e0`, `e1`, …
+    pub name: String,
+    /// The client URL (`http://127.0.0.1:port`).
+    pub client_url: String,
+    peer_url: String,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+/// Three etcd members.
+#[derive(Debug)]
+pub struct Etcd {
+    base: PathBuf,
+    initial_cluster: String,
+    /// The members.
+    pub members: Vec<EtcdMember>,
+}
+
+/// Whether `etcd` is on PATH, with how to get it if not.
+pub fn etcd_available() -> anyhow::Result<String> {
+    match Command::new("etcd").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()),
+        _ => bail!(
+            "etcd is not on PATH: install etcd 3.4 (Debian: apt-get install -y etcd-server) to run the comparison"
+        ),
+    }
+}
+
+impl Etcd {
+    /// Starts `n` members under `base`.
+    pub async fn start(base: &Path, n: usize) -> anyhow::Result<Etcd> {
+        etcd_available()?;
+        std::fs::create_dir_all(base)?;
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(EtcdMember {
+                name: format!("e{i}"),
+                client_url: format!("http://127.0.0.1:{}", free_port()?),
+                peer_url: format!("http://127.0.0.1:{}", free_port()?),
+                dir: base.join(format!("e{i}")),
+                proc: None,
+            });
+        }
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut e = Etcd {
+            base: base.to_path_buf(),
+            initial_cluster,
+            members,
+        };
+        for i in 0..n {
+            e.spawn(i)?;
+        }
+        e.wait_healthy().await?;
+        Ok(e)
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let m = &self.members[i];
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "--name",
+            &m.name,
+            "--data-dir",
+            &m.dir.display().to_string(),
+            "--listen-client-urls",
+            &m.client_url,
+            "--advertise-client-urls",
+            &m.client_url,
+            "--listen-peer-urls",
+            &m.peer_url,
+            "--initial-advertise-peer-urls",
+            &m.peer_url,
+            "--initial-cluster",
+            &self.initial_cluster,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            &format!("bench-{}", std::process::id()),
+            "--log-level",
+            "error",
+        ]);
+        let proc = Proc::spawn(&mut cmd, &self.base.join(format!("{}.log", m.name)))?;
+        self.members[i].proc = Some(proc);
+        Ok(())
+    }
+
+    /// A client of member `i` only.
+    pub async fn client(&self, i: usize) -> anyhow::Result<etcd_client::Client> {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        Ok(etcd_client::Client::connect([self.members[i].client_url.as_str()], Some(opts)).await?)
+    }
+
+    /// The index of the leader, when every running member agrees on it.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut views = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            if m.proc.is_none() {
+                continue;
+            }
+            let mut c = self.client(i).await.ok()?;
+            let s = c.status().await.ok()?;
+            views.push((s.header()?.member_id(), s.leader()));
+        }
+        let leader = views.first()?.1;
+        if leader == 0 || views.iter().any(|(_, l)| *l != leader) {
+            return None;
+        }
+        // Member ids come from the status of each member, in member order.
+        let mut i = 0;
+        for (idx, m) in self.members.iter().enumerate() {
+            if m.proc.is_none() {
+                continue;
+            }
+            if views[i].0 == leader {
+                return Some(idx);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Waits until every member runs and all agree on a leader.
+    pub async fn wait_healthy(&self) -> anyhow::Result<usize> {
+        poll(
+            "the etcd members healthy",
+            Duration::from_secs(60),
+            || async {
+                if self.members.iter().any(|m| m.proc.is_none()) {
+                    return None;
+                }
+                self.leader().await
+            },
+        )
+        .await
+    }
+
+    /// kill -9 member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(p) = self.members[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Restarts member `i` on its data directory.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.spawn(i)
+    }
+}

@@ -1,0 +1,134 @@
+//! The gossip simulator at scale (virtual time, seeded, deterministic): dissemination of a
+//! record change to 99 % / 99.9 % of nodes, the time until a killed node is Down on every
+//! live node, false Downs under 10 % datagram loss, and steady-state bytes per node, beside
+//! the Serf model (99.9 % of 1 000 nodes in 1.84 s with 200 ms gossip intervals, fanout 3).
+
+use std::time::{Duration, Instant};
+
+use starling_gossip::sim::{SimConfig, Simulator};
+use starling_gossip::{Health, ServiceEndpoint};
+
+const STEP: Duration = Duration::from_millis(10);
+
+/// The Serf model's time to reach 99.9 % of 1 000 nodes.
+pub const SERF_999: Duration = Duration::from_millis(1840);
+
+/// What the simulation measured.
+#[derive(Debug, Clone)]
+pub struct GossipFigures {
+    /// Nodes.
+    pub nodes: usize,
+    /// Change → 99 % of nodes, median over the repetitions.
+    pub p99: Duration,
+    /// Change → 99.9 % of nodes, median and max.
+    pub p999: (Duration, Duration),
+    /// Killed node Down on every live node.
+    pub detect: Option<Duration>,
+    /// False Down declarations with 10 % loss for 60 s.
+    pub false_downs: u64,
+    /// Steady-state bytes sent per node per second.
+    pub idle_bytes_per_node_s: f64,
+    /// Wall time of the simulation.
+    pub wall: Duration,
+}
+
+/// Runs the simulation with `n` nodes.
+pub fn simulate(n: usize) -> GossipFigures {
+    let wall = Instant::now();
+    let mut sim = Simulator::cluster(SimConfig::default(), n);
+    sim.run_until(Duration::from_millis(100), Duration::from_secs(600), |s| {
+        s.live().all(|i| s.members_seen(i) == n - 1) && s.live().all(|i| s.catalog(i).len() == n)
+    });
+    sim.run_for(Duration::from_secs(10));
+    let before: u64 = (0..n).map(|i| sim.sent_bytes(i)).sum();
+    sim.run_for(Duration::from_secs(20));
+    let after: u64 = (0..n).map(|i| sim.sent_bytes(i)).sum();
+    let idle = (after - before) as f64 / n as f64 / 20.0;
+
+    let (mut p99, mut p999) = (Vec::new(), Vec::new());
+    for k in 0..10 {
+        let origin = (k * 97 + 13) % n;
+        let stamp = sim.publish(
+            origin,
+            vec![ServiceEndpoint {
+                service: format!("svc{k}"),
+                task: "t".into(),
+                addr: "10.9.0.1".into(),
+                port: 80,
+                health: Health::Healthy,
+            }],
+        );
+        let a = sim.run_until(STEP, Duration::from_secs(60), |s| {
+            s.fraction_with(origin, stamp) >= 0.99
+        });
+        let b = sim.run_until(STEP, Duration::from_secs(60), |s| {
+            s.fraction_with(origin, stamp) >= 0.999
+        });
+        if let (Some(a), Some(b)) = (a, b) {
+            p99.push(a);
+            p999.push(a + b);
+        }
+        sim.run_for(Duration::from_secs(5));
+    }
+    p99.sort();
+    p999.sort();
+    let victim = n / 2;
+    sim.kill(victim);
+    let detect = sim.run_until(Duration::from_millis(50), Duration::from_secs(120), |s| {
+        s.live().all(|i| s.sees_down(i, victim))
+    });
+
+    let mut lossy = Simulator::cluster(
+        SimConfig {
+            seed: 2,
+            ..SimConfig::default()
+        },
+        n,
+    );
+    lossy.run_until(Duration::from_millis(100), Duration::from_secs(600), |s| {
+        s.live().all(|i| s.members_seen(i) == n - 1)
+    });
+    let base = lossy.false_downs();
+    lossy.set_loss(0.10);
+    lossy.run_for(Duration::from_secs(60));
+    let false_downs = lossy.false_downs() - base;
+    let median = |v: &[Duration]| v.get(v.len() / 2).copied().unwrap_or_default();
+    GossipFigures {
+        nodes: n,
+        p99: median(&p99),
+        p999: (median(&p999), p999.last().copied().unwrap_or_default()),
+        detect,
+        false_downs: false_downs as u64,
+        idle_bytes_per_node_s: idle,
+        wall: wall.elapsed(),
+    }
+}
+
+impl GossipFigures {
+    /// The markdown table.
+    pub fn markdown(&self) -> String {
+        let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+        format!(
+            "### Gossip ({} nodes, simulated)\n\nThe starling-gossip driver logic in the \
+             deterministic simulator (virtual time, 0.5–1 ms one-way latency, seed 1; {:.0} s of \
+             wall time). The Serf model is HashiCorp's convergence simulator at the same interval \
+             (200 ms) and fanout (3).\n\n| measure | Starling | Serf model | Starling/Serf |\n|---|---|---|---|\n\
+             | record change → 99 % of nodes (median of 10) | {} | | |\n\
+             | record change → 99.9 % of nodes (median, max) | {}, {} | {} | {:.2}× |\n\
+             | killed node Down on every live node | {} | | |\n\
+             | false Downs, 10 % datagram loss for 60 s | {} | | |\n\
+             | bytes sent per node per second, steady state | {:.0} | | |\n\n",
+            self.nodes,
+            self.wall.as_secs_f64(),
+            ms(self.p99),
+            ms(self.p999.0),
+            ms(self.p999.1),
+            ms(SERF_999),
+            self.p999.0.as_secs_f64() / SERF_999.as_secs_f64(),
+            self.detect
+                .map_or_else(|| "not within 120 s".to_owned(), ms),
+            self.false_downs,
+            self.idle_bytes_per_node_s,
+        )
+    }
+}

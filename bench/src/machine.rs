@@ -1,0 +1,65 @@
+//! The machine a run happened on: cores, load, and how long an fdatasync takes on the disk
+//! that holds both systems' data (the floor under every durable write).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// Facts about the machine, measured at the start of a run.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// Logical cores.
+    pub cores: usize,
+    /// The 1, 5 and 15 minute load averages.
+    pub load: String,
+    /// fdatasync of a 4 KiB append: median and 99th percentile, in microseconds.
+    pub fdatasync_us: (u64, u64),
+    /// The kernel.
+    pub kernel: String,
+}
+
+impl Machine {
+    /// Measures the machine; the fdatasync probe writes `samples` appends in `dir`.
+    pub fn measure(dir: &Path, samples: usize) -> anyhow::Result<Machine> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let path = dir.join("fdatasync-probe");
+        let mut f = std::fs::File::create(&path)?;
+        let block = vec![0x5au8; 4096];
+        let mut times = Vec::with_capacity(samples);
+        for _ in 0..samples.max(1) {
+            f.write_all(&block)?;
+            let t = Instant::now();
+            f.sync_data()?;
+            times.push(t.elapsed().as_micros() as u64);
+        }
+        drop(f);
+        let _ = std::fs::remove_file(&path);
+        times.sort_unstable();
+        let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+        Ok(Machine {
+            cores,
+            load,
+            fdatasync_us: (at(0.5), at(0.99)),
+            kernel,
+        })
+    }
+
+    /// One markdown paragraph.
+    pub fn markdown(&self) -> String {
+        format!(
+            "Machine: {} cores, Linux {}, load average {} at the start; fdatasync of a 4 KiB append \
+             on the data disk: p50 {} µs, p99 {} µs.\n",
+            self.cores, self.kernel, self.load, self.fdatasync_us.0, self.fdatasync_us.1
+        )
+    }
+}

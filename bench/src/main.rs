@@ -1,0 +1,146 @@
+//! `starling-bench`: Starling beside etcd 3.4 on this machine, in one run.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use starling_bench::cluster::{Etcd, Starling, etcd_available};
+use starling_bench::machine::Machine;
+use starling_bench::measures::{self, Plan};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Measure {
+    /// Durable PUTs, 1–256 clients, spread and to the leader.
+    Writes,
+    /// Linearizable and local GETs.
+    Reads,
+    /// Leader killed → first acknowledged write.
+    Failover,
+    /// Worker `starling join` → `ready`.
+    Join,
+    /// The gossip simulator at 1 000 nodes beside the Serf model.
+    Gossip,
+    /// Everything, written to bench/RESULTS.md.
+    All,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "starling-bench",
+    about = "Starling beside etcd 3.4, in one run"
+)]
+struct Args {
+    /// What to measure.
+    measure: Measure,
+    /// A run of seconds (for tests): short windows, few clients and rounds, 24 gossip nodes.
+    #[arg(long)]
+    quick: bool,
+    /// Where the clusters keep their data (default: a temporary directory under target/).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Also write the report to this file (`all` without --quick writes bench/RESULTS.md).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = real_main().await {
+        eprintln!("starling-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let plan = if args.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    let needs_clusters = args.measure != Measure::Gossip;
+    let etcd_version = if needs_clusters {
+        etcd_available()?
+    } else {
+        String::new()
+    };
+    let base = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data"),
+    };
+    std::fs::create_dir_all(&base).with_context(|| format!("{}", base.display()))?;
+    let tmp = tempfile::Builder::new().prefix("run-").tempdir_in(&base)?;
+    let machine = Machine::measure(tmp.path(), if args.quick { 20 } else { 500 })?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut report = format!(
+        "# Starling beside etcd\n\n{}Command: `{}`. {}, 3 members on 127.0.0.1; Starling `{}` \
+         3 managers, {} build. Data of both on the same disk under `{}`.\n\n",
+        machine.markdown(),
+        command,
+        if needs_clusters {
+            etcd_version.as_str()
+        } else {
+            "etcd not started"
+        },
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) {
+            "debug (figures not meaningful)"
+        } else {
+            "release"
+        },
+        base.display(),
+    );
+    print!("{report}");
+    let mut clusters = None;
+    if needs_clusters {
+        let st = Starling::start(&tmp.path().join("starling"), 3).await?;
+        let e = Etcd::start(&tmp.path().join("etcd"), 3).await?;
+        clusters = Some((st, e));
+    }
+    let wants = |m: Measure| args.measure == m || args.measure == Measure::All;
+    let mut emit = |section: String| {
+        print!("{section}");
+        report.push_str(&section);
+    };
+    if let Some((st, e)) = clusters.as_mut() {
+        if wants(Measure::Writes) {
+            emit(measures::writes(st, e, &plan).await?);
+        }
+        if wants(Measure::Reads) {
+            emit(measures::reads(st, e, &plan).await?);
+        }
+        if wants(Measure::Failover) {
+            emit(measures::failover(st, e, &plan).await?);
+        }
+        if wants(Measure::Join) {
+            emit(measures::join(st, &plan).await?);
+        }
+    }
+    // The simulator needs no cluster: stop them first so they do not share the cores.
+    drop(clusters);
+    if wants(Measure::Gossip) {
+        let n = plan.gossip_nodes;
+        let figures =
+            tokio::task::spawn_blocking(move || starling_bench::gossip::simulate(n)).await?;
+        emit(figures.markdown());
+    }
+    let out = args.out.clone().or_else(|| {
+        (args.measure == Measure::All && !args.quick)
+            .then(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("RESULTS.md"))
+    });
+    if let Some(path) = out {
+        let date = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let text = report.replacen(
+            "# Starling beside etcd\n\n",
+            &format!("# Starling beside etcd\n\nRun of {date}. "),
+            1,
+        );
+        std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}

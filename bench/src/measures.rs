@@ -1,0 +1,508 @@
+//! The measures: each runs the same workload against Starling and etcd, alternating which
+//! goes first, and renders a markdown table with the ratio Starling/etcd.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use starling_node::http::ControlClient;
+
+use crate::cluster::{Etcd, Starling};
+use crate::load::{Figures, key, run, value};
+
+/// How big a run is.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Unrecorded time before each measurement.
+    pub warmup: Duration,
+    /// Recorded time of each measurement.
+    pub window: Duration,
+    /// Concurrent clients for `writes`.
+    pub write_clients: Vec<usize>,
+    /// Concurrent clients for `reads`.
+    pub read_clients: Vec<usize>,
+    /// Keys written before `reads`.
+    pub preload: u64,
+    /// The key space.
+    pub keys: u64,
+    /// Leader kills in `failover`.
+    pub failovers: usize,
+    /// Worker joins in `join`.
+    pub joins: usize,
+    /// Nodes in the gossip simulation.
+    pub gossip_nodes: usize,
+}
+
+impl Plan {
+    /// The issue's full run: 10 s windows, 1–256 clients, 10 failovers, 20 joins, 1 000 nodes.
+    pub fn full() -> Plan {
+        Plan {
+            warmup: Duration::from_secs(2),
+            window: Duration::from_secs(10),
+            write_clients: vec![1, 16, 64, 256],
+            read_clients: vec![1, 64],
+            preload: 100_000,
+            keys: 100_000,
+            failovers: 10,
+            joins: 20,
+            gossip_nodes: 1000,
+        }
+    }
+
+    /// A run of seconds that exercises every path (for `cargo test`).
+    pub fn quick() -> Plan {
+        Plan {
+            warmup: Duration::from_millis(100),
+            window: Duration::from_millis(500),
+            write_clients: vec![1, 4],
+            read_clients: vec![1, 4],
+            preload: 500,
+            keys: 100_000,
+            failovers: 1,
+            joins: 2,
+            gossip_nodes: 24,
+        }
+    }
+}
+
+/// A Starling client: one keep-alive connection to one manager's control socket,
+/// reconnected after an error.
+pub struct StarlingClient {
+    socket: PathBuf,
+    conn: Option<ControlClient>,
+}
+
+impl StarlingClient {
+    /// A client of the manager whose control socket is `socket`.
+    pub fn new(socket: PathBuf) -> Self {
+        StarlingClient { socket, conn: None }
+    }
+
+    /// One request; `Ok` for a 2xx answer (or 404 on a read).
+    pub async fn call(&mut self, method: &str, target: &str, body: &[u8]) -> Result<(), String> {
+        if self.conn.is_none() {
+            self.conn = Some(ControlClient::connect(&self.socket).await?);
+        }
+        let conn = self.conn.as_mut().ok_or("no connection")?;
+        let answer =
+            tokio::time::timeout(Duration::from_secs(5), conn.request(method, target, body))
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r);
+        match answer {
+            Ok(r) if (200..300).contains(&r.status) || (method == "GET" && r.status == 404) => {
+                Ok(())
+            }
+            Ok(r) => Err(format!("status {}", r.status)),
+            Err(e) => {
+                self.conn = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "—".into()
+    }
+}
+
+/// A table row with both systems' figures.
+fn row(label: &str, s: &Figures, e: Option<&Figures>) -> String {
+    match e {
+        Some(e) => format!(
+            "| {label} | {:.0} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |\n",
+            s.rate(),
+            ms(s.p50_us),
+            ms(s.p99_us),
+            ms(s.p999_us),
+            e.rate(),
+            ms(e.p50_us),
+            ms(e.p99_us),
+            ms(e.p999_us),
+            ratio(s.rate(), e.rate()),
+            ratio(s.p50_us as f64, e.p50_us as f64),
+        ),
+        None => format!(
+            "| {label} | {:.0} | {} | {} | {} | — | — | — | — | — | — |\n",
+            s.rate(),
+            ms(s.p50_us),
+            ms(s.p99_us),
+            ms(s.p999_us),
+        ),
+    }
+}
+
+const HEADER: &str = "| workload | Starling ops/s | p50 | p99 | p99.9 | etcd ops/s | p50 | p99 | p99.9 | ops/s Starling/etcd | p50 Starling/etcd |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+
+fn errors_note(s: &Figures, e: &Figures) -> String {
+    if s.errors + e.errors > 0 {
+        format!(" (errors: Starling {}, etcd {})", s.errors, e.errors)
+    } else {
+        String::new()
+    }
+}
+
+/// What a client does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// A durable PUT.
+    Put,
+    /// A linearizable GET.
+    Get,
+    /// A GET from the member's local state (Starling `stale`, etcd `serializable`).
+    LocalGet,
+}
+
+/// Where clients send their requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Client `i` to member `i mod 3`.
+    Spread,
+    /// Every client to the leader.
+    Leader,
+}
+
+impl Placement {
+    fn label(self) -> &'static str {
+        match self {
+            Placement::Spread => "spread over the members",
+            Placement::Leader => "all to the leader",
+        }
+    }
+}
+
+/// `clients` Starling clients doing `work` for the plan's window.
+pub async fn starling_load(
+    st: &Starling,
+    plan: &Plan,
+    clients: usize,
+    to: Option<usize>,
+    work: Work,
+) -> Figures {
+    let n = st.members.len();
+    let cs: Vec<StarlingClient> = (0..clients)
+        .map(|i| StarlingClient::new(st.members[to.unwrap_or(i % n)].socket()))
+        .collect();
+    let space = plan.keys;
+    let v = std::sync::Arc::new(value());
+    run(
+        cs,
+        plan.warmup,
+        plan.window,
+        move |mut c: StarlingClient, i, n| {
+            let v = v.clone();
+            async move {
+                let k = key(i, n, space);
+                let r = match work {
+                    Work::Put => c.call("PUT", &format!("/v1/kv/{k}"), &v).await,
+                    Work::Get => {
+                        c.call("GET", &format!("/v1/kv/{k}?consistency=linearizable"), b"")
+                            .await
+                    }
+                    Work::LocalGet => {
+                        c.call("GET", &format!("/v1/kv/{k}?consistency=stale"), b"")
+                            .await
+                    }
+                };
+                (c, r)
+            }
+        },
+    )
+    .await
+}
+
+/// `clients` etcd clients (each its own connection) doing `work` for the plan's window.
+pub async fn etcd_load(
+    e: &Etcd,
+    plan: &Plan,
+    clients: usize,
+    to: Option<usize>,
+    work: Work,
+) -> anyhow::Result<Figures> {
+    let n = e.members.len();
+    let mut cs = Vec::with_capacity(clients);
+    for i in 0..clients {
+        cs.push(e.client(to.unwrap_or(i % n)).await?.kv_client());
+    }
+    let space = plan.keys;
+    let v = std::sync::Arc::new(value());
+    Ok(run(
+        cs,
+        plan.warmup,
+        plan.window,
+        move |mut kv: etcd_client::KvClient, i, n| {
+            let v = v.clone();
+            async move {
+                let k = key(i, n, space);
+                let r = match work {
+                    Work::Put => kv.put(k, v.to_vec(), None).await.map(|_| ()),
+                    Work::Get => kv.get(k, None).await.map(|_| ()),
+                    Work::LocalGet => kv
+                        .get(k, Some(etcd_client::GetOptions::new().with_serializable()))
+                        .await
+                        .map(|_| ()),
+                };
+                (kv, r.map_err(|e| e.to_string()))
+            }
+        },
+    )
+    .await)
+}
+
+/// One cell measured on both systems; which goes first alternates with `turn`.
+async fn both(
+    st: &Starling,
+    e: &Etcd,
+    plan: &Plan,
+    clients: usize,
+    placement: Placement,
+    work: Work,
+    turn: usize,
+) -> anyhow::Result<(Figures, Figures)> {
+    let (to_s, to_e) = match placement {
+        Placement::Spread => (None, None),
+        Placement::Leader => (
+            Some(st.wait_healthy().await?),
+            Some(e.wait_healthy().await?),
+        ),
+    };
+    Ok(if turn.is_multiple_of(2) {
+        let s = starling_load(st, plan, clients, to_s, work).await;
+        (s, etcd_load(e, plan, clients, to_e, work).await?)
+    } else {
+        let f = etcd_load(e, plan, clients, to_e, work).await?;
+        (starling_load(st, plan, clients, to_s, work).await, f)
+    })
+}
+
+/// `writes`: durable PUTs with each client count, spread and all to the leader.
+pub async fn writes(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<String> {
+    let mut out = format!(
+        "### Durable writes\n\nPUT of a 256-byte value under an 8-byte key drawn from {} keys; \
+         closed loop, one connection per client; {:?} per cell after {:?} of warm-up.\n\n{HEADER}",
+        plan.keys, plan.window, plan.warmup
+    );
+    let mut turn = 0;
+    let mut notes = String::new();
+    for &clients in &plan.write_clients {
+        for placement in [Placement::Spread, Placement::Leader] {
+            let (s, f) = both(st, e, plan, clients, placement, Work::Put, turn).await?;
+            turn += 1;
+            let label = format!("{clients} clients, {}", placement.label());
+            out.push_str(&row(&label, &s, Some(&f)));
+            let n = errors_note(&s, &f);
+            if !n.is_empty() {
+                notes.push_str(&format!("- {label}{n}\n"));
+            }
+        }
+    }
+    out.push('\n');
+    out.push_str(&notes);
+    Ok(out)
+}
+
+/// Writes `plan.preload` keys to both systems (so reads find values).
+async fn preload(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<()> {
+    let writers = 32u64;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut sc = StarlingClient::new(st.members[w as usize % st.members.len()].socket());
+        let mut kv = e.client(w as usize % e.members.len()).await?.kv_client();
+        let (total, v) = (plan.preload, value());
+        tasks.push(tokio::spawn(async move {
+            let mut k = w;
+            while k < total {
+                let key = format!("{k:08}");
+                sc.call("PUT", &format!("/v1/kv/{key}"), &v).await?;
+                kv.put(key, v.clone(), None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                k += writers;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        t.await?.map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+/// `reads`: linearizable GETs with each client count, and member-local reads.
+pub async fn reads(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<String> {
+    preload(st, e, plan).await?;
+    let mut out = format!(
+        "### Reads\n\nGET of keys drawn from {} keys, {} of them written first; clients spread \
+         over the members; {:?} per cell after {:?} of warm-up. Linearizable: Starling's \
+         read index through the leader, etcd's default (quorum) read. Local: Starling \
+         `consistency=stale`, etcd `serializable`.\n\n{HEADER}",
+        plan.keys, plan.preload, plan.window, plan.warmup
+    );
+    let mut turn = 0;
+    for &clients in &plan.read_clients {
+        let (s, f) = both(st, e, plan, clients, Placement::Spread, Work::Get, turn).await?;
+        turn += 1;
+        out.push_str(&row(
+            &format!("linearizable, {clients} clients"),
+            &s,
+            Some(&f),
+        ));
+    }
+    let clients = plan.read_clients.iter().copied().max().unwrap_or(1);
+    let (s, f) = both(
+        st,
+        e,
+        plan,
+        clients,
+        Placement::Spread,
+        Work::LocalGet,
+        turn,
+    )
+    .await?;
+    out.push_str(&row(
+        &format!("local (stale / serializable), {clients} clients"),
+        &s,
+        Some(&f),
+    ));
+    out.push('\n');
+    Ok(out)
+}
+
+/// A write attempt during a failover is abandoned after this long and a new one sent, for
+/// both systems alike (a request to a member that lost its leader may otherwise wait for its
+/// server-side timeout).
+const ATTEMPT: Duration = Duration::from_millis(250);
+
+async fn starling_failover(st: &mut Starling) -> anyhow::Result<Duration> {
+    let l = st.wait_healthy().await?;
+    let f = (l + 1) % st.members.len();
+    let mut c = StarlingClient::new(st.members[f].socket());
+    let v = value();
+    for n in 0..20 {
+        c.call("PUT", &format!("/v1/kv/{}", key(0, n, 100_000)), &v)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
+    st.kill(l);
+    let killed = Instant::now();
+    let mut n = 1000;
+    let took = loop {
+        n += 1;
+        let target = format!("/v1/kv/{}", key(0, n, 100_000));
+        let attempt = c.call("PUT", &target, &v);
+        if let Ok(Ok(())) = tokio::time::timeout(ATTEMPT, attempt).await {
+            break killed.elapsed();
+        }
+        // An abandoned attempt leaves its connection mid-answer: start a new one.
+        c.conn = None;
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(60),
+            "no write acknowledged within 60 s of the kill"
+        );
+    };
+    st.restart(l).await?;
+    st.wait_healthy().await?;
+    Ok(took)
+}
+
+async fn etcd_failover(e: &mut Etcd) -> anyhow::Result<Duration> {
+    let l = e.wait_healthy().await?;
+    let f = (l + 1) % e.members.len();
+    let mut kv = e.client(f).await?.kv_client();
+    let v = value();
+    for n in 0..20 {
+        kv.put(key(0, n, 100_000), v.clone(), None).await?;
+    }
+    e.kill(l);
+    let killed = Instant::now();
+    let mut n = 1000;
+    let took = loop {
+        n += 1;
+        let attempt = kv.put(key(0, n, 100_000), v.clone(), None);
+        if let Ok(Ok(_)) = tokio::time::timeout(ATTEMPT, attempt).await {
+            break killed.elapsed();
+        }
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(60),
+            "no write acknowledged within 60 s of the kill"
+        );
+    };
+    e.restart(l)?;
+    e.wait_healthy().await?;
+    Ok(took)
+}
+
+fn median(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn fmt_ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// `failover`: one client writes in a loop through a follower; the leader is killed -9;
+/// the time from the kill to the first acknowledged write. The killed member is restarted
+/// and the cluster healthy again before the next round.
+pub async fn failover(st: &mut Starling, e: &mut Etcd, plan: &Plan) -> anyhow::Result<String> {
+    let (mut s, mut f) = (Vec::new(), Vec::new());
+    for round in 0..plan.failovers {
+        if round.is_multiple_of(2) {
+            s.push(starling_failover(st).await?);
+            f.push(etcd_failover(e).await?);
+        } else {
+            f.push(etcd_failover(e).await?);
+            s.push(starling_failover(st).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let list = |v: &[Duration]| v.iter().map(|d| fmt_ms(*d)).collect::<Vec<_>>().join(", ");
+    let max = |v: &[Duration]| v.iter().max().copied().unwrap_or_default();
+    Ok(format!(
+        "### Leader failover\n\nOne client writes in a loop through a follower; the leader is \
+         killed with SIGKILL; the time from the kill to the first write acknowledged after it \
+         (an attempt unanswered after {:?} is abandoned and another sent, for both systems). \
+         {} rounds; the killed member is restarted and the cluster healthy before the next. \
+         etcd runs with its defaults (100 ms heartbeat, 1 s election timeout).\n\n\
+         | system | median | max | rounds |\n|---|---|---|---|\n\
+         | Starling | {} | {} | {} |\n| etcd | {} | {} | {} |\n| Starling/etcd | {} | {} | |\n\n",
+        ATTEMPT,
+        plan.failovers,
+        fmt_ms(median(&s)),
+        fmt_ms(max(&s)),
+        list(&s),
+        fmt_ms(median(&f)),
+        fmt_ms(max(&f)),
+        list(&f),
+        ratio(median(&s).as_secs_f64(), median(&f).as_secs_f64()),
+        ratio(max(&s).as_secs_f64(), max(&f).as_secs_f64()),
+    ))
+}
+
+/// `join`: `starling join` of a worker → `ready` in `node ls` (polled every 2 ms).
+pub async fn join(st: &mut Starling, plan: &Plan) -> anyhow::Result<String> {
+    let mut times = Vec::new();
+    for n in 0..plan.joins {
+        times.push(st.join_worker(n).await?);
+    }
+    times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    Ok(format!(
+        "### Worker join\n\nFrom starting `starling join --token …` (a new process, fresh data \
+         directory) to the worker listed `ready` by `node ls` on the leader; {} joins one \
+         after another. etcd has no counterpart (target: ≤ 150 ms).\n\n\
+         | system | median | p90 | max |\n|---|---|---|---|\n| Starling | {:.1} ms | {:.1} ms | {:.1} ms |\n\n",
+        plan.joins,
+        at(0.5).as_secs_f64() * 1000.0,
+        at(0.9).as_secs_f64() * 1000.0,
+        at(1.0).as_secs_f64() * 1000.0,
+    ))
+}

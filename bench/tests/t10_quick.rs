@@ -1,0 +1,69 @@
+//! A tiny run of every measure: the bench works end to end (both clusters start, every
+//! workload runs against both, the tables come out). Needs `etcd` on PATH.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_starling-bench");
+
+#[test]
+fn t10_every_measure_runs_quickly_against_both_systems() {
+    let data = tempfile::tempdir().unwrap();
+    let out_file = data.path().join("report.md");
+    let out = Command::new(BIN)
+        .args(["all", "--quick", "--data-dir"])
+        .arg(data.path())
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for section in [
+        "### Durable writes",
+        "### Reads",
+        "### Leader failover",
+        "### Worker join",
+        "### Gossip",
+        "fdatasync",
+    ] {
+        assert!(stdout.contains(section), "{section} missing:\n{stdout}");
+    }
+    // Every comparison row has figures for both systems and a ratio.
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains("clients"))
+        .collect();
+    assert_eq!(rows.len(), 4 + 3, "{stdout}");
+    for r in rows {
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        assert!(cells[2].parse::<f64>().unwrap() > 0.0, "{r}");
+        assert!(cells[6].parse::<f64>().unwrap() > 0.0, "{r}");
+        assert!(cells[10].ends_with('×'), "{r}");
+    }
+    assert!(stdout.contains("| etcd | "), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(&out_file).unwrap().lines().count(),
+        stdout.lines().count()
+    );
+}
+
+#[test]
+fn t11_bad_input_is_a_clear_error() {
+    let out = Command::new(BIN).arg("sideways").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'sideways'"));
+    // Without etcd the comparison cannot run, and says how to get it.
+    let out = Command::new(BIN)
+        .args(["writes", "--quick"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apt-get install -y etcd-server"), "{err}");
+}
