@@ -41,6 +41,9 @@ struct Args {
     /// Also write the report to this file (`all` without --quick writes bench/RESULTS.md).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Keep the clusters' data directories and logs after the run (their path is printed).
+    #[arg(long)]
+    keep_data: bool,
 }
 
 #[tokio::main]
@@ -69,9 +72,13 @@ async fn real_main() -> anyhow::Result<()> {
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data"),
     };
     std::fs::create_dir_all(&base).with_context(|| format!("{}", base.display()))?;
+    let base = base.canonicalize().unwrap_or(base);
     let tmp = tempfile::Builder::new().prefix("run-").tempdir_in(&base)?;
     let machine = Machine::measure(tmp.path(), if args.quick { 20 } else { 500 })?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let command = format!(
+        "cargo run --release -p starling-bench -- {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
     let mut report = format!(
         "# Starling beside etcd\n\n{}Command: `{}`. {}, 3 members on 127.0.0.1; Starling `{}` \
          3 managers, {} build. Data of both on the same disk under `{}`.\n\n",
@@ -141,6 +148,9 @@ async fn real_main() -> anyhow::Result<()> {
         );
         std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
         eprintln!("report written to {}", path.display());
+    }
+    if args.keep_data {
+        eprintln!("data and logs kept in {}", tmp.keep().display());
     }
     Ok(())
 }

@@ -128,11 +128,28 @@ fn t11_killed_leader_is_replaced_and_rejoins_as_a_follower() {
     converged(&c, &all, "k", "after");
     let (v, _) = c.get(old, "k", "linearizable").unwrap();
     assert_eq!(v.unwrap().0, "after");
-    poll("the old leader reachable in node ls", SETTLE, || {
-        let rows = c.nodes(new)?;
-        let r = row(&rows, &format!("h{}", old + 1))?;
-        (r["manager_status"] == "reachable").then_some(())
+    poll(
+        "the old leader reachable and ready in node ls",
+        SETTLE,
+        || {
+            let rows = c.nodes(new)?;
+            let r = row(&rows, &format!("h{}", old + 1))?;
+            (r["manager_status"] == "reachable" && r["status"] == "ready").then_some(())
+        },
+    );
+    // Back in gossip too, under a new generation, seen alive by the others and seeing them.
+    poll("the old leader alive in gossip both ways", SETTLE, || {
+        (alive_members(&c, old) == 2 && rest.iter().all(|&i| alive_members(&c, i) == 2))
+            .then_some(())
     });
+    // And it stays so (the leader's liveness would flip it to down within ~12 s otherwise).
+    std::thread::sleep(Duration::from_secs(15));
+    let rows = c.nodes(new).unwrap();
+    assert_eq!(
+        row(&rows, &format!("h{}", old + 1)).unwrap()["status"],
+        "ready"
+    );
+    assert_eq!(alive_members(&c, old), 2);
 }
 
 #[test]

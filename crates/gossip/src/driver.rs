@@ -127,6 +127,7 @@ enum Input {
     MembershipFor(oneshot::Sender<(usize, Vec<Member<GossipId>>)>),
     Leave(oneshot::Sender<()>),
     Connection(Connection),
+    Seeds(Vec<(String, SocketAddr)>),
 }
 
 enum Due {
@@ -273,6 +274,17 @@ impl GossipNode {
             .await
             .map_err(|_| GossipError::Stopped)?;
         rx.await.map_err(|_| GossipError::Stopped)
+    }
+
+    /// Adds nodes to announce to when this one is alone (joining, or every member lost):
+    /// for a node that learns of peers after it started, such as a cluster's first manager
+    /// restarted. Known seeds are ignored; if this node has no member, it announces to the
+    /// new ones at once.
+    pub async fn add_seeds(&self, seeds: Vec<(String, SocketAddr)>) -> Result<(), GossipError> {
+        self.tx
+            .send(Input::Seeds(seeds))
+            .await
+            .map_err(|_| GossipError::Stopped)
     }
 
     /// Membership and catalog events from now on.
@@ -572,6 +584,20 @@ async fn run(
                         let _ = tx.send(st.membership());
                     }
                     Input::Connection(conn) => serve_connection(ctx.clone(), conn),
+                    Input::Seeds(seeds) => {
+                        let mut added = false;
+                        for seed in seeds {
+                            if seed.0 != st.settings.id.node && !st.settings.seeds.contains(&seed) {
+                                st.settings.seeds.push(seed);
+                                added = true;
+                            }
+                        }
+                        // Alone and newly told where others are: announce now rather than
+                        // at the next (backed-off) re-announcement.
+                        if added && st.foca.num_members() == 0 {
+                            announce(&mut st);
+                        }
+                    }
                     Input::Leave(done) => {
                         // Announce the departure, then keep gossiping it while lingering:
                         // one round to three members could be lost.

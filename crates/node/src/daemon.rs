@@ -87,9 +87,10 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn bind(listen: SocketAddr, creds: NodeCredentials) -> anyhow::Result<Endpoint> {
+fn bind(dir: &DataDir, listen: SocketAddr, creds: NodeCredentials) -> anyhow::Result<Endpoint> {
     let cfg = EndpointConfig {
         listen,
+        reset_key: Some(dir.reset_key()?),
         ..EndpointConfig::default()
     };
     Endpoint::bind(cfg, ring_provider(), Some(creds))
@@ -129,7 +130,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<Manager> {
         hostname: opts.hostname.unwrap_or_else(hostname),
         managers: vec![(node_id.clone(), advertise)],
     };
-    let endpoint = bind(opts.listen, creds.clone())?;
+    let endpoint = bind(&dir, opts.listen, creds.clone())?;
     dir.save(&state)?;
     let manager = start_manager(dir, state, endpoint, creds).await?;
     let store = manager
@@ -183,7 +184,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<Manager> {
 pub async fn run(dir: DataDir) -> anyhow::Result<Manager> {
     let state = dir.load()?;
     let creds = NodeCredentials::load(&dir.0)?;
-    let endpoint = bind(state.listen, creds.clone())?;
+    let endpoint = bind(&dir, state.listen, creds.clone())?;
     if state.role == "manager" {
         start_manager(dir, state, endpoint, creds).await
     } else {
@@ -220,8 +221,11 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
         );
     }
     let token: starling_transport::JoinToken = opts.token.parse().context("bad --token")?;
+    // Saved with the node's other files once the join succeeded.
+    let reset_key = crate::datadir::new_reset_key()?;
     let cfg = EndpointConfig {
         listen: opts.listen,
+        reset_key: Some(reset_key.clone()),
         ..EndpointConfig::default()
     };
     let endpoint = Endpoint::bind(cfg, ring_provider(), None)
@@ -262,6 +266,7 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
     dir.create()
         .with_context(|| format!("cannot create {}", dir.0.display()))?;
     creds.save(&dir.0)?;
+    dir.save_reset_key(&reset_key)?;
     endpoint.rotate(creds.clone())?;
     let state = NodeState {
         node_id,
@@ -470,6 +475,7 @@ async fn reconcile_liveness(
     use crate::liveness::{Liveness, LivenessConfig};
     let cfg = LivenessConfig::default();
     let mut liveness = Liveness::new();
+    let mut seeded: Vec<(String, SocketAddr)> = Vec::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -502,6 +508,17 @@ async fn reconcile_liveness(
             Ok((r, _)) => r,
             Err(_) => continue,
         };
+        // The Raft group's members are gossip seeds too: a manager restarted alone (the
+        // cluster's first, which was told of no other) finds the others through them.
+        let raft_members: Vec<(String, SocketAddr)> = status
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.name != me)
+            .filter_map(|(_, n)| Some((n.name.clone(), n.addr.parse().ok()?)))
+            .collect();
+        if raft_members != seeded && gossip.add_seeds(raft_members.clone()).await.is_ok() {
+            seeded = raft_members;
+        }
         // Every manager, leader or not, refuses removed nodes.
         endpoint.revoke(
             removed.into_iter().filter_map(|(key, _)| {
@@ -585,7 +602,19 @@ async fn start_manager(
     }
     let store = Store::open(config, endpoint.clone()).await?;
     let store = Arc::new(store);
-    let gossip = match start_gossip(&dir, &state, &endpoint).await {
+    // Gossip seeds: the managers this node was told of, and the Raft group's members (the
+    // first manager of a cluster was told of none, and must find the others after a
+    // restart).
+    let mut seeded = state.clone();
+    for (_, n) in store.status().nodes {
+        if let Ok(addr) = n.addr.parse()
+            && n.name != state.node_id
+            && !seeded.managers.iter().any(|(id, _)| *id == n.name)
+        {
+            seeded.managers.push((n.name, addr));
+        }
+    }
+    let gossip = match start_gossip(&dir, &seeded, &endpoint).await {
         Ok(g) => Arc::new(g),
         Err(e) => {
             let _ = store.shutdown().await;

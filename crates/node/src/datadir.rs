@@ -98,6 +98,61 @@ impl DataDir {
     }
 }
 
+impl DataDir {
+    /// The node's QUIC stateless-reset key (`reset.key`, 32 random bytes, mode 0600),
+    /// created on first use: the same key across restarts lets the restarted node tell peers
+    /// at once that their connections to its previous process are gone.
+    pub fn reset_key(&self) -> anyhow::Result<starling_transport::ResetKey> {
+        let path = self.0.join("reset.key");
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                    anyhow::anyhow!(
+                        "{}: damaged ({} bytes, expected 32); delete it and a new one is made",
+                        path.display(),
+                        bytes.len()
+                    )
+                })?;
+                Ok(starling_transport::ResetKey(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = new_reset_key()?;
+                self.save_reset_key(&key)?;
+                Ok(key)
+            }
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Writes `reset.key` atomically, mode 0600.
+    pub fn save_reset_key(&self, key: &starling_transport::ResetKey) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.0.join("reset.key");
+        let tmp = path.with_extension("key.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&key.0)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+}
+
+/// A fresh random stateless-reset key.
+pub fn new_reset_key() -> anyhow::Result<starling_transport::ResetKey> {
+    use ring::rand::SecureRandom;
+    let mut key = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| anyhow::anyhow!("no randomness for the reset key"))?;
+    Ok(starling_transport::ResetKey(key))
+}
+
 /// A random id: 12 lower-case hex characters (a DNS label, never reused in practice).
 pub fn random_id() -> anyhow::Result<String> {
     use ring::rand::SecureRandom;

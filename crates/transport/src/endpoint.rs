@@ -37,6 +37,47 @@ pub fn ring_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The secret behind QUIC stateless resets (RFC 9000 §10.3). An endpoint restarted with
+/// the key its previous process used answers packets of that process's connections with a
+/// reset the peer recognises, so peers drop those connections at once instead of sending
+/// into them until their idle timeout. Its `Debug` does not show the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResetKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
+    }
+}
+
+/// Random 8-byte connection ids (from the system's CSPRNG), with no keyed check: any id
+/// may be answered with a stateless reset.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use ring::rand::SecureRandom;
+        let mut id = [0u8; 8];
+        // SystemRandom fails only without an OS randomness source, where nothing here works;
+        // the id is then still unique enough to route by, if not secret.
+        if ring::rand::SystemRandom::new().fill(&mut id).is_err() {
+            id = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+                .to_le_bytes();
+        }
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
 /// Settings of an endpoint. Plain fields; [`EndpointConfig::validate`] checks them.
 #[derive(Debug, Clone)]
 pub struct EndpointConfig {
@@ -63,6 +104,10 @@ pub struct EndpointConfig {
     /// Admitted connections waiting for a protocol's `accept` before new ones are refused
     /// with [`CloseCode::OVERLOADED`]. Default 256.
     pub accept_queue: usize,
+    /// Keeps stateless resets valid across restarts of one node: give the same key each
+    /// time (a node keeps it in its data directory). `None` (the default): a random key per
+    /// endpoint, so a restart leaves peers' old connections to time out.
+    pub reset_key: Option<ResetKey>,
 }
 
 impl Default for EndpointConfig {
@@ -77,6 +122,7 @@ impl Default for EndpointConfig {
             socket_buffer: 4 << 20,
             max_concurrent_streams: 256,
             accept_queue: 256,
+            reset_key: None,
         }
     }
 }
@@ -540,16 +586,26 @@ impl Endpoint {
             .max_concurrent_uni_streams(quinn::VarInt::from_u32(config.max_concurrent_streams));
         let (socket, socket_buffers) = bind_socket(&config)?;
         let listen = config.listen;
-        let quinn = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| EndpointError::Bind {
-            addr: listen,
-            source,
-        })?;
+        let endpoint_config = match &config.reset_key {
+            Some(ResetKey(key)) => {
+                let mut c = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                    ring::hmac::HMAC_SHA256,
+                    key,
+                )));
+                // quinn's default connection ids carry a check keyed per process, and a packet
+                // whose id fails it is dropped before a reset is considered, so the previous
+                // process's peers would never get theirs. Plain random ids pass everywhere.
+                c.cid_generator(|| Box::new(RandomCids));
+                c
+            }
+            None => quinn::EndpointConfig::default(),
+        };
+        let quinn =
+            quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime))
+                .map_err(|source| EndpointError::Bind {
+                    addr: listen,
+                    source,
+                })?;
         let local_addr = quinn.local_addr().map_err(|source| EndpointError::Bind {
             addr: listen,
             source,

@@ -77,7 +77,7 @@ pub use codec::{Decode, DecodeError, Encode, EncodeError, Frame, decode};
 pub use connection::{Connection, Inbound, MessageError, Request};
 pub use endpoint::{
     ConfigError, ConnectError, Endpoint, EndpointConfig, EndpointError, Listener, PeerPolicy,
-    Protocol, RequestError, ring_provider,
+    Protocol, RequestError, ResetKey, ring_provider,
 };
 pub use error::{CloseCode, StreamCode};
 pub use identity::{CertSerial, ClusterId, IdentityError, NodeId, PeerIdentity, Role};
