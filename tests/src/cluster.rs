@@ -288,25 +288,45 @@ impl Cluster {
     /// `starling join` on host `i` with `token` through the manager on host `via`; returns
     /// once its control socket answers.
     pub fn join(&mut self, i: usize, token: &str, via: usize) {
-        let (dir, addr, name) = self.host_args(i);
-        let manager = self.addr(via);
-        self.spawn(
-            i,
-            &[
-                "join",
-                "--data-dir",
-                &dir,
-                "--listen",
-                &addr,
-                "--hostname",
-                &name,
-                "--token",
-                token,
-                "--manager",
-                &manager,
-            ],
-        );
+        let args = self.join_args(i, token, via);
+        self.spawn(i, &args.iter().map(String::as_str).collect::<Vec<_>>());
         self.wait_serving(i);
+    }
+
+    /// `starling join` on host `i` that is expected to end (be refused): its exit status,
+    /// or `None` if it still runs after `within` (then it is killed).
+    pub fn join_to_end(
+        &mut self,
+        i: usize,
+        token: &str,
+        via: usize,
+        within: Duration,
+    ) -> Option<bool> {
+        let args = self.join_args(i, token, via);
+        self.run_to_end(
+            i,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            within,
+        )
+    }
+
+    fn join_args(&self, i: usize, token: &str, via: usize) -> Vec<String> {
+        let (dir, addr, name) = self.host_args(i);
+        [
+            "join",
+            "--data-dir",
+            &dir,
+            "--listen",
+            &addr,
+            "--hostname",
+            &name,
+            "--token",
+            token,
+            "--manager",
+            &self.addr(via),
+        ]
+        .map(str::to_owned)
+        .to_vec()
     }
 
     /// `starling run` on host `i` (a restart on its data directory).

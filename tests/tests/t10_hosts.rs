@@ -260,24 +260,7 @@ fn t14_without_quorum_writes_and_joins_fail_fast_and_everything_resumes() {
         started.elapsed()
     );
     // A join fails, and says why.
-    let dir = c.dir(5).display().to_string();
-    let addr = c.addr(5);
-    let via = c.addr(0);
-    let joined = c.run_to_end(
-        5,
-        &[
-            "join",
-            "--data-dir",
-            &dir,
-            "--listen",
-            &addr,
-            "--token",
-            &wt,
-            "--manager",
-            &via,
-        ],
-        Duration::from_secs(40),
-    );
+    let joined = c.join_to_end(5, &wt, 0, Duration::from_secs(40));
     assert_eq!(joined, Some(false), "a join without quorum must fail");
     assert!(c.log(5).contains("no quorum"), "{}", c.log(5));
     // Stale reads answer; node ls answers from local state with a warning.
@@ -567,27 +550,10 @@ fn t19_foreign_removed_and_misplaced_peers_are_refused_across_hosts() {
         dial(&c, 2, 2, "starling/gossip/1").is_err().then_some(())
     });
     // A wrong token, and a token of the other cluster, are refused with a clear error.
-    let dir = c.dir(4).display().to_string();
-    let addr = c.addr(4);
-    let via = c.addr(0);
     let other = c.token(3, "worker");
     for token in [wt.replace(&wt[wt.len() - 6..], "AAAAAA"), other] {
         let _ = std::fs::remove_dir_all(c.dir(4));
-        let joined = c.run_to_end(
-            4,
-            &[
-                "join",
-                "--data-dir",
-                &dir,
-                "--listen",
-                &addr,
-                "--token",
-                &token,
-                "--manager",
-                &via,
-            ],
-            Duration::from_secs(30),
-        );
+        let joined = c.join_to_end(4, &token, 0, Duration::from_secs(30));
         assert_eq!(
             joined,
             Some(false),

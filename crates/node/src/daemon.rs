@@ -476,6 +476,7 @@ async fn reconcile_liveness(
     let cfg = LivenessConfig::default();
     let mut liveness = Liveness::new();
     let mut seeded: Vec<(String, SocketAddr)> = Vec::new();
+    let mut revoked: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -508,8 +509,9 @@ async fn reconcile_liveness(
             Ok((r, _)) => r,
             Err(_) => continue,
         };
-        // The Raft group's members are gossip seeds too: a manager restarted alone (the
-        // cluster's first, which was told of no other) finds the others through them.
+        // The Raft group's members are gossip seeds too (the first round runs at once): a
+        // manager restarted alone (the cluster's first, told of no other) finds the others
+        // through them.
         let raft_members: Vec<(String, SocketAddr)> = status
             .nodes
             .iter()
@@ -520,11 +522,15 @@ async fn reconcile_liveness(
             seeded = raft_members;
         }
         // Every manager, leader or not, refuses removed nodes.
-        endpoint.revoke(
-            removed.into_iter().filter_map(|(key, _)| {
-                NodeId::new(key.strip_prefix(REMOVED_PREFIX)?.to_owned()).ok()
-            }),
-        );
+        let removed: Vec<String> = removed.into_iter().map(|(key, _)| key).collect();
+        if removed != revoked {
+            endpoint.revoke(
+                removed.iter().filter_map(|key| {
+                    NodeId::new(key.strip_prefix(REMOVED_PREFIX)?.to_owned()).ok()
+                }),
+            );
+            revoked = removed;
+        }
         let now = std::time::Instant::now();
         for cmd in liveness.round(&cfg, now, leading, &alive, &records) {
             if let Err(e) = store.write(cmd).await {
@@ -602,19 +608,7 @@ async fn start_manager(
     }
     let store = Store::open(config, endpoint.clone()).await?;
     let store = Arc::new(store);
-    // Gossip seeds: the managers this node was told of, and the Raft group's members (the
-    // first manager of a cluster was told of none, and must find the others after a
-    // restart).
-    let mut seeded = state.clone();
-    for (_, n) in store.status().nodes {
-        if let Ok(addr) = n.addr.parse()
-            && n.name != state.node_id
-            && !seeded.managers.iter().any(|(id, _)| *id == n.name)
-        {
-            seeded.managers.push((n.name, addr));
-        }
-    }
-    let gossip = match start_gossip(&dir, &seeded, &endpoint).await {
+    let gossip = match start_gossip(&dir, &state, &endpoint).await {
         Ok(g) => Arc::new(g),
         Err(e) => {
             let _ = store.shutdown().await;

@@ -80,19 +80,10 @@ impl DataDir {
 
     /// Saves `node.json` atomically, mode 0600.
     pub fn save(&self, state: &NodeState) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.state_file();
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        write_private(
+            &self.state_file(),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )?;
         std::fs::File::open(&self.0)?.sync_all()?;
         Ok(())
     }
@@ -126,21 +117,26 @@ impl DataDir {
 
     /// Writes `reset.key` atomically, mode 0600.
     pub fn save_reset_key(&self, key: &starling_transport::ResetKey) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.0.join("reset.key");
-        let tmp = path.with_extension("key.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&key.0)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        write_private(&self.0.join("reset.key"), &key.0)
     }
+}
+
+/// Writes `bytes` to `path` atomically (a synced temporary file renamed over it), mode 0600.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// A fresh random stateless-reset key.

@@ -1130,7 +1130,7 @@ async fn admit(shared: Arc<Shared>, incoming: quinn::Incoming) {
         return refuse(CloseCode::UNKNOWN_PROTOCOL, "no ALPN negotiated".into());
     };
     let alpn_text = String::from_utf8_lossy(&alpn).into_owned();
-    let (policy, tx, cluster, revoked) = {
+    let (policy, tx, cluster) = {
         let state = shared.state();
         let Some(l) = state.listening.get(&alpn) else {
             drop(state);
@@ -1143,12 +1143,7 @@ async fn admit(shared: Arc<Shared>, incoming: quinn::Incoming) {
             .credentials
             .as_ref()
             .map(|c| c.identity().cluster_id.clone());
-        (
-            l.policy.clone(),
-            l.tx.clone(),
-            cluster,
-            state.revoked.clone(),
-        )
+        (l.policy.clone(), l.tx.clone(), cluster)
     };
     let peer = match peer_certificate(&conn) {
         None if policy.admits_anonymous() => None,
@@ -1166,7 +1161,7 @@ async fn admit(shared: Arc<Shared>, incoming: quinn::Incoming) {
                     format!("certificate of cluster {}", id.cluster_id),
                 );
             }
-            Ok(id) if revoked.contains(&id.node_id) => {
+            Ok(id) if shared.state().revoked.contains(&id.node_id) => {
                 return refuse(
                     CloseCode::REVOKED,
                     format!("node {} was removed from the cluster", id.node_id),
