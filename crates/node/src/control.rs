@@ -262,7 +262,7 @@ async fn role_change(m: &Manager, store: &Store, id: &str, promote: bool) -> Htt
             JoinReply::NotLeader { .. } => {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
-            JoinReply::Refused(why) if why.contains("undergoing a configuration change") => {
+            JoinReply::MembershipBusy => {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
             JoinReply::Refused(why) => return HttpResponse::error(409, why),
@@ -343,15 +343,7 @@ async fn node_op(store: &Store, method: &str, rest: &str, req: &HttpRequest) -> 
                     ),
                 );
             }
-            // The revocation first: should the removal not follow, the node is refused but
-            // still listed, and `node rm` can be run again.
-            let revoke = Command::Put {
-                key: format!("{}{id}", crate::daemon::REMOVED_PREFIX),
-                value: Vec::new(),
-            };
-            if let Err(e) = store.write(revoke).await {
-                return store_error(&e);
-            }
+            // One entry removes the record and revokes the id.
             match store.write(Command::RemoveNode { id: id.to_owned() }).await {
                 Ok(r) => HttpResponse::json(200, &json!({"revision": r.revision})),
                 Err(e) => store_error(&e),

@@ -24,10 +24,6 @@ use crate::datadir::{DataDir, NodeState, random_id};
 /// before the node starts); otherwise [`StoreConfig`]'s default.
 pub static SNAPSHOT_INTERVAL: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
-/// Keys under this prefix name the nodes removed from the cluster (`node rm`); every
-/// manager refuses them on its endpoint.
-pub const REMOVED_PREFIX: &str = "_starling/removed/";
-
 /// Options of `starling init`.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
@@ -311,7 +307,7 @@ pub async fn enter_raft_group(
             JoinReply::Added => return Ok(()),
             JoinReply::NotLeader { leader } => target = leader.or(target),
             // Another manager's change was under way (through another manager): retry.
-            JoinReply::Refused(why) if why.contains("undergoing a configuration change") => {}
+            JoinReply::MembershipBusy => {}
             JoinReply::Refused(why) => anyhow::bail!("could not join the raft group: {why}"),
             other => anyhow::bail!("unexpected answer: {other:?}"),
         }
@@ -501,7 +497,7 @@ async fn reconcile_liveness(
             .read(starling_raft_store::Consistency::Stale, |s| {
                 (
                     s.nodes().cloned().collect::<Vec<_>>(),
-                    s.range(REMOVED_PREFIX),
+                    s.system().revoked.iter().cloned().collect::<Vec<_>>(),
                 )
             })
             .await
@@ -521,14 +517,9 @@ async fn reconcile_liveness(
         if raft_members != seeded && gossip.add_seeds(raft_members.clone()).await.is_ok() {
             seeded = raft_members;
         }
-        // Every manager, leader or not, refuses removed nodes.
-        let removed: Vec<String> = removed.into_iter().map(|(key, _)| key).collect();
+        // Every manager, leader or not, refuses removed nodes and revoked API clients.
         if removed != revoked {
-            endpoint.revoke(
-                removed.iter().filter_map(|key| {
-                    NodeId::new(key.strip_prefix(REMOVED_PREFIX)?.to_owned()).ok()
-                }),
-            );
+            endpoint.revoke(removed.iter().filter_map(|id| NodeId::new(id.clone()).ok()));
             revoked = removed;
         }
         let now = std::time::Instant::now();

@@ -120,38 +120,10 @@ pub enum JoinReply {
         /// The leader's node id and address, if known.
         leader: Option<(String, SocketAddr)>,
     },
+    /// Raft was still committing another membership change: nothing changed; ask again.
+    MembershipBusy,
     /// Refused, with the reason.
     Refused(String),
-}
-
-const RAFT_ID_KEY: &str = "_starling/next-raft-id";
-
-async fn allocate_raft_id(store: &Store) -> Result<u64, StoreError> {
-    for _ in 0..32 {
-        let (current, _) = store
-            .read(Consistency::Linearizable, |s| {
-                s.get(RAFT_ID_KEY).map(|e| {
-                    let n = std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(2);
-                    (n, e.mod_revision)
-                })
-            })
-            .await?;
-        let (next, rev) = current.unwrap_or((2, 0));
-        let r = store
-            .write(Command::cas_revision(
-                RAFT_ID_KEY,
-                rev,
-                (next + 1).to_string().into_bytes(),
-            ))
-            .await?;
-        if r.outcome == (Outcome::Txn { succeeded: true }) {
-            return Ok(next);
-        }
-    }
-    Err(StoreError::Raft("raft id allocation kept racing".into()))
 }
 
 fn managers(store: &Store) -> Vec<(String, SocketAddr)> {
@@ -311,7 +283,7 @@ async fn handle(
                     info!(node = %peer.node_id, raft_id, "manager added to the raft group");
                     JoinReply::Added
                 }
-                Err(e) => JoinReply::Refused(e.to_string()),
+                Err(e) => refusal(e),
             }
         }
     }
@@ -320,13 +292,11 @@ async fn handle(
 /// Whether `node` may enter the Raft group as `raft_id`: its record must want it to be a
 /// manager and `raft_id` must be the id allocated to it.
 async fn check_add_manager(store: &Store, node: &str, raft_id: u64) -> Result<(), String> {
-    let key = format!("_starling/raft-id/{node}");
     let ((wanted, allocated), _) = store
         .read(Consistency::Linearizable, |s| {
             (
                 s.node(node).map(|r| r.desired_role == NodeRole::Manager),
-                s.get(&key)
-                    .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse::<u64>().ok()),
+                s.raft_id(node),
             )
         })
         .await
@@ -375,17 +345,11 @@ pub async fn demote_on_leader(store: &Store, node_id: &str) -> JoinReply {
     let result = async {
         store.demote(raft_id).await?;
         store.remove(raft_id).await?;
-        // A Raft id is never reused: a later promotion gets a new one.
+        // Recorded as a worker and its Raft id released, in one entry: a later promotion
+        // gets a new id (ids are never reused).
         store
-            .write(Command::Delete {
-                key: format!("_starling/raft-id/{node_id}"),
-            })
-            .await?;
-        store
-            .write(Command::SetNodeRole {
-                id: node_id.to_owned(),
-                role: NodeRole::Worker,
-                desired_role: NodeRole::Worker,
+            .write(Command::RetireManager {
+                node: node_id.to_owned(),
             })
             .await
     }
@@ -395,29 +359,31 @@ pub async fn demote_on_leader(store: &Store, node_id: &str) -> JoinReply {
             info!(node = %node_id, raft_id, "manager demoted");
             JoinReply::Demoted
         }
-        Err(e) => JoinReply::Refused(e.to_string()),
+        Err(e) => refusal(e),
     }
 }
 
-async fn raft_id_for(store: &Store, node: &str) -> Result<u64, StoreError> {
-    let key = format!("_starling/raft-id/{node}");
-    let (held, _) = store
-        .read(Consistency::Linearizable, |s| {
-            s.get(&key)
-                .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse::<u64>().ok())
-        })
-        .await?;
-    if let Some(id) = held {
-        return Ok(id);
+/// A store error as an answer: a membership change still in progress is worth retrying.
+fn refusal(e: StoreError) -> JoinReply {
+    match e {
+        StoreError::MembershipChangeInProgress => JoinReply::MembershipBusy,
+        e => JoinReply::Refused(e.to_string()),
     }
-    let id = allocate_raft_id(store).await?;
-    store
-        .write(Command::Put {
-            key,
-            value: id.to_string().into_bytes(),
+}
+
+/// The Raft id allocated to `node`: the one it holds, else a new one (never reused).
+async fn raft_id_for(store: &Store, node: &str) -> Result<u64, StoreError> {
+    let r = store
+        .write(Command::AssignRaftId {
+            node: node.to_owned(),
         })
         .await?;
-    Ok(id)
+    match r.outcome {
+        Outcome::RaftId { id } => Ok(id),
+        other => Err(StoreError::Raft(format!(
+            "unexpected outcome of a raft id assignment: {other:?}"
+        ))),
+    }
 }
 
 async fn renew(

@@ -23,15 +23,16 @@
 mod log_store;
 mod network;
 mod sm_store;
-mod state;
 mod store;
 mod types;
 mod wal;
 
 pub use network::{RAFT_ALPN, raft_protocol};
-pub use state::{
-    Availability, ClusterInfo, ClusterState, Command, CommandResult, Compare, KvEntry, KvEvent,
-    NodeRecord, NodeRole, NodeStatus, Outcome, Settings, StateImage, TxnOp, WATCH_HISTORY,
+/// The object model and its pure state machine, re-exported from [`starling_state`].
+pub use starling_state::{
+    Availability, ClientRecord, ClientRole, ClusterInfo, ClusterState, Command, CommandResult,
+    Compare, KvEntry, KvEvent, NodeRecord, NodeRole, NodeStatus, Outcome, Settings, StateImage,
+    SystemRecords, TxnOp, WATCH_HISTORY,
 };
 pub use store::{
     Consistency, MAX_COMMAND_BYTES, RaftStatus, Store, StoreConfig, StoreError, Watch,
@@ -101,7 +102,7 @@ mod decoder_tests {
             let _ = crate::fuzzing::decode_raft_rpc(&bytes);
             let _ = crate::fuzzing::decode_log_record(&bytes);
             let _ = crate::fuzzing::parse_snapshot(&bytes);
-            let mut with_magic = b"STRLSNP1".to_vec();
+            let mut with_magic = b"STRLSNP2".to_vec();
             with_magic.extend_from_slice(&bytes);
             let _ = crate::fuzzing::parse_snapshot(&with_magic);
         }

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use starling_transport::{Endpoint, NodeId, PeerPolicy, Protocol, Role};
 use tracing::{debug, warn};
 
-use crate::state::{Command, CommandResult};
 use crate::types::{ManagerNode, SnapshotMeta, TypeConfig, Vote, decode, encode};
+use starling_state::{Command, CommandResult};
 
 /// The ALPN of the managers' Raft protocol.
 pub const RAFT_ALPN: &[u8] = b"starling/raft/1";

@@ -11,13 +11,13 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use tokio::sync::{broadcast, watch};
 
-use crate::state::{ClusterState, KvEvent, StateImage};
 use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
+use starling_state::{ClusterState, KvEvent, StateImage};
 
 type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
-const SNAPSHOT_MAGIC: &[u8; 8] = b"STRLSNP1";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"STRLSNP2";
 
 /// What the state machine holds besides the data.
 pub(crate) struct SmState {
@@ -263,9 +263,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     st.data.advance(index);
                     drop(st);
                     if let Some(r) = responder {
-                        r.send(crate::state::CommandResult {
+                        r.send(starling_state::CommandResult {
                             revision: index,
-                            outcome: crate::state::Outcome::Done,
+                            outcome: starling_state::Outcome::Done,
                         });
                     }
                 }
@@ -274,9 +274,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     st.data.advance(index);
                     drop(st);
                     if let Some(r) = responder {
-                        r.send(crate::state::CommandResult {
+                        r.send(starling_state::CommandResult {
                             revision: index,
-                            outcome: crate::state::Outcome::Done,
+                            outcome: starling_state::Outcome::Done,
                         });
                     }
                 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use starling_transport::{Endpoint, NodeId, Protocol};
 use tokio::sync::broadcast;
@@ -18,8 +19,8 @@ use crate::network::{
     leader_write, raft_protocol,
 };
 use crate::sm_store::{Shared, StateMachine, WatchSignal};
-use crate::state::{ClusterState, Command, CommandResult, KvEvent};
-use crate::types::ManagerNode;
+use crate::types::{ManagerNode, TypeConfig};
+use starling_state::{ClusterState, Command, CommandResult, KvEvent};
 
 /// Settings of a manager's store.
 #[derive(Debug, Clone)]
@@ -198,6 +199,10 @@ pub enum StoreError {
     /// A setting is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Raft takes one membership change at a time and an earlier one was still being
+    /// committed when the deadline passed; nothing changed, and the call may be retried.
+    #[error("another membership change is still being committed; retry")]
+    MembershipChangeInProgress,
 }
 
 /// The largest command a write may carry, encoded (etcd's default request limit is 1.5 MiB).
@@ -710,26 +715,25 @@ impl Store {
     ///
     /// Raft takes one membership change at a time: while an earlier one (or the initial
     /// membership) is still being committed, the change is retried until the deadline.
-    async fn bounded<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
-        &self,
-        mut op: impl FnMut() -> F,
-    ) -> Result<T, StoreError> {
+    async fn bounded<T, F>(&self, mut op: impl FnMut() -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, RaftError<TypeConfig, ClientWriteError<TypeConfig>>>>,
+    {
         let started = Instant::now();
         let deadline = started + self.config.quorum_deadline() - PROBE_TIME;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, op()).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => {
-                    let text = e.to_string();
-                    if text.contains("undergoing a configuration change")
-                        && Instant::now() < deadline
-                    {
-                        tokio::time::sleep(self.config.heartbeat()).await;
-                        continue;
+                Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                )))) => {
+                    if Instant::now() >= deadline {
+                        return Err(StoreError::MembershipChangeInProgress);
                     }
-                    return Err(StoreError::Raft(text));
+                    tokio::time::sleep(self.config.heartbeat()).await;
                 }
+                Ok(Err(e)) => return Err(StoreError::Raft(e.to_string())),
                 Err(_) => return Err(self.no_quorum(started.elapsed()).await),
             }
         }

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Command, CommandResult};
+use starling_state::{Command, CommandResult};
 
 /// Where a manager is reached: its transport node id (the certificate's CN) and address.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

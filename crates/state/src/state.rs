@@ -1,350 +1,15 @@
-//! The cluster state every manager holds: nodes, the key-value store and the cluster's own
-//! settings, changed only by [`ClusterState::apply`], a pure function of the state, the
-//! command and its revision (the Raft log index that carries it).
-//!
-//! Being pure, it is tested without Raft, sockets or clocks; the Raft state machine only
-//! feeds it committed entries in log order.
+//! The state machine: [`ClusterState::apply`], a pure function of the state, the command and
+//! its revision (the Raft log index that carries it), and the watch history.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::command::{Command, CommandResult, Compare, KvEvent, Outcome, TxnOp};
+use crate::objects::{ClientRecord, ClusterInfo, KvEntry, NodeRecord, NodeRole, SystemRecords};
+
 /// Revisions kept for `watch` to resume from; older ones are compacted.
 pub const WATCH_HISTORY: usize = 100_000;
-
-macro_rules! wire_type {
-    ($(#[$m:meta])* $vis:vis $kind:ident $name:ident $body:tt) => {
-        $(#[$m])*
-        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize,
-            rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-        $vis $kind $name $body
-    };
-}
-
-wire_type!(
-    /// A node's role in the cluster.
-    pub enum NodeRole {
-        /// Holds the replicated state and votes.
-        Manager,
-        /// Runs tasks; no vote.
-        Worker,
-    }
-);
-
-wire_type!(
-    /// Whether the scheduler may place work on a node (as `docker node update --availability`).
-    pub enum Availability {
-        /// Takes new work.
-        Active,
-        /// Keeps its work, takes no new work.
-        Pause,
-        /// Its work is moved elsewhere.
-        Drain,
-    }
-);
-
-wire_type!(
-    /// What the cluster knows of a node's liveness.
-    pub enum NodeStatus {
-        /// Alive.
-        Ready,
-        /// Not heard from past the grace period.
-        Down,
-        /// Not yet known (just joined, or after a leader change).
-        Unknown,
-    }
-);
-
-wire_type!(
-    /// A node as the cluster records it.
-    pub struct NodeRecord {
-        /// Node id (never reused).
-        pub id: String,
-        /// Host name the node reported.
-        pub hostname: String,
-        /// Address other nodes reach it at.
-        pub addr: String,
-        /// Current role.
-        pub role: NodeRole,
-        /// Role it is being moved to (promotion, demotion), equal to `role` at rest.
-        pub desired_role: NodeRole,
-        /// Scheduling availability.
-        pub availability: Availability,
-        /// Liveness.
-        pub status: NodeStatus,
-        /// Operator labels.
-        pub labels: BTreeMap<String, String>,
-        /// Serial of the node's current certificate, hex.
-        pub cert_serial: String,
-        /// Bumped on every change of this record.
-        pub version: u64,
-        /// Revision that created it.
-        pub created_revision: u64,
-        /// Revision of its last change.
-        pub updated_revision: u64,
-    }
-);
-
-wire_type!(
-    /// A value in the key-value store with its history counters (as etcd's `KeyValue`).
-    pub struct KvEntry {
-        /// The value.
-        pub value: Vec<u8>,
-        /// Revision that created the key (since its last deletion).
-        pub create_revision: u64,
-        /// Revision of its last change.
-        pub mod_revision: u64,
-        /// Number of changes since creation, from 1.
-        pub version: u64,
-    }
-);
-
-wire_type!(
-    /// Cluster-wide settings, replicated like everything else.
-    pub struct Settings {
-        /// Scales heartbeat and election timeouts (1 = defaults).
-        pub timing_multiplier: u32,
-        /// Lifetime of node certificates, seconds.
-        pub cert_lifetime_secs: u64,
-        /// Log entries between snapshots.
-        pub snapshot_interval: u64,
-    }
-);
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            timing_multiplier: 1,
-            cert_lifetime_secs: 90 * 24 * 3600,
-            snapshot_interval: 50_000,
-        }
-    }
-}
-
-wire_type!(
-    /// The cluster's identity material: the CA (so any manager can sign) and the join secrets.
-    #[derive(Default)]
-    pub struct ClusterInfo {
-        /// Cluster id.
-        pub cluster_id: String,
-        /// CA certificate, PEM.
-        pub ca_cert_pem: String,
-        /// CA private key, PEM.
-        pub ca_key_pem: String,
-        /// Join secret per role name.
-        pub join_secrets: BTreeMap<String, Vec<u8>>,
-        /// Settings.
-        pub settings: Settings,
-    }
-);
-
-wire_type!(
-    /// A condition of a transaction (etcd's `Compare`).
-    pub enum Compare {
-        /// The key's `mod_revision` equals this; 0 means "the key does not exist".
-        ModRevision {
-            /// The key.
-            key: String,
-            /// Expected mod revision.
-            revision: u64,
-        },
-        /// The key's value equals this; `None` means "the key does not exist".
-        Value {
-            /// The key.
-            key: String,
-            /// Expected value.
-            value: Option<Vec<u8>>,
-        },
-    }
-);
-
-wire_type!(
-    /// A write inside a transaction.
-    pub enum TxnOp {
-        /// Set a key.
-        Put {
-            /// The key.
-            key: String,
-            /// The value.
-            value: Vec<u8>,
-        },
-        /// Remove a key (no error if absent).
-        Delete {
-            /// The key.
-            key: String,
-        },
-    }
-);
-
-wire_type!(
-    /// A change to the cluster state: what a Raft log entry carries.
-    pub enum Command {
-        /// Changes nothing (used to commit a barrier).
-        Noop,
-        /// Set a key.
-        Put {
-            /// The key.
-            key: String,
-            /// The value.
-            value: Vec<u8>,
-        },
-        /// Remove a key.
-        Delete {
-            /// The key.
-            key: String,
-        },
-        /// If every compare holds, apply `success`, else `failure`; all or nothing.
-        Txn {
-            /// Conditions.
-            compares: Vec<Compare>,
-            /// Writes if all hold.
-            success: Vec<TxnOp>,
-            /// Writes otherwise.
-            failure: Vec<TxnOp>,
-        },
-        /// Create a node record or replace its descriptive fields (hostname, address, role,
-        /// labels, certificate serial); liveness and availability are kept if it exists.
-        UpsertNode {
-            /// The record; counters are set by `apply`.
-            node: NodeRecord,
-        },
-        /// Set a node's liveness.
-        SetNodeStatus {
-            /// Node id.
-            id: String,
-            /// New status.
-            status: NodeStatus,
-        },
-        /// Set a node's availability.
-        SetNodeAvailability {
-            /// Node id.
-            id: String,
-            /// New availability.
-            availability: Availability,
-        },
-        /// Set a node's role and desired role.
-        SetNodeRole {
-            /// Node id.
-            id: String,
-            /// Current role.
-            role: NodeRole,
-            /// Desired role.
-            desired_role: NodeRole,
-        },
-        /// Remove a node record.
-        RemoveNode {
-            /// Node id.
-            id: String,
-        },
-        /// Replace the cluster's identity material and settings.
-        SetCluster {
-            /// The new value.
-            info: ClusterInfo,
-        },
-    }
-);
-
-impl Command {
-    /// Compare-and-swap on the key's mod revision (0: only if absent).
-    pub fn cas_revision(key: impl Into<String>, revision: u64, value: Vec<u8>) -> Self {
-        let key = key.into();
-        Command::Txn {
-            compares: vec![Compare::ModRevision {
-                key: key.clone(),
-                revision,
-            }],
-            success: vec![TxnOp::Put { key, value }],
-            failure: vec![],
-        }
-    }
-
-    /// Compare-and-swap on the key's value (`None`: only if absent).
-    pub fn cas_value(key: impl Into<String>, expected: Option<Vec<u8>>, value: Vec<u8>) -> Self {
-        let key = key.into();
-        Command::Txn {
-            compares: vec![Compare::Value {
-                key: key.clone(),
-                value: expected,
-            }],
-            success: vec![TxnOp::Put { key, value }],
-            failure: vec![],
-        }
-    }
-}
-
-impl std::fmt::Display for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Command::Noop => write!(f, "noop"),
-            Command::Put { key, value } => write!(f, "put {key} ({} bytes)", value.len()),
-            Command::Delete { key } => write!(f, "delete {key}"),
-            Command::Txn { compares, .. } => write!(f, "txn ({} compares)", compares.len()),
-            Command::UpsertNode { node } => write!(f, "upsert node {}", node.id),
-            Command::SetNodeStatus { id, status } => write!(f, "node {id} status {status:?}"),
-            Command::SetNodeAvailability { id, availability } => {
-                write!(f, "node {id} availability {availability:?}")
-            }
-            Command::SetNodeRole { id, role, .. } => write!(f, "node {id} role {role:?}"),
-            Command::RemoveNode { id } => write!(f, "remove node {id}"),
-            Command::SetCluster { info } => write!(f, "set cluster {}", info.cluster_id),
-        }
-    }
-}
-
-wire_type!(
-    /// What applying a command did.
-    pub enum Outcome {
-        /// Nothing to report (noop, membership, settings).
-        Done,
-        /// A key was set; its previous value, if any.
-        Put {
-            /// Previous entry.
-            prev: Option<KvEntry>,
-        },
-        /// A key was removed, if it existed.
-        Deleted {
-            /// Its entry before removal.
-            prev: Option<KvEntry>,
-        },
-        /// A transaction ran; whether its compares held.
-        Txn {
-            /// True if `success` ran.
-            succeeded: bool,
-        },
-        /// A node record after the change.
-        Node {
-            /// The record.
-            node: NodeRecord,
-        },
-        /// The command named a node that does not exist; nothing changed.
-        NoSuchNode {
-            /// The id.
-            id: String,
-        },
-    }
-);
-
-wire_type!(
-    /// The answer to a committed command.
-    pub struct CommandResult {
-        /// The revision (log index) the command was applied at.
-        pub revision: u64,
-        /// What it did.
-        pub outcome: Outcome,
-    }
-);
-
-wire_type!(
-    /// One change to the key-value store, as `watch` reports it.
-    pub struct KvEvent {
-        /// Revision of the change.
-        pub revision: u64,
-        /// The key.
-        pub key: String,
-        /// The new entry, or `None` for a deletion.
-        pub entry: Option<KvEntry>,
-    }
-);
 
 wire_type!(
     /// Everything a snapshot holds.
@@ -358,6 +23,8 @@ wire_type!(
         pub kv: BTreeMap<String, KvEntry>,
         /// Cluster identity and settings.
         pub cluster: ClusterInfo,
+        /// Revocations, Raft ids and API clients: not reachable through the key-value API.
+        pub system: SystemRecords,
     }
 );
 
@@ -469,12 +136,68 @@ impl ClusterState {
                 n.desired_role = desired_role.clone();
             }),
             Command::RemoveNode { id } => match self.image.nodes.remove(id) {
-                Some(node) => Outcome::Node { node },
+                Some(node) => {
+                    let system = &mut self.image.system;
+                    system.revoked.insert(id.clone());
+                    system.raft_ids.remove(id);
+                    Outcome::Node { node }
+                }
                 None => Outcome::NoSuchNode { id: id.clone() },
             },
             Command::SetCluster { info } => {
                 self.image.cluster = info.clone();
                 Outcome::Done
+            }
+            Command::AssignRaftId { node } => {
+                let system = &mut self.image.system;
+                let id = match system.raft_ids.get(node) {
+                    Some(id) => *id,
+                    None => {
+                        let id = system
+                            .next_raft_id
+                            .max(SystemRecords::FIRST_ALLOCATED_RAFT_ID);
+                        system.next_raft_id = id + 1;
+                        system.raft_ids.insert(node.clone(), id);
+                        id
+                    }
+                };
+                Outcome::RaftId { id }
+            }
+            Command::RetireManager { node } => {
+                self.image.system.raft_ids.remove(node);
+                self.change_node(revision, node, |n| {
+                    n.role = NodeRole::Worker;
+                    n.desired_role = NodeRole::Worker;
+                })
+            }
+            Command::AddClient { client } => {
+                let clients = &mut self.image.system.clients;
+                match clients.get(&client.name) {
+                    Some(old) if !old.revoked => Outcome::ClientExists {
+                        name: client.name.clone(),
+                    },
+                    _ => {
+                        let record = ClientRecord {
+                            created_revision: revision,
+                            ..client.clone()
+                        };
+                        clients.insert(client.name.clone(), record.clone());
+                        Outcome::Client { client: record }
+                    }
+                }
+            }
+            Command::RevokeClient { name } => {
+                let system = &mut self.image.system;
+                match system.clients.get_mut(name) {
+                    Some(client) => {
+                        client.revoked = true;
+                        system.revoked.insert(client.id.clone());
+                        Outcome::Client {
+                            client: client.clone(),
+                        }
+                    }
+                    None => Outcome::NoSuchClient { name: name.clone() },
+                }
             }
         };
         for e in &events {
@@ -584,6 +307,21 @@ impl ClusterState {
         &self.image.cluster
     }
 
+    /// Revocations, Raft ids and API clients.
+    pub fn system(&self) -> &SystemRecords {
+        &self.image.system
+    }
+
+    /// The Raft id allocated to `node`, if any.
+    pub fn raft_id(&self, node: &str) -> Option<u64> {
+        self.image.system.raft_ids.get(node).copied()
+    }
+
+    /// Whether certificates with this CN (a node or API client id) are refused.
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.image.system.revoked.contains(id)
+    }
+
     /// Events for keys under `prefix` with a revision ≥ `from`, or `Err(first)` with the
     /// oldest revision still available if `from` is older than that.
     pub fn history_since(&self, prefix: &str, from: u64) -> Result<Vec<KvEvent>, u64> {
@@ -604,6 +342,7 @@ impl ClusterState {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::{Availability, ClientRole, NodeStatus};
     use proptest::prelude::*;
 
     fn put(k: &str, v: &str) -> Command {
@@ -761,6 +500,151 @@ mod tests {
         assert!(restored.history_since("w/", 11).unwrap().is_empty());
     }
 
+    fn worker(id: &str) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            hostname: "h".into(),
+            addr: "127.0.0.1:1".into(),
+            role: NodeRole::Worker,
+            desired_role: NodeRole::Worker,
+            availability: Availability::Active,
+            status: NodeStatus::Unknown,
+            labels: BTreeMap::new(),
+            cert_serial: "01".into(),
+            version: 0,
+            created_revision: 0,
+            updated_revision: 0,
+        }
+    }
+
+    #[test]
+    fn raft_ids_are_allocated_once_and_never_reused() {
+        let mut s = ClusterState::new();
+        let assign = |s: &mut ClusterState, rev, node: &str| match s
+            .apply(rev, &Command::AssignRaftId { node: node.into() })
+            .0
+            .outcome
+        {
+            Outcome::RaftId { id } => id,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(assign(&mut s, 1, "a"), 2);
+        assert_eq!(assign(&mut s, 2, "a"), 2, "the same node keeps its id");
+        assert_eq!(assign(&mut s, 3, "b"), 3);
+        s.apply(4, &Command::UpsertNode { node: worker("a") });
+        let (r, _) = s.apply(5, &Command::RetireManager { node: "a".into() });
+        assert!(matches!(r.outcome, Outcome::Node { ref node } if node.role == NodeRole::Worker));
+        assert_eq!(s.raft_id("a"), None);
+        assert_eq!(
+            assign(&mut s, 6, "a"),
+            4,
+            "a promotion after a demotion gets a new id"
+        );
+        // Keys that used to hold these records are plain user data now.
+        s.apply(7, &put("_starling/next-raft-id", "2"));
+        s.apply(
+            8,
+            &Command::Delete {
+                key: "_starling/raft-id/a".into(),
+            },
+        );
+        assert_eq!(s.raft_id("a"), Some(4));
+        assert_eq!(assign(&mut s, 9, "c"), 5);
+    }
+
+    #[test]
+    fn removing_a_node_revokes_it_and_no_key_changes_that() {
+        let mut s = ClusterState::new();
+        s.apply(1, &Command::UpsertNode { node: worker("w") });
+        s.apply(2, &Command::AssignRaftId { node: "w".into() });
+        s.apply(3, &Command::RemoveNode { id: "w".into() });
+        assert!(s.is_revoked("w"));
+        assert_eq!(s.raft_id("w"), None);
+        s.apply(
+            4,
+            &Command::Delete {
+                key: "_starling/removed/w".into(),
+            },
+        );
+        s.apply(5, &put("_starling/removed/w", ""));
+        assert!(s.is_revoked("w"));
+        assert!(
+            s.range("")
+                .iter()
+                .all(|(k, _)| k.starts_with("_starling/removed/"))
+        );
+        let (r, _) = s.apply(6, &Command::RemoveNode { id: "w".into() });
+        assert_eq!(r.outcome, Outcome::NoSuchNode { id: "w".into() });
+    }
+
+    #[test]
+    fn clients_are_unique_by_name_until_revoked() {
+        let mut s = ClusterState::new();
+        let client = |id: &str| ClientRecord {
+            name: "ops".into(),
+            id: id.into(),
+            role: ClientRole::Admin,
+            cert_serial: "0a".into(),
+            not_after: 100,
+            revoked: false,
+            created_revision: 0,
+        };
+        let (r, _) = s.apply(
+            1,
+            &Command::AddClient {
+                client: client("c1"),
+            },
+        );
+        assert!(
+            matches!(r.outcome, Outcome::Client { ref client } if client.created_revision == 1)
+        );
+        let (r, _) = s.apply(
+            2,
+            &Command::AddClient {
+                client: client("c2"),
+            },
+        );
+        assert_eq!(r.outcome, Outcome::ClientExists { name: "ops".into() });
+        let (r, _) = s.apply(
+            3,
+            &Command::RevokeClient {
+                name: "nobody".into(),
+            },
+        );
+        assert_eq!(
+            r.outcome,
+            Outcome::NoSuchClient {
+                name: "nobody".into()
+            }
+        );
+        s.apply(4, &Command::RevokeClient { name: "ops".into() });
+        assert!(s.is_revoked("c1"));
+        let (r, _) = s.apply(
+            5,
+            &Command::AddClient {
+                client: client("c2"),
+            },
+        );
+        assert!(matches!(r.outcome, Outcome::Client { .. }));
+        assert!(s.is_revoked("c1") && !s.is_revoked("c2"));
+    }
+
+    fn arb_kv_command() -> impl Strategy<Value = Command> {
+        let key = prop::sample::select(vec![
+            "_starling/removed/w",
+            "_starling/next-raft-id",
+            "_starling/raft-id/m",
+            "w",
+        ])
+        .prop_map(String::from);
+        let val = prop::collection::vec(b'0'..=b'9', 0..3);
+        prop_oneof![
+            (key.clone(), val.clone()).prop_map(|(key, value)| Command::Put { key, value }),
+            key.clone().prop_map(|key| Command::Delete { key }),
+            (key, 0u64..20, val).prop_map(|(k, r, v)| Command::cas_revision(k, r, v)),
+        ]
+    }
+
     fn arb_command() -> impl Strategy<Value = Command> {
         let key = prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from);
         let val = prop::collection::vec(0u8..3, 0..3);
@@ -775,6 +659,23 @@ mod tests {
     }
 
     proptest! {
+        /// No key-value command, on any key (the old `_starling/` ones included), changes a
+        /// system record.
+        #[test]
+        fn kv_commands_never_touch_system_records(
+            cmds in prop::collection::vec(arb_kv_command(), 0..40),
+        ) {
+            let mut s = ClusterState::new();
+            s.apply(1, &Command::UpsertNode { node: worker("w") });
+            s.apply(2, &Command::AssignRaftId { node: "m".into() });
+            s.apply(3, &Command::RemoveNode { id: "w".into() });
+            let before = s.system().clone();
+            for (i, c) in cmds.iter().enumerate() {
+                s.apply(i as u64 + 4, c);
+            }
+            prop_assert_eq!(s.system(), &before);
+        }
+
         /// Replaying the same log gives the same state (determinism), and revisions only grow.
         #[test]
         fn apply_is_deterministic(cmds in prop::collection::vec(arb_command(), 0..60)) {

@@ -1,0 +1,263 @@
+//! Commands (what a Raft log entry carries) and what applying them did.
+
+use serde::{Deserialize, Serialize};
+
+use crate::objects::{
+    Availability, ClientRecord, ClusterInfo, KvEntry, NodeRecord, NodeRole, NodeStatus,
+};
+
+wire_type!(
+    /// A condition of a transaction (etcd's `Compare`).
+    pub enum Compare {
+        /// The key's `mod_revision` equals this; 0 means "the key does not exist".
+        ModRevision {
+            /// The key.
+            key: String,
+            /// Expected mod revision.
+            revision: u64,
+        },
+        /// The key's value equals this; `None` means "the key does not exist".
+        Value {
+            /// The key.
+            key: String,
+            /// Expected value.
+            value: Option<Vec<u8>>,
+        },
+    }
+);
+
+wire_type!(
+    /// A write inside a transaction.
+    pub enum TxnOp {
+        /// Set a key.
+        Put {
+            /// The key.
+            key: String,
+            /// The value.
+            value: Vec<u8>,
+        },
+        /// Remove a key (no error if absent).
+        Delete {
+            /// The key.
+            key: String,
+        },
+    }
+);
+
+wire_type!(
+    /// A change to the cluster state: what a Raft log entry carries.
+    pub enum Command {
+        /// Changes nothing (used to commit a barrier).
+        Noop,
+        /// Set a key.
+        Put {
+            /// The key.
+            key: String,
+            /// The value.
+            value: Vec<u8>,
+        },
+        /// Remove a key.
+        Delete {
+            /// The key.
+            key: String,
+        },
+        /// If every compare holds, apply `success`, else `failure`; all or nothing.
+        Txn {
+            /// Conditions.
+            compares: Vec<Compare>,
+            /// Writes if all hold.
+            success: Vec<TxnOp>,
+            /// Writes otherwise.
+            failure: Vec<TxnOp>,
+        },
+        /// Create a node record or replace its descriptive fields (hostname, address, role,
+        /// labels, certificate serial); liveness and availability are kept if it exists.
+        UpsertNode {
+            /// The record; counters are set by `apply`.
+            node: NodeRecord,
+        },
+        /// Set a node's liveness.
+        SetNodeStatus {
+            /// Node id.
+            id: String,
+            /// New status.
+            status: NodeStatus,
+        },
+        /// Set a node's availability.
+        SetNodeAvailability {
+            /// Node id.
+            id: String,
+            /// New availability.
+            availability: Availability,
+        },
+        /// Set a node's role and desired role.
+        SetNodeRole {
+            /// Node id.
+            id: String,
+            /// Current role.
+            role: NodeRole,
+            /// Desired role.
+            desired_role: NodeRole,
+        },
+        /// Remove a node record, revoke its id (refused by every manager from now on) and
+        /// release its Raft id, in one entry.
+        RemoveNode {
+            /// Node id.
+            id: String,
+        },
+        /// Replace the cluster's identity material and settings.
+        SetCluster {
+            /// The new value.
+            info: ClusterInfo,
+        },
+        /// Give `node` a Raft id: the one it already holds, else the next never-used one.
+        /// Answers [`Outcome::RaftId`].
+        AssignRaftId {
+            /// Node id.
+            node: String,
+        },
+        /// A manager left the Raft group: it is recorded as a worker and its Raft id is
+        /// released (never handed out again), in one entry.
+        RetireManager {
+            /// Node id.
+            node: String,
+        },
+        /// Record an API client certificate. Refused ([`Outcome::ClientExists`]) if a client
+        /// of that name exists and is not revoked.
+        AddClient {
+            /// The record; `created_revision` is set by `apply`.
+            client: ClientRecord,
+        },
+        /// Revoke an API client: its certificate is refused by every manager from now on.
+        RevokeClient {
+            /// Its name.
+            name: String,
+        },
+    }
+);
+
+impl Command {
+    /// Compare-and-swap on the key's mod revision (0: only if absent).
+    pub fn cas_revision(key: impl Into<String>, revision: u64, value: Vec<u8>) -> Self {
+        let key = key.into();
+        Command::Txn {
+            compares: vec![Compare::ModRevision {
+                key: key.clone(),
+                revision,
+            }],
+            success: vec![TxnOp::Put { key, value }],
+            failure: vec![],
+        }
+    }
+
+    /// Compare-and-swap on the key's value (`None`: only if absent).
+    pub fn cas_value(key: impl Into<String>, expected: Option<Vec<u8>>, value: Vec<u8>) -> Self {
+        let key = key.into();
+        Command::Txn {
+            compares: vec![Compare::Value {
+                key: key.clone(),
+                value: expected,
+            }],
+            success: vec![TxnOp::Put { key, value }],
+            failure: vec![],
+        }
+    }
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Noop => write!(f, "noop"),
+            Command::Put { key, value } => write!(f, "put {key} ({} bytes)", value.len()),
+            Command::Delete { key } => write!(f, "delete {key}"),
+            Command::Txn { compares, .. } => write!(f, "txn ({} compares)", compares.len()),
+            Command::UpsertNode { node } => write!(f, "upsert node {}", node.id),
+            Command::SetNodeStatus { id, status } => write!(f, "node {id} status {status:?}"),
+            Command::SetNodeAvailability { id, availability } => {
+                write!(f, "node {id} availability {availability:?}")
+            }
+            Command::SetNodeRole { id, role, .. } => write!(f, "node {id} role {role:?}"),
+            Command::RemoveNode { id } => write!(f, "remove node {id}"),
+            Command::SetCluster { info } => write!(f, "set cluster {}", info.cluster_id),
+            Command::AssignRaftId { node } => write!(f, "assign a raft id to {node}"),
+            Command::RetireManager { node } => write!(f, "retire manager {node}"),
+            Command::AddClient { client } => write!(f, "add api client {}", client.name),
+            Command::RevokeClient { name } => write!(f, "revoke api client {name}"),
+        }
+    }
+}
+
+wire_type!(
+    /// What applying a command did.
+    pub enum Outcome {
+        /// Nothing to report (noop, membership, settings).
+        Done,
+        /// A key was set; its previous value, if any.
+        Put {
+            /// Previous entry.
+            prev: Option<KvEntry>,
+        },
+        /// A key was removed, if it existed.
+        Deleted {
+            /// Its entry before removal.
+            prev: Option<KvEntry>,
+        },
+        /// A transaction ran; whether its compares held.
+        Txn {
+            /// True if `success` ran.
+            succeeded: bool,
+        },
+        /// A node record after the change.
+        Node {
+            /// The record.
+            node: NodeRecord,
+        },
+        /// The command named a node that does not exist; nothing changed.
+        NoSuchNode {
+            /// The id.
+            id: String,
+        },
+        /// The Raft id the node holds.
+        RaftId {
+            /// The id.
+            id: u64,
+        },
+        /// An API client record after the change.
+        Client {
+            /// The record.
+            client: ClientRecord,
+        },
+        /// The command named an API client that does not exist; nothing changed.
+        NoSuchClient {
+            /// The name.
+            name: String,
+        },
+        /// A client of that name exists and is not revoked; nothing changed.
+        ClientExists {
+            /// The name.
+            name: String,
+        },
+    }
+);
+
+wire_type!(
+    /// The answer to a committed command.
+    pub struct CommandResult {
+        /// The revision (log index) the command was applied at.
+        pub revision: u64,
+        /// What it did.
+        pub outcome: Outcome,
+    }
+);
+
+wire_type!(
+    /// One change to the key-value store, as `watch` reports it.
+    pub struct KvEvent {
+        /// Revision of the change.
+        pub revision: u64,
+        /// The key.
+        pub key: String,
+        /// The new entry, or `None` for a deletion.
+        pub entry: Option<KvEntry>,
+    }
+);
