@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use starling_tests::cluster::{Cluster, poll};
+use starling_tests::cluster::{Cluster, encode, poll};
 
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -549,6 +549,24 @@ fn t19_foreign_removed_and_misplaced_peers_are_refused_across_hosts() {
     poll("the removed node refused", SETTLE, || {
         dial(&c, 2, 2, "starling/gossip/1").is_err().then_some(())
     });
+    // The keys that once held system state are user data now: deleting or writing them
+    // changes nothing but user data, and the removed node stays refused.
+    for (method, key, body) in [
+        ("DELETE", format!("_starling/removed/{removed}"), ""),
+        ("PUT", "_starling/raft-id/x".to_owned(), "1"),
+        ("PUT", "_starling/next-raft-id".to_owned(), "2"),
+    ] {
+        let (status, body) = c
+            .api(0, method, &format!("/v1/kv/{}", encode(&key)), body.as_bytes())
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    // Managers re-read the revoked set every second: it must hold across several rounds.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let r = dial(&c, 2, 2, "starling/gossip/1");
+        assert!(r.is_err(), "the removed node was let back in: {r:?}");
+    }
     // A wrong token, and a token of the other cluster, are refused with a clear error.
     let other = c.token(3, "worker");
     for token in [wt.replace(&wt[wt.len() - 6..], "AAAAAA"), other] {
