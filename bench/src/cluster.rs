@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use starling_node::http::ControlClient;
 
 /// A process killed and reaped when dropped.
 #[derive(Debug)]
@@ -129,7 +128,9 @@ pub struct Starling {
 
 /// One control call on a fresh connection; `(status, body)`.
 pub async fn control(socket: &Path, method: &str, target: &str) -> Option<(u16, Value)> {
-    let r = starling_node::http::call(socket, method, target, b"")
+    let method = starling_api::http::Method::from_bytes(method.as_bytes()).ok()?;
+    let r = starling_api::Client::unix(socket)
+        .raw(method, target, bytes::Bytes::new())
         .await
         .ok()?;
     Some((
@@ -262,10 +263,8 @@ impl Starling {
     }
 
     /// A keep-alive client of manager `i`.
-    pub async fn client(&self, i: usize) -> anyhow::Result<ControlClient> {
-        ControlClient::connect(&self.members[i].socket())
-            .await
-            .map_err(anyhow::Error::msg)
+    pub fn client(&self, i: usize) -> starling_api::Client {
+        starling_api::Client::unix(self.members[i].socket())
     }
 
     /// Starts `starling join` for a new worker and returns the time until `ready` in
@@ -296,15 +295,11 @@ impl Starling {
         let t0 = Instant::now();
         self.workers
             .push(Proc::spawn(&mut cmd, &self.base.join(format!("w{n}.log")))?);
-        let mut client = ControlClient::connect(&socket)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let client = starling_api::Client::unix(&socket);
         loop {
-            if let Ok(r) = client.request("GET", "/v1/nodes", b"").await {
-                let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-                let ready = v["nodes"].as_array().is_some_and(|rows| {
-                    rows.iter()
-                        .any(|r| r["hostname"] == name.as_str() && r["status"] == "ready")
+            if let Ok(list) = client.nodes().await {
+                let ready = list.nodes.iter().any(|r| {
+                    r.hostname == name.as_str() && r.status == starling_api::NodeStatus::Ready
                 });
                 if ready {
                     return Ok(t0.elapsed());

@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use starling_node::http::ControlClient;
-
 use crate::cluster::{Etcd, Starling};
 use crate::load::{Figures, key, run, value};
 
@@ -64,39 +62,45 @@ impl Plan {
     }
 }
 
-/// A Starling client: one keep-alive connection to one manager's control socket,
-/// reconnected after an error.
+/// A Starling client: the typed API client over one manager's control socket (one
+/// keep-alive connection, reconnected after an error).
 pub struct StarlingClient {
     socket: PathBuf,
-    conn: Option<ControlClient>,
+    client: starling_api::Client,
 }
 
 impl StarlingClient {
     /// A client of the manager whose control socket is `socket`.
     pub fn new(socket: PathBuf) -> Self {
-        StarlingClient { socket, conn: None }
+        StarlingClient {
+            client: starling_api::Client::unix(&socket),
+            socket,
+        }
+    }
+
+    /// Drops the connection (after an abandoned request) and starts afresh.
+    pub fn reset(&mut self) {
+        self.client = starling_api::Client::unix(&self.socket);
     }
 
     /// One request; `Ok` for a 2xx answer (or 404 on a read).
     pub async fn call(&mut self, method: &str, target: &str, body: &[u8]) -> Result<(), String> {
-        if self.conn.is_none() {
-            self.conn = Some(ControlClient::connect(&self.socket).await?);
-        }
-        let conn = self.conn.as_mut().ok_or("no connection")?;
-        let answer =
-            tokio::time::timeout(Duration::from_secs(5), conn.request(method, target, body))
-                .await
-                .map_err(|_| "timed out".to_owned())
-                .and_then(|r| r);
+        let m =
+            starling_api::http::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.client
+                .raw(m, target, bytes::Bytes::copy_from_slice(body)),
+        )
+        .await
+        .map_err(|_| "timed out".to_owned())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match answer {
             Ok(r) if (200..300).contains(&r.status) || (method == "GET" && r.status == 404) => {
                 Ok(())
             }
             Ok(r) => Err(format!("status {}", r.status)),
-            Err(e) => {
-                self.conn = None;
-                Err(e)
-            }
+            Err(e) => Err(e),
         }
     }
 }
@@ -401,7 +405,7 @@ async fn starling_failover(st: &mut Starling) -> anyhow::Result<Duration> {
             break killed.elapsed();
         }
         // An abandoned attempt leaves its connection mid-answer: start a new one.
-        c.conn = None;
+        c.reset();
         anyhow::ensure!(
             killed.elapsed() < Duration::from_secs(60),
             "no write acknowledged within 60 s of the kill"

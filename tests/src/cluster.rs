@@ -1,13 +1,11 @@
-//! Real `starling` processes, one per network namespace, and a blocking client for their
-//! control sockets.
+//! Real `starling` processes, one per network namespace, and blocking calls to their control
+//! sockets through the typed API client.
 //!
 //! Each host runs the daemon as `ip netns exec <ns> starling …` (the `ip` process execs into
 //! `starling`, so the child's pid is the daemon's). Its log (stderr) goes to `<dir>.log`, and
 //! the tail of every log is printed when a test fails. The control socket is a Unix socket in
 //! the data directory, reachable from the test process whatever the network namespace.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -87,7 +85,8 @@ impl std::fmt::Display for CallError {
     }
 }
 
-/// One HTTP/1.1 request over a control socket, answered as `(status, JSON body)`.
+/// One request over a control socket with the typed API client, answered as `(status,
+/// JSON body)`; blocking (a runtime of its own), bounded by `timeout`.
 pub fn call(
     socket: &Path,
     method: &str,
@@ -95,30 +94,26 @@ pub fn call(
     body: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Value), CallError> {
-    let mut s = UnixStream::connect(socket).map_err(|e| CallError::NotSent(e.to_string()))?;
-    let unknown = |e: std::io::Error| CallError::Unknown(e.to_string());
-    s.set_read_timeout(Some(timeout)).map_err(unknown)?;
-    s.set_write_timeout(Some(timeout)).map_err(unknown)?;
-    let head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: starling\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).map_err(unknown)?;
-    s.write_all(body).map_err(unknown)?;
-    // `Connection: close`: the answer ends when the socket does.
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(unknown)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| CallError::Unknown(format!("truncated answer: {text:?}")))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| CallError::Unknown(format!("bad status line: {head:?}")))?;
-    let value = serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()));
-    Ok((status, value))
+    let method = starling_api::http::Method::from_bytes(method.as_bytes())
+        .map_err(|e| CallError::NotSent(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CallError::NotSent(e.to_string()))?;
+    let client = starling_api::Client::unix(socket);
+    let body = bytes::Bytes::copy_from_slice(body);
+    let answer = runtime
+        .block_on(async { tokio::time::timeout(timeout, client.raw(method, target, body)).await });
+    match answer {
+        Ok(Ok(r)) => {
+            let value = serde_json::from_slice(&r.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.body).into_owned()));
+            Ok((r.status, value))
+        }
+        Ok(Err(starling_api::ClientError::NotSent(e))) => Err(CallError::NotSent(e)),
+        Ok(Err(e)) => Err(CallError::Unknown(e.to_string())),
+        Err(_) => Err(CallError::Unknown(format!("no answer within {timeout:?}"))),
+    }
 }
 
 /// A key's value and `mod_revision`, or `None` if absent.

@@ -557,7 +557,12 @@ fn t19_foreign_removed_and_misplaced_peers_are_refused_across_hosts() {
         ("PUT", "_starling/next-raft-id".to_owned(), "2"),
     ] {
         let (status, body) = c
-            .api(0, method, &format!("/v1/kv/{}", encode(&key)), body.as_bytes())
+            .api(
+                0,
+                method,
+                &format!("/v1/kv/{}", encode(&key)),
+                body.as_bytes(),
+            )
             .unwrap();
         assert_eq!(status, 200, "{body}");
     }

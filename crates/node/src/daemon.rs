@@ -38,7 +38,7 @@ pub struct InitOptions {
 }
 
 /// Everything a running node holds.
-pub struct Manager {
+pub struct RunningNode {
     /// Its identity file.
     pub state: NodeState,
     /// The replicated store (managers only).
@@ -55,9 +55,29 @@ pub struct Manager {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Background tasks of this role (join server, liveness), ended by `stop_components`.
     pub tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// A manager's remote API listener (`starling/api/1`), until [`RunningNode::serve_api`]
+    /// takes it.
+    pub api_listener: std::sync::Mutex<Option<starling_transport::Listener>>,
 }
 
-impl Manager {
+impl RunningNode {
+    /// Serves the remote API with `router` on a manager (a task of this role, stopped with
+    /// it); nothing on a worker.
+    pub fn serve_api(&self, router: axum::Router) {
+        let listener = self
+            .api_listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(listener) = listener {
+            let task = tokio::spawn(crate::api::serve_quic(listener, router));
+            self.tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(task);
+        }
+    }
+
     /// Stops what this role runs (store, gossip, background tasks), keeping the endpoint:
     /// before a role change, or at shutdown.
     pub async fn stop_components(&self) {
@@ -94,7 +114,7 @@ fn bind(dir: &DataDir, listen: SocketAddr, creds: NodeCredentials) -> anyhow::Re
 }
 
 /// Creates a new cluster with this node as its first manager, and runs it.
-pub async fn init(opts: InitOptions) -> anyhow::Result<Manager> {
+pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
     let dir = opts.data_dir.clone();
     if dir.is_initialised() {
         anyhow::bail!(
@@ -177,7 +197,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<Manager> {
 }
 
 /// Restarts the node in `dir` (identity, certificate, log).
-pub async fn run(dir: DataDir) -> anyhow::Result<Manager> {
+pub async fn run(dir: DataDir) -> anyhow::Result<RunningNode> {
     let state = dir.load()?;
     let creds = NodeCredentials::load(&dir.0)?;
     let endpoint = bind(&dir, state.listen, creds.clone())?;
@@ -206,7 +226,7 @@ pub struct JoinOptions {
 }
 
 /// Joins a cluster through a manager with a token, and runs the node.
-pub async fn join(opts: JoinOptions) -> anyhow::Result<Manager> {
+pub async fn join(opts: JoinOptions) -> anyhow::Result<RunningNode> {
     use crate::join::{JoinReply, JoinRequest, call, join_protocol};
     let dir = opts.data_dir.clone();
     if dir.is_initialised() {
@@ -303,7 +323,17 @@ pub async fn enter_raft_group(
         let conn = endpoint
             .connect(&protocol, &NodeId::new(leader_id)?, addr)
             .await?;
-        match call(&conn, &JoinRequest::AddManager { raft_id }).await? {
+        let reply = match call(&conn, &JoinRequest::AddManager { raft_id }).await {
+            Ok(r) => r,
+            // No answer (a loaded leader still catching this manager up): asking again is
+            // safe, a manager already in the group is answered `Added`.
+            Err(e) => {
+                tracing::info!(error = %e, "no answer to the raft group entry yet; asking again");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        match reply {
             JoinReply::Added => return Ok(()),
             JoinReply::NotLeader { leader } => target = leader.or(target),
             // Another manager's change was under way (through another manager): retry.
@@ -317,13 +347,13 @@ pub async fn enter_raft_group(
 }
 
 /// The node as it runs now: replaced when its role changes.
-pub type Current = Arc<std::sync::RwLock<Arc<Manager>>>;
+pub type Current = Arc<std::sync::RwLock<Arc<RunningNode>>>;
 
 /// Every second, asks a manager whether this node's role changed (promotion, demotion); on a
 /// change it takes the new certificate, stops what the old role ran and starts the new one on
 /// the same endpoint. A new role that fails to start is retried every second until it runs:
 /// the certificate already names the new role, so asking again would answer "unchanged".
-pub async fn renewal_loop(current: Current) {
+pub async fn renewal_loop(current: Current, api: axum::Router) {
     let mut pending: Option<RoleChange> = None;
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -341,6 +371,7 @@ pub async fn renewal_loop(current: Current) {
         change.stopped = true;
         match started {
             Ok(new) => {
+                new.serve_api(api.clone());
                 *current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
             }
             Err(e) => {
@@ -362,7 +393,7 @@ struct RoleChange {
 
 /// Asks a manager whether this node's role changed. On a change the new certificate and
 /// state are saved and the certificate is put in use; the old role's components are stopped.
-async fn renew_once(m: &Manager) -> anyhow::Result<Option<RoleChange>> {
+async fn renew_once(m: &RunningNode) -> anyhow::Result<Option<RoleChange>> {
     use crate::join::{JoinReply, JoinRequest, call, join_protocol};
     let protocol = join_protocol()?;
     // Current Raft members first (a manager knows them), then the managers this node was
@@ -430,7 +461,7 @@ async fn renew_once(m: &Manager) -> anyhow::Result<Option<RoleChange>> {
 }
 
 /// Stops the old role (once) and starts the new one on the same endpoint.
-async fn start_role(m: &Manager, change: &RoleChange) -> anyhow::Result<Manager> {
+async fn start_role(m: &RunningNode, change: &RoleChange) -> anyhow::Result<RunningNode> {
     let dir = m.data_dir.clone();
     let state = change.state.clone();
     let creds = change.creds.clone();
@@ -538,7 +569,7 @@ async fn start_gossip(
     endpoint: &Endpoint,
 ) -> anyhow::Result<GossipNode> {
     let generation = FileGeneration(dir.generation_file()).next_generation()?;
-    Ok(GossipNode::start(
+    let gossip = GossipNode::start(
         endpoint.clone(),
         GossipSettings {
             id: GossipId::new(state.node_id.clone(), state.advertise, generation),
@@ -552,18 +583,26 @@ async fn start_gossip(
             rng_seed: generation ^ u64::from_str_radix(&state.node_id, 16).unwrap_or(7),
         },
     )
-    .await?)
+    .await?;
+    // Every node tells the others which Starling it runs (`node ls` shows it).
+    let labels = BTreeMap::from([(
+        crate::api::nodes::VERSION_LABEL.to_owned(),
+        starling_api::VERSION.to_owned(),
+    )]);
+    gossip.publish(Vec::new(), labels).await?;
+    Ok(gossip)
 }
 
 async fn start_worker(
     dir: DataDir,
     state: NodeState,
     endpoint: Endpoint,
-) -> anyhow::Result<Manager> {
+) -> anyhow::Result<RunningNode> {
     let gossip = start_gossip(&dir, &state, &endpoint).await?;
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let tasks = Vec::new();
-    Ok(Manager {
+    let api_listener = None;
+    Ok(RunningNode {
         state,
         store: None,
         gossip: Arc::new(gossip),
@@ -572,6 +611,7 @@ async fn start_worker(
         stop: Arc::new(tokio::sync::Notify::new()),
         metrics,
         tasks: std::sync::Mutex::new(tasks),
+        api_listener: std::sync::Mutex::new(api_listener),
     })
 }
 
@@ -580,12 +620,13 @@ async fn start_manager(
     state: NodeState,
     endpoint: Endpoint,
     _creds: NodeCredentials,
-) -> anyhow::Result<Manager> {
+) -> anyhow::Result<RunningNode> {
     let raft_id = state
         .raft_id
         .ok_or_else(|| anyhow::anyhow!("manager state without a raft id"))?;
     // The ALPN listeners first, so a start that fails leaves nothing running.
     let listener = endpoint.listen(&crate::join::join_server_protocol()?)?;
+    let api_listener = Some(endpoint.listen(&crate::api::api_server_protocol()?)?);
     let mut config = StoreConfig::new(
         dir.raft_dir(),
         raft_id,
@@ -619,7 +660,7 @@ async fn start_manager(
         state.node_id.clone(),
         metrics.clone(),
     )));
-    Ok(Manager {
+    Ok(RunningNode {
         state,
         store: Some(store),
         gossip,
@@ -628,5 +669,6 @@ async fn start_manager(
         stop: Arc::new(tokio::sync::Notify::new()),
         metrics,
         tasks: std::sync::Mutex::new(tasks),
+        api_listener: std::sync::Mutex::new(api_listener),
     })
 }

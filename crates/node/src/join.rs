@@ -265,9 +265,13 @@ async fn handle(
                 warn!(node = %peer.node_id, raft_id, %reason, "add-manager refused");
                 return JoinReply::Refused(reason);
             }
+            // Asked again after an answer was lost: already a voter, only the record is left.
+            let voter = store.status().voters.contains(&raft_id);
             match async {
-                store.add_learner(raft_id, node).await?;
-                store.promote(raft_id).await?;
+                if !voter {
+                    store.add_learner(raft_id, node).await?;
+                    store.promote(raft_id).await?;
+                }
                 store
                     .write(Command::SetNodeRole {
                         id: peer.node_id.to_string(),

@@ -5,13 +5,13 @@
 //!   starling init ──▶ cluster id, CA, tokens, single-voter Raft group, gossip, control.sock
 //!   starling run  ──▶ the same node again from its data directory
 //!   starling node ls / kv / members / join-token ──HTTP/JSON over DIR/control.sock──▶ node
+//!   starling --context prod node ls ──HTTP/1.1 over QUIC (starling/api/1)──▶ a manager
 //! ```
 
+pub mod api;
 pub mod config;
-pub mod control;
 pub mod daemon;
 pub mod datadir;
-pub mod http;
 pub mod join;
 pub mod liveness;
 pub mod metrics;

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use starling_api::{Client, ClientError, Consistency, Registry};
 use starling_node::datadir::DataDir;
-use starling_node::{control, daemon, http};
+use starling_node::{api, daemon};
 
 mod demo;
 
@@ -21,6 +22,10 @@ struct Cli {
     /// A TOML file with defaults for the flags (flags and STARLING_* variables win).
     #[arg(long, global = true, env = "STARLING_CONFIG")]
     config: Option<PathBuf>,
+    /// Talk to the cluster remotely through this context (a name registered with `starling
+    /// context` or a context directory) instead of a node's data directory.
+    #[arg(long, global = true, env = "STARLING_CONTEXT")]
+    context: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -42,6 +47,12 @@ struct DirArg {
 impl DirArg {
     fn path(&self) -> anyhow::Result<PathBuf> {
         starling_node::config::required(self.data_dir.clone(), &file_config().data_dir, "data-dir")
+    }
+
+    fn given(&self) -> Option<PathBuf> {
+        self.data_dir
+            .clone()
+            .or_else(|| file_config().data_dir.clone())
     }
 }
 
@@ -158,6 +169,83 @@ enum Cmd {
         #[command(flatten)]
         dir: DirArg,
     },
+    /// Client certificates for the remote API (`starling/api/1`).
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
+    /// Contexts: what a remote client needs to reach a cluster, by name.
+    Context {
+        #[command(subcommand)]
+        cmd: ContextCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Issue a client certificate (the key is made here and never leaves this machine) and
+    /// write a context to DIR, registered under NAME.
+    Issue {
+        #[command(flatten)]
+        dir: DirArg,
+        /// `admin` (every operation) or `viewer` (reads only).
+        #[arg(long, value_enum)]
+        role: CertRole,
+        /// A name for the client and its context (a DNS label).
+        #[arg(long)]
+        name: String,
+        /// Where to write the context (created, mode 0700).
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the certificate lives (`30d`, `12h`, `90m`, `3600s`; default 30d).
+        #[arg(long, value_parser = parse_duration)]
+        lifetime: Option<std::time::Duration>,
+    },
+    /// List the client certificates the cluster issued.
+    Ls {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Revoke a client certificate: every manager refuses it from now on.
+    Revoke {
+        #[command(flatten)]
+        dir: DirArg,
+        /// The client's name.
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CertRole {
+    Admin,
+    Viewer,
+}
+
+#[derive(Subcommand)]
+enum ContextCmd {
+    /// List the registered contexts (`*` marks the one in use).
+    Ls,
+    /// Use this context when neither --context nor --data-dir is given.
+    Use {
+        /// A registered name.
+        name: String,
+    },
+    /// Forget a registered context (its directory stays).
+    Rm {
+        /// A registered name.
+        name: String,
+    },
+    /// Register a context directory (written by `starling cert issue`).
+    Import {
+        /// The directory.
+        dir: PathBuf,
+        /// The name to register it under (default: the name it was issued under).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -265,34 +353,24 @@ enum KvCmd {
     },
 }
 
-async fn serve_until_signal(m: daemon::Manager, args: DaemonArgs) -> anyhow::Result<()> {
+async fn serve_until_signal(m: daemon::RunningNode, args: DaemonArgs) -> anyhow::Result<()> {
     let sock = m.data_dir.control_socket();
-    let listener = http::bind(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
+    let listener =
+        api::bind_unix(&sock).with_context(|| format!("cannot bind {}", sock.display()))?;
     let stop = m.stop.clone();
     let current: daemon::Current = Arc::new(std::sync::RwLock::new(Arc::new(m)));
     let now = |c: &daemon::Current| c.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let state = api::ApiState::new(current.clone());
     if let Some(addr) = args.metrics.or(file_config().metrics) {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        let c = current.clone();
-        tokio::spawn(http::serve_tcp(tcp, move |_req| {
-            let m = now(&c);
-            async move {
-                http::HttpResponse {
-                    status: 200,
-                    body: starling_node::metrics::render(&m).into_bytes(),
-                    content_type: "text/plain; version=0.0.4",
-                }
-            }
-        }));
+        tokio::spawn(api::serve_tcp(tcp, api::metrics_router(state.clone())));
     }
-    let c = current.clone();
-    let server = tokio::spawn(http::serve(listener, move |req| {
-        let m = now(&c);
-        async move { control::handle(m, req).await }
-    }));
-    let renewal = tokio::spawn(daemon::renewal_loop(current.clone()));
+    let router = api::router(state);
+    now(&current).serve_api(router.clone());
+    let server = tokio::spawn(api::serve_unix(listener, router.clone()));
+    let renewal = tokio::spawn(daemon::renewal_loop(current.clone(), router));
     {
         let m = now(&current);
         eprintln!(
@@ -325,60 +403,129 @@ async fn serve_until_signal(m: daemon::Manager, args: DaemonArgs) -> anyhow::Res
     Ok(())
 }
 
-async fn call(
-    dir: &DirArg,
-    method: &str,
-    target: &str,
-    body: &[u8],
-) -> anyhow::Result<serde_json::Value> {
-    let sock = DataDir(dir.path()?).control_socket();
-    let r = http::call(&sock, method, target, body)
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
-    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
-    if r.status >= 400 {
-        let msg = v["error"].as_str().unwrap_or("request failed").to_owned();
-        anyhow::bail!("{msg}");
-    }
-    Ok(v)
+/// How long a remote command waits for each manager's handshake before trying the next.
+const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where a client command goes: the context given (flag or `STARLING_CONTEXT`), else the
+/// data directory given (flag, variable or config file), else the context in use.
+struct Target {
+    client: Client,
+    context: Option<starling_api::Context>,
 }
 
-fn print_nodes(v: &serde_json::Value, format: Format) {
-    let empty = Vec::new();
-    let nodes = v["nodes"].as_array().unwrap_or(&empty);
+impl Target {
+    fn open(dir: &DirArg, context: &Option<String>) -> anyhow::Result<Target> {
+        let remote = |name: &str| -> anyhow::Result<Target> {
+            let ctx = Registry::user()?.resolve(name)?;
+            Ok(Target {
+                client: ctx.client(DIAL_TIMEOUT)?,
+                context: Some(ctx),
+            })
+        };
+        if let Some(name) = context {
+            return remote(name);
+        }
+        if let Some(path) = dir.given() {
+            return Ok(Target {
+                client: Client::unix(DataDir(path).control_socket()),
+                context: None,
+            });
+        }
+        if let Ok(registry) = Registry::user()
+            && let Some(name) = registry.current()?
+        {
+            return remote(&name);
+        }
+        // Says which flag is missing.
+        dir.path()?;
+        anyhow::bail!("give --data-dir or --context")
+    }
+
+    /// Keeps what the client learned of the managers for the next command.
+    fn remember(&mut self) {
+        if let Some(ctx) = &mut self.context {
+            let managers = self.client.managers();
+            if let Err(e) = ctx.update_managers(managers) {
+                tracing::debug!(error = %e, "context not updated");
+            }
+        }
+    }
+}
+
+/// Runs one client call against the command's target, then keeps what the client learned.
+macro_rules! call {
+    ($dir:expr, $ctx:expr, |$c:ident| $body:expr) => {{
+        let mut target = Target::open($dir, $ctx)?;
+        let result: Result<_, ClientError> = {
+            let $c = &target.client;
+            $body
+        };
+        target.remember();
+        result?
+    }};
+}
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
+}
+
+fn name_of<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn print_nodes(list: &starling_api::NodeList, format: Format) -> anyhow::Result<()> {
     match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(nodes).unwrap_or_default()
-        ),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&list.nodes)?),
         Format::Table => {
             println!(
                 "{:<14} {:<20} {:<8} {:<13} {:<15} VERSION",
                 "ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"
             );
-            for n in nodes {
-                let cap = |s: &serde_json::Value| {
-                    let s = s.as_str().unwrap_or("");
-                    let mut c = s.chars();
-                    c.next()
-                        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
-                        .unwrap_or_default()
-                };
+            for n in &list.nodes {
                 println!(
                     "{:<14} {:<20} {:<8} {:<13} {:<15} {}",
-                    n["id"].as_str().unwrap_or(""),
-                    n["hostname"].as_str().unwrap_or(""),
-                    cap(&n["status"]),
-                    cap(&n["availability"]),
-                    cap(&n["manager_status"]),
-                    n["version"]
+                    n.id,
+                    n.hostname,
+                    capitalised(&name_of(&n.status)),
+                    capitalised(&name_of(&n.availability)),
+                    n.manager_status
+                        .map(|m| capitalised(&name_of(&m)))
+                        .unwrap_or_default(),
+                    n.version
                 );
             }
         }
     }
-    if let Some(w) = v["warning"].as_str() {
+    if let Some(w) = &list.warning {
         eprintln!("warning: {w}");
     }
+    Ok(())
+}
+
+/// `30d`, `12h`, `90m`, `45s` or a number of seconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (like 30d, 12h, 90m, 45s)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("unknown unit {unit:?}: use d, h, m or s")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn main() -> std::process::ExitCode {
@@ -416,6 +563,7 @@ async fn real_main() -> anyhow::Result<()> {
         let _ = FILE_CONFIG.set(starling_node::config::FileConfig::load(path)?);
     }
     let fc = file_config();
+    let ctx = &cli.context;
     use starling_node::config::required;
     match cli.command {
         Cmd::Init {
@@ -460,71 +608,20 @@ async fn real_main() -> anyhow::Result<()> {
             args.tune();
             serve_until_signal(daemon::run(DataDir(dir.path()?)).await?, args).await
         }
-        Cmd::Node {
-            cmd: NodeCmd::Ls { dir, format },
-        } => {
-            let v = call(&dir, "GET", "/v1/nodes", b"").await?;
-            print_nodes(&v, format);
-            Ok(())
-        }
-        Cmd::Node {
-            cmd: NodeCmd::Promote { dir, id },
-        } => {
-            let path = format!("/v1/nodes/{}/promote", http::percent_encode(&id));
-            call(&dir, "POST", &path, b"").await?;
-            println!("Node {id} promoted to a manager in the cluster.");
-            Ok(())
-        }
-        Cmd::Node {
-            cmd: NodeCmd::Demote { dir, id },
-        } => {
-            let path = format!("/v1/nodes/{}/demote", http::percent_encode(&id));
-            call(&dir, "POST", &path, b"").await?;
-            println!("Manager {id} demoted in the cluster.");
-            Ok(())
-        }
-        Cmd::Node {
-            cmd: NodeCmd::Inspect { dir, id },
-        } => {
-            let path = format!("/v1/nodes/{}", http::percent_encode(&id));
-            let v = call(&dir, "GET", &path, b"").await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
-        }
-        Cmd::Node {
-            cmd:
-                NodeCmd::Update {
-                    dir,
-                    availability,
-                    id,
-                },
-        } => {
-            let path = format!("/v1/nodes/{}/availability", http::percent_encode(&id));
-            call(&dir, "PUT", &path, availability.as_bytes()).await?;
-            println!("{id}");
-            Ok(())
-        }
-        Cmd::Node {
-            cmd: NodeCmd::Rm { dir, id, force },
-        } => {
-            let path = format!("/v1/nodes/{}?force={force}", http::percent_encode(&id));
-            call(&dir, "DELETE", &path, b"").await?;
-            println!("{id}");
-            Ok(())
-        }
+        Cmd::Node { cmd } => node(cmd, ctx).await,
         Cmd::Members { dir, format } => {
-            let v = call(&dir, "GET", "/v1/members", b"").await?;
+            let v = call!(&dir, ctx, |c| c.members().await);
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
                 Format::Table => {
                     println!("{:<14} {:<22} {:<6} GENERATION", "NODE", "ADDRESS", "STATE");
-                    for m in v["members"].as_array().into_iter().flatten() {
+                    for m in &v.members {
                         println!(
                             "{:<14} {:<22} {:<6} {}",
-                            m["node"].as_str().unwrap_or(""),
-                            m["addr"].as_str().unwrap_or(""),
-                            m["state"].as_str().unwrap_or(""),
-                            m["generation"]
+                            m.node,
+                            m.addr,
+                            name_of(&m.state),
+                            m.generation
                         );
                     }
                 }
@@ -532,8 +629,8 @@ async fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Leave { dir } => {
-            let v = call(&dir, "POST", "/v1/leave", b"").await?;
-            println!("left: {}", v["left"].as_str().unwrap_or(""));
+            let v = call!(&dir, ctx, |c| c.leave().await);
+            println!("left: {}", v.left);
             Ok(())
         }
         Cmd::JoinToken {
@@ -542,33 +639,72 @@ async fn real_main() -> anyhow::Result<()> {
             quiet,
             rotate,
         } => {
-            let path = format!("/v1/join-token/{}", http::percent_encode(&role));
             let v = if rotate {
-                call(&dir, "POST", &format!("{path}/rotate"), b"").await?
+                call!(&dir, ctx, |c| c.rotate_join_token(&role).await)
             } else {
-                call(&dir, "GET", &path, b"").await?
+                call!(&dir, ctx, |c| c.join_token(&role).await)
             };
-            let token = v["token"].as_str().unwrap_or("");
             if quiet {
-                println!("{token}");
+                println!("{}", v.token);
             } else {
                 println!(
-                    "To add a {role} to this cluster, run:\n\n    starling join --token {token} --manager <MANAGER-IP:PORT> --data-dir <DIR> --listen <IP:PORT>\n"
+                    "To add a {role} to this cluster, run:\n\n    starling join --token {} --manager <MANAGER-IP:PORT> --data-dir <DIR> --listen <IP:PORT>\n",
+                    v.token
                 );
             }
             Ok(())
         }
-        Cmd::Kv { cmd } => kv(cmd).await,
+        Cmd::Kv { cmd } => kv(cmd, ctx).await,
+        Cmd::Cert { cmd } => cert(cmd, ctx).await,
+        Cmd::Context { cmd } => context(cmd),
         Cmd::Demo => tokio::task::spawn_blocking(demo::run).await?,
     }
 }
 
-async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
-    let key_path = |k: &str| format!("/v1/kv/{}", http::percent_encode(k));
+async fn node(cmd: NodeCmd, ctx: &Option<String>) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::Ls { dir, format } => {
+            let v = call!(&dir, ctx, |c| c.nodes().await);
+            print_nodes(&v, format)
+        }
+        NodeCmd::Promote { dir, id } => {
+            call!(&dir, ctx, |c| c.promote(&id).await);
+            println!("Node {id} promoted to a manager in the cluster.");
+            Ok(())
+        }
+        NodeCmd::Demote { dir, id } => {
+            call!(&dir, ctx, |c| c.demote(&id).await);
+            println!("Manager {id} demoted in the cluster.");
+            Ok(())
+        }
+        NodeCmd::Inspect { dir, id } => {
+            let v = call!(&dir, ctx, |c| c.node(&id).await);
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        NodeCmd::Update {
+            dir,
+            availability,
+            id,
+        } => {
+            let availability: starling_api::Availability = availability.parse()?;
+            call!(&dir, ctx, |c| c.set_availability(&id, availability).await);
+            println!("{id}");
+            Ok(())
+        }
+        NodeCmd::Rm { dir, id, force } => {
+            call!(&dir, ctx, |c| c.remove_node(&id, force).await);
+            println!("{id}");
+            Ok(())
+        }
+    }
+}
+
+async fn kv(cmd: KvCmd, ctx: &Option<String>) -> anyhow::Result<()> {
     match cmd {
         KvCmd::Put { dir, key, value } => {
-            let v = call(&dir, "PUT", &key_path(&key), value.as_bytes()).await?;
-            println!("revision {}", v["revision"]);
+            let v = call!(&dir, ctx, |c| c.kv_put(&key, value.into_bytes()).await);
+            println!("revision {}", v.revision);
         }
         KvCmd::Cas {
             dir,
@@ -576,42 +712,47 @@ async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
             expect_revision,
             value,
         } => {
-            let target = format!("{}?expect-revision={expect_revision}", key_path(&key));
-            let v = call(&dir, "PUT", &target, value.as_bytes()).await?;
-            println!("revision {}", v["revision"]);
+            let v = call!(&dir, ctx, |c| c
+                .kv_cas(&key, expect_revision, value.into_bytes())
+                .await);
+            println!("revision {}", v.revision);
         }
         KvCmd::Get {
             dir,
             key,
             consistency,
         } => {
-            let target = format!(
-                "{}?consistency={}",
-                key_path(&key),
-                http::percent_encode(&consistency)
-            );
-            let v = call(&dir, "GET", &target, b"").await?;
-            println!("{}", v["value"].as_str().unwrap_or(""));
-            let stale = if consistency == "stale" {
+            let level = match consistency.as_str() {
+                "linearizable" => Consistency::Linearizable,
+                "stale" => Consistency::Stale,
+                other => {
+                    anyhow::bail!("unknown consistency {other:?}: use linearizable or stale")
+                }
+            };
+            let v = call!(&dir, ctx, |c| c.kv_get(&key, level).await);
+            let bytes = v.bytes()?;
+            {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes)?;
+                out.write_all(b"\n")?;
+            }
+            let stale = if level == Consistency::Stale {
                 " — a stale read of this manager's local state"
             } else {
                 ""
             };
             eprintln!(
                 "revision {} (mod_revision {}){stale}",
-                v["revision"], v["mod_revision"]
+                v.revision, v.mod_revision
             );
         }
         KvCmd::Del { dir, key } => {
-            let v = call(&dir, "DELETE", &key_path(&key), b"").await?;
+            let v = call!(&dir, ctx, |c| c.kv_delete(&key).await);
             println!(
                 "revision {}{}",
-                v["revision"],
-                if v["deleted"] == true {
-                    ""
-                } else {
-                    " (no such key)"
-                }
+                v.revision,
+                if v.deleted { "" } else { " (no such key)" }
             );
         }
         KvCmd::Watch {
@@ -619,49 +760,154 @@ async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
             prefix,
             from_revision,
         } => {
+            let mut target = Target::open(&dir, ctx)?;
             let mut from = match from_revision {
                 Some(r) => r,
                 None => {
-                    let info = call(&dir, "GET", "/v1/info", b"").await?;
-                    info["raft"]["applied"].as_u64().unwrap_or(0) + 1
+                    let info = target.client.info().await?;
+                    info.raft.map_or(0, |r| r.applied) + 1
                 }
             };
+            target.remember();
             loop {
-                let target = format!(
-                    "/v1/watch?prefix={}&from={from}&wait=30",
-                    http::percent_encode(&prefix)
-                );
-                let v = call(&dir, "GET", &target, b"").await?;
-                for e in v["events"].as_array().into_iter().flatten() {
-                    let rev = e["revision"].as_u64().unwrap_or(from);
-                    match e["type"].as_str() {
-                        Some("put") => println!(
-                            "{rev} PUT {} {}",
-                            e["key"].as_str().unwrap_or(""),
-                            e["value"].as_str().unwrap_or("")
+                let v = target.client.watch(&prefix, from, 30).await?;
+                for e in &v.events {
+                    match e.kind {
+                        starling_api::EventType::Put => println!(
+                            "{} PUT {} {}",
+                            e.revision,
+                            e.key,
+                            e.value.clone().unwrap_or_else(|| format!(
+                                "(base64) {}",
+                                e.value_base64.clone().unwrap_or_default()
+                            ))
                         ),
-                        _ => println!("{rev} DELETE {}", e["key"].as_str().unwrap_or("")),
+                        starling_api::EventType::Delete => {
+                            println!("{} DELETE {}", e.revision, e.key)
+                        }
                     }
-                    from = from.max(rev + 1);
+                    from = from.max(e.revision + 1);
                 }
             }
         }
         KvCmd::Ls { dir, prefix } => {
-            let v = call(
-                &dir,
-                "GET",
-                &format!("/v1/kv?prefix={}", http::percent_encode(&prefix)),
-                b"",
-            )
-            .await?;
-            for k in v["keys"].as_array().into_iter().flatten() {
+            let v = call!(&dir, ctx, |c| c
+                .kv_list(&prefix, Consistency::Linearizable)
+                .await);
+            for k in &v.keys {
                 println!(
                     "{}\t{}",
-                    k["key"].as_str().unwrap_or(""),
-                    k["value"].as_str().unwrap_or("")
+                    k.key,
+                    k.value
+                        .clone()
+                        .unwrap_or_else(|| format!("(base64) {}", k.value_base64))
                 );
             }
-            eprintln!("revision {}", v["revision"]);
+            eprintln!("revision {}", v.revision);
+        }
+    }
+    Ok(())
+}
+
+async fn cert(cmd: CertCmd, ctx: &Option<String>) -> anyhow::Result<()> {
+    match cmd {
+        CertCmd::Issue {
+            dir,
+            role,
+            name,
+            out,
+            lifetime,
+        } => {
+            starling_api::check_name(&name)?;
+            let key = starling_transport::NodeKey::generate()?;
+            let req = starling_api::CertRequest {
+                name: name.clone(),
+                role: match role {
+                    CertRole::Admin => starling_api::ClientRole::Admin,
+                    CertRole::Viewer => starling_api::ClientRole::Viewer,
+                },
+                csr_base64: starling_api::encode_bytes(&key.csr()?),
+                lifetime_secs: lifetime.map(|d| d.as_secs()),
+            };
+            let issued = call!(&dir, ctx, |c| c.issue_cert(&req).await);
+            let cert = starling_api::pem_to_der(&issued.cert_pem)?;
+            let ca = starling_api::pem_to_der(&issued.ca_pem)?;
+            let creds =
+                starling_transport::NodeCredentials::new(cert.into(), key, vec![ca.into()])?;
+            let meta = starling_api::ContextMeta {
+                name: name.clone(),
+                cluster_id: issued.cluster_id.clone(),
+                role: issued.client.role,
+                managers: issued.managers.clone(),
+            };
+            starling_api::Context::save(&out, &meta, &creds)?;
+            Registry::user()?.register(&name, &out)?;
+            println!(
+                "Context {name} ({}) written to {} and registered: `starling --context {name} node ls`.",
+                name_of(&issued.client.role),
+                out.display()
+            );
+            Ok(())
+        }
+        CertCmd::Ls { dir, format } => {
+            let v = call!(&dir, ctx, |c| c.certs().await);
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&v.clients)?),
+                Format::Table => {
+                    println!(
+                        "{:<20} {:<14} {:<7} {:<8} EXPIRES (unix)",
+                        "NAME", "ID", "ROLE", "REVOKED"
+                    );
+                    for c in &v.clients {
+                        println!(
+                            "{:<20} {:<14} {:<7} {:<8} {}",
+                            c.name,
+                            c.id,
+                            name_of(&c.role),
+                            c.revoked,
+                            c.not_after
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        CertCmd::Revoke { dir, name } => {
+            call!(&dir, ctx, |c| c.revoke_cert(&name).await);
+            println!("{name} revoked");
+            Ok(())
+        }
+    }
+}
+
+fn context(cmd: ContextCmd) -> anyhow::Result<()> {
+    let registry = Registry::user()?;
+    match cmd {
+        ContextCmd::Ls => {
+            let current = registry.current()?;
+            println!("{:<2}{:<20} DIRECTORY", "", "NAME");
+            for (name, dir) in registry.list()? {
+                let mark = if current.as_deref() == Some(name.as_str()) {
+                    "*"
+                } else {
+                    ""
+                };
+                println!("{mark:<2}{name:<20} {}", dir.display());
+            }
+        }
+        ContextCmd::Use { name } => {
+            registry.use_context(&name)?;
+            println!("using context {name}");
+        }
+        ContextCmd::Rm { name } => {
+            registry.remove(&name)?;
+            println!("{name} removed");
+        }
+        ContextCmd::Import { dir, name } => {
+            let ctx = starling_api::Context::load(&dir)?;
+            let name = name.unwrap_or(ctx.meta.name);
+            registry.register(&name, &dir)?;
+            println!("{name} registered");
         }
     }
     Ok(())

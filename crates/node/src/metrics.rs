@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::daemon::Manager;
+use crate::daemon::RunningNode;
 
 /// Counters kept by the node.
 #[derive(Debug, Default)]
@@ -30,7 +30,7 @@ impl Metrics {
 }
 
 /// The metrics in Prometheus' text format.
-pub fn render(m: &Manager) -> String {
+pub fn render(m: &RunningNode) -> String {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, value: String| {
         out.push_str(&format!(

@@ -25,7 +25,7 @@
 //!   No TLS session resumption (it would skip certificate checks) and no 0-RTT.
 //! - **Messages** ([`Connection`]): requests and responses on bi streams, one-way messages,
 //!   datagrams; bodies are rkyv 0.8 archives validated before use ([`Encode`], [`Decode`],
-//!   [`Frame`]).
+//!   [`Frame`]); or raw [`ByteStream`]s for protocols with their own framing.
 //! - **Pool** ([`Endpoint::connection`], [`Endpoint::request`]) per (node, ALPN), and
 //!   **hot rotation** of certificate, key and roots ([`Endpoint::rotate`]).
 //!
@@ -70,6 +70,7 @@ mod endpoint;
 mod error;
 mod identity;
 mod pki;
+mod stream;
 mod tls;
 mod token;
 
@@ -82,6 +83,7 @@ pub use endpoint::{
 pub use error::{CloseCode, StreamCode};
 pub use identity::{CertSerial, ClusterId, IdentityError, NodeId, PeerIdentity, Role};
 pub use pki::{CA_LIFETIME, CertOptions, ClusterCa, NodeCredentials, NodeKey, PkiError};
+pub use stream::ByteStream;
 pub use token::{
     CaDigest, JoinSecret, JoinSecrets, JoinToken, RandomnessError, TokenError, TokenPart,
 };

@@ -1,0 +1,673 @@
+//! The typed client: every operation of the API as a method, over the node's Unix socket or
+//! over QUIC (`starling/api/1`) to the managers of a [`Context`](crate::Context).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use starling_transport::{
+    Connection, Endpoint, EndpointConfig, NodeCredentials, NodeId, PeerPolicy, Protocol, Role,
+    ring_provider,
+};
+
+use crate::types::*;
+use crate::{ApiError, ErrorCode};
+
+/// The ALPN of the remote API.
+pub const API_ALPN: &[u8] = b"starling/api/1";
+
+/// The response header in which a manager lists the managers (`id@addr,id@addr`), so a
+/// remote client learns the current set from every answer.
+pub const MANAGERS_HEADER: &str = "starling-managers";
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The request was never sent (no node reachable, socket missing): it had no effect and
+    /// may be retried.
+    #[error("not sent: {0}")]
+    NotSent(String),
+    /// The request may have been delivered but no answer came: a write may or may not have
+    /// been applied.
+    #[error("no answer: {0}")]
+    NoAnswer(String),
+    /// The node answered with an error.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The answer could not be read.
+    #[error("unreadable answer: {0}")]
+    BadAnswer(String),
+}
+
+impl ClientError {
+    /// The API error code, if the node answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+/// A raw answer: status, body, and the managers the node listed.
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// The typed API client.
+pub struct Client {
+    via: Via,
+}
+
+enum Via {
+    Unix {
+        path: PathBuf,
+        conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    },
+    Remote(Remote),
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.via {
+            Via::Unix { path, .. } => write!(f, "Client(unix {})", path.display()),
+            Via::Remote(r) => write!(f, "Client(remote {:?})", r.managers()),
+        }
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    /// A client of the node whose control socket is `path` (`DIR/control.sock`). One
+    /// connection is kept open and reused between calls.
+    pub fn unix(path: impl Into<PathBuf>) -> Client {
+        Client {
+            via: Via::Unix {
+                path: path.into(),
+                conn: tokio::sync::Mutex::new(None),
+            },
+        }
+    }
+
+    /// A client of the cluster's managers over QUIC, with a client certificate.
+    /// Managers are tried in a random order, each dial bounded by `dial_timeout`; a
+    /// manager that cannot be reached or answers `unavailable` is skipped. Reads are
+    /// retried on the next manager; a write that may have been delivered is not.
+    pub fn remote(
+        credentials: NodeCredentials,
+        managers: Vec<ManagerAddr>,
+        dial_timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        Ok(Client {
+            via: Via::Remote(Remote::new(credentials, managers, dial_timeout)?),
+        })
+    }
+
+    /// The managers a remote client knows now (updated from every answer); empty for a
+    /// Unix-socket client.
+    pub fn managers(&self) -> Vec<ManagerAddr> {
+        match &self.via {
+            Via::Unix { .. } => Vec::new(),
+            Via::Remote(r) => r.managers(),
+        }
+    }
+
+    /// One request, answered with its status and body whatever the status.
+    pub async fn raw(
+        &self,
+        method: Method,
+        target: &str,
+        body: Bytes,
+    ) -> Result<RawResponse, ClientError> {
+        self.send(method, target, body, OCTETS).await
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        target: &str,
+        body: Bytes,
+    ) -> Result<T, ClientError> {
+        let r = self.send(method, target, body, OCTETS).await?;
+        decode(r)
+    }
+
+    async fn json_body<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        target: &str,
+        body: Bytes,
+    ) -> Result<T, ClientError> {
+        let r = self.send(method, target, body, JSON).await?;
+        decode(r)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        target: &str,
+        body: Bytes,
+        content_type: &'static str,
+    ) -> Result<RawResponse, ClientError> {
+        let req = Outgoing {
+            method,
+            target,
+            body,
+            content_type,
+        };
+        match &self.via {
+            Via::Unix { path, conn } => unix_call(path, conn, req).await,
+            Via::Remote(r) => r.call(req).await,
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, target: &str) -> Result<T, ClientError> {
+        self.json(Method::GET, target, Bytes::new()).await
+    }
+
+    /// `GET /v1/info`.
+    pub async fn info(&self) -> Result<Info, ClientError> {
+        self.get("/v1/info").await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> Result<NodeList, ClientError> {
+        self.get("/v1/nodes").await
+    }
+
+    /// `GET /v1/nodes/{id}`.
+    pub async fn node(&self, id: &str) -> Result<NodeDetail, ClientError> {
+        self.get(&format!("/v1/nodes/{}", percent_encode(id))).await
+    }
+
+    /// `POST /v1/nodes/{id}/promote`.
+    pub async fn promote(&self, id: &str) -> Result<Promoted, ClientError> {
+        let target = format!("/v1/nodes/{}/promote", percent_encode(id));
+        self.json(Method::POST, &target, Bytes::new()).await
+    }
+
+    /// `POST /v1/nodes/{id}/demote`.
+    pub async fn demote(&self, id: &str) -> Result<Demoted, ClientError> {
+        let target = format!("/v1/nodes/{}/demote", percent_encode(id));
+        self.json(Method::POST, &target, Bytes::new()).await
+    }
+
+    /// `PUT /v1/nodes/{id}/availability`.
+    pub async fn set_availability(
+        &self,
+        id: &str,
+        availability: Availability,
+    ) -> Result<Written, ClientError> {
+        let target = format!("/v1/nodes/{}/availability", percent_encode(id));
+        let body = to_json(&AvailabilityUpdate { availability })?;
+        self.json_body(Method::PUT, &target, body).await
+    }
+
+    /// `DELETE /v1/nodes/{id}[?force=true]`.
+    pub async fn remove_node(&self, id: &str, force: bool) -> Result<Written, ClientError> {
+        let target = format!("/v1/nodes/{}?force={force}", percent_encode(id));
+        self.json(Method::DELETE, &target, Bytes::new()).await
+    }
+
+    /// `GET /v1/members`.
+    pub async fn members(&self) -> Result<MemberList, ClientError> {
+        self.get("/v1/members").await
+    }
+
+    /// `GET /v1/kv/{key}`.
+    pub async fn kv_get(&self, key: &str, c: Consistency) -> Result<KvEntry, ClientError> {
+        let c = match c {
+            Consistency::Linearizable => "linearizable",
+            Consistency::Stale => "stale",
+        };
+        self.get(&format!("/v1/kv/{}?consistency={c}", percent_encode(key)))
+            .await
+    }
+
+    /// `PUT /v1/kv/{key}`.
+    pub async fn kv_put(&self, key: &str, value: impl Into<Bytes>) -> Result<Written, ClientError> {
+        let target = format!("/v1/kv/{}", percent_encode(key));
+        self.json(Method::PUT, &target, value.into()).await
+    }
+
+    /// `PUT /v1/kv/{key}?expect-revision=N`: compare-and-swap; a failed compare is
+    /// [`ErrorCode::CompareFailed`].
+    pub async fn kv_cas(
+        &self,
+        key: &str,
+        expect_revision: u64,
+        value: impl Into<Bytes>,
+    ) -> Result<Written, ClientError> {
+        let target = format!(
+            "/v1/kv/{}?expect-revision={expect_revision}",
+            percent_encode(key)
+        );
+        self.json(Method::PUT, &target, value.into()).await
+    }
+
+    /// `DELETE /v1/kv/{key}`.
+    pub async fn kv_delete(&self, key: &str) -> Result<KvDeleted, ClientError> {
+        let target = format!("/v1/kv/{}", percent_encode(key));
+        self.json(Method::DELETE, &target, Bytes::new()).await
+    }
+
+    /// `GET /v1/kv?prefix=P`.
+    pub async fn kv_list(&self, prefix: &str, c: Consistency) -> Result<KvList, ClientError> {
+        let c = match c {
+            Consistency::Linearizable => "linearizable",
+            Consistency::Stale => "stale",
+        };
+        self.get(&format!(
+            "/v1/kv?prefix={}&consistency={c}",
+            percent_encode(prefix)
+        ))
+        .await
+    }
+
+    /// `GET /v1/watch`: changes under `prefix` from revision `from`, waiting up to `wait`
+    /// seconds for the first.
+    pub async fn watch(
+        &self,
+        prefix: &str,
+        from: u64,
+        wait: u64,
+    ) -> Result<WatchEvents, ClientError> {
+        self.get(&format!(
+            "/v1/watch?prefix={}&from={from}&wait={wait}",
+            percent_encode(prefix)
+        ))
+        .await
+    }
+
+    /// `GET /v1/join-token/{role}`.
+    pub async fn join_token(&self, role: &str) -> Result<JoinTokenView, ClientError> {
+        self.get(&format!("/v1/join-token/{}", percent_encode(role)))
+            .await
+    }
+
+    /// `POST /v1/join-token/{role}/rotate`.
+    pub async fn rotate_join_token(&self, role: &str) -> Result<JoinTokenView, ClientError> {
+        let target = format!("/v1/join-token/{}/rotate", percent_encode(role));
+        self.json(Method::POST, &target, Bytes::new()).await
+    }
+
+    /// `POST /v1/leave` (only meaningful on a node's own socket).
+    pub async fn leave(&self) -> Result<Left, ClientError> {
+        self.json(Method::POST, "/v1/leave", Bytes::new()).await
+    }
+
+    /// `POST /v1/certs`.
+    pub async fn issue_cert(&self, req: &CertRequest) -> Result<IssuedCert, ClientError> {
+        self.json_body(Method::POST, "/v1/certs", to_json(req)?)
+            .await
+    }
+
+    /// `GET /v1/certs`.
+    pub async fn certs(&self) -> Result<ClientList, ClientError> {
+        self.get("/v1/certs").await
+    }
+
+    /// `DELETE /v1/certs/{name}`.
+    pub async fn revoke_cert(&self, name: &str) -> Result<ClientView, ClientError> {
+        let target = format!("/v1/certs/{}", percent_encode(name));
+        self.json(Method::DELETE, &target, Bytes::new()).await
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Bytes, ClientError> {
+    serde_json::to_vec(v)
+        .map(Bytes::from)
+        .map_err(|e| ClientError::NotSent(format!("cannot encode the request: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(r: RawResponse) -> Result<T, ClientError> {
+    if r.status >= 400 {
+        let err = serde_json::from_slice::<ApiError>(&r.body).unwrap_or_else(|_| {
+            ApiError::new(
+                ErrorCode::from_status(r.status),
+                format!(
+                    "HTTP {}: {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body).trim()
+                ),
+            )
+        });
+        return Err(ClientError::Api(err));
+    }
+    serde_json::from_slice(&r.body).map_err(|e| ClientError::BadAnswer(e.to_string()))
+}
+
+const JSON: &str = "application/json";
+const OCTETS: &str = "application/octet-stream";
+
+/// A request to send (cheap to clone: the body is shared).
+#[derive(Clone)]
+struct Outgoing<'a> {
+    method: Method,
+    target: &'a str,
+    body: Bytes,
+    content_type: &'static str,
+}
+
+impl Outgoing<'_> {
+    fn build(&self) -> Result<Request<Full<Bytes>>, ClientError> {
+        let mut b = Request::builder()
+            .method(self.method.clone())
+            .uri(self.target)
+            .header(http::header::HOST, "starling")
+            .header(http::header::CONTENT_LENGTH, self.body.len());
+        if !self.body.is_empty() {
+            b = b.header(http::header::CONTENT_TYPE, self.content_type);
+        }
+        b.body(Full::new(self.body.clone()))
+            .map_err(|e| ClientError::NotSent(format!("bad request: {e}")))
+    }
+}
+
+async fn read_answer(
+    resp: http::Response<hyper::body::Incoming>,
+) -> Result<(RawResponse, Option<String>), ClientError> {
+    let status = resp.status();
+    let managers = resp
+        .headers()
+        .get(MANAGERS_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::NoAnswer(format!("answer cut short: {e}")))?
+        .to_bytes();
+    Ok((
+        RawResponse {
+            status: StatusCode::as_u16(&status),
+            body,
+        },
+        managers,
+    ))
+}
+
+async fn handshake<IO>(io: IO) -> Result<SendRequest<Full<Bytes>>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+async fn unix_call(
+    path: &Path,
+    slot: &tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    out: Outgoing<'_>,
+) -> Result<RawResponse, ClientError> {
+    let mut slot = slot.lock().await;
+    let mut req = out.build()?;
+    // A kept connection the node closed while idle is detected when the request comes back
+    // unsent: then one fresh connection is tried.
+    for _ in 0..2 {
+        let reused = slot.as_ref().is_some_and(|s| !s.is_closed());
+        if !reused {
+            let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                ClientError::NotSent(format!(
+                    "cannot reach the node's control socket {}: {e}",
+                    path.display()
+                ))
+            })?;
+            *slot = Some(
+                handshake(stream)
+                    .await
+                    .map_err(|e| ClientError::NotSent(format!("control socket: {e}")))?,
+            );
+        }
+        let Some(send) = slot.as_mut() else {
+            continue;
+        };
+        if send.ready().await.is_err() {
+            *slot = None;
+            continue;
+        }
+        match send.try_send_request(req).await {
+            Ok(resp) => return read_answer(resp).await.map(|(r, _)| r),
+            Err(mut e) => {
+                *slot = None;
+                match e.take_message() {
+                    Some(back) if reused => req = back,
+                    Some(_) => return Err(ClientError::NotSent(e.into_error().to_string())),
+                    None => return Err(ClientError::NoAnswer(e.into_error().to_string())),
+                }
+            }
+        }
+    }
+    Err(ClientError::NotSent(format!(
+        "the control socket {} keeps closing",
+        path.display()
+    )))
+}
+
+/// The remote half: a client endpoint with a client certificate and the managers to dial.
+struct Remote {
+    endpoint: Endpoint,
+    protocol: Protocol,
+    managers: Mutex<Vec<ManagerAddr>>,
+    current: tokio::sync::Mutex<Option<(ManagerAddr, Connection)>>,
+    dial_timeout: Duration,
+}
+
+impl Remote {
+    fn new(
+        credentials: NodeCredentials,
+        managers: Vec<ManagerAddr>,
+        dial_timeout: Duration,
+    ) -> Result<Remote, ClientError> {
+        let ipv6 = managers
+            .iter()
+            .filter_map(|m| m.addr.parse::<SocketAddr>().ok())
+            .any(|a| a.is_ipv6());
+        let listen: SocketAddr = if ipv6 {
+            "[::]:0".parse()
+        } else {
+            "0.0.0.0:0".parse()
+        }
+        .map_err(|e| ClientError::NotSent(format!("{e}")))?;
+        let cfg = EndpointConfig {
+            listen,
+            connect_timeout: dial_timeout,
+            ..EndpointConfig::default()
+        };
+        let endpoint = Endpoint::bind(cfg, ring_provider(), Some(credentials))
+            .map_err(|e| ClientError::NotSent(format!("cannot open a QUIC endpoint: {e}")))?;
+        let protocol = Protocol::new(API_ALPN, PeerPolicy::roles([Role::MANAGER]))
+            .map_err(|e| ClientError::NotSent(e.to_string()))?;
+        let mut managers = managers;
+        shuffle(&mut managers);
+        Ok(Remote {
+            endpoint,
+            protocol,
+            managers: Mutex::new(managers),
+            current: tokio::sync::Mutex::new(None),
+            dial_timeout,
+        })
+    }
+
+    fn managers(&self) -> Vec<ManagerAddr> {
+        self.managers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn learn(&self, header: Option<String>) {
+        let Some(header) = header else { return };
+        let mut learned: Vec<ManagerAddr> = header
+            .split(',')
+            .filter_map(|m| {
+                let (node_id, addr) = m.trim().split_once('@')?;
+                addr.parse::<SocketAddr>().ok()?;
+                Some(ManagerAddr {
+                    node_id: node_id.to_owned(),
+                    addr: addr.to_owned(),
+                })
+            })
+            .collect();
+        if learned.is_empty() {
+            return;
+        }
+        let mut known = self.managers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut a = known.clone();
+        a.sort();
+        let mut b = learned.clone();
+        b.sort();
+        if a != b {
+            shuffle(&mut learned);
+            *known = learned;
+        }
+    }
+
+    async fn dial(&self, m: &ManagerAddr) -> Result<Connection, String> {
+        let node = NodeId::new(m.node_id.clone()).map_err(|e| e.to_string())?;
+        let addr: SocketAddr = m.addr.parse().map_err(|e| format!("{}: {e}", m.addr))?;
+        match tokio::time::timeout(
+            self.dial_timeout,
+            self.endpoint.connect(&self.protocol, &node, addr),
+        )
+        .await
+        {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(format!("{} ({}): {e}", m.node_id, m.addr)),
+            Err(_) => Err(format!(
+                "{} ({}): no answer within {:?}",
+                m.node_id, m.addr, self.dial_timeout
+            )),
+        }
+    }
+
+    async fn call(&self, out: Outgoing<'_>) -> Result<RawResponse, ClientError> {
+        let repeatable = out.method == Method::GET;
+        let mut current = self.current.lock().await;
+        let mut tried: Vec<String> = Vec::new();
+        let mut candidates: Vec<ManagerAddr> = Vec::new();
+        if let Some((m, _)) = current.as_ref() {
+            candidates.push(m.clone());
+        }
+        for m in self.managers() {
+            if !candidates.contains(&m) {
+                candidates.push(m);
+            }
+        }
+        let mut last_unavailable: Option<ApiError> = None;
+        for m in candidates {
+            let conn = match current.as_ref() {
+                Some((cm, c)) if *cm == m && c.close_reason().is_none() => c.clone(),
+                _ => match self.dial(&m).await {
+                    Ok(c) => {
+                        *current = Some((m.clone(), c.clone()));
+                        c
+                    }
+                    Err(e) => {
+                        tried.push(e);
+                        continue;
+                    }
+                },
+            };
+            let stream = match conn.open_stream().await {
+                Ok(s) => s,
+                Err(e) => {
+                    *current = None;
+                    tried.push(format!("{}: {e}", m.node_id));
+                    continue;
+                }
+            };
+            // Nothing has crossed the stream before the request is sent: a failure up to
+            // here leaves the request unsent, whatever its method.
+            let mut send = match handshake(stream).await {
+                Ok(s) => s,
+                Err(e) => {
+                    *current = None;
+                    tried.push(format!("{}: {e}", m.node_id));
+                    continue;
+                }
+            };
+            let req = out.build()?;
+            let answer = async {
+                let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+                read_answer(resp).await.map_err(|e| e.to_string())
+            }
+            .await;
+            match answer {
+                Ok((raw, managers)) => {
+                    self.learn(managers);
+                    if raw.status == 503
+                        && let Ok(e) = serde_json::from_slice::<ApiError>(&raw.body)
+                        && e.code == ErrorCode::Unavailable
+                    {
+                        // The manager says nothing changed: the next one may serve it.
+                        tried.push(format!("{}: {e}", m.node_id));
+                        last_unavailable = Some(e);
+                        *current = None;
+                        continue;
+                    }
+                    return Ok(raw);
+                }
+                Err(e) => {
+                    *current = None;
+                    if !repeatable {
+                        return Err(ClientError::NoAnswer(format!(
+                            "{} ({}): {e}",
+                            m.node_id, m.addr
+                        )));
+                    }
+                    tried.push(format!("{}: {e}", m.node_id));
+                }
+            }
+        }
+        if let Some(e) = last_unavailable {
+            return Err(ClientError::Api(e));
+        }
+        Err(ClientError::NotSent(format!(
+            "no manager reachable: {}",
+            if tried.is_empty() {
+                "the context lists none".to_owned()
+            } else {
+                tried.join("; ")
+            }
+        )))
+    }
+}
+
+fn shuffle<T>(v: &mut [T]) {
+    use rand::RngExt as _;
+    let mut rng = rand::rng();
+    for i in (1..v.len()).rev() {
+        let j = rng.random_range(0..=i);
+        v.swap(i, j);
+    }
+}

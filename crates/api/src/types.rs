@@ -1,0 +1,624 @@
+//! Request and response bodies, one type per resource. Enum values are stable lower-case
+//! names; byte values travel as base64 beside a UTF-8 rendering, so nothing is lossy.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// A node's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Holds the replicated state and votes.
+    Manager,
+    /// Runs tasks; no vote.
+    Worker,
+}
+
+/// Whether the scheduler may place work on a node (`docker node update --availability`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    /// Takes new work.
+    Active,
+    /// Keeps its work, takes no new work.
+    Pause,
+    /// Its work is moved elsewhere.
+    Drain,
+}
+
+impl std::str::FromStr for Availability {
+    type Err = crate::ApiError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "active" => Ok(Availability::Active),
+            "pause" => Ok(Availability::Pause),
+            "drain" => Ok(Availability::Drain),
+            other => Err(crate::ApiError::invalid(format!(
+                "availability must be active, pause or drain, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// What the cluster knows of a node's liveness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Alive.
+    Ready,
+    /// Not heard from past the grace period.
+    Down,
+    /// Not yet known (just joined, or after a leader change).
+    Unknown,
+}
+
+/// A manager's standing in the Raft group, as `docker node ls` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ManagerStatus {
+    /// Leads the group.
+    Leader,
+    /// Answers the leader's heartbeats.
+    Reachable,
+    /// Does not.
+    Unreachable,
+}
+
+impl std::fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeRole::Manager => "manager",
+            NodeRole::Worker => "worker",
+        })
+    }
+}
+
+impl From<starling_state::NodeRole> for NodeRole {
+    fn from(r: starling_state::NodeRole) -> Self {
+        match r {
+            starling_state::NodeRole::Manager => NodeRole::Manager,
+            starling_state::NodeRole::Worker => NodeRole::Worker,
+        }
+    }
+}
+
+impl From<starling_state::Availability> for Availability {
+    fn from(a: starling_state::Availability) -> Self {
+        match a {
+            starling_state::Availability::Active => Availability::Active,
+            starling_state::Availability::Pause => Availability::Pause,
+            starling_state::Availability::Drain => Availability::Drain,
+        }
+    }
+}
+
+impl From<Availability> for starling_state::Availability {
+    fn from(a: Availability) -> Self {
+        match a {
+            Availability::Active => starling_state::Availability::Active,
+            Availability::Pause => starling_state::Availability::Pause,
+            Availability::Drain => starling_state::Availability::Drain,
+        }
+    }
+}
+
+impl From<starling_state::NodeStatus> for NodeStatus {
+    fn from(s: starling_state::NodeStatus) -> Self {
+        match s {
+            starling_state::NodeStatus::Ready => NodeStatus::Ready,
+            starling_state::NodeStatus::Down => NodeStatus::Down,
+            starling_state::NodeStatus::Unknown => NodeStatus::Unknown,
+        }
+    }
+}
+
+/// `GET /v1/info`: the node that answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Info {
+    /// Its node id.
+    pub node_id: String,
+    /// Its cluster.
+    pub cluster_id: String,
+    /// Its role.
+    pub role: NodeRole,
+    /// The address it is reached at.
+    pub addr: String,
+    /// Its Starling version.
+    pub version: String,
+    /// Its view of Raft (managers only).
+    pub raft: Option<RaftInfo>,
+}
+
+/// A manager's view of Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RaftInfo {
+    /// Its Raft id.
+    pub id: u64,
+    /// The leader's Raft id, if known.
+    pub leader: Option<u64>,
+    /// Current term.
+    pub term: u64,
+    /// Last applied log index: the revision its state reflects.
+    pub applied: u64,
+    /// Number of voters.
+    pub voters: u64,
+}
+
+/// One row of `GET /v1/nodes` (`starling node ls`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeSummary {
+    /// Node id.
+    pub id: String,
+    /// Host name it reported.
+    pub hostname: String,
+    /// Role.
+    pub role: NodeRole,
+    /// Liveness.
+    pub status: NodeStatus,
+    /// Scheduling availability.
+    pub availability: Availability,
+    /// For managers, their standing in Raft; `null` for workers.
+    pub manager_status: Option<ManagerStatus>,
+    /// Address.
+    pub addr: String,
+    /// The Starling version the node runs (from its gossip record; empty until heard).
+    pub version: String,
+}
+
+/// `GET /v1/nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeList {
+    /// The nodes.
+    pub nodes: Vec<NodeSummary>,
+    /// Set when the list is this manager's local state (no quorum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `GET /v1/nodes/{id}` (`starling node inspect`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeDetail {
+    /// Node id.
+    pub id: String,
+    /// Host name.
+    pub hostname: String,
+    /// Current role.
+    pub role: NodeRole,
+    /// Role it is being moved to; equal to `role` at rest.
+    pub desired_role: NodeRole,
+    /// Liveness.
+    pub status: NodeStatus,
+    /// Availability.
+    pub availability: Availability,
+    /// Address.
+    pub addr: String,
+    /// Operator labels.
+    pub labels: BTreeMap<String, String>,
+    /// Serial of its current certificate, hex.
+    pub cert_serial: String,
+    /// The Starling version it runs (empty until heard).
+    pub version: String,
+    /// Bumped on every change of the node's record.
+    pub record_version: u64,
+    /// Revision that created the record.
+    pub created_revision: u64,
+    /// Revision of its last change.
+    pub updated_revision: u64,
+}
+
+/// `PUT /v1/nodes/{id}/availability`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AvailabilityUpdate {
+    /// The new availability.
+    pub availability: Availability,
+}
+
+/// The revision a write was committed at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Written {
+    /// The revision (Raft log index).
+    pub revision: u64,
+}
+
+/// `POST /v1/nodes/{id}/promote`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Promoted {
+    /// The revision that recorded the wish.
+    pub revision: u64,
+    /// The node.
+    pub promoted: String,
+}
+
+/// `POST /v1/nodes/{id}/demote`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Demoted {
+    /// The node.
+    pub demoted: String,
+}
+
+/// `DELETE /v1/nodes/{id}` query.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RemoveQuery {
+    /// Remove it even if it is not down.
+    #[serde(default)]
+    pub force: Option<bool>,
+}
+
+/// Which state a read reflects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Confirmed by the leader: reflects every write acknowledged before the read began.
+    #[default]
+    Linearizable,
+    /// This manager's local state now, with the revision it reflects; answered without a
+    /// quorum.
+    Stale,
+}
+
+/// Query of key reads.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReadQuery {
+    /// `linearizable` (default) or `stale`.
+    #[serde(default)]
+    pub consistency: Option<Consistency>,
+}
+
+/// Query of `GET /v1/kv`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Keys starting with this (default: all).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// `linearizable` (default) or `stale`.
+    #[serde(default)]
+    pub consistency: Option<Consistency>,
+}
+
+/// Query of `PUT /v1/kv/{key}`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PutQuery {
+    /// Compare-and-swap: write only if the key's `mod_revision` is this (0: only if absent).
+    #[serde(default, rename = "expect-revision")]
+    #[param(rename = "expect-revision", minimum = 0)]
+    pub expect_revision: Option<u64>,
+}
+
+/// A key's value with its history counters (etcd's `KeyValue`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KvEntry {
+    /// The key.
+    pub key: String,
+    /// The value as text, or `null` when it is not UTF-8 (`value_base64` always holds it).
+    pub value: Option<String>,
+    /// The value, base64 (standard alphabet, padded).
+    pub value_base64: String,
+    /// Revision that created the key (since its last deletion).
+    pub create_revision: u64,
+    /// Revision of its last change.
+    pub mod_revision: u64,
+    /// Changes since creation, from 1.
+    pub version: u64,
+    /// The revision the read reflects.
+    pub revision: u64,
+}
+
+impl KvEntry {
+    /// The entry for `key` as state holds it, read at `revision`.
+    pub fn new(key: &str, e: &starling_state::KvEntry, revision: u64) -> Self {
+        KvEntry {
+            key: key.to_owned(),
+            value: String::from_utf8(e.value.clone()).ok(),
+            value_base64: encode_bytes(&e.value),
+            create_revision: e.create_revision,
+            mod_revision: e.mod_revision,
+            version: e.version,
+            revision,
+        }
+    }
+
+    /// The value's bytes (from `value_base64`).
+    pub fn bytes(&self) -> Result<Vec<u8>, crate::ApiError> {
+        decode_bytes(&self.value_base64)
+    }
+}
+
+/// `GET /v1/kv`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KvList {
+    /// The keys, in order.
+    pub keys: Vec<KvEntry>,
+    /// The revision the read reflects.
+    pub revision: u64,
+}
+
+/// `DELETE /v1/kv/{key}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KvDeleted {
+    /// The revision of the delete.
+    pub revision: u64,
+    /// Whether the key existed.
+    pub deleted: bool,
+}
+
+/// Query of `GET /v1/watch`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WatchQuery {
+    /// Keys starting with this (default: all).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// First revision to report (default 0: everything still kept).
+    #[serde(default)]
+    #[param(minimum = 0)]
+    pub from: Option<u64>,
+    /// Seconds to wait for the first event (default 30, at most 300).
+    #[serde(default)]
+    #[param(minimum = 0)]
+    pub wait: Option<u64>,
+}
+
+/// A change's kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    /// The key was set.
+    Put,
+    /// The key was removed.
+    Delete,
+}
+
+/// One change under a watched prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WatchEvent {
+    /// Revision of the change.
+    pub revision: u64,
+    /// The key.
+    pub key: String,
+    /// Put or delete.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// The new value as text (`null` for a delete or a value that is not UTF-8).
+    pub value: Option<String>,
+    /// The new value, base64 (`null` for a delete).
+    pub value_base64: Option<String>,
+}
+
+impl WatchEvent {
+    /// The event as state reports it.
+    pub fn new(e: &starling_state::KvEvent) -> Self {
+        WatchEvent {
+            revision: e.revision,
+            key: e.key.clone(),
+            kind: if e.entry.is_some() {
+                EventType::Put
+            } else {
+                EventType::Delete
+            },
+            value: e
+                .entry
+                .as_ref()
+                .and_then(|v| String::from_utf8(v.value.clone()).ok()),
+            value_base64: e.entry.as_ref().map(|v| encode_bytes(&v.value)),
+        }
+    }
+}
+
+/// `GET /v1/watch`: the changes found, oldest first (at most 1 000).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WatchEvents {
+    /// The changes.
+    pub events: Vec<WatchEvent>,
+}
+
+/// A gossip member's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Answering probes.
+    Alive,
+    /// Declared down.
+    Down,
+}
+
+/// One gossip member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    /// Node id.
+    pub node: String,
+    /// Address.
+    pub addr: String,
+    /// State.
+    pub state: MemberState,
+    /// Generation (grows on every restart).
+    pub generation: u64,
+}
+
+/// This node in the gossip view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SelfMember {
+    /// Node id.
+    pub node: String,
+    /// Its generation.
+    pub generation: u64,
+}
+
+/// `GET /v1/members`: the gossip view of the node that answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemberList {
+    /// The answering node.
+    #[serde(rename = "self")]
+    pub me: SelfMember,
+    /// The other members.
+    pub members: Vec<Member>,
+}
+
+/// `GET /v1/join-token/{role}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenView {
+    /// The role it admits.
+    pub role: NodeRole,
+    /// The token.
+    pub token: String,
+}
+
+/// `POST /v1/leave`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Left {
+    /// The node that left.
+    pub left: String,
+    /// A manager was demoted first.
+    #[serde(default)]
+    pub demoted: bool,
+}
+
+/// What an API client certificate may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientRole {
+    /// Every operation.
+    Admin,
+    /// Reads (`GET`) only.
+    Viewer,
+}
+
+impl ClientRole {
+    /// The certificate OU.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientRole::Admin => "admin",
+            ClientRole::Viewer => "viewer",
+        }
+    }
+}
+
+impl From<starling_state::ClientRole> for ClientRole {
+    fn from(r: starling_state::ClientRole) -> Self {
+        match r {
+            starling_state::ClientRole::Admin => ClientRole::Admin,
+            starling_state::ClientRole::Viewer => ClientRole::Viewer,
+        }
+    }
+}
+
+impl From<ClientRole> for starling_state::ClientRole {
+    fn from(r: ClientRole) -> Self {
+        match r {
+            ClientRole::Admin => starling_state::ClientRole::Admin,
+            ClientRole::Viewer => starling_state::ClientRole::Viewer,
+        }
+    }
+}
+
+/// `POST /v1/certs`: sign a client certificate for a key that stays with the client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CertRequest {
+    /// A name for it, unique among clients (a DNS label: `a-z`, `0-9`, `-`).
+    pub name: String,
+    /// What it may do.
+    pub role: ClientRole,
+    /// A PKCS#10 CSR, DER, base64.
+    pub csr_base64: String,
+    /// Lifetime in seconds (default 30 days).
+    #[serde(default)]
+    pub lifetime_secs: Option<u64>,
+}
+
+/// A manager, as a client dials it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+pub struct ManagerAddr {
+    /// Node id (the certificate name to expect).
+    pub node_id: String,
+    /// UDP address.
+    pub addr: String,
+}
+
+/// An issued client certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IssuedCert {
+    /// The client's record.
+    pub client: ClientView,
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The cluster CA, PEM.
+    pub ca_pem: String,
+    /// The cluster.
+    pub cluster_id: String,
+    /// The managers to dial.
+    pub managers: Vec<ManagerAddr>,
+}
+
+/// An API client as the cluster records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClientView {
+    /// Its name.
+    pub name: String,
+    /// Its certificate's CN.
+    pub id: String,
+    /// What it may do.
+    pub role: ClientRole,
+    /// Certificate serial, hex.
+    pub cert_serial: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub not_after: u64,
+    /// Refused from now on.
+    pub revoked: bool,
+}
+
+impl From<&starling_state::ClientRecord> for ClientView {
+    fn from(c: &starling_state::ClientRecord) -> Self {
+        ClientView {
+            name: c.name.clone(),
+            id: c.id.clone(),
+            role: c.role.clone().into(),
+            cert_serial: c.cert_serial.clone(),
+            not_after: c.not_after,
+            revoked: c.revoked,
+        }
+    }
+}
+
+/// `GET /v1/certs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClientList {
+    /// The clients, by name.
+    pub clients: Vec<ClientView>,
+}
+
+/// Bytes as this API's base64 (standard alphabet, padded).
+pub fn encode_bytes(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Bytes from this API's base64; `invalid_argument` if it is not.
+pub fn decode_bytes(text: &str) -> Result<Vec<u8>, crate::ApiError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|e| crate::ApiError::invalid(format!("not base64: {e}")))
+}
+
+/// The DER bytes of the first PEM block in `text` (a certificate).
+pub fn pem_to_der(text: &str) -> Result<Vec<u8>, crate::ApiError> {
+    let mut inside = false;
+    let mut body = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("-----BEGIN ") {
+            inside = true;
+        } else if line.starts_with("-----END ") {
+            if inside {
+                return decode_bytes(&body);
+            }
+        } else if inside {
+            body.push_str(line);
+        }
+    }
+    Err(crate::ApiError::invalid("no PEM block found"))
+}

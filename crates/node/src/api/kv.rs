@@ -1,0 +1,197 @@
+//! The user key-value store: `/v1/kv/{key}`, `/v1/kv?prefix=`, `/v1/watch`. No key is
+//! reserved or interpreted; system records are not reachable from here.
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use bytes::Bytes;
+use starling_api::{
+    ApiError, Consistency, ErrorCode, KvDeleted, KvEntry, KvList, ListQuery, PutQuery, ReadQuery,
+    WatchEvent, WatchEvents, WatchQuery, Written,
+};
+use starling_raft_store::{Command, Outcome};
+
+use super::{Answer, ApiState, Failure, store_of};
+
+fn consistency(c: Option<Consistency>) -> starling_raft_store::Consistency {
+    match c.unwrap_or_default() {
+        Consistency::Linearizable => starling_raft_store::Consistency::Linearizable,
+        Consistency::Stale => starling_raft_store::Consistency::Stale,
+    }
+}
+
+/// A key's value and counters.
+#[utoipa::path(get, operation_id = "kv_get", path = "/v1/kv/{key}", tag = "kv",
+    params(("key" = String, Path, description = "The key, percent-encoded"), ReadQuery),
+    responses(
+        (status = 200, description = "The entry", body = KvEntry),
+        (status = 400, description = "Bad query", body = ApiError),
+        (status = 404, description = "No such key (with the revision read)", body = ApiError),
+        (status = 503, description = "No quorum, or a worker", body = ApiError),
+    ))]
+pub(crate) async fn get(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> Answer<KvEntry> {
+    let store = store_of(&state.node())?;
+    match store
+        .read(consistency(q.consistency), |s| s.get(&key).cloned())
+        .await?
+    {
+        (Some(e), rev) => Ok(Json(KvEntry::new(&key, &e, rev))),
+        (None, rev) => Err(Failure(
+            ApiError::not_found(format!("key {key:?} not found")).at_revision(rev),
+        )),
+    }
+}
+
+/// Sets a key to the body's bytes; with `expect-revision`, only if the key is at that
+/// revision (0: only if absent).
+#[utoipa::path(put, operation_id = "kv_put", path = "/v1/kv/{key}", tag = "kv",
+    params(("key" = String, Path, description = "The key, percent-encoded"), PutQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The value"),
+    responses(
+        (status = 200, description = "Written", body = Written),
+        (status = 400, description = "Bad query", body = ApiError),
+        (status = 403, description = "A viewer", body = ApiError),
+        (status = 412, description = "Compare failed (with the revision)", body = ApiError),
+        (status = 413, description = "Too large", body = ApiError),
+        (status = 503, description = "No quorum, or a worker", body = ApiError),
+        (status = 504, description = "Outcome unknown", body = ApiError),
+    ))]
+pub(crate) async fn put(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    Query(q): Query<PutQuery>,
+    body: Bytes,
+) -> Answer<Written> {
+    let node = state.node();
+    let store = store_of(&node)?;
+    let started = Instant::now();
+    let value = body.to_vec();
+    let cmd = match q.expect_revision {
+        None => Command::Put {
+            key: key.clone(),
+            value,
+        },
+        Some(rev) => Command::cas_revision(key.clone(), rev, value),
+    };
+    let r = store.write(cmd).await?;
+    if r.outcome == (Outcome::Txn { succeeded: false }) {
+        return Err(Failure(
+            ApiError::new(
+                ErrorCode::CompareFailed,
+                format!(
+                    "compare failed: {key:?} is not at revision {}",
+                    q.expect_revision.unwrap_or_default()
+                ),
+            )
+            .at_revision(r.revision),
+        ));
+    }
+    node.metrics.write_took(started.elapsed());
+    Ok(Json(Written {
+        revision: r.revision,
+    }))
+}
+
+/// Removes a key (no error if it was absent: `deleted` says).
+#[utoipa::path(delete, operation_id = "kv_delete", path = "/v1/kv/{key}", tag = "kv",
+    params(("key" = String, Path, description = "The key, percent-encoded")),
+    responses(
+        (status = 200, description = "Done", body = KvDeleted),
+        (status = 403, description = "A viewer", body = ApiError),
+        (status = 503, description = "No quorum, or a worker", body = ApiError),
+        (status = 504, description = "Outcome unknown", body = ApiError),
+    ))]
+pub(crate) async fn delete(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+) -> Answer<KvDeleted> {
+    let node = state.node();
+    let store = store_of(&node)?;
+    let started = Instant::now();
+    let r = store.write(Command::Delete { key }).await?;
+    node.metrics.write_took(started.elapsed());
+    Ok(Json(KvDeleted {
+        revision: r.revision,
+        deleted: matches!(r.outcome, Outcome::Deleted { prev: Some(_) }),
+    }))
+}
+
+/// The keys under a prefix, in order.
+#[utoipa::path(get, operation_id = "kv_list", path = "/v1/kv", tag = "kv",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The keys", body = KvList),
+        (status = 400, description = "Bad query", body = ApiError),
+        (status = 503, description = "No quorum, or a worker", body = ApiError),
+    ))]
+pub(crate) async fn list(
+    State(state): State<ApiState>,
+    Query(q): Query<ListQuery>,
+) -> Answer<KvList> {
+    let store = store_of(&state.node())?;
+    let prefix = q.prefix.unwrap_or_default();
+    let (entries, revision) = store
+        .read(consistency(q.consistency), |s| s.range(&prefix))
+        .await?;
+    Ok(Json(KvList {
+        keys: entries
+            .iter()
+            .map(|(k, e)| KvEntry::new(k, e, revision))
+            .collect(),
+        revision,
+    }))
+}
+
+/// Long poll: the changes under `prefix` from revision `from` on, waiting up to `wait`
+/// seconds for the first; resume with `from` = last revision + 1 (no gap, no duplicate).
+#[utoipa::path(get, operation_id = "watch", path = "/v1/watch", tag = "kv",
+    params(WatchQuery),
+    responses(
+        (status = 200, description = "The changes (possibly none)", body = WatchEvents),
+        (status = 400, description = "Bad query", body = ApiError),
+        (status = 410, description = "Compacted, or the watcher fell behind", body = ApiError),
+        (status = 503, description = "A worker", body = ApiError),
+    ))]
+pub(crate) async fn watch(
+    State(state): State<ApiState>,
+    Query(q): Query<WatchQuery>,
+) -> Answer<WatchEvents> {
+    let store = store_of(&state.node())?;
+    let prefix = q.prefix.unwrap_or_default();
+    let wait = Duration::from_secs(q.wait.unwrap_or(30).min(300));
+    let compacted =
+        |e: starling_raft_store::StoreError| Failure(ApiError::new(ErrorCode::Compacted, e));
+    let mut w = store
+        .watch(&prefix, q.from.unwrap_or(0))
+        .map_err(compacted)?;
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let timeout = if events.is_empty() {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        } else {
+            Duration::ZERO
+        };
+        match tokio::time::timeout(timeout, w.next()).await {
+            Ok(Ok(e)) => {
+                events.push(WatchEvent::new(&e));
+                if events.len() >= 1000 {
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                if events.is_empty() {
+                    return Err(compacted(e));
+                }
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(Json(WatchEvents { events }))
+}

@@ -1,0 +1,402 @@
+//! The control API server: one axum router, served on the node's Unix socket
+//! (`DIR/control.sock`, local callers) and, on managers, over QUIC on ALPN `starling/api/1`
+//! (remote callers with an `admin` or `viewer` client certificate). One file per resource;
+//! each handler takes typed input and returns `Result<Json<T>, Failure>`.
+//!
+//! ```text
+//!   UnixListener ─┐                          ┌─ info.rs     GET  /v1/info
+//!                 ├─ hyper http1 ─ Router ───┼─ nodes.rs    /v1/nodes…
+//!   QUIC streams ─┘  (caller role as an      ├─ kv.rs       /v1/kv…, /v1/watch
+//!   (starling/api/1)  extension; viewers     ├─ tokens.rs   /v1/join-token…
+//!                     may only GET)          ├─ members.rs  /v1/members, /v1/leave
+//!                                            └─ certs.rs    /v1/certs…
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use starling_api::{ApiError, ErrorCode, MANAGERS_HEADER};
+use starling_raft_store::{Store, StoreError};
+use utoipa::OpenApi;
+
+use crate::daemon::{Current, RunningNode};
+
+pub(crate) mod certs;
+pub(crate) mod info;
+pub(crate) mod kv;
+pub(crate) mod members;
+pub(crate) mod nodes;
+pub(crate) mod tokens;
+
+/// Largest request body accepted (etcd's request limit is 1.5 MiB; a value is at most
+/// 1 MiB once in a command).
+pub const MAX_BODY: usize = 16 << 20;
+
+/// Time for a client to send a request's headers (and the longest a kept connection may
+/// stay idle).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time for a client to send a request's body once its headers arrived.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is calling, from the transport the request came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// Through the node's own Unix socket (mode 0600: the node's user).
+    Local,
+    /// A remote client certificate with role `admin`.
+    Admin,
+    /// A remote client certificate with role `viewer`: reads only.
+    Viewer,
+}
+
+/// What every handler gets: the node as it runs now (replaced on a role change).
+#[derive(Clone)]
+pub struct ApiState {
+    current: Current,
+}
+
+impl ApiState {
+    /// The state for `current`.
+    pub fn new(current: Current) -> Self {
+        ApiState { current }
+    }
+
+    /// The node now.
+    pub(crate) fn node(&self) -> Arc<RunningNode> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// An error answer: an [`ApiError`] sent as JSON with its status.
+#[derive(Debug)]
+pub struct Failure(pub ApiError);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure(store_error(&e))
+    }
+}
+
+/// The API error for a store error: its code follows the variant, never the text.
+pub fn store_error(e: &StoreError) -> ApiError {
+    let code = match e {
+        StoreError::NoQuorum { .. } => ErrorCode::NoQuorum,
+        StoreError::Unknown(_) => ErrorCode::OutcomeUnknown,
+        StoreError::Compacted { .. } => ErrorCode::Compacted,
+        StoreError::TooLarge { .. } => ErrorCode::TooLarge,
+        StoreError::NotLeader { .. }
+        | StoreError::Raft(_)
+        | StoreError::MembershipChangeInProgress => ErrorCode::Unavailable,
+        StoreError::Storage(_) | StoreError::Config(_) => ErrorCode::Internal,
+        _ => ErrorCode::Internal,
+    };
+    ApiError::new(code, e)
+}
+
+/// A handler's answer.
+pub type Answer<T> = Result<Json<T>, Failure>;
+
+/// The store, on a manager; workers serve only info, members and leave.
+pub(crate) fn store_of(node: &RunningNode) -> Result<Arc<Store>, Failure> {
+    node.store.clone().ok_or_else(|| {
+        Failure(ApiError::unavailable(
+            "this node is a worker: run this command against a manager's data directory or context",
+        ))
+    })
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Starling control API",
+        description = "HTTP/JSON on a node's Unix socket (DIR/control.sock) and, on managers, over QUIC (ALPN starling/api/1) for client certificates with role admin or viewer. Every error is an ApiError with a stable code.",
+        license(name = "Apache-2.0"),
+    ),
+    paths(
+        info::info,
+        info::openapi_json,
+        nodes::list,
+        nodes::inspect,
+        nodes::remove,
+        nodes::promote,
+        nodes::demote,
+        nodes::availability,
+        kv::get,
+        kv::put,
+        kv::delete,
+        kv::list,
+        kv::watch,
+        members::members,
+        members::leave,
+        tokens::show,
+        tokens::rotate,
+        certs::issue,
+        certs::list,
+        certs::revoke,
+    ),
+    components(schemas(ApiError, ErrorCode))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty JSON (what `GET /v1/openapi.json` serves and
+/// `crates/api/openapi.json` holds).
+pub fn openapi_json() -> String {
+    let mut text = ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    text.push('\n');
+    text
+}
+
+/// The control API's router for `state`.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/info", get(info::info))
+        .route("/v1/openapi.json", get(info::openapi_json))
+        .route("/v1/nodes", get(nodes::list))
+        .route("/v1/nodes/{id}", get(nodes::inspect).delete(nodes::remove))
+        .route("/v1/nodes/{id}/promote", post(nodes::promote))
+        .route("/v1/nodes/{id}/demote", post(nodes::demote))
+        .route("/v1/nodes/{id}/availability", put(nodes::availability))
+        .route("/v1/kv", get(kv::list))
+        .route(
+            "/v1/kv/{*key}",
+            get(kv::get).put(kv::put).delete(kv::delete),
+        )
+        .route("/v1/watch", get(kv::watch))
+        .route("/v1/members", get(members::members))
+        .route("/v1/leave", post(members::leave))
+        .route("/v1/join-token/{role}", get(tokens::show))
+        .route("/v1/join-token/{role}/rotate", post(tokens::rotate))
+        .route("/v1/certs", get(certs::list).post(certs::issue))
+        .route("/v1/certs/{name}", axum::routing::delete(certs::revoke))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            managers_header,
+        ))
+        .layer(axum::middleware::from_fn(permission))
+        .layer(axum::middleware::from_fn(typed_errors))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_TIMEOUT,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> Failure {
+    Failure(ApiError::not_found(format!(
+        "no such endpoint: {method} {}",
+        uri.path()
+    )))
+}
+
+/// A viewer may only read; remote callers may not make the answering node leave.
+async fn permission(req: Request, next: Next) -> Response {
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .copied()
+        .unwrap_or(Caller::Local);
+    if caller == Caller::Viewer && req.method() != Method::GET && req.method() != Method::HEAD {
+        return Failure(ApiError::permission_denied(format!(
+            "a viewer certificate may only read: {} {} needs an admin certificate",
+            req.method(),
+            req.uri().path()
+        )))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Answers that did not come from a handler (a malformed query, a body over the limit, a
+/// wrong method) become [`ApiError`]s too, so every error carries a code.
+async fn typed_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return resp;
+    }
+    let code = match status.as_u16() {
+        415 | 422 => ErrorCode::InvalidArgument,
+        408 => ErrorCode::InvalidArgument,
+        s => ErrorCode::from_status(s),
+    };
+    let (_, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_else(|_| Bytes::from_static(b"request failed"));
+    let mut message = String::from_utf8_lossy(&text).trim().to_owned();
+    if message.is_empty() {
+        message = status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_lowercase();
+    }
+    let status = StatusCode::from_u16(code.status()).unwrap_or(status);
+    (status, Json(ApiError::new(code, message))).into_response()
+}
+
+/// Every answer of a manager lists the managers, so remote clients learn the current set.
+async fn managers_header(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    if let Some(store) = &state.node().store {
+        let list: Vec<String> = store
+            .status()
+            .nodes
+            .iter()
+            .map(|(_, n)| format!("{}@{}", n.name, n.addr))
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&list.join(",")) {
+            resp.headers_mut().insert(MANAGERS_HEADER, v);
+        }
+    }
+    resp
+}
+
+/// Serves `router` on one byte stream (a Unix connection, or one QUIC stream) with
+/// HTTP/1.1: keep-alive, headers within [`HEADER_TIMEOUT`].
+pub async fn serve_io<IO>(io: IO, router: Router)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(router);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true);
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(error = %e, "control connection ended");
+    }
+}
+
+/// Binds the control socket at `path` (mode 0600), replacing a stale one.
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves local callers on the control socket until the task is aborted.
+pub async fn serve_unix(listener: tokio::net::UnixListener, router: Router) {
+    let router = router.layer(Extension(Caller::Local));
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_io(stream, router.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The remote API protocol as a manager serves it: client certificates of role `admin` or
+/// `viewer` only (node certificates are refused at admission).
+pub fn api_server_protocol() -> Result<starling_transport::Protocol, starling_transport::ConfigError>
+{
+    starling_transport::Protocol::new(
+        starling_api::API_ALPN,
+        starling_transport::PeerPolicy::roles([
+            starling_transport::Role::new("admin").map_err(config_error)?,
+            starling_transport::Role::new("viewer").map_err(config_error)?,
+        ]),
+    )
+}
+
+fn config_error(e: starling_transport::IdentityError) -> starling_transport::ConfigError {
+    starling_transport::ConfigError {
+        field: "role",
+        why: e.to_string(),
+    }
+}
+
+/// Serves remote callers: every admitted connection's streams, one HTTP/1.1 exchange each.
+pub async fn serve_quic(mut listener: starling_transport::Listener, router: Router) {
+    while let Some(conn) = listener.accept().await {
+        let caller = match conn.peer().map(|p| p.role.as_str().to_owned()).as_deref() {
+            Some("admin") => Caller::Admin,
+            Some("viewer") => Caller::Viewer,
+            _ => {
+                conn.close(
+                    starling_transport::CloseCode::ROLE_FORBIDDEN,
+                    "not an api client",
+                );
+                continue;
+            }
+        };
+        let router = router.clone().layer(Extension(caller));
+        tokio::spawn(async move {
+            while let Ok(stream) = conn.accept_stream().await {
+                tokio::spawn(serve_io(stream, router.clone()));
+            }
+        });
+    }
+}
+
+/// The metrics endpoint's router: Prometheus text on any path.
+pub fn metrics_router(state: ApiState) -> Router {
+    async fn metrics(State(state): State<ApiState>) -> Response {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            crate::metrics::render(&state.node()),
+        )
+            .into_response()
+    }
+    Router::new()
+        .fallback(get(metrics))
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
+}
+
+/// Serves the metrics router on TCP.
+pub async fn serve_tcp(listener: tokio::net::TcpListener, router: Router) {
+    loop {
+        if let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_io(stream, router.clone()));
+        }
+    }
+}

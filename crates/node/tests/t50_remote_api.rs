@@ -1,0 +1,321 @@
+//! The API's typed errors through the Unix socket and through QUIC (`starling/api/1`), client
+//! certificates (admin, viewer, revoked), node certificates refused on the API protocol, and
+//! context failover when a manager dies.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use starling_api::{Client, ClientError, Consistency, Context, ErrorCode, ManagerAddr};
+
+mod common;
+use common::{BIN, Daemon, free_port, poll, spawn, starling};
+
+fn with_home(home: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("STARLING_HOME", home)
+        .env_remove("STARLING_CONTEXT")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn code(r: Result<impl std::fmt::Debug, ClientError>) -> Option<ErrorCode> {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.code(),
+    }
+}
+
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    dirs: Vec<PathBuf>,
+    daemons: Vec<Option<Daemon>>,
+}
+
+impl Cluster {
+    fn dir(&self, i: usize) -> &str {
+        self.dirs[i].to_str().unwrap()
+    }
+
+    fn unix(&self, i: usize) -> Client {
+        Client::unix(self.dirs[i].join("control.sock"))
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Three managers and a worker on loopback.
+fn cluster() -> Cluster {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = ["m1", "m2", "m3", "w1"]
+        .iter()
+        .map(|n| tmp.path().join(n))
+        .collect();
+    let m1_addr = format!("127.0.0.1:{}", free_port());
+    let mut daemons = vec![Some(spawn(&[
+        "init",
+        "--data-dir",
+        dirs[0].to_str().unwrap(),
+        "--listen",
+        &m1_addr,
+        "--hostname",
+        "m1",
+    ]))];
+    let rt = rt();
+    let c0 = Client::unix(dirs[0].join("control.sock"));
+    poll("m1 serves", Duration::from_secs(20), || {
+        rt.block_on(c0.nodes()).ok()
+    });
+    let mt = rt.block_on(c0.join_token("manager")).unwrap().token;
+    let wt = rt.block_on(c0.join_token("worker")).unwrap().token;
+    for (i, name) in ["m2", "m3", "w1"].iter().enumerate() {
+        let token = if *name == "w1" { &wt } else { &mt };
+        daemons.push(Some(spawn(&[
+            "join",
+            "--data-dir",
+            dirs[i + 1].to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--hostname",
+            name,
+            "--token",
+            token,
+            "--manager",
+            &m1_addr,
+        ])));
+        // One manager join at a time: Raft takes one membership change at a time.
+        poll(
+            &format!("{name} in node ls"),
+            Duration::from_secs(30),
+            || {
+                let list = rt.block_on(c0.nodes()).ok()?;
+                list.nodes
+                    .iter()
+                    .any(|n| {
+                        n.hostname == *name
+                            && (n.role == starling_api::NodeRole::Worker
+                                || n.manager_status == Some(starling_api::ManagerStatus::Reachable))
+                    })
+                    .then_some(())
+            },
+        );
+    }
+    Cluster {
+        _tmp: tmp,
+        dirs,
+        daemons,
+    }
+}
+
+#[test]
+fn t50_typed_errors_certificates_and_context_failover() {
+    let mut c = cluster();
+    let rt = rt();
+    // QUIC clients bind their endpoint on this runtime.
+    let _in_runtime = rt.enter();
+    let home = c._tmp.path().join("home");
+    let ctx_dir = |n: &str| c._tmp.path().join(format!("ctx-{n}"));
+
+    // Typed errors through the Unix socket.
+    let local = c.unix(0);
+    rt.block_on(local.kv_put("k", "v")).unwrap();
+    assert_eq!(
+        code(rt.block_on(local.kv_get("missing", Consistency::Linearizable))),
+        Some(ErrorCode::NotFound)
+    );
+    assert_eq!(
+        code(rt.block_on(local.kv_cas("k", 9_999, "x"))),
+        Some(ErrorCode::CompareFailed)
+    );
+    assert_eq!(
+        code(rt.block_on(local.join_token("bogus"))),
+        Some(ErrorCode::InvalidArgument)
+    );
+    let m1_id = rt.block_on(local.info()).unwrap().node_id;
+    assert_eq!(
+        code(rt.block_on(local.promote(&m1_id))),
+        Some(ErrorCode::Conflict)
+    );
+    let raw = rt
+        .block_on(local.raw(
+            starling_api::http::Method::DELETE,
+            "/v1/info",
+            bytes::Bytes::new(),
+        ))
+        .unwrap();
+    let e: starling_api::ApiError = serde_json::from_slice(&raw.body).unwrap();
+    assert_eq!((raw.status, e.code), (405, ErrorCode::MethodNotAllowed));
+    assert_eq!(
+        code(rt.block_on(c.unix(3).nodes())),
+        Some(ErrorCode::Unavailable),
+        "a worker serves no cluster state"
+    );
+    // A value that is not UTF-8 round-trips.
+    let bytes: Vec<u8> = vec![0xff, 0x00, 0xfe, b'a'];
+    rt.block_on(local.kv_put("bin", bytes.clone())).unwrap();
+    let e = rt
+        .block_on(local.kv_get("bin", Consistency::Linearizable))
+        .unwrap();
+    assert_eq!((e.value.clone(), e.bytes().unwrap()), (None, bytes));
+
+    // Client certificates: the key is made by the CLI, the context written and registered.
+    for (name, role) in [("ops", "admin"), ("ro", "viewer"), ("tmp", "admin")] {
+        ok(&with_home(
+            &home,
+            &[
+                "cert",
+                "issue",
+                "--data-dir",
+                c.dir(0),
+                "--role",
+                role,
+                "--name",
+                name,
+                "--out",
+                ctx_dir(name).to_str().unwrap(),
+            ],
+        ));
+    }
+    let listed = ok(&with_home(&home, &["context", "ls"]));
+    assert!(listed.contains("ops") && listed.contains("ro"), "{listed}");
+    let ls = ok(&with_home(&home, &["--context", "ops", "node", "ls"]));
+    assert_eq!(ls.lines().count(), 5, "{ls}");
+    assert!(ls.contains(starling_api::VERSION), "{ls}");
+    // Typed errors through QUIC.
+    let admin = Context::load(&ctx_dir("ops"))
+        .unwrap()
+        .client(Duration::from_secs(2))
+        .unwrap();
+    let viewer = Context::load(&ctx_dir("ro"))
+        .unwrap()
+        .client(Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(
+        rt.block_on(viewer.kv_get("k", Consistency::Linearizable))
+            .unwrap()
+            .value
+            .as_deref(),
+        Some("v")
+    );
+    assert_eq!(
+        code(rt.block_on(viewer.kv_put("k", "w"))),
+        Some(ErrorCode::PermissionDenied)
+    );
+    let denied = with_home(&home, &["--context", "ro", "kv", "put", "k", "w"]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("viewer"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    assert_eq!(
+        code(rt.block_on(admin.kv_get("missing", Consistency::Stale))),
+        Some(ErrorCode::NotFound)
+    );
+    assert_eq!(
+        code(rt.block_on(admin.kv_cas("k", 9_999, "x"))),
+        Some(ErrorCode::CompareFailed)
+    );
+    assert_eq!(
+        code(rt.block_on(admin.join_token("bogus"))),
+        Some(ErrorCode::InvalidArgument)
+    );
+    assert_eq!(
+        code(rt.block_on(admin.promote(&m1_id))),
+        Some(ErrorCode::Conflict)
+    );
+    assert_eq!(
+        code(rt.block_on(admin.leave())),
+        Some(ErrorCode::PermissionDenied),
+        "a remote client cannot make a manager leave"
+    );
+    assert_eq!(
+        rt.block_on(admin.kv_get("k", Consistency::Linearizable))
+            .unwrap()
+            .value
+            .as_deref(),
+        Some("v")
+    );
+
+    // Node certificates are refused on the API protocol, manager and worker alike.
+    let managers = admin.managers();
+    for node in [1, 3] {
+        let creds = starling_transport::NodeCredentials::load(&c.dirs[node]).unwrap();
+        let as_node = Client::remote(creds, managers.clone(), Duration::from_secs(2)).unwrap();
+        let r = rt.block_on(as_node.info());
+        assert!(
+            matches!(r, Err(ClientError::NotSent(_))),
+            "a node certificate reached the API: {r:?}"
+        );
+    }
+
+    // A revoked client certificate is refused by every manager.
+    let tmp_client = Context::load(&ctx_dir("tmp"))
+        .unwrap()
+        .client(Duration::from_secs(2))
+        .unwrap();
+    rt.block_on(tmp_client.info()).unwrap();
+    ok(&with_home(
+        &home,
+        &["cert", "revoke", "--data-dir", c.dir(0), "tmp"],
+    ));
+    let certs = ok(&with_home(&home, &["cert", "ls", "--data-dir", c.dir(0)]));
+    assert!(certs.contains("tmp"), "{certs}");
+    poll(
+        "the revoked client refused",
+        Duration::from_secs(10),
+        || {
+            let fresh = Context::load(&ctx_dir("tmp"))
+                .unwrap()
+                .client(Duration::from_secs(2))
+                .unwrap();
+            rt.block_on(fresh.info()).is_err().then_some(())
+        },
+    );
+
+    // Failover: with one manager killed, a command through the context succeeds through
+    // another within 3 s, whichever manager it tries first.
+    let leader = rt.block_on(local.info()).unwrap().raft.unwrap().leader;
+    let follower = (1..3)
+        .find(|i| rt.block_on(c.unix(*i).info()).unwrap().raft.unwrap().id != leader.unwrap_or(0))
+        .unwrap();
+    // The killed manager first in the context.
+    let mut ctx = Context::load(&ctx_dir("ops")).unwrap();
+    let killed_id = rt.block_on(c.unix(follower).info()).unwrap().node_id;
+    let mut first: Vec<ManagerAddr> = ctx.meta.managers.clone();
+    first.sort_by_key(|m| m.node_id != killed_id);
+    ctx.meta.managers = first;
+    starling_api::Context::save(&ctx.dir, &ctx.meta, &ctx.credentials().unwrap()).unwrap();
+    c.daemons[follower] = None;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let out = with_home(&home, &["--context", "ops", "kv", "get", "k"]);
+        let took = started.elapsed();
+        assert_eq!(ok(&out).trim(), "v");
+        assert!(took < Duration::from_secs(3), "failover took {took:?}");
+    }
+
+    // Without a quorum: no_quorum through the socket, within a bounded time.
+    let other = (1..3).find(|i| *i != follower).unwrap();
+    c.daemons[other] = None;
+    let r = rt.block_on(local.kv_put("k", "lost"));
+    assert_eq!(code(r), Some(ErrorCode::NoQuorum));
+    let _ = starling(&["node", "ls", "--data-dir", c.dir(0)]);
+}
