@@ -106,6 +106,8 @@ pub struct StarlingMember {
     pub dir: PathBuf,
     /// UDP address.
     pub addr: SocketAddr,
+    /// Node id (the name a remote client expects in its certificate).
+    pub node_id: String,
     proc: Option<Proc>,
 }
 
@@ -124,6 +126,8 @@ pub struct Starling {
     /// The managers.
     pub members: Vec<StarlingMember>,
     workers: Vec<Proc>,
+    /// An admin client certificate for the remote API (`starling cert issue`), with the CA.
+    pub admin: Option<starling_transport::NodeCredentials>,
 }
 
 /// One control call on a fresh connection; `(status, body)`.
@@ -149,6 +153,7 @@ impl Starling {
             base: base.to_path_buf(),
             members: Vec::new(),
             workers: Vec::new(),
+            admin: None,
         };
         for i in 0..n {
             let dir = base.join(format!("m{i}"));
@@ -173,12 +178,54 @@ impl Starling {
             s.members.push(StarlingMember {
                 dir,
                 addr,
+                node_id: String::new(),
                 proc: Some(proc),
             });
             s.wait_serving(i).await?;
+            let info = starling_api::Client::unix(s.members[i].socket())
+                .info()
+                .await
+                .context("node info")?;
+            s.members[i].node_id = info.node_id;
         }
         s.wait_healthy().await?;
+        s.admin = Some(s.issue_admin()?);
         Ok(s)
+    }
+
+    /// An admin certificate for the remote API, issued the way an operator does it.
+    fn issue_admin(&self) -> anyhow::Result<starling_transport::NodeCredentials> {
+        let ctx = self.base.join("context");
+        let out = Command::new(&self.bin)
+            .args([
+                "cert", "issue", "--role", "admin", "--name", "bench", "--out",
+            ])
+            .arg(&ctx)
+            .arg("--data-dir")
+            .arg(&self.members[0].dir)
+            .env("STARLING_HOME", self.base.join("home"))
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "starling cert issue: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(starling_api::Context::load(&ctx)?.credentials()?)
+    }
+
+    /// A remote API client (QUIC, `starling/api/1`) of manager `i` alone.
+    pub fn remote_client(&self, i: usize) -> anyhow::Result<starling_api::Client> {
+        let creds = self.admin.clone().context("no admin certificate")?;
+        let m = &self.members[i];
+        Ok(starling_api::Client::remote(
+            creds,
+            vec![starling_api::ManagerAddr {
+                node_id: m.node_id.clone(),
+                addr: m.addr.to_string(),
+            }],
+            Duration::from_secs(5),
+        )?)
     }
 
     async fn token(&self, role: &str) -> anyhow::Result<String> {

@@ -62,35 +62,79 @@ impl Plan {
     }
 }
 
-/// A Starling client: the typed API client over one manager's control socket (one
-/// keep-alive connection, reconnected after an error).
+/// Which way a Starling client reaches its manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// The remote API: HTTP/1.1 over QUIC (`starling/api/1`) with an admin client
+    /// certificate — a network client API, as etcd's gRPC over TCP.
+    Quic,
+    /// The manager's control socket (HTTP/1.1 over a Unix socket): local callers only.
+    Unix,
+}
+
+impl Api {
+    fn label(self) -> &'static str {
+        match self {
+            Api::Quic => "remote API over QUIC",
+            Api::Unix => "control socket (Unix)",
+        }
+    }
+}
+
+/// A Starling client: the typed API client of one manager (one keep-alive connection,
+/// started afresh after an abandoned request).
 pub struct StarlingClient {
-    socket: PathBuf,
-    client: starling_api::Client,
+    make: Box<dyn Fn() -> Result<starling_api::Client, String> + Send>,
+    client: Option<starling_api::Client>,
 }
 
 impl StarlingClient {
     /// A client of the manager whose control socket is `socket`.
     pub fn new(socket: PathBuf) -> Self {
         StarlingClient {
-            client: starling_api::Client::unix(&socket),
-            socket,
+            make: Box::new(move || Ok(starling_api::Client::unix(&socket))),
+            client: None,
+        }
+    }
+
+    /// A client of manager `i` through `api`.
+    pub fn to(st: &Starling, i: usize, api: Api) -> Self {
+        match api {
+            Api::Unix => StarlingClient::new(st.members[i].socket()),
+            Api::Quic => {
+                let creds = st.admin.clone();
+                let m = starling_api::ManagerAddr {
+                    node_id: st.members[i].node_id.clone(),
+                    addr: st.members[i].addr.to_string(),
+                };
+                StarlingClient {
+                    make: Box::new(move || {
+                        let creds = creds.clone().ok_or("no admin certificate")?;
+                        starling_api::Client::remote(creds, vec![m.clone()], Duration::from_secs(5))
+                            .map_err(|e| e.to_string())
+                    }),
+                    client: None,
+                }
+            }
         }
     }
 
     /// Drops the connection (after an abandoned request) and starts afresh.
     pub fn reset(&mut self) {
-        self.client = starling_api::Client::unix(&self.socket);
+        self.client = None;
     }
 
     /// One request; `Ok` for a 2xx answer (or 404 on a read).
     pub async fn call(&mut self, method: &str, target: &str, body: &[u8]) -> Result<(), String> {
         let m =
             starling_api::http::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+        if self.client.is_none() {
+            self.client = Some((self.make)()?);
+        }
+        let client = self.client.as_ref().ok_or("no client")?;
         let answer = tokio::time::timeout(
             Duration::from_secs(5),
-            self.client
-                .raw(m, target, bytes::Bytes::copy_from_slice(body)),
+            client.raw(m, target, bytes::Bytes::copy_from_slice(body)),
         )
         .await
         .map_err(|_| "timed out".to_owned())
@@ -100,7 +144,10 @@ impl StarlingClient {
                 Ok(())
             }
             Ok(r) => Err(format!("status {}", r.status)),
-            Err(e) => Err(e),
+            Err(e) => {
+                self.client = None;
+                Err(e)
+            }
         }
     }
 }
@@ -189,10 +236,11 @@ pub async fn starling_load(
     clients: usize,
     to: Option<usize>,
     work: Work,
+    api: Api,
 ) -> Figures {
     let n = st.members.len();
     let cs: Vec<StarlingClient> = (0..clients)
-        .map(|i| StarlingClient::new(st.members[to.unwrap_or(i % n)].socket()))
+        .map(|i| StarlingClient::to(st, to.unwrap_or(i % n), api))
         .collect();
     let space = plan.keys;
     let v = std::sync::Arc::new(value());
@@ -278,11 +326,14 @@ async fn both(
         ),
     };
     Ok(if turn.is_multiple_of(2) {
-        let s = starling_load(st, plan, clients, to_s, work).await;
+        let s = starling_load(st, plan, clients, to_s, work, Api::Quic).await;
         (s, etcd_load(e, plan, clients, to_e, work).await?)
     } else {
         let f = etcd_load(e, plan, clients, to_e, work).await?;
-        (starling_load(st, plan, clients, to_s, work).await, f)
+        (
+            starling_load(st, plan, clients, to_s, work, Api::Quic).await,
+            f,
+        )
     })
 }
 
@@ -307,7 +358,20 @@ pub async fn writes(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<Stri
             }
         }
     }
+    // The same single client through the control socket, the path the figures before the
+    // remote API used.
+    let leader = st.wait_healthy().await?;
+    let s = starling_load(st, plan, 1, Some(leader), Work::Put, Api::Unix).await;
+    out.push_str(&row(
+        &format!("1 client, all to the leader, {}", Api::Unix.label()),
+        &s,
+        None,
+    ));
     out.push('\n');
+    out.push_str(&format!(
+        "Starling's clients use the {} (etcd's, gRPC over TCP) except in the last row.\n",
+        Api::Quic.label()
+    ));
     out.push_str(&notes);
     Ok(out)
 }
@@ -375,7 +439,17 @@ pub async fn reads(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<Strin
         &s,
         Some(&f),
     ));
+    let s = starling_load(st, plan, 1, None, Work::Get, Api::Unix).await;
+    out.push_str(&row(
+        &format!("linearizable, 1 client, {}", Api::Unix.label()),
+        &s,
+        None,
+    ));
     out.push('\n');
+    out.push_str(&format!(
+        "Starling's clients use the {} except in the last row.\n",
+        Api::Quic.label()
+    ));
     Ok(out)
 }
 

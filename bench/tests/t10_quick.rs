@@ -45,6 +45,18 @@ fn t10_every_measure_runs_quickly_against_both_systems() {
         assert!(cells[6].parse::<f64>().unwrap() > 0.0, "{r}");
         assert!(cells[10].ends_with('×'), "{r}");
     }
+    // Starling's comparison rows go through the remote API over QUIC; the single-client
+    // rows through the control socket are there beside them, with figures.
+    assert!(stdout.contains("remote API over QUIC"), "{stdout}");
+    let unix: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains("control socket (Unix)"))
+        .collect();
+    assert_eq!(unix.len(), 2, "{stdout}");
+    for r in unix {
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        assert!(cells[2].parse::<f64>().unwrap() > 0.0, "{r}");
+    }
     assert!(stdout.contains("| etcd | "), "{stdout}");
     assert_eq!(
         std::fs::read_to_string(&out_file).unwrap().lines().count(),

@@ -359,7 +359,7 @@ pub struct WatchQuery {
     #[serde(default)]
     #[param(minimum = 0)]
     pub from: Option<u64>,
-    /// Seconds to wait for the first event (default 30, at most 300).
+    /// Seconds to wait for the first event (default 30; the node caps it, by default at 300).
     #[serde(default)]
     #[param(minimum = 0)]
     pub wait: Option<u64>,

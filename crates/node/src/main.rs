@@ -65,6 +65,11 @@ struct DaemonArgs {
     /// (default 50 000).
     #[arg(long, env = "STARLING_SNAPSHOT_INTERVAL", value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_interval: Option<u64>,
+    /// The longest a watch long poll (`GET /v1/watch`) waits for its first event, whatever
+    /// the client asks (`30d`, `12h`, `90m`, `45s`; default 300s). Lower it below the idle
+    /// timeout of a proxy in front of the API.
+    #[arg(long, env = "STARLING_WATCH_WAIT_MAX", value_parser = parse_duration)]
+    watch_wait_max: Option<std::time::Duration>,
 }
 
 impl DaemonArgs {
@@ -360,7 +365,10 @@ async fn serve_until_signal(m: daemon::RunningNode, args: DaemonArgs) -> anyhow:
     let stop = m.stop.clone();
     let current: daemon::Current = Arc::new(std::sync::RwLock::new(Arc::new(m)));
     let now = |c: &daemon::Current| c.read().unwrap_or_else(|p| p.into_inner()).clone();
-    let state = api::ApiState::new(current.clone());
+    let mut state = api::ApiState::new(current.clone());
+    if let Some(cap) = args.watch_wait_max {
+        state = state.with_max_watch_wait(cap);
+    }
     if let Some(addr) = args.metrics.or(file_config().metrics) {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await

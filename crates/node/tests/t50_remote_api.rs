@@ -167,6 +167,15 @@ fn t50_typed_errors_certificates_and_context_failover() {
         Some(ErrorCode::Unavailable),
         "a worker serves no cluster state"
     );
+    // Over the command limit (1 MiB), and over the body limit (16 MiB): too_large.
+    assert_eq!(
+        code(rt.block_on(local.kv_put("big", vec![7u8; 2 << 20]))),
+        Some(ErrorCode::TooLarge)
+    );
+    assert_eq!(
+        code(rt.block_on(local.kv_put("huge", vec![7u8; 17 << 20]))),
+        Some(ErrorCode::TooLarge)
+    );
     // A value that is not UTF-8 round-trips.
     let bytes: Vec<u8> = vec![0xff, 0x00, 0xfe, b'a'];
     rt.block_on(local.kv_put("bin", bytes.clone())).unwrap();
@@ -247,6 +256,19 @@ fn t50_typed_errors_certificates_and_context_failover() {
         "a remote client cannot make a manager leave"
     );
     assert_eq!(
+        code(rt.block_on(admin.kv_put("big", vec![7u8; 2 << 20]))),
+        Some(ErrorCode::TooLarge)
+    );
+    let raw = rt
+        .block_on(admin.raw(
+            starling_api::http::Method::DELETE,
+            "/v1/info",
+            bytes::Bytes::new(),
+        ))
+        .unwrap();
+    let e: starling_api::ApiError = serde_json::from_slice(&raw.body).unwrap();
+    assert_eq!((raw.status, e.code), (405, ErrorCode::MethodNotAllowed));
+    assert_eq!(
         rt.block_on(admin.kv_get("k", Consistency::Linearizable))
             .unwrap()
             .value
@@ -316,6 +338,13 @@ fn t50_typed_errors_certificates_and_context_failover() {
     let other = (1..3).find(|i| *i != follower).unwrap();
     c.daemons[other] = None;
     let r = rt.block_on(local.kv_put("k", "lost"));
+    assert_eq!(code(r), Some(ErrorCode::NoQuorum));
+    // And through QUIC: the client passes over the dead managers to the live one.
+    let fresh = Context::load(&ctx_dir("ops"))
+        .unwrap()
+        .client(Duration::from_secs(1))
+        .unwrap();
+    let r = rt.block_on(fresh.kv_put("k", "lost"));
     assert_eq!(code(r), Some(ErrorCode::NoQuorum));
     let _ = starling(&["node", "ls", "--data-dir", c.dir(0)]);
 }

@@ -148,7 +148,8 @@ pub(crate) async fn list(
 }
 
 /// Long poll: the changes under `prefix` from revision `from` on, waiting up to `wait`
-/// seconds for the first; resume with `from` = last revision + 1 (no gap, no duplicate).
+/// seconds (default 30, capped by the node's `--watch-wait-max`, default 300) for the first;
+/// resume with `from` = last revision + 1 (no gap, no duplicate).
 #[utoipa::path(get, operation_id = "watch", path = "/v1/watch", tag = "kv",
     params(WatchQuery),
     responses(
@@ -163,7 +164,7 @@ pub(crate) async fn watch(
 ) -> Answer<WatchEvents> {
     let store = store_of(&state.node())?;
     let prefix = q.prefix.unwrap_or_default();
-    let wait = Duration::from_secs(q.wait.unwrap_or(30).min(300));
+    let wait = Duration::from_secs(q.wait.unwrap_or(30)).min(state.max_watch_wait());
     let compacted =
         |e: starling_raft_store::StoreError| Failure(ApiError::new(ErrorCode::Compacted, e));
     let mut w = store

@@ -63,12 +63,31 @@ pub enum Caller {
 #[derive(Clone)]
 pub struct ApiState {
     current: Current,
+    max_watch_wait: Duration,
 }
+
+/// The longest a watch long poll waits for its first event, unless configured otherwise.
+pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(300);
 
 impl ApiState {
     /// The state for `current`.
     pub fn new(current: Current) -> Self {
-        ApiState { current }
+        ApiState {
+            current,
+            max_watch_wait: MAX_WATCH_WAIT,
+        }
+    }
+
+    /// Caps how long a watch long poll waits (default [`MAX_WATCH_WAIT`]): a proxy with a
+    /// shorter idle timeout between the client and the node needs a smaller cap.
+    pub fn with_max_watch_wait(mut self, cap: Duration) -> Self {
+        self.max_watch_wait = cap;
+        self
+    }
+
+    /// The cap on a watch's wait.
+    pub(crate) fn max_watch_wait(&self) -> Duration {
+        self.max_watch_wait
     }
 
     /// The node now.
