@@ -67,6 +67,12 @@ pub struct RawResponse {
 }
 
 /// The typed API client.
+///
+/// A client runs one call at a time over its one connection (a Unix connection kept open, or
+/// one QUIC connection to the manager in use): give each concurrent caller its own client,
+/// as the bench does with one per simulated client. Over QUIC, a cached connection to a
+/// manager that died is noticed by QUIC's idle timeout (30 s); a fresh client (a new CLI
+/// command) dials afresh.
 pub struct Client {
     via: Via,
 }

@@ -112,6 +112,20 @@ impl Context {
         credentials: &NodeCredentials,
     ) -> Result<Context, ContextError> {
         use std::os::unix::fs::PermissionsExt as _;
+        // Only a new directory or an earlier context is written over (never, say, a node's
+        // data directory, whose node.pem is its identity).
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.filter_map(Result::ok) {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if !matches!(name.as_ref(), META | "node.pem" | ".context.json.tmp") {
+                    return Err(bad(
+                        dir,
+                        format!("holds {name}: not a context directory; choose a new one"),
+                    ));
+                }
+            }
+        }
         std::fs::create_dir_all(dir).map_err(|e| bad(dir, e))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| bad(dir, e))?;

@@ -29,7 +29,9 @@ pub enum ErrorCode {
     /// A bug or an unreadable file on the node (500). Whether anything changed is unknown.
     Internal,
     /// No quorum of managers is reachable (503): writes and linearizable reads fail within a
-    /// bounded time. Nothing changed.
+    /// bounded time. Nothing was acknowledged; a write that reached the leader may still be
+    /// committed if the quorum comes back before a new leader is chosen (as etcd's
+    /// timeouts), so clients do not resend it elsewhere.
     NoQuorum,
     /// This node cannot serve the request now (503): a worker asked for a manager's
     /// operation, a manager could not be reached, or a membership change is still being

@@ -28,7 +28,15 @@ pub const GOSSIP_ALPN: &[u8] = b"starling/gossip/1";
 
 /// The gossip protocol: any member of the cluster.
 pub fn gossip_protocol() -> Result<Protocol, starling_transport::ConfigError> {
-    Protocol::new(GOSSIP_ALPN, PeerPolicy::any_member())
+    // Nodes only: API client certificates (admin, viewer) come from the same CA but must
+    // not take part in membership or publish catalog records.
+    Protocol::new(
+        GOSSIP_ALPN,
+        PeerPolicy::roles([
+            starling_transport::Role::MANAGER,
+            starling_transport::Role::WORKER,
+        ]),
+    )
 }
 
 /// What happened, for subscribers.

@@ -69,8 +69,8 @@ impl RunningNode {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(listener) = listener {
-            let task = tokio::spawn(crate::api::serve_quic(listener, router));
+        if let (Some(listener), Some(store)) = (listener, self.store.clone()) {
+            let task = tokio::spawn(crate::api::serve_quic(listener, router, store));
             self.tasks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

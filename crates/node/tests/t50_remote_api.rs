@@ -227,6 +227,36 @@ fn t50_typed_errors_certificates_and_context_failover() {
         code(rt.block_on(viewer.kv_put("k", "w"))),
         Some(ErrorCode::PermissionDenied)
     );
+    assert_eq!(
+        code(rt.block_on(viewer.join_token("manager"))),
+        Some(ErrorCode::PermissionDenied),
+        "a viewer must not read the keys to the cluster"
+    );
+    // API client certificates are not gossip members.
+    {
+        let creds = Context::load(&ctx_dir("ops"))
+            .unwrap()
+            .credentials()
+            .unwrap();
+        let endpoint = starling_transport::Endpoint::bind(
+            starling_transport::EndpointConfig::default(),
+            starling_transport::ring_provider(),
+            Some(creds),
+        )
+        .unwrap();
+        let gossip = starling_transport::Protocol::new(
+            b"starling/gossip/1".to_vec(),
+            starling_transport::PeerPolicy::roles([starling_transport::Role::MANAGER]),
+        )
+        .unwrap();
+        let m1 = rt.block_on(local.info()).unwrap();
+        let r = rt.block_on(endpoint.connect(
+            &gossip,
+            &starling_transport::NodeId::new(m1.node_id.clone()).unwrap(),
+            m1.addr.parse().unwrap(),
+        ));
+        assert!(r.is_err(), "an admin certificate joined gossip");
+    }
     let denied = with_home(&home, &["--context", "ro", "kv", "put", "k", "w"]);
     assert!(!denied.status.success());
     assert!(
@@ -300,6 +330,12 @@ fn t50_typed_errors_certificates_and_context_failover() {
     ));
     let certs = ok(&with_home(&home, &["cert", "ls", "--data-dir", c.dir(0)]));
     assert!(certs.contains("tmp"), "{certs}");
+    // Refused on the connection it already has open, and on new ones.
+    poll(
+        "the revoked client refused on its open connection",
+        Duration::from_secs(10),
+        || rt.block_on(tmp_client.info()).is_err().then_some(()),
+    );
     poll(
         "the revoked client refused",
         Duration::from_secs(10),

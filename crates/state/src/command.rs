@@ -133,6 +133,14 @@ wire_type!(
             /// Its name.
             name: String,
         },
+        /// Replace one role's join secret (tokens with the old one stop working); the other
+        /// roles' secrets are untouched, so concurrent rotations cannot undo each other.
+        SetJoinSecret {
+            /// The role (`manager`, `worker`).
+            role: String,
+            /// The new secret.
+            secret: Vec<u8>,
+        },
     }
 );
 
@@ -183,6 +191,7 @@ impl std::fmt::Display for Command {
             Command::RetireManager { node } => write!(f, "retire manager {node}"),
             Command::AddClient { client } => write!(f, "add api client {}", client.name),
             Command::RevokeClient { name } => write!(f, "revoke api client {name}"),
+            Command::SetJoinSecret { role, .. } => write!(f, "new join secret for {role}"),
         }
     }
 }
@@ -236,6 +245,17 @@ wire_type!(
         ClientExists {
             /// The name.
             name: String,
+        },
+        /// The node is a manager, is becoming one, or holds a Raft id: it must be demoted
+        /// before it is removed. Nothing changed.
+        NodeIsManager {
+            /// The id.
+            id: String,
+        },
+        /// The id is revoked: a removed node never comes back under its id. Nothing changed.
+        Revoked {
+            /// The id.
+            id: String,
         },
     }
 );

@@ -101,6 +101,11 @@ impl ClusterState {
                 }
                 Outcome::Txn { succeeded }
             }
+            Command::UpsertNode { node } if self.image.system.revoked.contains(&node.id) => {
+                Outcome::Revoked {
+                    id: node.id.clone(),
+                }
+            }
             Command::UpsertNode { node } => {
                 let record = match self.image.nodes.get(&node.id) {
                     Some(old) => NodeRecord {
@@ -135,6 +140,14 @@ impl ClusterState {
                 n.role = role.clone();
                 n.desired_role = desired_role.clone();
             }),
+            Command::RemoveNode { id }
+                if self.image.system.raft_ids.contains_key(id)
+                    || self.image.nodes.get(id).is_some_and(|n| {
+                        n.role == NodeRole::Manager || n.desired_role == NodeRole::Manager
+                    }) =>
+            {
+                Outcome::NodeIsManager { id: id.clone() }
+            }
             Command::RemoveNode { id } => match self.image.nodes.remove(id) {
                 Some(node) => {
                     let system = &mut self.image.system;
@@ -147,6 +160,9 @@ impl ClusterState {
             Command::SetCluster { info } => {
                 self.image.cluster = info.clone();
                 Outcome::Done
+            }
+            Command::AssignRaftId { node } if self.image.system.revoked.contains(node) => {
+                Outcome::Revoked { id: node.clone() }
             }
             Command::AssignRaftId { node } => {
                 let system = &mut self.image.system;
@@ -185,6 +201,13 @@ impl ClusterState {
                         Outcome::Client { client: record }
                     }
                 }
+            }
+            Command::SetJoinSecret { role, secret } => {
+                self.image
+                    .cluster
+                    .join_secrets
+                    .insert(role.clone(), secret.clone());
+                Outcome::Done
             }
             Command::RevokeClient { name } => {
                 let system = &mut self.image.system;
@@ -556,10 +579,14 @@ mod tests {
     fn removing_a_node_revokes_it_and_no_key_changes_that() {
         let mut s = ClusterState::new();
         s.apply(1, &Command::UpsertNode { node: worker("w") });
-        s.apply(2, &Command::AssignRaftId { node: "w".into() });
+        s.apply(2, &Command::AssignRaftId { node: "m".into() });
         s.apply(3, &Command::RemoveNode { id: "w".into() });
         assert!(s.is_revoked("w"));
-        assert_eq!(s.raft_id("w"), None);
+        assert_eq!(
+            s.raft_id("m"),
+            Some(2),
+            "another node's raft id is untouched"
+        );
         s.apply(
             4,
             &Command::Delete {
@@ -575,6 +602,54 @@ mod tests {
         );
         let (r, _) = s.apply(6, &Command::RemoveNode { id: "w".into() });
         assert_eq!(r.outcome, Outcome::NoSuchNode { id: "w".into() });
+        // A removed id never comes back: no record, no Raft id.
+        let (r, _) = s.apply(7, &Command::UpsertNode { node: worker("w") });
+        assert_eq!(r.outcome, Outcome::Revoked { id: "w".into() });
+        let (r, _) = s.apply(8, &Command::AssignRaftId { node: "w".into() });
+        assert_eq!(r.outcome, Outcome::Revoked { id: "w".into() });
+        assert!(s.node("w").is_none() && s.raft_id("w").is_none());
+    }
+
+    #[test]
+    fn a_manager_or_a_node_being_promoted_is_not_removed() {
+        let mut s = ClusterState::new();
+        s.apply(1, &Command::UpsertNode { node: worker("p") });
+        s.apply(
+            2,
+            &Command::SetNodeRole {
+                id: "p".into(),
+                role: NodeRole::Worker,
+                desired_role: NodeRole::Manager,
+            },
+        );
+        let (r, _) = s.apply(3, &Command::RemoveNode { id: "p".into() });
+        assert_eq!(r.outcome, Outcome::NodeIsManager { id: "p".into() });
+        s.apply(4, &Command::UpsertNode { node: worker("q") });
+        s.apply(5, &Command::AssignRaftId { node: "q".into() });
+        let (r, _) = s.apply(6, &Command::RemoveNode { id: "q".into() });
+        assert_eq!(r.outcome, Outcome::NodeIsManager { id: "q".into() });
+        assert!(s.node("p").is_some() && s.node("q").is_some());
+        assert!(!s.is_revoked("p") && !s.is_revoked("q"));
+    }
+
+    #[test]
+    fn join_secrets_rotate_one_role_at_a_time() {
+        let mut s = ClusterState::new();
+        for (rev, (role, secret)) in [("manager", 1u8), ("worker", 2), ("manager", 3)]
+            .into_iter()
+            .enumerate()
+        {
+            s.apply(
+                rev as u64 + 1,
+                &Command::SetJoinSecret {
+                    role: role.into(),
+                    secret: vec![secret; 16],
+                },
+            );
+        }
+        let secrets = &s.cluster().join_secrets;
+        assert_eq!(secrets.get("manager"), Some(&vec![3u8; 16]));
+        assert_eq!(secrets.get("worker"), Some(&vec![2u8; 16]));
     }
 
     #[test]

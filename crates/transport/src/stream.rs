@@ -10,8 +10,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::connection::{Connection, MessageError};
 
 /// One bidirectional QUIC stream as a tokio byte stream: reads come from the peer's half,
-/// writes go to ours. Shutting down the writer finishes our half (the peer reads EOF);
-/// dropping the stream without finishing resets it.
+/// writes go to ours. Shutting down the writer, or dropping the stream, finishes our half
+/// (the peer reads EOF after the bytes written).
 ///
 /// Unlike [`Connection::request`], nothing bounds the bytes that cross: the protocol on
 /// top sets its own limits and timeouts.

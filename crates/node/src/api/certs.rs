@@ -95,7 +95,8 @@ pub(crate) async fn issue(
                 created_revision: 0,
             },
         })
-        .await?;
+        .await
+        .map_err(super::write_error)?;
     let client = match r.outcome {
         Outcome::Client { client } => client,
         Outcome::ClientExists { name } => {
@@ -172,7 +173,10 @@ pub(crate) async fn revoke(
     Path(name): Path<String>,
 ) -> Answer<ClientView> {
     let store = store_of(&state.node())?;
-    let r = store.write(Command::RevokeClient { name }).await?;
+    let r = store
+        .write(Command::RevokeClient { name })
+        .await
+        .map_err(super::write_error)?;
     match r.outcome {
         Outcome::Client { client } => Ok(Json(ClientView::from(&client))),
         Outcome::NoSuchClient { name } => Err(Failure(ApiError::not_found(format!(

@@ -78,7 +78,7 @@ pub(crate) async fn put(
         },
         Some(rev) => Command::cas_revision(key.clone(), rev, value),
     };
-    let r = store.write(cmd).await?;
+    let r = store.write(cmd).await.map_err(super::write_error)?;
     if r.outcome == (Outcome::Txn { succeeded: false }) {
         return Err(Failure(
             ApiError::new(
@@ -113,7 +113,10 @@ pub(crate) async fn delete(
     let node = state.node();
     let store = store_of(&node)?;
     let started = Instant::now();
-    let r = store.write(Command::Delete { key }).await?;
+    let r = store
+        .write(Command::Delete { key })
+        .await
+        .map_err(super::write_error)?;
     node.metrics.write_took(started.elapsed());
     Ok(Json(KvDeleted {
         revision: r.revision,

@@ -49,7 +49,7 @@ pub(crate) async fn leave(
     State(state): State<ApiState>,
     caller: Option<Extension<super::Caller>>,
 ) -> Answer<Left> {
-    if caller.is_some_and(|Extension(c)| c != Caller::Local) {
+    if !caller.is_some_and(|Extension(c)| c == Caller::Local) {
         return Err(Failure(ApiError::permission_denied(
             "leave is served only on the node's own control socket",
         )));

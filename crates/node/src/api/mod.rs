@@ -69,6 +69,9 @@ pub struct ApiState {
 /// The longest a watch long poll waits for its first event, unless configured otherwise.
 pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(300);
 
+/// No configuration makes a watch wait longer than this (a day).
+const LONGEST_WATCH_WAIT: Duration = Duration::from_secs(86_400);
+
 impl ApiState {
     /// The state for `current`.
     pub fn new(current: Current) -> Self {
@@ -81,7 +84,7 @@ impl ApiState {
     /// Caps how long a watch long poll waits (default [`MAX_WATCH_WAIT`]): a proxy with a
     /// shorter idle timeout between the client and the node needs a smaller cap.
     pub fn with_max_watch_wait(mut self, cap: Duration) -> Self {
-        self.max_watch_wait = cap;
+        self.max_watch_wait = cap.min(LONGEST_WATCH_WAIT);
         self
     }
 
@@ -137,6 +140,16 @@ pub fn store_error(e: &StoreError) -> ApiError {
         _ => ErrorCode::Internal,
     };
     ApiError::new(code, e)
+}
+
+/// The API error for a failed write: an error that may come after the command reached the
+/// leader is `outcome_unknown`, never `unavailable` (which promises nothing changed, so a
+/// client may send the write elsewhere).
+pub fn write_error(e: StoreError) -> Failure {
+    match e {
+        StoreError::Raft(_) => Failure(ApiError::new(ErrorCode::OutcomeUnknown, e)),
+        e => Failure(store_error(&e)),
+    }
 }
 
 /// A handler's answer.
@@ -238,20 +251,25 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Failure {
     )))
 }
 
-/// A viewer may only read; remote callers may not make the answering node leave.
+/// A viewer may only read, and not the join tokens (a manager token is the keys to the
+/// cluster). A request without a caller marker is treated as a viewer's.
 async fn permission(req: Request, next: Next) -> Response {
     let caller = req
         .extensions()
         .get::<Caller>()
         .copied()
-        .unwrap_or(Caller::Local);
-    if caller == Caller::Viewer && req.method() != Method::GET && req.method() != Method::HEAD {
-        return Failure(ApiError::permission_denied(format!(
-            "a viewer certificate may only read: {} {} needs an admin certificate",
-            req.method(),
-            req.uri().path()
-        )))
-        .into_response();
+        .unwrap_or(Caller::Viewer);
+    if caller == Caller::Viewer {
+        let read = req.method() == Method::GET || req.method() == Method::HEAD;
+        let secret = req.uri().path().starts_with("/v1/join-token");
+        if !read || secret {
+            return Failure(ApiError::permission_denied(format!(
+                "a viewer certificate may only read, and not join tokens: {} {} needs an admin certificate",
+                req.method(),
+                req.uri().path()
+            )))
+            .into_response();
+        }
     }
     next.run(req).await
 }
@@ -371,11 +389,24 @@ fn config_error(e: starling_transport::IdentityError) -> starling_transport::Con
 }
 
 /// Serves remote callers: every admitted connection's streams, one HTTP/1.1 exchange each.
-pub async fn serve_quic(mut listener: starling_transport::Listener, router: Router) {
+/// Each stream is checked against the revoked set in `store` first, so a client revoked
+/// while its connection is open is shut out at its next request.
+pub async fn serve_quic(
+    mut listener: starling_transport::Listener,
+    router: Router,
+    store: Arc<Store>,
+) {
     while let Some(conn) = listener.accept().await {
-        let caller = match conn.peer().map(|p| p.role.as_str().to_owned()).as_deref() {
-            Some("admin") => Caller::Admin,
-            Some("viewer") => Caller::Viewer,
+        let Some(peer) = conn.peer().cloned() else {
+            conn.close(
+                starling_transport::CloseCode::ROLE_FORBIDDEN,
+                "not an api client",
+            );
+            continue;
+        };
+        let caller = match peer.role.as_str() {
+            "admin" => Caller::Admin,
+            "viewer" => Caller::Viewer,
             _ => {
                 conn.close(
                     starling_transport::CloseCode::ROLE_FORBIDDEN,
@@ -385,8 +416,22 @@ pub async fn serve_quic(mut listener: starling_transport::Listener, router: Rout
             }
         };
         let router = router.clone().layer(Extension(caller));
+        let store = store.clone();
         tokio::spawn(async move {
+            let id = peer.node_id.as_str().to_owned();
             while let Ok(stream) = conn.accept_stream().await {
+                let revoked = store
+                    .read(starling_raft_store::Consistency::Stale, |s| {
+                        s.is_revoked(&id)
+                    })
+                    .await
+                    .map(|(r, _)| r)
+                    .unwrap_or(true);
+                if revoked {
+                    tracing::info!(client = %id, "revoked api client: closing its connection");
+                    conn.close(starling_transport::CloseCode::REVOKED, "revoked");
+                    break;
+                }
                 tokio::spawn(serve_io(stream, router.clone()));
             }
         });
@@ -416,6 +461,60 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, router: Router) {
     loop {
         if let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(serve_io(stream, router.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_codes_by_variant() {
+        let cases = [
+            (
+                StoreError::NoQuorum {
+                    reachable: 1,
+                    voters: 3,
+                    needed: 2,
+                    waited: Duration::from_secs(1),
+                },
+                ErrorCode::NoQuorum,
+            ),
+            (
+                StoreError::Unknown("lost".into()),
+                ErrorCode::OutcomeUnknown,
+            ),
+            (
+                StoreError::Compacted {
+                    requested: 1,
+                    oldest: 5,
+                },
+                ErrorCode::Compacted,
+            ),
+            (
+                StoreError::TooLarge { size: 2, max: 1 },
+                ErrorCode::TooLarge,
+            ),
+            (
+                StoreError::NotLeader { leader: None },
+                ErrorCode::Unavailable,
+            ),
+            (
+                StoreError::MembershipChangeInProgress,
+                ErrorCode::Unavailable,
+            ),
+            (StoreError::Raft("stopped".into()), ErrorCode::Unavailable),
+            (
+                StoreError::Storage(std::io::Error::other("disk")),
+                ErrorCode::Internal,
+            ),
+            (StoreError::Config("bad".into()), ErrorCode::Internal),
+        ];
+        for (e, code) in cases {
+            let api = store_error(&e);
+            assert_eq!(api.code, code, "{e}");
+            assert_eq!(api.error, e.to_string());
         }
     }
 }

@@ -11,7 +11,8 @@ use starling_api::{
     Promoted, RemoveQuery, Written,
 };
 use starling_raft_store::{
-    ClusterState, Command, Consistency, NodeRecord, NodeRole, NodeStatus, Store, StoreError,
+    ClusterState, Command, Consistency, NodeRecord, NodeRole, NodeStatus, Outcome, Store,
+    StoreError,
 };
 
 use super::{Answer, ApiState, Failure, store_of};
@@ -190,7 +191,8 @@ pub(crate) async fn availability(
             id,
             availability: availability.into(),
         })
-        .await?;
+        .await
+        .map_err(super::write_error)?;
     Ok(Json(Written {
         revision: r.revision,
     }))
@@ -230,11 +232,23 @@ pub(crate) async fn remove(
             "node {id} is a manager: demote it first (managers are never removed from the voter set implicitly)"
         ))));
     }
-    // One entry removes the record and revokes the id.
-    let r = store.write(Command::RemoveNode { id }).await?;
-    Ok(Json(Written {
-        revision: r.revision,
-    }))
+    // One entry removes the record and revokes the id; it refuses a node that became (or
+    // is becoming) a manager since the checks above.
+    let r = store
+        .write(Command::RemoveNode { id: id.clone() })
+        .await
+        .map_err(super::write_error)?;
+    match r.outcome {
+        Outcome::NodeIsManager { .. } => Err(Failure(ApiError::conflict(format!(
+            "node {id} is a manager or being promoted: demote it first"
+        )))),
+        Outcome::NoSuchNode { .. } => {
+            Err(Failure(ApiError::not_found(format!("no such node: {id}"))))
+        }
+        _ => Ok(Json(Written {
+            revision: r.revision,
+        })),
+    }
 }
 
 /// Makes a worker a manager: it picks up a manager certificate and joins the Raft group.
@@ -305,8 +319,20 @@ pub(crate) async fn role_change(
                 role: record.role,
                 desired_role: NodeRole::Manager,
             })
-            .await?;
+            .await
+            .map_err(super::write_error)?;
         return Ok(Some(r.revision));
+    }
+    if record.role != NodeRole::Manager && record.desired_role == NodeRole::Manager {
+        // A promotion that has not happened yet (the node never picked up its manager
+        // certificate, or is down): demoting cancels it, releasing any Raft id it was given.
+        store
+            .write(Command::RetireManager {
+                node: id.to_owned(),
+            })
+            .await
+            .map_err(super::write_error)?;
+        return Ok(None);
     }
     if record.role != NodeRole::Manager {
         return Err(Failure(ApiError::conflict(format!(

@@ -50,14 +50,31 @@ pub(crate) async fn rotate(
 ) -> Answer<JoinTokenView> {
     let role = role(&role_name)?;
     let store = store_of(&state.node())?;
-    let (mut info, _) = store
-        .read(Consistency::Linearizable, |s| s.cluster().clone())
-        .await?;
     let secret = JoinSecret::generate().map_err(|e| Failure(ApiError::internal(e)))?;
-    info.join_secrets
-        .insert(role.to_string(), secret.as_bytes().to_vec());
-    store.write(Command::SetCluster { info }).await?;
-    token(&store, role).await
+    store
+        .write(Command::SetJoinSecret {
+            role: role.to_string(),
+            secret: secret.as_bytes().to_vec(),
+        })
+        .await
+        .map_err(super::write_error)?;
+    // The answer is the secret just written, not a read of it (a follower may not have
+    // applied the write yet).
+    let (ca_pem, _) = store
+        .read(Consistency::Stale, |s| s.cluster().ca_cert_pem.clone())
+        .await?;
+    Ok(Json(JoinTokenView {
+        role,
+        token: JoinToken::new(digest(&ca_pem)?, secret).to_string(),
+    }))
+}
+
+fn digest(ca_pem: &str) -> Result<CaDigest, Failure> {
+    CaDigest::of_pem_certificate(ca_pem).ok_or_else(|| {
+        Failure(ApiError::internal(
+            "the cluster CA certificate is unreadable",
+        ))
+    })
 }
 
 async fn token(store: &Store, role: NodeRole) -> Answer<JoinTokenView> {
@@ -75,12 +92,7 @@ async fn token(store: &Store, role: NodeRole) -> Answer<JoinTokenView> {
                 "the cluster has no join secret for this role",
             ))
         })?;
-    let digest = CaDigest::of_pem_certificate(&ca_pem).ok_or_else(|| {
-        Failure(ApiError::internal(
-            "the cluster CA certificate is unreadable",
-        ))
-    })?;
-    let token = JoinToken::new(digest, JoinSecret::from_bytes(secret));
+    let token = JoinToken::new(digest(&ca_pem)?, JoinSecret::from_bytes(secret));
     Ok(Json(JoinTokenView {
         role,
         token: token.to_string(),
