@@ -112,20 +112,7 @@ impl Context {
         credentials: &NodeCredentials,
     ) -> Result<Context, ContextError> {
         use std::os::unix::fs::PermissionsExt as _;
-        // Only a new directory or an earlier context is written over (never, say, a node's
-        // data directory, whose node.pem is its identity).
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for entry in entries.filter_map(Result::ok) {
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if !matches!(name.as_ref(), META | "node.pem" | ".context.json.tmp") {
-                    return Err(bad(
-                        dir,
-                        format!("holds {name}: not a context directory; choose a new one"),
-                    ));
-                }
-            }
-        }
+        Context::check_target(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| bad(dir, e))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| bad(dir, e))?;
@@ -139,6 +126,25 @@ impl Context {
             dir: dir.to_owned(),
             meta: meta.clone(),
         })
+    }
+
+    /// Checks that a context may be written to `dir`: a new directory or an earlier
+    /// context, never another directory (a node's data directory, whose `node.pem` is its
+    /// identity). Checking changes nothing.
+    pub fn check_target(dir: &Path) -> Result<(), ContextError> {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.filter_map(Result::ok) {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if !matches!(name.as_ref(), META | "node.pem" | ".context.json.tmp") {
+                    return Err(bad(
+                        dir,
+                        format!("holds {name}: not a context directory; choose a new one"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The client certificate, key and CA.

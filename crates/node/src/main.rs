@@ -827,6 +827,8 @@ async fn cert(cmd: CertCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             lifetime,
         } => {
             starling_api::check_name(&name)?;
+            // Before anything is issued: a certificate nobody can store is not recorded.
+            starling_api::Context::check_target(&out)?;
             let key = starling_transport::NodeKey::generate()?;
             let req = starling_api::CertRequest {
                 name: name.clone(),

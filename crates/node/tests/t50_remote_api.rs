@@ -207,6 +207,48 @@ fn t50_typed_errors_certificates_and_context_failover() {
     let ls = ok(&with_home(&home, &["--context", "ops", "node", "ls"]));
     assert_eq!(ls.lines().count(), 5, "{ls}");
     assert!(ls.contains(starling_api::VERSION), "{ls}");
+    // The context in use serves commands given neither --context nor --data-dir; a context
+    // directory works as well as a name; a removed name no longer resolves.
+    ok(&with_home(&home, &["context", "use", "ops"]));
+    assert!(ok(&with_home(&home, &["context", "ls"])).contains("* ops"));
+    assert_eq!(ok(&with_home(&home, &["node", "ls"])).lines().count(), 5);
+    let by_dir = ctx_dir("ro");
+    let members = ok(&with_home(
+        &home,
+        &["--context", by_dir.to_str().unwrap(), "members"],
+    ));
+    assert!(members.contains("alive"), "{members}");
+    ok(&with_home(&home, &["context", "rm", "tmp"]));
+    let gone = with_home(&home, &["--context", "tmp", "node", "ls"]);
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no context"));
+    ok(&with_home(
+        &home,
+        &["context", "import", ctx_dir("tmp").to_str().unwrap()],
+    ));
+    // A context is never written over a directory that is not one (a node's data dir).
+    let clobber = with_home(
+        &home,
+        &[
+            "cert",
+            "issue",
+            "--data-dir",
+            c.dir(0),
+            "--role",
+            "admin",
+            "--name",
+            "x",
+            "--out",
+            c.dir(1),
+        ],
+    );
+    assert!(!clobber.status.success());
+    assert!(String::from_utf8_lossy(&clobber.stderr).contains("not a context directory"));
+    let certs = ok(&with_home(&home, &["cert", "ls", "--data-dir", c.dir(0)]));
+    assert!(
+        !certs.lines().any(|l| l.starts_with("x ")),
+        "a refused issue recorded a client: {certs}"
+    );
     // Typed errors through QUIC.
     let admin = Context::load(&ctx_dir("ops"))
         .unwrap()
