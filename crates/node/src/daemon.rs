@@ -338,6 +338,10 @@ pub async fn enter_raft_group(
             JoinReply::NotLeader { leader } => target = leader.or(target),
             // Another manager's change was under way (through another manager): retry.
             JoinReply::MembershipBusy => {}
+            // The leader could not finish it now (lost quorum or leadership): ask again.
+            JoinReply::Unavailable(why) => {
+                tracing::info!(%why, "raft group entry not finished yet; asking again");
+            }
             JoinReply::Refused(why) => anyhow::bail!("could not join the raft group: {why}"),
             other => anyhow::bail!("unexpected answer: {other:?}"),
         }

@@ -122,6 +122,9 @@ pub enum JoinReply {
     },
     /// Raft was still committing another membership change: nothing changed; ask again.
     MembershipBusy,
+    /// The cluster could not carry the request out now (no quorum, leadership lost, a
+    /// storage error): it may have been partly done; asking again finishes it.
+    Unavailable(String),
     /// Refused, with the reason.
     Refused(String),
 }
@@ -323,7 +326,26 @@ pub async fn demote_on_leader(store: &Store, node_id: &str) -> JoinReply {
         };
     }
     let Some((raft_id, _)) = s.nodes.iter().find(|(_, n)| n.name == node_id) else {
-        return JoinReply::Refused(format!("{node_id} is not a manager"));
+        // Out of the Raft group but still recorded as a manager: an earlier demotion
+        // stopped after the membership change. Recording it finishes the demotion.
+        let recorded = store
+            .read(Consistency::Linearizable, |st| {
+                st.node(node_id).map(|n| n.role == NodeRole::Manager)
+            })
+            .await;
+        return match recorded {
+            Ok((Some(true), _)) => match store
+                .write(Command::RetireManager {
+                    node: node_id.to_owned(),
+                })
+                .await
+            {
+                Ok(_) => JoinReply::Demoted,
+                Err(e) => refusal(e),
+            },
+            Ok(_) => JoinReply::Refused(format!("{node_id} is not a manager")),
+            Err(e) => refusal(e),
+        };
     };
     let raft_id = *raft_id;
     if s.voters.len() <= 1 && s.voters.contains(&raft_id) {
@@ -367,11 +389,12 @@ pub async fn demote_on_leader(store: &Store, node_id: &str) -> JoinReply {
     }
 }
 
-/// A store error as an answer: a membership change still in progress is worth retrying.
+/// A store error as an answer: a membership change still in progress is worth retrying;
+/// the others say the cluster could not do it now (not that the request was refused).
 fn refusal(e: StoreError) -> JoinReply {
     match e {
         StoreError::MembershipChangeInProgress => JoinReply::MembershipBusy,
-        e => JoinReply::Refused(e.to_string()),
+        e => JoinReply::Unavailable(e.to_string()),
     }
 }
 

@@ -395,6 +395,12 @@ pub(crate) async fn role_change(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             JoinReply::Refused(why) => return Err(Failure(ApiError::conflict(why))),
+            JoinReply::Unavailable(why) => {
+                return Err(Failure(ApiError::new(
+                    starling_api::ErrorCode::OutcomeUnknown,
+                    format!("the demotion did not finish ({why}): run it again to complete it"),
+                )));
+            }
             other => {
                 return Err(Failure(ApiError::internal(format!(
                     "unexpected answer: {other:?}"
