@@ -390,12 +390,81 @@ fn t50_typed_errors_certificates_and_context_failover() {
         },
     );
 
+    // A write whose answer is lost is outcome_unknown (504), through both transports: the
+    // leader is paused (SIGSTOP) just before a follower forwards two writes to it, and the
+    // other two managers elect a new leader while the writes are in flight.
+    let (leader_idx, follower_idx) = {
+        let infos: Vec<_> = (0..3)
+            .map(|i| rt.block_on(c.unix(i).info()).unwrap())
+            .collect();
+        let leader = infos[0].raft.as_ref().unwrap().leader.unwrap();
+        let l = (0..3)
+            .find(|i| infos[*i].raft.as_ref().unwrap().id == leader)
+            .unwrap();
+        (l, (l + 1) % 3)
+    };
+    let follower_addr = ManagerAddr {
+        node_id: rt.block_on(c.unix(follower_idx).info()).unwrap().node_id,
+        addr: rt.block_on(c.unix(follower_idx).info()).unwrap().addr,
+    };
+    let through_follower = Client::remote(
+        Context::load(&ctx_dir("ops"))
+            .unwrap()
+            .credentials()
+            .unwrap(),
+        vec![follower_addr],
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    rt.block_on(through_follower.info()).unwrap();
+    let via_socket = c.unix(follower_idx);
+    rt.block_on(via_socket.info()).unwrap();
+    let leader_pid = c.daemons[leader_idx].as_ref().unwrap().0.id().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &leader_pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    let (a, b) = rt.block_on(async {
+        tokio::join!(
+            via_socket.kv_put("in-flight", "1"),
+            through_follower.kv_put("in-flight", "2")
+        )
+    });
+    signal("-CONT");
+    assert_eq!(code(a), Some(ErrorCode::OutcomeUnknown));
+    assert_eq!(code(b), Some(ErrorCode::OutcomeUnknown));
+    poll("three managers again", Duration::from_secs(30), || {
+        let list = rt.block_on(local.nodes()).ok()?;
+        let ok = list
+            .nodes
+            .iter()
+            .filter(|n| {
+                matches!(
+                    n.manager_status,
+                    Some(
+                        starling_api::ManagerStatus::Leader
+                            | starling_api::ManagerStatus::Reachable
+                    )
+                )
+            })
+            .count();
+        (ok == 3).then_some(())
+    });
+
     // Failover: with one manager killed, a command through the context succeeds through
     // another within 3 s, whichever manager it tries first.
+    let ids: Vec<u64> = (0..3)
+        .map(|i| rt.block_on(c.unix(i).info()).unwrap().raft.unwrap().id)
+        .collect();
     let leader = rt.block_on(local.info()).unwrap().raft.unwrap().leader;
-    let follower = (1..3)
-        .find(|i| rt.block_on(c.unix(*i).info()).unwrap().raft.unwrap().id != leader.unwrap_or(0))
-        .unwrap();
+    let leader_idx = (0..3).find(|i| Some(ids[*i]) == leader).unwrap();
+    let follower = (0..3).find(|i| *i != leader_idx).unwrap();
     // The killed manager first in the context.
     let mut ctx = Context::load(&ctx_dir("ops")).unwrap();
     let killed_id = rt.block_on(c.unix(follower).info()).unwrap().node_id;
@@ -412,10 +481,10 @@ fn t50_typed_errors_certificates_and_context_failover() {
         assert!(took < Duration::from_secs(3), "failover took {took:?}");
     }
 
-    // Without a quorum: no_quorum through the socket, within a bounded time.
-    let other = (1..3).find(|i| *i != follower).unwrap();
+    // Without a quorum: no_quorum through the leader's socket, within a bounded time.
+    let other = (0..3).find(|i| *i != follower && *i != leader_idx).unwrap();
     c.daemons[other] = None;
-    let r = rt.block_on(local.kv_put("k", "lost"));
+    let r = rt.block_on(c.unix(leader_idx).kv_put("k", "lost"));
     assert_eq!(code(r), Some(ErrorCode::NoQuorum));
     // And through QUIC: the client passes over the dead managers to the live one.
     let fresh = Context::load(&ctx_dir("ops"))
@@ -424,5 +493,5 @@ fn t50_typed_errors_certificates_and_context_failover() {
         .unwrap();
     let r = rt.block_on(fresh.kv_put("k", "lost"));
     assert_eq!(code(r), Some(ErrorCode::NoQuorum));
-    let _ = starling(&["node", "ls", "--data-dir", c.dir(0)]);
+    let _ = starling(&["node", "ls", "--data-dir", c.dir(leader_idx)]);
 }
