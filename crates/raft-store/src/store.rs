@@ -432,6 +432,18 @@ impl Store {
         }
     }
 
+    /// The members of the Raft group (voters and learners) with their addresses: the part
+    /// of [`Store::status`] that callers on a hot path need, without copying the metrics.
+    pub fn managers(&self) -> Vec<(u64, ManagerNode)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(i, n)| (*i, n.clone()))
+            .collect()
+    }
+
     fn leader_node(&self) -> Option<(u64, ManagerNode)> {
         let m = self.raft.metrics().borrow_watched().clone();
         let id = m.current_leader?;

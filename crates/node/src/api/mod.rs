@@ -314,8 +314,7 @@ async fn managers_header(State(state): State<ApiState>, req: Request, next: Next
     let mut resp = next.run(req).await;
     if let Some(store) = &state.node().store {
         let list: Vec<String> = store
-            .status()
-            .nodes
+            .managers()
             .iter()
             .map(|(_, n)| format!("{}@{}", n.name, n.addr))
             .collect();
