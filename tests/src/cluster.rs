@@ -121,14 +121,7 @@ pub type KvRead = Option<(String, u64)>;
 
 /// Percent-encodes a key for a path.
 pub fn encode(key: &str) -> String {
-    key.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    starling_api::percent_encode(key)
 }
 
 /// A daemon process, by pid.

@@ -94,7 +94,8 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encodes a path segment or query value (unreserved characters stay as they are).
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -670,10 +671,6 @@ impl Remote {
 }
 
 fn shuffle<T>(v: &mut [T]) {
-    use rand::RngExt as _;
-    let mut rng = rand::rng();
-    for i in (1..v.len()).rev() {
-        let j = rng.random_range(0..=i);
-        v.swap(i, j);
-    }
+    use rand::seq::SliceRandom as _;
+    v.shuffle(&mut rand::rng());
 }

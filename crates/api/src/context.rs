@@ -68,6 +68,7 @@ pub struct Context {
 }
 
 const META: &str = "context.json";
+const TMP: &str = ".context.json.tmp";
 
 fn bad(path: &Path, why: impl std::fmt::Display) -> ContextError {
     ContextError::Bad {
@@ -76,20 +77,19 @@ fn bad(path: &Path, why: impl std::fmt::Display) -> ContextError {
     }
 }
 
-/// Checks that a context name is a DNS label.
+/// Checks that a context (or client) name is a DNS label, the rule of certificate names.
 pub fn check_name(name: &str) -> Result<(), ContextError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ContextError::BadName(name.to_owned()))
-    }
+    starling_transport::check_label("context name", name)
+        .map_err(|_| ContextError::BadName(name.to_owned()))
+}
+
+/// Writes `context.json` in `dir` through a temporary file and a rename.
+fn write_meta(dir: &Path, meta: &ContextMeta) -> Result<(), ContextError> {
+    let path = dir.join(META);
+    let text = serde_json::to_string_pretty(meta).map_err(|e| bad(&path, e))?;
+    let tmp = dir.join(TMP);
+    std::fs::write(&tmp, text).map_err(|e| bad(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| bad(&path, e))
 }
 
 impl Context {
@@ -117,11 +117,7 @@ impl Context {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| bad(dir, e))?;
         credentials.save(dir).map_err(|e| bad(dir, e))?;
-        let path = dir.join(META);
-        let text = serde_json::to_string_pretty(meta).map_err(|e| bad(&path, e))?;
-        let tmp = dir.join(".context.json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| bad(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| bad(&path, e))?;
+        write_meta(dir, meta)?;
         Ok(Context {
             dir: dir.to_owned(),
             meta: meta.clone(),
@@ -136,7 +132,7 @@ impl Context {
             for entry in entries.filter_map(Result::ok) {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if !matches!(name.as_ref(), META | "node.pem" | ".context.json.tmp") {
+                if !matches!(name.as_ref(), META | "node.pem" | TMP) {
                     return Err(bad(
                         dir,
                         format!("holds {name}: not a context directory; choose a new one"),
@@ -170,11 +166,7 @@ impl Context {
             return Ok(());
         }
         self.meta.managers = managers;
-        let path = self.dir.join(META);
-        let text = serde_json::to_string_pretty(&self.meta).map_err(|e| bad(&path, e))?;
-        let tmp = self.dir.join(".context.json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| bad(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| bad(&path, e))
+        write_meta(&self.dir, &self.meta)
     }
 }
 

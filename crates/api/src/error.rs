@@ -64,7 +64,7 @@ impl ErrorCode {
     /// Starling handler, such as a proxy's).
     pub fn from_status(status: u16) -> ErrorCode {
         match status {
-            400 | 422 => ErrorCode::InvalidArgument,
+            400 | 408 | 415 | 422 => ErrorCode::InvalidArgument,
             401 | 403 => ErrorCode::PermissionDenied,
             404 => ErrorCode::NotFound,
             405 => ErrorCode::MethodNotAllowed,

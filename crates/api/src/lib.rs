@@ -26,7 +26,7 @@ mod context;
 mod error;
 mod types;
 
-pub use client::{API_ALPN, Client, ClientError, MANAGERS_HEADER, RawResponse};
+pub use client::{API_ALPN, Client, ClientError, MANAGERS_HEADER, RawResponse, percent_encode};
 pub use context::{Context, ContextError, ContextMeta, Registry, check_name};
 pub use error::{ApiError, ErrorCode};
 pub use types::*;

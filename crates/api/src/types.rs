@@ -67,13 +67,33 @@ pub enum ManagerStatus {
     Unreachable,
 }
 
-impl std::fmt::Display for NodeRole {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            NodeRole::Manager => "manager",
-            NodeRole::Worker => "worker",
-        })
-    }
+/// The wire name of each value (what serde writes), as `as_str` and `Display`.
+macro_rules! wire_names {
+    ($($t:ident { $($v:ident => $s:literal),* $(,)? })*) => {$(
+        impl $t {
+            /// The value's wire name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($t::$v => $s),*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+
+wire_names! {
+    NodeRole { Manager => "manager", Worker => "worker" }
+    Availability { Active => "active", Pause => "pause", Drain => "drain" }
+    NodeStatus { Ready => "ready", Down => "down", Unknown => "unknown" }
+    ManagerStatus { Leader => "leader", Reachable => "reachable", Unreachable => "unreachable" }
+    MemberState { Alive => "alive", Down => "down" }
+    ClientRole { Admin => "admin", Viewer => "viewer" }
 }
 
 impl From<starling_state::NodeRole> for NodeRole {
@@ -489,16 +509,6 @@ pub enum ClientRole {
     Viewer,
 }
 
-impl ClientRole {
-    /// The certificate OU.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClientRole::Admin => "admin",
-            ClientRole::Viewer => "viewer",
-        }
-    }
-}
-
 impl From<starling_state::ClientRole> for ClientRole {
     fn from(r: starling_state::ClientRole) -> Self {
         match r {
@@ -606,19 +616,53 @@ pub fn decode_bytes(text: &str) -> Result<Vec<u8>, crate::ApiError> {
 
 /// The DER bytes of the first PEM block in `text` (a certificate).
 pub fn pem_to_der(text: &str) -> Result<Vec<u8>, crate::ApiError> {
-    let mut inside = false;
-    let mut body = String::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.starts_with("-----BEGIN ") {
-            inside = true;
-        } else if line.starts_with("-----END ") {
-            if inside {
-                return decode_bytes(&body);
-            }
-        } else if inside {
-            body.push_str(line);
+    pem::parse(text)
+        .map(pem::Pem::into_contents)
+        .map_err(|e| crate::ApiError::invalid(format!("not PEM: {e}")))
+}
+
+/// A DER certificate as PEM.
+pub fn certificate_pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names_are_what_serde_writes() {
+        fn same<T: Serialize + std::fmt::Display>(v: T) {
+            assert_eq!(
+                serde_json::to_value(&v).ok(),
+                Some(serde_json::Value::String(v.to_string()))
+            );
+        }
+        for v in [NodeRole::Manager, NodeRole::Worker] {
+            same(v);
+        }
+        for v in [
+            Availability::Active,
+            Availability::Pause,
+            Availability::Drain,
+        ] {
+            same(v);
+        }
+        for v in [NodeStatus::Ready, NodeStatus::Down, NodeStatus::Unknown] {
+            same(v);
+        }
+        for v in [
+            ManagerStatus::Leader,
+            ManagerStatus::Reachable,
+            ManagerStatus::Unreachable,
+        ] {
+            same(v);
+        }
+        for v in [MemberState::Alive, MemberState::Down] {
+            same(v);
+        }
+        for v in [ClientRole::Admin, ClientRole::Viewer] {
+            same(v);
         }
     }
-    Err(crate::ApiError::invalid("no PEM block found"))
 }

@@ -480,13 +480,6 @@ fn capitalised(s: &str) -> String {
         .unwrap_or_default()
 }
 
-fn name_of<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 fn print_nodes(list: &starling_api::NodeList, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&list.nodes)?),
@@ -500,10 +493,10 @@ fn print_nodes(list: &starling_api::NodeList, format: Format) -> anyhow::Result<
                     "{:<14} {:<20} {:<8} {:<13} {:<15} {}",
                     n.id,
                     n.hostname,
-                    capitalised(&name_of(&n.status)),
-                    capitalised(&name_of(&n.availability)),
+                    capitalised(n.status.as_str()),
+                    capitalised(n.availability.as_str()),
                     n.manager_status
-                        .map(|m| capitalised(&name_of(&m)))
+                        .map(|m| capitalised(m.as_str()))
                         .unwrap_or_default(),
                     n.version
                 );
@@ -626,10 +619,7 @@ async fn real_main() -> anyhow::Result<()> {
                     for m in &v.members {
                         println!(
                             "{:<14} {:<22} {:<6} {}",
-                            m.node,
-                            m.addr,
-                            name_of(&m.state),
-                            m.generation
+                            m.node, m.addr, m.state, m.generation
                         );
                     }
                 }
@@ -854,7 +844,7 @@ async fn cert(cmd: CertCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             Registry::user()?.register(&name, &out)?;
             println!(
                 "Context {name} ({}) written to {} and registered: `starling --context {name} node ls`.",
-                name_of(&issued.client.role),
+                issued.client.role,
                 out.display()
             );
             Ok(())
@@ -871,11 +861,7 @@ async fn cert(cmd: CertCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                     for c in &v.clients {
                         println!(
                             "{:<20} {:<14} {:<7} {:<8} {}",
-                            c.name,
-                            c.id,
-                            name_of(&c.role),
-                            c.revoked,
-                            c.not_after
+                            c.name, c.id, c.role, c.revoked, c.not_after
                         );
                     }
                 }

@@ -132,6 +132,13 @@ fn t50_typed_errors_certificates_and_context_failover() {
     let _in_runtime = rt.enter();
     let home = c._tmp.path().join("home");
     let ctx_dir = |n: &str| c._tmp.path().join(format!("ctx-{n}"));
+    // A fresh client of a context, dials bounded by `secs`.
+    let remote = |n: &str, secs: u64| {
+        Context::load(&ctx_dir(n))
+            .unwrap()
+            .client(Duration::from_secs(secs))
+            .unwrap()
+    };
 
     // Typed errors through the Unix socket.
     let local = c.unix(0);
@@ -250,14 +257,8 @@ fn t50_typed_errors_certificates_and_context_failover() {
         "a refused issue recorded a client: {certs}"
     );
     // Typed errors through QUIC.
-    let admin = Context::load(&ctx_dir("ops"))
-        .unwrap()
-        .client(Duration::from_secs(2))
-        .unwrap();
-    let viewer = Context::load(&ctx_dir("ro"))
-        .unwrap()
-        .client(Duration::from_secs(2))
-        .unwrap();
+    let admin = remote("ops", 2);
+    let viewer = remote("ro", 2);
     assert_eq!(
         rt.block_on(viewer.kv_get("k", Consistency::Linearizable))
             .unwrap()
@@ -361,10 +362,7 @@ fn t50_typed_errors_certificates_and_context_failover() {
     }
 
     // A revoked client certificate is refused by every manager.
-    let tmp_client = Context::load(&ctx_dir("tmp"))
-        .unwrap()
-        .client(Duration::from_secs(2))
-        .unwrap();
+    let tmp_client = remote("tmp", 2);
     rt.block_on(tmp_client.info()).unwrap();
     ok(&with_home(
         &home,
@@ -382,10 +380,7 @@ fn t50_typed_errors_certificates_and_context_failover() {
         "the revoked client refused",
         Duration::from_secs(10),
         || {
-            let fresh = Context::load(&ctx_dir("tmp"))
-                .unwrap()
-                .client(Duration::from_secs(2))
-                .unwrap();
+            let fresh = remote("tmp", 2);
             rt.block_on(fresh.info()).is_err().then_some(())
         },
     );
@@ -487,10 +482,7 @@ fn t50_typed_errors_certificates_and_context_failover() {
     let r = rt.block_on(c.unix(leader_idx).kv_put("k", "lost"));
     assert_eq!(code(r), Some(ErrorCode::NoQuorum));
     // And through QUIC: the client passes over the dead managers to the live one.
-    let fresh = Context::load(&ctx_dir("ops"))
-        .unwrap()
-        .client(Duration::from_secs(1))
-        .unwrap();
+    let fresh = remote("ops", 1);
     let r = rt.block_on(fresh.kv_put("k", "lost"));
     assert_eq!(code(r), Some(ErrorCode::NoQuorum));
     let _ = starling(&["node", "ls", "--data-dir", c.dir(leader_idx)]);

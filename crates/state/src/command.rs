@@ -99,8 +99,9 @@ wire_type!(
             /// Desired role.
             desired_role: NodeRole,
         },
-        /// Remove a node record, revoke its id (refused by every manager from now on) and
-        /// release its Raft id, in one entry.
+        /// Remove a node record and revoke its id (refused by every manager from now on), in
+        /// one entry. Refused ([`Outcome::NodeIsManager`]) for a manager, a node being
+        /// promoted or one holding a Raft id.
         RemoveNode {
             /// Node id.
             id: String,

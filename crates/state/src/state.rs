@@ -150,9 +150,7 @@ impl ClusterState {
             }
             Command::RemoveNode { id } => match self.image.nodes.remove(id) {
                 Some(node) => {
-                    let system = &mut self.image.system;
-                    system.revoked.insert(id.clone());
-                    system.raft_ids.remove(id);
+                    self.image.system.revoked.insert(id.clone());
                     Outcome::Node { node }
                 }
                 None => Outcome::NoSuchNode { id: id.clone() },

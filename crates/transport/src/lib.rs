@@ -81,7 +81,7 @@ pub use endpoint::{
     Protocol, RequestError, ResetKey, ring_provider,
 };
 pub use error::{CloseCode, StreamCode};
-pub use identity::{CertSerial, ClusterId, IdentityError, NodeId, PeerIdentity, Role};
+pub use identity::{CertSerial, ClusterId, IdentityError, NodeId, PeerIdentity, Role, check_label};
 pub use pki::{CA_LIFETIME, CertOptions, ClusterCa, NodeCredentials, NodeKey, PkiError};
 pub use stream::ByteStream;
 pub use token::{

@@ -110,21 +110,9 @@ pub(crate) async fn issue(
             ))));
         }
     };
-    let pem = |der: &[u8]| {
-        let body = starling_api::encode_bytes(der);
-        let lines: Vec<&str> = body
-            .as_bytes()
-            .chunks(64)
-            .filter_map(|c| std::str::from_utf8(c).ok())
-            .collect();
-        format!(
-            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-            lines.join("\n")
-        )
-    };
     Ok(Json(IssuedCert {
         client: ClientView::from(&client),
-        cert_pem: pem(&cert),
+        cert_pem: starling_api::certificate_pem(&cert),
         ca_pem: info.ca_cert_pem,
         cluster_id: info.cluster_id,
         managers: store

@@ -289,11 +289,7 @@ async fn typed_errors(req: Request, next: Next) -> Response {
     if is_json {
         return resp;
     }
-    let code = match status.as_u16() {
-        415 | 422 => ErrorCode::InvalidArgument,
-        408 => ErrorCode::InvalidArgument,
-        s => ErrorCode::from_status(s),
-    };
+    let code = ErrorCode::from_status(status.as_u16());
     let (_, body) = resp.into_parts();
     let text = axum::body::to_bytes(body, 64 * 1024)
         .await

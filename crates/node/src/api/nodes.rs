@@ -1,6 +1,6 @@
 //! Nodes: list, inspect, promote, demote, availability, remove.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use axum::Json;
@@ -24,17 +24,18 @@ const REACHABLE_WITHIN: Duration = Duration::from_secs(2);
 /// The gossip label in which every node publishes its Starling version.
 pub(crate) const VERSION_LABEL: &str = "starling.version";
 
-fn versions(node: &RunningNode) -> std::collections::BTreeMap<String, String> {
+/// The Starling version of every node this one has heard from, by node id: its own, and each
+/// gossip record's label.
+fn versions(node: &RunningNode) -> BTreeMap<String, String> {
     let catalog = node.gossip.catalog();
-    let mut out = std::collections::BTreeMap::new();
-    for (id, _) in catalog.digest() {
-        if let Some(v) = catalog
-            .record(&id)
-            .and_then(|r| r.labels.get(VERSION_LABEL))
-        {
-            out.insert(id.clone(), v.clone());
-        }
-    }
+    let mut out: BTreeMap<String, String> = catalog
+        .digest()
+        .into_iter()
+        .filter_map(|(id, _)| {
+            let version = catalog.record(&id)?.labels.get(VERSION_LABEL)?.clone();
+            Some((id, version))
+        })
+        .collect();
     out.insert(node.state.node_id.clone(), starling_api::VERSION.to_owned());
     out
 }
@@ -220,11 +221,7 @@ pub(crate) async fn remove(
     if n.status != NodeStatus::Down && !q.force.unwrap_or(false) {
         let status: starling_api::NodeStatus = n.status.into();
         return Err(Failure(ApiError::conflict(format!(
-            "node {id} is {} (not down): use --force to remove it anyway",
-            serde_json::to_value(status)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default()
+            "node {id} is {status} (not down): use --force to remove it anyway"
         ))));
     }
     if n.role == NodeRole::Manager {
