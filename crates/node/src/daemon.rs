@@ -301,53 +301,106 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<RunningNode> {
     let raft_id = raft_id.ok_or_else(|| anyhow::anyhow!("a manager join without a raft id"))?;
     let seeds = state.managers.clone();
     let node = start_manager(dir, state, endpoint.clone(), creds).await?;
-    enter_raft_group(&endpoint, &seeds, raft_id).await?;
+    let store = node
+        .store
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("a manager started without a store"))?;
+    enter_raft_group(&endpoint, &seeds, raft_id, &store).await?;
     Ok(node)
 }
 
-/// Asks the leader (found through `seeds`) to add this manager to the Raft group: learner
-/// first, voter once caught up.
+/// Asks the leader to add this manager to the Raft group: learner first, voter once caught
+/// up. The leader is found through `seeds` at first, then through this manager's own Raft
+/// store, which learns the leader as soon as this manager is a learner: a seed that went
+/// away in the middle (killed, or its leadership lost) does not strand the entry.
 pub async fn enter_raft_group(
     endpoint: &Endpoint,
     seeds: &[(String, SocketAddr)],
     raft_id: u64,
+    store: &Store,
 ) -> anyhow::Result<()> {
     use crate::join::{JoinReply, JoinRequest, call, join_protocol};
     let protocol = join_protocol()?;
     let me = endpoint.identity().map(|i| i.node_id.to_string());
-    let mut target = seeds.iter().find(|(n, _)| Some(n) != me.as_ref()).cloned();
-    for _ in 0..50 {
-        let Some((leader_id, addr)) = target.clone() else {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut hint: Option<(String, SocketAddr)> = None;
+    let mut attempt = 0usize;
+    let mut last_error = String::from("no manager to ask");
+    while tokio::time::Instant::now() < deadline {
+        attempt += 1;
+        let Some((leader_id, addr)) = hint
+            .take()
+            .or_else(|| store_leader(store))
+            .or_else(|| pick_manager(seeds, store, me.as_deref(), attempt))
+        else {
             break;
         };
-        let conn = endpoint
-            .connect(&protocol, &NodeId::new(leader_id)?, addr)
-            .await?;
-        let reply = match call(&conn, &JoinRequest::AddManager { raft_id }).await {
-            Ok(r) => r,
-            // No answer (a loaded leader still catching this manager up): asking again is
-            // safe, a manager already in the group is answered `Added`.
-            Err(e) => {
-                tracing::info!(error = %e, "no answer to the raft group entry yet; asking again");
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                continue;
-            }
+        let reply = match NodeId::new(leader_id.clone()) {
+            Ok(id) => match endpoint.connect(&protocol, &id, addr).await {
+                Ok(conn) => call(&conn, &JoinRequest::AddManager { raft_id }).await,
+                Err(e) => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
         };
         match reply {
-            JoinReply::Added => return Ok(()),
-            JoinReply::NotLeader { leader } => target = leader.or(target),
+            Ok(JoinReply::Added) => return Ok(()),
+            Ok(JoinReply::NotLeader { leader }) => hint = leader,
             // Another manager's change was under way (through another manager): retry.
-            JoinReply::MembershipBusy => {}
+            Ok(JoinReply::MembershipBusy) => {}
             // The leader could not finish it now (lost quorum or leadership): ask again.
-            JoinReply::Unavailable(why) => {
+            Ok(JoinReply::Unavailable(why)) => {
                 tracing::info!(%why, "raft group entry not finished yet; asking again");
+                last_error = why;
             }
-            JoinReply::Refused(why) => anyhow::bail!("could not join the raft group: {why}"),
-            other => anyhow::bail!("unexpected answer: {other:?}"),
+            Ok(JoinReply::Refused(why)) => anyhow::bail!("could not join the raft group: {why}"),
+            Ok(other) => anyhow::bail!("unexpected answer: {other:?}"),
+            // No answer (a loaded leader still catching this manager up, or a manager that
+            // went away): asking again is safe, a manager already in the group is answered
+            // `Added`.
+            Err(e) => {
+                tracing::info!(manager = %leader_id, error = %e, "no answer to the raft group entry yet; asking again");
+                last_error = e.to_string();
+            }
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    anyhow::bail!("no leader accepted this manager into the raft group")
+    anyhow::bail!("no leader accepted this manager into the raft group: {last_error}")
+}
+
+/// The leader as this manager's own store knows it (once it is a learner), unless it is
+/// this manager itself.
+fn store_leader(store: &Store) -> Option<(String, SocketAddr)> {
+    let status = store.status();
+    let leader = status.leader.filter(|l| *l != status.id)?;
+    status
+        .nodes
+        .into_iter()
+        .find(|(id, _)| *id == leader)
+        .and_then(|(_, n)| Some((n.name, n.addr.parse().ok()?)))
+}
+
+/// The managers this one knows of (the seeds, then the Raft membership it has seen), taken
+/// in turn as attempts go by.
+fn pick_manager(
+    seeds: &[(String, SocketAddr)],
+    store: &Store,
+    me: Option<&str>,
+    attempt: usize,
+) -> Option<(String, SocketAddr)> {
+    let mut known: Vec<(String, SocketAddr)> = seeds.to_vec();
+    for (_, n) in store.status().nodes {
+        if let Ok(addr) = n.addr.parse()
+            && !known.iter().any(|(k, _)| *k == n.name)
+        {
+            known.push((n.name, addr));
+        }
+    }
+    known.retain(|(n, _)| Some(n.as_str()) != me);
+    if known.is_empty() {
+        return None;
+    }
+    let i = attempt % known.len();
+    Some(known.swap_remove(i))
 }
 
 /// The node as it runs now: replaced when its role changes.
@@ -482,7 +535,11 @@ async fn start_role(m: &RunningNode, change: &RoleChange) -> anyhow::Result<Runn
             .ok_or_else(|| anyhow::anyhow!("a promotion without a raft id"))?;
         let seeds = state.managers.clone();
         let new = start_manager(dir, state, m.endpoint.clone(), creds).await?;
-        if let Err(e) = enter_raft_group(&m.endpoint, &seeds, raft_id).await {
+        let store = new
+            .store
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("a manager started without a store"))?;
+        if let Err(e) = enter_raft_group(&m.endpoint, &seeds, raft_id, &store).await {
             new.stop_components().await;
             return Err(e);
         }

@@ -39,9 +39,52 @@ fn code(r: Result<impl std::fmt::Debug, ClientError>) -> Option<ErrorCode> {
 }
 
 struct Cluster {
-    _tmp: tempfile::TempDir,
-    dirs: Vec<PathBuf>,
+    // Dropped in this order: the daemons, then the mounts under the directory, then it.
     daemons: Vec<Option<Daemon>>,
+    _mounts: Vec<Tmpfs>,
+    dirs: Vec<PathBuf>,
+    _tmp: tempfile::TempDir,
+}
+
+/// A tmpfs of a given size mounted on a directory for the guard's life (needs root, as
+/// the netns tests do); unmounted (lazily) when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "this test fills a small tmpfs and needs root to mount it: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_owned())
+    }
+
+    /// Writes zeros into `name` until the file system is full.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join(name)).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
 
 impl Cluster {
@@ -63,11 +106,18 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// Three managers and a worker on loopback.
 fn cluster() -> Cluster {
+    cluster_with(|_| Vec::new())
+}
+
+/// Three managers and a worker on loopback, `mounts` made on their directories (m1, m2, m3,
+/// w1) before anything starts.
+fn cluster_with(mounts: impl FnOnce(&[PathBuf]) -> Vec<Tmpfs>) -> Cluster {
     let tmp = tempfile::tempdir().unwrap();
     let dirs: Vec<PathBuf> = ["m1", "m2", "m3", "w1"]
         .iter()
         .map(|n| tmp.path().join(n))
         .collect();
+    let mounts = mounts(&dirs);
     let m1_addr = format!("127.0.0.1:{}", free_port());
     let mut daemons = vec![Some(spawn(&[
         "init",
@@ -118,9 +168,10 @@ fn cluster() -> Cluster {
         );
     }
     Cluster {
-        _tmp: tmp,
-        dirs,
         daemons,
+        _mounts: mounts,
+        dirs,
+        _tmp: tmp,
     }
 }
 
@@ -486,4 +537,131 @@ fn t50_typed_errors_certificates_and_context_failover() {
     let r = rt.block_on(fresh.kv_put("k", "lost"));
     assert_eq!(code(r), Some(ErrorCode::NoQuorum));
     let _ = starling(&["node", "ls", "--data-dir", c.dir(leader_idx)]);
+}
+
+#[test]
+fn t51_a_manager_whose_disk_fills_up_answers_unavailable_and_nothing_is_lost() {
+    let mut c = cluster_with(|dirs| vec![Tmpfs::mount(&dirs[1], "32m")]);
+    let rt = rt();
+    let _in_runtime = rt.enter();
+    let local = c.unix(0);
+    let m2 = c.unix(1);
+    for i in 0..20 {
+        rt.block_on(local.kv_put(&format!("before-{i}"), "1"))
+            .unwrap();
+    }
+    poll("m2 has every write", Duration::from_secs(20), || {
+        rt.block_on(m2.kv_get("before-19", Consistency::Stale)).ok()
+    });
+    let ctx = c._tmp.path().join("ctx");
+    let issued = starling(&[
+        "cert",
+        "issue",
+        "--data-dir",
+        c.dir(0),
+        "--role",
+        "admin",
+        "--name",
+        "ops",
+        "--out",
+        ctx.to_str().unwrap(),
+    ]);
+    ok(&issued);
+    let context = Context::load(&ctx).unwrap();
+    let m2_id = rt.block_on(m2.info()).unwrap().node_id;
+    // A fresh client that knows only m2 (a client learns the other managers from its
+    // first answer, and then fails over to them).
+    let only_m2 = || {
+        Client::remote(
+            context.credentials().unwrap(),
+            context
+                .meta
+                .managers
+                .iter()
+                .filter(|m| m.node_id == m2_id)
+                .cloned()
+                .collect(),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    };
+    rt.block_on(only_m2().info()).unwrap();
+
+    // m2's disk fills up. The majority (m1, m3) goes on taking writes; m2's log append fails
+    // and its Raft stops, while the process keeps serving its API.
+    c._mounts[0].fill("filler");
+    // Values larger than a page: the log's last page has no room for them.
+    let big = "2".repeat(16 << 10);
+    for i in 0..20 {
+        rt.block_on(local.kv_put(&format!("during-{i}"), big.clone()))
+            .unwrap();
+    }
+    let unavailable = |r: Result<starling_api::KvEntry, ClientError>| match r {
+        Err(ClientError::Api(e)) if e.code == ErrorCode::Unavailable => Some(e.error),
+        _ => None,
+    };
+    let why = poll(
+        "m2 unavailable through its socket",
+        Duration::from_secs(30),
+        || unavailable(rt.block_on(m2.kv_get("during-19", Consistency::Linearizable))),
+    );
+    assert!(why.contains("No space left on device"), "{why}");
+    let why = unavailable(rt.block_on(only_m2().kv_get("during-19", Consistency::Linearizable)))
+        .unwrap_or_else(|| {
+            panic!(
+                "{:?}",
+                rt.block_on(only_m2().kv_get("during-19", Consistency::Linearizable))
+                    .err()
+            )
+        });
+    assert!(why.contains("No space left on device"), "{why}");
+    let stopped = rt.block_on(m2.info()).unwrap().raft.unwrap().stopped;
+    assert!(
+        stopped
+            .as_deref()
+            .is_some_and(|s| s.contains("No space left on device")),
+        "{stopped:?}"
+    );
+    // Stale reads and writes are refused too: a stopped manager is behind by an unknown
+    // amount.
+    let r = rt.block_on(m2.kv_get("before-0", Consistency::Stale));
+    assert_eq!(code(r), Some(ErrorCode::Unavailable));
+    let r = rt.block_on(only_m2().kv_put("refused", "x"));
+    assert_eq!(code(r), Some(ErrorCode::Unavailable));
+    assert!(
+        c.daemons[1]
+            .as_mut()
+            .unwrap()
+            .0
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "m2 exited"
+    );
+    // A client of the whole context passes over m2 to a manager that answers.
+    for _ in 0..5 {
+        let client = context.client(Duration::from_secs(2)).unwrap();
+        let got = rt.block_on(client.kv_get("during-19", Consistency::Linearizable));
+        assert_eq!(got.unwrap().value.as_deref(), Some(big.as_str()));
+    }
+
+    // Space freed and m2 restarted: it catches up and has every acknowledged write.
+    std::fs::remove_file(c.dirs[1].join("filler")).unwrap();
+    c.daemons[1] = None;
+    c.daemons[1] = Some(spawn(&["run", "--data-dir", c.dir(1)]));
+    poll(
+        "m2 reads linearizably again",
+        Duration::from_secs(30),
+        || {
+            rt.block_on(m2.kv_get("during-19", Consistency::Linearizable))
+                .ok()
+        },
+    );
+    for key in (0..20).flat_map(|i| [format!("before-{i}"), format!("during-{i}")]) {
+        let e = rt.block_on(m2.kv_get(&key, Consistency::Stale)).unwrap();
+        assert!(e.value.is_some(), "{key} lost");
+    }
+    rt.block_on(only_m2().kv_put("after", "3")).unwrap();
+    let r = rt.block_on(local.kv_get("refused", Consistency::Linearizable));
+    assert_eq!(code(r), Some(ErrorCode::NotFound));
 }

@@ -203,6 +203,18 @@ pub enum StoreError {
     /// committed when the deadline passed; nothing changed, and the call may be retried.
     #[error("another membership change is still being committed; retry")]
     MembershipChangeInProgress,
+    /// This manager's Raft stopped after a fatal error (its disk full or failing): it serves
+    /// neither reads nor writes until it is restarted once the cause is fixed; the other
+    /// managers go on without it. Nothing was done.
+    #[error("this manager's raft stopped after a fatal error ({0}); fix the cause and restart it")]
+    Stopped(String),
+    /// A linearizable read: this manager did not apply the leader's commit index in time
+    /// (it is behind); nothing was read, and another manager may answer.
+    #[error("this manager did not catch up to revision {index} in time")]
+    Lagging {
+        /// The revision it had to reach.
+        index: u64,
+    },
 }
 
 /// The largest command a write may carry, encoded (etcd's default request limit is 1.5 MiB).
@@ -610,7 +622,26 @@ impl Store {
                 max: MAX_COMMAND_BYTES,
             });
         }
+        self.running()?;
         self.on_leader(WriteCall(cmd)).await
+    }
+
+    /// Fails with [`StoreError::Stopped`] once this manager's Raft stopped after a fatal
+    /// error.
+    fn running(&self) -> Result<(), StoreError> {
+        match &self.raft.metrics().borrow_watched().running_state {
+            Ok(()) => Ok(()),
+            Err(fatal) => Err(StoreError::Stopped(fatal.to_string())),
+        }
+    }
+
+    /// Why this manager's Raft stopped, if it did (a fatal storage error): it then serves
+    /// nothing until restarted.
+    pub fn stopped(&self) -> Option<String> {
+        self.running().err().map(|e| match e {
+            StoreError::Stopped(why) => why,
+            other => other.to_string(),
+        })
     }
 
     /// Runs `f` on the state at the requested consistency; returns its answer and the
@@ -620,6 +651,9 @@ impl Store {
         consistency: Consistency,
         f: impl FnOnce(&ClusterState) -> T,
     ) -> Result<(T, u64), StoreError> {
+        // A stopped manager's state is behind by an unknown amount: even a stale read is
+        // refused, so clients go to a manager that follows the log.
+        self.running()?;
         if consistency == Consistency::Linearizable {
             let started = Instant::now();
             let index = self.on_leader(ReadIndexCall).await?;
@@ -628,10 +662,20 @@ impl Store {
                 .quorum_deadline()
                 .saturating_sub(started.elapsed())
                 .max(Duration::from_millis(100));
-            self.wait_applied(index, left).await?;
+            if let Err(e) = self.wait_applied(index, left).await {
+                return Err(self.running().err().unwrap_or(e));
+            }
         }
         let st = self.sm.read();
         Ok((f(&st.data), st.data.revision()))
+    }
+
+    /// Runs `f` on this manager's last applied state, whether or not its Raft still runs: for
+    /// the manager's own checks (is this client revoked?), never for answers to clients,
+    /// which [`Store::read`] refuses once Raft stopped.
+    pub fn read_applied<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> (T, u64) {
+        let st = self.sm.read();
+        (f(&st.data), st.data.revision())
     }
 
     /// Waits until this manager applied `index`.
@@ -641,9 +685,7 @@ impl Store {
         match tokio::time::timeout(within, wait).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(StoreError::Raft("store closed".into())),
-            Err(_) => Err(StoreError::Unknown(format!(
-                "this manager did not catch up to revision {index} in time"
-            ))),
+            Err(_) => Err(StoreError::Lagging { index }),
         }
     }
 

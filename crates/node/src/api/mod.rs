@@ -135,7 +135,9 @@ pub fn store_error(e: &StoreError) -> ApiError {
         StoreError::TooLarge { .. } => ErrorCode::TooLarge,
         StoreError::NotLeader { .. }
         | StoreError::Raft(_)
-        | StoreError::MembershipChangeInProgress => ErrorCode::Unavailable,
+        | StoreError::MembershipChangeInProgress
+        | StoreError::Stopped(_)
+        | StoreError::Lagging { .. } => ErrorCode::Unavailable,
         StoreError::Storage(_) | StoreError::Config(_) => ErrorCode::Internal,
         _ => ErrorCode::Internal,
     };
@@ -210,7 +212,7 @@ pub fn openapi_json() -> String {
 
 /// The control API's router for `state`.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/info", get(info::info))
         .route("/v1/openapi.json", get(info::openapi_json))
         .route("/v1/nodes", get(nodes::list))
@@ -230,18 +232,39 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/join-token/{role}/rotate", post(tokens::rotate))
         .route("/v1/certs", get(certs::list).post(certs::issue))
         .route("/v1/certs/{name}", axum::routing::delete(certs::revoke))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            managers_header,
-        ))
+        .fallback(not_found);
+    typed(router.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        managers_header,
+    )))
+    .with_state(state)
+}
+
+/// The layers that make every failure an [`ApiError`]: a handler that panics (a bug)
+/// answers `internal` while the node and its other requests go on; error answers that are
+/// not JSON yet (axum's rejections, timeouts, limits) become typed ones.
+fn typed<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(axum::middleware::from_fn(permission))
         .layer(axum::middleware::from_fn(typed_errors))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             BODY_TIMEOUT,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(state)
+}
+
+fn panicked(cause: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = cause
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| cause.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned());
+    tracing::error!(panic = %what, "an API handler panicked");
+    Failure(ApiError::internal(format!(
+        "the request failed inside the node (a bug: {what}); it was not carried out or its outcome is unknown"
+    )))
+    .into_response()
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> Failure {
@@ -415,13 +438,7 @@ pub async fn serve_quic(
         tokio::spawn(async move {
             let id = peer.node_id.as_str().to_owned();
             while let Ok(stream) = conn.accept_stream().await {
-                let revoked = store
-                    .read(starling_raft_store::Consistency::Stale, |s| {
-                        s.is_revoked(&id)
-                    })
-                    .await
-                    .map(|(r, _)| r)
-                    .unwrap_or(true);
+                let (revoked, _) = store.read_applied(|s| s.is_revoked(&id));
                 if revoked {
                     tracing::info!(client = %id, "revoked api client: closing its connection");
                     conn.close(starling_transport::CloseCode::REVOKED, "revoked");
@@ -461,8 +478,34 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, router: Router) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_internal_and_the_router_goes_on() {
+        use tower::ServiceExt;
+        let app = typed(
+            Router::new()
+                .route("/boom", get(|| async { panic!("kaboom") as &'static str }))
+                .route("/fine", get(|| async { "fine" })),
+        );
+        let get = |path: &str| {
+            axum::http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        let resp = app.clone().oneshot(get("/boom")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let e: ApiError = serde_json::from_slice(&body).unwrap();
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert!(e.error.contains("kaboom"), "{}", e.error);
+        let resp = app.oneshot(get("/fine")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
 
     #[test]
     fn store_errors_map_to_codes_by_variant() {
@@ -500,6 +543,11 @@ mod tests {
                 ErrorCode::Unavailable,
             ),
             (StoreError::Raft("stopped".into()), ErrorCode::Unavailable),
+            (
+                StoreError::Stopped("disk full".into()),
+                ErrorCode::Unavailable,
+            ),
+            (StoreError::Lagging { index: 7 }, ErrorCode::Unavailable),
             (
                 StoreError::Storage(std::io::Error::other("disk")),
                 ErrorCode::Internal,
