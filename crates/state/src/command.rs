@@ -1,10 +1,14 @@
 //! Commands (what a Raft log entry carries) and what applying them did.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::objects::{
     Availability, ClientRecord, ClusterInfo, KvEntry, NodeRecord, NodeRole, NodeStatus,
 };
+use crate::service::{Service, ServiceSpec};
+use crate::task::{NodeDescription, TaskOp, TaskRefusal, TaskReport};
 
 wire_type!(
     /// A condition of a transaction (etcd's `Compare`).
@@ -142,6 +146,65 @@ wire_type!(
             /// The new secret.
             secret: Vec<u8>,
         },
+        /// Create a service. Refused if the spec is invalid ([`Outcome::InvalidSpec`]) or
+        /// its name is taken ([`Outcome::ServiceNameTaken`]).
+        CreateService {
+            /// The spec.
+            spec: ServiceSpec,
+            /// The proposing manager's clock (ms since the Unix epoch).
+            at: u64,
+        },
+        /// Replace a service's spec. `expected_version` (0: any) guards against a lost
+        /// update ([`Outcome::ServiceVersionConflict`]); the previous spec is kept for
+        /// rollback, and `spec_version` moves when the task template changed.
+        UpdateService {
+            /// Service id.
+            id: String,
+            /// The new spec.
+            spec: ServiceSpec,
+            /// The version the change was made against (0: any).
+            expected_version: u64,
+            /// The proposing manager's clock.
+            at: u64,
+        },
+        /// Remove a service: in the same entry its runnable tasks are wanted `Remove` and
+        /// its tasks that never reached a node end.
+        RemoveService {
+            /// Service id.
+            id: String,
+        },
+        /// A batch of task changes from the leader's orchestrators and scheduler: one log
+        /// entry, each op whole or not at all ([`Outcome::Tasks`] lists the refused ones).
+        WriteTasks {
+            /// The proposing manager's clock.
+            at: u64,
+            /// The changes, applied in order.
+            ops: Vec<TaskOp>,
+        },
+        /// Task statuses reported by `node`'s agent (coalesced by the dispatcher); a report
+        /// for a task of another node, or one going backwards, is refused.
+        ReportTasks {
+            /// The reporting node.
+            node: String,
+            /// The statuses.
+            reports: Vec<TaskReport>,
+        },
+        /// Add and remove node labels (`node update --label-add/--label-rm`).
+        SetNodeLabels {
+            /// Node id.
+            id: String,
+            /// Labels to set.
+            add: BTreeMap<String, String>,
+            /// Labels to remove.
+            remove: Vec<String>,
+        },
+        /// What a node's agent reports of its machine.
+        SetNodeDescription {
+            /// Node id.
+            id: String,
+            /// The description.
+            description: NodeDescription,
+        },
     }
 );
 
@@ -193,6 +256,15 @@ impl std::fmt::Display for Command {
             Command::AddClient { client } => write!(f, "add api client {}", client.name),
             Command::RevokeClient { name } => write!(f, "revoke api client {name}"),
             Command::SetJoinSecret { role, .. } => write!(f, "new join secret for {role}"),
+            Command::CreateService { spec, .. } => write!(f, "create service {}", spec.name),
+            Command::UpdateService { id, .. } => write!(f, "update service {id}"),
+            Command::RemoveService { id } => write!(f, "remove service {id}"),
+            Command::WriteTasks { ops, .. } => write!(f, "write {} task changes", ops.len()),
+            Command::ReportTasks { node, reports } => {
+                write!(f, "{} task reports from {node}", reports.len())
+            }
+            Command::SetNodeLabels { id, .. } => write!(f, "node {id} labels"),
+            Command::SetNodeDescription { id, .. } => write!(f, "node {id} description"),
         }
     }
 }
@@ -258,6 +330,60 @@ wire_type!(
             /// The id.
             id: String,
         },
+        /// A service after the change (after its removal, for a removal).
+        Service {
+            /// The record.
+            service: Box<Service>,
+        },
+        /// The command named a service that does not exist; nothing changed.
+        NoSuchService {
+            /// The id.
+            id: String,
+        },
+        /// Another service has this name; nothing changed.
+        ServiceNameTaken {
+            /// The name.
+            name: String,
+        },
+        /// The service changed since the version the update was made against; nothing
+        /// changed.
+        ServiceVersionConflict {
+            /// Its version now.
+            current: u64,
+        },
+        /// The spec is invalid; nothing changed.
+        InvalidSpec {
+            /// Why.
+            why: String,
+        },
+        /// What a batch of task changes did.
+        Tasks {
+            /// Ids of the tasks created, in op order.
+            created: Vec<String>,
+            /// The ops refused (by index in the batch) and why; the others applied.
+            refused: Vec<OpRefusal>,
+        },
+        /// What a batch of task reports did.
+        TaskReports {
+            /// Reports that changed a task.
+            applied: u32,
+            /// Reports of a state the task already had.
+            unchanged: u32,
+            /// Reports refused, and why.
+            refused: Vec<OpRefusal>,
+        },
+    }
+);
+
+wire_type!(
+    /// One refused op or report of a batch.
+    pub struct OpRefusal {
+        /// Its index in the batch.
+        pub index: u32,
+        /// The task it named, if any.
+        pub task: Option<String>,
+        /// Why.
+        pub refusal: TaskRefusal,
     }
 );
 

@@ -41,11 +41,25 @@ macro_rules! wire_type {
 
 mod command;
 mod objects;
+mod service;
 mod state;
+mod task;
+mod workload;
 
-pub use command::{Command, CommandResult, Compare, KvEvent, Outcome, TxnOp};
+pub use workload::node_schedulable;
+
+pub use command::{Command, CommandResult, Compare, KvEvent, OpRefusal, Outcome, TxnOp};
 pub use objects::{
     Availability, ClientRecord, ClientRole, ClusterInfo, KvEntry, NodeRecord, NodeRole, NodeStatus,
     Settings, SystemRecords,
 };
+pub use service::{
+    Constraint, ConstraintKey, FailureAction, Placement, PortProtocol, PortSpec, ProcessSpec,
+    Resources, RestartCondition, RestartPolicy, Service, ServiceMode, ServiceSpec, Spread,
+    TaskTemplate, UpdateConfig, UpdateOrder, dns_label_error,
+};
 pub use state::{ClusterState, StateImage, WATCH_HISTORY};
+pub use task::{
+    AssignedPort, ExitInfo, NodeDescription, Slot, Task, TaskOp, TaskRefusal, TaskReport,
+    TaskState, TaskStatus, check_report,
+};

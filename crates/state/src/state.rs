@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandResult, Compare, KvEvent, Outcome, TxnOp};
 use crate::objects::{ClientRecord, ClusterInfo, KvEntry, NodeRecord, NodeRole, SystemRecords};
+use crate::service::Service;
+use crate::task::{NodeDescription, Task};
 
 /// Revisions kept for `watch` to resume from; older ones are compacted.
 pub const WATCH_HISTORY: usize = 100_000;
@@ -25,13 +27,22 @@ wire_type!(
         pub cluster: ClusterInfo,
         /// Revocations, Raft ids and API clients: not reachable through the key-value API.
         pub system: SystemRecords,
+        /// Services by id.
+        pub services: BTreeMap<String, Service>,
+        /// Tasks by id.
+        pub tasks: BTreeMap<String, Task>,
+        /// What each node's agent reported of its machine, by node id.
+        pub node_descriptions: BTreeMap<String, NodeDescription>,
     }
 );
 
 /// The state machine's data and the recent history for `watch`.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
-    image: StateImage,
+    pub(crate) image: StateImage,
+    /// Derived from `image` (rebuilt from a snapshot, never stored): task ids by service
+    /// and by node.
+    pub(crate) index: crate::workload::TaskIndex,
     history: VecDeque<KvEvent>,
     /// Events with a revision below this are no longer in `history`.
     compacted_before: u64,
@@ -48,6 +59,7 @@ impl ClusterState {
     pub fn from_image(image: StateImage) -> Self {
         let compacted_before = image.revision + 1;
         ClusterState {
+            index: crate::workload::TaskIndex::of(&image),
             image,
             history: VecDeque::new(),
             compacted_before,
@@ -111,6 +123,8 @@ impl ClusterState {
                     Some(old) => NodeRecord {
                         status: old.status.clone(),
                         availability: old.availability.clone(),
+                        // Labels belong to the operator (`node update --label-add`).
+                        labels: old.labels.clone(),
                         version: old.version + 1,
                         created_revision: old.created_revision,
                         updated_revision: revision,
@@ -151,6 +165,7 @@ impl ClusterState {
             Command::RemoveNode { id } => match self.image.nodes.remove(id) {
                 Some(node) => {
                     self.image.system.revoked.insert(id.clone());
+                    self.image.node_descriptions.remove(id);
                     Outcome::Node { node }
                 }
                 None => Outcome::NoSuchNode { id: id.clone() },
@@ -207,6 +222,33 @@ impl ClusterState {
                     .insert(role.clone(), secret.clone());
                 Outcome::Done
             }
+            Command::CreateService { spec, at } => self.create_service(revision, spec, *at),
+            Command::UpdateService {
+                id,
+                spec,
+                expected_version,
+                at,
+            } => self.update_service(revision, id, spec, *expected_version, *at),
+            Command::RemoveService { id } => self.remove_service(revision, id),
+            Command::WriteTasks { at, ops } => self.write_tasks(revision, *at, ops),
+            Command::ReportTasks { node, reports } => self.report_tasks(revision, node, reports),
+            Command::SetNodeLabels { id, add, remove } => self.change_node(revision, id, |n| {
+                for k in remove {
+                    n.labels.remove(k);
+                }
+                n.labels
+                    .extend(add.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }),
+            Command::SetNodeDescription { id, description } => {
+                if self.image.nodes.contains_key(id) {
+                    self.image
+                        .node_descriptions
+                        .insert(id.clone(), description.clone());
+                    Outcome::Done
+                } else {
+                    Outcome::NoSuchNode { id: id.clone() }
+                }
+            }
             Command::RevokeClient { name } => {
                 let system = &mut self.image.system;
                 match system.clients.get_mut(name) {
@@ -232,7 +274,12 @@ impl ClusterState {
         (CommandResult { revision, outcome }, events)
     }
 
-    fn change_node(&mut self, revision: u64, id: &str, f: impl FnOnce(&mut NodeRecord)) -> Outcome {
+    pub(crate) fn change_node(
+        &mut self,
+        revision: u64,
+        id: &str,
+        f: impl FnOnce(&mut NodeRecord),
+    ) -> Outcome {
         match self.image.nodes.get_mut(id) {
             Some(n) => {
                 f(n);
