@@ -17,6 +17,7 @@ use starling_transport::{
     ring_provider,
 };
 
+use crate::services::{LabelChange, ScaleRequest, ServiceList, ServiceSpec, ServiceView, TaskList};
 use crate::types::*;
 use crate::{ApiError, ErrorCode};
 
@@ -237,6 +238,77 @@ impl Client {
     pub async fn remove_node(&self, id: &str, force: bool) -> Result<Written, ClientError> {
         let target = format!("/v1/nodes/{}?force={force}", percent_encode(id));
         self.json(Method::DELETE, &target, Bytes::new()).await
+    }
+
+    /// `GET /v1/services`.
+    pub async fn services(&self) -> Result<ServiceList, ClientError> {
+        self.get("/v1/services").await
+    }
+
+    /// `GET /v1/services/{id}` (an id, an id prefix or a name).
+    pub async fn service(&self, id: &str) -> Result<ServiceView, ClientError> {
+        self.get(&format!("/v1/services/{}", percent_encode(id))).await
+    }
+
+    /// `POST /v1/services`.
+    pub async fn create_service(&self, spec: &ServiceSpec) -> Result<ServiceView, ClientError> {
+        self.json_body(Method::POST, "/v1/services", to_json(spec)?)
+            .await
+    }
+
+    /// `PUT /v1/services/{id}[?version=N]`: replaces the spec (`version`: only if the
+    /// service is still at that version).
+    pub async fn update_service(
+        &self,
+        id: &str,
+        spec: &ServiceSpec,
+        version: Option<u64>,
+    ) -> Result<ServiceView, ClientError> {
+        let mut target = format!("/v1/services/{}", percent_encode(id));
+        if let Some(v) = version {
+            target.push_str(&format!("?version={v}"));
+        }
+        self.json_body(Method::PUT, &target, to_json(spec)?).await
+    }
+
+    /// `POST /v1/services/{id}/scale`.
+    pub async fn scale_service(&self, id: &str, replicas: u32) -> Result<ServiceView, ClientError> {
+        let target = format!("/v1/services/{}/scale", percent_encode(id));
+        self.json_body(Method::POST, &target, to_json(&ScaleRequest { replicas })?)
+            .await
+    }
+
+    /// `DELETE /v1/services/{id}`.
+    pub async fn remove_service(&self, id: &str) -> Result<ServiceView, ClientError> {
+        let target = format!("/v1/services/{}", percent_encode(id));
+        self.json(Method::DELETE, &target, Bytes::new()).await
+    }
+
+    /// `GET /v1/tasks[?service=S][&node=N]`.
+    pub async fn tasks(
+        &self,
+        service: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<TaskList, ClientError> {
+        let mut q = Vec::new();
+        if let Some(s) = service {
+            q.push(format!("service={}", percent_encode(s)));
+        }
+        if let Some(n) = node {
+            q.push(format!("node={}", percent_encode(n)));
+        }
+        let target = if q.is_empty() {
+            "/v1/tasks".to_owned()
+        } else {
+            format!("/v1/tasks?{}", q.join("&"))
+        };
+        self.get(&target).await
+    }
+
+    /// `PUT /v1/nodes/{id}/labels`.
+    pub async fn node_labels(&self, id: &str, change: &LabelChange) -> Result<Written, ClientError> {
+        let target = format!("/v1/nodes/{}/labels", percent_encode(id));
+        self.json_body(Method::PUT, &target, to_json(change)?).await
     }
 
     /// `GET /v1/members`.

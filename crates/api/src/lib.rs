@@ -23,6 +23,8 @@
 
 mod client;
 mod context;
+pub mod dispatch;
+mod services;
 mod error;
 mod types;
 
@@ -30,6 +32,7 @@ pub use client::{API_ALPN, Client, ClientError, MANAGERS_HEADER, RawResponse, pe
 pub use context::{Context, ContextError, ContextMeta, Registry, check_name};
 pub use error::{ApiError, ErrorCode};
 pub use types::*;
+pub use services::*;
 
 /// The `http` crate the client speaks (for [`Client::raw`]'s method).
 pub use http;

@@ -654,6 +654,38 @@ async fn start_gossip(
     Ok(gossip)
 }
 
+/// The node's agent: it runs the tasks the managers assign to this node. Its dispatchers
+/// are the managers the node knows (this one first on a manager).
+fn start_agent(
+    dir: &DataDir,
+    state: &NodeState,
+    endpoint: &Endpoint,
+    store: Option<Arc<Store>>,
+) -> tokio::task::JoinHandle<()> {
+    let mut managers = state.managers.clone();
+    if state.role == "manager" {
+        managers.retain(|(n, _)| *n != state.node_id);
+        managers.insert(0, (state.node_id.clone(), state.advertise));
+    }
+    let (port_min, port_max) = starling_manager::scheduler::DEFAULT_PORT_RANGE;
+    starling_agent::spawn(
+        endpoint.clone(),
+        managers,
+        starling_agent::AgentConfig {
+            local: store.map(|store| {
+                let node = state.node_id.clone();
+                let open: starling_agent::LocalDispatcher = Arc::new(move || {
+                    starling_manager::dispatcher::local_session(store.clone(), node.clone())
+                });
+                open
+            }),
+            tasks_dir: dir.0.join("tasks"),
+            host_ip: state.advertise.ip().to_string(),
+            description: starling_agent::describe_machine(port_min, port_max),
+        },
+    )
+}
+
 async fn start_worker(
     dir: DataDir,
     state: NodeState,
@@ -661,7 +693,7 @@ async fn start_worker(
 ) -> anyhow::Result<RunningNode> {
     let gossip = start_gossip(&dir, &state, &endpoint).await?;
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let tasks = Vec::new();
+    let tasks = vec![start_agent(&dir, &state, &endpoint, None)];
     let api_listener = None;
     Ok(RunningNode {
         state,
@@ -688,6 +720,7 @@ async fn start_manager(
     // The ALPN listeners first, so a start that fails leaves nothing running.
     let listener = endpoint.listen(&crate::join::join_server_protocol()?)?;
     let api_listener = Some(endpoint.listen(&crate::api::api_server_protocol()?)?);
+    let dispatch_listener = endpoint.listen(&starling_manager::dispatcher::protocol()?)?;
     let mut config = StoreConfig::new(
         dir.raft_dir(),
         raft_id,
@@ -721,6 +754,15 @@ async fn start_manager(
         state.node_id.clone(),
         metrics.clone(),
     )));
+    tasks.push(tokio::spawn(starling_manager::supervisor::run(
+        store.clone(),
+        starling_manager::OrchestratorConfig::default(),
+    )));
+    tasks.push(tokio::spawn(starling_manager::dispatcher::serve(
+        dispatch_listener,
+        store.clone(),
+    )));
+    tasks.push(start_agent(&dir, &state, &endpoint, Some(store.clone())));
     Ok(RunningNode {
         state,
         store: Some(store),

@@ -142,6 +142,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// Services: programs the cluster keeps running as tasks on its nodes.
+    Service {
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+    },
     /// The replicated key-value store.
     Kv {
         #[command(subcommand)]
@@ -277,15 +282,31 @@ enum NodeCmd {
         /// Node id.
         id: String,
     },
-    /// Change a node's availability.
+    /// Change a node's availability or labels.
     Update {
         #[command(flatten)]
         dir: DirArg,
         /// `active`, `pause` or `drain`.
         #[arg(long)]
-        availability: String,
+        availability: Option<String>,
+        /// Add or change a label `K=V` (repeatable).
+        #[arg(long)]
+        label_add: Vec<String>,
+        /// Remove a label (repeatable).
+        #[arg(long)]
+        label_rm: Vec<String>,
         /// Node id.
         id: String,
+    },
+    /// List the tasks on a node (default: this one).
+    Ps {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Node id or host name.
+        node: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Remove a node from the cluster (a node that is not down needs --force).
     Rm {
@@ -305,6 +326,136 @@ enum NodeCmd {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create a service: `starling service create --name web --replicas 3 -- python3 -m http.server`.
+    Create {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Name (a DNS label; default: the program's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Tasks wanted.
+        #[arg(long, conflicts_with = "mode")]
+        replicas: Option<u32>,
+        /// `replicated` or `global` (one task per eligible node).
+        #[arg(long, value_enum)]
+        mode: Option<ServiceMode>,
+        /// Environment variable `K=V` (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Working directory.
+        #[arg(long)]
+        workdir: Option<String>,
+        /// User to run as (the agent must run as root).
+        #[arg(long)]
+        user: Option<String>,
+        /// Constraint such as `node.labels.zone==b` or `node.role!=manager` (repeatable).
+        #[arg(long)]
+        constraint: Vec<String>,
+        /// Placement preference `spread=node.labels.<name>` (repeatable).
+        #[arg(long)]
+        placement_pref: Vec<String>,
+        /// `any` (default), `on-failure` or `none`.
+        #[arg(long)]
+        restart_condition: Option<String>,
+        /// Delay before a restart (`5s`, `1m`).
+        #[arg(long, value_parser = parse_duration)]
+        restart_delay: Option<std::time::Duration>,
+        /// Restarts allowed (0: unlimited).
+        #[arg(long)]
+        restart_max_attempts: Option<u32>,
+        /// Window the restarts are counted in.
+        #[arg(long, value_parser = parse_duration)]
+        restart_window: Option<std::time::Duration>,
+        /// Memory limit and reservation (`512M`, `2G`, bytes).
+        #[arg(long, value_parser = parse_bytes)]
+        limit_memory: Option<u64>,
+        /// CPU limit and reservation (`0.5`, `2`).
+        #[arg(long, value_parser = parse_cpus)]
+        limit_cpu: Option<u64>,
+        /// A port to allocate, by name (`HTTP`; repeatable): `STARLING_PORT_HTTP`, and `PORT`
+        /// for the first.
+        #[arg(long)]
+        port: Vec<String>,
+        /// Print only the id.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Program and arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List the services.
+    Ls {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// List a service's tasks, with their history.
+    Ps {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Service id, name or id prefix.
+        service: String,
+        /// Only `desired-state=running|shutdown|…`.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Show a service in full.
+    Inspect {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Service id, name or id prefix.
+        service: String,
+    },
+    /// Change a service: its tasks are replaced one at a time.
+    Update {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Service id, name or id prefix.
+        service: String,
+        /// Tasks wanted.
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Set an environment variable `K=V` (repeatable).
+        #[arg(long)]
+        env_add: Vec<String>,
+        /// Remove an environment variable (repeatable).
+        #[arg(long)]
+        env_rm: Vec<String>,
+        /// Replace the program and arguments (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Set services' task counts: `starling service scale web=5 api=2`.
+    Scale {
+        #[command(flatten)]
+        dir: DirArg,
+        /// `SERVICE=REPLICAS` (repeatable).
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Remove services; their tasks stop.
+    Rm {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Service ids, names or id prefixes.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ServiceMode {
+    Replicated,
+    Global,
 }
 
 #[derive(Subcommand)]
@@ -653,6 +804,7 @@ async fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Kv { cmd } => kv(cmd, ctx).await,
+        Cmd::Service { cmd } => service(cmd, ctx).await,
         Cmd::Cert { cmd } => cert(cmd, ctx).await,
         Cmd::Context { cmd } => context(cmd),
         Cmd::Demo => tokio::task::spawn_blocking(demo::run).await?,
@@ -683,12 +835,34 @@ async fn node(cmd: NodeCmd, ctx: &Option<String>) -> anyhow::Result<()> {
         NodeCmd::Update {
             dir,
             availability,
+            label_add,
+            label_rm,
             id,
         } => {
-            let availability: starling_api::Availability = availability.parse()?;
-            call!(&dir, ctx, |c| c.set_availability(&id, availability).await);
+            if availability.is_none() && label_add.is_empty() && label_rm.is_empty() {
+                anyhow::bail!("nothing to change: give --availability, --label-add or --label-rm");
+            }
+            let change = starling_api::LabelChange {
+                add: pairs(&label_add, "--label-add")?,
+                remove: label_rm,
+            };
+            if let Some(a) = availability {
+                let availability: starling_api::Availability = a.parse()?;
+                call!(&dir, ctx, |c| c.set_availability(&id, availability).await);
+            }
+            if !change.add.is_empty() || !change.remove.is_empty() {
+                call!(&dir, ctx, |c| c.node_labels(&id, &change).await);
+            }
             println!("{id}");
             Ok(())
+        }
+        NodeCmd::Ps { dir, node, format } => {
+            let node = match node {
+                Some(n) => n,
+                None => call!(&dir, ctx, |c| c.info().await).node_id,
+            };
+            let v = call!(&dir, ctx, |c| c.tasks(None, Some(&node)).await);
+            print_tasks(&v.tasks, format)
         }
         NodeCmd::Rm { dir, id, force } => {
             call!(&dir, ctx, |c| c.remove_node(&id, force).await);
@@ -696,6 +870,259 @@ async fn node(cmd: NodeCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `K=V` arguments as a map.
+fn pairs(args: &[String], flag: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    args.iter()
+        .map(|a| match a.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(anyhow::anyhow!("{flag} {a:?}: expected KEY=VALUE")),
+        })
+        .collect()
+}
+
+/// `512M`, `2G`, `64k` or bytes.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (n, mult) = match t.chars().last().map(|c| c.to_ascii_lowercase()) {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size (512M, 2G, bytes)"))
+}
+
+/// `0.5`, `2`: CPUs, as billionths.
+fn parse_cpus(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|c| c.is_finite() && *c > 0.0 && *c <= 4096.0)
+        .map(|c| (c * 1e9).round() as u64)
+        .ok_or_else(|| format!("{text:?} is not a number of CPUs (0.5, 2)"))
+}
+
+fn ago(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=59 => format!("{s} seconds ago"),
+        60..=3599 => format!("{} minutes ago", s / 60),
+        3600..=86_399 => format!("{} hours ago", s / 3600),
+        _ => format!("{} days ago", s / 86_400),
+    }
+}
+
+fn print_tasks(tasks: &[starling_api::TaskView], format: Format) -> anyhow::Result<()> {
+    if let Format::Json = format {
+        println!("{}", serde_json::to_string_pretty(tasks)?);
+        return Ok(());
+    }
+    println!(
+        "{:<17} {:<22} {:<16} {:<14} {:<28} {:<30} PORTS",
+        "ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"
+    );
+    let mut last_slot: Option<(String, String)> = None;
+    for t in tasks {
+        let slot = (t.service_id.clone(), t.slot.clone());
+        let name = if last_slot.as_ref() == Some(&slot) {
+            format!(" \\_ {}.{}", t.service, t.slot)
+        } else {
+            format!("{}.{}", t.service, t.slot)
+        };
+        last_slot = Some(slot);
+        let error = t
+            .error
+            .clone()
+            .or_else(|| t.pending_reason.clone())
+            .unwrap_or_default();
+        let ports: Vec<String> = t.ports.iter().map(|p| format!("{}={}", p.name, p.port)).collect();
+        println!(
+            "{:<17} {:<22} {:<16} {:<14} {:<28} {:<30} {}",
+            t.id,
+            name,
+            t.node_hostname.clone().unwrap_or_default(),
+            capitalised(&t.desired_state),
+            format!("{} {}", capitalised(&t.state), ago(t.timestamp)),
+            error,
+            ports.join(",")
+        );
+    }
+    Ok(())
+}
+
+async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCmd::Create {
+            dir,
+            name,
+            replicas,
+            mode,
+            env,
+            workdir,
+            user,
+            constraint,
+            placement_pref,
+            restart_condition,
+            restart_delay,
+            restart_max_attempts,
+            restart_window,
+            limit_memory,
+            limit_cpu,
+            port,
+            quiet,
+            command,
+        } => {
+            let program = command.first().cloned().unwrap_or_default();
+            let default_name = std::path::Path::new(&program)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("service")
+                .to_ascii_lowercase()
+                .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-");
+            let mut spec: starling_api::ServiceSpec = serde_json::from_value(serde_json::json!({
+                "name": name.unwrap_or(default_name),
+                "command": command,
+            }))?;
+            spec.mode = match mode {
+                Some(ServiceMode::Global) => starling_api::Mode::Global,
+                _ => starling_api::Mode::Replicated,
+            };
+            spec.replicas = replicas.unwrap_or(1);
+            spec.env = pairs(&env, "--env")?;
+            spec.workdir = workdir;
+            spec.user = user;
+            spec.constraints = constraint;
+            spec.preferences = placement_pref;
+            if let Some(c) = restart_condition {
+                spec.restart_condition = serde_json::from_value(serde_json::Value::String(c.clone()))
+                    .map_err(|_| anyhow::anyhow!("--restart-condition {c:?}: any, on-failure or none"))?;
+            }
+            if let Some(d) = restart_delay {
+                spec.restart_delay_ms = d.as_millis() as u64;
+            }
+            if let Some(n) = restart_max_attempts {
+                spec.restart_max_attempts = n;
+            }
+            if let Some(w) = restart_window {
+                spec.restart_window_ms = w.as_millis() as u64;
+            }
+            spec.memory_bytes = limit_memory;
+            spec.nano_cpus = limit_cpu;
+            spec.ports = port
+                .into_iter()
+                .map(|name| starling_api::PortRequest { name, protocol: "tcp".into() })
+                .collect();
+            // Checked here first: one clear line, nothing sent.
+            spec.to_state().map_err(|e| anyhow::anyhow!(e))?;
+            let v = call!(&dir, ctx, |c| c.create_service(&spec).await);
+            if quiet {
+                println!("{}", v.id);
+            } else {
+                println!("{}\nService {} created; `starling service ps {}` shows its tasks.", v.id, v.spec.name, v.spec.name);
+            }
+        }
+        ServiceCmd::Ls { dir, format } => {
+            let v = call!(&dir, ctx, |c| c.services().await);
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&v.services)?),
+                Format::Table => {
+                    println!("{:<17} {:<20} {:<11} {:<9} {:<30} PORTS", "ID", "NAME", "MODE", "REPLICAS", "COMMAND");
+                    for s in &v.services {
+                        let ports: Vec<&str> = s.spec.ports.iter().map(|p| p.name.as_str()).collect();
+                        let mode = match s.spec.mode {
+                            starling_api::Mode::Replicated => "replicated",
+                            starling_api::Mode::Global => "global",
+                        };
+                        let mut command = s.spec.command.join(" ");
+                        if command.len() > 29 {
+                            command.truncate(26);
+                            command.push_str("...");
+                        }
+                        println!(
+                            "{:<17} {:<20} {:<11} {:<9} {:<30} {}",
+                            s.id,
+                            s.spec.name,
+                            mode,
+                            format!("{}/{}", s.running, s.desired),
+                            command,
+                            ports.join(",")
+                        );
+                    }
+                }
+            }
+        }
+        ServiceCmd::Ps { dir, service, filter, format } => {
+            let wanted = match filter.as_deref() {
+                None => None,
+                Some(f) => Some(
+                    f.strip_prefix("desired-state=")
+                        .ok_or_else(|| anyhow::anyhow!("--filter {f:?}: only desired-state=<state> is known"))?
+                        .to_owned(),
+                ),
+            };
+            let v = call!(&dir, ctx, |c| c.tasks(Some(&service), None).await);
+            let tasks: Vec<_> = v
+                .tasks
+                .into_iter()
+                .filter(|t| wanted.as_ref().is_none_or(|w| t.desired_state == *w))
+                .collect();
+            print_tasks(&tasks, format)?;
+        }
+        ServiceCmd::Inspect { dir, service } => {
+            let v = call!(&dir, ctx, |c| c.service(&service).await);
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ServiceCmd::Update { dir, service, replicas, env_add, env_rm, command } => {
+            let current = call!(&dir, ctx, |c| c.service(&service).await);
+            let mut spec = current.spec.clone();
+            if let Some(r) = replicas {
+                spec.replicas = r;
+            }
+            spec.env.extend(pairs(&env_add, "--env-add")?);
+            for k in env_rm {
+                spec.env.remove(&k);
+            }
+            if !command.is_empty() {
+                spec.command = command;
+            }
+            spec.to_state().map_err(|e| anyhow::anyhow!(e))?;
+            let v = call!(&dir, ctx, |c| c.update_service(&current.id, &spec, Some(current.version)).await);
+            println!("{}", v.id);
+        }
+        ServiceCmd::Scale { dir, pairs: args } => {
+            let mut wanted = Vec::new();
+            for a in &args {
+                let (name, n) = a
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("{a:?}: expected SERVICE=REPLICAS"))?;
+                let n: u32 = n
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{a:?}: replicas must be a number ≥ 0"))?;
+                wanted.push((name.to_owned(), n));
+            }
+            for (name, n) in wanted {
+                call!(&dir, ctx, |c| c.scale_service(&name, n).await);
+                println!("{name} scaled to {n}");
+            }
+        }
+        ServiceCmd::Rm { dir, services } => {
+            for s in services {
+                let v = call!(&dir, ctx, |c| c.remove_service(&s).await);
+                println!("{}", v.spec.name);
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn kv(cmd: KvCmd, ctx: &Option<String>) -> anyhow::Result<()> {

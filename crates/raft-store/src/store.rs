@@ -678,6 +678,12 @@ impl Store {
         (f(&st.data), st.data.revision())
     }
 
+    /// A receiver of this manager's applied revision: it changes whenever entries are
+    /// applied (the orchestrators and the dispatcher wake on it).
+    pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sm.applied.subscribe()
+    }
+
     /// Waits until this manager applied `index`.
     async fn wait_applied(&self, index: u64, within: Duration) -> Result<(), StoreError> {
         let mut rx = self.sm.applied.subscribe();

@@ -160,6 +160,8 @@ wire_type!(
         pub id: String,
         /// Its service's id.
         pub service: String,
+        /// Its service's name when it was created.
+        pub service_name: String,
         /// Its slot.
         pub slot: Slot,
         /// The service's `spec_version` it was made from.

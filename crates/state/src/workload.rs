@@ -302,6 +302,7 @@ impl ClusterState {
                 let task = Task {
                     id: id.clone(),
                     service: service.clone(),
+                    service_name: svc.spec.name.clone(),
                     slot: slot.clone(),
                     spec_version: svc.spec_version,
                     template: svc.spec.task.clone(),

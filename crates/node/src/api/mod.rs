@@ -35,6 +35,7 @@ pub(crate) mod info;
 pub(crate) mod kv;
 pub(crate) mod members;
 pub(crate) mod nodes;
+pub(crate) mod services;
 pub(crate) mod tokens;
 
 /// Largest request body accepted (etcd's request limit is 1.5 MiB; a value is at most
@@ -183,6 +184,14 @@ pub(crate) fn store_of(node: &RunningNode) -> Result<Arc<Store>, Failure> {
         nodes::promote,
         nodes::demote,
         nodes::availability,
+        nodes::labels,
+        services::list,
+        services::inspect,
+        services::create,
+        services::update,
+        services::scale,
+        services::remove,
+        services::tasks,
         kv::get,
         kv::put,
         kv::delete,
@@ -220,6 +229,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/nodes/{id}/promote", post(nodes::promote))
         .route("/v1/nodes/{id}/demote", post(nodes::demote))
         .route("/v1/nodes/{id}/availability", put(nodes::availability))
+        .route("/v1/nodes/{id}/labels", put(nodes::labels))
+        .route("/v1/services", get(services::list).post(services::create))
+        .route(
+            "/v1/services/{id}",
+            get(services::inspect)
+                .put(services::update)
+                .delete(services::remove),
+        )
+        .route("/v1/services/{id}/scale", post(services::scale))
+        .route("/v1/tasks", get(services::tasks))
         .route("/v1/kv", get(kv::list))
         .route(
             "/v1/kv/{*key}",

@@ -199,6 +199,46 @@ pub(crate) async fn availability(
     }))
 }
 
+/// Adds and removes node labels (`node update --label-add/--label-rm`), which placement
+/// constraints and preferences read.
+#[utoipa::path(put, operation_id = "set_node_labels", path = "/v1/nodes/{id}/labels", tag = "nodes",
+    params(("id" = String, Path, description = "Node id")),
+    request_body = starling_api::LabelChange,
+    responses(
+        (status = 200, description = "Written", body = Written),
+        (status = 400, description = "Not a label change", body = ApiError),
+        (status = 403, description = "A viewer", body = ApiError),
+        (status = 404, description = "No such node", body = ApiError),
+        (status = 503, description = "No quorum, or a worker", body = ApiError),
+    ))]
+pub(crate) async fn labels(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Answer<Written> {
+    let change: starling_api::LabelChange = serde_json::from_slice(&body).map_err(|e| {
+        Failure(ApiError::invalid(format!(
+            "body must be {{\"add\": {{\"k\": \"v\"}}, \"remove\": [\"k\"]}}: {e}"
+        )))
+    })?;
+    if let Some(bad) = change.add.keys().chain(&change.remove).find(|k| k.is_empty()) {
+        return Err(Failure(ApiError::invalid(format!("label name {bad:?} is empty"))));
+    }
+    let store = store_of(&state.node())?;
+    record(&store, &id).await?;
+    let r = store
+        .write(Command::SetNodeLabels {
+            id,
+            add: change.add,
+            remove: change.remove,
+        })
+        .await
+        .map_err(super::write_error)?;
+    Ok(Json(Written {
+        revision: r.revision,
+    }))
+}
+
 /// Removes a node from the cluster and revokes it (refused by every manager from then on).
 /// A node that is not down needs `force`; a manager must be demoted first.
 #[utoipa::path(delete, operation_id = "remove_node", path = "/v1/nodes/{id}", tag = "nodes",

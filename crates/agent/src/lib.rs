@@ -1,0 +1,479 @@
+//! The agent every node runs: it keeps a session with a manager's dispatcher, runs the tasks
+//! assigned to its node as processes, and reports how they go.
+//!
+//! ```text
+//!   dispatcher (any manager) ──assignments──▶ session ──▶ core::plan ──▶ exec (processes)
+//!            ▲                                                              │
+//!            └──────────────── reports ◀──────────── exits, starts ◀────────┘
+//! ```
+//!
+//! Tasks keep running while no manager is reachable; the next session re-reports every
+//! task. An agent that restarts adopts the processes it had started (pid and start time are
+//! recorded beside each task) rather than starting them again.
+
+pub mod core;
+pub mod exec;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use starling_api::dispatch::{
+    AgentMessage, DISPATCH_ALPN, ManagerMessage, read_message, write_message,
+};
+use starling_state::{ExitInfo, NodeDescription, Task, TaskReport, TaskState, TaskStatus};
+use starling_transport::{Endpoint, NodeId, PeerPolicy, Protocol, Role};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::core::{Action, Phase, plan};
+
+/// Opens a session with this node's own dispatcher, in process (on a manager).
+pub type LocalDispatcher = Arc<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;
+
+/// What an agent needs to know about its node.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// On a manager: its own dispatcher, used instead of dialing.
+    pub local: Option<LocalDispatcher>,
+    /// Where task directories go (`DIR/tasks`).
+    pub tasks_dir: PathBuf,
+    /// The node's advertised IP, given to tasks as `STARLING_HOST_IP`.
+    pub host_ip: String,
+    /// The node's machine, as reported to the managers.
+    pub description: NodeDescription,
+}
+
+/// This machine's memory and CPUs, with the host-port range tasks may be given.
+pub fn describe_machine(port_min: u16, port_max: u16) -> NodeDescription {
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    NodeDescription {
+        memory_bytes,
+        nano_cpus: cpus * 1_000_000_000,
+        port_min,
+        port_max,
+        isolation: exec::isolation().to_owned(),
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// A task the agent runs (or ran).
+struct Local {
+    phase: Phase,
+    pgid: i32,
+    started: Option<exec::Started>,
+    stopping: bool,
+}
+
+enum Event {
+    Exited { task: String, exit: Option<ExitInfo> },
+}
+
+type Statuses = Arc<Mutex<BTreeMap<String, TaskStatus>>>;
+
+/// Runs the agent until the returned task is aborted. `managers` are the dispatchers to try
+/// first (`node_id`, address); each session teaches the current list.
+pub fn spawn(
+    endpoint: Endpoint,
+    managers: Vec<(String, SocketAddr)>,
+    cfg: AgentConfig,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(endpoint, managers, cfg))
+}
+
+async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: AgentConfig) {
+    let statuses: Statuses = Arc::default();
+    let (report_tx, report_rx) = mpsc::channel::<Vec<TaskReport>>(1024);
+    let (assign_tx, mut assign_rx) = mpsc::channel::<ManagerMessage>(64);
+    let (event_tx, mut events) = mpsc::channel::<Event>(256);
+    let session = tokio::spawn(session_loop(
+        endpoint,
+        managers,
+        cfg.local.clone(),
+        cfg.description.clone(),
+        statuses.clone(),
+        report_rx,
+        assign_tx,
+    ));
+    let mut local: BTreeMap<String, Local> = BTreeMap::new();
+    let mut assigned: BTreeMap<String, Task> = BTreeMap::new();
+    let report = |statuses: &Statuses, task: &str, status: TaskStatus| {
+        statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(task.to_owned(), status.clone());
+        let _ = report_tx.try_send(vec![TaskReport {
+            task: task.to_owned(),
+            status,
+        }]);
+    };
+    adopt(&cfg, &mut local, &statuses, &event_tx);
+    let mut wake: Option<u64> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let until_wake = wake.map_or(Duration::from_secs(3600), |w| {
+            Duration::from_millis(w.saturating_sub(unix_ms()))
+        });
+        tokio::select! {
+            msg = assign_rx.recv() => match msg {
+                Some(ManagerMessage::Assignments { full, tasks, removed, .. }) => {
+                    if full {
+                        assigned.clear();
+                    }
+                    for id in removed {
+                        assigned.remove(&id);
+                    }
+                    for t in tasks {
+                        assigned.insert(t.id.clone(), t);
+                    }
+                }
+                None => break,
+            },
+            Some(Event::Exited { task, exit }) = events.recv() => {
+                if let Some(l) = local.get_mut(&task) {
+                    l.phase = Phase::Ended;
+                    let now = unix_ms();
+                    let status = match (&exit, l.stopping) {
+                        (_, true) => TaskStatus::new(TaskState::Shutdown, "stopped", now),
+                        (Some(ExitInfo::Code(0)), false) => {
+                            TaskStatus::new(TaskState::Complete, "exited with status 0", now)
+                        }
+                        (Some(e), false) => TaskStatus {
+                            error: Some(describe_exit(e)),
+                            exit: Some(e.clone()),
+                            ..TaskStatus::new(TaskState::Failed, describe_exit(e), now)
+                        },
+                        (None, false) => TaskStatus {
+                            error: Some("the process ended while adopted; its exit status is unknown".into()),
+                            ..TaskStatus::new(TaskState::Failed, "ended (exit status unknown)", now)
+                        },
+                    };
+                    let status = TaskStatus { exit: exit.clone().or(status.exit.clone()), ..status };
+                    info!(%task, state = %status.state, "task ended");
+                    report(&statuses, &task, status);
+                }
+            },
+            _ = tick.tick() => {
+                for (id, l) in &local {
+                    if l.phase != Phase::Ended {
+                        exec::rotate_logs(&cfg.tasks_dir.join(id));
+                    }
+                }
+            },
+            _ = tokio::time::sleep(until_wake) => {},
+        }
+        let phases: BTreeMap<String, Phase> =
+            local.iter().map(|(k, v)| (k.clone(), v.phase.clone())).collect();
+        let (actions, next) = plan(&assigned, &phases, unix_ms());
+        wake = next;
+        for action in actions {
+            match action {
+                Action::Start(task) => {
+                    let ctx = exec::Context {
+                        host_ip: cfg.host_ip.clone(),
+                        dir: cfg.tasks_dir.join(&task.id),
+                    };
+                    match exec::spawn(&task, &ctx) {
+                        Ok(mut spawned) => {
+                            let id = task.id.clone();
+                            info!(task = %id, pid = spawned.started.pid, "task started");
+                            local.insert(
+                                id.clone(),
+                                Local {
+                                    phase: Phase::Running,
+                                    pgid: spawned.started.pid,
+                                    started: Some(spawned.started.clone()),
+                                    stopping: false,
+                                },
+                            );
+                            report(
+                                &statuses,
+                                &id,
+                                TaskStatus::new(
+                                    TaskState::Running,
+                                    format!("started (pid {})", spawned.started.pid),
+                                    unix_ms(),
+                                ),
+                            );
+                            let events = event_tx.clone();
+                            tokio::spawn(async move {
+                                let exit = spawned.child.wait().await.ok().map(exec::exit_info);
+                                let _ = events.send(Event::Exited { task: id, exit }).await;
+                            });
+                        }
+                        Err(why) => {
+                            warn!(task = %task.id, %why, "task rejected");
+                            local.insert(
+                                task.id.clone(),
+                                Local {
+                                    phase: Phase::Ended,
+                                    pgid: 0,
+                                    started: None,
+                                    stopping: false,
+                                },
+                            );
+                            report(
+                                &statuses,
+                                &task.id,
+                                TaskStatus {
+                                    error: Some(why.clone()),
+                                    ..TaskStatus::new(TaskState::Rejected, why, unix_ms())
+                                },
+                            );
+                        }
+                    }
+                }
+                Action::Stop {
+                    task,
+                    signal,
+                    grace_ms,
+                } => {
+                    if let Some(l) = local.get_mut(&task) {
+                        debug!(%task, signal, "stopping task");
+                        l.phase = Phase::Stopping;
+                        l.stopping = true;
+                        let pgid = l.pgid;
+                        exec::signal_group(pgid, signal);
+                        let started = l.started.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(grace_ms)).await;
+                            // Only the group of the process we started: never a reused id.
+                            if started.as_ref().is_some_and(exec::alive) {
+                                exec::signal_group(pgid, 9);
+                            }
+                        });
+                    }
+                }
+                Action::Forget(task) => {
+                    local.remove(&task);
+                    statuses
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&task);
+                }
+            }
+        }
+    }
+    session.abort();
+}
+
+fn describe_exit(e: &ExitInfo) -> String {
+    match e {
+        ExitInfo::Code(c) => format!("exit code {c}"),
+        ExitInfo::Signal(s) => format!("signal {s}"),
+        ExitInfo::OomKilled => "OOM killed".to_owned(),
+    }
+}
+
+/// Takes back the processes an earlier run of the agent started: alive ones are watched
+/// until they end; dead ones are reported failed once.
+fn adopt(
+    cfg: &AgentConfig,
+    local: &mut BTreeMap<String, Local>,
+    statuses: &Statuses,
+    events: &mpsc::Sender<Event>,
+) {
+    let Ok(dirs) = std::fs::read_dir(&cfg.tasks_dir) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        let path = dir.path();
+        let Some(id) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        let Some(started) = exec::recorded(&path) else {
+            continue;
+        };
+        if path.join("ended").exists() {
+            continue;
+        }
+        let now = unix_ms();
+        if exec::alive(&started) {
+            info!(task = %id, pid = started.pid, "adopting a running task");
+            local.insert(
+                id.clone(),
+                Local {
+                    phase: Phase::Running,
+                    pgid: started.pid,
+                    started: Some(started.clone()),
+                    stopping: false,
+                },
+            );
+            statuses.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                id.clone(),
+                TaskStatus::new(TaskState::Running, format!("adopted (pid {})", started.pid), now),
+            );
+            let events = events.clone();
+            let marker = path.join("ended");
+            tokio::spawn(async move {
+                while !exec::wait_gone(&started, Duration::from_secs(3600)).await {}
+                let _ = std::fs::write(marker, b"");
+                let _ = events.send(Event::Exited { task: id, exit: None }).await;
+            });
+        } else {
+            let _ = std::fs::write(path.join("ended"), b"");
+            statuses.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                id.clone(),
+                TaskStatus {
+                    error: Some("the process ended while the agent was down".into()),
+                    ..TaskStatus::new(TaskState::Failed, "ended while the agent was down", now)
+                },
+            );
+            local.insert(
+                id,
+                Local {
+                    phase: Phase::Ended,
+                    pgid: 0,
+                    started: None,
+                    stopping: false,
+                },
+            );
+        }
+    }
+}
+
+/// Keeps a session with a dispatcher (this manager's own, or some manager's over QUIC): hello
+/// with a full report, then assignments in, reports out; on a failure the next manager.
+async fn session_loop(
+    endpoint: Endpoint,
+    mut managers: Vec<(String, SocketAddr)>,
+    local: Option<LocalDispatcher>,
+    description: NodeDescription,
+    statuses: Statuses,
+    mut reports: mpsc::Receiver<Vec<TaskReport>>,
+    assignments: mpsc::Sender<ManagerMessage>,
+) {
+    let protocol = match Protocol::new(DISPATCH_ALPN, PeerPolicy::roles([Role::MANAGER])) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(error = %e, "dispatch protocol");
+            return;
+        }
+    };
+    let mut attempt = 0usize;
+    loop {
+        let result = match &local {
+            Some(open) => {
+                let stream = open();
+                session(stream, "local", &description, &statuses, &mut reports, &assignments, &mut managers).await
+            }
+            None if managers.is_empty() => Err("no manager known".to_owned()),
+            None => {
+                let (name, addr) = managers[attempt % managers.len()].clone();
+                attempt += 1;
+                match NodeId::new(name.clone()) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(id) => match endpoint.connect(&protocol, &id, addr).await {
+                        Err(e) => Err(format!("{name}: {e}")),
+                        Ok(conn) => match conn.open_stream().await {
+                            Err(e) => Err(format!("{name}: {e}")),
+                            Ok(stream) => {
+                                session(stream, &name, &description, &statuses, &mut reports, &assignments, &mut managers).await
+                            }
+                        },
+                    },
+                }
+            }
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => debug!(error = %e, "dispatcher session lost"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One session on `stream`; `Ok` when the agent is shutting down.
+async fn session<S>(
+    stream: S,
+    name: &str,
+    description: &NodeDescription,
+    statuses: &Statuses,
+    reports: &mut mpsc::Receiver<Vec<TaskReport>>,
+    assignments: &mpsc::Sender<ManagerMessage>,
+    managers: &mut Vec<(String, SocketAddr)>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut rx, mut tx) = tokio::io::split(stream);
+    let full: Vec<TaskReport> = statuses
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(task, status)| TaskReport {
+            task: task.clone(),
+            status: status.clone(),
+        })
+        .collect();
+    write_message(
+        &mut tx,
+        &AgentMessage::Hello {
+            description: description.clone(),
+            reports: full,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    info!(manager = %name, "dispatcher session open");
+    let (in_tx, mut in_rx) = mpsc::channel::<ManagerMessage>(16);
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(msg)) = read_message::<ManagerMessage>(&mut rx).await {
+            if in_tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let outcome = loop {
+        tokio::select! {
+            msg = in_rx.recv() => match msg {
+                Some(msg) => {
+                    let ManagerMessage::Assignments { managers: list, .. } = &msg;
+                    let learned: Vec<(String, SocketAddr)> = list
+                        .iter()
+                        .filter_map(|m| {
+                            let (n, a) = m.split_once('@')?;
+                            Some((n.to_owned(), a.parse().ok()?))
+                        })
+                        .collect();
+                    if !learned.is_empty() {
+                        *managers = learned;
+                    }
+                    if assignments.send(msg).await.is_err() {
+                        break Ok(());
+                    }
+                }
+                None => break Err("the dispatcher closed the session".to_owned()),
+            },
+            batch = reports.recv() => match batch {
+                Some(mut batch) => {
+                    while let Ok(more) = reports.try_recv() {
+                        batch.extend(more);
+                    }
+                    if let Err(e) = write_message(&mut tx, &AgentMessage::Reports(batch)).await {
+                        break Err(e.to_string());
+                    }
+                }
+                None => break Ok(()),
+            },
+        }
+    };
+    reader.abort();
+    outcome
+}
