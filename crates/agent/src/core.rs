@@ -44,7 +44,8 @@ pub fn plan(
     let mut actions = Vec::new();
     let mut wake: Option<u64> = None;
     for (id, t) in assigned {
-        if local.contains_key(id) || t.desired > TaskState::Running || t.status.state.is_terminal() {
+        if local.contains_key(id) || t.desired > TaskState::Running || t.status.state.is_terminal()
+        {
             continue;
         }
         if t.not_before > now {
@@ -60,7 +61,10 @@ pub fn plan(
         match phase {
             Phase::Running if !wanted => {
                 let (signal, grace_ms) = assigned.get(id).map_or((15, 10_000), |t| {
-                    (t.template.process.stop_signal, t.template.process.stop_grace_ms)
+                    (
+                        t.template.process.stop_signal,
+                        t.template.process.stop_grace_ms,
+                    )
                 });
                 actions.push(Action::Stop {
                     task: id.clone(),

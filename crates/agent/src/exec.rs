@@ -83,7 +83,10 @@ pub fn spawn(task: &Task, ctx: &Context) -> Result<Spawned, String> {
         .process_group(0)
         .kill_on_drop(false);
     for (i, port) in task.ports.iter().enumerate() {
-        cmd.env(format!("STARLING_PORT_{}", port.name), port.port.to_string());
+        cmd.env(
+            format!("STARLING_PORT_{}", port.name),
+            port.port.to_string(),
+        );
         if i == 0 {
             cmd.env("PORT", port.port.to_string());
         }
@@ -118,8 +121,8 @@ fn lookup_user(user: &str) -> Result<(u32, u32), String> {
 /// Sends `signal` to the process group `pgid` (an unknown signal number sends SIGKILL).
 pub fn signal_group(pgid: i32, signal: i32) {
     if pgid > 0 {
-        let sig = nix::sys::signal::Signal::try_from(signal)
-            .unwrap_or(nix::sys::signal::Signal::SIGKILL);
+        let sig =
+            nix::sys::signal::Signal::try_from(signal).unwrap_or(nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
     }
 }
@@ -140,7 +143,10 @@ pub fn alive(started: &Started) -> bool {
 fn zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 

@@ -82,7 +82,10 @@ struct Local {
 }
 
 enum Event {
-    Exited { task: String, exit: Option<ExitInfo> },
+    Exited {
+        task: String,
+        exit: Option<ExitInfo>,
+    },
 }
 
 type Statuses = Arc<Mutex<BTreeMap<String, TaskStatus>>>;
@@ -178,8 +181,10 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
             },
             _ = tokio::time::sleep(until_wake) => {},
         }
-        let phases: BTreeMap<String, Phase> =
-            local.iter().map(|(k, v)| (k.clone(), v.phase.clone())).collect();
+        let phases: BTreeMap<String, Phase> = local
+            .iter()
+            .map(|(k, v)| (k.clone(), v.phase.clone()))
+            .collect();
         let (actions, next) = plan(&assigned, &phases, unix_ms());
         wake = next;
         for action in actions {
@@ -317,14 +322,23 @@ fn adopt(
             );
             statuses.lock().unwrap_or_else(|p| p.into_inner()).insert(
                 id.clone(),
-                TaskStatus::new(TaskState::Running, format!("adopted (pid {})", started.pid), now),
+                TaskStatus::new(
+                    TaskState::Running,
+                    format!("adopted (pid {})", started.pid),
+                    now,
+                ),
             );
             let events = events.clone();
             let marker = path.join("ended");
             tokio::spawn(async move {
                 while !exec::wait_gone(&started, Duration::from_secs(3600)).await {}
                 let _ = std::fs::write(marker, b"");
-                let _ = events.send(Event::Exited { task: id, exit: None }).await;
+                let _ = events
+                    .send(Event::Exited {
+                        task: id,
+                        exit: None,
+                    })
+                    .await;
             });
         } else {
             let _ = std::fs::write(path.join("ended"), b"");
@@ -371,7 +385,16 @@ async fn session_loop(
         let result = match &local {
             Some(open) => {
                 let stream = open();
-                session(stream, "local", &description, &statuses, &mut reports, &assignments, &mut managers).await
+                session(
+                    stream,
+                    "local",
+                    &description,
+                    &statuses,
+                    &mut reports,
+                    &assignments,
+                    &mut managers,
+                )
+                .await
             }
             None if managers.is_empty() => Err("no manager known".to_owned()),
             None => {
@@ -384,7 +407,16 @@ async fn session_loop(
                         Ok(conn) => match conn.open_stream().await {
                             Err(e) => Err(format!("{name}: {e}")),
                             Ok(stream) => {
-                                session(stream, &name, &description, &statuses, &mut reports, &assignments, &mut managers).await
+                                session(
+                                    stream,
+                                    &name,
+                                    &description,
+                                    &statuses,
+                                    &mut reports,
+                                    &assignments,
+                                    &mut managers,
+                                )
+                                .await
                             }
                         },
                     },

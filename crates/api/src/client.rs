@@ -247,7 +247,8 @@ impl Client {
 
     /// `GET /v1/services/{id}` (an id, an id prefix or a name).
     pub async fn service(&self, id: &str) -> Result<ServiceView, ClientError> {
-        self.get(&format!("/v1/services/{}", percent_encode(id))).await
+        self.get(&format!("/v1/services/{}", percent_encode(id)))
+            .await
     }
 
     /// `POST /v1/services`.
@@ -306,7 +307,11 @@ impl Client {
     }
 
     /// `PUT /v1/nodes/{id}/labels`.
-    pub async fn node_labels(&self, id: &str, change: &LabelChange) -> Result<Written, ClientError> {
+    pub async fn node_labels(
+        &self,
+        id: &str,
+        change: &LabelChange,
+    ) -> Result<Written, ClientError> {
         let target = format!("/v1/nodes/{}/labels", percent_encode(id));
         self.json_body(Method::PUT, &target, to_json(change)?).await
     }

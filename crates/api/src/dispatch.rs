@@ -108,7 +108,10 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         let msg = AgentMessage::Reports(Vec::new());
         write_message(&mut a, &msg).await.unwrap();
-        assert_eq!(read_message::<AgentMessage>(&mut b).await.unwrap(), Some(msg));
+        assert_eq!(
+            read_message::<AgentMessage>(&mut b).await.unwrap(),
+            Some(msg)
+        );
         // A length over the limit, then garbage.
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         assert!(matches!(
@@ -123,6 +126,11 @@ mod tests {
             Err(FrameError::Malformed(_))
         ));
         drop(a);
-        assert!(read_message::<AgentMessage>(&mut b).await.unwrap().is_none());
+        assert!(
+            read_message::<AgentMessage>(&mut b)
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -24,15 +24,15 @@
 mod client;
 mod context;
 pub mod dispatch;
-mod services;
 mod error;
+mod services;
 mod types;
 
 pub use client::{API_ALPN, Client, ClientError, MANAGERS_HEADER, RawResponse, percent_encode};
 pub use context::{Context, ContextError, ContextMeta, Registry, check_name};
 pub use error::{ApiError, ErrorCode};
-pub use types::*;
 pub use services::*;
+pub use types::*;
 
 /// The `http` crate the client speaks (for [`Client::raw`]'s method).
 pub use http;

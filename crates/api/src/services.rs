@@ -294,7 +294,9 @@ impl ServiceSpec {
             .map(|p| {
                 p.strip_prefix("spread=node.labels.")
                     .filter(|l| !l.is_empty())
-                    .map(|l| st::Spread { label: l.to_owned() })
+                    .map(|l| st::Spread {
+                        label: l.to_owned(),
+                    })
                     .ok_or_else(|| {
                         format!("placement preference {p:?}: expected spread=node.labels.<name>")
                     })
@@ -307,7 +309,9 @@ impl ServiceSpec {
                 let protocol = match p.protocol.as_str() {
                     "tcp" => st::PortProtocol::Tcp,
                     "udp" => st::PortProtocol::Udp,
-                    other => return Err(format!("port {}: protocol {other:?} is tcp or udp", p.name)),
+                    other => {
+                        return Err(format!("port {}: protocol {other:?} is tcp or udp", p.name));
+                    }
                 };
                 Ok(st::PortSpec {
                     name: p.name.clone(),
@@ -478,12 +482,15 @@ mod tests {
     #[test]
     fn constraints_parse_and_bad_ones_say_why() {
         let c = parse_constraint("node.labels.zone==b").unwrap();
-        assert_eq!(
-            c.key,
-            starling_state::ConstraintKey::Label("zone".into())
-        );
+        assert_eq!(c.key, starling_state::ConstraintKey::Label("zone".into()));
         assert!(!parse_constraint("node.role!=manager").unwrap().equal);
-        for bad in ["zone=b", "node.color==red", "node.labels.==x", "node.role==boss", "node.id=="] {
+        for bad in [
+            "zone=b",
+            "node.color==red",
+            "node.labels.==x",
+            "node.role==boss",
+            "node.id==",
+        ] {
             assert!(parse_constraint(bad).is_err(), "{bad}");
         }
     }

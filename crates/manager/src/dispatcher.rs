@@ -20,7 +20,10 @@ pub const COALESCE: Duration = Duration::from_millis(100);
 
 /// The dispatcher's protocol: nodes (managers and workers) only.
 pub fn protocol() -> Result<Protocol, starling_transport::ConfigError> {
-    Protocol::new(DISPATCH_ALPN, PeerPolicy::roles([Role::MANAGER, Role::WORKER]))
+    Protocol::new(
+        DISPATCH_ALPN,
+        PeerPolicy::roles([Role::MANAGER, Role::WORKER]),
+    )
 }
 
 /// Serves the sessions `listener` (on [`protocol`]) accepts, until it closes.
@@ -42,7 +45,10 @@ async fn session(conn: Connection, store: Arc<Store>) -> Result<(), String> {
         .ok_or("an anonymous peer")?;
     let (known, _) = store.read_applied(|s| s.node(&node).is_some() && !s.is_revoked(&node));
     if !known {
-        conn.close(starling_transport::CloseCode::REVOKED, "not a node of the cluster");
+        conn.close(
+            starling_transport::CloseCode::REVOKED,
+            "not a node of the cluster",
+        );
         return Err(format!("{node} is not a node of the cluster"));
     }
     let stream = conn.accept_stream().await.map_err(|e| e.to_string())?;
@@ -66,10 +72,13 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     let (mut rx, mut tx) = tokio::io::split(stream);
-    let hello = tokio::time::timeout(Duration::from_secs(10), read_message::<AgentMessage>(&mut rx))
-        .await
-        .map_err(|_| "no hello within 10s".to_owned())?
-        .map_err(|e| e.to_string())?;
+    let hello = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_message::<AgentMessage>(&mut rx),
+    )
+    .await
+    .map_err(|_| "no hello within 10s".to_owned())?
+    .map_err(|e| e.to_string())?;
     let Some(AgentMessage::Hello {
         description,
         reports,
@@ -132,7 +141,10 @@ where
                         return;
                     }
                     full = false;
-                    sent = current.iter().map(|(id, t)| (id.clone(), t.version)).collect();
+                    sent = current
+                        .iter()
+                        .map(|(id, t)| (id.clone(), t.version))
+                        .collect();
                 }
                 if applied.changed().await.is_err() {
                     return;

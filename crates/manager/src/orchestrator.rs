@@ -62,15 +62,35 @@ pub fn reconcile(state: &ClusterState, now: u64, cfg: &OrchestratorConfig) -> Pl
             ServiceMode::Replicated { replicas } => {
                 for n in 1..=replicas {
                     let tasks = slots.remove(&Slot::Number(n)).unwrap_or_default();
-                    reconcile_slot(state, service, Slot::Number(n), None, &tasks, now, cfg, &mut plan);
+                    reconcile_slot(
+                        state,
+                        service,
+                        Slot::Number(n),
+                        None,
+                        &tasks,
+                        now,
+                        cfg,
+                        &mut plan,
+                    );
                 }
             }
             ServiceMode::Global => {
                 for node in state.nodes() {
                     let slot = Slot::Node(node.id.clone());
                     let tasks = slots.remove(&slot).unwrap_or_default();
-                    if eligible_for_global(service, node) {
-                        reconcile_slot(state, service, slot, Some(node), &tasks, now, cfg, &mut plan);
+                    if eligible_for_global(service, node)
+                        && state.node_description(&node.id).is_some()
+                    {
+                        reconcile_slot(
+                            state,
+                            service,
+                            slot,
+                            Some(node),
+                            &tasks,
+                            now,
+                            cfg,
+                            &mut plan,
+                        );
                     } else {
                         // Not (or no longer) a node for this service: its task stops, and is
                         // not replaced elsewhere.
@@ -132,7 +152,11 @@ fn reconcile_slot(
     plan: &mut Plan,
 ) {
     let policy = &service.spec.task.restart;
-    let create = |replaces: Option<&Task>, start_first: bool, lost: bool, restarts: Vec<u64>, not_before: u64| {
+    let create = |replaces: Option<&Task>,
+                  start_first: bool,
+                  lost: bool,
+                  restarts: Vec<u64>,
+                  not_before: u64| {
         TaskOp::Create {
             service: service.id.clone(),
             slot: slot.clone(),
@@ -160,7 +184,8 @@ fn reconcile_slot(
             let node_lost = last.status.state == TaskState::Orphaned;
             if node_lost && policy.replace_on_node_loss || stopped_on_purpose {
                 // Not a restart of the program: no delay, nothing counted.
-                plan.ops.push(create(Some(last), false, false, last.restarts.clone(), 0));
+                plan.ops
+                    .push(create(Some(last), false, false, last.restarts.clone(), 0));
                 return;
             }
             let failed = matches!(
@@ -188,13 +213,15 @@ fn reconcile_slot(
             if not_before > now {
                 plan.wake(not_before);
             }
-            plan.ops.push(create(Some(last), false, false, history, not_before));
+            plan.ops
+                .push(create(Some(last), false, false, history, not_before));
         }
         [old] => {
             let t = *old;
             if lost(state, t) {
                 if policy.replace_on_node_loss {
-                    plan.ops.push(create(Some(t), false, true, t.restarts.clone(), 0));
+                    plan.ops
+                        .push(create(Some(t), false, true, t.restarts.clone(), 0));
                 }
                 return;
             }
@@ -205,7 +232,8 @@ fn reconcile_slot(
                 .is_some_and(|n| n.availability == starling_state::Availability::Drain);
             if on_drained && node.is_none() && policy.replace_on_node_loss {
                 // Start-first: the old task serves until its replacement runs.
-                plan.ops.push(create(Some(t), true, false, t.restarts.clone(), 0));
+                plan.ops
+                    .push(create(Some(t), true, false, t.restarts.clone(), 0));
                 return;
             }
             if t.spec_version < service.spec_version {
@@ -247,7 +275,10 @@ fn reap(state: &ClusterState, cfg: &OrchestratorConfig, plan: &mut Plan) {
             plan.ops.push(TaskOp::Delete { task: t.id.clone() });
             continue;
         }
-        ended.entry((t.service.as_str(), &t.slot)).or_default().push(t);
+        ended
+            .entry((t.service.as_str(), &t.slot))
+            .or_default()
+            .push(t);
     }
     for tasks in ended.values_mut() {
         if tasks.len() <= cfg.history_limit {

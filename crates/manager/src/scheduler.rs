@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use starling_state::{
-    AssignedPort, ClusterState, Constraint, ConstraintKey, NodeRecord, NodeRole, Placement,
-    TaskOp, TaskState, node_schedulable,
+    AssignedPort, ClusterState, Constraint, ConstraintKey, NodeRecord, NodeRole, Placement, TaskOp,
+    TaskState, node_schedulable,
 };
 
 /// Host ports given to tasks on a node that did not report a range.
@@ -63,6 +63,7 @@ struct NodeRoom {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Filter {
     NotReady,
+    NoAgent,
     Constraint(usize),
     Memory,
     Cpu,
@@ -116,6 +117,10 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
                 *static_rejects.entry(Filter::NotReady).or_default() += 1;
                 continue;
             }
+            if state.node_description(&node.id).is_none() {
+                *static_rejects.entry(Filter::NoAgent).or_default() += 1;
+                continue;
+            }
             match placement.constraints.iter().position(|c| !holds(c, node)) {
                 Some(i) => *static_rejects.entry(Filter::Constraint(i)).or_default() += 1,
                 None => eligible.push(node),
@@ -140,9 +145,15 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
             };
             for node in &eligible {
                 let room = &rooms[&node.id];
-                let fail = if res.memory_bytes.is_some_and(|m| room.memory.is_some_and(|r| r < m)) {
+                let fail = if res
+                    .memory_bytes
+                    .is_some_and(|m| room.memory.is_some_and(|r| r < m))
+                {
                     Some(Filter::Memory)
-                } else if res.nano_cpus.is_some_and(|c| room.cpus.is_some_and(|r| r < c)) {
+                } else if res
+                    .nano_cpus
+                    .is_some_and(|c| room.cpus.is_some_and(|r| r < c))
+                {
                     Some(Filter::Cpu)
                 } else if free_ports(room, task.template.ports.len()).is_none() {
                     Some(Filter::Ports)
@@ -153,9 +164,9 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
                     *rejects.entry(f).or_default() += 1;
                     continue;
                 }
-                let spread_key = spread
-                    .as_ref()
-                    .map_or(0, |l| spread_counts.get(&node.labels.get(l)).copied().unwrap_or(0));
+                let spread_key = spread.as_ref().map_or(0, |l| {
+                    spread_counts.get(&node.labels.get(l)).copied().unwrap_or(0)
+                });
                 let key = (
                     spread_key,
                     room.by_service.get(service).copied().unwrap_or(0),
@@ -225,12 +236,19 @@ fn explain(rejects: &BTreeMap<Filter, u32>, placement: &Placement) -> String {
     if rejects.is_empty() {
         return "no suitable node (the cluster has no nodes)".to_owned();
     }
-    let nodes = |n: u32| if n == 1 { "1 node".to_owned() } else { format!("{n} nodes") };
+    let nodes = |n: u32| {
+        if n == 1 {
+            "1 node".to_owned()
+        } else {
+            format!("{n} nodes")
+        }
+    };
     let parts: Vec<String> = rejects
         .iter()
         .map(|(f, n)| {
             let what = match f {
                 Filter::NotReady => "not ready or not active".to_owned(),
+                Filter::NoAgent => "no agent session yet".to_owned(),
                 Filter::Constraint(i) => format!(
                     "constraint {}",
                     placement

@@ -53,7 +53,8 @@ pub async fn run(store: Arc<Store>, cfg: OrchestratorConfig) {
             was_leader = true;
         }
         let now = unix_ms();
-        let ((plan, placements), _) = store.read_applied(|s| (reconcile(s, now, &cfg), schedule(s)));
+        let ((plan, placements), _) =
+            store.read_applied(|s| (reconcile(s, now, &cfg), schedule(s)));
         wake_at = plan.wake_at;
         let mut ops: Vec<TaskOp> = plan.ops;
         ops.extend(placements);

@@ -24,6 +24,12 @@ use crate::datadir::{DataDir, NodeState, random_id};
 /// before the node starts); otherwise [`StoreConfig`]'s default.
 pub static SNAPSHOT_INTERVAL: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
+/// The host ports tasks on this node may be given, when the daemon's flags set them.
+pub static TASK_PORTS: std::sync::OnceLock<(u16, u16)> = std::sync::OnceLock::new();
+
+/// Whether this node runs an agent (tasks), when the daemon's flags set it; default yes.
+pub static RUN_TASKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 /// Options of `starling init`.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
@@ -655,20 +661,27 @@ async fn start_gossip(
 }
 
 /// The node's agent: it runs the tasks the managers assign to this node. Its dispatchers
-/// are the managers the node knows (this one first on a manager).
+/// are the managers the node knows (on a manager, its own in process). None when the node
+/// was started with `--run-tasks false`.
 fn start_agent(
     dir: &DataDir,
     state: &NodeState,
     endpoint: &Endpoint,
     store: Option<Arc<Store>>,
-) -> tokio::task::JoinHandle<()> {
+) -> Option<tokio::task::JoinHandle<()>> {
+    if RUN_TASKS.get() == Some(&false) {
+        return None;
+    }
     let mut managers = state.managers.clone();
     if state.role == "manager" {
         managers.retain(|(n, _)| *n != state.node_id);
         managers.insert(0, (state.node_id.clone(), state.advertise));
     }
-    let (port_min, port_max) = starling_manager::scheduler::DEFAULT_PORT_RANGE;
-    starling_agent::spawn(
+    let (port_min, port_max) = TASK_PORTS
+        .get()
+        .copied()
+        .unwrap_or(starling_manager::scheduler::DEFAULT_PORT_RANGE);
+    Some(starling_agent::spawn(
         endpoint.clone(),
         managers,
         starling_agent::AgentConfig {
@@ -683,7 +696,7 @@ fn start_agent(
             host_ip: state.advertise.ip().to_string(),
             description: starling_agent::describe_machine(port_min, port_max),
         },
-    )
+    ))
 }
 
 async fn start_worker(
@@ -693,7 +706,9 @@ async fn start_worker(
 ) -> anyhow::Result<RunningNode> {
     let gossip = start_gossip(&dir, &state, &endpoint).await?;
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let tasks = vec![start_agent(&dir, &state, &endpoint, None)];
+    let tasks = start_agent(&dir, &state, &endpoint, None)
+        .into_iter()
+        .collect();
     let api_listener = None;
     Ok(RunningNode {
         state,
@@ -762,7 +777,7 @@ async fn start_manager(
         dispatch_listener,
         store.clone(),
     )));
-    tasks.push(start_agent(&dir, &state, &endpoint, Some(store.clone())));
+    tasks.extend(start_agent(&dir, &state, &endpoint, Some(store.clone())));
     Ok(RunningNode {
         state,
         store: Some(store),

@@ -70,6 +70,27 @@ struct DaemonArgs {
     /// timeout of a proxy in front of the API.
     #[arg(long, env = "STARLING_WATCH_WAIT_MAX", value_parser = parse_duration)]
     watch_wait_max: Option<std::time::Duration>,
+    /// Run the tasks the managers assign to this node (default true); `false` makes a node
+    /// that runs none (the scheduler passes over it).
+    #[arg(long, env = "STARLING_RUN_TASKS")]
+    run_tasks: Option<bool>,
+    /// Host ports this node's tasks may be given, `MIN-MAX` (default 30000-32767).
+    #[arg(long, env = "STARLING_TASK_PORTS", value_parser = parse_port_range)]
+    task_ports: Option<(u16, u16)>,
+}
+
+/// `MIN-MAX`, both ports, MIN ≤ MAX.
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{text:?} is not a port range MIN-MAX (such as 30000-32767)");
+    let (a, b) = text.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a == 0 || a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
 }
 
 impl DaemonArgs {
@@ -77,6 +98,12 @@ impl DaemonArgs {
     fn tune(&self) {
         if let Some(n) = self.snapshot_interval.or(file_config().snapshot_interval) {
             let _ = daemon::SNAPSHOT_INTERVAL.set(n);
+        }
+        if let Some(run) = self.run_tasks {
+            let _ = daemon::RUN_TASKS.set(run);
+        }
+        if let Some(range) = self.task_ports {
+            let _ = daemon::TASK_PORTS.set(range);
         }
     }
 }
@@ -873,7 +900,10 @@ async fn node(cmd: NodeCmd, ctx: &Option<String>) -> anyhow::Result<()> {
 }
 
 /// `K=V` arguments as a map.
-fn pairs(args: &[String], flag: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+fn pairs(
+    args: &[String],
+    flag: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
     args.iter()
         .map(|a| match a.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -945,7 +975,11 @@ fn print_tasks(tasks: &[starling_api::TaskView], format: Format) -> anyhow::Resu
             .clone()
             .or_else(|| t.pending_reason.clone())
             .unwrap_or_default();
-        let ports: Vec<String> = t.ports.iter().map(|p| format!("{}={}", p.name, p.port)).collect();
+        let ports: Vec<String> = t
+            .ports
+            .iter()
+            .map(|p| format!("{}={}", p.name, p.port))
+            .collect();
         println!(
             "{:<17} {:<22} {:<16} {:<14} {:<28} {:<30} {}",
             t.id,
@@ -1004,8 +1038,10 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             spec.constraints = constraint;
             spec.preferences = placement_pref;
             if let Some(c) = restart_condition {
-                spec.restart_condition = serde_json::from_value(serde_json::Value::String(c.clone()))
-                    .map_err(|_| anyhow::anyhow!("--restart-condition {c:?}: any, on-failure or none"))?;
+                spec.restart_condition =
+                    serde_json::from_value(serde_json::Value::String(c.clone())).map_err(|_| {
+                        anyhow::anyhow!("--restart-condition {c:?}: any, on-failure or none")
+                    })?;
             }
             if let Some(d) = restart_delay {
                 spec.restart_delay_ms = d.as_millis() as u64;
@@ -1020,7 +1056,10 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             spec.nano_cpus = limit_cpu;
             spec.ports = port
                 .into_iter()
-                .map(|name| starling_api::PortRequest { name, protocol: "tcp".into() })
+                .map(|name| starling_api::PortRequest {
+                    name,
+                    protocol: "tcp".into(),
+                })
                 .collect();
             // Checked here first: one clear line, nothing sent.
             spec.to_state().map_err(|e| anyhow::anyhow!(e))?;
@@ -1028,7 +1067,10 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             if quiet {
                 println!("{}", v.id);
             } else {
-                println!("{}\nService {} created; `starling service ps {}` shows its tasks.", v.id, v.spec.name, v.spec.name);
+                println!(
+                    "{}\nService {} created; `starling service ps {}` shows its tasks.",
+                    v.id, v.spec.name, v.spec.name
+                );
             }
         }
         ServiceCmd::Ls { dir, format } => {
@@ -1036,9 +1078,13 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&v.services)?),
                 Format::Table => {
-                    println!("{:<17} {:<20} {:<11} {:<9} {:<30} PORTS", "ID", "NAME", "MODE", "REPLICAS", "COMMAND");
+                    println!(
+                        "{:<17} {:<20} {:<11} {:<9} {:<30} PORTS",
+                        "ID", "NAME", "MODE", "REPLICAS", "COMMAND"
+                    );
                     for s in &v.services {
-                        let ports: Vec<&str> = s.spec.ports.iter().map(|p| p.name.as_str()).collect();
+                        let ports: Vec<&str> =
+                            s.spec.ports.iter().map(|p| p.name.as_str()).collect();
                         let mode = match s.spec.mode {
                             starling_api::Mode::Replicated => "replicated",
                             starling_api::Mode::Global => "global",
@@ -1061,12 +1107,19 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                 }
             }
         }
-        ServiceCmd::Ps { dir, service, filter, format } => {
+        ServiceCmd::Ps {
+            dir,
+            service,
+            filter,
+            format,
+        } => {
             let wanted = match filter.as_deref() {
                 None => None,
                 Some(f) => Some(
                     f.strip_prefix("desired-state=")
-                        .ok_or_else(|| anyhow::anyhow!("--filter {f:?}: only desired-state=<state> is known"))?
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("--filter {f:?}: only desired-state=<state> is known")
+                        })?
                         .to_owned(),
                 ),
             };
@@ -1082,7 +1135,14 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             let v = call!(&dir, ctx, |c| c.service(&service).await);
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        ServiceCmd::Update { dir, service, replicas, env_add, env_rm, command } => {
+        ServiceCmd::Update {
+            dir,
+            service,
+            replicas,
+            env_add,
+            env_rm,
+            command,
+        } => {
             let current = call!(&dir, ctx, |c| c.service(&service).await);
             let mut spec = current.spec.clone();
             if let Some(r) = replicas {
@@ -1096,7 +1156,9 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                 spec.command = command;
             }
             spec.to_state().map_err(|e| anyhow::anyhow!(e))?;
-            let v = call!(&dir, ctx, |c| c.update_service(&current.id, &spec, Some(current.version)).await);
+            let v = call!(&dir, ctx, |c| c
+                .update_service(&current.id, &spec, Some(current.version))
+                .await);
             println!("{}", v.id);
         }
         ServiceCmd::Scale { dir, pairs: args } => {

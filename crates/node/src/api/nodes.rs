@@ -221,8 +221,15 @@ pub(crate) async fn labels(
             "body must be {{\"add\": {{\"k\": \"v\"}}, \"remove\": [\"k\"]}}: {e}"
         )))
     })?;
-    if let Some(bad) = change.add.keys().chain(&change.remove).find(|k| k.is_empty()) {
-        return Err(Failure(ApiError::invalid(format!("label name {bad:?} is empty"))));
+    if let Some(bad) = change
+        .add
+        .keys()
+        .chain(&change.remove)
+        .find(|k| k.is_empty())
+    {
+        return Err(Failure(ApiError::invalid(format!(
+            "label name {bad:?} is empty"
+        ))));
     }
     let store = store_of(&state.node())?;
     record(&store, &id).await?;

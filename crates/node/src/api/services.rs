@@ -125,7 +125,9 @@ pub(crate) async fn inspect(
 ) -> Answer<ServiceView> {
     let store = store_of(&state.node())?;
     let (v, _) = store
-        .read(Consistency::Linearizable, |s| find(s, &id).map(|svc| view(s, svc)))
+        .read(Consistency::Linearizable, |s| {
+            find(s, &id).map(|svc| view(s, svc))
+        })
         .await?;
     Ok(Json(v.map_err(Failure)?))
 }
@@ -182,7 +184,9 @@ pub(crate) async fn update(
     let spec = spec.to_state().map_err(|e| Failure(ApiError::invalid(e)))?;
     let store = store_of(&state.node())?;
     let (found, _) = store
-        .read(Consistency::Linearizable, |s| find(s, &id).map(|svc| svc.id.clone()))
+        .read(Consistency::Linearizable, |s| {
+            find(s, &id).map(|svc| svc.id.clone())
+        })
         .await?;
     let r = store
         .write(Command::UpdateService {
@@ -259,7 +263,9 @@ pub(crate) async fn remove(
 ) -> Answer<ServiceView> {
     let store = store_of(&state.node())?;
     let (found, _) = store
-        .read(Consistency::Linearizable, |s| find(s, &id).map(|svc| view(s, svc)))
+        .read(Consistency::Linearizable, |s| {
+            find(s, &id).map(|svc| view(s, svc))
+        })
         .await?;
     let before = found.map_err(Failure)?;
     let r = store
@@ -323,8 +329,18 @@ pub(crate) async fn tasks(
                 .map(|t| TaskView::from_state(t, hostname(&t.node)))
                 .collect();
             list.sort_by(|a, b| {
-                (a.service.as_str(), slot_key(&a.slot), std::cmp::Reverse(a.created_at), a.id.as_str())
-                    .cmp(&(b.service.as_str(), slot_key(&b.slot), std::cmp::Reverse(b.created_at), b.id.as_str()))
+                (
+                    a.service.as_str(),
+                    slot_key(&a.slot),
+                    std::cmp::Reverse(a.created_at),
+                    a.id.as_str(),
+                )
+                    .cmp(&(
+                        b.service.as_str(),
+                        slot_key(&b.slot),
+                        std::cmp::Reverse(b.created_at),
+                        b.id.as_str(),
+                    ))
             });
             Ok::<_, ApiError>(list)
         })

@@ -1,0 +1,381 @@
+//! Services and tasks with real processes on loopback: placement and spreading, tasks that
+//! answer on their ports, a worker killed -9 (its tasks run elsewhere, nothing runs twice
+//! after it returns), restart policies, scaling, global services, constraints and the
+//! `no suitable node` explanation.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use starling_api::{Client, ServiceSpec, TaskView};
+
+mod common;
+use common::{Daemon, free_port, poll, spawn, starling};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Kills every task process the agents under `root` recorded (their process groups), so a
+/// failing test leaves nothing running.
+struct TaskReaper(PathBuf);
+
+impl Drop for TaskReaper {
+    fn drop(&mut self) {
+        let Ok(nodes) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for node in nodes.flatten() {
+            let Ok(tasks) = std::fs::read_dir(node.path().join("tasks")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                if let Some(pid) = std::fs::read(t.path().join("started.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["pid"].as_i64())
+                {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-9", "--", &format!("-{pid}")])
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+struct Cluster {
+    daemons: BTreeMap<String, Daemon>,
+    dirs: BTreeMap<String, PathBuf>,
+    addrs: BTreeMap<String, String>,
+    token: String,
+    _reaper: TaskReaper,
+    tmp: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn dir(&self, name: &str) -> &Path {
+        &self.dirs[name]
+    }
+
+    fn client(&self) -> Client {
+        Client::unix(self.dir("m1").join("control.sock"))
+    }
+
+    /// Each node on its own loopback address (127.0.0.2, .3, …), as if on its own host: its
+    /// tasks bind to it, so two nodes may give the same port number.
+    fn join(&mut self, name: &str) {
+        let dir = self.tmp.path().join(name);
+        let addr = format!("127.0.0.{}:{}", self.dirs.len() + 1, free_port());
+        let d = spawn(&[
+            "join",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &addr,
+            "--hostname",
+            name,
+            "--token",
+            &self.token,
+            "--manager",
+            &self.addrs["m1"],
+        ]);
+        self.daemons.insert(name.to_owned(), d);
+        self.dirs.insert(name.to_owned(), dir);
+        self.addrs.insert(name.to_owned(), addr);
+    }
+
+    fn restart(&mut self, name: &str) {
+        let d = spawn(&["run", "--data-dir", self.dirs[name].to_str().unwrap()]);
+        self.daemons.insert(name.to_owned(), d);
+    }
+}
+
+/// A manager (drained: it runs no tasks) and three workers, all ready.
+fn cluster() -> Cluster {
+    let tmp = tempfile::tempdir().unwrap();
+    let m1 = tmp.path().join("m1");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = spawn(&[
+        "init",
+        "--data-dir",
+        m1.to_str().unwrap(),
+        "--listen",
+        &addr,
+        "--hostname",
+        "m1",
+    ]);
+    let rt = rt();
+    let c0 = Client::unix(m1.join("control.sock"));
+    poll("m1 serves", Duration::from_secs(20), || {
+        rt.block_on(c0.nodes()).ok()
+    });
+    let token = rt.block_on(c0.join_token("worker")).unwrap().token;
+    let id = rt.block_on(c0.info()).unwrap().node_id;
+    rt.block_on(c0.set_availability(&id, starling_api::Availability::Drain))
+        .unwrap();
+    let mut c = Cluster {
+        daemons: BTreeMap::from([("m1".to_owned(), d)]),
+        dirs: BTreeMap::from([("m1".to_owned(), m1)]),
+        addrs: BTreeMap::from([("m1".to_owned(), addr)]),
+        token,
+        _reaper: TaskReaper(tmp.path().to_owned()),
+        tmp,
+    };
+    for w in ["w1", "w2", "w3"] {
+        c.join(w);
+    }
+    poll("three workers ready", Duration::from_secs(30), || {
+        let list = rt.block_on(c0.nodes()).ok()?;
+        (list
+            .nodes
+            .iter()
+            .filter(|n| n.status == starling_api::NodeStatus::Ready)
+            .count()
+            == 4)
+            .then_some(())
+    });
+    c
+}
+
+fn spec(name: &str, replicas: u32, command: &[&str]) -> ServiceSpec {
+    serde_json::from_value(serde_json::json!({
+        "name": name,
+        "replicas": replicas,
+        "command": command,
+    }))
+    .unwrap()
+}
+
+fn running(tasks: &[TaskView]) -> Vec<&TaskView> {
+    tasks
+        .iter()
+        .filter(|t| t.state == "running" && t.desired_state == "running")
+        .collect()
+}
+
+fn per_node(tasks: &[&TaskView]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for t in tasks {
+        *m.entry(t.node_hostname.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn t70_services_place_run_recover_restart_scale_and_explain() {
+    let mut c = cluster();
+    let rt = rt();
+    let api = c.client();
+
+    // Six replicas of an HTTP server on three workers: two each, each answering on its port.
+    let mut web = spec(
+        "web",
+        6,
+        &[
+            "python3",
+            "-c",
+            "import http.server,os; http.server.HTTPServer((os.environ['STARLING_HOST_IP'], int(os.environ['PORT'])), http.server.SimpleHTTPRequestHandler).serve_forever()",
+        ],
+    );
+    web.ports = vec![starling_api::PortRequest {
+        name: "HTTP".into(),
+        protocol: "tcp".into(),
+    }];
+    web.constraints = vec!["node.role==worker".into()];
+    rt.block_on(api.create_service(&web)).unwrap();
+    let tasks = poll("six web tasks running", Duration::from_secs(30), || {
+        let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
+        (running(&list.tasks).len() == 6).then_some(list.tasks)
+    });
+    let spread = per_node(&running(&tasks));
+    assert_eq!(
+        spread.values().copied().collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "{spread:?}"
+    );
+    for t in running(&tasks) {
+        let port = t.ports[0].port;
+        poll(
+            "the task answers on its port",
+            Duration::from_secs(20),
+            || {
+                let ip = c.addrs[t.node_hostname.as_deref().unwrap()]
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_owned();
+                std::net::TcpStream::connect((ip.as_str(), port)).ok()
+            },
+        );
+    }
+    let out = starling(&["service", "ls", "--data-dir", c.dir("m1").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("6/6"));
+
+    // A worker killed -9: its tasks run elsewhere; `service ps` shows the old ones orphaned.
+    let killed = Instant::now();
+    c.daemons.remove("w1");
+    let tasks = poll(
+        "six web tasks on w2 and w3",
+        Duration::from_secs(60),
+        || {
+            let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
+            let r = running(&list.tasks);
+            (r.len() == 6 && r.iter().all(|t| t.node_hostname.as_deref() != Some("w1")))
+                .then_some(list.tasks)
+        },
+    );
+    eprintln!(
+        "worker killed -> its tasks running elsewhere: {:?}",
+        killed.elapsed()
+    );
+    let orphans = tasks
+        .iter()
+        .filter(|t| t.node_hostname.as_deref() == Some("w1") && t.state == "orphaned")
+        .count();
+    assert_eq!(orphans, 2, "{tasks:#?}");
+    // It comes back: its old processes are stopped, nothing runs twice.
+    c.restart("w1");
+    poll(
+        "w1's orphaned processes stopped",
+        Duration::from_secs(30),
+        || {
+            let w1_tasks = std::fs::read_dir(c.dir("w1").join("tasks")).ok()?;
+            let alive = w1_tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("started.json"))
+                        .ok()
+                        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                        .and_then(|v| v["pid"].as_i64())
+                        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+                })
+                .count();
+            (alive == 0).then_some(())
+        },
+    );
+    let list = rt.block_on(api.tasks(Some("web"), None)).unwrap();
+    assert_eq!(running(&list.tasks).len(), 6);
+
+    // Scale down and up.
+    rt.block_on(api.scale_service("web", 2)).unwrap();
+    poll("two web tasks", Duration::from_secs(30), || {
+        let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
+        let live = list.tasks.iter().filter(|t| t.state == "running").count();
+        (live == 2).then_some(())
+    });
+
+    // A program that fails: restarted per policy, then left failed.
+    let mut fail = spec("fail", 1, &["sh", "-c", "exit 3"]);
+    fail.restart_max_attempts = 2;
+    fail.restart_delay_ms = 100;
+    rt.block_on(api.create_service(&fail)).unwrap();
+    let tasks = poll("three failed attempts", Duration::from_secs(30), || {
+        let list = rt.block_on(api.tasks(Some("fail"), None)).ok()?;
+        (list.tasks.len() == 3 && list.tasks.iter().all(|t| t.state == "failed"))
+            .then_some(list.tasks)
+    });
+    assert!(tasks.iter().all(|t| t.exit_code == Some(3)), "{tasks:#?}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let list = rt.block_on(api.tasks(Some("fail"), None)).unwrap();
+    assert_eq!(list.tasks.len(), 3, "no fourth attempt: {:#?}", list.tasks);
+
+    // A constraint no node meets: pending, with why.
+    let mut picky = spec("picky", 1, &["sleep", "1000"]);
+    picky.constraints = vec!["node.labels.zone==b".into()];
+    rt.block_on(api.create_service(&picky)).unwrap();
+    let why = poll("an explanation", Duration::from_secs(20), || {
+        let list = rt.block_on(api.tasks(Some("picky"), None)).ok()?;
+        list.tasks.first()?.pending_reason.clone()
+    });
+    assert!(
+        why.contains("constraint node.labels.zone==b: 3 nodes")
+            && why.contains("not ready or not active: 1 node"),
+        "{why}"
+    );
+    // A label makes it fit.
+    let w2 = rt
+        .block_on(api.nodes())
+        .unwrap()
+        .nodes
+        .into_iter()
+        .find(|n| n.hostname == "w2")
+        .unwrap()
+        .id;
+    let out = starling(&[
+        "node",
+        "update",
+        "--data-dir",
+        c.dir("m1").to_str().unwrap(),
+        "--label-add",
+        "zone=b",
+        &w2,
+    ]);
+    assert!(out.status.success());
+    poll("picky running on w2", Duration::from_secs(20), || {
+        let list = rt.block_on(api.tasks(Some("picky"), None)).ok()?;
+        list.tasks
+            .iter()
+            .any(|t| t.state == "running" && t.node_hostname.as_deref() == Some("w2"))
+            .then_some(())
+    });
+
+    // A global service runs on every eligible node, one joining later included.
+    let global: ServiceSpec = serde_json::from_value(serde_json::json!({
+        "name": "agent", "mode": "global", "command": ["sleep", "1000"]
+    }))
+    .unwrap();
+    rt.block_on(api.create_service(&global)).unwrap();
+    c.join("w4");
+    poll(
+        "a global task on each of the four workers",
+        Duration::from_secs(40),
+        || {
+            let list = rt.block_on(api.tasks(Some("agent"), None)).ok()?;
+            let r = running(&list.tasks);
+            let nodes = per_node(&r);
+            (r.len() == 4 && nodes.len() == 4 && !nodes.contains_key("m1")).then_some(())
+        },
+    );
+
+    // Bad input: one clear line, nothing written.
+    let m1 = c.dir("m1").to_str().unwrap().to_owned();
+    for (args, needle) in [
+        (vec!["--constraint", "zone=b"], "expected node.<attribute>"),
+        (vec!["--replicas", "-1"], "-1"),
+        (vec!["--name", "Bad_Name"], "service name"),
+        (vec!["--name", "web"], "exists"),
+    ] {
+        let mut all = vec!["service", "create", "--data-dir", &m1];
+        all.extend(args.iter().copied());
+        all.extend(["--", "sleep", "1"]);
+        let out = starling(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+    let names: Vec<String> = rt
+        .block_on(api.services())
+        .unwrap()
+        .services
+        .into_iter()
+        .map(|s| s.spec.name)
+        .collect();
+    assert_eq!(names, ["agent", "fail", "picky", "web"]);
+
+    // Removal stops every task.
+    for s in ["web", "fail", "picky", "agent"] {
+        rt.block_on(api.remove_service(s)).unwrap();
+    }
+    poll("no task left", Duration::from_secs(30), || {
+        let list = rt.block_on(api.tasks(None, None)).ok()?;
+        list.tasks.is_empty().then_some(())
+    });
+}
