@@ -16,3 +16,4 @@ pub mod gossip;
 pub mod load;
 pub mod machine;
 pub mod measures;
+pub mod scheduler;

@@ -20,6 +20,8 @@ enum Measure {
     Join,
     /// The gossip simulator at 1 000 nodes beside the Serf model.
     Gossip,
+    /// The scheduler in process: 100 000 tasks on 1 000 simulated nodes.
+    Scheduler,
     /// Everything, written to bench/RESULTS.md.
     All,
 }
@@ -61,7 +63,7 @@ async fn real_main() -> anyhow::Result<()> {
     } else {
         Plan::full()
     };
-    let needs_clusters = args.measure != Measure::Gossip;
+    let needs_clusters = !matches!(args.measure, Measure::Gossip | Measure::Scheduler);
     let etcd_version = if needs_clusters {
         etcd_available()?
     } else {
@@ -130,6 +132,17 @@ async fn real_main() -> anyhow::Result<()> {
         let figures =
             tokio::task::spawn_blocking(move || starling_bench::gossip::simulate(n)).await?;
         emit(figures.markdown());
+    }
+    if wants(Measure::Scheduler) {
+        let (nodes, tasks) = if args.quick {
+            (50, 2_000)
+        } else {
+            (1_000, 100_000)
+        };
+        let section =
+            tokio::task::spawn_blocking(move || starling_bench::scheduler::run(nodes, tasks))
+                .await??;
+        emit(section);
     }
     let out = args.out.clone().or_else(|| {
         (args.measure == Measure::All && !args.quick)

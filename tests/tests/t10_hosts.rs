@@ -161,7 +161,12 @@ fn t12_a_manager_cut_off_cannot_write_while_the_majority_can_and_catches_up() {
     let majority: Vec<usize> = all.iter().copied().filter(|&i| i != island).collect();
     c.put(leader, "k", "before").unwrap();
     c.net.isolate(island).unwrap();
-    // The island has no quorum: its write fails, fast and clearly.
+    // Once the island has noticed that its leader went quiet, it has no quorum: its write
+    // fails, fast and clearly. (A write sent before it noticed would be outcome_unknown: it
+    // may have reached the leader.)
+    poll("the island notices the silence", SETTLE, || {
+        (c.info(island)?["raft"]["last_contact_ms"].as_u64()? > 500).then_some(())
+    });
     let started = Instant::now();
     let err = poll("the island refuses a write", SETTLE, || {
         c.put(island, "k", "island").err()

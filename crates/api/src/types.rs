@@ -165,6 +165,10 @@ pub struct RaftInfo {
     pub applied: u64,
     /// Number of voters.
     pub voters: u64,
+    /// On a follower: milliseconds since it last heard the leader (Consul's `last_contact`);
+    /// absent on the leader and before any contact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_contact_ms: Option<u64>,
     /// Set when this manager's Raft stopped after a fatal error (a full or failing disk):
     /// why. It then serves no reads or writes until restarted.
     #[serde(default, skip_serializing_if = "Option::is_none")]

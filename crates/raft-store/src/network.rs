@@ -337,13 +337,49 @@ struct Incoming {
 pub(crate) struct RaftServer {
     raft: Raft,
     transfers: Arc<Mutex<HashMap<(String, u64), Incoming>>>,
+    contact: LeaderContact,
+}
+
+/// When this manager last heard a leader's AppendEntries (heartbeats included).
+#[derive(Clone, Debug)]
+pub(crate) struct LeaderContact {
+    base: Instant,
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LeaderContact {
+    pub(crate) fn new() -> Self {
+        LeaderContact {
+            base: Instant::now(),
+            last_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    fn heard(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(ms.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since a leader was last heard (`None`: never).
+    pub(crate) fn silence(&self) -> Option<std::time::Duration> {
+        match self.last_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.base
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(ms)),
+            ),
+        }
+    }
 }
 
 impl RaftServer {
-    pub(crate) fn new(raft: Raft) -> Self {
+    pub(crate) fn new(raft: Raft, contact: LeaderContact) -> Self {
         RaftServer {
             raft,
             transfers: Arc::new(Mutex::new(HashMap::new())),
+            contact,
         }
     }
 
@@ -389,7 +425,10 @@ impl RaftServer {
             encode(&r).unwrap_or_default()
         }
         match rpc {
-            RaftRpc::Append(req) => reply(self.raft.append_entries(req).await),
+            RaftRpc::Append(req) => {
+                self.contact.heard();
+                reply(self.raft.append_entries(req).await)
+            }
             RaftRpc::Vote(req) => reply(self.raft.vote(req).await),
             RaftRpc::PreVote(req) => reply(self.raft.pre_vote(req).await),
             RaftRpc::TransferLeader(req) => reply(self.raft.handle_transfer_leader(req).await),

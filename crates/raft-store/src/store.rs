@@ -236,6 +236,7 @@ pub struct Store {
     protocol: Protocol,
     config: StoreConfig,
     server: tokio::task::JoinHandle<()>,
+    contact: crate::network::LeaderContact,
 }
 
 impl std::fmt::Debug for Store {
@@ -385,7 +386,8 @@ impl Store {
         let raft = Raft::new(config.raft_id, raft_config, network, log, sm)
             .await
             .map_err(|e| StoreError::Raft(e.to_string()))?;
-        let server = tokio::spawn(RaftServer::new(raft.clone()).serve(listener));
+        let contact = crate::network::LeaderContact::new();
+        let server = tokio::spawn(RaftServer::new(raft.clone(), contact.clone()).serve(listener));
         info!(raft_id = config.raft_id, node = %config.node, "raft store open");
         Ok(Store {
             raft,
@@ -394,6 +396,7 @@ impl Store {
             protocol,
             config,
             server,
+            contact,
         })
     }
 
@@ -485,6 +488,18 @@ impl Store {
                         Err(_) => return Err(self.no_quorum(started.elapsed()).await),
                     }
                 }
+                // A leader not heard from for longer than an election timeout is cut off
+                // from this manager (a partition): sending it the call would only make its
+                // outcome unknown. Wait for it to be heard again or replaced, or for the
+                // deadline (no quorum).
+                Some(_)
+                    if self
+                        .contact
+                        .silence()
+                        .is_none_or(|s| s > 2 * self.config.election_timeout_max()) =>
+                {
+                    None
+                }
                 Some((id, node)) => {
                     // Dial first: nothing is sent yet, so giving up when the leader moves
                     // (a dead leader's address would take the whole connect timeout) is safe.
@@ -495,6 +510,22 @@ impl Store {
                         },
                         _ = self.leader_moves_from(id) => false,
                     };
+                    // A write forwarded to a leader that has gone quiet (not heard for
+                    // more than a heartbeat: a partition may have just begun) would have an
+                    // unknown outcome if no answer came. Ask first whether it answers at
+                    // all; if not, nothing is sent and the call waits as for no leader.
+                    let dialed = dialed
+                        && (L::REPEATABLE
+                            || self
+                                .contact
+                                .silence()
+                                .is_some_and(|s| s <= self.config.heartbeat())
+                            || tokio::time::timeout(
+                                PROBE_TIME.min(remaining),
+                                call::<()>(&self.endpoint, &self.protocol, &node, &RaftRpc::Ping),
+                            )
+                            .await
+                            .is_ok_and(|r| r.is_ok()));
                     if dialed {
                         let remaining = deadline.saturating_duration_since(Instant::now());
                         // A leader that died without closing its connection looks alive
@@ -633,6 +664,15 @@ impl Store {
             Ok(()) => Ok(()),
             Err(fatal) => Err(StoreError::Stopped(fatal.to_string())),
         }
+    }
+
+    /// How long since this manager last heard a leader's AppendEntries or heartbeat (`None`:
+    /// never, or it leads). Consul's `last_contact`.
+    pub fn last_contact(&self) -> Option<Duration> {
+        if self.status().is_leader {
+            return None;
+        }
+        self.contact.silence()
     }
 
     /// Why this manager's Raft stopped, if it did (a fatal storage error): it then serves

@@ -20,6 +20,7 @@ pub(crate) async fn info(State(state): State<ApiState>) -> Json<Info> {
             term: s.term,
             applied: s.applied,
             voters: s.voters.len() as u64,
+            last_contact_ms: st.last_contact().map(|d| d.as_millis() as u64),
             stopped: st.stopped(),
         }
     });

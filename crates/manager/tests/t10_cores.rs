@@ -1,0 +1,294 @@
+//! The orchestrator and the scheduler, driven in-process against the pure state machine with
+//! a simulated agent: seeded random event orders (nodes dying and coming back, drains, tasks
+//! failing, scaling) always converge to the declared number of running tasks, a slot never
+//! holds two runnable tasks (but a start-first pair), and placements spread within one task.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use starling_manager::{OrchestratorConfig, reconcile, schedule};
+use starling_state::{
+    Availability, ClusterState, Command, NodeDescription, NodeRecord, NodeRole, NodeStatus,
+    Outcome, Slot, Task, TaskReport, TaskState, TaskStatus,
+};
+
+fn node(id: &str) -> NodeRecord {
+    NodeRecord {
+        id: id.into(),
+        hostname: id.into(),
+        addr: "127.0.0.1:1".into(),
+        role: NodeRole::Worker,
+        desired_role: NodeRole::Worker,
+        availability: Availability::Active,
+        status: NodeStatus::Ready,
+        labels: BTreeMap::new(),
+        cert_serial: "01".into(),
+        version: 0,
+        created_revision: 0,
+        updated_revision: 0,
+    }
+}
+
+struct Sim {
+    s: ClusterState,
+    rev: u64,
+    now: u64,
+}
+
+impl Sim {
+    fn apply(&mut self, cmd: Command) -> Outcome {
+        self.rev += 1;
+        self.s.apply(self.rev, &cmd).0.outcome
+    }
+
+    fn new(nodes: usize) -> Sim {
+        let mut sim = Sim {
+            s: ClusterState::new(),
+            rev: 0,
+            now: 1_000_000,
+        };
+        for i in 0..nodes {
+            let id = format!("n{i}");
+            sim.apply(Command::UpsertNode { node: node(&id) });
+            sim.apply(Command::SetNodeDescription {
+                id,
+                description: NodeDescription {
+                    memory_bytes: 1 << 34,
+                    nano_cpus: 8_000_000_000,
+                    port_min: 30_000,
+                    port_max: 32_767,
+                    isolation: "process-group".into(),
+                },
+            });
+        }
+        sim
+    }
+
+    fn service(&mut self, name: &str, replicas: u32) -> String {
+        let spec: starling_api::ServiceSpec = serde_json::from_value(serde_json::json!({
+            "name": name, "replicas": replicas, "command": ["sleep", "1"],
+            "restart_delay_ms": 0
+        }))
+        .unwrap();
+        match self.apply(Command::CreateService {
+            spec: spec.to_state().unwrap(),
+            at: self.now,
+        }) {
+            Outcome::Service { service } => service.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// One round of the leader (orchestrator and scheduler) and of every live agent.
+    fn round(&mut self, cfg: &OrchestratorConfig) {
+        self.now += 1_000;
+        let plan = reconcile(&self.s, self.now, cfg);
+        let mut ops = plan.ops;
+        ops.extend(schedule(&self.s));
+        if !ops.is_empty() {
+            self.apply(Command::WriteTasks { at: self.now, ops });
+        }
+        // Agents of ready nodes: start what is assigned, stop what is no longer wanted.
+        let mut by_node: BTreeMap<String, Vec<TaskReport>> = BTreeMap::new();
+        for t in self.s.tasks() {
+            let Some(n) = &t.node else { continue };
+            if self.s.node(n).is_none_or(|r| r.status != NodeStatus::Ready) {
+                continue;
+            }
+            let to = if t.desired <= TaskState::Running && t.status.state < TaskState::Running {
+                TaskState::Running
+            } else if t.desired > TaskState::Running && !t.status.state.is_terminal() {
+                TaskState::Shutdown
+            } else {
+                continue;
+            };
+            by_node.entry(n.clone()).or_default().push(TaskReport {
+                task: t.id.clone(),
+                status: TaskStatus::new(to, "", self.now),
+            });
+        }
+        for (node, reports) in by_node {
+            self.apply(Command::ReportTasks { node, reports });
+        }
+    }
+
+    fn running(&self, service: &str) -> Vec<&Task> {
+        self.s
+            .tasks_of(service)
+            .filter(|t| t.status.state == TaskState::Running && t.desired <= TaskState::Running)
+            .collect()
+    }
+
+    /// A slot holds at most one runnable task, or a start-first pair.
+    fn check_slots(&self) -> Result<(), String> {
+        let mut slots: BTreeMap<(String, Slot), Vec<&Task>> = BTreeMap::new();
+        for t in self.s.tasks().filter(|t| t.is_runnable()) {
+            slots
+                .entry((t.service.clone(), t.slot.clone()))
+                .or_default()
+                .push(t);
+        }
+        for ts in slots.values() {
+            let pair = ts.len() == 2
+                && (ts[1].replaces.as_ref() == Some(&ts[0].id)
+                    || ts[0].replaces.as_ref() == Some(&ts[1].id));
+            if ts.len() > 1 && !pair {
+                return Err(format!("slot with {} runnable tasks: {ts:#?}", ts.len()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    NodeDown(usize),
+    NodeBack(usize),
+    Drain(usize),
+    Activate(usize),
+    Fail(usize),
+    Scale(u32),
+    Round,
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        (0usize..4).prop_map(Event::NodeDown),
+        (0usize..4).prop_map(Event::NodeBack),
+        (0usize..4).prop_map(Event::Drain),
+        (0usize..4).prop_map(Event::Activate),
+        (0usize..16).prop_map(Event::Fail),
+        (0u32..8).prop_map(Event::Scale),
+        Just(Event::Round),
+        Just(Event::Round),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn any_event_order_converges_and_slots_stay_single(events in prop::collection::vec(event(), 0..40)) {
+        let cfg = OrchestratorConfig::default();
+        let mut sim = Sim::new(4);
+        let svc = sim.service("web", 4);
+        let mut replicas = 4;
+        for e in &events {
+            match e {
+                Event::NodeDown(i) => { sim.apply(Command::SetNodeStatus { id: format!("n{i}"), status: NodeStatus::Down }); }
+                Event::NodeBack(i) => { sim.apply(Command::SetNodeStatus { id: format!("n{i}"), status: NodeStatus::Ready }); }
+                Event::Drain(i) => { sim.apply(Command::SetNodeAvailability { id: format!("n{i}"), availability: Availability::Drain }); }
+                Event::Activate(i) => { sim.apply(Command::SetNodeAvailability { id: format!("n{i}"), availability: Availability::Active }); }
+                Event::Fail(k) => {
+                    let victim = sim.running(&svc).get(*k % 4).map(|t| (t.id.clone(), t.node.clone().unwrap()));
+                    if let Some((task, node)) = victim {
+                        sim.apply(Command::ReportTasks { node, reports: vec![TaskReport {
+                            task, status: TaskStatus::new(TaskState::Failed, "exit code 1", sim.now) }] });
+                    }
+                }
+                Event::Scale(n) => {
+                    let mut spec = sim.s.service(&svc).unwrap().spec.clone();
+                    spec.mode = starling_state::ServiceMode::Replicated { replicas: *n };
+                    replicas = *n;
+                    sim.apply(Command::UpdateService { id: svc.clone(), spec, expected_version: 0, at: sim.now });
+                }
+                Event::Round => sim.round(&cfg),
+            }
+            sim.check_slots().map_err(TestCaseError::fail)?;
+        }
+        // Every node back and active: the service converges.
+        for i in 0..4 {
+            sim.apply(Command::SetNodeStatus { id: format!("n{i}"), status: NodeStatus::Ready });
+            sim.apply(Command::SetNodeAvailability { id: format!("n{i}"), availability: Availability::Active });
+        }
+        for _ in 0..12 {
+            sim.round(&cfg);
+            sim.check_slots().map_err(TestCaseError::fail)?;
+        }
+        prop_assert_eq!(sim.running(&svc).len(), replicas as usize);
+        // And stays put: a converged state plans nothing.
+        let plan = reconcile(&sim.s, sim.now, &cfg);
+        prop_assert!(plan.ops.is_empty() && schedule(&sim.s).is_empty(), "{:?}", plan.ops);
+    }
+
+    #[test]
+    fn placements_spread_within_one(nodes in 1usize..12, replicas in 0u32..60) {
+        let cfg = OrchestratorConfig::default();
+        let mut sim = Sim::new(nodes);
+        let svc = sim.service("web", replicas);
+        for _ in 0..3 {
+            sim.round(&cfg);
+        }
+        let running = sim.running(&svc);
+        prop_assert_eq!(running.len(), replicas as usize);
+        let mut per: BTreeMap<String, usize> = (0..nodes).map(|i| (format!("n{i}"), 0)).collect();
+        for t in &running {
+            *per.get_mut(t.node.as_ref().unwrap()).unwrap() += 1;
+        }
+        let (lo, hi) = (per.values().min().unwrap(), per.values().max().unwrap());
+        prop_assert!(hi - lo <= 1, "{per:?}");
+    }
+}
+
+#[test]
+fn a_drained_single_replica_keeps_a_running_task_at_every_step() {
+    let cfg = OrchestratorConfig {
+        drain_monitor_ms: 0,
+        ..OrchestratorConfig::default()
+    };
+    let mut sim = Sim::new(2);
+    let svc = sim.service("one", 1);
+    sim.round(&cfg);
+    sim.round(&cfg);
+    let on = sim.running(&svc)[0].node.clone().unwrap();
+    sim.apply(Command::SetNodeAvailability {
+        id: on.clone(),
+        availability: Availability::Drain,
+    });
+    for _ in 0..6 {
+        sim.round(&cfg);
+        assert!(
+            !sim.running(&svc).is_empty(),
+            "no running task during the drain"
+        );
+    }
+    let now_on = sim.running(&svc);
+    assert_eq!(now_on.len(), 1);
+    assert_ne!(now_on[0].node.as_ref(), Some(&on));
+}
+
+#[test]
+fn a_constraint_no_node_meets_is_explained_and_retried() {
+    let cfg = OrchestratorConfig::default();
+    let mut sim = Sim::new(3);
+    let spec: starling_api::ServiceSpec = serde_json::from_value(serde_json::json!({
+        "name": "picky", "replicas": 1, "command": ["x"],
+        "constraints": ["node.labels.zone==b"], "memory_bytes": 1u64 << 40
+    }))
+    .unwrap();
+    let Outcome::Service { service } = sim.apply(Command::CreateService {
+        spec: spec.to_state().unwrap(),
+        at: 0,
+    }) else {
+        panic!()
+    };
+    sim.round(&cfg);
+    sim.round(&cfg);
+    let t = sim.s.tasks_of(&service.id).next().unwrap();
+    assert_eq!(
+        t.pending_reason.as_deref(),
+        Some("no suitable node (constraint node.labels.zone==b: 3 nodes)")
+    );
+    sim.apply(Command::SetNodeLabels {
+        id: "n1".into(),
+        add: [("zone".to_owned(), "b".to_owned())].into(),
+        remove: vec![],
+    });
+    sim.round(&cfg);
+    let t = sim.s.tasks_of(&service.id).next().unwrap();
+    assert_eq!(
+        t.pending_reason.as_deref(),
+        Some("no suitable node (memory: 1 node)")
+    );
+}
