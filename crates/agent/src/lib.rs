@@ -472,8 +472,14 @@ where
             }
         }
     });
+    let mut heartbeat = tokio::time::interval(starling_api::dispatch::HEARTBEAT);
     let outcome = loop {
         tokio::select! {
+            _ = heartbeat.tick() => {
+                if let Err(e) = write_message(&mut tx, &AgentMessage::Heartbeat).await {
+                    break Err(e.to_string());
+                }
+            }
             msg = in_rx.recv() => match msg {
                 Some(msg) => {
                     let ManagerMessage::Assignments { managers: list, .. } = &msg;

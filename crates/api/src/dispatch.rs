@@ -29,7 +29,13 @@ pub enum AgentMessage {
     },
     /// Tasks that changed state.
     Reports(Vec<TaskReport>),
+    /// Sent every [`HEARTBEAT`] while nothing else is: the dispatcher counts a session silent
+    /// for a few of them as lost.
+    Heartbeat,
 }
+
+/// How often an agent speaks on its session at least.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// From a manager.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

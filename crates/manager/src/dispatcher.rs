@@ -18,6 +18,46 @@ use tracing::{debug, info, warn};
 /// Reports are gathered this long before they are written.
 pub const COALESCE: Duration = Duration::from_millis(100);
 
+/// The agent sessions this manager serves: when each node's agent last spoke. A session
+/// that ends cleanly is forgotten; one whose node died stays, silent, until its connection
+/// times out, which is what [`Sessions::silent`] finds.
+#[derive(Clone, Debug, Default)]
+pub struct Sessions(Arc<std::sync::Mutex<BTreeMap<String, tokio::time::Instant>>>);
+
+impl Sessions {
+    fn heard(&self, node: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_owned(), tokio::time::Instant::now());
+    }
+
+    fn ended(&self, node: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+    }
+
+    /// Forgets a node's session (its node answered otherwise: it may serve its session with
+    /// another manager now).
+    pub fn forget(&self, node: &str) {
+        self.ended(node);
+    }
+
+    /// Nodes whose session here has been silent for at least `for_at_least`.
+    pub fn silent(&self, for_at_least: Duration) -> Vec<String> {
+        let now = tokio::time::Instant::now();
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= for_at_least)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
 /// The dispatcher's protocol: nodes (managers and workers) only.
 pub fn protocol() -> Result<Protocol, starling_transport::ConfigError> {
     Protocol::new(
@@ -27,18 +67,19 @@ pub fn protocol() -> Result<Protocol, starling_transport::ConfigError> {
 }
 
 /// Serves the sessions `listener` (on [`protocol`]) accepts, until it closes.
-pub async fn serve(mut listener: Listener, store: Arc<Store>) {
+pub async fn serve(mut listener: Listener, store: Arc<Store>, sessions: Sessions) {
     while let Some(conn) = listener.accept().await {
         let store = store.clone();
+        let sessions = sessions.clone();
         tokio::spawn(async move {
-            if let Err(e) = session(conn, store).await {
+            if let Err(e) = session(conn, store, sessions).await {
                 debug!(error = %e, "agent session ended");
             }
         });
     }
 }
 
-async fn session(conn: Connection, store: Arc<Store>) -> Result<(), String> {
+async fn session(conn: Connection, store: Arc<Store>, sessions: Sessions) -> Result<(), String> {
     let node = conn
         .peer()
         .map(|p| p.node_id.as_str().to_owned())
@@ -52,7 +93,12 @@ async fn session(conn: Connection, store: Arc<Store>) -> Result<(), String> {
         return Err(format!("{node} is not a node of the cluster"));
     }
     let stream = conn.accept_stream().await.map_err(|e| e.to_string())?;
-    run_session(stream, node, store).await
+    sessions.heard(&node);
+    let result = run_session(stream, node.clone(), store, Some(&sessions)).await;
+    if result.is_ok() {
+        sessions.ended(&node);
+    }
+    result
 }
 
 /// A session of this manager's own agent, in process (a node does not dial itself): the
@@ -60,14 +106,19 @@ async fn session(conn: Connection, store: Arc<Store>) -> Result<(), String> {
 pub fn local_session(store: Arc<Store>, node: String) -> tokio::io::DuplexStream {
     let (agent_end, dispatcher_end) = tokio::io::duplex(1 << 20);
     tokio::spawn(async move {
-        if let Err(e) = run_session(dispatcher_end, node, store).await {
+        if let Err(e) = run_session(dispatcher_end, node, store, None).await {
             debug!(error = %e, "local agent session ended");
         }
     });
     agent_end
 }
 
-async fn run_session<S>(stream: S, node: String, store: Arc<Store>) -> Result<(), String>
+async fn run_session<S>(
+    stream: S,
+    node: String,
+    store: Arc<Store>,
+    sessions: Option<&Sessions>,
+) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
@@ -153,7 +204,12 @@ where
         })
     };
     let result = loop {
-        match read_message::<AgentMessage>(&mut rx).await {
+        let msg = read_message::<AgentMessage>(&mut rx).await;
+        if let (Ok(Some(_)), Some(s)) = (&msg, sessions) {
+            s.heard(&node);
+        }
+        match msg {
+            Ok(Some(AgentMessage::Heartbeat)) => {}
             Ok(Some(AgentMessage::Reports(reports))) => {
                 if report_tx.send(reports).await.is_err() {
                     break Ok(());

@@ -289,6 +289,6 @@ fn a_constraint_no_node_meets_is_explained_and_retried() {
     let t = sim.s.tasks_of(&service.id).next().unwrap();
     assert_eq!(
         t.pending_reason.as_deref(),
-        Some("no suitable node (memory: 1 node)")
+        Some("no suitable node (constraint node.labels.zone==b: 2 nodes; memory: 1 node)")
     );
 }

@@ -334,6 +334,30 @@ pub async fn enter_raft_group(
     let mut last_error = String::from("no manager to ask");
     while tokio::time::Instant::now() < deadline {
         attempt += 1;
+        // Already a voter, and elected leader meanwhile (the manager it joined through died
+        // before answering): only the record is left to write, here.
+        let status = store.status();
+        if status.is_leader && status.voters.contains(&raft_id) {
+            let node = endpoint
+                .identity()
+                .map(|i| i.node_id.to_string())
+                .ok_or_else(|| anyhow::anyhow!("the endpoint has no identity"))?;
+            match store
+                .write(starling_raft_store::Command::SetNodeRole {
+                    id: node,
+                    role: starling_raft_store::NodeRole::Manager,
+                    desired_role: starling_raft_store::NodeRole::Manager,
+                })
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    last_error = e.to_string();
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
         let Some((leader_id, addr)) = hint
             .take()
             .or_else(|| store_leader(store))
@@ -564,6 +588,7 @@ async fn reconcile_liveness(
     gossip: Arc<GossipNode>,
     me: String,
     metrics: Arc<crate::metrics::Metrics>,
+    sessions: starling_manager::dispatcher::Sessions,
 ) {
     let mut last_leader = None;
     use crate::liveness::{Liveness, LivenessConfig};
@@ -620,14 +645,80 @@ async fn reconcile_liveness(
             endpoint.revoke(removed.iter().filter_map(|id| NodeId::new(id.clone()).ok()));
             revoked = removed;
         }
+        let unreachable = if leading {
+            confirm_unreachable(&endpoint, &sessions, &records).await
+        } else {
+            std::collections::BTreeSet::new()
+        };
         let now = std::time::Instant::now();
-        for cmd in liveness.round(&cfg, now, leading, &alive, &records) {
+        for cmd in liveness.round(&cfg, now, leading, &alive, &unreachable, &records) {
             if let Err(e) = store.write(cmd).await {
                 tracing::debug!(error = %e, "liveness update not written");
                 break;
             }
         }
     }
+}
+
+/// A node's agent session here has been silent this long: its node is probed.
+const SESSION_SILENCE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a probe (a QUIC handshake with the node) may take.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Nodes with two independent signs of death: their agent session with this manager has been
+/// silent for [`SESSION_SILENCE`] and a fresh QUIC handshake with them fails within
+/// [`PROBE_TIMEOUT`]. A node that answers the probe is forgotten by the session table (its
+/// agent may have moved to another manager).
+async fn confirm_unreachable(
+    endpoint: &Endpoint,
+    sessions: &starling_manager::dispatcher::Sessions,
+    records: &[starling_raft_store::NodeRecord],
+) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let Ok(protocol) = starling_gossip::gossip_protocol() else {
+        return out;
+    };
+    let mut probes = tokio::task::JoinSet::new();
+    // A node down this long is left to gossip: its stale session entry goes.
+    for id in sessions.silent(std::time::Duration::from_secs(300)) {
+        sessions.forget(&id);
+    }
+    // Down nodes are probed too, so that gossip's slower view cannot mark one ready again
+    // while its session is silent and it does not answer.
+    for id in sessions.silent(SESSION_SILENCE) {
+        let Some(record) = records.iter().find(|r| r.id == id) else {
+            sessions.forget(&id);
+            continue;
+        };
+        let (Ok(node), Ok(addr)) = (NodeId::new(id.clone()), record.addr.parse::<SocketAddr>())
+        else {
+            continue;
+        };
+        let endpoint = endpoint.clone();
+        let protocol = protocol.clone();
+        probes.spawn(async move {
+            let answered =
+                match tokio::time::timeout(PROBE_TIMEOUT, endpoint.connect(&protocol, &node, addr))
+                    .await
+                {
+                    Ok(Ok(conn)) => {
+                        conn.close(starling_transport::CloseCode::SHUTDOWN, "probe");
+                        true
+                    }
+                    _ => false,
+                };
+            (id, answered)
+        });
+    }
+    while let Some(Ok((id, answered))) = probes.join_next().await {
+        if answered {
+            sessions.forget(&id);
+        } else {
+            tracing::debug!(node = %id, "agent session silent and the node does not answer");
+            out.insert(id);
+        }
+    }
+    out
 }
 
 async fn start_gossip(
@@ -736,6 +827,7 @@ async fn start_manager(
     let listener = endpoint.listen(&crate::join::join_server_protocol()?)?;
     let api_listener = Some(endpoint.listen(&crate::api::api_server_protocol()?)?);
     let dispatch_listener = endpoint.listen(&starling_manager::dispatcher::protocol()?)?;
+    let sessions = starling_manager::dispatcher::Sessions::default();
     let mut config = StoreConfig::new(
         dir.raft_dir(),
         raft_id,
@@ -768,6 +860,7 @@ async fn start_manager(
         gossip.clone(),
         state.node_id.clone(),
         metrics.clone(),
+        sessions.clone(),
     )));
     tasks.push(tokio::spawn(starling_manager::supervisor::run(
         store.clone(),
@@ -776,6 +869,7 @@ async fn start_manager(
     tasks.push(tokio::spawn(starling_manager::dispatcher::serve(
         dispatch_listener,
         store.clone(),
+        sessions,
     )));
     tasks.extend(start_agent(&dir, &state, &endpoint, Some(store.clone())));
     Ok(RunningNode {

@@ -41,14 +41,17 @@ impl Liveness {
     }
 
     /// One round. `leading`: whether this manager leads now; `alive`: node ids gossip reports
-    /// alive (this node included); `records`: the nodes in the replicated state. Returns the
-    /// status changes to write.
+    /// alive (this node included); `unreachable`: nodes whose agent session went silent and
+    /// that failed a direct probe (two signals: marked `down` at once, without the grace
+    /// gossip alone gets); `records`: the nodes in the replicated state. Returns the status
+    /// changes to write.
     pub fn round(
         &mut self,
         cfg: &LivenessConfig,
         now: Instant,
         leading: bool,
         alive: &BTreeSet<String>,
+        unreachable: &BTreeSet<String>,
         records: &[NodeRecord],
     ) -> Vec<Command> {
         if !leading {
@@ -60,6 +63,18 @@ impl Liveness {
         let in_grace = now.duration_since(since) < cfg.leader_grace;
         let mut out = Vec::new();
         for r in records {
+            // Two direct signals (its session with this manager went silent, and it fails a
+            // probe) need no settling time: not even a new leader's grace.
+            if unreachable.contains(&r.id) {
+                if r.status != NodeStatus::Down {
+                    out.push(Command::SetNodeStatus {
+                        id: r.id.clone(),
+                        status: NodeStatus::Down,
+                    });
+                }
+                self.not_alive_since.entry(r.id.clone()).or_insert(now);
+                continue;
+            }
             if alive.contains(&r.id) {
                 self.not_alive_since.remove(&r.id);
                 if r.status != NodeStatus::Ready {
@@ -124,13 +139,17 @@ mod tests {
         let mut l = Liveness::new();
         let records = vec![rec("a", NodeStatus::Ready), rec("b", NodeStatus::Ready)];
         // Fresh leader: nothing is marked down during its grace.
-        assert!(l.round(&cfg, t0, true, &set(&["a"]), &records).is_empty());
+        assert!(
+            l.round(&cfg, t0, true, &set(&["a"]), &BTreeSet::new(), &records)
+                .is_empty()
+        );
         assert!(
             l.round(
                 &cfg,
                 t0 + Duration::from_secs(9),
                 true,
                 &set(&["a"]),
+                &BTreeSet::new(),
                 &records
             )
             .is_empty()
@@ -141,6 +160,7 @@ mod tests {
             t0 + Duration::from_secs(11),
             true,
             &set(&["a"]),
+            &BTreeSet::new(),
             &records,
         );
         assert_eq!(
@@ -158,6 +178,7 @@ mod tests {
                 t0 + Duration::from_secs(12),
                 true,
                 &set(&["a"]),
+                &BTreeSet::new(),
                 &records
             )
             .is_empty()
@@ -167,6 +188,7 @@ mod tests {
             t0 + Duration::from_secs(13),
             true,
             &set(&["a", "b"]),
+            &BTreeSet::new(),
             &records,
         );
         assert_eq!(
@@ -183,6 +205,7 @@ mod tests {
                 t0 + Duration::from_secs(14),
                 false,
                 &set(&[]),
+                &BTreeSet::new(),
                 &records
             )
             .is_empty()
@@ -194,6 +217,7 @@ mod tests {
                 t0 + Duration::from_secs(15),
                 true,
                 &set(&["a"]),
+                &BTreeSet::new(),
                 &records
             )
             .is_empty()
@@ -204,6 +228,7 @@ mod tests {
                 t0 + Duration::from_secs(20),
                 true,
                 &set(&["a"]),
+                &BTreeSet::new(),
                 &records
             )
             .is_empty()
@@ -214,6 +239,7 @@ mod tests {
                 t0 + Duration::from_secs(26),
                 true,
                 &set(&["a"]),
+                &BTreeSet::new(),
                 &records
             )
             .len(),
@@ -230,26 +256,62 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Liveness::new();
         let records = vec![rec("a", NodeStatus::Ready)];
-        assert!(l.round(&cfg, t0, true, &set(&[]), &records).is_empty());
+        assert!(
+            l.round(&cfg, t0, true, &set(&[]), &BTreeSet::new(), &records)
+                .is_empty()
+        );
         assert!(
             l.round(
                 &cfg,
                 t0 + Duration::from_secs(2),
                 true,
                 &set(&["a"]),
+                &BTreeSet::new(),
                 &records
             )
             .is_empty()
         );
         // The clock restarts after it was seen alive.
         assert!(
-            l.round(&cfg, t0 + Duration::from_secs(4), true, &set(&[]), &records)
-                .is_empty()
+            l.round(
+                &cfg,
+                t0 + Duration::from_secs(4),
+                true,
+                &set(&[]),
+                &BTreeSet::new(),
+                &records
+            )
+            .is_empty()
         );
         assert_eq!(
-            l.round(&cfg, t0 + Duration::from_secs(7), true, &set(&[]), &records)
-                .len(),
+            l.round(
+                &cfg,
+                t0 + Duration::from_secs(7),
+                true,
+                &set(&[]),
+                &BTreeSet::new(),
+                &records
+            )
+            .len(),
             1
+        );
+    }
+
+    #[test]
+    fn a_node_with_a_silent_session_that_fails_a_probe_is_down_at_once() {
+        let cfg = LivenessConfig::default();
+        let t0 = Instant::now();
+        let mut l = Liveness::new();
+        let records = vec![rec("a", NodeStatus::Ready), rec("b", NodeStatus::Ready)];
+        let gone = set(&["b"]);
+        // At once, though gossip still calls it alive and the leader is new.
+        let out = l.round(&cfg, t0, true, &set(&["a", "b"]), &gone, &records);
+        assert_eq!(
+            out,
+            vec![Command::SetNodeStatus {
+                id: "b".into(),
+                status: NodeStatus::Down
+            }]
         );
     }
 }
