@@ -15,7 +15,8 @@ use serde_json::Value;
 pub struct Proc(Child);
 
 impl Proc {
-    fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
+    /// Starts `cmd` with its stderr appended to `log`.
+    pub fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

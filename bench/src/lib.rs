@@ -17,3 +17,4 @@ pub mod load;
 pub mod machine;
 pub mod measures;
 pub mod scheduler;
+pub mod tasks;

@@ -22,6 +22,8 @@ enum Measure {
     Gossip,
     /// The scheduler in process: 100 000 tasks on 1 000 simulated nodes.
     Scheduler,
+    /// Services with real processes: 100 replicas created, a worker killed 10 times.
+    Tasks,
     /// Everything, written to bench/RESULTS.md.
     All,
 }
@@ -63,7 +65,10 @@ async fn real_main() -> anyhow::Result<()> {
     } else {
         Plan::full()
     };
-    let needs_clusters = !matches!(args.measure, Measure::Gossip | Measure::Scheduler);
+    let needs_clusters = !matches!(
+        args.measure,
+        Measure::Gossip | Measure::Scheduler | Measure::Tasks
+    );
     let etcd_version = if needs_clusters {
         etcd_available()?
     } else {
@@ -132,6 +137,10 @@ async fn real_main() -> anyhow::Result<()> {
         let figures =
             tokio::task::spawn_blocking(move || starling_bench::gossip::simulate(n)).await?;
         emit(figures.markdown());
+    }
+    if wants(Measure::Tasks) {
+        let (rounds, replicas) = if args.quick { (2, 12) } else { (10, 100) };
+        emit(starling_bench::tasks::run(&tmp.path().join("tasks"), rounds, replicas).await?);
     }
     if wants(Measure::Scheduler) {
         let (nodes, tasks) = if args.quick {

@@ -72,9 +72,14 @@ enum Filter {
 
 /// The scheduler's changes for the pending tasks of `state`: `Assign` for each task placed,
 /// `Explain` (only when the reason changed) for each task that fits nowhere.
+///
+/// Per service, the filters that do not change as tasks are placed (ready and active, an
+/// agent, constraints) run once per node; each task then takes the best of the eligible
+/// nodes in one pass over plain vectors, what is left on the chosen node updated as it goes.
 pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
-    let mut rooms: BTreeMap<String, NodeRoom> = BTreeMap::new();
-    for node in state.nodes() {
+    let nodes: Vec<&NodeRecord> = state.nodes().collect();
+    let mut rooms: Vec<NodeRoom> = Vec::with_capacity(nodes.len());
+    for node in &nodes {
         let desc = state.node_description(&node.id);
         let mut room = NodeRoom {
             memory: desc.map(|d| d.memory_bytes),
@@ -96,11 +101,10 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
             }
             room.used_ports.extend(t.ports.iter().map(|p| p.port));
         }
-        rooms.insert(node.id.clone(), room);
+        rooms.push(room);
     }
     let mut ops = Vec::new();
-    // Pending tasks, oldest first, grouped by service so the filters that do not change as
-    // tasks are placed run once per service and node.
+    // Pending tasks, oldest first, grouped by service.
     let mut pending: BTreeMap<&str, Vec<&starling_state::Task>> = BTreeMap::new();
     for t in state.tasks() {
         if t.status.state == TaskState::Pending && t.desired <= TaskState::Running {
@@ -111,8 +115,9 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
         tasks.sort_by_key(|t| (t.created_revision, t.id.clone()));
         let placement = &tasks[0].template.placement;
         let mut static_rejects: BTreeMap<Filter, u32> = BTreeMap::new();
-        let mut eligible: Vec<&NodeRecord> = Vec::new();
-        for node in state.nodes() {
+        // Indices (into `nodes`) of the nodes the static filters let through.
+        let mut eligible: Vec<usize> = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
             if !node_schedulable(node) {
                 *static_rejects.entry(Filter::NotReady).or_default() += 1;
                 continue;
@@ -122,29 +127,50 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
                 continue;
             }
             match placement.constraints.iter().position(|c| !holds(c, node)) {
-                Some(i) => *static_rejects.entry(Filter::Constraint(i)).or_default() += 1,
-                None => eligible.push(node),
+                Some(c) => *static_rejects.entry(Filter::Constraint(c)).or_default() += 1,
+                None => eligible.push(i),
             }
         }
-        let spread = placement.preferences.first().map(|p| p.label.clone());
+        // Tasks of this service on each eligible node, and per spread-label value.
+        let mut mine: Vec<u32> = eligible
+            .iter()
+            .map(|&i| rooms[i].by_service.get(service).copied().unwrap_or(0))
+            .collect();
+        let spread = placement.preferences.first().map(|p| p.label.as_str());
+        let mut groups: Vec<usize> = Vec::with_capacity(eligible.len());
+        let mut group_counts: Vec<u32> = Vec::new();
+        if let Some(label) = spread {
+            let mut ids: BTreeMap<Option<&str>, usize> = BTreeMap::new();
+            for (k, &i) in eligible.iter().enumerate() {
+                let value = nodes[i].labels.get(label).map(String::as_str);
+                let next = ids.len();
+                let g = *ids.entry(value).or_insert(next);
+                if g == group_counts.len() {
+                    group_counts.push(0);
+                }
+                group_counts[g] += mine[k];
+                groups.push(g);
+            }
+        }
         for task in tasks {
             let res = &task.template.resources;
+            let want_ports = task.template.ports.len();
             let mut rejects = static_rejects.clone();
-            let mut best: Option<(&NodeRecord, (u32, u32, u32))> = None;
-            // Tasks of the service per spread-label value, for the preference.
-            let spread_counts: BTreeMap<Option<&String>, u32> = match &spread {
-                Some(label) => {
-                    let mut m = BTreeMap::new();
-                    for n in &eligible {
-                        let c = rooms[&n.id].by_service.get(service).copied().unwrap_or(0);
-                        *m.entry(n.labels.get(label)).or_default() += c;
-                    }
-                    m
+            let mut best: Option<(usize, (u32, u32, u32))> = None;
+            for (k, &i) in eligible.iter().enumerate() {
+                let room = &rooms[i];
+                let key = (
+                    if spread.is_some() {
+                        group_counts[groups[k]]
+                    } else {
+                        0
+                    },
+                    mine[k],
+                    room.total,
+                );
+                if best.is_some_and(|(_, b)| key >= b) {
+                    continue;
                 }
-                None => BTreeMap::new(),
-            };
-            for node in &eligible {
-                let room = &rooms[&node.id];
                 let fail = if res
                     .memory_bytes
                     .is_some_and(|m| room.memory.is_some_and(|r| r < m))
@@ -155,33 +181,21 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
                     .is_some_and(|c| room.cpus.is_some_and(|r| r < c))
                 {
                     Some(Filter::Cpu)
-                } else if free_ports(room, task.template.ports.len()).is_none() {
+                } else if want_ports > 0 && free_ports(room, want_ports).is_none() {
                     Some(Filter::Ports)
                 } else {
                     None
                 };
-                if let Some(f) = fail {
-                    *rejects.entry(f).or_default() += 1;
-                    continue;
-                }
-                let spread_key = spread.as_ref().map_or(0, |l| {
-                    spread_counts.get(&node.labels.get(l)).copied().unwrap_or(0)
-                });
-                let key = (
-                    spread_key,
-                    room.by_service.get(service).copied().unwrap_or(0),
-                    room.total,
-                );
-                if best.as_ref().is_none_or(|(_, k)| key < *k) {
-                    best = Some((node, key));
+                match fail {
+                    Some(f) => *rejects.entry(f).or_default() += 1,
+                    None => best = Some((k, key)),
                 }
             }
             match best {
-                Some((node, _)) => {
-                    let Some(room) = rooms.get_mut(&node.id) else {
-                        continue;
-                    };
-                    let ports: Vec<AssignedPort> = free_ports(room, task.template.ports.len())
+                Some((k, _)) => {
+                    let i = eligible[k];
+                    let room = &mut rooms[i];
+                    let ports: Vec<AssignedPort> = free_ports(room, want_ports)
                         .unwrap_or_default()
                         .into_iter()
                         .zip(&task.template.ports)
@@ -192,7 +206,10 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
                         .collect();
                     room.used_ports.extend(ports.iter().map(|p| p.port));
                     room.total += 1;
-                    *room.by_service.entry(service.to_owned()).or_default() += 1;
+                    mine[k] += 1;
+                    if spread.is_some() {
+                        group_counts[groups[k]] += 1;
+                    }
                     if let (Some(m), Some(used)) = (room.memory.as_mut(), res.memory_bytes) {
                         *m = m.saturating_sub(used);
                     }
@@ -201,11 +218,13 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
                     }
                     ops.push(TaskOp::Assign {
                         task: task.id.clone(),
-                        node: node.id.clone(),
+                        node: nodes[i].id.clone(),
                         ports,
                     });
                 }
                 None => {
+                    // Nodes skipped as worse than the best never got here: with no best,
+                    // every eligible node was checked and rejected.
                     let why = explain(&rejects, placement);
                     if task.pending_reason.as_deref() != Some(why.as_str()) {
                         ops.push(TaskOp::Explain {

@@ -18,6 +18,7 @@ use crate::task::{
 pub(crate) struct TaskIndex {
     by_service: BTreeMap<String, BTreeSet<String>>,
     by_node: BTreeMap<String, BTreeSet<String>>,
+    by_slot: BTreeMap<(String, Slot), BTreeSet<String>>,
 }
 
 impl TaskIndex {
@@ -31,6 +32,10 @@ impl TaskIndex {
     }
 
     fn add(&mut self, t: &Task) {
+        self.by_slot
+            .entry((t.service.clone(), t.slot.clone()))
+            .or_default()
+            .insert(t.id.clone());
         self.by_service
             .entry(t.service.clone())
             .or_default()
@@ -44,6 +49,13 @@ impl TaskIndex {
     }
 
     fn remove(&mut self, t: &Task) {
+        let key = (t.service.clone(), t.slot.clone());
+        if let Some(set) = self.by_slot.get_mut(&key) {
+            set.remove(&t.id);
+            if set.is_empty() {
+                self.by_slot.remove(&key);
+            }
+        }
         if let Some(set) = self.by_service.get_mut(&t.service) {
             set.remove(&t.id);
             if set.is_empty() {
@@ -275,9 +287,10 @@ impl ClusterState {
                         return Err(TaskRefusal::OtherSlot);
                     }
                 }
-                if let Some(busy) = self.tasks_of(service).find(|t| {
-                    t.slot == *slot && t.is_runnable() && Some(&t.id) != replaces.as_ref()
-                }) {
+                if let Some(busy) = self
+                    .tasks_in_slot(service, slot)
+                    .find(|t| t.is_runnable() && Some(&t.id) != replaces.as_ref())
+                {
                     return Err(TaskRefusal::SlotOccupied {
                         task: busy.id.clone(),
                     });
@@ -425,6 +438,9 @@ impl ClusterState {
 
     /// The first of `ports` that a runnable task other than `except` holds on `node`.
     fn first_taken_port(&self, node: &str, ports: &[AssignedPort], except: &str) -> Option<u16> {
+        if ports.is_empty() {
+            return None;
+        }
         let held: BTreeSet<u16> = self
             .tasks_on(node)
             .filter(|t| t.id != except && t.is_runnable())
@@ -479,6 +495,20 @@ impl ClusterState {
         self.index
             .by_service
             .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.image.tasks.get(id))
+    }
+
+    /// The tasks of a service's slot.
+    pub fn tasks_in_slot<'a>(
+        &'a self,
+        service: &str,
+        slot: &Slot,
+    ) -> impl Iterator<Item = &'a Task> + 'a {
+        self.index
+            .by_slot
+            .get(&(service.to_owned(), slot.clone()))
             .into_iter()
             .flatten()
             .filter_map(|id| self.image.tasks.get(id))
