@@ -104,8 +104,7 @@ async fn measure(bin: &Path, base: &Path, rounds: usize, replicas: u32) -> anyho
         .await?;
     let token = api.join_token("worker").await?.token;
     let manager = nodes[0].addr.clone();
-    for i in 1..4 {
-        let n = &nodes[i];
+    for n in nodes.iter_mut().skip(1) {
         let p = spawn(
             n,
             &[
@@ -122,7 +121,7 @@ async fn measure(bin: &Path, base: &Path, rounds: usize, replicas: u32) -> anyho
                 &manager,
             ],
         )?;
-        nodes[i].proc = Some(p);
+        n.proc = Some(p);
     }
     poll("three workers ready", Duration::from_secs(30), || async {
         let list = api.nodes().await.ok()?;
