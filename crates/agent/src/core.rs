@@ -32,20 +32,30 @@ pub enum Action {
     },
     /// Forget an ended task the managers no longer list (its files stay until reaped).
     Forget(String),
+    /// Report a task that was assigned here but is no longer wanted before it ever started:
+    /// it ends `shutdown` without running.
+    NeverStarted(String),
 }
 
 /// The actions for `assigned` (the node's non-ended tasks as the managers see them) and
-/// `local` (what runs here) at `now`, and when to look again for a delayed start.
+/// `local` (what runs here) at `now`, and when to look again for a delayed start. Until
+/// `synced` (the first full assignment set of the agent's life has arrived), nothing local
+/// is stopped or forgotten: an agent that restarts keeps its adopted tasks running until it
+/// knows what the managers want.
 pub fn plan(
     assigned: &BTreeMap<String, Task>,
     local: &BTreeMap<String, Phase>,
+    synced: bool,
     now: u64,
 ) -> (Vec<Action>, Option<u64>) {
     let mut actions = Vec::new();
     let mut wake: Option<u64> = None;
     for (id, t) in assigned {
-        if local.contains_key(id) || t.desired > TaskState::Running || t.status.state.is_terminal()
-        {
+        if local.contains_key(id) || t.status.state.is_terminal() {
+            continue;
+        }
+        if t.desired > TaskState::Running {
+            actions.push(Action::NeverStarted(id.clone()));
             continue;
         }
         if t.not_before > now {
@@ -53,6 +63,9 @@ pub fn plan(
             continue;
         }
         actions.push(Action::Start(Box::new(t.clone())));
+    }
+    if !synced {
+        return (actions, wake);
     }
     for (id, phase) in local {
         let wanted = assigned
@@ -77,4 +90,92 @@ pub fn plan(
         }
     }
     (actions, wake)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use starling_state::{
+        Placement, ProcessSpec, Resources, RestartPolicy, Slot, TaskStatus, TaskTemplate,
+    };
+
+    use super::*;
+
+    fn task(id: &str, desired: TaskState, state: TaskState, not_before: u64) -> Task {
+        Task {
+            id: id.into(),
+            service: "s".into(),
+            service_name: "s".into(),
+            slot: Slot::Number(1),
+            spec_version: 1,
+            template: TaskTemplate {
+                process: ProcessSpec {
+                    argv: vec!["sleep".into()],
+                    env: BTreeMap::new(),
+                    cwd: None,
+                    user: None,
+                    stop_signal: 15,
+                    stop_grace_ms: 100,
+                },
+                resources: Resources::default(),
+                restart: RestartPolicy::default(),
+                placement: Placement::default(),
+                ports: vec![],
+            },
+            node: Some("n".into()),
+            desired,
+            status: TaskStatus::new(state, "", 0),
+            ports: vec![],
+            not_before,
+            restarts: vec![],
+            replaces: None,
+            pending_reason: None,
+            created_at: 0,
+            version: 1,
+            created_revision: 1,
+            updated_revision: 1,
+        }
+    }
+
+    #[test]
+    fn adopted_tasks_are_kept_until_the_first_full_set() {
+        let local = BTreeMap::from([("a".to_owned(), Phase::Running)]);
+        let none = BTreeMap::new();
+        assert!(plan(&none, &local, false, 0).0.is_empty());
+        let (actions, _) = plan(&none, &local, true, 0);
+        assert!(matches!(&actions[..], [Action::Stop { task, .. }] if task == "a"));
+    }
+
+    #[test]
+    fn starts_waits_for_a_delay_and_ends_what_never_started() {
+        let assigned = BTreeMap::from([
+            (
+                "now".to_owned(),
+                task("now", TaskState::Running, TaskState::Assigned, 0),
+            ),
+            (
+                "later".to_owned(),
+                task("later", TaskState::Running, TaskState::Assigned, 50),
+            ),
+            (
+                "gone".to_owned(),
+                task("gone", TaskState::Remove, TaskState::Assigned, 0),
+            ),
+        ]);
+        let (actions, wake) = plan(&assigned, &BTreeMap::new(), true, 10);
+        assert_eq!(wake, Some(50));
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Start(t) if t.id == "now"))
+        );
+        assert!(actions.contains(&Action::NeverStarted("gone".into())));
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::Start(t) if t.id == "later"))
+        );
+    }
 }

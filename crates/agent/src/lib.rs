@@ -116,6 +116,8 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
     ));
     let mut local: BTreeMap<String, Local> = BTreeMap::new();
     let mut assigned: BTreeMap<String, Task> = BTreeMap::new();
+    // Set once the first full assignment set arrived: until then nothing local is stopped.
+    let mut synced = false;
     let report = |statuses: &Statuses, task: &str, status: TaskStatus| {
         statuses
             .lock()
@@ -138,6 +140,7 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                 Some(ManagerMessage::Assignments { full, tasks, removed, .. }) => {
                     if full {
                         assigned.clear();
+                        synced = true;
                     }
                     for id in removed {
                         assigned.remove(&id);
@@ -185,7 +188,7 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
             .iter()
             .map(|(k, v)| (k.clone(), v.phase.clone()))
             .collect();
-        let (actions, next) = plan(&assigned, &phases, unix_ms());
+        let (actions, next) = plan(&assigned, &phases, synced, unix_ms());
         wake = next;
         for action in actions {
             match action {
@@ -264,6 +267,26 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                             }
                         });
                     }
+                }
+                Action::NeverStarted(task) => {
+                    local.insert(
+                        task.clone(),
+                        Local {
+                            phase: Phase::Ended,
+                            pgid: 0,
+                            started: None,
+                            stopping: false,
+                        },
+                    );
+                    report(
+                        &statuses,
+                        &task,
+                        TaskStatus::new(
+                            TaskState::Shutdown,
+                            "stopped before it started",
+                            unix_ms(),
+                        ),
+                    );
                 }
                 Action::Forget(task) => {
                     local.remove(&task);

@@ -95,9 +95,9 @@ async fn session(conn: Connection, store: Arc<Store>, sessions: Sessions) -> Res
     let stream = conn.accept_stream().await.map_err(|e| e.to_string())?;
     sessions.heard(&node);
     let result = run_session(stream, node.clone(), store, Some(&sessions)).await;
-    if result.is_ok() {
-        sessions.ended(&node);
-    }
+    // Whatever the end (a clean close, or an error once the connection timed out), the
+    // entry goes: only a session that is open and silent counts as a sign of death.
+    sessions.ended(&node);
     result
 }
 
@@ -271,8 +271,14 @@ async fn write_reports(
     }
 }
 
+/// Keeps, per task, the most advanced status (a replayed older one never wins).
 fn add(pending: &mut BTreeMap<String, TaskReport>, batch: Vec<TaskReport>) {
     for r in batch {
-        pending.insert(r.task.clone(), r);
+        match pending.get(&r.task) {
+            Some(old) if old.status.state > r.status.state => {}
+            _ => {
+                pending.insert(r.task.clone(), r);
+            }
+        }
     }
 }

@@ -209,6 +209,12 @@ fn reconcile_slot(
                 return;
             }
             history.push(now);
+            // Only what the policy counts is kept: unlimited restarts keep no history, and a
+            // limit keeps its last attempts (a task record stays small however long it loops).
+            let keep = policy.max_attempts as usize;
+            if history.len() > keep {
+                history.drain(..history.len() - keep);
+            }
             let not_before = ended_at.saturating_add(policy.delay_ms);
             if not_before > now {
                 plan.wake(not_before);
@@ -252,7 +258,7 @@ fn reconcile_slot(
                     desired: TaskState::Shutdown,
                 });
             } else if new.status.state == TaskState::Running {
-                plan.wake(new.status.timestamp + cfg.drain_monitor_ms);
+                plan.wake(new.status.timestamp.saturating_add(cfg.drain_monitor_ms));
             }
             if lost(state, old) {
                 plan.ops.push(TaskOp::Orphan {

@@ -663,7 +663,8 @@ async fn reconcile_liveness(
 /// A node's agent session here has been silent this long: its node is probed.
 const SESSION_SILENCE: std::time::Duration = std::time::Duration::from_secs(2);
 /// How long a probe (a QUIC handshake with the node) may take.
-const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// (Longer than QUIC's first retransmission, ~1 s: one lost packet does not fail it.)
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_500);
 
 /// Nodes with two independent signs of death: their agent session with this manager has been
 /// silent for [`SESSION_SILENCE`] and a fresh QUIC handshake with them fails within

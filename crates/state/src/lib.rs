@@ -54,9 +54,9 @@ pub use objects::{
     Settings, SystemRecords,
 };
 pub use service::{
-    Constraint, ConstraintKey, FailureAction, Placement, PortProtocol, PortSpec, ProcessSpec,
-    Resources, RestartCondition, RestartPolicy, Service, ServiceMode, ServiceSpec, Spread,
-    TaskTemplate, UpdateConfig, UpdateOrder, dns_label_error,
+    Constraint, ConstraintKey, FailureAction, MAX_REPLICAS, Placement, PortProtocol, PortSpec,
+    ProcessSpec, Resources, RestartCondition, RestartPolicy, Service, ServiceMode, ServiceSpec,
+    Spread, TaskTemplate, UpdateConfig, UpdateOrder, dns_label_error,
 };
 pub use state::{ClusterState, StateImage, WATCH_HISTORY};
 pub use task::{

@@ -238,12 +238,22 @@ wire_type!(
     }
 );
 
+/// The most tasks one replicated service may want.
+pub const MAX_REPLICAS: u32 = 100_000;
+
 impl ServiceSpec {
     /// Why this spec cannot be accepted, if it cannot: the checks `apply` makes, so racing
     /// creations meet the same rules the API checks first.
     pub fn invalid(&self) -> Option<String> {
         if let Some(why) = dns_label_error(&self.name) {
             return Some(format!("service name {:?}: {why}", self.name));
+        }
+        if let ServiceMode::Replicated { replicas } = self.mode
+            && replicas > MAX_REPLICAS
+        {
+            return Some(format!(
+                "{replicas} replicas is over the limit of {MAX_REPLICAS}"
+            ));
         }
         let p = &self.task.process;
         if p.argv.first().is_none_or(|a| a.is_empty()) {
