@@ -20,25 +20,8 @@ struct Node {
 
 /// Kills every task process recorded under `base` (their process groups).
 fn reap_tasks(base: &Path) {
-    let Ok(nodes) = std::fs::read_dir(base) else {
-        return;
-    };
-    for node in nodes.flatten() {
-        let Ok(tasks) = std::fs::read_dir(node.path().join("tasks")) else {
-            continue;
-        };
-        for t in tasks.flatten() {
-            let pid = std::fs::read(t.path().join("started.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| v["pid"].as_i64());
-            if let Some(pid) = pid {
-                let _ = Command::new("kill")
-                    .args(["-9", "--", &format!("-{pid}")])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
-        }
+    for node in std::fs::read_dir(base).into_iter().flatten().flatten() {
+        starling_agent::exec::kill_recorded(&node.path().join("tasks"));
     }
 }
 

@@ -155,6 +155,21 @@ pub fn recorded(dir: &Path) -> Option<Started> {
     serde_json::from_slice(&std::fs::read(dir.join("started.json")).ok()?).ok()
 }
 
+/// Kills (SIGKILL, the whole process group) every task process recorded under `tasks_dir`
+/// that still runs: what a test or an operator cleaning up a node's data directory needs.
+pub fn kill_recorded(tasks_dir: &Path) {
+    let Ok(dirs) = std::fs::read_dir(tasks_dir) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        if let Some(started) = recorded(&dir.path())
+            && alive(&started)
+        {
+            signal_group(started.pid, 9);
+        }
+    }
+}
+
 /// How an exit status reads: the exit info and whether it is a success.
 pub fn exit_info(status: std::process::ExitStatus) -> ExitInfo {
     use std::os::unix::process::ExitStatusExt;

@@ -23,6 +23,7 @@ use std::time::Duration;
 use starling_api::dispatch::{
     AgentMessage, DISPATCH_ALPN, ManagerMessage, read_message, write_message,
 };
+use starling_api::unix_ms;
 use starling_state::{ExitInfo, NodeDescription, Task, TaskReport, TaskState, TaskStatus};
 use starling_transport::{Endpoint, NodeId, PeerPolicy, Protocol, Role};
 use tokio::sync::mpsc;
@@ -66,19 +67,24 @@ pub fn describe_machine(port_min: u16, port_max: u16) -> NodeDescription {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
-
 /// A task the agent runs (or ran).
 struct Local {
     phase: Phase,
     pgid: i32,
     started: Option<exec::Started>,
     stopping: bool,
+}
+
+impl Local {
+    /// A task that is over here (rejected, never started, or ended while the agent was down).
+    fn ended() -> Local {
+        Local {
+            phase: Phase::Ended,
+            pgid: 0,
+            started: None,
+            stopping: false,
+        }
+    }
 }
 
 enum Event {
@@ -227,15 +233,7 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                         }
                         Err(why) => {
                             warn!(task = %task.id, %why, "task rejected");
-                            local.insert(
-                                task.id.clone(),
-                                Local {
-                                    phase: Phase::Ended,
-                                    pgid: 0,
-                                    started: None,
-                                    stopping: false,
-                                },
-                            );
+                            local.insert(task.id.clone(), Local::ended());
                             report(
                                 &statuses,
                                 &task.id,
@@ -269,15 +267,7 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                     }
                 }
                 Action::NeverStarted(task) => {
-                    local.insert(
-                        task.clone(),
-                        Local {
-                            phase: Phase::Ended,
-                            pgid: 0,
-                            started: None,
-                            stopping: false,
-                        },
-                    );
+                    local.insert(task.clone(), Local::ended());
                     report(
                         &statuses,
                         &task,
@@ -372,15 +362,7 @@ fn adopt(
                     ..TaskStatus::new(TaskState::Failed, "ended while the agent was down", now)
                 },
             );
-            local.insert(
-                id,
-                Local {
-                    phase: Phase::Ended,
-                    pgid: 0,
-                    started: None,
-                    stopping: false,
-                },
-            );
+            local.insert(id, Local::ended());
         }
     }
 }

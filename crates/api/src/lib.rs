@@ -37,5 +37,14 @@ pub use types::*;
 /// The `http` crate the client speaks (for [`Client::raw`]'s method).
 pub use http;
 
+/// Milliseconds since the Unix epoch on this machine's clock (the unit of every timestamp the
+/// API, the state and the dispatcher carry).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
 /// The Starling version of this build (`node ls` shows each node's).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use starling_api::unix_ms;
 use starling_raft_store::Store;
 use starling_state::{Command, Outcome, TaskOp};
 use tracing::{debug, info, warn};
@@ -15,14 +16,6 @@ use crate::scheduler::schedule;
 
 /// Ops per log entry: a batch stays far below the command size limit.
 const BATCH: usize = 2_000;
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-}
 
 /// Runs the supervisor until the store closes.
 pub async fn run(store: Arc<Store>, cfg: OrchestratorConfig) {

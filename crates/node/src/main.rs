@@ -939,11 +939,7 @@ fn parse_cpus(text: &str) -> Result<u64, String> {
 }
 
 fn ago(ms: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default();
-    let s = now.saturating_sub(ms) / 1000;
+    let s = starling_api::unix_ms().saturating_sub(ms) / 1000;
     match s {
         0..=59 => format!("{s} seconds ago"),
         60..=3599 => format!("{} minutes ago", s / 60),

@@ -26,24 +26,8 @@ struct TaskReaper(PathBuf);
 
 impl Drop for TaskReaper {
     fn drop(&mut self) {
-        let Ok(nodes) = std::fs::read_dir(&self.0) else {
-            return;
-        };
-        for node in nodes.flatten() {
-            let Ok(tasks) = std::fs::read_dir(node.path().join("tasks")) else {
-                continue;
-            };
-            for t in tasks.flatten() {
-                if let Some(pid) = std::fs::read(t.path().join("started.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(|v| v["pid"].as_i64())
-                {
-                    let _ = std::process::Command::new("kill")
-                        .args(["-9", "--", &format!("-{pid}")])
-                        .status();
-                }
-            }
+        for node in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            starling_agent::exec::kill_recorded(&node.path().join("tasks"));
         }
     }
 }

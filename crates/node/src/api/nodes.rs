@@ -216,11 +216,10 @@ pub(crate) async fn labels(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Answer<Written> {
-    let change: starling_api::LabelChange = serde_json::from_slice(&body).map_err(|e| {
-        Failure(ApiError::invalid(format!(
-            "body must be {{\"add\": {{\"k\": \"v\"}}, \"remove\": [\"k\"]}}: {e}"
-        )))
-    })?;
+    let change: starling_api::LabelChange = super::services::parse(
+        &body,
+        "label change ({\"add\": {\"k\": \"v\"}, \"remove\": [\"k\"]})",
+    )?;
     if let Some(bad) = change
         .add
         .keys()

@@ -12,16 +12,10 @@ use starling_state::{Outcome, Service, ServiceMode, TaskState, node_schedulable}
 
 use super::{Answer, ApiState, Failure, store_of};
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes, what: &str) -> Result<T, Failure> {
+/// A JSON body, or `invalid_argument` naming what it should have been.
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes, what: &str) -> Result<T, Failure> {
     serde_json::from_slice(body)
         .map_err(|e| Failure(ApiError::invalid(format!("the body is not a {what}: {e}"))))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// The service `key` names: its id, its name, or a unique prefix of its id.
@@ -148,7 +142,10 @@ pub(crate) async fn create(State(state): State<ApiState>, body: Bytes) -> Answer
     let spec = spec.to_state().map_err(|e| Failure(ApiError::invalid(e)))?;
     let store = store_of(&state.node())?;
     let r = store
-        .write(Command::CreateService { spec, at: now_ms() })
+        .write(Command::CreateService {
+            spec,
+            at: starling_api::unix_ms(),
+        })
         .await
         .map_err(super::write_error)?;
     answer(&store, r.outcome).await
@@ -193,7 +190,7 @@ pub(crate) async fn update(
             id: found.map_err(Failure)?,
             spec,
             expected_version: q.version.unwrap_or(0),
-            at: now_ms(),
+            at: starling_api::unix_ms(),
         })
         .await
         .map_err(super::write_error)?;
@@ -240,7 +237,7 @@ pub(crate) async fn scale(
             id: sid,
             spec,
             expected_version: version,
-            at: now_ms(),
+            at: starling_api::unix_ms(),
         })
         .await
         .map_err(super::write_error)?;
