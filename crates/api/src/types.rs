@@ -63,6 +63,9 @@ pub enum ManagerStatus {
     Leader,
     /// Answers the leader's heartbeats.
     Reachable,
+    /// In the Raft group as a learner, catching up with the log before it becomes a voter
+    /// (a manager that just joined or was promoted).
+    Joining,
     /// Does not.
     Unreachable,
 }
@@ -91,7 +94,7 @@ wire_names! {
     NodeRole { Manager => "manager", Worker => "worker" }
     Availability { Active => "active", Pause => "pause", Drain => "drain" }
     NodeStatus { Ready => "ready", Down => "down", Unknown => "unknown" }
-    ManagerStatus { Leader => "leader", Reachable => "reachable", Unreachable => "unreachable" }
+    ManagerStatus { Leader => "leader", Reachable => "reachable", Joining => "joining", Unreachable => "unreachable" }
     MemberState { Alive => "alive", Down => "down" }
     ClientRole { Admin => "admin", Viewer => "viewer" }
 }
@@ -662,6 +665,7 @@ mod tests {
         for v in [
             ManagerStatus::Leader,
             ManagerStatus::Reachable,
+            ManagerStatus::Joining,
             ManagerStatus::Unreachable,
         ] {
             same(v);

@@ -92,6 +92,9 @@ pub(crate) async fn list(State(state): State<ApiState>) -> Answer<NodeList> {
                 (NodeRole::Manager, Some(id)) if status.leader == Some(id) => {
                     Some(ManagerStatus::Leader)
                 }
+                (NodeRole::Manager, Some(id)) if !status.voters.contains(&id) => {
+                    Some(ManagerStatus::Joining)
+                }
                 (NodeRole::Manager, Some(id)) if raft_reachable(id) => {
                     Some(ManagerStatus::Reachable)
                 }
