@@ -11,6 +11,7 @@
 //! task. An agent that restarts adopts the processes it had started (pid and start time are
 //! recorded beside each task) rather than starting them again.
 
+pub mod cgroup;
 pub mod core;
 pub mod exec;
 
@@ -45,10 +46,19 @@ pub struct AgentConfig {
     pub host_ip: String,
     /// The node's machine, as reported to the managers.
     pub description: NodeDescription,
+    /// The node's cgroup for tasks (cgroup v2, as root), else process groups only.
+    pub cgroups: Option<cgroup::Cgroups>,
+    /// The program that runs [`exec::launch`] (see [`exec::Context::launcher`]).
+    pub launcher: Option<PathBuf>,
 }
 
-/// This machine's memory and CPUs, with the host-port range tasks may be given.
-pub fn describe_machine(port_min: u16, port_max: u16) -> NodeDescription {
+/// This machine's memory and CPUs, with the host-port range tasks may be given and how they
+/// are isolated.
+pub fn describe_machine(
+    port_min: u16,
+    port_max: u16,
+    cgroups: Option<&cgroup::Cgroups>,
+) -> NodeDescription {
     let memory_bytes = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -63,7 +73,7 @@ pub fn describe_machine(port_min: u16, port_max: u16) -> NodeDescription {
         nano_cpus: cpus * 1_000_000_000,
         port_min,
         port_max,
-        isolation: exec::isolation().to_owned(),
+        isolation: exec::isolation(cgroups),
     }
 }
 
@@ -160,6 +170,14 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
             Some(Event::Exited { task, exit }) = events.recv() => {
                 if let Some(l) = local.get_mut(&task) {
                     l.phase = Phase::Ended;
+                    // What the task left behind goes with it (as a container's processes go
+                    // when its main process ends).
+                    let oom = cfg.cgroups.as_ref().is_some_and(|cg| {
+                        cg.kill(&task);
+                        cg.oom_killed(&task)
+                    });
+                    exec::signal_group(l.pgid, 9);
+                    let exit = if oom { Some(ExitInfo::OomKilled) } else { exit };
                     let now = unix_ms();
                     let status = match (&exit, l.stopping) {
                         (_, true) => TaskStatus::new(TaskState::Shutdown, "stopped", now),
@@ -202,6 +220,8 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                     let ctx = exec::Context {
                         host_ip: cfg.host_ip.clone(),
                         dir: cfg.tasks_dir.join(&task.id),
+                        cgroups: cfg.cgroups.clone(),
+                        launcher: cfg.launcher.clone(),
                     };
                     match exec::spawn(&task, &ctx) {
                         Ok(mut spawned) => {
@@ -257,11 +277,15 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                         let pgid = l.pgid;
                         exec::signal_group(pgid, signal);
                         let started = l.started.clone();
+                        let cgroups = cfg.cgroups.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(Duration::from_millis(grace_ms)).await;
                             // Only the group of the process we started: never a reused id.
                             if started.as_ref().is_some_and(exec::alive) {
                                 exec::signal_group(pgid, 9);
+                                if let Some(cg) = cgroups {
+                                    cg.kill(&task);
+                                }
                             }
                         });
                     }
@@ -280,6 +304,9 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                 }
                 Action::Forget(task) => {
                     local.remove(&task);
+                    if let Some(cg) = &cfg.cgroups {
+                        cg.remove(&task);
+                    }
                     statuses
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

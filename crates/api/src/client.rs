@@ -253,8 +253,22 @@ impl Client {
 
     /// `POST /v1/services`.
     pub async fn create_service(&self, spec: &ServiceSpec) -> Result<ServiceView, ClientError> {
-        self.json_body(Method::POST, "/v1/services", to_json(spec)?)
-            .await
+        self.create_service_with(spec, true).await
+    }
+
+    /// `POST /v1/services[?resolve_program=false]`: `resolve_program` false skips the
+    /// manager's check that the program exists (for a program only the workers have).
+    pub async fn create_service_with(
+        &self,
+        spec: &ServiceSpec,
+        resolve_program: bool,
+    ) -> Result<ServiceView, ClientError> {
+        let target = if resolve_program {
+            "/v1/services"
+        } else {
+            "/v1/services?resolve_program=false"
+        };
+        self.json_body(Method::POST, target, to_json(spec)?).await
     }
 
     /// `PUT /v1/services/{id}[?version=N]`: replaces the spec (`version`: only if the

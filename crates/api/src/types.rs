@@ -238,6 +238,25 @@ pub struct NodeDetail {
     pub created_revision: u64,
     /// Revision of its last change.
     pub updated_revision: u64,
+    /// What its agent reported of its machine (absent until its agent's first session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<NodeMachine>,
+}
+
+/// A node's machine as its agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeMachine {
+    /// Memory (bytes).
+    pub memory_bytes: u64,
+    /// CPUs, in billionths.
+    pub nano_cpus: u64,
+    /// First host port tasks may be given.
+    pub port_min: u16,
+    /// Last host port tasks may be given.
+    pub port_max: u16,
+    /// How its tasks are isolated: `process-group`, or `cgroup-v2 (…)` with the limits it
+    /// enforces.
+    pub isolation: String,
 }
 
 /// `PUT /v1/nodes/{id}/availability`.

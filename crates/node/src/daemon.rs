@@ -773,6 +773,7 @@ fn start_agent(
         .get()
         .copied()
         .unwrap_or(starling_manager::scheduler::DEFAULT_PORT_RANGE);
+    let cgroups = starling_agent::cgroup::Cgroups::detect(&state.node_id);
     Some(starling_agent::spawn(
         endpoint.clone(),
         managers,
@@ -786,7 +787,10 @@ fn start_agent(
             }),
             tasks_dir: dir.0.join("tasks"),
             host_ip: state.advertise.ip().to_string(),
-            description: starling_agent::describe_machine(port_min, port_max),
+            description: starling_agent::describe_machine(port_min, port_max, cgroups.as_ref()),
+            cgroups,
+            // This binary: `starling task-exec` puts a task into its cgroup before it runs.
+            launcher: std::env::current_exe().ok(),
         },
     ))
 }

@@ -407,6 +407,10 @@ enum ServiceCmd {
         /// for the first.
         #[arg(long)]
         port: Vec<String>,
+        /// Do not check that the program exists on the manager (it exists only on the
+        /// workers).
+        #[arg(long)]
+        no_resolve_program: bool,
         /// Print only the id.
         #[arg(short, long)]
         quiet: bool,
@@ -708,6 +712,15 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // The agent starts each task through this binary when it confines tasks in cgroups: it
+    // enters the task's group, then executes the task's program (no runtime, no logging).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args
+        .get(1)
+        .is_some_and(|a| a == starling_agent::exec::LAUNCH_COMMAND)
+    {
+        return std::process::ExitCode::from(starling_agent::exec::launch(&args[2..]));
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -1009,6 +1022,7 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             limit_memory,
             limit_cpu,
             port,
+            no_resolve_program,
             quiet,
             command,
         } => {
@@ -1059,7 +1073,9 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                 .collect();
             // Checked here first: one clear line, nothing sent.
             spec.to_state().map_err(|e| anyhow::anyhow!(e))?;
-            let v = call!(&dir, ctx, |c| c.create_service(&spec).await);
+            let v = call!(&dir, ctx, |c| c
+                .create_service_with(&spec, !no_resolve_program)
+                .await);
             if quiet {
                 println!("{}", v.id);
             } else {

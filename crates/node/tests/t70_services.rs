@@ -327,17 +327,77 @@ fn t70_services_place_run_recover_restart_scale_and_explain() {
         },
     );
 
-    // Bad input: one clear line, nothing written.
+    // Isolation as `node inspect` shows it; with cgroups (root, cgroup2 mounted: CI), a
+    // task's process that left its process group (`setsid`) still goes with the task.
+    let w2_detail = rt.block_on(api.node(&w2)).unwrap();
+    let isolation = w2_detail.machine.expect("w2's machine").isolation;
+    eprintln!("isolation: {isolation}");
+    assert!(
+        isolation == "process-group" || isolation.starts_with("cgroup-v2"),
+        "{isolation}"
+    );
     let m1 = c.dir("m1").to_str().unwrap().to_owned();
+    let out = starling(&["node", "inspect", "--data-dir", &m1, &w2]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&isolation),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    if isolation.starts_with("cgroup-v2") {
+        let mut escape = spec(
+            "escape",
+            1,
+            &[
+                "sh",
+                "-c",
+                "setsid sleep 1000 & echo $! > escaped; exec sleep 1000",
+            ],
+        );
+        escape.constraints = vec![format!("node.id=={w2}")];
+        rt.block_on(api.create_service(&escape)).unwrap();
+        let task = poll("the escape task running", Duration::from_secs(20), || {
+            let list = rt.block_on(api.tasks(Some("escape"), None)).ok()?;
+            list.tasks.into_iter().find(|t| t.state == "running")
+        });
+        let file = c.dir("w2").join("tasks").join(&task.id).join("escaped");
+        let escaped: u32 = poll("the escaped pid", Duration::from_secs(20), || {
+            std::fs::read_to_string(&file).ok()?.trim().parse().ok()
+        });
+        let proc_dir = PathBuf::from(format!("/proc/{escaped}"));
+        assert!(proc_dir.exists());
+        rt.block_on(api.remove_service("escape")).unwrap();
+        poll(
+            "the escaped process gone with its task",
+            Duration::from_secs(30),
+            || {
+                let stat = std::fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
+                // Gone, or a zombie waiting for its parent (init) to reap it.
+                (stat.is_empty()
+                    || stat
+                        .rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z')))
+                .then_some(())
+            },
+        );
+    }
+
+    // Bad input: one clear line, nothing written.
     for (args, needle) in [
         (vec!["--constraint", "zone=b"], "expected node.<attribute>"),
         (vec!["--replicas", "-1"], "-1"),
         (vec!["--name", "Bad_Name"], "service name"),
         (vec!["--name", "web"], "exists"),
+        (
+            vec!["--name", "typo", "--", "no-such-program-xyz"],
+            "no-such-program-xyz: not found",
+        ),
     ] {
         let mut all = vec!["service", "create", "--data-dir", &m1];
         all.extend(args.iter().copied());
-        all.extend(["--", "sleep", "1"]);
+        if !args.contains(&"--") {
+            all.extend(["--", "sleep", "1"]);
+        }
         let out = starling(&all);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(

@@ -378,7 +378,7 @@ wire_type!(
         pub port_min: u16,
         /// Last host port tasks may be given.
         pub port_max: u16,
-        /// How tasks are isolated: `cgroup2` or `process-group`.
+        /// How tasks are isolated: `process-group`, or `cgroup-v2 (…)` with what it enforces.
         pub isolation: String,
     }
 );

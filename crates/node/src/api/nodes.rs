@@ -143,7 +143,17 @@ pub(crate) async fn inspect(
     let node = state.node();
     let store = store_of(&node)?;
     let n = record(&store, &id).await?;
+    let (machine, _) = store
+        .read(Consistency::Stale, |s| s.node_description(&id).cloned())
+        .await?;
     Ok(Json(NodeDetail {
+        machine: machine.map(|d| starling_api::NodeMachine {
+            memory_bytes: d.memory_bytes,
+            nano_cpus: d.nano_cpus,
+            port_min: d.port_min,
+            port_max: d.port_max,
+            isolation: d.isolation,
+        }),
         version: versions(&node).get(&n.id).cloned().unwrap_or_default(),
         id: n.id,
         hostname: n.hostname,

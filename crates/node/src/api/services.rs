@@ -128,6 +128,7 @@ pub(crate) async fn inspect(
 
 /// Creates a service; its tasks are placed and started as the cluster gets to them.
 #[utoipa::path(post, operation_id = "create_service", path = "/v1/services", tag = "services",
+    params(ResolveQuery),
     request_body = ServiceSpec,
     responses(
         (status = 200, description = "Created", body = ServiceView),
@@ -137,9 +138,16 @@ pub(crate) async fn inspect(
         (status = 503, description = "No quorum, or a worker", body = ApiError),
         (status = 504, description = "Outcome unknown", body = ApiError),
     ))]
-pub(crate) async fn create(State(state): State<ApiState>, body: Bytes) -> Answer<ServiceView> {
+pub(crate) async fn create(
+    State(state): State<ApiState>,
+    Query(q): Query<ResolveQuery>,
+    body: Bytes,
+) -> Answer<ServiceView> {
     let spec: ServiceSpec = parse(&body, "service spec")?;
     let spec = spec.to_state().map_err(|e| Failure(ApiError::invalid(e)))?;
+    if q.resolve_program.unwrap_or(true) {
+        resolve(&spec.task.process)?;
+    }
     let store = store_of(&state.node())?;
     let r = store
         .write(Command::CreateService {
@@ -151,11 +159,35 @@ pub(crate) async fn create(State(state): State<ApiState>, body: Bytes) -> Answer
     answer(&store, r.outcome).await
 }
 
+/// `?resolve_program=false` on a create.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(crate) struct ResolveQuery {
+    /// Refuse a program this manager cannot find (default `true`; `false` when it exists only
+    /// on the workers).
+    resolve_program: Option<bool>,
+}
+
 /// `?version=N` on an update.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub(crate) struct VersionQuery {
     /// Apply only if the service is at this version.
     version: Option<u64>,
+    /// Refuse a new program this manager cannot find (default `true`).
+    resolve_program: Option<bool>,
+}
+
+/// A program the managers' own machine cannot find is most likely a typo: refused before
+/// anything is written, in one line (as docker refuses an image it cannot resolve).
+fn resolve(p: &starling_state::ProcessSpec) -> Result<(), Failure> {
+    let program = p.argv.first().map_or("", String::as_str);
+    let cwd = p.cwd.as_deref().map(std::path::Path::new);
+    starling_agent::exec::resolve_program(program, &starling_agent::exec::task_path(&p.env), cwd)
+        .map(drop)
+        .map_err(|why| {
+            Failure(ApiError::invalid(format!(
+                "{why} on this manager (resolve_program=false, or --no-resolve-program, if it exists only on the workers)"
+            )))
+        })
 }
 
 /// Replaces a service's spec; tasks of an older template are replaced one at a time.
@@ -182,12 +214,16 @@ pub(crate) async fn update(
     let store = store_of(&state.node())?;
     let (found, _) = store
         .read(Consistency::Linearizable, |s| {
-            find(s, &id).map(|svc| svc.id.clone())
+            find(s, &id).map(|svc| (svc.id.clone(), svc.spec.task.process.argv.first().cloned()))
         })
         .await?;
+    let (found, program) = found.map_err(Failure)?;
+    if q.resolve_program.unwrap_or(true) && program.as_ref() != spec.task.process.argv.first() {
+        resolve(&spec.task.process)?;
+    }
     let r = store
         .write(Command::UpdateService {
-            id: found.map_err(Failure)?,
+            id: found,
             spec,
             expected_version: q.version.unwrap_or(0),
             at: starling_api::unix_ms(),

@@ -15,6 +15,17 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        // The node's (empty) cgroup for tasks goes with it.
+        if let Some(dir) = self
+            .1
+            .as_ref()
+            .and_then(|l| l.to_str()?.strip_suffix(".log"))
+            && let Ok(state) = std::fs::read(std::path::Path::new(dir).join("node.json"))
+            && let Ok(state) = serde_json::from_slice::<serde_json::Value>(&state)
+            && let Some(id) = state["node_id"].as_str()
+        {
+            starling_agent::cgroup::remove_node_group(id);
+        }
         if std::thread::panicking()
             && let Some(log) = &self.1
             && let Ok(text) = std::fs::read_to_string(log)
