@@ -153,6 +153,7 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
         });
         tokio::select! {
             msg = assign_rx.recv() => match msg {
+                Some(ManagerMessage::Heartbeat) => {}
                 Some(ManagerMessage::Assignments { full, tasks, removed, .. }) => {
                     if full {
                         assigned.clear();
@@ -434,23 +435,20 @@ async fn session_loop(
                 attempt += 1;
                 match NodeId::new(name.clone()) {
                     Err(e) => Err(e.to_string()),
-                    Ok(id) => match endpoint.connect(&protocol, &id, addr).await {
+                    Ok(id) => match dial(&endpoint, &protocol, &id, addr).await {
                         Err(e) => Err(format!("{name}: {e}")),
-                        Ok(conn) => match conn.open_stream().await {
-                            Err(e) => Err(format!("{name}: {e}")),
-                            Ok(stream) => {
-                                session(
-                                    stream,
-                                    &name,
-                                    &description,
-                                    &statuses,
-                                    &mut reports,
-                                    &assignments,
-                                    &mut managers,
-                                )
-                                .await
-                            }
-                        },
+                        Ok(stream) => {
+                            session(
+                                stream,
+                                &name,
+                                &description,
+                                &statuses,
+                                &mut reports,
+                                &assignments,
+                                &mut managers,
+                            )
+                            .await
+                        }
                     },
                 }
             }
@@ -461,6 +459,29 @@ async fn session_loop(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// How long an agent waits for a manager's handshake and stream before it tries the next
+/// (a killed manager answers nothing: without a bound the agent would wait for QUIC's idle
+/// timeout while its tasks' changes pile up).
+const DIAL_TIMEOUT: Duration = Duration::from_millis(1500);
+
+async fn dial(
+    endpoint: &Endpoint,
+    protocol: &Protocol,
+    id: &NodeId,
+    addr: SocketAddr,
+) -> Result<starling_transport::ByteStream, String> {
+    let open = async {
+        let conn = endpoint
+            .connect(protocol, id, addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        conn.open_stream().await.map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(DIAL_TIMEOUT, open)
+        .await
+        .map_err(|_| format!("no answer within {DIAL_TIMEOUT:?}"))?
 }
 
 /// One session on `stream`; `Ok` when the agent is shutting down.
@@ -505,16 +526,24 @@ where
         }
     });
     let mut heartbeat = tokio::time::interval(starling_api::dispatch::HEARTBEAT);
+    let mut heard = tokio::time::Instant::now();
     let outcome = loop {
         tokio::select! {
             _ = heartbeat.tick() => {
+                if heard.elapsed() > starling_api::dispatch::SESSION_SILENCE {
+                    break Err(format!("{name} silent for {:?}", heard.elapsed()));
+                }
                 if let Err(e) = write_message(&mut tx, &AgentMessage::Heartbeat).await {
                     break Err(e.to_string());
                 }
             }
             msg = in_rx.recv() => match msg {
+                Some(ManagerMessage::Heartbeat) => heard = tokio::time::Instant::now(),
                 Some(msg) => {
-                    let ManagerMessage::Assignments { managers: list, .. } = &msg;
+                    heard = tokio::time::Instant::now();
+                    let ManagerMessage::Assignments { managers: list, .. } = &msg else {
+                        continue;
+                    };
                     let learned: Vec<(String, SocketAddr)> = list
                         .iter()
                         .filter_map(|m| {

@@ -34,8 +34,12 @@ pub enum AgentMessage {
     Heartbeat,
 }
 
-/// How often an agent speaks on its session at least.
+/// How often each side speaks on a session at least.
 pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A session silent this long is taken for lost (by the agent; the leader's liveness uses
+/// the same figure before it probes the node).
+pub const SESSION_SILENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// From a manager.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +55,9 @@ pub enum ManagerMessage {
         /// The managers, `node_id@addr`, for the agent to fail over to.
         managers: Vec<String>,
     },
+    /// Sent every [`HEARTBEAT`]: an agent that hears nothing for [`SESSION_SILENCE`] takes
+    /// the manager for gone (a killed process closes no QUIC connection) and fails over.
+    Heartbeat,
 }
 
 /// Why a frame could not be read or written.

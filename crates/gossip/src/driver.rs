@@ -72,8 +72,12 @@ pub enum GossipEvent {
 pub struct MemberView {
     /// Its identity.
     pub id: GossipId,
-    /// Whether it is active (false: Down or suspected).
+    /// Whether it is active (false once foca declared it Down; a suspected member is still
+    /// active).
     pub up: bool,
+    /// Active but suspected: a probe of it failed, directly and through other members, and
+    /// it has not refuted that yet (SWIM's Suspect state).
+    pub suspected: bool,
 }
 
 /// Why the gossip node could not start or act.
@@ -807,6 +811,7 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
                     MemberView {
                         id: id.clone(),
                         up: true,
+                        suspected: false,
                     },
                 );
                 retune = true;
@@ -819,6 +824,7 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
                     MemberView {
                         id: id.clone(),
                         up: false,
+                        suspected: false,
                     },
                 );
                 retune = true;
@@ -831,6 +837,7 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
                     MemberView {
                         id: new.clone(),
                         up: true,
+                        suspected: false,
                     },
                 );
                 Some(GossipEvent::Restarted { old, new })
@@ -858,6 +865,19 @@ fn drain(ctx: &Arc<Ctx>, st: &mut State, members: &Arc<Mutex<BTreeMap<SocketAddr
         };
         if let Some(e) = event {
             let _ = ctx.events.send(e);
+        }
+    }
+    // Suspicion comes and goes without a notification: read from foca after every step.
+    {
+        let suspects: std::collections::BTreeSet<&SocketAddr> = st
+            .foca
+            .iter_members()
+            .filter(|m| m.state() == foca::State::Suspect)
+            .map(|m| &m.id().addr)
+            .collect();
+        let mut view = members.lock().unwrap_or_else(|p| p.into_inner());
+        for (addr, m) in view.iter_mut() {
+            m.suspected = m.up && suspects.contains(addr);
         }
     }
     if retune {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use starling_api::dispatch::{
-    AgentMessage, DISPATCH_ALPN, ManagerMessage, read_message, write_message,
+    AgentMessage, DISPATCH_ALPN, HEARTBEAT, ManagerMessage, read_message, write_message,
 };
-use starling_raft_store::Store;
+use starling_raft_store::{Consistency, Store};
 use starling_state::{Command, Task, TaskReport};
 use starling_transport::{Connection, Listener, PeerPolicy, Protocol, Role};
 use tracing::{debug, info, warn};
@@ -122,7 +122,7 @@ async fn run_session<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
-    let (mut rx, mut tx) = tokio::io::split(stream);
+    let (mut rx, tx) = tokio::io::split(stream);
     let hello = tokio::time::timeout(
         Duration::from_secs(10),
         read_message::<AgentMessage>(&mut rx),
@@ -152,59 +152,14 @@ where
     let (report_tx, report_rx) = tokio::sync::mpsc::channel::<Vec<TaskReport>>(64);
     let _ = report_tx.send(reports).await;
     let writer = tokio::spawn(write_reports(store.clone(), node.clone(), report_rx));
-    let sender = {
-        let store = store.clone();
-        let node = node.clone();
-        tokio::spawn(async move {
-            let mut applied = store.applied_changes();
-            let mut sent: BTreeMap<String, u64> = BTreeMap::new();
-            let mut full = true;
-            loop {
-                let (current, _) = store.read_applied(|s| {
-                    s.tasks_on(&node)
-                        .filter(|t| !t.status.state.is_terminal())
-                        .map(|t| (t.id.clone(), t.clone()))
-                        .collect::<BTreeMap<String, Task>>()
-                });
-                let tasks: Vec<Task> = current
-                    .values()
-                    .filter(|t| sent.get(&t.id) != Some(&t.version))
-                    .cloned()
-                    .collect();
-                let removed: Vec<String> = sent
-                    .keys()
-                    .filter(|id| !current.contains_key(*id))
-                    .cloned()
-                    .collect();
-                if full || !tasks.is_empty() || !removed.is_empty() {
-                    let managers = store
-                        .managers()
-                        .into_iter()
-                        .map(|(_, n)| format!("{}@{}", n.name, n.addr))
-                        .collect();
-                    let msg = ManagerMessage::Assignments {
-                        full,
-                        tasks,
-                        removed,
-                        managers,
-                    };
-                    if write_message(&mut tx, &msg).await.is_err() {
-                        return;
-                    }
-                    full = false;
-                    sent = current
-                        .iter()
-                        .map(|(id, t)| (id.clone(), t.version))
-                        .collect();
-                }
-                if applied.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-    };
+    let mut sender = tokio::spawn(send_assignments(store.clone(), node.clone(), tx));
     let result = loop {
-        let msg = read_message::<AgentMessage>(&mut rx).await;
+        let msg = tokio::select! {
+            msg = read_message::<AgentMessage>(&mut rx) => msg,
+            // The sending half ended (the agent stopped reading, or this manager is cut off
+            // from the leader): the session ends, the agent fails over.
+            r = &mut sender => break r.unwrap_or_else(|e| Err(e.to_string())),
+        };
         if let (Ok(Some(_)), Some(s)) = (&msg, sessions) {
             s.heard(&node);
         }
@@ -224,6 +179,114 @@ where
     drop(report_tx);
     let _ = writer.await;
     result
+}
+
+/// How long a follower may go without hearing a leader before its sessions end (so their
+/// agents fail over to a manager that follows the log, not one cut off from it).
+const CUT_OFF: Duration = Duration::from_secs(3);
+
+/// The sending half of a session: the node's full task set once this manager is caught up
+/// with the leader (a read-index barrier), then what changes, and a heartbeat every
+/// [`HEARTBEAT`]. Ends with an error when the agent stops reading or this manager has been
+/// out of touch with a leader for [`CUT_OFF`].
+async fn send_assignments<W>(store: Arc<Store>, node: String, mut tx: W) -> Result<(), String>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    // A full set from a lagging follower would lack the newest tasks, and the agent stops
+    // what the full set leaves out: first catch up with the leader's commit index.
+    store
+        .read(Consistency::Linearizable, |_| ())
+        .await
+        .map_err(|e| format!("not caught up with a leader: {e}"))?;
+    let mut applied = store.applied_changes();
+    let mut sent: BTreeMap<String, u64> = BTreeMap::new();
+    let mut full = true;
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    let mut out_of_touch: Option<tokio::time::Instant> = None;
+    // The agent fails over to these: a change (a manager joined, left, moved) is sent too.
+    let mut sent_managers: Vec<String> = Vec::new();
+    loop {
+        let (current, _) = store.read_applied(|s| {
+            s.tasks_on(&node)
+                .filter(|t| !t.status.state.is_terminal())
+                .map(|t| (t.id.clone(), t.clone()))
+                .collect::<BTreeMap<String, Task>>()
+        });
+        let tasks: Vec<Task> = current
+            .values()
+            .filter(|t| sent.get(&t.id) != Some(&t.version))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = sent
+            .keys()
+            .filter(|id| !current.contains_key(*id))
+            .cloned()
+            .collect();
+        let managers = manager_list(&store);
+        if full || !tasks.is_empty() || !removed.is_empty() || managers != sent_managers {
+            sent_managers = managers.clone();
+            let msg = ManagerMessage::Assignments {
+                full,
+                tasks,
+                removed,
+                managers,
+            };
+            write_message(&mut tx, &msg)
+                .await
+                .map_err(|e| e.to_string())?;
+            full = false;
+            sent = current
+                .iter()
+                .map(|(id, t)| (id.clone(), t.version))
+                .collect();
+        }
+        loop {
+            tokio::select! {
+                r = applied.changed() => {
+                    r.map_err(|_| "the store closed".to_owned())?;
+                    break;
+                }
+                _ = beat.tick() => {
+                    if manager_list(&store) != sent_managers {
+                        break;
+                    }
+                    if in_touch(&store) {
+                        out_of_touch = None;
+                    } else if out_of_touch.get_or_insert_with(tokio::time::Instant::now).elapsed() >= CUT_OFF {
+                        return Err("this manager is out of touch with a leader".to_owned());
+                    }
+                    write_message(&mut tx, &ManagerMessage::Heartbeat)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+}
+
+/// The managers as agents are told of them, `node_id@addr`.
+fn manager_list(store: &Store) -> Vec<String> {
+    store
+        .managers()
+        .into_iter()
+        .map(|(_, n)| format!("{}@{}", n.name, n.addr))
+        .collect()
+}
+
+/// Whether this manager follows a leader it heard within [`CUT_OFF`], or leads and a majority
+/// of the voters answered it within [`CUT_OFF`].
+fn in_touch(store: &Store) -> bool {
+    let status = store.status();
+    if status.is_leader {
+        let answered = status
+            .voters
+            .iter()
+            .filter(|v| **v == status.id || status.acked.get(v).is_some_and(|d| *d < CUT_OFF))
+            .count();
+        return answered > status.voters.len() / 2;
+    }
+    status.leader.is_some() && store.last_contact().is_some_and(|d| d < CUT_OFF)
 }
 
 /// Writes the reports of one node's session, coalesced: the latest status of each task

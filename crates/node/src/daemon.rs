@@ -645,11 +645,22 @@ async fn reconcile_liveness(
             endpoint.revoke(removed.iter().filter_map(|id| NodeId::new(id.clone()).ok()));
             revoked = removed;
         }
-        let unreachable = if leading {
+        let mut unreachable = if leading {
             confirm_unreachable(&endpoint, &sessions, &records).await
         } else {
             std::collections::BTreeSet::new()
         };
+        // Gossip has the last word, read after the probes (which ran while SWIM's own probes
+        // went on): a node alive and not suspected is not taken for dead. That keeps a leader
+        // cut off from the workers (but not from the other managers) from declaring them all
+        // down: SWIM's probes go through other members, which still reach them.
+        let trusted: std::collections::BTreeSet<String> = gossip
+            .members()
+            .into_iter()
+            .filter(|m| m.up && !m.suspected)
+            .map(|m| m.id.node)
+            .collect();
+        unreachable.retain(|id| !trusted.contains(id));
         let now = std::time::Instant::now();
         for cmd in liveness.round(&cfg, now, leading, &alive, &unreachable, &records) {
             if let Err(e) = store.write(cmd).await {
@@ -661,15 +672,15 @@ async fn reconcile_liveness(
 }
 
 /// A node's agent session here has been silent this long: its node is probed.
-const SESSION_SILENCE: std::time::Duration = std::time::Duration::from_secs(2);
+const SESSION_SILENCE: std::time::Duration = starling_api::dispatch::SESSION_SILENCE;
 /// How long a probe (a QUIC handshake with the node) may take.
 /// (Longer than QUIC's first retransmission, ~1 s: one lost packet does not fail it.)
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1_500);
 
-/// Nodes with two independent signs of death: their agent session with this manager has been
+/// Nodes with two direct signs of death: their agent session with this manager has been
 /// silent for [`SESSION_SILENCE`] and a fresh QUIC handshake with them fails within
-/// [`PROBE_TIMEOUT`]. A node that answers the probe is forgotten by the session table (its
-/// agent may have moved to another manager).
+/// [`PROBE_TIMEOUT`] (the caller adds gossip's view as the third). A node that answers the
+/// probe is forgotten by the session table (its agent may have moved to another manager).
 async fn confirm_unreachable(
     endpoint: &Endpoint,
     sessions: &starling_manager::dispatcher::Sessions,

@@ -1,4 +1,5 @@
-//! Services and tasks with real processes on loopback: placement and spreading, tasks that
+//! Services and tasks with real processes on loopback (each test's nodes on their own
+//! 127.0.<n>.x addresses): placement and spreading, tasks that
 //! answer on their ports, a worker killed -9 (its tasks run elsewhere, nothing runs twice
 //! after it returns), restart policies, scaling, global services, constraints and the
 //! `no suitable node` explanation.
@@ -37,6 +38,9 @@ struct Cluster {
     dirs: BTreeMap<String, PathBuf>,
     addrs: BTreeMap<String, String>,
     token: String,
+    /// Its nodes are on 127.0.<net>.x: tests running at once never share an address, so
+    /// their tasks never compete for a port.
+    net: u8,
     _reaper: TaskReaper,
     tmp: tempfile::TempDir,
 }
@@ -54,7 +58,7 @@ impl Cluster {
     /// tasks bind to it, so two nodes may give the same port number.
     fn join(&mut self, name: &str) {
         let dir = self.tmp.path().join(name);
-        let addr = format!("127.0.0.{}:{}", self.dirs.len() + 1, free_port());
+        let addr = format!("127.0.{}.{}:{}", self.net, self.dirs.len() + 1, free_port());
         let d = spawn(&[
             "join",
             "--data-dir",
@@ -81,9 +85,15 @@ impl Cluster {
 
 /// A manager (drained: it runs no tasks) and three workers, all ready.
 fn cluster() -> Cluster {
+    cluster_of(0, 1, 3)
+}
+
+/// `managers` managers (drained: they run no tasks) and `workers` workers on 127.0.`net`.x,
+/// all ready.
+fn cluster_of(net: u8, managers: usize, workers: usize) -> Cluster {
     let tmp = tempfile::tempdir().unwrap();
     let m1 = tmp.path().join("m1");
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!("127.0.{net}.1:{}", free_port());
     let d = spawn(&[
         "init",
         "--data-dir",
@@ -99,30 +109,53 @@ fn cluster() -> Cluster {
         rt.block_on(c0.nodes()).ok()
     });
     let token = rt.block_on(c0.join_token("worker")).unwrap().token;
-    let id = rt.block_on(c0.info()).unwrap().node_id;
-    rt.block_on(c0.set_availability(&id, starling_api::Availability::Drain))
-        .unwrap();
+    let manager_token = rt.block_on(c0.join_token("manager")).unwrap().token;
     let mut c = Cluster {
         daemons: BTreeMap::from([("m1".to_owned(), d)]),
         dirs: BTreeMap::from([("m1".to_owned(), m1)]),
         addrs: BTreeMap::from([("m1".to_owned(), addr)]),
-        token,
+        token: manager_token,
+        net,
         _reaper: TaskReaper(tmp.path().to_owned()),
         tmp,
     };
-    for w in ["w1", "w2", "w3"] {
-        c.join(w);
+    for i in 2..=managers {
+        c.join(&format!("m{i}"));
     }
-    poll("three workers ready", Duration::from_secs(30), || {
+    c.token = token;
+    for i in 1..=workers {
+        c.join(&format!("w{i}"));
+    }
+    poll("every node ready", Duration::from_secs(30), || {
         let list = rt.block_on(c0.nodes()).ok()?;
-        (list
+        let voters = list
             .nodes
             .iter()
-            .filter(|n| n.status == starling_api::NodeStatus::Ready)
-            .count()
-            == 4)
-            .then_some(())
+            .filter(|n| {
+                matches!(
+                    n.manager_status,
+                    Some(
+                        starling_api::ManagerStatus::Leader
+                            | starling_api::ManagerStatus::Reachable
+                    )
+                )
+            })
+            .count();
+        (voters == managers
+            && list
+                .nodes
+                .iter()
+                .filter(|n| n.status == starling_api::NodeStatus::Ready)
+                .count()
+                == managers + workers)
+            .then_some(list)
     });
+    for n in rt.block_on(c0.nodes()).unwrap().nodes {
+        if n.role == starling_api::NodeRole::Manager {
+            rt.block_on(c0.set_availability(&n.id, starling_api::Availability::Drain))
+                .unwrap();
+        }
+    }
     c
 }
 
@@ -422,4 +455,192 @@ fn t70_services_place_run_recover_restart_scale_and_explain() {
         let list = rt.block_on(api.tasks(None, None)).ok()?;
         list.tasks.is_empty().then_some(())
     });
+}
+
+/// The live task processes under every node's data directory: task id → pid.
+fn live_processes(c: &Cluster) -> BTreeMap<String, i32> {
+    let mut live = BTreeMap::new();
+    for dir in c.dirs.values() {
+        for t in std::fs::read_dir(dir.join("tasks"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Some(started) = starling_agent::exec::recorded(&t.path())
+                && starling_agent::exec::alive(&started)
+            {
+                live.insert(t.file_name().to_string_lossy().into_owned(), started.pid);
+            }
+        }
+    }
+    live
+}
+
+/// The node that leads, by host name.
+fn leader(rt: &tokio::runtime::Runtime, api: &Client) -> Option<String> {
+    rt.block_on(api.nodes())
+        .ok()?
+        .nodes
+        .into_iter()
+        .find(|n| n.manager_status == Some(starling_api::ManagerStatus::Leader))
+        .map(|n| n.hostname)
+}
+
+#[test]
+fn t71_start_first_drain_keeps_serving_leader_killed_mid_reconciliation_and_quorum_lost() {
+    let mut c = cluster_of(1, 3, 3);
+    let rt = rt();
+    let api = c.client();
+
+    // A 1-replica HTTP service keeps answering while its node is drained: the replacement
+    // runs (1 s) before the old task is stopped.
+    let mut web = spec(
+        "web",
+        1,
+        &[
+            "python3",
+            "-c",
+            "import http.server,os; http.server.HTTPServer((os.environ['STARLING_HOST_IP'], int(os.environ['PORT'])), http.server.SimpleHTTPRequestHandler).serve_forever()",
+        ],
+    );
+    web.ports = vec![starling_api::PortRequest {
+        name: "HTTP".into(),
+        protocol: "tcp".into(),
+    }];
+    web.constraints = vec!["node.role==worker".into()];
+    rt.block_on(api.create_service(&web)).unwrap();
+    let addrs = c.addrs.clone();
+    let endpoint = move |t: &TaskView| {
+        let ip = addrs[t.node_hostname.as_deref()?]
+            .split(':')
+            .next()?
+            .to_owned();
+        Some((ip, t.ports.first()?.port))
+    };
+    let first = poll("web answers", Duration::from_secs(30), || {
+        let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
+        let t = list.tasks.into_iter().find(|t| t.state == "running")?;
+        let (ip, port) = endpoint(&t)?;
+        std::net::TcpStream::connect((ip.as_str(), port)).ok()?;
+        Some(t)
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        let api = c.client();
+        let endpoint = endpoint.clone();
+        std::thread::spawn(move || {
+            let rt = self::rt();
+            let (mut polls, mut misses) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                polls += 1;
+                let tasks = rt
+                    .block_on(api.tasks(Some("web"), None))
+                    .map(|l| l.tasks)
+                    .unwrap_or_default();
+                let answered = tasks.iter().filter(|t| t.state == "running").any(|t| {
+                    endpoint(t).is_some_and(|(ip, port)| {
+                        let addr = std::net::SocketAddr::new(ip.parse().unwrap(), port);
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                            .is_ok()
+                    })
+                });
+                if !answered {
+                    misses.push(format!("poll {polls}: {tasks:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (polls, misses)
+        })
+    };
+    let drained = first.node.clone().unwrap();
+    rt.block_on(api.set_availability(&drained, starling_api::Availability::Drain))
+        .unwrap();
+    poll(
+        "web moved off the drained node, the old task shut down",
+        Duration::from_secs(30),
+        || {
+            let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
+            let old = list.tasks.iter().find(|t| t.id == first.id)?;
+            let moved = list
+                .tasks
+                .iter()
+                .any(|t| t.state == "running" && t.node.as_deref() != Some(drained.as_str()));
+            (moved && old.state == "shutdown").then_some(())
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (polls, misses) = prober.join().unwrap();
+    assert!(polls >= 10, "only {polls} polls");
+    assert!(
+        misses.is_empty(),
+        "{} of {polls} polls unanswered: {misses:#?}",
+        misses.len()
+    );
+    rt.block_on(api.set_availability(&drained, starling_api::Availability::Active))
+        .unwrap();
+
+    // The leader killed while it reconciles 30 new replicas: a new leader finishes the job,
+    // with one task per slot and one process per task.
+    let old_leader = poll("a leader", Duration::from_secs(10), || leader(&rt, &api));
+    let via = ["m1", "m2", "m3"]
+        .into_iter()
+        .find(|m| *m != old_leader)
+        .unwrap()
+        .to_owned();
+    let api = Client::unix(c.dir(&via).join("control.sock"));
+    let mut many = spec("many", 30, &["sleep", "1000"]);
+    many.constraints = vec!["node.role==worker".into()];
+    rt.block_on(api.create_service(&many)).unwrap();
+    c.daemons.remove(&old_leader);
+    let new_leader = poll("a new leader", Duration::from_secs(30), || {
+        leader(&rt, &api).filter(|l| *l != old_leader)
+    });
+    eprintln!("{old_leader} killed, {new_leader} leads");
+    let running_many = || {
+        let list = rt.block_on(api.tasks(Some("many"), None)).ok()?;
+        let r: Vec<TaskView> = list
+            .tasks
+            .into_iter()
+            .filter(|t| t.state == "running" && t.desired_state == "running")
+            .collect();
+        (r.len() == 30).then_some(r)
+    };
+    let tasks = poll(
+        "30 many tasks running",
+        Duration::from_secs(60),
+        running_many,
+    );
+    let slots: std::collections::BTreeSet<_> = tasks.iter().map(|t| t.slot.clone()).collect();
+    assert_eq!(slots.len(), 30, "{tasks:#?}");
+    let ids: std::collections::BTreeSet<String> = tasks.iter().map(|t| t.id.clone()).collect();
+    let live = poll("one process per task", Duration::from_secs(30), || {
+        let live = live_processes(&c);
+        // The 30 of many and the one of web: nothing else.
+        let others = live.keys().filter(|id| !ids.contains(*id)).count();
+        (live.len() == 31 && others == 1).then_some(live)
+    });
+
+    // Quorum lost (one manager of three left): the tasks keep running, a new service is
+    // refused with the quorum error.
+    let other = ["m1", "m2", "m3"]
+        .into_iter()
+        .find(|m| *m != old_leader && *m != via)
+        .unwrap()
+        .to_owned();
+    c.daemons.remove(&other);
+    let late = spec("late", 1, &["sleep", "1000"]);
+    let err = poll("the quorum error", Duration::from_secs(30), || {
+        match rt.block_on(api.create_service(&late)) {
+            Err(starling_api::ClientError::Api(e))
+                if e.code == starling_api::ErrorCode::NoQuorum =>
+            {
+                Some(e)
+            }
+            Err(_) => None,
+            Ok(v) => panic!("a service created without quorum: {v:?}"),
+        }
+    });
+    assert!(err.error.contains("1 of 3"), "{err:?}");
+    assert_eq!(live_processes(&c), live, "the running tasks are untouched");
 }
