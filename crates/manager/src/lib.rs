@@ -23,4 +23,4 @@ pub mod scheduler;
 pub mod supervisor;
 
 pub use orchestrator::{OrchestratorConfig, Plan, reconcile};
-pub use scheduler::{constraint_text, constraints_hold, schedule};
+pub use scheduler::{constraint_text, constraints_hold, port_capacity, schedule};

@@ -48,6 +48,29 @@ pub fn constraint_text(c: &Constraint) -> String {
     format!("{key}{}{}", if c.equal { "==" } else { "!=" }, c.value)
 }
 
+/// How many more tasks needing `ports_per_task` host ports the nodes that `placement` allows
+/// (ready, active, with an agent) can take, by their free host ports alone: what a new
+/// service's replicas are checked against before it is created.
+pub fn port_capacity(state: &ClusterState, placement: &Placement, ports_per_task: usize) -> u64 {
+    if ports_per_task == 0 {
+        return u64::MAX;
+    }
+    state
+        .nodes()
+        .filter(|n| node_schedulable(n) && constraints_hold(placement, n))
+        .filter_map(|n| {
+            let d = state.node_description(&n.id)?;
+            let range = u64::from(d.port_max.saturating_sub(d.port_min)) + 1;
+            let used: u64 = state
+                .tasks_on(&n.id)
+                .filter(|t| t.is_runnable())
+                .map(|t| t.ports.len() as u64)
+                .sum();
+            Some(range.saturating_sub(used) / ports_per_task as u64)
+        })
+        .sum()
+}
+
 /// What one node has left while a batch is placed.
 #[derive(Clone, Debug)]
 struct NodeRoom {
@@ -155,9 +178,26 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
         for task in tasks {
             let res = &task.template.resources;
             let want_ports = task.template.ports.len();
-            let mut rejects = static_rejects.clone();
+            // A global task belongs to its node: only that node's room is checked.
+            let pinned = match &task.slot {
+                starling_state::Slot::Node(n) => Some(n.as_str()),
+                starling_state::Slot::Number(_) => None,
+            };
+            let mut rejects = if pinned.is_some() {
+                BTreeMap::new()
+            } else {
+                static_rejects.clone()
+            };
+            if let Some(n) = pinned
+                && !eligible.iter().any(|&i| nodes[i].id == n)
+            {
+                *rejects.entry(Filter::NotReady).or_default() += 1;
+            }
             let mut best: Option<(usize, (u32, u32, u32))> = None;
             for (k, &i) in eligible.iter().enumerate() {
+                if pinned.is_some_and(|n| nodes[i].id != n) {
+                    continue;
+                }
                 let room = &rooms[i];
                 let key = (
                     if spread.is_some() {

@@ -17,6 +17,36 @@ use crate::scheduler::schedule;
 /// Ops per log entry: a batch stays far below the command size limit.
 const BATCH: usize = 2_000;
 
+/// The most encoded bytes of task changes in one write: half of what a Raft command may
+/// hold, so a batch of long explanations never makes a write too large to commit.
+const BATCH_BYTES: usize = starling_raft_store::MAX_COMMAND_BYTES / 2;
+
+/// `ops` cut into writes of at most `max_ops` changes and `max_bytes` encoded bytes (a
+/// single change larger than that, which the state's limits do not allow, is dropped with a
+/// warning rather than stalling every later write).
+pub fn batches(ops: Vec<TaskOp>, max_ops: usize, max_bytes: usize) -> Vec<Vec<TaskOp>> {
+    let mut out: Vec<Vec<TaskOp>> = Vec::new();
+    let mut current: Vec<TaskOp> = Vec::new();
+    let mut bytes = 0usize;
+    for op in ops {
+        let size = postcard::experimental::serialized_size(&op).unwrap_or(usize::MAX);
+        if size > max_bytes {
+            warn!(size, "a task change too large to write, dropped");
+            continue;
+        }
+        if !current.is_empty() && (current.len() == max_ops || bytes + size > max_bytes) {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(op);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
 /// Runs the supervisor until the store closes.
 pub async fn run(store: Arc<Store>, cfg: OrchestratorConfig) {
     let mut applied = store.applied_changes();
@@ -56,11 +86,11 @@ pub async fn run(store: Arc<Store>, cfg: OrchestratorConfig) {
         }
         debug!(ops = ops.len(), "writing task changes");
         let mut refused_any = false;
-        for chunk in ops.chunks(BATCH) {
+        for chunk in batches(ops, BATCH, BATCH_BYTES) {
             match store
                 .write(Command::WriteTasks {
                     at: now,
-                    ops: chunk.to_vec(),
+                    ops: chunk,
                 })
                 .await
             {
@@ -85,5 +115,41 @@ pub async fn run(store: Arc<Store>, cfg: OrchestratorConfig) {
             // once, so a change refused for good cannot spin.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn explain(i: usize, why_len: usize) -> TaskOp {
+        TaskOp::Explain {
+            task: format!("task{i}"),
+            why: "x".repeat(why_len),
+        }
+    }
+
+    #[test]
+    fn batches_hold_by_count_and_by_encoded_size() {
+        let ops: Vec<TaskOp> = (0..10).map(|i| explain(i, 10)).collect();
+        let b = batches(ops, 4, 1 << 20);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4, 2]);
+        // 1 000-byte reasons, 4 000 bytes a batch: three a batch.
+        let ops: Vec<TaskOp> = (0..7).map(|i| explain(i, 1_000)).collect();
+        let b = batches(ops, 100, 4_000);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 3, 1]);
+        for batch in &b {
+            let size: usize = batch
+                .iter()
+                .map(|o| postcard::experimental::serialized_size(o).unwrap())
+                .sum();
+            assert!(size <= 4_000);
+        }
+        // One change over the limit is dropped, the others go.
+        let ops = vec![explain(0, 10), explain(1, 10_000), explain(2, 10)];
+        let b = batches(ops, 100, 4_000);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].len(), 2);
     }
 }

@@ -292,3 +292,54 @@ fn a_constraint_no_node_meets_is_explained_and_retried() {
         Some("no suitable node (constraint node.labels.zone==b: 2 nodes; memory: 1 node)")
     );
 }
+
+#[test]
+fn global_tasks_get_their_ports_and_wait_for_room_on_their_own_node() {
+    let cfg = OrchestratorConfig::default();
+    let mut sim = Sim::new(3);
+    // n2 has too little memory for the service.
+    sim.apply(Command::SetNodeDescription {
+        id: "n2".into(),
+        description: NodeDescription {
+            memory_bytes: 1 << 20,
+            nano_cpus: 1_000_000_000,
+            port_min: 40_000,
+            port_max: 40_010,
+            isolation: "process-group".into(),
+        },
+    });
+    let spec: starling_api::ServiceSpec = serde_json::from_value(serde_json::json!({
+        "name": "agent", "mode": "global", "command": ["x"],
+        "memory_bytes": 1u64 << 30,
+        "ports": [{"name": "HTTP", "protocol": "tcp"}]
+    }))
+    .unwrap();
+    let Outcome::Service { service } = sim.apply(Command::CreateService {
+        spec: spec.to_state().unwrap(),
+        at: 0,
+    }) else {
+        panic!()
+    };
+    sim.round(&cfg);
+    sim.round(&cfg);
+    let tasks: Vec<&Task> = sim.s.tasks_of(&service.id).collect();
+    assert_eq!(tasks.len(), 3, "{tasks:#?}");
+    for t in &tasks {
+        let Slot::Node(pinned) = &t.slot else {
+            panic!("{t:?}")
+        };
+        if pinned == "n2" {
+            assert_eq!(t.status.state, TaskState::Pending);
+            assert_eq!(t.node, None);
+            assert_eq!(
+                t.pending_reason.as_deref(),
+                Some("no suitable node (memory: 1 node)")
+            );
+        } else {
+            assert_eq!(t.node.as_ref(), Some(pinned), "placed on its own node");
+            assert_eq!(t.status.state, TaskState::Running);
+            assert_eq!(t.ports.len(), 1);
+            assert!((30_000..=32_767).contains(&t.ports[0].port));
+        }
+    }
+}

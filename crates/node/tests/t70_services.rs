@@ -425,6 +425,10 @@ fn t70_services_place_run_recover_restart_scale_and_explain() {
             vec!["--name", "typo", "--", "no-such-program-xyz"],
             "no-such-program-xyz: not found",
         ),
+        (
+            vec!["--name", "wide", "--replicas", "20000", "--port", "HTTP"],
+            "port range exhausted",
+        ),
     ] {
         let mut all = vec!["service", "create", "--data-dir", &m1];
         all.extend(args.iter().copied());

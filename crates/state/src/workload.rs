@@ -295,12 +295,15 @@ impl ClusterState {
                         task: busy.id.clone(),
                     });
                 }
+                // A global task is pinned to its node (its slot) but still waits for the
+                // scheduler, which checks the node's room (memory, CPUs, ports) and gives
+                // it its ports.
                 let status = match node {
                     Some(n) => {
                         if !self.image.nodes.get(n).is_some_and(node_schedulable) {
                             return Err(TaskRefusal::NodeUnavailable);
                         }
-                        TaskStatus::new(TaskState::Assigned, format!("assigned to {n}"), at)
+                        TaskStatus::new(TaskState::Pending, format!("waiting for room on {n}"), at)
                     }
                     None => TaskStatus::new(TaskState::Pending, "waiting for a node", at),
                 };
@@ -319,7 +322,8 @@ impl ClusterState {
                     slot: slot.clone(),
                     spec_version: svc.spec_version,
                     template: svc.spec.task.clone(),
-                    node: node.clone(),
+                    // Set by the scheduler's assignment (a global task's node is its slot).
+                    node: None,
                     desired: TaskState::Running,
                     status,
                     ports: Vec::new(),

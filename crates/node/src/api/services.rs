@@ -149,6 +149,20 @@ pub(crate) async fn create(
         resolve(&spec.task.process)?;
     }
     let store = store_of(&state.node())?;
+    let per_task = spec.task.ports.len();
+    if let (starling_state::ServiceMode::Replicated { replicas }, true) = (&spec.mode, per_task > 0)
+    {
+        let (room, _) = store
+            .read(Consistency::Linearizable, |s| {
+                starling_manager::port_capacity(s, &spec.task.placement, per_task)
+            })
+            .await?;
+        if u64::from(*replicas) > room {
+            return Err(Failure(ApiError::invalid(format!(
+                "port range exhausted: {replicas} tasks of {per_task} host port(s) each, the nodes' free ports hold {room} (widen their --task-ports range)"
+            ))));
+        }
+    }
     let r = store
         .write(Command::CreateService {
             spec,
