@@ -22,7 +22,8 @@ enum Measure {
     Gossip,
     /// The scheduler in process: 100 000 tasks on 1 000 simulated nodes.
     Scheduler,
-    /// Services with real processes: 100 replicas created, a worker killed 10 times.
+    /// Services with real processes: 100 replicas created, a worker killed 10 times, then
+    /// 10 minutes at full CPU counting false reschedules.
     Tasks,
     /// Everything, written to bench/RESULTS.md.
     All,
@@ -48,6 +49,10 @@ struct Args {
     /// Keep the clusters' data directories and logs after the run (their path is printed).
     #[arg(long)]
     keep_data: bool,
+    /// How long `tasks` keeps every core busy, counting false reschedules (default 600; 10
+    /// with --quick).
+    #[arg(long)]
+    soak_secs: Option<u64>,
 }
 
 #[tokio::main]
@@ -140,7 +145,12 @@ async fn real_main() -> anyhow::Result<()> {
     }
     if wants(Measure::Tasks) {
         let (rounds, replicas) = if args.quick { (2, 12) } else { (10, 100) };
-        emit(starling_bench::tasks::run(&tmp.path().join("tasks"), rounds, replicas).await?);
+        let soak = std::time::Duration::from_secs(args.soak_secs.unwrap_or(if args.quick {
+            10
+        } else {
+            600
+        }));
+        emit(starling_bench::tasks::run(&tmp.path().join("tasks"), rounds, replicas, soak).await?);
     }
     if wants(Measure::Scheduler) {
         let (nodes, tasks) = if args.quick {

@@ -33,16 +33,57 @@ fn running_on(list: &starling_api::TaskList) -> Vec<Option<String>> {
         .collect()
 }
 
-/// The measure; `rounds` worker kills.
-pub async fn run(base: &Path, rounds: usize, replicas: u32) -> anyhow::Result<String> {
+/// CPU burners (`sh` busy loops), killed when dropped.
+struct Burners(Vec<std::process::Child>);
+
+impl Burners {
+    /// One busy loop per CPU, plus one: every core is busy all the time.
+    fn start() -> anyhow::Result<Burners> {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(
+                Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                    .context("cannot start a CPU burner")?,
+            );
+        }
+        Ok(Burners(v))
+    }
+}
+
+impl Drop for Burners {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The measure; `rounds` worker kills, then `soak` at full CPU.
+pub async fn run(
+    base: &Path,
+    rounds: usize,
+    replicas: u32,
+    soak: Duration,
+) -> anyhow::Result<String> {
     let bin = starling_binary()?;
     std::fs::create_dir_all(base)?;
-    let result = measure(&bin, base, rounds, replicas).await;
+    let result = measure(&bin, base, rounds, replicas, soak).await;
     reap_tasks(base);
     result
 }
 
-async fn measure(bin: &Path, base: &Path, rounds: usize, replicas: u32) -> anyhow::Result<String> {
+async fn measure(
+    bin: &Path,
+    base: &Path,
+    rounds: usize,
+    replicas: u32,
+    soak: Duration,
+) -> anyhow::Result<String> {
     let mut nodes: Vec<Node> = (0..4)
         .map(|i| {
             let name = if i == 0 {
@@ -201,6 +242,39 @@ async fn measure(bin: &Path, base: &Path, rounds: usize, replicas: u32) -> anyho
         .await?;
         api.scale_service("six", 6).await?;
     }
+    // Soak: every core busy for `soak`; nothing should be taken for dead or replaced.
+    poll("six running", Duration::from_secs(60), || async {
+        let list = api.tasks(Some("six"), None).await.ok()?;
+        (running_on(&list).len() == 6).then_some(())
+    })
+    .await?;
+    let before: std::collections::BTreeSet<String> = api
+        .tasks(Some("six"), None)
+        .await?
+        .tasks
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    let burners = Burners::start()?;
+    let started = Instant::now();
+    let (mut not_ready, mut checks) = (0usize, 0usize);
+    while started.elapsed() < soak {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(list) = api.nodes().await {
+            checks += 1;
+            if list
+                .nodes
+                .iter()
+                .any(|n| n.status != starling_api::NodeStatus::Ready)
+            {
+                not_ready += 1;
+            }
+        }
+    }
+    drop(burners);
+    let after = api.tasks(Some("six"), None).await?.tasks;
+    let replaced = after.iter().filter(|t| !before.contains(&t.id)).count();
+    let running_after = running_on(&api.tasks(Some("six"), None).await?).len();
     api.remove_service("six").await.ok();
     times.sort();
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
@@ -211,10 +285,17 @@ async fn measure(bin: &Path, base: &Path, rounds: usize, replicas: u32) -> anyho
          | `service create --replicas {replicas}` → {replicas} running | {:.2} s | |\n\
          | worker killed -9 → its tasks running elsewhere, median of {rounds} | **{:.2} s** (target ≤ 5 s) | SwarmKit ≈ 15–25 s, Nomad 20–30 s |\n\
          | same, max | {:.2} s | |\n\n\
-         The floor: the agent session's silence threshold (2 s) plus a failed QUIC probe (≤ 1 s) \
-         plus the liveness tick (≤ 1 s), then placement and start (≈ 0.1 s).\n\n",
+         | {soak_s} s with every core busy ({cores} `sh` busy loops beside the cluster): tasks \
+         replaced / checks of `node ls` with a node not ready | **{replaced}** / {not_ready} of \
+         {checks} ({running_after} of 6 running at the end) | target 0 |\n\n\
+         The floor of a kill: the agent session's silence threshold (2 s) plus a failed QUIC \
+         probe (≤ 1.5 s, run while SWIM's own probes suspect the node: both are needed, so a \
+         leader cut off from a worker but not from the others takes nothing for dead) plus the \
+         liveness tick (≤ 1 s), then placement and start (≈ 0.1 s).\n\n",
         create.as_secs_f64(),
         at(0.5).as_secs_f64(),
         at(1.0).as_secs_f64(),
+        soak_s = soak.as_secs(),
+        cores = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1,
     ))
 }

@@ -123,6 +123,7 @@ mod tests {
                 restart: RestartPolicy::default(),
                 placement: Placement::default(),
                 ports: vec![],
+                force_update: 0,
             },
             node: Some("n".into()),
             desired,

@@ -360,6 +360,7 @@ mod tests {
                 restart: RestartPolicy::default(),
                 placement: Placement::default(),
                 ports: vec![],
+                force_update: 0,
             },
             node: Some("n".into()),
             desired: TaskState::Running,

@@ -293,6 +293,13 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/services/{id}/rollback`: back to the previous spec.
+    pub async fn rollback_service(&self, id: &str) -> Result<ServiceView, ClientError> {
+        let target = format!("/v1/services/{}/rollback", percent_encode(id));
+        self.json_body(Method::POST, &target, bytes::Bytes::new())
+            .await
+    }
+
     /// `DELETE /v1/services/{id}`.
     pub async fn remove_service(&self, id: &str) -> Result<ServiceView, ClientError> {
         let target = format!("/v1/services/{}", percent_encode(id));

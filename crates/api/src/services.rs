@@ -64,6 +64,144 @@ fn yes() -> bool {
     true
 }
 
+/// What a rolling update (or rollback) does when a new task fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    /// Stop replacing tasks (the default); `service update` resumes, `service rollback`
+    /// returns.
+    #[default]
+    Pause,
+    /// Go on.
+    Continue,
+    /// Return to the previous spec (for a rollback: pause).
+    Rollback,
+}
+
+/// The order of a replacement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    /// Stop the old task, then start the new one (the default).
+    #[default]
+    StopFirst,
+    /// Start the new task; the old one stops once the new one runs.
+    StartFirst,
+}
+
+/// How tasks are replaced when the spec changes (`update`) or returns (`rollback`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateSettings {
+    /// Tasks replaced in one batch (0: all at once).
+    #[serde(default = "default_replicas")]
+    pub parallelism: u32,
+    /// Pause between batches (ms).
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// What a failed new task does.
+    #[serde(default)]
+    pub failure_action: FailureAction,
+    /// Failed new tasks tolerated, as a fraction of the tasks (0 to 1).
+    #[serde(default)]
+    pub max_failure_ratio: f64,
+    /// Stop-first or start-first.
+    #[serde(default)]
+    pub order: UpdateOrder,
+    /// How long a new task must run to count as a success (ms).
+    #[serde(default = "default_delay")]
+    pub monitor_ms: u64,
+}
+
+impl Eq for UpdateSettings {}
+
+impl Default for UpdateSettings {
+    fn default() -> Self {
+        UpdateSettings {
+            parallelism: 1,
+            delay_ms: 0,
+            failure_action: FailureAction::Pause,
+            max_failure_ratio: 0.0,
+            order: UpdateOrder::StopFirst,
+            monitor_ms: 5_000,
+        }
+    }
+}
+
+impl UpdateSettings {
+    fn to_state(&self, what: &str) -> Result<starling_state::UpdateConfig, String> {
+        use starling_state as st;
+        if !(0.0..=1.0).contains(&self.max_failure_ratio) {
+            return Err(format!(
+                "{what} max failure ratio {} is not between 0 and 1",
+                self.max_failure_ratio
+            ));
+        }
+        Ok(st::UpdateConfig {
+            parallelism: self.parallelism,
+            delay_ms: self.delay_ms,
+            failure_action: match self.failure_action {
+                FailureAction::Pause => st::FailureAction::Pause,
+                FailureAction::Continue => st::FailureAction::Continue,
+                FailureAction::Rollback => st::FailureAction::Rollback,
+            },
+            order: match self.order {
+                UpdateOrder::StopFirst => st::UpdateOrder::StopFirst,
+                UpdateOrder::StartFirst => st::UpdateOrder::StartFirst,
+            },
+            monitor_ms: self.monitor_ms,
+            max_failure_permille: (self.max_failure_ratio * 1000.0).round() as u32,
+        })
+    }
+
+    fn from_state(c: &starling_state::UpdateConfig) -> UpdateSettings {
+        use starling_state as st;
+        UpdateSettings {
+            parallelism: c.parallelism,
+            delay_ms: c.delay_ms,
+            failure_action: match c.failure_action {
+                st::FailureAction::Pause => FailureAction::Pause,
+                st::FailureAction::Continue => FailureAction::Continue,
+                st::FailureAction::Rollback => FailureAction::Rollback,
+            },
+            max_failure_ratio: f64::from(c.max_failure_permille) / 1000.0,
+            order: match c.order {
+                st::UpdateOrder::StopFirst => UpdateOrder::StopFirst,
+                st::UpdateOrder::StartFirst => UpdateOrder::StartFirst,
+            },
+            monitor_ms: c.monitor_ms,
+        }
+    }
+}
+
+/// Where a service's last rolling update stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateStatusView {
+    /// `updating`, `paused`, `completed`, `rolling_back`, `rollback_paused` or `rolled_back`.
+    pub state: String,
+    /// Why (a pause's failed task, a rollback's cause).
+    pub message: String,
+    /// The spec version it brings tasks to.
+    pub spec_version: u64,
+    /// Started (ms since the Unix epoch).
+    pub started_at: u64,
+    /// Completed, paused or rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<u64>,
+}
+
+impl UpdateStatusView {
+    /// The wire form.
+    pub fn from_state(u: &starling_state::UpdateStatus) -> UpdateStatusView {
+        UpdateStatusView {
+            state: u.state.as_str().to_owned(),
+            message: u.message.clone(),
+            spec_version: u.spec_version,
+            started_at: u.started_at,
+            ended_at: u.ended_at,
+        }
+    }
+}
+
 /// A service as an operator declares it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ServiceSpec {
@@ -125,6 +263,15 @@ pub struct ServiceSpec {
     /// Service labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// How a change of the spec rolls out.
+    #[serde(default)]
+    pub update: UpdateSettings,
+    /// How a rollback away from this spec rolls out.
+    #[serde(default)]
+    pub rollback: UpdateSettings,
+    /// Bumped to replace every task without another change (`service update --force`).
+    #[serde(default)]
+    pub force_update: u64,
 }
 
 /// A service.
@@ -141,6 +288,9 @@ pub struct ServiceView {
     /// The spec before the last update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_spec: Option<ServiceSpec>,
+    /// The last rolling update's progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatusView>,
     /// Tasks running now.
     pub running: u32,
     /// Tasks wanted (for a global service: the eligible nodes).
@@ -360,8 +510,10 @@ impl ServiceSpec {
                     preferences,
                 },
                 ports,
+                force_update: self.force_update,
             },
-            update: st::UpdateConfig::default(),
+            update: self.update.to_state("update")?,
+            rollback: self.rollback.to_state("rollback")?,
         };
         match spec.invalid() {
             Some(why) => Err(why),
@@ -432,6 +584,9 @@ impl ServiceSpec {
                 })
                 .collect(),
             labels: s.labels.clone(),
+            update: UpdateSettings::from_state(&s.update),
+            rollback: UpdateSettings::from_state(&s.rollback),
+            force_update: t.force_update,
         }
     }
 }

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use starling_state::{
-    ClusterState, NodeRecord, NodeStatus, RestartCondition, Service, ServiceMode, Slot, Task,
-    TaskOp, TaskState, node_schedulable,
+    ClusterState, FailureAction, NodeRecord, NodeStatus, RestartCondition, Service, ServiceMode,
+    Slot, Task, TaskOp, TaskState, UpdateOrder, UpdateState, node_schedulable,
 };
 
 use crate::scheduler::constraints_hold;
@@ -58,6 +58,8 @@ pub fn reconcile(state: &ClusterState, now: u64, cfg: &OrchestratorConfig) -> Pl
         for t in state.tasks_of(&service.id) {
             slots.entry(t.slot.clone()).or_default().push(t);
         }
+        // The slots the service has now, for the rolling update after the slots' own care.
+        let mut wanted: Vec<(Slot, Option<&NodeRecord>, Vec<&Task>)> = Vec::new();
         match service.spec.mode {
             ServiceMode::Replicated { replicas } => {
                 for n in 1..=replicas {
@@ -72,6 +74,7 @@ pub fn reconcile(state: &ClusterState, now: u64, cfg: &OrchestratorConfig) -> Pl
                         cfg,
                         &mut plan,
                     );
+                    wanted.push((Slot::Number(n), None, tasks));
                 }
             }
             ServiceMode::Global => {
@@ -84,13 +87,14 @@ pub fn reconcile(state: &ClusterState, now: u64, cfg: &OrchestratorConfig) -> Pl
                         reconcile_slot(
                             state,
                             service,
-                            slot,
+                            slot.clone(),
                             Some(node),
                             &tasks,
                             now,
                             cfg,
                             &mut plan,
                         );
+                        wanted.push((slot, Some(node), tasks));
                     } else {
                         // Not (or no longer) a node for this service: its task stops, and is
                         // not replaced elsewhere.
@@ -103,6 +107,7 @@ pub fn reconcile(state: &ClusterState, now: u64, cfg: &OrchestratorConfig) -> Pl
         for tasks in slots.values() {
             stop_all(state, tasks, TaskState::Remove, &mut plan);
         }
+        roll(service, &wanted, now, &mut plan);
     }
     // Tasks of removed services: stopped by the removal; orphaned if their node is gone.
     for t in state.tasks() {
@@ -240,12 +245,9 @@ fn reconcile_slot(
                 // Start-first: the old task serves until its replacement runs.
                 plan.ops
                     .push(create(Some(t), true, false, t.restarts.clone(), 0));
-                return;
             }
-            if t.spec_version < service.spec_version {
-                // A new template: replace the task, stop-first (rolling updates: issue 13).
-                plan.ops.push(create(Some(t), false, false, Vec::new(), 0));
-            }
+            // A task of an older template is replaced by the rolling update ([`roll`]), in
+            // batches, not here.
         }
         [old, new, ..] => {
             // A start-first pair: the old one stops once the new one has run long enough.
@@ -266,6 +268,138 @@ fn reconcile_slot(
                 });
             }
         }
+    }
+}
+
+/// The rolling update of `service` (or its rollback), level-triggered like the rest: which
+/// slots still run an older template, which new tasks are still within their monitor
+/// period, and which new tasks failed are all read from the tasks, so a new leader resumes
+/// an update where it was and never replaces a task twice. A batch of `parallelism` slots is
+/// replaced once the previous batch's tasks have all run for `monitor` and `delay` has passed;
+/// failed new tasks beyond `max_failure_ratio` pause the update or roll it back.
+fn roll(
+    service: &Service,
+    slots: &[(Slot, Option<&NodeRecord>, Vec<&Task>)],
+    now: u64,
+    plan: &mut Plan,
+) {
+    let Some(status) = &service.update_status else {
+        return;
+    };
+    let target = service.spec_version;
+    if !status.state.is_active() || status.spec_version != target {
+        return;
+    }
+    let rolling_back = status.state == UpdateState::RollingBack;
+    // A rollback rolls out with the settings of the spec it leaves.
+    let conf = if rolling_back {
+        service
+            .previous_spec
+            .as_ref()
+            .map_or(&service.spec.rollback, |failed| &failed.rollback)
+    } else {
+        &service.spec.update
+    };
+    let set_state = |state: UpdateState, message: String| TaskOp::SetUpdateState {
+        service: service.id.clone(),
+        spec_version: target,
+        state,
+        message,
+    };
+    // Failed tasks of the new template, since the update (or its resumption) started.
+    let mut failed: Vec<(&Slot, &Task)> = slots
+        .iter()
+        .flat_map(|(slot, _, tasks)| tasks.iter().map(move |t| (slot, *t)))
+        .filter(|(_, t)| {
+            t.spec_version == target
+                && t.created_at >= status.started_at
+                && matches!(t.status.state, TaskState::Failed | TaskState::Rejected)
+        })
+        .collect();
+    failed.sort_by_key(|(_, t)| t.status.timestamp);
+    let tolerated = conf.max_failure_permille as usize * slots.len() / 1000;
+    if failed.len() > tolerated && conf.failure_action != FailureAction::Continue {
+        let (slot, t) = failed[failed.len() - 1];
+        let slot = match slot {
+            Slot::Number(n) => n.to_string(),
+            Slot::Node(n) => n.clone(),
+        };
+        let why = format!(
+            "task {}.{slot} failed: {}",
+            service.spec.name,
+            t.status.error.as_deref().unwrap_or(&t.status.message)
+        );
+        plan.ops.push(match (&conf.failure_action, rolling_back) {
+            (FailureAction::Rollback, false) => TaskOp::Rollback {
+                service: service.id.clone(),
+                spec_version: target,
+                message: format!("rolled back after a failure: {why}"),
+            },
+            (_, true) => set_state(
+                UpdateState::RollbackPaused,
+                format!("rollback paused: {why}"),
+            ),
+            _ => set_state(UpdateState::Paused, format!("update paused: {why}")),
+        });
+        return;
+    }
+    let mut old: Vec<(&Slot, Option<&NodeRecord>, &Task)> = Vec::new();
+    let mut in_flight = 0usize;
+    let mut last_done = 0u64;
+    for (slot, node, tasks) in slots {
+        let runnable: Vec<&Task> = tasks.iter().copied().filter(|t| t.is_runnable()).collect();
+        let new = runnable.iter().find(|t| t.spec_version == target);
+        let older = runnable.iter().find(|t| t.spec_version < target);
+        match (new, older) {
+            (Some(n), None) if n.status.state == TaskState::Running => {
+                let done_at = n.status.timestamp.saturating_add(conf.monitor_ms);
+                if now >= done_at {
+                    last_done = last_done.max(done_at);
+                } else {
+                    in_flight += 1;
+                    plan.wake(done_at);
+                }
+            }
+            (Some(_), _) => in_flight += 1,
+            (None, Some(o)) => old.push((slot, *node, o)),
+            // An empty slot gets a task of the new template from the restart logic.
+            (None, None) => {}
+        }
+    }
+    if old.is_empty() && in_flight == 0 {
+        // A rollback keeps its cause in the message; a completed update says nothing.
+        let (done, message) = if rolling_back {
+            (UpdateState::RolledBack, status.message.clone())
+        } else {
+            (UpdateState::Completed, String::new())
+        };
+        plan.ops.push(set_state(done, message));
+        return;
+    }
+    // One batch at a time: the next starts once this one's tasks have all run for the
+    // monitor period, and the delay has passed.
+    if in_flight > 0 || old.is_empty() {
+        return;
+    }
+    if last_done > 0 && now < last_done.saturating_add(conf.delay_ms) {
+        plan.wake(last_done.saturating_add(conf.delay_ms));
+        return;
+    }
+    let batch = match conf.parallelism {
+        0 => usize::MAX,
+        n => n as usize,
+    };
+    for (slot, node, t) in old.into_iter().take(batch) {
+        plan.ops.push(TaskOp::Create {
+            service: service.id.clone(),
+            slot: slot.clone(),
+            node: node.map(|n| n.id.clone()),
+            not_before: 0,
+            restarts: Vec::new(),
+            replaces: Some(t.id.clone()),
+            start_first: conf.order == UpdateOrder::StartFirst,
+            lost: false,
+        });
     }
 }
 

@@ -114,6 +114,8 @@ enum Format {
     Json,
 }
 
+// Parsed once per process: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new cluster with this node as its first manager, and run it.
@@ -355,6 +357,7 @@ enum NodeCmd {
     },
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum ServiceCmd {
     /// Create a service: `starling service create --name web --replicas 3 -- python3 -m http.server`.
@@ -407,6 +410,8 @@ enum ServiceCmd {
         /// for the first.
         #[arg(long)]
         port: Vec<String>,
+        #[command(flatten)]
+        rollout: RolloutFlags,
         /// Do not check that the program exists on the manager (it exists only on the
         /// workers).
         #[arg(long)]
@@ -461,9 +466,21 @@ enum ServiceCmd {
         /// Remove an environment variable (repeatable).
         #[arg(long)]
         env_rm: Vec<String>,
+        /// Replace every task even if nothing else changes.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        rollout: RolloutFlags,
         /// Replace the program and arguments (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Return a service to its previous spec, with its rollback settings.
+    Rollback {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Service id, name or id prefix.
+        service: String,
     },
     /// Set services' task counts: `starling service scale web=5 api=2`.
     Scale {
@@ -481,6 +498,110 @@ enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
+}
+
+/// How a service's spec changes (and rollbacks) roll out, as `docker service` sets them.
+#[derive(clap::Args, Debug, Default)]
+struct RolloutFlags {
+    /// Tasks replaced in one batch of an update (0: all at once; default 1).
+    #[arg(long)]
+    update_parallelism: Option<u32>,
+    /// Pause between batches of an update (`10s`).
+    #[arg(long, value_parser = parse_duration)]
+    update_delay: Option<std::time::Duration>,
+    /// How long a new task must run to count as a success (default 5s).
+    #[arg(long, value_parser = parse_duration)]
+    update_monitor: Option<std::time::Duration>,
+    /// `pause` (default), `continue` or `rollback` when a new task fails.
+    #[arg(long)]
+    update_failure_action: Option<String>,
+    /// Failed new tasks tolerated, as a fraction (0 to 1; default 0).
+    #[arg(long)]
+    update_max_failure_ratio: Option<f64>,
+    /// `stop-first` (default) or `start-first`.
+    #[arg(long)]
+    update_order: Option<String>,
+    /// Tasks replaced in one batch of a rollback.
+    #[arg(long)]
+    rollback_parallelism: Option<u32>,
+    /// Pause between batches of a rollback.
+    #[arg(long, value_parser = parse_duration)]
+    rollback_delay: Option<std::time::Duration>,
+    /// How long a task of a rollback must run to count as a success.
+    #[arg(long, value_parser = parse_duration)]
+    rollback_monitor: Option<std::time::Duration>,
+    /// `pause` (default) or `continue` when a task of a rollback fails.
+    #[arg(long)]
+    rollback_failure_action: Option<String>,
+    /// Failed tasks of a rollback tolerated, as a fraction.
+    #[arg(long)]
+    rollback_max_failure_ratio: Option<f64>,
+    /// `stop-first` or `start-first` for a rollback.
+    #[arg(long)]
+    rollback_order: Option<String>,
+}
+
+impl RolloutFlags {
+    fn apply(&self, spec: &mut starling_api::ServiceSpec) -> anyhow::Result<()> {
+        fn word<T: serde::de::DeserializeOwned>(
+            flag: &str,
+            v: &str,
+            choices: &str,
+        ) -> anyhow::Result<T> {
+            serde_json::from_value(serde_json::Value::String(v.to_owned()))
+                .map_err(|_| anyhow::anyhow!("--{flag} {v:?}: {choices}"))
+        }
+        let sets = [
+            (
+                "update",
+                &mut spec.update,
+                self.update_parallelism,
+                self.update_delay,
+                self.update_monitor,
+                &self.update_failure_action,
+                self.update_max_failure_ratio,
+                &self.update_order,
+            ),
+            (
+                "rollback",
+                &mut spec.rollback,
+                self.rollback_parallelism,
+                self.rollback_delay,
+                self.rollback_monitor,
+                &self.rollback_failure_action,
+                self.rollback_max_failure_ratio,
+                &self.rollback_order,
+            ),
+        ];
+        for (what, u, parallelism, delay, monitor, action, ratio, order) in sets {
+            if let Some(p) = parallelism {
+                u.parallelism = p;
+            }
+            if let Some(d) = delay {
+                u.delay_ms = d.as_millis() as u64;
+            }
+            if let Some(m) = monitor {
+                u.monitor_ms = m.as_millis() as u64;
+            }
+            if let Some(a) = action {
+                u.failure_action = word(
+                    &format!("{what}-failure-action"),
+                    a,
+                    "pause, continue or rollback",
+                )?;
+            }
+            if let Some(r) = ratio {
+                if !(0.0..=1.0).contains(&r) {
+                    anyhow::bail!("--{what}-max-failure-ratio {r}: between 0 and 1");
+                }
+                u.max_failure_ratio = r;
+            }
+            if let Some(o) = order {
+                u.order = word(&format!("{what}-order"), o, "stop-first or start-first")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -1022,6 +1143,7 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             limit_memory,
             limit_cpu,
             port,
+            rollout,
             no_resolve_program,
             quiet,
             command,
@@ -1071,6 +1193,7 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                     protocol: "tcp".into(),
                 })
                 .collect();
+            rollout.apply(&mut spec)?;
             // Checked here first: one clear line, nothing sent.
             spec.to_state().map_err(|e| anyhow::anyhow!(e))?;
             let v = call!(&dir, ctx, |c| c
@@ -1091,8 +1214,8 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&v.services)?),
                 Format::Table => {
                     println!(
-                        "{:<17} {:<20} {:<11} {:<9} {:<30} PORTS",
-                        "ID", "NAME", "MODE", "REPLICAS", "COMMAND"
+                        "{:<17} {:<20} {:<11} {:<9} {:<16} {:<30} PORTS",
+                        "ID", "NAME", "MODE", "REPLICAS", "UPDATE", "COMMAND"
                     );
                     for s in &v.services {
                         let ports: Vec<&str> =
@@ -1106,12 +1229,14 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                             command.truncate(26);
                             command.push_str("...");
                         }
+                        let update = s.update_status.as_ref().map_or("", |u| u.state.as_str());
                         println!(
-                            "{:<17} {:<20} {:<11} {:<9} {:<30} {}",
+                            "{:<17} {:<20} {:<11} {:<9} {:<16} {:<30} {}",
                             s.id,
                             s.spec.name,
                             mode,
                             format!("{}/{}", s.running, s.desired),
+                            update,
                             command,
                             ports.join(",")
                         );
@@ -1153,10 +1278,16 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             replicas,
             env_add,
             env_rm,
+            force,
+            rollout,
             command,
         } => {
             let current = call!(&dir, ctx, |c| c.service(&service).await);
             let mut spec = current.spec.clone();
+            rollout.apply(&mut spec)?;
+            if force {
+                spec.force_update += 1;
+            }
             if let Some(r) = replicas {
                 spec.replicas = r;
             }
@@ -1172,6 +1303,13 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                 .update_service(&current.id, &spec, Some(current.version))
                 .await);
             println!("{}", v.id);
+        }
+        ServiceCmd::Rollback { dir, service } => {
+            let v = call!(&dir, ctx, |c| c.rollback_service(&service).await);
+            println!(
+                "{}\nService {} rolling back to its previous spec; `starling service inspect {}` shows the progress.",
+                v.id, v.spec.name, v.spec.name
+            );
         }
         ServiceCmd::Scale { dir, pairs: args } => {
             let mut wanted = Vec::new();

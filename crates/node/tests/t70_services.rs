@@ -648,3 +648,260 @@ fn t71_start_first_drain_keeps_serving_leader_killed_mid_reconciliation_and_quor
     assert!(err.error.contains("1 of 3"), "{err:?}");
     assert_eq!(live_processes(&c), live, "the running tasks are untouched");
 }
+
+/// The service's state as `service inspect` shows it, and its tasks wanted running.
+fn service_and_tasks(
+    rt: &tokio::runtime::Runtime,
+    api: &Client,
+    name: &str,
+) -> Option<(starling_api::ServiceView, Vec<TaskView>)> {
+    let v = rt.block_on(api.service(name)).ok()?;
+    let tasks = rt.block_on(api.tasks(Some(name), None)).ok()?.tasks;
+    Some((v, tasks))
+}
+
+fn update_state(v: &starling_api::ServiceView) -> &str {
+    v.update_status.as_ref().map_or("", |u| u.state.as_str())
+}
+
+#[test]
+fn t72_rolling_update_answers_throughout_pauses_rolls_back_and_survives_the_leader() {
+    let mut c = cluster_of(2, 3, 3);
+    let rt = rt();
+    let api = c.client();
+    let mut web = spec(
+        "web",
+        6,
+        &[
+            "python3",
+            "-c",
+            "import http.server,os; http.server.HTTPServer((os.environ['STARLING_HOST_IP'], int(os.environ['PORT'])), http.server.SimpleHTTPRequestHandler).serve_forever()",
+        ],
+    );
+    web.ports = vec![starling_api::PortRequest {
+        name: "HTTP".into(),
+        protocol: "tcp".into(),
+    }];
+    web.constraints = vec!["node.role==worker".into()];
+    web.update.parallelism = 2;
+    web.update.order = starling_api::UpdateOrder::StartFirst;
+    web.update.monitor_ms = 1_000;
+    web.rollback.parallelism = 3;
+    web.rollback.monitor_ms = 500;
+    rt.block_on(api.create_service(&web)).unwrap();
+    let addrs = c.addrs.clone();
+    let endpoint = move |t: &TaskView| {
+        let ip = addrs[t.node_hostname.as_deref()?]
+            .split(':')
+            .next()?
+            .to_owned();
+        Some((ip, t.ports.first()?.port))
+    };
+    poll("six web tasks answer", Duration::from_secs(60), || {
+        let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
+        let r = running(&list.tasks);
+        (r.len() == 6
+            && r.iter().all(|t| {
+                endpoint(t).is_some_and(|(ip, port)| {
+                    std::net::TcpStream::connect((ip.as_str(), port)).is_ok()
+                })
+            }))
+        .then_some(())
+    });
+
+    // An update, parallelism 2, start-first: some task answers at every 50 ms poll, and no
+    // more than two slots are in flight at once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        let api = c.client();
+        let endpoint = endpoint.clone();
+        std::thread::spawn(move || {
+            let rt = self::rt();
+            let (mut polls, mut misses, mut most_runnable) = (0u32, Vec::new(), 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                polls += 1;
+                let tasks = rt
+                    .block_on(api.tasks(Some("web"), None))
+                    .map(|l| l.tasks)
+                    .unwrap_or_default();
+                let runnable = tasks
+                    .iter()
+                    .filter(|t| {
+                        t.desired_state == "running"
+                            && !["complete", "shutdown", "failed", "rejected", "orphaned"]
+                                .contains(&t.state.as_str())
+                    })
+                    .count();
+                most_runnable = most_runnable.max(runnable);
+                let answered = tasks.iter().filter(|t| t.state == "running").any(|t| {
+                    endpoint(t).is_some_and(|(ip, port)| {
+                        let addr = std::net::SocketAddr::new(ip.parse().unwrap(), port);
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+                            .is_ok()
+                    })
+                });
+                if !answered {
+                    misses.push(format!("poll {polls}: {tasks:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (polls, misses, most_runnable)
+        })
+    };
+    let current = rt.block_on(api.service("web")).unwrap();
+    let mut v2 = current.spec.clone();
+    v2.env.insert("VERSION".into(), "2".into());
+    rt.block_on(api.update_service("web", &v2, Some(current.version)))
+        .unwrap();
+    let (done, tasks) = poll("the update completed", Duration::from_secs(90), || {
+        let (v, tasks) = service_and_tasks(&rt, &api, "web")?;
+        let r = running(&tasks);
+        (update_state(&v) == "completed"
+            && r.len() == 6
+            && r.iter().all(|t| t.spec_version == v.spec_version))
+        .then_some((v, tasks))
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (polls, misses, most_runnable) = prober.join().unwrap();
+    assert!(polls >= 10, "only {polls} polls");
+    assert!(
+        misses.is_empty(),
+        "{} of {polls} polls unanswered: {misses:#?}",
+        misses.len()
+    );
+    assert!(most_runnable <= 8, "{most_runnable} runnable tasks at once");
+    // Each slot replaced exactly once.
+    let new: Vec<&TaskView> = tasks
+        .iter()
+        .filter(|t| t.spec_version == done.spec_version)
+        .collect();
+    assert_eq!(new.len(), 6, "{tasks:#?}");
+
+    // An update to a program that exits at once: paused after the first batch, with why.
+    let mut broken = done.spec.clone();
+    broken.command = vec!["sh".into(), "-c".into(), "echo broken >&2; exit 3".into()];
+    broken.update.order = starling_api::UpdateOrder::StopFirst;
+    rt.block_on(api.update_service("web", &broken, Some(done.version)))
+        .unwrap();
+    let paused = poll("the update paused", Duration::from_secs(60), || {
+        let (v, _) = service_and_tasks(&rt, &api, "web")?;
+        (update_state(&v) == "paused").then_some(v)
+    });
+    let why = &paused.update_status.as_ref().unwrap().message;
+    assert!(
+        why.contains("update paused") && why.contains("exit code 3"),
+        "{why}"
+    );
+    let (_, tasks) = service_and_tasks(&rt, &api, "web").unwrap();
+    let old_running = running(&tasks)
+        .iter()
+        .filter(|t| t.spec_version == done.spec_version)
+        .count();
+    assert!(
+        old_running >= 4,
+        "only the first batch is touched: {tasks:#?}"
+    );
+    // `service rollback` returns every slot to the working spec.
+    let out = starling(&[
+        "service",
+        "rollback",
+        "--data-dir",
+        c.dir("m1").to_str().unwrap(),
+        "web",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rolled = poll("rolled back", Duration::from_secs(90), || {
+        let (v, tasks) = service_and_tasks(&rt, &api, "web")?;
+        let r = running(&tasks);
+        (update_state(&v) == "rolled_back"
+            && r.len() == 6
+            && r.iter().all(|t| t.spec_version == v.spec_version))
+        .then_some(v)
+    });
+    assert_eq!(rolled.spec.command, done.spec.command);
+    assert_eq!(
+        rolled.spec.env.get("VERSION").map(String::as_str),
+        Some("2")
+    );
+
+    // Failure action rollback: the cluster rolls back by itself.
+    let mut broken = rolled.spec.clone();
+    broken.command = vec!["sh".into(), "-c".into(), "exit 4".into()];
+    broken.update.failure_action = starling_api::FailureAction::Rollback;
+    rt.block_on(api.update_service("web", &broken, Some(rolled.version)))
+        .unwrap();
+    let auto = poll("rolled back by itself", Duration::from_secs(90), || {
+        let (v, tasks) = service_and_tasks(&rt, &api, "web")?;
+        let r = running(&tasks);
+        (update_state(&v) == "rolled_back"
+            && r.len() == 6
+            && r.iter().all(|t| t.spec_version == v.spec_version))
+        .then_some(v)
+    });
+    assert_eq!(auto.spec.command, done.spec.command);
+    assert!(
+        auto.update_status
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("exit code 4"),
+        "{:?}",
+        auto.update_status
+    );
+
+    // `--force`, parallelism 1, and the leader killed after the first slot: the update
+    // finishes under the new leader, every slot replaced exactly once.
+    let out = starling(&[
+        "service",
+        "update",
+        "--data-dir",
+        c.dir("m1").to_str().unwrap(),
+        "--force",
+        "--update-parallelism",
+        "1",
+        "--update-order",
+        "start-first",
+        "web",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let forced = rt.block_on(api.service("web")).unwrap();
+    assert_eq!(forced.spec.force_update, 1);
+    poll("the first slot replaced", Duration::from_secs(60), || {
+        let (v, tasks) = service_and_tasks(&rt, &api, "web")?;
+        running(&tasks)
+            .iter()
+            .any(|t| t.spec_version == v.spec_version)
+            .then_some(())
+    });
+    let old_leader = poll("a leader", Duration::from_secs(10), || leader(&rt, &api));
+    let via = if old_leader == "m1" { "m2" } else { "m1" };
+    c.daemons.remove(&old_leader);
+    let api = Client::unix(c.dir(via).join("control.sock"));
+    let (v, tasks) = poll(
+        "the forced update completed under a new leader",
+        Duration::from_secs(120),
+        || {
+            let (v, tasks) = service_and_tasks(&rt, &api, "web")?;
+            let r = running(&tasks);
+            (update_state(&v) == "completed"
+                && r.len() == 6
+                && r.iter().all(|t| t.spec_version == v.spec_version))
+            .then_some((v, tasks))
+        },
+    );
+    let mut per_slot: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in tasks.iter().filter(|t| t.spec_version == v.spec_version) {
+        *per_slot.entry(t.slot.as_str()).or_default() += 1;
+    }
+    assert_eq!(per_slot.len(), 6, "{tasks:#?}");
+    assert!(per_slot.values().all(|n| *n == 1), "{per_slot:?}");
+}

@@ -55,7 +55,7 @@ pub(crate) enum RaftRpc {
         finish: Option<(Vote, SnapshotMeta)>,
     },
     /// A client write forwarded by a follower.
-    Write(Command),
+    Write(Box<Command>),
     /// A follower asks the leader for a linearizable read index.
     ReadIndex,
     /// Are you there? (Counting reachable managers for a no-quorum error.)
@@ -441,7 +441,7 @@ impl RaftServer {
                 self.snapshot_chunk(peer, transfer, offset, data, finish)
                     .await,
             ),
-            RaftRpc::Write(cmd) => reply(Ok::<_, String>(leader_write(&self.raft, cmd).await)),
+            RaftRpc::Write(cmd) => reply(Ok::<_, String>(leader_write(&self.raft, *cmd).await)),
             RaftRpc::ReadIndex => reply(Ok::<_, String>(leader_read_index(&self.raft).await)),
             RaftRpc::Ping => reply(Ok::<_, String>(())),
             RaftRpc::Acks => {

@@ -114,7 +114,7 @@ impl LeaderCall for WriteCall {
     type Out = CommandResult;
     const REPEATABLE: bool = false;
     fn rpc(&self) -> RaftRpc {
-        RaftRpc::Write(self.0.clone())
+        RaftRpc::Write(Box::new(self.0.clone()))
     }
     fn local(&self, raft: &Raft) -> impl Future<Output = LeaderReply<CommandResult>> + Send {
         leader_write(raft, self.0.clone())

@@ -167,6 +167,14 @@ wire_type!(
             /// The proposing manager's clock.
             at: u64,
         },
+        /// Return a service to its previous spec (`service rollback`): the two specs swap,
+        /// the spec version moves, and the tasks are replaced with the rollback settings.
+        RollbackService {
+            /// Service id.
+            id: String,
+            /// The proposing manager's clock.
+            at: u64,
+        },
         /// Remove a service: in the same entry its runnable tasks are wanted `Remove` and
         /// its tasks that never reached a node end.
         RemoveService {
@@ -258,6 +266,7 @@ impl std::fmt::Display for Command {
             Command::SetJoinSecret { role, .. } => write!(f, "new join secret for {role}"),
             Command::CreateService { spec, .. } => write!(f, "create service {}", spec.name),
             Command::UpdateService { id, .. } => write!(f, "update service {id}"),
+            Command::RollbackService { id, .. } => write!(f, "roll back service {id}"),
             Command::RemoveService { id } => write!(f, "remove service {id}"),
             Command::WriteTasks { ops, .. } => write!(f, "write {} task changes", ops.len()),
             Command::ReportTasks { node, reports } => {

@@ -56,7 +56,7 @@ pub use objects::{
 pub use service::{
     Constraint, ConstraintKey, FailureAction, MAX_REPLICAS, Placement, PortProtocol, PortSpec,
     ProcessSpec, Resources, RestartCondition, RestartPolicy, Service, ServiceMode, ServiceSpec,
-    Spread, TaskTemplate, UpdateConfig, UpdateOrder, dns_label_error,
+    Spread, TaskTemplate, UpdateConfig, UpdateOrder, UpdateState, UpdateStatus, dns_label_error,
 };
 pub use state::{ClusterState, StateImage, WATCH_HISTORY};
 pub use task::{

@@ -169,6 +169,8 @@ wire_type!(
         pub placement: Placement,
         /// Ports to allocate.
         pub ports: Vec<PortSpec>,
+        /// Bumped by `service update --force`: a new template, so every task is replaced.
+        pub force_update: u64,
     }
 );
 
@@ -207,6 +209,8 @@ wire_type!(
         pub order: UpdateOrder,
         /// How long a new task must run to count as a success (ms; default 5 000).
         pub monitor_ms: u64,
+        /// Failed new tasks tolerated, per mille of the tasks (0: the first failure acts).
+        pub max_failure_permille: u32,
     }
 );
 
@@ -218,6 +222,7 @@ impl Default for UpdateConfig {
             failure_action: FailureAction::Pause,
             order: UpdateOrder::StopFirst,
             monitor_ms: 5_000,
+            max_failure_permille: 0,
         }
     }
 }
@@ -235,6 +240,63 @@ wire_type!(
         pub task: TaskTemplate,
         /// Rolling updates.
         pub update: UpdateConfig,
+        /// How a rollback away from this spec rolls out.
+        pub rollback: UpdateConfig,
+    }
+);
+
+wire_type!(
+    /// Where a rolling update stands.
+    pub enum UpdateState {
+        /// Tasks are being replaced with the new spec.
+        Updating,
+        /// Stopped after failed tasks (the reason in the message); `service update` or
+        /// `service rollback` goes on.
+        Paused,
+        /// Every task runs the new spec.
+        Completed,
+        /// Tasks are being returned to the previous spec.
+        RollingBack,
+        /// A rollback stopped after failed tasks.
+        RollbackPaused,
+        /// Every task runs the previous spec again.
+        RolledBack,
+    }
+);
+
+impl UpdateState {
+    /// Whether tasks are being replaced now.
+    pub fn is_active(&self) -> bool {
+        matches!(self, UpdateState::Updating | UpdateState::RollingBack)
+    }
+
+    /// Its wire name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            UpdateState::Updating => "updating",
+            UpdateState::Paused => "paused",
+            UpdateState::Completed => "completed",
+            UpdateState::RollingBack => "rolling_back",
+            UpdateState::RollbackPaused => "rollback_paused",
+            UpdateState::RolledBack => "rolled_back",
+        }
+    }
+}
+
+wire_type!(
+    /// The replicated state of a service's last update: a leader change resumes it where it
+    /// was (which tasks are replaced is read from the tasks' spec versions).
+    pub struct UpdateStatus {
+        /// Where it stands.
+        pub state: UpdateState,
+        /// Why (a pause's failed task, a rollback's cause).
+        pub message: String,
+        /// The spec version it brings tasks to.
+        pub spec_version: u64,
+        /// When it started (ms since the Unix epoch).
+        pub started_at: u64,
+        /// When it completed, paused or rolled back.
+        pub ended_at: Option<u64>,
     }
 );
 
@@ -317,6 +379,8 @@ wire_type!(
         pub spec_version: u64,
         /// The spec before the last update (for rollback).
         pub previous_spec: Option<ServiceSpec>,
+        /// The last update's progress (none before the first).
+        pub update_status: Option<UpdateStatus>,
         /// Creation time on the proposing manager's clock (ms since the Unix epoch).
         pub created_at: u64,
         /// Last change, same clock.

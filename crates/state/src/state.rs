@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, CommandResult, Compare, KvEvent, Outcome, TxnOp};
 use crate::objects::{ClientRecord, ClusterInfo, KvEntry, NodeRecord, NodeRole, SystemRecords};
 use crate::service::Service;
+use crate::task::TaskRefusal;
 use crate::task::{NodeDescription, Task};
 
 /// Revisions kept for `watch` to resume from; older ones are compacted.
@@ -229,6 +230,18 @@ impl ClusterState {
                 expected_version,
                 at,
             } => self.update_service(revision, id, spec, *expected_version, *at),
+            Command::RollbackService { id, at } => {
+                match self.rollback_service(revision, id, 0, "rollback asked", *at) {
+                    Ok(service) => Outcome::Service {
+                        service: Box::new(service),
+                    },
+                    Err(TaskRefusal::NoSuchService) => Outcome::NoSuchService { id: id.clone() },
+                    Err(TaskRefusal::NoPreviousSpec) => Outcome::InvalidSpec {
+                        why: "the service has no previous spec to roll back to".to_owned(),
+                    },
+                    Err(e) => Outcome::InvalidSpec { why: e.to_string() },
+                }
+            }
             Command::RemoveService { id } => self.remove_service(revision, id),
             Command::WriteTasks { at, ops } => self.write_tasks(revision, *at, ops),
             Command::ReportTasks { node, reports } => self.report_tasks(revision, node, reports),

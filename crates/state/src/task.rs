@@ -261,6 +261,28 @@ wire_type!(
             /// Task id.
             task: String,
         },
+        /// Record where a service's rolling update stands (the updater: paused, completed,
+        /// rolled back). Refused unless the service is still at `spec_version`.
+        SetUpdateState {
+            /// Service id.
+            service: String,
+            /// The spec version the update brings tasks to.
+            spec_version: u64,
+            /// The new state.
+            state: crate::service::UpdateState,
+            /// Why.
+            message: String,
+        },
+        /// Return a service to its previous spec (the updater's automatic rollback after
+        /// failed tasks). Refused unless the service is still at `spec_version`.
+        Rollback {
+            /// Service id.
+            service: String,
+            /// The spec version that failed.
+            spec_version: u64,
+            /// Why.
+            message: String,
+        },
     }
 );
 
@@ -323,6 +345,10 @@ wire_type!(
         NotEnded,
         /// A replacement names a task of another service or slot.
         OtherSlot,
+        /// The service's spec changed since the plan was made.
+        StaleSpec,
+        /// The service has no previous spec to return to.
+        NoPreviousSpec,
     }
 );
 
@@ -338,6 +364,8 @@ impl std::fmt::Display for TaskRefusal {
             }
             TaskRefusal::NotAllowed { to } => write!(f, "an agent cannot set state {to}"),
             TaskRefusal::WrongNode => write!(f, "the task is assigned to another node"),
+            TaskRefusal::StaleSpec => write!(f, "the service's spec changed meanwhile"),
+            TaskRefusal::NoPreviousSpec => write!(f, "the service has no previous spec"),
             TaskRefusal::SlotOccupied { task } => write!(f, "the slot already runs task {task}"),
             TaskRefusal::WrongState { state } => write!(f, "the task is {state}"),
             TaskRefusal::PortTaken { port } => write!(f, "port {port} is taken on that node"),

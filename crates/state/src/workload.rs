@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::command::{OpRefusal, Outcome};
 use crate::objects::{Availability, NodeRecord, NodeStatus};
-use crate::service::{Service, ServiceMode, ServiceSpec};
+use crate::service::{Service, ServiceMode, ServiceSpec, UpdateState, UpdateStatus};
 use crate::state::{ClusterState, StateImage};
 use crate::task::{
     AssignedPort, NodeDescription, Slot, Task, TaskOp, TaskRefusal, TaskReport, TaskState,
@@ -128,6 +128,7 @@ impl ClusterState {
             version: 1,
             spec_version: 1,
             previous_spec: None,
+            update_status: None,
             created_at: at,
             updated_at: at,
             created_revision: revision,
@@ -175,6 +176,24 @@ impl ClusterState {
         };
         if spec.task != s.spec.task {
             s.spec_version += 1;
+            s.update_status = Some(UpdateStatus {
+                state: UpdateState::Updating,
+                message: String::new(),
+                spec_version: s.spec_version,
+                started_at: at,
+                ended_at: None,
+            });
+        } else if let Some(u) = s.update_status.as_mut()
+            && matches!(u.state, UpdateState::Paused | UpdateState::RollbackPaused)
+        {
+            // The same template again: a paused update (or rollback) goes on.
+            u.state = match &u.state {
+                UpdateState::RollbackPaused => UpdateState::RollingBack,
+                _ => UpdateState::Updating,
+            };
+            u.message = "resumed".to_owned();
+            u.started_at = at;
+            u.ended_at = None;
         }
         s.previous_spec = Some(std::mem::replace(&mut s.spec, spec.clone()));
         s.version += 1;
@@ -183,6 +202,59 @@ impl ClusterState {
         Outcome::Service {
             service: Box::new(s.clone()),
         }
+    }
+
+    /// Swaps a service's spec with its previous one (a rollback) if it is still at
+    /// `expected_spec_version` (0: any).
+    pub(crate) fn rollback_service(
+        &mut self,
+        revision: u64,
+        id: &str,
+        expected_spec_version: u64,
+        message: &str,
+        at: u64,
+    ) -> Result<Service, TaskRefusal> {
+        let current = self
+            .image
+            .services
+            .get(id)
+            .ok_or(TaskRefusal::NoSuchService)?;
+        if expected_spec_version != 0 && current.spec_version != expected_spec_version {
+            return Err(TaskRefusal::StaleSpec);
+        }
+        let previous = current
+            .previous_spec
+            .as_ref()
+            .ok_or(TaskRefusal::NoPreviousSpec)?;
+        if previous.name != current.spec.name
+            && self
+                .service_by_name(&previous.name)
+                .is_some_and(|other| other.id != id)
+        {
+            return Err(TaskRefusal::StaleSpec);
+        }
+        let s = self
+            .image
+            .services
+            .get_mut(id)
+            .ok_or(TaskRefusal::NoSuchService)?;
+        let Some(previous) = s.previous_spec.take() else {
+            return Err(TaskRefusal::NoPreviousSpec);
+        };
+        let failed = std::mem::replace(&mut s.spec, previous);
+        s.previous_spec = Some(failed);
+        s.spec_version += 1;
+        s.version += 1;
+        s.updated_at = at;
+        s.updated_revision = revision;
+        s.update_status = Some(UpdateStatus {
+            state: UpdateState::RollingBack,
+            message: message.to_owned(),
+            spec_version: s.spec_version,
+            started_at: at,
+            ended_at: None,
+        });
+        Ok(s.clone())
     }
 
     pub(crate) fn remove_service(&mut self, revision: u64, id: &str) -> Outcome {
@@ -437,6 +509,40 @@ impl ClusterState {
                 }
                 Ok(None)
             }
+            TaskOp::SetUpdateState {
+                service,
+                spec_version,
+                state,
+                message,
+            } => {
+                let s = self
+                    .image
+                    .services
+                    .get_mut(service)
+                    .ok_or(TaskRefusal::NoSuchService)?;
+                let Some(u) = s.update_status.as_mut() else {
+                    return Err(TaskRefusal::StaleSpec);
+                };
+                if s.spec_version != *spec_version || u.spec_version != *spec_version {
+                    return Err(TaskRefusal::StaleSpec);
+                }
+                if u.state != *state || u.message != *message {
+                    u.state = state.clone();
+                    u.message = message.clone();
+                    u.ended_at = (!state.is_active()).then_some(at);
+                    s.version += 1;
+                    s.updated_revision = revision;
+                }
+                Ok(None)
+            }
+            TaskOp::Rollback {
+                service,
+                spec_version,
+                message,
+            } => {
+                self.rollback_service(revision, service, (*spec_version).max(1), message, at)?;
+                Ok(None)
+            }
         }
     }
 
@@ -560,6 +666,7 @@ fn op_task(op: &TaskOp) -> Option<String> {
         | TaskOp::Explain { task, .. }
         | TaskOp::Orphan { task }
         | TaskOp::Delete { task } => Some(task.clone()),
+        TaskOp::SetUpdateState { .. } | TaskOp::Rollback { .. } => None,
     }
 }
 
@@ -595,8 +702,10 @@ mod tests {
                 restart: RestartPolicy::default(),
                 placement: Placement::default(),
                 ports: Vec::new(),
+                force_update: 0,
             },
             update: UpdateConfig::default(),
+            rollback: UpdateConfig::default(),
         }
     }
 

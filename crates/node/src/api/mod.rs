@@ -190,6 +190,7 @@ pub(crate) fn store_of(node: &RunningNode) -> Result<Arc<Store>, Failure> {
         services::create,
         services::update,
         services::scale,
+        services::rollback,
         services::remove,
         services::tasks,
         kv::get,
@@ -238,6 +239,7 @@ pub fn router(state: ApiState) -> Router {
                 .delete(services::remove),
         )
         .route("/v1/services/{id}/scale", post(services::scale))
+        .route("/v1/services/{id}/rollback", post(services::rollback))
         .route("/v1/tasks", get(services::tasks))
         .route("/v1/kv", get(kv::list))
         .route(

@@ -55,6 +55,10 @@ fn view(s: &ClusterState, svc: &Service) -> ServiceView {
         version: svc.version,
         spec_version: svc.spec_version,
         previous_spec: svc.previous_spec.as_ref().map(ServiceSpec::from_state),
+        update_status: svc
+            .update_status
+            .as_ref()
+            .map(starling_api::UpdateStatusView::from_state),
         running,
         desired,
         created_at: svc.created_at,
@@ -287,6 +291,38 @@ pub(crate) async fn scale(
             id: sid,
             spec,
             expected_version: version,
+            at: starling_api::unix_ms(),
+        })
+        .await
+        .map_err(super::write_error)?;
+    answer(&store, r.outcome).await
+}
+
+/// Returns a service to its previous spec (`service rollback`); its tasks are replaced with
+/// the rollback settings.
+#[utoipa::path(post, operation_id = "rollback_service", path = "/v1/services/{id}/rollback", tag = "services",
+    params(("id" = String, Path, description = "Service id, name or id prefix")),
+    responses(
+        (status = 200, description = "Rolling back", body = ServiceView),
+        (status = 400, description = "No previous spec", body = ApiError),
+        (status = 403, description = "A viewer", body = ApiError),
+        (status = 404, description = "No such service", body = ApiError),
+        (status = 503, description = "No quorum, or a worker", body = ApiError),
+        (status = 504, description = "Outcome unknown", body = ApiError),
+    ))]
+pub(crate) async fn rollback(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Answer<ServiceView> {
+    let store = store_of(&state.node())?;
+    let (found, _) = store
+        .read(Consistency::Linearizable, |s| {
+            find(s, &id).map(|svc| svc.id.clone())
+        })
+        .await?;
+    let r = store
+        .write(Command::RollbackService {
+            id: found.map_err(Failure)?,
             at: starling_api::unix_ms(),
         })
         .await
