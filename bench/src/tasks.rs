@@ -242,6 +242,30 @@ async fn measure(
         .await?;
         api.scale_service("six", 6).await?;
     }
+    // A rolling update of 30 replicas, parallelism 5, monitor 5 s (the defaults otherwise).
+    let mut thirty = spec("thirty", 30)?;
+    thirty.update.parallelism = 5;
+    api.create_service(&thirty).await?;
+    poll("thirty running", Duration::from_secs(120), || async {
+        let list = api.tasks(Some("thirty"), None).await.ok()?;
+        (running_on(&list).len() == 30).then_some(())
+    })
+    .await?;
+    let current = api.service("thirty").await?;
+    let mut next = current.spec.clone();
+    next.env.insert("VERSION".into(), "2".into());
+    let t0 = Instant::now();
+    api.update_service("thirty", &next, Some(current.version))
+        .await?;
+    poll("the update completed", Duration::from_secs(300), || async {
+        let v = api.service("thirty").await.ok()?;
+        (v.update_status.as_ref()?.state == "completed").then_some(())
+    })
+    .await?;
+    let update = t0.elapsed();
+    let monitor = Duration::from_millis(next.update.monitor_ms);
+    api.remove_service("thirty").await.ok();
+
     // Soak: every core busy for `soak`; nothing should be taken for dead or replaced.
     poll("six running", Duration::from_secs(60), || async {
         let list = api.tasks(Some("six"), None).await.ok()?;
@@ -285,6 +309,8 @@ async fn measure(
          | `service create --replicas {replicas}` → {replicas} running | {:.2} s | |\n\
          | worker killed -9 → its tasks running elsewhere, median of {rounds} | **{:.2} s** (target ≤ 5 s) | SwarmKit ≈ 15–25 s, Nomad 20–30 s |\n\
          | same, max | {:.2} s | |\n\n\
+         | rolling update of 30 replicas, parallelism 5, monitor {monitor_s} s, stop-first | \
+         {update_s:.2} s (floor: 6 batches × monitor = {floor_s} s) | |\n\
          | {soak_s} s with every core busy ({cores} `sh` busy loops beside the cluster): tasks \
          replaced / checks of `node ls` with a node not ready | **{replaced}** / {not_ready} of \
          {checks} ({running_after} of 6 running at the end) | target 0 |\n\n\
@@ -296,6 +322,9 @@ async fn measure(
         at(0.5).as_secs_f64(),
         at(1.0).as_secs_f64(),
         soak_s = soak.as_secs(),
+        monitor_s = monitor.as_secs(),
+        update_s = update.as_secs_f64(),
+        floor_s = 6 * monitor.as_secs(),
         cores = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1,
     ))
 }

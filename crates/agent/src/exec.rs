@@ -217,6 +217,9 @@ pub fn spawn(task: &Task, ctx: &Context) -> Result<Spawned, String> {
     // A process that cannot be confined or recorded is not left running unseen.
     let undo = |why: String| {
         signal_group(pid, 9);
+        if let Some(cg) = &ctx.cgroups {
+            cg.kill(&task.id);
+        }
         why
     };
     if let (Some(cg), None) = (&ctx.cgroups, launched) {

@@ -195,14 +195,27 @@ where
 {
     // A full set from a lagging follower would lack the newest tasks, and the agent stops
     // what the full set leaves out: first catch up with the leader's commit index.
-    store
-        .read(Consistency::Linearizable, |_| ())
-        .await
-        .map_err(|e| format!("not caught up with a leader: {e}"))?;
+    // Heartbeats go on meanwhile, so the agent does not take a slow barrier (an election)
+    // for a dead manager.
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    let barrier = store.read(Consistency::Linearizable, |_| ());
+    tokio::pin!(barrier);
+    loop {
+        tokio::select! {
+            r = &mut barrier => {
+                r.map_err(|e| format!("not caught up with a leader: {e}"))?;
+                break;
+            }
+            _ = beat.tick() => {
+                write_message(&mut tx, &ManagerMessage::Heartbeat)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
     let mut applied = store.applied_changes();
     let mut sent: BTreeMap<String, u64> = BTreeMap::new();
     let mut full = true;
-    let mut beat = tokio::time::interval(HEARTBEAT);
     let mut out_of_touch: Option<tokio::time::Instant> = None;
     // The agent fails over to these: a change (a manager joined, left, moved) is sent too.
     let mut sent_managers: Vec<String> = Vec::new();

@@ -107,7 +107,7 @@ pub fn reconcile(state: &ClusterState, now: u64, cfg: &OrchestratorConfig) -> Pl
         for tasks in slots.values() {
             stop_all(state, tasks, TaskState::Remove, &mut plan);
         }
-        roll(service, &wanted, now, &mut plan);
+        roll(state, service, &wanted, now, &mut plan);
     }
     // Tasks of removed services: stopped by the removal; orphaned if their node is gone.
     for t in state.tasks() {
@@ -272,12 +272,16 @@ fn reconcile_slot(
 }
 
 /// The rolling update of `service` (or its rollback), level-triggered like the rest: which
-/// slots still run an older template, which new tasks are still within their monitor
-/// period, and which new tasks failed are all read from the tasks, so a new leader resumes
-/// an update where it was and never replaces a task twice. A batch of `parallelism` slots is
-/// replaced once the previous batch's tasks have all run for `monitor` and `delay` has passed;
-/// failed new tasks beyond `max_failure_ratio` pause the update or roll it back.
+/// slots still run another template, which new tasks are within their monitor period, and
+/// which failed are all read from the tasks, so a new leader resumes an update where it was
+/// and never replaces a task twice. A batch of `parallelism` slots is replaced once the
+/// previous batch's tasks have all run for `monitor` and `delay` has passed; failed new tasks
+/// beyond `max_failure_ratio` pause the update or roll it back. A task is up to date when
+/// its template is the service's (a rollback leaves the tasks the update never reached
+/// alone). Monitor periods compare the agent's clock (when the task started) with the
+/// leader's: a skew between them lengthens or shortens them by as much.
 fn roll(
+    state: &ClusterState,
     service: &Service,
     slots: &[(Slot, Option<&NodeRecord>, Vec<&Task>)],
     now: u64,
@@ -306,27 +310,33 @@ fn roll(
         state,
         message,
     };
-    // Failed tasks of the new template, since the update (or its resumption) started.
-    let mut failed: Vec<(&Slot, &Task)> = slots
-        .iter()
-        .flat_map(|(slot, _, tasks)| tasks.iter().map(move |t| (slot, *t)))
-        .filter(|(_, t)| {
-            t.spec_version == target
-                && t.created_at >= status.started_at
+    let slot_name = |slot: &Slot| match slot {
+        Slot::Number(n) => n.to_string(),
+        Slot::Node(n) => n.clone(),
+    };
+    let current = |t: &Task| t.template == service.spec.task;
+    // This update's tasks that failed, and the slots they were in: a failed slot is done
+    // (failed) for the update; the restart policy looks after it, not the updater.
+    let mut failed: Vec<(&Slot, &Task)> = Vec::new();
+    for (slot, _, tasks) in slots {
+        for t in tasks {
+            if t.created_revision > status.started_revision
                 && matches!(t.status.state, TaskState::Failed | TaskState::Rejected)
-        })
-        .collect();
+                && current(t)
+            {
+                failed.push((slot, t));
+            }
+        }
+    }
     failed.sort_by_key(|(_, t)| t.status.timestamp);
+    let failed_slots: std::collections::BTreeSet<&Slot> = failed.iter().map(|(s, _)| *s).collect();
     let tolerated = conf.max_failure_permille as usize * slots.len() / 1000;
-    if failed.len() > tolerated && conf.failure_action != FailureAction::Continue {
+    if failed_slots.len() > tolerated && conf.failure_action != FailureAction::Continue {
         let (slot, t) = failed[failed.len() - 1];
-        let slot = match slot {
-            Slot::Number(n) => n.to_string(),
-            Slot::Node(n) => n.clone(),
-        };
         let why = format!(
-            "task {}.{slot} failed: {}",
+            "task {}.{} failed: {}",
             service.spec.name,
+            slot_name(slot),
             t.status.error.as_deref().unwrap_or(&t.status.message)
         );
         plan.ops.push(match (&conf.failure_action, rolling_back) {
@@ -345,11 +355,16 @@ fn roll(
     }
     let mut old: Vec<(&Slot, Option<&NodeRecord>, &Task)> = Vec::new();
     let mut in_flight = 0usize;
+    let mut waiting: Option<String> = None;
     let mut last_done = 0u64;
     for (slot, node, tasks) in slots {
+        if failed_slots.contains(slot) {
+            continue;
+        }
         let runnable: Vec<&Task> = tasks.iter().copied().filter(|t| t.is_runnable()).collect();
-        let new = runnable.iter().find(|t| t.spec_version == target);
-        let older = runnable.iter().find(|t| t.spec_version < target);
+        let new = runnable.iter().find(|t| current(t));
+        // A task on a lost node is the lost-node path's (which honours the opt-out).
+        let older = runnable.iter().find(|t| !current(t) && !lost(state, t));
         match (new, older) {
             (Some(n), None) if n.status.state == TaskState::Running => {
                 let done_at = n.status.timestamp.saturating_add(conf.monitor_ms);
@@ -360,7 +375,18 @@ fn roll(
                     plan.wake(done_at);
                 }
             }
-            (Some(_), _) => in_flight += 1,
+            (Some(n), _) => {
+                in_flight += 1;
+                if let Some(why) = &n.pending_reason {
+                    waiting.get_or_insert_with(|| {
+                        format!(
+                            "task {}.{} pending: {why}",
+                            service.spec.name,
+                            slot_name(slot)
+                        )
+                    });
+                }
+            }
             (None, Some(o)) => old.push((slot, *node, o)),
             // An empty slot gets a task of the new template from the restart logic.
             (None, None) => {}
@@ -377,8 +403,13 @@ fn roll(
         return;
     }
     // One batch at a time: the next starts once this one's tasks have all run for the
-    // monitor period, and the delay has passed.
-    if in_flight > 0 || old.is_empty() {
+    // monitor period, and the delay has passed. A batch held up says why.
+    if in_flight > 0 {
+        if let Some(why) = waiting
+            && why != status.message
+        {
+            plan.ops.push(set_state(status.state.clone(), why));
+        }
         return;
     }
     if last_done > 0 && now < last_done.saturating_add(conf.delay_ms) {

@@ -63,7 +63,7 @@ pub fn port_capacity(state: &ClusterState, placement: &Placement, ports_per_task
             let range = u64::from(d.port_max.saturating_sub(d.port_min)) + 1;
             let used: u64 = state
                 .tasks_on(&n.id)
-                .filter(|t| t.is_runnable())
+                .filter(|t| !t.status.state.is_terminal())
                 .map(|t| t.ports.len() as u64)
                 .sum();
             Some(range.saturating_sub(used) / ports_per_task as u64)
@@ -112,9 +112,16 @@ pub fn schedule(state: &ClusterState) -> Vec<TaskOp> {
             total: 0,
             by_service: BTreeMap::new(),
         };
-        for t in state.tasks_on(&node.id).filter(|t| t.is_runnable()) {
-            room.total += 1;
-            *room.by_service.entry(t.service.clone()).or_default() += 1;
+        // A task holds its node's memory, CPUs and ports until it has ended (a stopping
+        // task still binds its port); only runnable ones count for spreading.
+        for t in state
+            .tasks_on(&node.id)
+            .filter(|t| !t.status.state.is_terminal())
+        {
+            if t.is_runnable() {
+                room.total += 1;
+                *room.by_service.entry(t.service.clone()).or_default() += 1;
+            }
             let r = &t.template.resources;
             if let (Some(m), Some(used)) = (room.memory.as_mut(), r.memory_bytes) {
                 *m = m.saturating_sub(used);

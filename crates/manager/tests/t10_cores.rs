@@ -97,7 +97,12 @@ impl Sim {
                 continue;
             }
             let to = if t.desired <= TaskState::Running && t.status.state < TaskState::Running {
-                TaskState::Running
+                // A program named `fail` fails at once.
+                if t.template.process.argv.first().map(String::as_str) == Some("fail") {
+                    TaskState::Failed
+                } else {
+                    TaskState::Running
+                }
             } else if t.desired > TaskState::Running && !t.status.state.is_terminal() {
                 TaskState::Shutdown
             } else {
@@ -342,4 +347,93 @@ fn global_tasks_get_their_ports_and_wait_for_room_on_their_own_node() {
             assert!((30_000..=32_767).contains(&t.ports[0].port));
         }
     }
+}
+
+#[test]
+fn an_update_goes_in_batches_pauses_on_a_failure_and_a_rollback_leaves_untouched_slots() {
+    let cfg = OrchestratorConfig::default();
+    let mut sim = Sim::new(3);
+    let id = sim.service("web", 6);
+    for _ in 0..3 {
+        sim.round(&cfg);
+    }
+    assert_eq!(sim.running(&id).len(), 6);
+    let update = |sim: &mut Sim, argv: &[&str]| {
+        let svc = sim.s.service(&id).unwrap().clone();
+        let mut spec = svc.spec.clone();
+        spec.task.process.argv = argv.iter().map(|a| a.to_string()).collect();
+        spec.update.parallelism = 2;
+        spec.update.monitor_ms = 1_500;
+        let now = sim.now;
+        sim.apply(Command::UpdateService {
+            id: id.clone(),
+            spec,
+            expected_version: svc.version,
+            at: now,
+        });
+    };
+    update(&mut sim, &["sleep", "2"]);
+    let new = |sim: &Sim| {
+        let svc = sim.s.service(&id).unwrap();
+        sim.s
+            .tasks_of(&id)
+            .filter(|t| t.template == svc.spec.task)
+            .count()
+    };
+    let mut last = 0;
+    for _ in 0..30 {
+        sim.round(&cfg);
+        let n = new(&sim);
+        assert!(n - last <= 2, "{} new tasks in one round", n - last);
+        last = n;
+        sim.check_slots().unwrap();
+    }
+    let svc = sim.s.service(&id).unwrap().clone();
+    assert_eq!(
+        svc.update_status.as_ref().unwrap().state,
+        starling_state::UpdateState::Completed
+    );
+    assert_eq!(new(&sim), 6, "each slot replaced once");
+    assert_eq!(sim.running(&id).len(), 6);
+    let before: Vec<String> = sim.running(&id).iter().map(|t| t.id.clone()).collect();
+
+    // A failing program: paused after the first batch, the other slots untouched.
+    update(&mut sim, &["fail"]);
+    for _ in 0..10 {
+        sim.round(&cfg);
+    }
+    let svc = sim.s.service(&id).unwrap().clone();
+    let status = svc.update_status.clone().unwrap();
+    assert_eq!(
+        status.state,
+        starling_state::UpdateState::Paused,
+        "{status:?}"
+    );
+    assert!(status.message.contains("failed"), "{status:?}");
+    let kept = sim
+        .running(&id)
+        .iter()
+        .filter(|t| before.contains(&t.id))
+        .count();
+    assert_eq!(kept, 4, "only the first batch was touched");
+
+    // Rolled back: the two slots return, the four untouched tasks stay as they are.
+    let now = sim.now;
+    sim.apply(Command::RollbackService {
+        id: id.clone(),
+        at: now,
+    });
+    for _ in 0..20 {
+        sim.round(&cfg);
+        sim.check_slots().unwrap();
+    }
+    let svc = sim.s.service(&id).unwrap().clone();
+    assert_eq!(
+        svc.update_status.as_ref().unwrap().state,
+        starling_state::UpdateState::RolledBack
+    );
+    let running = sim.running(&id);
+    assert_eq!(running.len(), 6);
+    assert_eq!(running.iter().filter(|t| before.contains(&t.id)).count(), 4);
+    assert!(running.iter().all(|t| t.template == svc.spec.task));
 }

@@ -800,8 +800,11 @@ fn start_agent(
             host_ip: state.advertise.ip().to_string(),
             description: starling_agent::describe_machine(port_min, port_max, cgroups.as_ref()),
             cgroups,
-            // This binary: `starling task-exec` puts a task into its cgroup before it runs.
-            launcher: std::env::current_exe().ok(),
+            // This binary (`/proc/self/exe` stays valid when the file is replaced by an
+            // upgrade): `starling task-exec` puts a task into its cgroup before it runs.
+            launcher: Some(std::path::PathBuf::from("/proc/self/exe"))
+                .filter(|p| p.exists())
+                .or_else(|| std::env::current_exe().ok()),
         },
     ))
 }

@@ -782,8 +782,10 @@ fn t72_rolling_update_answers_throughout_pauses_rolls_back_and_survives_the_lead
     let mut broken = done.spec.clone();
     broken.command = vec!["sh".into(), "-c".into(), "echo broken >&2; exit 3".into()];
     broken.update.order = starling_api::UpdateOrder::StopFirst;
-    rt.block_on(api.update_service("web", &broken, Some(done.version)))
-        .unwrap();
+    let broken_version = rt
+        .block_on(api.update_service("web", &broken, Some(done.version)))
+        .unwrap()
+        .spec_version;
     let paused = poll("the update paused", Duration::from_secs(60), || {
         let (v, _) = service_and_tasks(&rt, &api, "web")?;
         (update_state(&v) == "paused").then_some(v)
@@ -815,15 +817,21 @@ fn t72_rolling_update_answers_throughout_pauses_rolls_back_and_survives_the_lead
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rolled = poll("rolled back", Duration::from_secs(90), || {
+    let (rolled, tasks) = poll("rolled back", Duration::from_secs(90), || {
         let (v, tasks) = service_and_tasks(&rt, &api, "web")?;
         let r = running(&tasks);
         (update_state(&v) == "rolled_back"
             && r.len() == 6
-            && r.iter().all(|t| t.spec_version == v.spec_version))
-        .then_some(v)
+            && r.iter().all(|t| t.spec_version != broken_version))
+        .then_some((v, tasks))
     });
     assert_eq!(rolled.spec.command, done.spec.command);
+    // Only the slots the update reached were replaced back: the others kept their tasks.
+    let untouched = running(&tasks)
+        .iter()
+        .filter(|t| t.spec_version == done.spec_version)
+        .count();
+    assert!(untouched >= 4, "{tasks:#?}");
     assert_eq!(
         rolled.spec.env.get("VERSION").map(String::as_str),
         Some("2")
@@ -833,14 +841,16 @@ fn t72_rolling_update_answers_throughout_pauses_rolls_back_and_survives_the_lead
     let mut broken = rolled.spec.clone();
     broken.command = vec!["sh".into(), "-c".into(), "exit 4".into()];
     broken.update.failure_action = starling_api::FailureAction::Rollback;
-    rt.block_on(api.update_service("web", &broken, Some(rolled.version)))
-        .unwrap();
+    let broken_version = rt
+        .block_on(api.update_service("web", &broken, Some(rolled.version)))
+        .unwrap()
+        .spec_version;
     let auto = poll("rolled back by itself", Duration::from_secs(90), || {
         let (v, tasks) = service_and_tasks(&rt, &api, "web")?;
         let r = running(&tasks);
         (update_state(&v) == "rolled_back"
             && r.len() == 6
-            && r.iter().all(|t| t.spec_version == v.spec_version))
+            && r.iter().all(|t| t.spec_version != broken_version))
         .then_some(v)
     });
     assert_eq!(auto.spec.command, done.spec.command);

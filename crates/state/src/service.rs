@@ -295,6 +295,8 @@ wire_type!(
         pub spec_version: u64,
         /// When it started (ms since the Unix epoch).
         pub started_at: u64,
+        /// The revision that started it: tasks created after it are this update's.
+        pub started_revision: u64,
         /// When it completed, paused or rolled back.
         pub ended_at: Option<u64>,
     }

@@ -175,27 +175,22 @@ impl ClusterState {
             return Outcome::NoSuchService { id: id.to_owned() };
         };
         if spec.task != s.spec.task {
+            // A new template: what runs now is what a rollback returns to.
             s.spec_version += 1;
             s.update_status = Some(UpdateStatus {
                 state: UpdateState::Updating,
                 message: String::new(),
                 spec_version: s.spec_version,
                 started_at: at,
+                started_revision: revision,
                 ended_at: None,
             });
-        } else if let Some(u) = s.update_status.as_mut()
-            && matches!(u.state, UpdateState::Paused | UpdateState::RollbackPaused)
-        {
-            // The same template again: a paused update (or rollback) goes on.
-            u.state = match &u.state {
-                UpdateState::RollbackPaused => UpdateState::RollingBack,
-                _ => UpdateState::Updating,
-            };
-            u.message = "resumed".to_owned();
-            u.started_at = at;
-            u.ended_at = None;
+            s.previous_spec = Some(std::mem::replace(&mut s.spec, spec.clone()));
+        } else {
+            // The same template (a scale, new settings): no rollout, and the spec to roll
+            // back to stays the last one that ran other tasks.
+            s.spec = spec.clone();
         }
-        s.previous_spec = Some(std::mem::replace(&mut s.spec, spec.clone()));
         s.version += 1;
         s.updated_at = at;
         s.updated_revision = revision;
@@ -252,6 +247,7 @@ impl ClusterState {
             message: message.to_owned(),
             spec_version: s.spec_version,
             started_at: at,
+            started_revision: revision,
             ended_at: None,
         });
         Ok(s.clone())
@@ -553,7 +549,7 @@ impl ClusterState {
         }
         let held: BTreeSet<u16> = self
             .tasks_on(node)
-            .filter(|t| t.id != except && t.is_runnable())
+            .filter(|t| t.id != except && !t.status.state.is_terminal())
             .flat_map(|t| t.ports.iter().map(|p| p.port))
             .collect();
         ports.iter().map(|p| p.port).find(|p| held.contains(p))
