@@ -308,7 +308,7 @@ async fn measure(
          | measure | figure | anchors |\n|---|---|---|\n\
          | `service create --replicas {replicas}` → {replicas} running | {:.2} s | |\n\
          | worker killed -9 → its tasks running elsewhere, median of {rounds} | **{:.2} s** (target ≤ 5 s) | SwarmKit ≈ 15–25 s, Nomad 20–30 s |\n\
-         | same, max | {:.2} s | |\n\n\
+         | same, max | {:.2} s | |\n\
          | rolling update of 30 replicas, parallelism 5, monitor {monitor_s} s, stop-first | \
          {update_s:.2} s (floor: 6 batches × monitor = {floor_s} s) | |\n\
          | {soak_s} s with every core busy ({cores} `sh` busy loops beside the cluster): tasks \
