@@ -584,6 +584,40 @@ fn t71_start_first_drain_keeps_serving_leader_killed_mid_reconciliation_and_quor
     rt.block_on(api.set_availability(&drained, starling_api::Availability::Active))
         .unwrap();
 
+    // The agent of web's node killed -9 and started again at once: it adopts the running
+    // process (same task, same pid), nothing is started twice.
+    let (task, host) = poll("web running", Duration::from_secs(20), || {
+        let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
+        let t = list.tasks.into_iter().find(|t| t.state == "running")?;
+        let host = t.node_hostname.clone()?;
+        Some((t, host))
+    });
+    let started = starling_agent::exec::recorded(&c.dir(&host).join("tasks").join(&task.id))
+        .expect("the task's record");
+    let log = c.dir(&host).with_extension("log");
+    let sessions = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("dispatcher session open")
+            .count()
+    };
+    let before = sessions(&log);
+    c.daemons.remove(&host);
+    c.restart(&host);
+    poll("the agent back in session", Duration::from_secs(30), || {
+        (sessions(&log) > before).then_some(())
+    });
+    let list = rt.block_on(api.tasks(Some("web"), None)).unwrap();
+    let live: Vec<&TaskView> = list
+        .tasks
+        .iter()
+        .filter(|t| t.desired_state == "running")
+        .collect();
+    assert_eq!(live.len(), 1, "{live:#?}");
+    assert_eq!(live[0].id, task.id, "the same task");
+    assert_eq!(live[0].state, "running");
+    assert!(starling_agent::exec::alive(&started), "the same process");
+
     // The leader killed while it reconciles 30 new replicas: a new leader finishes the job,
     // with one task per slot and one process per task.
     let old_leader = poll("a leader", Duration::from_secs(10), || leader(&rt, &api));
