@@ -49,7 +49,7 @@ pub fn constraint_text(c: &Constraint) -> String {
 }
 
 /// How many more tasks needing `ports_per_task` host ports the nodes that `placement` allows
-/// (ready, active, with an agent) can take, by their free host ports alone: what a new
+/// (ready and active) can take, by their free host ports alone: what a new
 /// service's replicas are checked against before it is created.
 pub fn port_capacity(state: &ClusterState, placement: &Placement, ports_per_task: usize) -> u64 {
     if ports_per_task == 0 {
@@ -58,15 +58,19 @@ pub fn port_capacity(state: &ClusterState, placement: &Placement, ports_per_task
     state
         .nodes()
         .filter(|n| node_schedulable(n) && constraints_hold(placement, n))
-        .filter_map(|n| {
-            let d = state.node_description(&n.id)?;
-            let range = u64::from(d.port_max.saturating_sub(d.port_min)) + 1;
+        .map(|n| {
+            // A node whose agent has not reported yet counts with the default range (the
+            // one the scheduler assumes too): a service created right after a join fits.
+            let (min, max) = state
+                .node_description(&n.id)
+                .map_or(DEFAULT_PORT_RANGE, |d| (d.port_min, d.port_max));
+            let range = u64::from(max.saturating_sub(min)) + 1;
             let used: u64 = state
                 .tasks_on(&n.id)
                 .filter(|t| !t.status.state.is_terminal())
                 .map(|t| t.ports.len() as u64)
                 .sum();
-            Some(range.saturating_sub(used) / ports_per_task as u64)
+            range.saturating_sub(used) / ports_per_task as u64
         })
         .sum()
 }
