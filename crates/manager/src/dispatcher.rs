@@ -138,17 +138,31 @@ where
         return Err("the session did not start with a hello".into());
     };
     info!(%node, tasks = reports.len(), "agent session");
-    let (same, _) = store.read_applied(|s| s.node_description(&node) == Some(&description));
-    if !same
-        && let Err(e) = store
-            .write(Command::SetNodeDescription {
-                id: node.clone(),
-                description,
-            })
-            .await
-    {
-        warn!(%node, error = %e, "recording the node's description failed");
-    }
+    // Written until the state holds it: `apply` drops a description that arrives before
+    // the node's record (a first session racing its join), and a node without one is never
+    // scheduled. Checked again on every heartbeat.
+    let record_description = {
+        let store = store.clone();
+        let node = node.clone();
+        let description = description.clone();
+        move || {
+            let (same, _) = store.read_applied(|s| s.node_description(&node) == Some(&description));
+            let (store, node, description) = (store.clone(), node.clone(), description.clone());
+            async move {
+                if !same
+                    && let Err(e) = store
+                        .write(Command::SetNodeDescription {
+                            id: node.clone(),
+                            description,
+                        })
+                        .await
+                {
+                    warn!(%node, error = %e, "recording the node's description failed");
+                }
+            }
+        }
+    };
+    record_description().await;
     let (report_tx, report_rx) = tokio::sync::mpsc::channel::<Vec<TaskReport>>(64);
     let _ = report_tx.send(reports).await;
     let writer = tokio::spawn(write_reports(store.clone(), node.clone(), report_rx));
@@ -164,7 +178,7 @@ where
             s.heard(&node);
         }
         match msg {
-            Ok(Some(AgentMessage::Heartbeat)) => {}
+            Ok(Some(AgentMessage::Heartbeat)) => record_description().await,
             Ok(Some(AgentMessage::Reports(reports))) => {
                 if report_tx.send(reports).await.is_err() {
                     break Ok(());

@@ -150,6 +150,18 @@ fn cluster_of(net: u8, managers: usize, workers: usize) -> Cluster {
                 == managers + workers)
             .then_some(list)
     });
+    // Ready to run tasks: every node's agent has reported its machine (the scheduler places
+    // nothing on a node before that).
+    poll("every agent reported", Duration::from_secs(30), || {
+        let list = rt.block_on(c0.nodes()).ok()?;
+        list.nodes
+            .iter()
+            .all(|n| {
+                rt.block_on(c0.node(&n.id))
+                    .is_ok_and(|d| d.machine.is_some())
+            })
+            .then_some(())
+    });
     for n in rt.block_on(c0.nodes()).unwrap().nodes {
         if n.role == starling_api::NodeRole::Manager {
             rt.block_on(c0.set_availability(&n.id, starling_api::Availability::Drain))
