@@ -13,9 +13,6 @@ use starling_state::{ExitInfo, Task};
 
 use crate::cgroup::Cgroups;
 
-/// Each log file is cut to this size (the older part moves to `<name>.1`).
-pub const LOG_CAP: u64 = 8 << 20;
-
 /// How tasks are isolated on this node, as `node inspect` shows it.
 pub fn isolation(cgroups: Option<&Cgroups>) -> String {
     cgroups.map_or_else(|| "process-group".to_owned(), Cgroups::describe)
@@ -303,21 +300,6 @@ pub fn exit_info(status: std::process::ExitStatus) -> ExitInfo {
         (Some(c), _) => ExitInfo::Code(c),
         (None, Some(s)) => ExitInfo::Signal(s),
         (None, None) => ExitInfo::Code(-1),
-    }
-}
-
-/// Cuts each log file of `dir` over [`LOG_CAP`]: its content moves to `<name>.1` (replacing
-/// the older one) and the file restarts empty (the process appends, so it writes on at the
-/// new end).
-pub fn rotate_logs(dir: &Path) {
-    for name in ["stdout.log", "stderr.log"] {
-        let path = dir.join(name);
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() > LOG_CAP) {
-            let _ = std::fs::copy(&path, dir.join(format!("{name}.1")));
-            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
-                let _ = f.set_len(0);
-            }
-        }
     }
 }
 

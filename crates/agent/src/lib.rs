@@ -14,6 +14,7 @@
 pub mod cgroup;
 pub mod core;
 pub mod exec;
+pub mod logs;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -113,15 +114,45 @@ pub fn spawn(
     managers: Vec<(String, SocketAddr)>,
     cfg: AgentConfig,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(endpoint, managers, cfg))
+    // Managers read the tasks' logs from here (see [`logs`]).
+    let logs = Protocol::new(
+        starling_api::logs::LOGS_ALPN,
+        PeerPolicy::roles([Role::MANAGER]),
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|p| endpoint.listen(&p).map_err(|e| e.to_string()));
+    let logs = match logs {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            warn!(error = %e, "cannot serve task logs");
+            None
+        }
+    };
+    tokio::spawn(run(endpoint, managers, cfg, logs))
 }
 
-async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: AgentConfig) {
+/// A spawned task that ends with its owner (the agent's future is dropped when the node
+/// stops it: what it spawned must go too).
+struct Owned(tokio::task::JoinHandle<()>);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn run(
+    endpoint: Endpoint,
+    managers: Vec<(String, SocketAddr)>,
+    cfg: AgentConfig,
+    logs: Option<starling_transport::Listener>,
+) {
+    let _logs = logs.map(|l| Owned(tokio::spawn(logs::serve(l, cfg.tasks_dir.clone()))));
     let statuses: Statuses = Arc::default();
     let (report_tx, report_rx) = mpsc::channel::<Vec<TaskReport>>(1024);
     let (assign_tx, mut assign_rx) = mpsc::channel::<ManagerMessage>(64);
     let (event_tx, mut events) = mpsc::channel::<Event>(256);
-    let session = tokio::spawn(session_loop(
+    let _session = Owned(tokio::spawn(session_loop(
         endpoint,
         managers,
         cfg.local.clone(),
@@ -129,7 +160,7 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
         statuses.clone(),
         report_rx,
         assign_tx,
-    ));
+    )));
     let mut local: BTreeMap<String, Local> = BTreeMap::new();
     let mut assigned: BTreeMap<String, Task> = BTreeMap::new();
     // Set once the first full assignment set arrived: until then nothing local is stopped.
@@ -146,7 +177,8 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
     };
     adopt(&cfg, &mut local, &statuses, &event_tx);
     let mut wake: Option<u64> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(starling_api::logs::INDEX_TICK);
+    let mut ticks = 0u64;
     loop {
         let until_wake = wake.map_or(Duration::from_secs(3600), |w| {
             Duration::from_millis(w.saturating_sub(unix_ms()))
@@ -178,6 +210,9 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                         cg.oom_killed(&task)
                     });
                     exec::signal_group(l.pgid, 9);
+                    // Its last lines get their time; an agent that restarts knows it ended.
+                    logs::maintain(&cfg.tasks_dir.join(&task), unix_ms());
+                    let _ = std::fs::write(cfg.tasks_dir.join(&task).join("ended"), b"");
                     let exit = if oom { Some(ExitInfo::OomKilled) } else { exit };
                     let now = unix_ms();
                     let status = match (&exit, l.stopping) {
@@ -201,10 +236,16 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                 }
             },
             _ = tick.tick() => {
+                let now = unix_ms();
                 for (id, l) in &local {
                     if l.phase != Phase::Ended {
-                        exec::rotate_logs(&cfg.tasks_dir.join(id));
+                        logs::maintain(&cfg.tasks_dir.join(id), now);
                     }
+                }
+                // The plan runs once a second on the tick (besides every event).
+                ticks += 1;
+                if !ticks.is_multiple_of(4) {
+                    continue;
                 }
             },
             _ = tokio::time::sleep(until_wake) => {},
@@ -304,7 +345,11 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
                     );
                 }
                 Action::Forget(task) => {
+                    // Reaped by the managers: its files (logs) go too.
                     local.remove(&task);
+                    if starling_api::logs::valid_task_id(&task) {
+                        let _ = std::fs::remove_dir_all(cfg.tasks_dir.join(&task));
+                    }
                     if let Some(cg) = &cfg.cgroups {
                         cg.remove(&task);
                     }
@@ -316,7 +361,6 @@ async fn run(endpoint: Endpoint, managers: Vec<(String, SocketAddr)>, cfg: Agent
             }
         }
     }
-    session.abort();
 }
 
 fn describe_exit(e: &ExitInfo) -> String {
@@ -343,12 +387,12 @@ fn adopt(
         let Some(id) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
             continue;
         };
-        let Some(started) = exec::recorded(&path) else {
+        // A task that ended before is known as ended, so its files go when the managers
+        // reap it.
+        let Some(started) = exec::recorded(&path).filter(|_| !path.join("ended").exists()) else {
+            local.insert(id, Local::ended());
             continue;
         };
-        if path.join("ended").exists() {
-            continue;
-        }
         let now = unix_ms();
         if exec::alive(&started) {
             info!(task = %id, pid = started.pid, "adopting a running task");

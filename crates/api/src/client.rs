@@ -188,8 +188,72 @@ impl Client {
         };
         match &self.via {
             Via::Unix { path, conn } => unix_call(path, conn, req).await,
-            Via::Remote(r) => r.call(req).await,
+            Via::Remote(r) => match r.call(req, false).await? {
+                Got::Full(raw) => Ok(raw),
+                Got::Open(..) => Err(ClientError::BadAnswer("an unexpected stream".into())),
+            },
         }
+    }
+
+    /// A GET whose answer is a stream of NDJSON records (logs): an error answer comes back
+    /// as the error, a success as a reader of the records.
+    async fn open_stream(&self, target: &str) -> Result<RecordReader, ClientError> {
+        let out = Outgoing {
+            method: Method::GET,
+            target,
+            body: Bytes::new(),
+            content_type: OCTETS,
+        };
+        let body = match &self.via {
+            Via::Unix { path, .. } => {
+                // Its own connection: the kept one stays free for other calls.
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                    ClientError::NotSent(format!(
+                        "cannot reach the node's control socket {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let mut send = handshake(stream)
+                    .await
+                    .map_err(|e| ClientError::NotSent(format!("control socket: {e}")))?;
+                let resp = send
+                    .send_request(out.build()?)
+                    .await
+                    .map_err(|e| ClientError::NoAnswer(e.to_string()))?;
+                if !resp.status().is_success() {
+                    let (raw, _) = read_answer(resp).await?;
+                    return Err(decode::<serde_json::Value>(raw).err().unwrap_or_else(|| {
+                        ClientError::BadAnswer("an error without a body".into())
+                    }));
+                }
+                resp.into_body()
+            }
+            Via::Remote(r) => match r.call(out, true).await? {
+                Got::Open(body) => body,
+                Got::Full(raw) => {
+                    return Err(decode::<serde_json::Value>(raw)
+                        .err()
+                        .unwrap_or_else(|| ClientError::BadAnswer("no stream".into())));
+                }
+            },
+        };
+        Ok(RecordReader {
+            body,
+            buf: Vec::new(),
+            done: false,
+        })
+    }
+
+    /// `GET /v1/services/{id}/logs`: a service's logs as a stream of records.
+    pub async fn service_logs(&self, id: &str, q: &LogsQuery) -> Result<RecordReader, ClientError> {
+        let target = format!("/v1/services/{}/logs{}", percent_encode(id), q.query());
+        self.open_stream(&target).await
+    }
+
+    /// `GET /v1/tasks/{id}/logs`: one task's logs as a stream of records.
+    pub async fn task_logs(&self, id: &str, q: &LogsQuery) -> Result<RecordReader, ClientError> {
+        let target = format!("/v1/tasks/{}/logs{}", percent_encode(id), q.query());
+        self.open_stream(&target).await
     }
 
     async fn get<T: DeserializeOwned>(&self, target: &str) -> Result<T, ClientError> {
@@ -578,6 +642,88 @@ async fn unix_call(
     )))
 }
 
+/// What a remote call got: a whole answer, or (asked for a stream) a success whose body is
+/// still coming.
+enum Got {
+    Full(RawResponse),
+    Open(hyper::body::Incoming),
+}
+
+/// The query of a logs request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogsQuery {
+    /// Keep streaming new lines.
+    pub follow: bool,
+    /// Only the last N lines of each task.
+    pub tail: Option<u64>,
+    /// Only lines at or after this time (ms since the Unix epoch).
+    pub since_ms: Option<u64>,
+}
+
+impl LogsQuery {
+    fn query(&self) -> String {
+        let mut q = vec![format!("follow={}", self.follow)];
+        if let Some(n) = self.tail {
+            q.push(format!("tail={n}"));
+        }
+        if let Some(t) = self.since_ms {
+            q.push(format!("since={t}"));
+        }
+        format!("?{}", q.join("&"))
+    }
+}
+
+/// Reads the records of a streamed answer as they come.
+pub struct RecordReader {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl std::fmt::Debug for RecordReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordReader")
+            .field("buffered", &self.buf.len())
+            .finish()
+    }
+}
+
+impl RecordReader {
+    /// The next record; `Ok(None)` at the end of the answer. A connection lost midway is
+    /// [`ClientError::NoAnswer`].
+    pub async fn next(&mut self) -> Result<Option<crate::LogRecord>, ClientError> {
+        loop {
+            if let Some(n) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=n).collect();
+                if line.len() == 1 {
+                    continue;
+                }
+                return serde_json::from_slice(&line)
+                    .map(Some)
+                    .map_err(|e| ClientError::BadAnswer(format!("a record: {e}")));
+            }
+            if self.done {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                let line = std::mem::take(&mut self.buf);
+                return serde_json::from_slice(&line)
+                    .map(Some)
+                    .map_err(|e| ClientError::BadAnswer(format!("a record: {e}")));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(ClientError::NoAnswer(format!("stream cut: {e}"))),
+                None => self.done = true,
+            }
+        }
+    }
+}
+
 /// The remote half: a client endpoint with a client certificate and the managers to dial.
 struct Remote {
     endpoint: Endpoint,
@@ -675,7 +821,7 @@ impl Remote {
         }
     }
 
-    async fn call(&self, out: Outgoing<'_>) -> Result<RawResponse, ClientError> {
+    async fn call(&self, out: Outgoing<'_>, streaming: bool) -> Result<Got, ClientError> {
         let repeatable = out.method == Method::GET;
         let mut current = self.current.lock().await;
         let mut tried: Vec<String> = Vec::new();
@@ -724,11 +870,23 @@ impl Remote {
             let req = out.build()?;
             let answer = async {
                 let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-                read_answer(resp).await.map_err(|e| e.to_string())
+                if streaming && resp.status().is_success() {
+                    return Ok(Err(resp));
+                }
+                read_answer(resp).await.map(Ok).map_err(|e| e.to_string())
             }
             .await;
             match answer {
-                Ok((raw, managers)) => {
+                Ok(Err(resp)) => {
+                    let managers = resp
+                        .headers()
+                        .get(MANAGERS_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    self.learn(managers);
+                    return Ok(Got::Open(resp.into_body()));
+                }
+                Ok(Ok((raw, managers))) => {
                     self.learn(managers);
                     if raw.status == 503
                         && let Ok(e) = serde_json::from_slice::<ApiError>(&raw.body)
@@ -740,7 +898,7 @@ impl Remote {
                         *current = None;
                         continue;
                     }
-                    return Ok(raw);
+                    return Ok(Got::Full(raw));
                 }
                 Err(e) => {
                     *current = None;

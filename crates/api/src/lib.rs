@@ -25,12 +25,17 @@ mod client;
 mod context;
 pub mod dispatch;
 mod error;
+pub mod logs;
 mod services;
 mod types;
 
-pub use client::{API_ALPN, Client, ClientError, MANAGERS_HEADER, RawResponse, percent_encode};
+pub use client::{
+    API_ALPN, Client, ClientError, LogsQuery, MANAGERS_HEADER, RawResponse, RecordReader,
+    percent_encode,
+};
 pub use context::{Context, ContextError, ContextMeta, Registry, check_name};
 pub use error::{ApiError, ErrorCode};
+pub use logs::{LogRecord, LogStream};
 pub use services::*;
 pub use types::*;
 

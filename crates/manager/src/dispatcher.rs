@@ -235,8 +235,9 @@ where
     let mut sent_managers: Vec<String> = Vec::new();
     loop {
         let (current, _) = store.read_applied(|s| {
+            // Ended tasks too, until they are reaped: the agent keeps their files (logs)
+            // while the managers list them.
             s.tasks_on(&node)
-                .filter(|t| !t.status.state.is_terminal())
                 .map(|t| (t.id.clone(), t.clone()))
                 .collect::<BTreeMap<String, Task>>()
         });

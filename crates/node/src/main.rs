@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use starling_api::{Client, ClientError, Consistency, Registry};
+use starling_api::{Client, ClientError, Consistency, LogsQuery, Registry};
 use starling_node::datadir::DataDir;
 use starling_node::{api, daemon};
 
@@ -108,7 +108,7 @@ impl DaemonArgs {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
     Table,
     Json,
@@ -475,6 +475,30 @@ enum ServiceCmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// A service's or a task's output, each line prefixed with `service.slot.task@node`:
+    /// `starling service logs web --tail 20 --follow`.
+    Logs {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Service (id, name or id prefix) or task (id or id prefix).
+        target: String,
+        /// Keep printing new lines, and those of tasks that start meanwhile (Ctrl-C ends).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of each task (`all`: every line).
+        #[arg(short = 'n', long, value_parser = parse_tail)]
+        tail: Option<Tail>,
+        /// Only lines since a time: RFC 3339 (`2026-12-01T10:00:00Z`), Unix seconds, or a
+        /// duration ago (`10m`, `2h`).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<u64>,
+        /// Show each line's time (RFC 3339, UTC, to the agent's 250 ms index).
+        #[arg(short, long)]
+        timestamps: bool,
+        /// `table` prints lines; `json` one record per line as the API sends it.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Return a service to its previous spec, with its rollback settings.
     Rollback {
         #[command(flatten)]
@@ -830,6 +854,140 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         _ => return Err(format!("unknown unit {unit:?}: use d, h, m or s")),
     };
     Ok(std::time::Duration::from_secs(secs))
+}
+
+/// `--tail N` or `--tail all` (`None`).
+#[derive(Clone, Copy, Debug)]
+struct Tail(Option<u64>);
+
+fn parse_tail(text: &str) -> Result<Tail, String> {
+    if text == "all" {
+        return Ok(Tail(None));
+    }
+    text.parse()
+        .map(|n| Tail(Some(n)))
+        .map_err(|_| format!("{text:?}: expected a number of lines or `all`"))
+}
+
+/// `--since`: RFC 3339, Unix seconds, or a duration ago; as ms since the Unix epoch.
+fn parse_since(text: &str) -> Result<u64, String> {
+    if let Ok(t) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    {
+        return u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+            .map_err(|_| format!("{text:?} is before 1970"));
+    }
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(secs.saturating_mul(1000));
+    }
+    match parse_duration(text) {
+        Ok(ago) => Ok(starling_api::unix_ms().saturating_sub(ago.as_millis() as u64)),
+        Err(_) => Err(format!(
+            "{text:?}: expected an RFC 3339 time (2026-12-01T10:00:00Z), Unix seconds, or a duration ago (10m)"
+        )),
+    }
+}
+
+/// A time (ms since the Unix epoch) in RFC 3339, UTC, to the millisecond.
+fn rfc3339(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&f).unwrap_or_else(|_| ms.to_string())
+}
+
+/// `service logs`: the service's (or, when no service has that name, the task's) records,
+/// printed as they come; a follow that the manager ends for being idle is asked again from
+/// where it stopped.
+async fn print_logs(
+    client: &starling_api::Client,
+    what: &str,
+    q: LogsQuery,
+    timestamps: bool,
+    format: Format,
+) -> anyhow::Result<()> {
+    match stream_logs(client, what, q, timestamps, format).await {
+        // The reader went (`| head`): nothing more to say.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+async fn stream_logs(
+    client: &starling_api::Client,
+    what: &str,
+    mut q: LogsQuery,
+    timestamps: bool,
+    format: Format,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let asked = starling_api::unix_ms();
+    let mut reader = match client.service_logs(what, &q).await {
+        Err(e) if e.code() == Some(starling_api::ErrorCode::NotFound) => {
+            match client.task_logs(what, &q).await {
+                Err(t) if t.code() == Some(starling_api::ErrorCode::NotFound) => {
+                    anyhow::bail!("no such service or task: {what}")
+                }
+                r => (r?, true),
+            }
+        }
+        r => (r?, false),
+    };
+    let mut last: Option<u64> = None;
+    loop {
+        let Some(record) = reader.0.next().await? else {
+            return Ok(());
+        };
+        let mut out = std::io::stdout().lock();
+        if format == Format::Json {
+            writeln!(out, "{}", serde_json::to_string(&record)?)?;
+        }
+        match &record {
+            starling_api::LogRecord::Line {
+                time, stream, line, ..
+            } => {
+                last = Some(*time);
+                if format == Format::Json {
+                    continue;
+                }
+                let prefix = record.prefix().unwrap_or_default();
+                let text = if timestamps {
+                    format!("{} {prefix} | {line}", rfc3339(*time))
+                } else {
+                    format!("{prefix} | {line}")
+                };
+                if *stream == starling_api::LogStream::Stderr {
+                    drop(out);
+                    writeln!(std::io::stderr().lock(), "{text}")?;
+                } else {
+                    writeln!(out, "{text}")?;
+                }
+            }
+            starling_api::LogRecord::Notice { message } => {
+                if format == Format::Table {
+                    drop(out);
+                    eprintln!("starling: {message}");
+                }
+            }
+            starling_api::LogRecord::Idle { .. } => {
+                // Quiet for the manager's long-poll cap: go on from the last line seen.
+                drop(out);
+                q.tail = None;
+                q.since_ms = Some(last.map_or(asked.max(q.since_ms.unwrap_or(0)), |t| t + 1));
+                reader.0 = if reader.1 {
+                    client.task_logs(what, &q).await?
+                } else {
+                    client.service_logs(what, &q).await?
+                };
+            }
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -1303,6 +1461,31 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                 .update_service(&current.id, &spec, Some(current.version))
                 .await);
             println!("{}", v.id);
+        }
+        ServiceCmd::Logs {
+            dir,
+            target: what,
+            follow,
+            tail,
+            since,
+            timestamps,
+            format,
+        } => {
+            let mut target = Target::open(&dir, ctx)?;
+            let result = print_logs(
+                &target.client,
+                &what,
+                LogsQuery {
+                    follow,
+                    tail: tail.and_then(|t| t.0),
+                    since_ms: since,
+                },
+                timestamps,
+                format,
+            )
+            .await;
+            target.remember();
+            result?;
         }
         ServiceCmd::Rollback { dir, service } => {
             let v = call!(&dir, ctx, |c| c.rollback_service(&service).await);

@@ -961,3 +961,212 @@ fn t72_rolling_update_answers_throughout_pauses_rolls_back_and_survives_the_lead
     assert_eq!(per_slot.len(), 6, "{tasks:#?}");
     assert!(per_slot.values().all(|n| *n == 1), "{per_slot:?}");
 }
+
+/// Reads records until `done` says enough (or the deadline): every line and notice seen.
+fn read_until(
+    rt: &tokio::runtime::Runtime,
+    reader: &mut starling_api::RecordReader,
+    within: Duration,
+    mut done: impl FnMut(&[starling_api::LogRecord]) -> bool,
+) -> Vec<starling_api::LogRecord> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    rt.block_on(async {
+        while !done(&seen) {
+            match tokio::time::timeout_at(deadline, reader.next()).await {
+                Ok(Ok(Some(r))) => seen.push(r),
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => panic!("logs stream: {e}"),
+                Err(_) => break,
+            }
+        }
+    });
+    seen
+}
+
+fn lines(records: &[starling_api::LogRecord]) -> Vec<(String, starling_api::LogStream, u64, &str)> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            starling_api::LogRecord::Line {
+                stream, time, line, ..
+            } => Some((r.prefix().unwrap(), *stream, *time, line.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn t73_service_logs_follow_tasks_on_three_nodes_and_keep_a_failed_tasks_tail() {
+    let mut c = cluster_of(3, 1, 3);
+    let rt = rt();
+    let api = c.client();
+    let talk = [
+        "sh",
+        "-c",
+        "i=0; while :; do echo \"out $STARLING_TASK_SLOT $i\"; echo \"err $STARLING_TASK_SLOT $i\" >&2; i=$((i+1)); sleep 0.2; done",
+    ];
+    rt.block_on(api.create_service(&spec("talk", 6, &talk)))
+        .unwrap();
+    poll("six talk tasks running", Duration::from_secs(30), || {
+        let list = rt.block_on(api.tasks(Some("talk"), None)).ok()?;
+        (running(&list.tasks).len() == 6).then_some(())
+    });
+
+    // Following: lines of every slot, both streams, from the three workers, through m1
+    // (which runs no task: every line crossed `starling/logs/1`).
+    let follow = starling_api::LogsQuery {
+        follow: true,
+        tail: Some(1),
+        since_ms: None,
+    };
+    let mut reader = rt.block_on(api.service_logs("talk", &follow)).unwrap();
+    let started = Instant::now();
+    let complete = |seen: &[starling_api::LogRecord]| {
+        let l = lines(seen);
+        let slots: std::collections::BTreeSet<String> = l
+            .iter()
+            .filter(|(_, s, _, text)| {
+                *s == starling_api::LogStream::Stderr
+                    && text.starts_with("err ")
+                    && text.ends_with(" 20")
+            })
+            .map(|(p, ..)| p.clone())
+            .collect();
+        slots.len() == 6
+    };
+    let seen = read_until(&rt, &mut reader, Duration::from_secs(60), complete);
+    assert!(complete(&seen), "{seen:#?}");
+    eprintln!(
+        "followed 6 tasks to their 20th line in {:?}",
+        started.elapsed()
+    );
+    let l = lines(&seen);
+    let nodes: std::collections::BTreeSet<&str> = l
+        .iter()
+        .map(|(p, ..)| p.rsplit_once('@').unwrap().1)
+        .collect();
+    assert_eq!(nodes, ["w1", "w2", "w3"].into_iter().collect(), "{l:?}");
+    // Each task's lines come in order, stdout's and stderr's each counting up by one.
+    let mut last: BTreeMap<(String, starling_api::LogStream), (u64, u64)> = BTreeMap::new();
+    for (p, s, t, text) in &l {
+        let n: u64 = text.rsplit(' ').next().unwrap().parse().unwrap();
+        if let Some((pt, pn)) = last.get(&(p.clone(), *s)) {
+            assert!(*t >= *pt, "{p} went back in time");
+            assert_eq!(n, pn + 1, "{p} {s:?}: a line lost or repeated");
+        }
+        last.insert((p.clone(), *s), (*t, n));
+    }
+    drop(reader);
+
+    // Not following: the last 2 lines of each task, and the CLI prints them prefixed.
+    let q = starling_api::LogsQuery {
+        follow: false,
+        tail: Some(2),
+        since_ms: None,
+    };
+    let mut reader = rt.block_on(api.service_logs("talk", &q)).unwrap();
+    let all = read_until(&rt, &mut reader, Duration::from_secs(30), |_| false);
+    assert_eq!(lines(&all).len(), 12, "{all:#?}");
+    let out = starling(&[
+        "service",
+        "logs",
+        "--data-dir",
+        c.dir("m1").to_str().unwrap(),
+        "talk",
+        "--tail",
+        "1",
+        "--timestamps",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    // Each task's last line (stderr's lines go to stderr, as docker prints them).
+    let printed =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(printed.lines().count(), 6, "{printed}");
+    assert!(
+        printed
+            .lines()
+            .all(|l| l.contains(" talk.") && l.contains(" | ") && l.starts_with("20")),
+        "{printed}"
+    );
+
+    // A task that fails: its last words stay readable through the service and the task.
+    let crash = [
+        "sh",
+        "-c",
+        "echo about to fail; echo 'fatal: disk on fire' >&2; exit 3",
+    ];
+    let mut crash_spec = spec("crash", 1, &crash);
+    crash_spec.restart_condition = starling_api::RestartCondition::None;
+    rt.block_on(api.create_service(&crash_spec)).unwrap();
+    let failed = poll("crash failed", Duration::from_secs(30), || {
+        let list = rt.block_on(api.tasks(Some("crash"), None)).ok()?;
+        list.tasks.into_iter().find(|t| t.state == "failed")
+    });
+    let q = starling_api::LogsQuery {
+        follow: false,
+        tail: Some(5),
+        since_ms: None,
+    };
+    for by_task in [false, true] {
+        let mut reader = if by_task {
+            rt.block_on(api.task_logs(&failed.id[..8], &q)).unwrap()
+        } else {
+            rt.block_on(api.service_logs("crash", &q)).unwrap()
+        };
+        let got = read_until(&rt, &mut reader, Duration::from_secs(30), |_| false);
+        let texts: Vec<(starling_api::LogStream, &str)> =
+            lines(&got).into_iter().map(|(_, s, _, t)| (s, t)).collect();
+        assert_eq!(
+            texts,
+            [
+                (starling_api::LogStream::Stdout, "about to fail"),
+                (starling_api::LogStream::Stderr, "fatal: disk on fire")
+            ],
+            "{got:#?}"
+        );
+    }
+    let out = starling(&[
+        "service",
+        "logs",
+        "--data-dir",
+        c.dir("m1").to_str().unwrap(),
+        "nosuch",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such service or task: nosuch"),
+        "{out:?}"
+    );
+
+    // A node that is down is reported, not waited for.
+    let on_w3 = rt
+        .block_on(api.tasks(Some("talk"), Some("w3")))
+        .unwrap()
+        .tasks
+        .len();
+    assert!(on_w3 > 0);
+    c.daemons.remove("w3");
+    poll("w3 down", Duration::from_secs(60), || {
+        let list = rt.block_on(api.nodes()).ok()?;
+        list.nodes
+            .iter()
+            .any(|n| n.hostname == "w3" && n.status == starling_api::NodeStatus::Down)
+            .then_some(())
+    });
+    let asked = Instant::now();
+    let mut reader = rt.block_on(api.service_logs("talk", &q)).unwrap();
+    let got = read_until(&rt, &mut reader, Duration::from_secs(30), |_| false);
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        got.iter()
+            .any(|r| matches!(r, starling_api::LogRecord::Notice { message }
+            if message.contains("node w3 is down"))),
+        "{got:#?}"
+    );
+    assert!(lines(&got).iter().any(|(p, ..)| p.ends_with("@w1")));
+}

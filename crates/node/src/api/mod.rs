@@ -33,6 +33,7 @@ use crate::daemon::{Current, RunningNode};
 pub(crate) mod certs;
 pub(crate) mod info;
 pub(crate) mod kv;
+pub(crate) mod logs;
 pub(crate) mod members;
 pub(crate) mod nodes;
 pub(crate) mod services;
@@ -193,6 +194,8 @@ pub(crate) fn store_of(node: &RunningNode) -> Result<Arc<Store>, Failure> {
         services::rollback,
         services::remove,
         services::tasks,
+        logs::service_logs,
+        logs::task_logs,
         kv::get,
         kv::put,
         kv::delete,
@@ -240,7 +243,9 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/services/{id}/scale", post(services::scale))
         .route("/v1/services/{id}/rollback", post(services::rollback))
+        .route("/v1/services/{id}/logs", get(logs::service_logs))
         .route("/v1/tasks", get(services::tasks))
+        .route("/v1/tasks/{id}/logs", get(logs::task_logs))
         .route("/v1/kv", get(kv::list))
         .route(
             "/v1/kv/{*key}",

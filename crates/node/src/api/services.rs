@@ -19,7 +19,7 @@ pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes, what: &str) -> R
 }
 
 /// The service `key` names: its id, its name, or a unique prefix of its id.
-fn find<'a>(s: &'a ClusterState, key: &str) -> Result<&'a Service, ApiError> {
+pub(crate) fn find<'a>(s: &'a ClusterState, key: &str) -> Result<&'a Service, ApiError> {
     if let Some(svc) = s.service(key).or_else(|| s.service_by_name(key)) {
         return Ok(svc);
     }
