@@ -150,7 +150,16 @@ async fn real_main() -> anyhow::Result<()> {
         } else {
             600
         }));
-        emit(starling_bench::tasks::run(&tmp.path().join("tasks"), rounds, replicas, soak).await?);
+        emit(
+            starling_bench::tasks::run(
+                &tmp.path().join("tasks"),
+                rounds,
+                replicas,
+                soak,
+                args.quick,
+            )
+            .await?,
+        );
     }
     if wants(Measure::Scheduler) {
         let (nodes, tasks) = if args.quick {

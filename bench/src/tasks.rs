@@ -69,10 +69,11 @@ pub async fn run(
     rounds: usize,
     replicas: u32,
     soak: Duration,
+    quick: bool,
 ) -> anyhow::Result<String> {
     let bin = starling_binary()?;
     std::fs::create_dir_all(base)?;
-    let result = measure(&bin, base, rounds, replicas, soak).await;
+    let result = measure(&bin, base, rounds, replicas, soak, quick).await;
     reap_tasks(base);
     result
 }
@@ -83,6 +84,7 @@ async fn measure(
     rounds: usize,
     replicas: u32,
     soak: Duration,
+    quick: bool,
 ) -> anyhow::Result<String> {
     let mut nodes: Vec<Node> = (0..4)
         .map(|i| {
@@ -242,13 +244,15 @@ async fn measure(
         .await?;
         api.scale_service("six", 6).await?;
     }
-    // A rolling update of 30 replicas, parallelism 5, monitor 5 s (the defaults otherwise).
-    let mut thirty = spec("thirty", 30)?;
+    // A rolling update of 30 replicas (quick: 10), parallelism 5, monitor 5 s (the defaults
+    // otherwise).
+    let updated = if quick { 10 } else { 30 };
+    let mut thirty = spec("thirty", updated)?;
     thirty.update.parallelism = 5;
     api.create_service(&thirty).await?;
     poll("thirty running", Duration::from_secs(120), || async {
         let list = api.tasks(Some("thirty"), None).await.ok()?;
-        (running_on(&list).len() == 30).then_some(())
+        (running_on(&list).len() == updated as usize).then_some(())
     })
     .await?;
     let current = api.service("thirty").await?;
@@ -265,6 +269,7 @@ async fn measure(
     let update = t0.elapsed();
     let monitor = Duration::from_millis(next.update.monitor_ms);
     api.remove_service("thirty").await.ok();
+    let logs = logs(&api, if quick { 10_000 } else { 100_000 }).await?;
 
     // Soak: every core busy for `soak`; nothing should be taken for dead or replaced.
     poll("six running", Duration::from_secs(60), || async {
@@ -309,8 +314,9 @@ async fn measure(
          | `service create --replicas {replicas}` → {replicas} running | {:.2} s | |\n\
          | worker killed -9 → its tasks running elsewhere, median of {rounds} | **{:.2} s** (target ≤ 5 s) | SwarmKit ≈ 15–25 s, Nomad 20–30 s |\n\
          | same, max | {:.2} s | |\n\
-         | rolling update of 30 replicas, parallelism 5, monitor {monitor_s} s, stop-first | \
-         {update_s:.2} s (floor: 6 batches × monitor = {floor_s} s) | |\n\
+         | rolling update of {updated} replicas, parallelism 5, monitor {monitor_s} s, stop-first | \
+         {update_s:.2} s (floor: {batches} batches × monitor = {floor_s} s) | |\n\
+         {logs}\
          | {soak_s} s with every core busy ({cores} `sh` busy loops beside the cluster): tasks \
          replaced / checks of `node ls` with a node not ready | **{replaced}** / {not_ready} of \
          {checks} ({running_after} of 6 running at the end) | target 0 |\n\n\
@@ -324,7 +330,102 @@ async fn measure(
         soak_s = soak.as_secs(),
         monitor_s = monitor.as_secs(),
         update_s = update.as_secs_f64(),
-        floor_s = 6 * monitor.as_secs(),
+        batches = updated.div_ceil(5),
+        floor_s = u64::from(updated.div_ceil(5)) * monitor.as_secs(),
         cores = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1,
     ))
+}
+
+/// `service logs` through the drained manager (every line fetched from a worker over
+/// `starling/logs/1`): the backlog of 6 tasks that wrote `lines` lines each, then a follow of
+/// 6 tasks writing as fast as `sh` and `seq` go, for 10 s. Table rows.
+async fn logs(api: &Client, lines: u64) -> anyhow::Result<String> {
+    let spec = |name: &str, script: String| -> anyhow::Result<ServiceSpec> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "name": name, "replicas": 6, "command": ["sh", "-c", script],
+            "constraints": ["node.role==worker"]
+        }))?)
+    };
+    api.create_service(&spec(
+        "backlog",
+        format!("seq 1 {lines}; exec sleep 100000"),
+    )?)
+    .await?;
+    let all = lines * 6;
+    poll("every line written", Duration::from_secs(120), || async {
+        (count_lines(api, "backlog").await? == all).then_some(())
+    })
+    .await?;
+    let t0 = Instant::now();
+    let n = count_lines(api, "backlog").await.unwrap_or(0);
+    let backlog = t0.elapsed();
+    api.remove_service("backlog").await?;
+
+    api.create_service(&spec(
+        "stream",
+        "i=0; while :; do seq $i $((i+199)); i=$((i+200)); sleep 0.1; done".to_owned(),
+    )?)
+    .await?;
+    poll("six streaming", Duration::from_secs(60), || async {
+        let list = api.tasks(Some("stream"), None).await.ok()?;
+        (running_on(&list).len() == 6).then_some(())
+    })
+    .await?;
+    let follow = starling_api::LogsQuery {
+        follow: true,
+        tail: Some(0),
+        since_ms: None,
+    };
+    let mut r = api.service_logs("stream", &follow).await?;
+    let window = Duration::from_secs(10);
+    let t0 = Instant::now();
+    let (mut got, mut gaps) = (0u64, 0u64);
+    let mut last: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut first: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    while t0.elapsed() < window {
+        let Ok(Ok(Some(rec))) = tokio::time::timeout(Duration::from_secs(5), r.next()).await else {
+            break;
+        };
+        if let starling_api::LogRecord::Line { task, line, .. } = rec {
+            got += 1;
+            let Ok(v) = line.trim().parse::<u64>() else {
+                continue;
+            };
+            first.entry(task.clone()).or_insert(v);
+            if let Some(prev) = last.insert(task, v)
+                && v != prev + 1
+            {
+                gaps += 1;
+            }
+        }
+    }
+    let followed = t0.elapsed();
+    // What the tasks wrote meanwhile, from their sequences.
+    let written: u64 = last
+        .iter()
+        .map(|(t, v)| v + 1 - first.get(t).copied().unwrap_or(*v))
+        .sum();
+    drop(r);
+    api.remove_service("stream").await?;
+    Ok(format!(
+        "| `service logs` of 6 tasks ({all} lines, backlog) through the manager | **{:.0} lines/s** ({n} lines in {:.2} s) | |\n\
+         | `service logs --follow` of 6 tasks each writing 200 lines every 0.1 s, {} s | **{:.0} lines/s** delivered ({got} of the {written} lines written in the window), {gaps} gaps in the tasks' sequences | |\n",
+        n as f64 / backlog.as_secs_f64(),
+        backlog.as_secs_f64(),
+        window.as_secs(),
+        got as f64 / followed.as_secs_f64(),
+    ))
+}
+
+/// The lines a full (not followed) `service logs` of `service` returns.
+async fn count_lines(api: &Client, service: &str) -> Option<u64> {
+    let q = starling_api::LogsQuery::default();
+    let mut r = api.service_logs(service, &q).await.ok()?;
+    let mut n = 0u64;
+    while let Ok(Some(rec)) = r.next().await {
+        if matches!(rec, starling_api::LogRecord::Line { .. }) {
+            n += 1;
+        }
+    }
+    Some(n)
 }

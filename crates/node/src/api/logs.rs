@@ -300,9 +300,43 @@ async fn remote(
 }
 
 fn encode(r: &LogRecord) -> Bytes {
-    let mut v = serde_json::to_vec(r).unwrap_or_default();
-    v.push(b'\n');
+    let mut v = Vec::new();
+    encode_into(&mut v, r);
     Bytes::from(v)
+}
+
+fn encode_into(buf: &mut Vec<u8>, r: &LogRecord) {
+    if serde_json::to_writer(&mut *buf, r).is_ok() {
+        buf.push(b'\n');
+    }
+}
+
+/// Records go out in chunks of about this many bytes (one HTTP chunk each, not one per line).
+const CHUNK: usize = 64 * 1024;
+
+/// Sends `records` as NDJSON in chunks; `Err` when the client is gone.
+async fn send_all(
+    out: &mpsc::Sender<Bytes>,
+    records: impl IntoIterator<Item = LogRecord>,
+) -> Result<bool, ()> {
+    let mut buf = Vec::with_capacity(CHUNK);
+    let mut any = false;
+    for r in records {
+        encode_into(&mut buf, &r);
+        any = true;
+        if buf.len() >= CHUNK {
+            out.send(Bytes::from(std::mem::replace(
+                &mut buf,
+                Vec::with_capacity(CHUNK),
+            )))
+            .await
+            .map_err(|_| ())?;
+        }
+    }
+    if !buf.is_empty() {
+        out.send(Bytes::from(buf)).await.map_err(|_| ())?;
+    }
+    Ok(any)
 }
 
 /// Fetches, merges and writes the records into `out` until done (or the client goes).
@@ -390,10 +424,8 @@ async fn merge(
         .into_iter()
         .map(|message| LogRecord::Notice { message })
         .chain(backlog);
-    for r in first {
-        if out.send(encode(&r)).await.is_err() {
-            return;
-        }
+    if send_all(&out, first).await.is_err() {
+        return;
     }
     if !q.follow {
         return;
@@ -406,13 +438,10 @@ async fn merge(
             msg = rx.recv() => {
                 let r = match msg {
                     Some(Msg::Frame(_, LogsFrame::Lines(lines))) => {
-                        let mut sent = false;
-                        for r in lines.into_iter().filter_map(|l| record(&known, l)) {
-                            if out.send(encode(&r)).await.is_err() {
-                                return;
-                            }
-                            sent = true;
-                        }
+                        let records = lines.into_iter().filter_map(|l| record(&known, l));
+                        let Ok(sent) = send_all(&out, records).await else {
+                            return;
+                        };
                         if sent {
                             last_sent = tokio::time::Instant::now();
                         }
