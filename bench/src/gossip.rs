@@ -109,7 +109,7 @@ impl GossipFigures {
     pub fn markdown(&self) -> String {
         let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
         format!(
-            "### Gossip ({} nodes, simulated)\n\nThe starling-gossip driver logic in the \
+            "### Gossip ({} nodes, simulated)\n\nThe shipped protocol (`GossipCore`, the code the QUIC driver runs) in the \
              deterministic simulator (virtual time, 0.5–1 ms one-way latency, seed 1; {:.0} s of \
              wall time). The Serf model is HashiCorp's convergence simulator at the same interval \
              (200 ms) and fanout (3).\n\n| measure | Starling | Serf model | Starling/Serf |\n|---|---|---|---|\n\

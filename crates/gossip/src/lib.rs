@@ -9,22 +9,25 @@
 //!        (late joiners converge without any new change)
 //! ```
 //!
-//! The catalog merge and digest logic ([`Catalog`]) is pure, and the [`sim::Simulator`]
-//! runs many foca instances with their catalogs in one thread on virtual time over a lossy,
-//! partitionable network, for the tests and the benchmark.
+//! The protocol is one sans-IO state machine, [`GossipCore`] (foca, its timers as data, the
+//! catalog, the sync and pull decisions), driven by both the tokio driver ([`GossipNode`]:
+//! QUIC datagrams and requests) and the [`sim::Simulator`] (many cores in one thread on
+//! virtual time over a lossy, partitionable network, for the tests and the benchmark): the
+//! simulated protocol is the shipped one. The catalog merge and digest logic ([`Catalog`])
+//! is pure too.
 
 mod catalog;
 mod config;
+pub mod core;
 mod driver;
 mod identity;
 pub mod sim;
 
+pub use crate::core::{GossipCore, GossipEvent, GossipSettings, MemberView, RpcKind, Transmit};
 pub use catalog::{
     Catalog, Digest, Health, NodeRecord, NoticeHandler, NoticeKey, ServiceEndpoint, SharedCatalog,
     VersionNotice, Want, encode_notice,
 };
 pub use config::GossipConfig;
-pub use driver::{
-    GOSSIP_ALPN, GossipError, GossipEvent, GossipNode, GossipSettings, MemberView, gossip_protocol,
-};
+pub use driver::{GOSSIP_ALPN, GossipError, GossipNode, gossip_protocol};
 pub use identity::{FileGeneration, GenerationStore, GossipId};

@@ -1,38 +1,42 @@
-//! A deterministic simulator: N foca instances with their catalogs in one thread, virtual
-//! time, one ordered event queue (every foca timer delivered, in order), and a simulated
-//! network with latency, loss and partitions. No sockets, no clock; the same seed gives the
-//! same run. Used by the tests and by the gossip benchmark.
+//! A deterministic simulator: N [`GossipCore`]s — the protocol code the driver ships, not a
+//! copy — in one thread, on virtual time, over a simulated network with latency, loss and
+//! partitions. The simulator only carries bytes and wakes cores when they asked; the same
+//! seed gives the same run. Used by the tests and by the gossip benchmark.
+//!
+//! ```text
+//!   event queue (virtual time) ── Wake(node) ──────────▶ core.handle_timeout
+//!                              ── Datagram(from, to) ──▶ core.handle_datagram   (lossy)
+//!                              ── Request(from, to) ───▶ core.handle_request ─▶ Response
+//!                              ── Response(to, id) ────▶ core.handle_response   (failed when
+//!                                                                                unreachable)
+//! ```
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use foca::{AccumulatingRuntime, Foca, Identity, Member, OwnedNotification, PostcardCodec, Timer};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::catalog::{
-    Catalog, NodeRecord, NoticeHandler, ServiceEndpoint, SharedCatalog, VersionNotice,
-    encode_notice,
-};
+use crate::catalog::{Catalog, ServiceEndpoint};
 use crate::config::GossipConfig;
+use crate::core::{GossipCore, GossipEvent, GossipSettings, RpcKind, Transmit};
 use crate::identity::GossipId;
-
-type SimFoca = Foca<GossipId, PostcardCodec, StdRng, NoticeHandler>;
 
 /// Settings of a simulated network.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// Seed of every random choice (foca's and the network's).
+    /// Seed of every random choice (the cores' and the network's).
     pub seed: u64,
     /// One-way delay of every message.
     pub latency: Duration,
     /// Extra random delay, up to this much.
     pub jitter: Duration,
-    /// Probability that a gossip datagram is lost (pulls ride reliable streams).
+    /// Probability that a gossip datagram is lost (requests ride reliable streams).
     pub loss: f64,
+    /// How long a request to a node that cannot be reached takes to fail.
+    pub request_timeout: Duration,
     /// Gossip settings of every node.
     pub gossip: GossipConfig,
 }
@@ -44,6 +48,7 @@ impl Default for SimConfig {
             latency: Duration::from_micros(500),
             jitter: Duration::from_micros(500),
             loss: 0.0,
+            request_timeout: Duration::from_secs(5),
             gossip: GossipConfig::default(),
         }
     }
@@ -51,55 +56,26 @@ impl Default for SimConfig {
 
 #[derive(Debug)]
 enum Event {
-    /// A foca timer of node `.0` in its life `.1` (timers of a previous life are dropped).
-    Timer(usize, u64, Timer<GossipId>),
-    Packet {
+    /// Node `.0` in its life `.1` asked to be woken now.
+    Wake(usize, u64),
+    Datagram {
         from: usize,
         to: usize,
-        data: Bytes,
+        bytes: Vec<u8>,
     },
-    SyncTick(usize),
-    Digest {
+    Request {
         from: usize,
+        life: u64,
         to: usize,
-        digest: crate::catalog::Digest,
-        members: usize,
+        id: u64,
+        body: Vec<u8>,
     },
-    Members {
+    Response {
         to: usize,
-        from: usize,
-        members: Vec<Member<GossipId>>,
+        life: u64,
+        id: u64,
+        answer: Option<Vec<u8>>,
     },
-    /// A sync round's first message: fingerprint and member count only.
-    Fingerprint {
-        from: usize,
-        to: usize,
-        fingerprint: u64,
-        members: usize,
-    },
-    /// The peer's answer to a fingerprint that differs: send the full digest.
-    SendDigest {
-        to: usize,
-        from: usize,
-    },
-    Pull {
-        from: usize,
-        to: usize,
-        want: VersionNotice,
-        fallback: bool,
-    },
-    Records {
-        to: usize,
-        from: usize,
-        records: Vec<NodeRecord>,
-        want: Option<VersionNotice>,
-        /// The responder's membership, sent when the two disagreed on the member count;
-        /// the requester then sends its own back (memberlist's push-pull, only on need).
-        members: Option<Vec<Member<GossipId>>>,
-        /// Nodes whose records the requester's digest showed newer: send them back.
-        need: Vec<String>,
-    },
-    Reannounce(usize),
 }
 
 struct Queued {
@@ -128,30 +104,34 @@ impl Ord for Queued {
 
 /// One simulated node.
 struct SimNode {
-    id: GossipId,
-    foca: SimFoca,
-    shared: SharedCatalog,
-    runtime: AccumulatingRuntime<GossipId>,
+    core: GossipCore,
     alive: bool,
+    /// Bumped by a restart: wakes and answers meant for a previous life are dropped.
+    life: u64,
+    /// The earliest wake queued for this life.
+    wake_at: Option<Duration>,
     /// Nodes this node currently believes Down, with when it learned so.
     down: BTreeMap<String, Duration>,
     /// Every node it ever saw declared Down, with the time (for false-Down counting).
     down_log: Vec<(String, Duration)>,
-    idle_backoff: Duration,
     sent_bytes: u64,
 }
 
 /// The simulator.
 pub struct Simulator {
     cfg: SimConfig,
+    epoch: Instant,
     now: Duration,
     seq: u64,
     queue: BinaryHeap<Queued>,
     rng: StdRng,
     nodes: Vec<SimNode>,
     by_addr: HashMap<SocketAddr, usize>,
+    by_name: HashMap<String, usize>,
     blocked: BTreeSet<(usize, usize)>,
-    seeds: Vec<usize>,
+    /// Requests each kind of which is dropped with this probability (failing as if the
+    /// peer were unreachable).
+    drop_kind: BTreeMap<RpcKind, f64>,
 }
 
 fn sim_addr(i: usize) -> SocketAddr {
@@ -165,18 +145,20 @@ impl Simulator {
         let rng = StdRng::seed_from_u64(cfg.seed);
         Simulator {
             cfg,
+            epoch: Instant::now(),
             now: Duration::ZERO,
             seq: 0,
             queue: BinaryHeap::new(),
             rng,
             nodes: Vec::new(),
             by_addr: HashMap::new(),
+            by_name: HashMap::new(),
             blocked: BTreeSet::new(),
-            seeds: vec![0],
+            drop_kind: BTreeMap::new(),
         }
     }
 
-    /// A network of `n` nodes that all joined through node 0, run until membership settled.
+    /// A network of `n` nodes that all joined through node 0.
     pub fn cluster(cfg: SimConfig, n: usize) -> Self {
         let mut sim = Simulator::new(cfg);
         for _ in 0..n {
@@ -200,6 +182,10 @@ impl Simulator {
         self.nodes.is_empty()
     }
 
+    fn instant(&self) -> Instant {
+        self.epoch + self.now
+    }
+
     fn schedule(&mut self, after: Duration, event: Event) {
         self.seq += 1;
         self.queue.push(Queued {
@@ -219,65 +205,51 @@ impl Simulator {
         self.cfg.latency + Duration::from_nanos(extra)
     }
 
-    fn new_node(&mut self, id: GossipId, n_hint: usize) -> SimNode {
-        let shared = SharedCatalog::default();
-        let seed: u64 = self.rng.random();
-        let foca = Foca::with_custom_broadcast(
-            id.clone(),
-            self.cfg.gossip.foca_config(n_hint),
-            StdRng::seed_from_u64(seed),
-            PostcardCodec,
-            NoticeHandler::new(shared.clone(), id.node.clone()),
-        );
-        shared
-            .lock()
-            .merge(NodeRecord::empty(id.node.clone(), id.generation));
-        SimNode {
+    fn core_for(&mut self, id: GossipId, i: usize) -> GossipCore {
+        let seeds = if i == 0 {
+            Vec::new()
+        } else {
+            vec![(self.nodes[0].core.id().node.clone(), sim_addr(0))]
+        };
+        let settings = GossipSettings {
             id,
-            foca,
-            shared,
-            runtime: AccumulatingRuntime::new(),
-            alive: true,
-            down: BTreeMap::new(),
-            down_log: Vec::new(),
-            idle_backoff: self.cfg.gossip.reannounce_min,
-            sent_bytes: 0,
-        }
+            seeds,
+            config: self.cfg.gossip.clone(),
+            rng_seed: self.rng.random(),
+        };
+        GossipCore::new(settings, self.instant())
     }
 
-    /// Adds a node that joins by announcing to the seed nodes; returns its index.
+    /// Adds a node that joins by announcing to node 0; returns its index.
     pub fn add_node(&mut self) -> usize {
         let i = self.nodes.len();
         let id = GossipId::new(format!("n{i}"), sim_addr(i), 1);
-        let n = self.nodes.len() + 1;
-        let node = self.new_node(id, n);
-        self.nodes.push(node);
         self.by_addr.insert(sim_addr(i), i);
-        if i != 0 {
-            self.announce(i);
-            let b = self.cfg.gossip.reannounce_min;
-            self.schedule(b, Event::Reannounce(i));
-        }
-        let first = self.cfg.gossip.sync_interval;
-        let offset =
-            Duration::from_millis(self.rng.random_range(0..first.as_millis().max(1) as u64));
-        self.schedule(offset, Event::SyncTick(i));
+        self.by_name.insert(id.node.clone(), i);
+        let core = if i == 0 {
+            GossipCore::new(
+                GossipSettings {
+                    id,
+                    seeds: Vec::new(),
+                    config: self.cfg.gossip.clone(),
+                    rng_seed: self.rng.random(),
+                },
+                self.instant(),
+            )
+        } else {
+            self.core_for(id, i)
+        };
+        self.nodes.push(SimNode {
+            core,
+            alive: true,
+            life: 0,
+            wake_at: None,
+            down: BTreeMap::new(),
+            down_log: Vec::new(),
+            sent_bytes: 0,
+        });
+        self.flush(i);
         i
-    }
-
-    fn announce(&mut self, i: usize) {
-        let seeds: Vec<usize> = self
-            .seeds
-            .iter()
-            .copied()
-            .filter(|s| *s != i && self.nodes[*s].alive)
-            .collect();
-        for s in seeds {
-            let dst = self.nodes[s].id.clone();
-            let node = &mut self.nodes[i];
-            let _ = node.foca.announce(dst, &mut node.runtime);
-        }
-        self.drain(i);
     }
 
     /// Stops node `i` abruptly (a crash): it sends and receives nothing from now on.
@@ -286,14 +258,18 @@ impl Simulator {
     }
 
     /// Restarts a killed node with the next generation and an empty catalog; it re-joins
-    /// through the seeds.
+    /// through node 0.
     pub fn restart(&mut self, i: usize) {
-        let mut id = self.nodes[i].id.clone();
+        let mut id = self.nodes[i].core.id().clone();
         id.generation += 1;
-        let n = self.live().count() + 1;
-        let node = self.new_node(id, n);
-        self.nodes[i] = node;
-        self.announce(i);
+        let core = self.core_for(id, i);
+        let node = &mut self.nodes[i];
+        node.core = core;
+        node.alive = true;
+        node.life += 1;
+        node.wake_at = None;
+        node.down.clear();
+        self.flush(i);
     }
 
     /// Drops every message between the two sets of nodes, both ways.
@@ -311,6 +287,12 @@ impl Simulator {
         self.cfg.loss = loss.clamp(0.0, 1.0);
     }
 
+    /// Fails requests of `kind` with probability `p` from now on (as if the peer could not
+    /// be reached): what converges anyway does not depend on them.
+    pub fn drop_requests(&mut self, kind: RpcKind, p: f64) {
+        self.drop_kind.insert(kind, p.clamp(0.0, 1.0));
+    }
+
     /// Removes every partition.
     pub fn heal(&mut self) {
         self.blocked.clear();
@@ -318,26 +300,17 @@ impl Simulator {
 
     /// Node `i` publishes `endpoints` as its new record (its version goes up).
     pub fn publish(&mut self, i: usize, endpoints: Vec<ServiceEndpoint>) -> (u64, u64) {
-        let node = &mut self.nodes[i];
-        let mut rec = node
-            .shared
-            .lock()
-            .record(&node.id.node)
-            .cloned()
-            .unwrap_or_else(|| NodeRecord::empty(node.id.node.clone(), node.id.generation));
-        rec.version += 1;
-        rec.endpoints = endpoints;
-        let stamp = rec.stamp();
-        node.shared.lock().merge(rec.clone());
-        let notice = VersionNotice {
-            node: rec.node.clone(),
-            generation: rec.generation,
-            version: rec.version,
-        };
-        let _ = node.foca.add_broadcast(&encode_notice(&notice));
-        let _ = node.foca.broadcast(&mut node.runtime);
-        self.drain(i);
+        let now = self.instant();
+        let stamp = self.nodes[i].core.publish(now, endpoints, BTreeMap::new());
+        self.flush(i);
         stamp
+    }
+
+    /// Node `i` leaves gracefully (it lingers, then stops).
+    pub fn leave(&mut self, i: usize) {
+        let now = self.instant();
+        self.nodes[i].core.leave(now);
+        self.flush(i);
     }
 
     /// Runs the network for `d` of virtual time.
@@ -376,370 +349,208 @@ impl Simulator {
     }
 
     fn handle(&mut self, event: Event) {
+        let now = self.instant();
         match event {
-            Event::Timer(i, life, t) => {
-                if !self.nodes[i].alive || self.nodes[i].id.generation != life {
-                    return;
-                }
+            Event::Wake(i, life) => {
                 let node = &mut self.nodes[i];
-                let _ = node.foca.handle_timer(t, &mut node.runtime);
-                self.drain(i);
+                if !node.alive || node.life != life {
+                    return;
+                }
+                node.wake_at = None;
+                node.core.handle_timeout(now);
+                self.flush(i);
             }
-            Event::Packet { from, to, data } => {
+            Event::Datagram { from, to, bytes } => {
                 if !self.reachable(from, to) {
                     return;
                 }
+                self.nodes[to].core.handle_datagram(now, &bytes);
+                self.flush(to);
+            }
+            Event::Request {
+                from,
+                life,
+                to,
+                id,
+                body,
+            } => {
+                if !self.reachable(from, to) {
+                    let t = self.cfg.request_timeout;
+                    self.schedule(
+                        t,
+                        Event::Response {
+                            to: from,
+                            life,
+                            id,
+                            answer: None,
+                        },
+                    );
+                    return;
+                }
+                let answer = self.nodes[to].core.handle_request(now, &body);
+                self.flush(to);
+                self.nodes[to].sent_bytes += answer.as_ref().map_or(0, |a| a.len() as u64);
+                let d = self.delay();
+                self.schedule(
+                    d,
+                    Event::Response {
+                        to: from,
+                        life,
+                        id,
+                        answer,
+                    },
+                );
+            }
+            Event::Response {
+                to,
+                life,
+                id,
+                answer,
+            } => {
                 let node = &mut self.nodes[to];
-                let _ = node.foca.handle_data(&data, &mut node.runtime);
-                self.drain(to);
-            }
-            Event::SyncTick(i) => {
-                let interval = self.cfg.gossip.sync_interval;
-                self.schedule(interval, Event::SyncTick(i));
-                if !self.nodes[i].alive {
+                if !node.alive || node.life != life {
                     return;
                 }
-                let members: Vec<usize> = self.nodes[i]
-                    .foca
-                    .iter_members()
-                    .filter_map(|m| self.by_addr.get(&m.id().addr()).copied())
-                    .collect();
-                if members.is_empty() {
-                    return;
-                }
-                let peer = members[self.rng.random_range(0..members.len())];
-                let fingerprint = self.nodes[i].shared.lock().fingerprint();
-                self.nodes[i].sent_bytes += 16;
-                let d = self.delay();
-                self.schedule(
-                    d,
-                    Event::Fingerprint {
-                        from: i,
-                        to: peer,
-                        fingerprint,
-                        members: self.nodes[i].foca.num_members(),
-                    },
-                );
-            }
-            Event::Fingerprint {
-                from,
-                to,
-                fingerprint,
-                members,
-            } => {
-                if !self.reachable(from, to) {
-                    return;
-                }
-                let same = self.nodes[to].shared.lock().fingerprint() == fingerprint
-                    && self.nodes[to].foca.num_members() == members;
-                if same {
-                    return;
-                }
-                self.nodes[to].sent_bytes += 8;
-                let d = self.delay();
-                self.schedule(d, Event::SendDigest { to: from, from: to });
-            }
-            Event::SendDigest { to, from } => {
-                if !self.reachable(from, to) {
-                    return;
-                }
-                let digest = self.nodes[to].shared.lock().digest();
-                self.nodes[to].sent_bytes += digest_size(&digest);
-                let d = self.delay();
-                self.schedule(
-                    d,
-                    Event::Digest {
-                        from: to,
-                        to: from,
-                        digest,
-                        members: self.nodes[to].foca.num_members(),
-                    },
-                );
-            }
-            Event::Members { to, from, members } => {
-                if self.reachable(from, to) {
-                    self.apply_members(to, members);
-                }
-            }
-            Event::Digest {
-                from,
-                to,
-                digest,
-                members,
-            } => {
-                if !self.reachable(from, to) {
-                    return;
-                }
-                let (records, need) = {
-                    let catalog = self.nodes[to].shared.lock();
-                    let need = catalog.lacking(&digest);
-                    (catalog.newer_than(&digest), need)
-                };
-                let mismatch = self.nodes[to].foca.num_members() != members;
-                if records.is_empty() && !mismatch && need.is_empty() {
-                    return;
-                }
-                let members = mismatch.then(|| self.membership(to));
-                self.nodes[to].sent_bytes += members.as_ref().map_or(0, |m| members_size(m));
-                self.nodes[to].sent_bytes += records_size(&records);
-                let d = self.delay();
-                self.schedule(
-                    d,
-                    Event::Records {
-                        to: from,
-                        from: to,
-                        records,
-                        want: None,
-                        members,
-                        need,
-                    },
-                );
-            }
-            Event::Pull {
-                from,
-                to,
-                want,
-                fallback,
-            } => {
-                if !self.reachable(from, to) {
-                    return;
-                }
-                let records = self.nodes[to]
-                    .shared
-                    .lock()
-                    .records(std::slice::from_ref(&want.node));
-                self.nodes[to].sent_bytes += records_size(&records);
-                let d = self.delay();
-                let want = (!fallback).then_some(want);
-                self.schedule(
-                    d,
-                    Event::Records {
-                        to: from,
-                        from: to,
-                        records,
-                        want,
-                        members: None,
-                        need: Vec::new(),
-                    },
-                );
-            }
-            Event::Records {
-                to,
-                from,
-                records,
-                want,
-                members,
-                need,
-            } => {
-                if !self.reachable(from, to) {
-                    return;
-                }
-                if !need.is_empty() {
-                    let back = self.nodes[to].shared.lock().records(&need);
-                    self.nodes[to].sent_bytes += records_size(&back);
-                    let d = self.delay();
-                    self.schedule(
-                        d,
-                        Event::Records {
-                            to: from,
-                            from: to,
-                            records: back,
-                            want: None,
-                            members: None,
-                            need: Vec::new(),
-                        },
-                    );
-                }
-                if let Some(m) = members {
-                    self.apply_members(to, m);
-                    let mine = self.membership(to);
-                    self.nodes[to].sent_bytes += members_size(&mine);
-                    let d = self.delay();
-                    self.schedule(
-                        d,
-                        Event::Members {
-                            to: from,
-                            from: to,
-                            members: mine,
-                        },
-                    );
-                }
-                let mut catalog = self.nodes[to].shared.lock();
-                for r in records {
-                    catalog.merge(r);
-                }
-                let still = want.filter(|w| catalog.wants(w));
-                drop(catalog);
-                // The relay did not have it yet: ask the node that published it.
-                if let Some(w) = still
-                    && let Some(&origin) = self.by_node(&w.node)
-                    && origin != to
-                {
-                    let d = self.delay();
-                    self.schedule(
-                        d,
-                        Event::Pull {
-                            from: to,
-                            to: origin,
-                            want: w,
-                            fallback: true,
-                        },
-                    );
-                }
-            }
-            Event::Reannounce(i) => {
-                if self.nodes[i].alive && self.nodes[i].foca.num_members() == 0 {
-                    self.announce(i);
-                    let next = (self.nodes[i].idle_backoff * 2).min(self.cfg.gossip.reannounce_max);
-                    self.nodes[i].idle_backoff = next;
-                    self.schedule(next, Event::Reannounce(i));
-                }
+                node.core.handle_response(now, id, answer.as_deref());
+                self.flush(to);
             }
         }
     }
 
-    fn by_node(&self, node: &str) -> Option<&usize> {
-        node.strip_prefix('n')
-            .and_then(|s| s.parse::<usize>().ok())
-            .filter(|i| *i < self.nodes.len())
-            .map(|i| &self.nodes[i])
-            .and_then(|n| self.by_addr.get(&n.id.addr))
-    }
-
-    /// Node `i`'s view of the membership, itself included, for a push-pull.
-    fn membership(&self, i: usize) -> Vec<Member<GossipId>> {
-        let node = &self.nodes[i];
-        let mut v: Vec<Member<GossipId>> = node.foca.iter_membership_state().cloned().collect();
-        v.push(Member::alive(node.id.clone()));
-        v
-    }
-
-    fn apply_members(&mut self, i: usize, members: Vec<Member<GossipId>>) {
-        let node = &mut self.nodes[i];
-        let _ = node
-            .foca
-            .apply_many(members.into_iter(), false, &mut node.runtime);
-        self.drain(i);
-    }
-
-    /// Moves what node `i`'s foca produced into the queue.
-    fn drain(&mut self, i: usize) {
-        while let Some((dst, data)) = self.nodes[i].runtime.to_send() {
-            self.nodes[i].sent_bytes += data.len() as u64;
-            let Some(&j) = self.by_addr.get(&dst.addr()) else {
-                continue;
-            };
-            if self.cfg.loss > 0.0 && self.rng.random_bool(self.cfg.loss) {
-                continue;
-            }
-            let d = self.delay();
-            self.schedule(
-                d,
-                Event::Packet {
-                    from: i,
-                    to: j,
-                    data,
-                },
-            );
-        }
-        while let Some((after, timer)) = self.nodes[i].runtime.to_schedule() {
-            let life = self.nodes[i].id.generation;
-            self.schedule(after, Event::Timer(i, life, timer));
-        }
-        let mut retune = false;
-        while let Some(n) = self.nodes[i].runtime.to_notify() {
-            let now = self.now;
-            let node = &mut self.nodes[i];
-            match n {
-                OwnedNotification::MemberDown(id) => {
-                    node.shared.lock().mark_down(&id.node, id.generation);
-                    node.down.insert(id.node.clone(), now);
-                    node.down_log.push((id.node.clone(), now));
-                    retune = true;
-                }
-                OwnedNotification::MemberUp(id) => {
-                    if node.down.remove(&id.node).is_some() {
-                        node.shared.lock().mark_up(&id.node, id.generation);
+    /// Carries what node `i`'s core asked to send, notes its events, and queues its wake.
+    fn flush(&mut self, i: usize) {
+        while let Some(t) = self.nodes[i].core.poll_transmit() {
+            match t {
+                Transmit::Datagram { to, bytes } => {
+                    self.nodes[i].sent_bytes += bytes.len() as u64;
+                    let Some(&j) = self.by_addr.get(&to.addr) else {
+                        continue;
+                    };
+                    if self.cfg.loss > 0.0 && self.rng.random_bool(self.cfg.loss) {
+                        continue;
                     }
-                    retune = true;
+                    let d = self.delay();
+                    self.schedule(
+                        d,
+                        Event::Datagram {
+                            from: i,
+                            to: j,
+                            bytes,
+                        },
+                    );
                 }
-                OwnedNotification::Rename(_, new) => {
-                    node.down.remove(&new.node);
-                    node.shared.lock().mark_up(&new.node, new.generation);
+                Transmit::Request { id, to, kind, body } => {
+                    self.nodes[i].sent_bytes += body.len() as u64;
+                    let life = self.nodes[i].life;
+                    let dropped = self
+                        .drop_kind
+                        .get(&kind)
+                        .is_some_and(|p| *p > 0.0 && self.rng.random_bool(*p));
+                    match self.by_addr.get(&to.addr).copied() {
+                        Some(j) if !dropped => {
+                            let d = self.delay();
+                            self.schedule(
+                                d,
+                                Event::Request {
+                                    from: i,
+                                    life,
+                                    to: j,
+                                    id,
+                                    body,
+                                },
+                            );
+                        }
+                        _ => {
+                            let t = self.cfg.request_timeout;
+                            self.schedule(
+                                t,
+                                Event::Response {
+                                    to: i,
+                                    life,
+                                    id,
+                                    answer: None,
+                                },
+                            );
+                        }
+                    }
                 }
-                OwnedNotification::Idle => {
-                    let b = node.idle_backoff;
-                    self.schedule(b, Event::Reannounce(i));
+            }
+        }
+        let now = self.now;
+        while let Some(e) = self.nodes[i].core.poll_event() {
+            let node = &mut self.nodes[i];
+            match e {
+                GossipEvent::MemberDown(id) => {
+                    node.down.insert(id.node.clone(), now);
+                    node.down_log.push((id.node, now));
                 }
-                OwnedNotification::Active => {
-                    self.nodes[i].idle_backoff = self.cfg.gossip.reannounce_min;
+                GossipEvent::MemberUp(id) | GossipEvent::Restarted { new: id, .. } => {
+                    node.down.remove(&id.node);
                 }
                 _ => {}
             }
         }
-        if retune {
-            let n = self.nodes[i].foca.num_members() + 1;
-            let cfg = self.cfg.gossip.foca_config(n);
-            let _ = self.nodes[i].foca.set_config(cfg);
-        }
-        // Pull the records whose notices arrived.
-        for want in self.nodes[i].shared.take_wants() {
-            let relay = want
-                .from
-                .as_ref()
-                .and_then(|f| self.by_addr.get(&f.addr()).copied());
-            let target = relay.or_else(|| self.by_node(&want.notice.node).copied());
-            if let Some(t) = target
-                && t != i
-            {
-                let d = self.delay();
-                self.schedule(
-                    d,
-                    Event::Pull {
-                        from: i,
-                        to: t,
-                        want: want.notice,
-                        fallback: false,
-                    },
-                );
+        let node = &self.nodes[i];
+        if let Some(at) = node.core.poll_timeout() {
+            let at = at.saturating_duration_since(self.epoch);
+            if node.wake_at.is_none_or(|w| at < w) {
+                let life = node.life;
+                self.nodes[i].wake_at = Some(at);
+                let after = at.saturating_sub(self.now);
+                self.schedule(after, Event::Wake(i, life));
             }
         }
     }
 
     /// Indices of live nodes.
     pub fn live(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.nodes.len()).filter(|i| self.nodes[*i].alive)
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].alive && !self.nodes[*i].core.is_closed())
     }
 
     /// Active members node `i` sees.
     pub fn members_seen(&self, i: usize) -> usize {
-        self.nodes[i].foca.num_members()
+        self.nodes[i].core.num_members()
     }
 
     /// The generation of node `j` that node `i` sees as an active member, if any.
     pub fn generation_seen(&self, i: usize, j: usize) -> Option<u64> {
-        let addr = self.nodes[j].id.addr;
         self.nodes[i]
-            .foca
-            .iter_members()
-            .find(|m| m.id().addr == addr)
-            .map(|m| m.id().generation)
+            .core
+            .members()
+            .get(&sim_addr(j))
+            .filter(|m| m.up)
+            .map(|m| m.id.generation)
+    }
+
+    /// Whether node `i` currently sees node `j` suspected (active, a probe failed).
+    pub fn sees_suspected(&self, i: usize, j: usize) -> bool {
+        self.nodes[i]
+            .core
+            .members()
+            .get(&sim_addr(j))
+            .is_some_and(|m| m.suspected)
     }
 
     /// Whether node `i` currently believes node `j` is Down.
     pub fn sees_down(&self, i: usize, j: usize) -> bool {
-        self.nodes[i].down.contains_key(&self.nodes[j].id.node)
+        self.nodes[i]
+            .down
+            .contains_key(&self.nodes[j].core.id().node)
             && self.generation_seen(i, j).is_none()
     }
 
     /// Node `i`'s catalog.
     pub fn catalog(&self, i: usize) -> Catalog {
-        self.nodes[i].shared.lock().clone()
+        self.nodes[i].core.catalog().lock().clone()
     }
 
     /// The stamp of `j`'s record as node `i` holds it.
     pub fn stamp_seen(&self, i: usize, j: usize) -> Option<(u64, u64)> {
-        self.nodes[i].shared.lock().stamp_of(&self.nodes[j].id.node)
+        self.nodes[i]
+            .core
+            .catalog()
+            .lock()
+            .stamp_of(&self.nodes[j].core.id().node)
     }
 
     /// The fraction of live nodes that hold `j`'s record at `stamp` or newer.
@@ -760,33 +571,21 @@ impl Simulator {
                 self.nodes[i]
                     .down_log
                     .iter()
-                    .filter(|(node, _)| self.by_node(node).is_some_and(|j| self.nodes[*j].alive))
+                    .filter(|(node, _)| {
+                        self.by_name.get(node).is_some_and(|j| self.nodes[*j].alive)
+                    })
                     .count()
             })
             .sum()
     }
 
-    /// Bytes node `i` sent so far (gossip datagrams and catalog transfers).
+    /// Bytes node `i` sent so far (gossip datagrams, requests and answers).
     pub fn sent_bytes(&self, i: usize) -> u64 {
         self.nodes[i].sent_bytes
     }
 
     /// Node `i`'s identity.
     pub fn id(&self, i: usize) -> &GossipId {
-        &self.nodes[i].id
+        self.nodes[i].core.id()
     }
-}
-
-fn digest_size(d: &crate::catalog::Digest) -> u64 {
-    d.iter().map(|(n, _)| n.len() as u64 + 16).sum()
-}
-
-fn members_size(m: &[Member<GossipId>]) -> u64 {
-    m.iter().map(|m| m.id().node.len() as u64 + 18 + 4).sum()
-}
-
-fn records_size(r: &[NodeRecord]) -> u64 {
-    r.iter()
-        .map(|r| postcard::to_stdvec(r).map(|v| v.len() as u64).unwrap_or(0))
-        .sum()
 }

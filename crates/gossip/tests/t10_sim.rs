@@ -187,3 +187,60 @@ fn t16_same_seed_same_run() {
     };
     assert_eq!(run(9), run(9));
 }
+
+#[test]
+fn t17_a_dead_member_stays_dead_through_push_pulls() {
+    let mut sim = cluster(7, 0.0);
+    sim.kill(17);
+    let bound = Duration::from_secs(30);
+    assert!(
+        sim.run_until(STEP, bound, |s| s.live().all(|i| s.sees_down(i, 17)))
+            .is_some()
+    );
+    // Many sync rounds later (each may push-pull memberships), nobody brought it back.
+    for _ in 0..6 {
+        sim.run_for(Duration::from_secs(10));
+        assert!(sim.live().all(|i| sim.sees_down(i, 17)));
+        assert!(sim.live().all(|i| sim.members_seen(i) == N - 2));
+    }
+}
+
+#[test]
+fn t18_a_graceful_leave_is_seen_everywhere() {
+    let mut sim = cluster(8, 0.0);
+    sim.leave(33);
+    // Seen gone by every other node, and itself done lingering.
+    let took = sim.run_until(STEP, Duration::from_secs(10), |s| {
+        s.live()
+            .all(|i| i != 33 && s.generation_seen(i, 33).is_none())
+    });
+    assert!(took.is_some(), "the leave did not spread");
+    assert_eq!(sim.live().count(), N - 1);
+}
+
+#[test]
+fn t19_changes_converge_without_pulls_and_without_digests() {
+    use starling_gossip::RpcKind;
+    // Without pulls (notices arrive, records never fetched that way): the digest exchange
+    // brings the record everywhere.
+    let mut sim = cluster(10, 0.0);
+    sim.drop_requests(RpcKind::Pull, 1.0);
+    let stamp = sim.publish(5, vec![endpoint("a", 1)]);
+    assert!(
+        sim.run_until(STEP, Duration::from_secs(60), |s| s.fraction_with(5, stamp)
+            == 1.0)
+            .is_some(),
+        "digests alone did not converge"
+    );
+    // Without sync rounds: notices and pulls do it.
+    let mut sim = cluster(11, 0.0);
+    sim.drop_requests(RpcKind::Fingerprint, 1.0);
+    sim.drop_requests(RpcKind::Digest, 1.0);
+    let stamp = sim.publish(6, vec![endpoint("b", 2)]);
+    assert!(
+        sim.run_until(STEP, Duration::from_secs(10), |s| s.fraction_with(6, stamp)
+            == 1.0)
+            .is_some(),
+        "notices alone did not converge"
+    );
+}

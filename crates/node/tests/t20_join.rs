@@ -331,7 +331,11 @@ fn t22_rotated_token_is_refused_and_a_worker_leaves() {
     let m_leave = starling(&["leave", "--data-dir", m1.to_str().unwrap()]);
     assert!(!m_leave.status.success());
     assert!(String::from_utf8_lossy(&m_leave.stderr).contains("last manager"));
-    // The worker leaves: its process ends, and the managers mark it down.
+    // The worker leaves: its process ends, and the managers mark it down. (Ready for the
+    // managers comes before the worker's control socket is bound: wait for that too.)
+    poll("w1 serves its socket", Duration::from_secs(30), || {
+        w1.join("control.sock").exists().then_some(())
+    });
     let left = starling(&["leave", "--data-dir", w1.to_str().unwrap()]);
     assert!(
         left.status.success(),
@@ -528,6 +532,16 @@ fn t24_killed_leader_restarted_with_run_is_reachable_again_and_a_manager_leaves(
     poll("three managers", Duration::from_secs(30), || {
         reachable(&dirs[0], 3)
     });
+    // Each joiner has finished its entry (it serves its control socket once the leader
+    // confirmed it) and sees the three: killing the leader before that could leave a voter
+    // that never heard of the group (a test of a different failure).
+    for d in &dirs[1..] {
+        poll(
+            "every manager serves and sees three",
+            Duration::from_secs(60),
+            || reachable(d, 3),
+        );
+    }
     // kill -9 the leader (m1), a new leader answers through m2, then m1 comes back with `run`.
     let old = daemons.remove(0);
     drop(old);

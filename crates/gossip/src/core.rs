@@ -1,0 +1,1042 @@
+//! The gossip protocol without I/O: one foca instance, its timers as data, the catalog, and
+//! the anti-entropy, push-pull and pull decisions — driven by the tokio driver over QUIC and
+//! by the simulator on virtual time, the same code in both (as quinn-proto under quinn).
+//!
+//! ```text
+//!   inputs (each with `now`)            GossipCore                  outputs (polled)
+//!   handle_datagram(bytes) ──┐   foca + AccumulatingRuntime   ┌──▶ poll_transmit(): Datagram | Request
+//!   handle_request(body)   ──┼─▶ timers (ordered, as data)  ──┼──▶ poll_timeout(): next deadline
+//!   handle_response(id, r) ──┤   catalog, members, pending    └──▶ poll_event(): GossipEvent
+//!   handle_timeout()       ──┤   requests
+//!   publish / add_seeds / leave
+//! ```
+//!
+//! Every request the core sends gets exactly one [`GossipCore::handle_response`] (an answer
+//! or a failure); requests from peers are answered at once by [`GossipCore::handle_request`].
+
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification, PostcardCodec, Timer};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::catalog::{
+    Digest, NodeRecord, NoticeHandler, ServiceEndpoint, SharedCatalog, VersionNotice, Want,
+    encode_notice,
+};
+use crate::config::GossipConfig;
+use crate::identity::GossipId;
+
+/// The largest record accepted from a peer, encoded.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// What happened, for subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GossipEvent {
+    /// A member became active.
+    MemberUp(GossipId),
+    /// A member was declared Down.
+    MemberDown(GossipId),
+    /// A member came back with a new identity (a restart: new generation).
+    Restarted {
+        /// The identity it had.
+        old: GossipId,
+        /// The identity it has.
+        new: GossipId,
+    },
+    /// This node was declared Down by the others and rejoined under a new generation;
+    /// persist it ([`GenerationStore::observed`](crate::GenerationStore::observed)) so the
+    /// next start goes above it.
+    Rejoined(GossipId),
+    /// A node's catalog record changed.
+    CatalogChanged {
+        /// Whose record.
+        node: String,
+        /// Its new `(generation, version)`.
+        stamp: (u64, u64),
+    },
+}
+
+/// A member as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    /// Its identity.
+    pub id: GossipId,
+    /// Whether it is active (false once foca declared it Down; a suspected member is still
+    /// active).
+    pub up: bool,
+    /// Active but suspected: a probe of it failed, directly and through other members, and
+    /// it has not refuted that yet (SWIM's Suspect state).
+    pub suspected: bool,
+}
+
+/// Settings of one node's gossip.
+#[derive(Debug, Clone)]
+pub struct GossipSettings {
+    /// This node's identity (with this start's generation).
+    pub id: GossipId,
+    /// Nodes to announce to when joining or when no member is left.
+    pub seeds: Vec<(String, SocketAddr)>,
+    /// Tuning.
+    pub config: GossipConfig,
+    /// Seed of foca's random choices (use a random one outside tests).
+    pub rng_seed: u64,
+}
+
+/// The requests between members (postcard: the variant order is the wire tag).
+#[derive(Serialize, Deserialize)]
+enum Rpc {
+    /// Send me these nodes' records.
+    Pull(Vec<String>),
+    /// My digest and member count: send what I lack (and your members if our counts
+    /// differ), and list what you lack.
+    Digest { digest: Digest, members: usize },
+    /// Records you said you lacked.
+    Push(Vec<NodeRecord>),
+    /// My membership (the second half of a push-pull).
+    Members(Vec<Member<GossipId>>),
+    /// A sync round's first message: the catalog's fingerprint and the member count; the
+    /// answer says whether they match (then nothing more is sent).
+    Fingerprint { fingerprint: u64, members: usize },
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct DigestReply {
+    records: Vec<NodeRecord>,
+    need: Vec<String>,
+    members: Option<Vec<Member<GossipId>>>,
+}
+
+/// What the kind of a request is (for a simulator that drops some kinds, and for logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RpcKind {
+    /// Records asked for after a notice.
+    Pull,
+    /// A digest exchange.
+    Digest,
+    /// Records pushed back after a digest.
+    Push,
+    /// Membership pushed back after a digest.
+    Members,
+    /// A sync round's fingerprint.
+    Fingerprint,
+}
+
+/// Something for the driver to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// A foca packet (an unreliable datagram).
+    Datagram {
+        /// To whom.
+        to: GossipId,
+        /// The packet.
+        bytes: Vec<u8>,
+    },
+    /// A request; its answer or failure goes to [`GossipCore::handle_response`] with `id`.
+    Request {
+        /// Its id.
+        id: u64,
+        /// To whom.
+        to: GossipId,
+        /// What kind.
+        kind: RpcKind,
+        /// Its body.
+        body: Vec<u8>,
+    },
+}
+
+enum Due {
+    Foca(Timer<GossipId>),
+    Sync,
+    Reannounce,
+    Linger,
+}
+
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    due: Due,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// A request in flight, and what its answer leads to.
+enum Pending {
+    /// A sync round's first step, with what this node had when it started.
+    Fingerprint {
+        peer: GossipId,
+        digest: Digest,
+        count: usize,
+        mine: Vec<Member<GossipId>>,
+    },
+    /// A sync round's digest exchange.
+    Digest {
+        peer: GossipId,
+        mine: Vec<Member<GossipId>>,
+    },
+    /// A pull for a notice; `then` is asked next if this one does not bring it.
+    Pull { want: Want, then: Option<GossipId> },
+    /// Nothing follows.
+    OneWay,
+}
+
+/// One node's gossip: SWIM membership and the catalog, as a state machine.
+pub struct GossipCore {
+    id: GossipId,
+    seeds: Vec<(String, SocketAddr)>,
+    config: GossipConfig,
+    foca: Foca<GossipId, PostcardCodec, StdRng, NoticeHandler>,
+    runtime: AccumulatingRuntime<GossipId>,
+    catalog: SharedCatalog,
+    timers: BinaryHeap<Scheduled>,
+    seq: u64,
+    rng: StdRng,
+    idle_backoff: Duration,
+    /// Whether a re-announce chain is already scheduled.
+    reannouncing: bool,
+    members: BTreeMap<SocketAddr, MemberView>,
+    next_id: u64,
+    pending: BTreeMap<u64, Pending>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<GossipEvent>,
+    /// Leaving: gossip the departure until then.
+    leaving: Option<Instant>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for GossipCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GossipCore")
+            .field("id", &self.id)
+            .field("members", &self.members.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GossipCore {
+    /// A node that announces itself to its seeds at `now` (and again, backing off, until one
+    /// answers), tells the cluster its generation's record exists, and syncs periodically.
+    pub fn new(settings: GossipSettings, now: Instant) -> GossipCore {
+        let catalog = SharedCatalog::default();
+        catalog.lock().merge(NodeRecord::empty(
+            settings.id.node.clone(),
+            settings.id.generation,
+        ));
+        let foca = Foca::with_custom_broadcast(
+            settings.id.clone(),
+            settings.config.foca_config(settings.seeds.len() + 1),
+            StdRng::seed_from_u64(settings.rng_seed),
+            PostcardCodec,
+            NoticeHandler::new(catalog.clone(), settings.id.node.clone()),
+        );
+        let mut core = GossipCore {
+            id: settings.id,
+            seeds: settings.seeds,
+            idle_backoff: settings.config.reannounce_min,
+            config: settings.config,
+            foca,
+            runtime: AccumulatingRuntime::new(),
+            catalog,
+            timers: BinaryHeap::new(),
+            seq: 0,
+            rng: StdRng::seed_from_u64(settings.rng_seed ^ 0x5eed),
+            reannouncing: true,
+            members: BTreeMap::new(),
+            next_id: 0,
+            pending: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            leaving: None,
+            closed: false,
+        };
+        core.announce();
+        // Until a seed answers, keep announcing (with backoff): foca reports Idle only after
+        // having been connected once.
+        core.schedule(now, core.config.reannounce_min, Due::Reannounce);
+        // Tell the cluster this generation's (empty) record exists, so peers holding an older
+        // generation's endpoints drop them without waiting for a digest exchange.
+        let notice = VersionNotice {
+            node: core.id.node.clone(),
+            generation: core.id.generation,
+            version: 0,
+        };
+        let _ = core.foca.add_broadcast(&encode_notice(&notice));
+        // Sync rounds at a random phase, so nodes started together do not sync in step.
+        let sync = core.config.sync_interval;
+        let phase = Duration::from_millis(
+            core.rng
+                .random_range(0..=u64::try_from(sync.as_millis()).unwrap_or(u64::MAX).max(1)),
+        );
+        core.schedule(now, phase, Due::Sync);
+        core.pump(now);
+        core
+    }
+
+    /// This node's identity (its generation changes on a rejoin).
+    pub fn id(&self) -> &GossipId {
+        &self.id
+    }
+
+    /// The catalog (shared: readers may hold a clone).
+    pub fn catalog(&self) -> &SharedCatalog {
+        &self.catalog
+    }
+
+    /// Every member this node knows, by address, with its state.
+    pub fn members(&self) -> &BTreeMap<SocketAddr, MemberView> {
+        &self.members
+    }
+
+    /// How many members foca counts active.
+    pub fn num_members(&self) -> usize {
+        self.foca.num_members()
+    }
+
+    /// Whether the node left (after [`GossipCore::leave`] and its linger): nothing more to
+    /// drive.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The next thing to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<GossipEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`GossipCore::handle_timeout`] is due next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        self.timers.peek().map(|s| s.at)
+    }
+
+    /// A foca packet from a peer.
+    pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
+        if self.closed {
+            return;
+        }
+        if let Err(e) = self.foca.handle_data(bytes, &mut self.runtime) {
+            debug!(error = %e, "gossip packet refused");
+        }
+        self.pump(now);
+    }
+
+    /// Every timer due at `now`, in order (foca requires all of them, in order).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while !self.closed && self.timers.peek().is_some_and(|s| s.at <= now) {
+            let Some(s) = self.timers.pop() else { break };
+            match s.due {
+                Due::Foca(t) => {
+                    if let Err(e) = self.foca.handle_timer(t, &mut self.runtime) {
+                        warn!(error = %e, "gossip timer failed");
+                    }
+                }
+                Due::Sync => {
+                    self.schedule(now, self.config.sync_interval, Due::Sync);
+                    self.start_sync();
+                }
+                Due::Reannounce => {
+                    if self.foca.num_members() == 0 {
+                        self.announce();
+                        self.idle_backoff = (self.idle_backoff * 2).min(self.config.reannounce_max);
+                        self.schedule(now, self.idle_backoff, Due::Reannounce);
+                    } else {
+                        self.reannouncing = false;
+                    }
+                }
+                Due::Linger => {
+                    if self.leaving.is_some_and(|until| now >= until) {
+                        self.closed = true;
+                        self.timers.clear();
+                        self.pending.clear();
+                        return;
+                    }
+                    let _ = self.foca.gossip(&mut self.runtime);
+                    self.schedule(now, LINGER_GOSSIP, Due::Linger);
+                }
+            }
+            self.pump(now);
+        }
+    }
+
+    /// A peer's request: the answer, or `None` when it is not a request of this protocol.
+    pub fn handle_request(&mut self, now: Instant, body: &[u8]) -> Option<Vec<u8>> {
+        let rpc = postcard::from_bytes::<Rpc>(body).ok()?;
+        let reply = match rpc {
+            Rpc::Pull(nodes) => postcard::to_stdvec(&self.catalog.lock().records(&nodes)),
+            Rpc::Digest { digest, members } => {
+                let mut reply = {
+                    let c = self.catalog.lock();
+                    DigestReply {
+                        records: c.newer_than(&digest),
+                        need: c.lacking(&digest),
+                        members: None,
+                    }
+                };
+                if self.foca.num_members() != members {
+                    reply.members = Some(self.membership());
+                }
+                postcard::to_stdvec(&reply)
+            }
+            Rpc::Push(records) => {
+                self.merge_records(records);
+                postcard::to_stdvec(&())
+            }
+            Rpc::Members(members) => {
+                self.apply_members(members);
+                postcard::to_stdvec(&())
+            }
+            Rpc::Fingerprint {
+                fingerprint,
+                members,
+            } => {
+                let in_sync = self.catalog.lock().fingerprint() == fingerprint
+                    && self.foca.num_members() == members;
+                postcard::to_stdvec(&in_sync)
+            }
+        };
+        self.pump(now);
+        Some(reply.unwrap_or_default())
+    }
+
+    /// The answer to the request `id` (`None`: it failed, or no answer came).
+    pub fn handle_response(&mut self, now: Instant, id: u64, answer: Option<&[u8]>) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        match pending {
+            Pending::OneWay => {}
+            Pending::Fingerprint {
+                peer,
+                digest,
+                count,
+                mine,
+            } => {
+                // Most rounds end here: same catalog, same member count.
+                if decode::<bool>(answer) == Some(false) {
+                    let rpc = Rpc::Digest {
+                        digest,
+                        members: count,
+                    };
+                    self.request(
+                        peer.clone(),
+                        RpcKind::Digest,
+                        &rpc,
+                        Pending::Digest { peer, mine },
+                    );
+                }
+            }
+            Pending::Digest { peer, mine } => {
+                if let Some(reply) = decode::<DigestReply>(answer) {
+                    self.merge_records(reply.records);
+                    if let Some(m) = reply.members {
+                        self.apply_members(m);
+                        self.request(
+                            peer.clone(),
+                            RpcKind::Members,
+                            &Rpc::Members(mine),
+                            Pending::OneWay,
+                        );
+                    }
+                    if !reply.need.is_empty() {
+                        let back = self.catalog.lock().records(&reply.need);
+                        self.request(peer, RpcKind::Push, &Rpc::Push(back), Pending::OneWay);
+                    }
+                }
+            }
+            Pending::Pull { want, then } => {
+                let node = want.notice.node.clone();
+                if let Some(records) = decode::<Vec<NodeRecord>>(answer) {
+                    // Only what was asked for.
+                    self.merge_records(records.into_iter().filter(|r| r.node == node).collect());
+                }
+                if let Some(next) = then
+                    && self.catalog.lock().wants(&want.notice)
+                {
+                    let rpc = Rpc::Pull(vec![node]);
+                    self.request(
+                        next,
+                        RpcKind::Pull,
+                        &rpc,
+                        Pending::Pull { want, then: None },
+                    );
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Publishes this node's endpoints and labels: its record's version goes up, and a
+    /// notice of it rides foca's broadcasts. Returns the new `(generation, version)`.
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        endpoints: Vec<ServiceEndpoint>,
+        labels: BTreeMap<String, String>,
+    ) -> (u64, u64) {
+        let stamp = self.publish_record(endpoints, labels);
+        self.pump(now);
+        stamp
+    }
+
+    /// Adds nodes to announce to when this one is alone; if it has no member, it announces
+    /// to the new ones at once.
+    pub fn add_seeds(&mut self, now: Instant, seeds: Vec<(String, SocketAddr)>) {
+        let mut added = false;
+        for seed in seeds {
+            if seed.0 != self.id.node && !self.seeds.contains(&seed) {
+                self.seeds.push(seed);
+                added = true;
+            }
+        }
+        if added && self.foca.num_members() == 0 {
+            self.announce();
+        }
+        self.pump(now);
+    }
+
+    /// Leaves gracefully: the departure is announced, then gossiped for the configured
+    /// linger; then [`GossipCore::is_closed`].
+    pub fn leave(&mut self, now: Instant) {
+        if self.leaving.is_some() || self.closed {
+            return;
+        }
+        let _ = self.foca.leave_cluster(&mut self.runtime);
+        self.leaving = Some(now + self.config.leave_linger);
+        // Only the linger's own gossip from now on.
+        self.timers.clear();
+        self.schedule(now, LINGER_GOSSIP, Due::Linger);
+        self.pump(now);
+    }
+
+    fn schedule(&mut self, now: Instant, after: Duration, due: Due) {
+        self.seq += 1;
+        self.timers.push(Scheduled {
+            at: now + after,
+            seq: self.seq,
+            due,
+        });
+    }
+
+    fn request(&mut self, to: GossipId, kind: RpcKind, rpc: &Rpc, then: Pending) {
+        let Ok(body) = postcard::to_stdvec(rpc) else {
+            return;
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        self.pending.insert(id, then);
+        self.transmits
+            .push_back(Transmit::Request { id, to, kind, body });
+    }
+
+    /// Every member this node knows with its state — Down ones included, as memberlist's
+    /// push-pull does — and this node under its current identity. A Down declaration rides
+    /// the periodic exchange, not only foca's few retransmissions: a node that missed those
+    /// (a partition that took half the cluster down at once overflows the piggyback
+    /// budget) learns it at its next sync instead of when its own probe reaches the dead
+    /// member, up to a full probe round (N seconds) later. Foca keeps Down members 24 h;
+    /// a Down update about an older identity at a peer's own address only confirms it.
+    fn membership(&self) -> Vec<Member<GossipId>> {
+        let mut v: Vec<Member<GossipId>> = self.foca.iter_membership_state().cloned().collect();
+        v.push(Member::alive(self.id.clone()));
+        v
+    }
+
+    fn apply_members(&mut self, members: Vec<Member<GossipId>>) {
+        if let Err(e) = self
+            .foca
+            .apply_many(members.into_iter(), false, &mut self.runtime)
+        {
+            warn!(error = %e, "membership from a peer not applied");
+        }
+    }
+
+    fn announce(&mut self) {
+        let seeds: Vec<(String, SocketAddr)> = self
+            .seeds
+            .iter()
+            .filter(|(n, _)| *n != self.id.node)
+            .cloned()
+            .collect();
+        for (node, addr) in seeds {
+            let _ = self
+                .foca
+                .announce(GossipId::new(node, addr, 0), &mut self.runtime);
+        }
+    }
+
+    /// Merges records from peers. This node's own record is never taken from a peer, and
+    /// oversized records are dropped.
+    fn merge_records(&mut self, records: Vec<NodeRecord>) {
+        let own = self.id.node.clone();
+        let records = records.into_iter().filter(|r| {
+            r.node != own
+                && postcard::experimental::serialized_size(r).is_ok_and(|n| n <= MAX_RECORD_BYTES)
+        });
+        self.merge_checked(records);
+    }
+
+    fn merge_checked(&mut self, records: impl Iterator<Item = NodeRecord>) {
+        let mut c = self.catalog.lock();
+        for r in records {
+            let stamp = r.stamp();
+            let node = r.node.clone();
+            if c.merge(r) {
+                self.events
+                    .push_back(GossipEvent::CatalogChanged { node, stamp });
+            }
+        }
+    }
+
+    fn publish_record(
+        &mut self,
+        endpoints: Vec<ServiceEndpoint>,
+        labels: BTreeMap<String, String>,
+    ) -> (u64, u64) {
+        let mut rec = self
+            .catalog
+            .lock()
+            .record(&self.id.node)
+            .cloned()
+            .unwrap_or_else(|| NodeRecord::empty(self.id.node.clone(), self.id.generation));
+        rec.version += 1;
+        rec.endpoints = endpoints;
+        rec.labels = labels;
+        let notice = VersionNotice {
+            node: rec.node.clone(),
+            generation: rec.generation,
+            version: rec.version,
+        };
+        let stamp = rec.stamp();
+        self.merge_checked(std::iter::once(rec));
+        if let Err(e) = self.foca.add_broadcast(&encode_notice(&notice)) {
+            warn!(error = %e, "version notice not queued");
+        }
+        let _ = self.foca.broadcast(&mut self.runtime);
+        stamp
+    }
+
+    /// After a rejoin under `new`: this node's record moves to the new generation and is
+    /// announced, so peers drop what the old identity published.
+    fn rejoined(&mut self, new: &GossipId) {
+        let mut rec = self
+            .catalog
+            .lock()
+            .record(&new.node)
+            .cloned()
+            .unwrap_or_else(|| NodeRecord::empty(new.node.clone(), new.generation));
+        rec.generation = new.generation;
+        rec.version = 0;
+        let endpoints = std::mem::take(&mut rec.endpoints);
+        let labels = std::mem::take(&mut rec.labels);
+        self.merge_checked(std::iter::once(rec));
+        self.publish_record(endpoints, labels);
+    }
+
+    /// One anti-entropy round with a random member: fingerprints, then digests both ways
+    /// and a membership push-pull when they differ.
+    fn start_sync(&mut self) {
+        let members: Vec<GossipId> = self.foca.iter_members().map(|m| m.id().clone()).collect();
+        if members.is_empty() {
+            return;
+        }
+        let peer = members[self.rng.random_range(0..members.len())].clone();
+        let (digest, fingerprint) = {
+            let c = self.catalog.lock();
+            (c.digest(), c.fingerprint())
+        };
+        let count = self.foca.num_members();
+        let mine = self.membership();
+        let probe = Rpc::Fingerprint {
+            fingerprint,
+            members: count,
+        };
+        self.request(
+            peer.clone(),
+            RpcKind::Fingerprint,
+            &probe,
+            Pending::Fingerprint {
+                peer,
+                digest,
+                count,
+                mine,
+            },
+        );
+    }
+
+    /// Takes what foca produced (packets, timers, notifications) and what the catalog
+    /// wants pulled, after every input.
+    fn pump(&mut self, now: Instant) {
+        while let Some((to, data)) = self.runtime.to_send() {
+            self.transmits.push_back(Transmit::Datagram {
+                to,
+                bytes: data.to_vec(),
+            });
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.schedule(now, after, Due::Foca(timer));
+        }
+        let mut retune = false;
+        while let Some(n) = self.runtime.to_notify() {
+            // News about an older identity at an address never overrides a newer one.
+            let stale = |view: &BTreeMap<SocketAddr, MemberView>, id: &GossipId| {
+                view.get(&id.addr)
+                    .is_some_and(|m| m.id.generation > id.generation)
+            };
+            let event = match n {
+                OwnedNotification::MemberUp(id) if !stale(&self.members, &id) => {
+                    self.catalog.lock().mark_up(&id.node, id.generation);
+                    self.members.insert(id.addr, view(&id, true));
+                    retune = true;
+                    Some(GossipEvent::MemberUp(id))
+                }
+                OwnedNotification::MemberDown(id) if !stale(&self.members, &id) => {
+                    self.catalog.lock().mark_down(&id.node, id.generation);
+                    self.members.insert(id.addr, view(&id, false));
+                    retune = true;
+                    Some(GossipEvent::MemberDown(id))
+                }
+                OwnedNotification::Rename(old, new) => {
+                    self.catalog.lock().mark_up(&new.node, new.generation);
+                    self.members.insert(new.addr, view(&new, true));
+                    Some(GossipEvent::Restarted { old, new })
+                }
+                OwnedNotification::Rejoin(new) => {
+                    self.id = new.clone();
+                    self.rejoined(&new);
+                    Some(GossipEvent::Rejoined(new))
+                }
+                OwnedNotification::Idle => {
+                    if !self.reannouncing && self.leaving.is_none() {
+                        self.reannouncing = true;
+                        self.schedule(now, self.idle_backoff, Due::Reannounce);
+                    }
+                    None
+                }
+                OwnedNotification::Active => {
+                    self.idle_backoff = self.config.reannounce_min;
+                    None
+                }
+                _ => None,
+            };
+            if let Some(e) = event {
+                self.events.push_back(e);
+            }
+        }
+        // Packets and timers a notification's handling produced (a rejoin's broadcast).
+        while let Some((to, data)) = self.runtime.to_send() {
+            self.transmits.push_back(Transmit::Datagram {
+                to,
+                bytes: data.to_vec(),
+            });
+        }
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            self.schedule(now, after, Due::Foca(timer));
+        }
+        // Suspicion comes and goes without a notification: read from foca after every step.
+        let suspects: std::collections::BTreeSet<SocketAddr> = self
+            .foca
+            .iter_members()
+            .filter(|m| m.state() == foca::State::Suspect)
+            .map(|m| m.id().addr)
+            .collect();
+        for (addr, m) in self.members.iter_mut() {
+            m.suspected = m.up && suspects.contains(addr);
+        }
+        if retune {
+            let cfg = self.config.foca_config(self.foca.num_members() + 1);
+            if let Err(e) = self.foca.set_config(cfg) {
+                warn!(error = %e, "gossip configuration not re-tuned");
+            }
+        }
+        // Pull records whose notices arrived: from the relay, then the origin if the relay
+        // does not have them.
+        for want in self.catalog.take_wants() {
+            let origin = self
+                .foca
+                .iter_members()
+                .map(|m| m.id().clone())
+                .find(|m| m.node == want.notice.node);
+            let (first, then) = match (want.from.clone(), origin) {
+                (Some(relay), origin) => {
+                    let then = origin.filter(|o| o.node != relay.node);
+                    (relay, then)
+                }
+                (None, Some(origin)) => (origin, None),
+                (None, None) => continue,
+            };
+            let rpc = Rpc::Pull(vec![want.notice.node.clone()]);
+            self.request(first, RpcKind::Pull, &rpc, Pending::Pull { want, then });
+        }
+    }
+}
+
+/// How often a leaving node gossips its departure while it lingers.
+const LINGER_GOSSIP: Duration = Duration::from_millis(200);
+
+fn view(id: &GossipId, up: bool) -> MemberView {
+    MemberView {
+        id: id.clone(),
+        up,
+        suspected: false,
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(answer: Option<&[u8]>) -> Option<T> {
+    postcard::from_bytes(answer?).ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Cores wired to each other by hand: every transmit delivered at once, time advanced
+    /// to the next timer. Nodes in `cut` send and receive nothing (a crash).
+    struct Net {
+        cores: Vec<GossipCore>,
+        now: Instant,
+        cut: std::collections::BTreeSet<usize>,
+    }
+
+    fn addr(i: usize) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i as u8 + 1], 7946))
+    }
+
+    impl Net {
+        fn new(n: usize) -> Net {
+            let now = Instant::now();
+            let cores = (0..n)
+                .map(|i| {
+                    let seeds = if i == 0 {
+                        Vec::new()
+                    } else {
+                        vec![("n0".to_owned(), addr(0))]
+                    };
+                    GossipCore::new(
+                        GossipSettings {
+                            id: GossipId::new(format!("n{i}"), addr(i), 1),
+                            seeds,
+                            config: GossipConfig::default(),
+                            rng_seed: i as u64,
+                        },
+                        now,
+                    )
+                })
+                .collect();
+            Net {
+                cores,
+                now,
+                cut: Default::default(),
+            }
+        }
+
+        fn index(&self, id: &GossipId) -> usize {
+            self.cores
+                .iter()
+                .position(|c| c.id().addr == id.addr)
+                .unwrap()
+        }
+
+        fn deliver(&mut self) {
+            loop {
+                let mut out = Vec::new();
+                for (i, c) in self.cores.iter_mut().enumerate() {
+                    while let Some(t) = c.poll_transmit() {
+                        out.push((i, t));
+                    }
+                    while c.poll_event().is_some() {}
+                }
+                if out.is_empty() {
+                    return;
+                }
+                let now = self.now;
+                for (i, t) in out {
+                    if self.cut.contains(&i) {
+                        continue;
+                    }
+                    match t {
+                        Transmit::Datagram { to, bytes } => {
+                            let j = self.index(&to);
+                            if !self.cut.contains(&j) {
+                                self.cores[j].handle_datagram(now, &bytes);
+                            }
+                        }
+                        Transmit::Request { id, to, body, .. } => {
+                            let j = self.index(&to);
+                            let answer = if self.cut.contains(&j) {
+                                None
+                            } else {
+                                self.cores[j].handle_request(now, &body)
+                            };
+                            self.cores[i].handle_response(now, id, answer.as_deref());
+                        }
+                    }
+                }
+            }
+        }
+
+        fn run(&mut self, d: Duration) {
+            let end = self.now + d;
+            loop {
+                self.deliver();
+                let next = self
+                    .cores
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !self.cut.contains(i))
+                    .filter_map(|(_, c)| c.poll_timeout())
+                    .min();
+                match next {
+                    Some(at) if at <= end => {
+                        self.now = self.now.max(at);
+                        let now = self.now;
+                        for (i, c) in self.cores.iter_mut().enumerate() {
+                            if !self.cut.contains(&i) {
+                                c.handle_timeout(now);
+                            }
+                        }
+                    }
+                    _ => {
+                        self.now = end;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn members_join_through_a_seed_and_a_push_pull_carries_the_dead_as_down() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(5));
+        for c in &net.cores {
+            assert_eq!(c.num_members(), 2, "{c:?}");
+        }
+        net.cut.insert(2);
+        net.run(Duration::from_secs(60));
+        let view = &net.cores[0].members()[&addr(2)];
+        assert!(!view.up, "n2 should be down: {view:?}");
+        // A peer whose member count differs gets this node's membership, n2 as Down.
+        let now = net.now;
+        let ask = postcard::to_stdvec(&Rpc::Digest {
+            digest: Digest::default(),
+            members: 7,
+        })
+        .unwrap();
+        let reply: DigestReply =
+            postcard::from_bytes(&net.cores[0].handle_request(now, &ask).unwrap()).unwrap();
+        let listed: BTreeMap<String, foca::State> = reply
+            .members
+            .unwrap()
+            .iter()
+            .map(|m| (m.id().node.clone(), m.state()))
+            .collect();
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        assert_eq!(listed["n2"], foca::State::Down, "{listed:?}");
+        assert_eq!(listed["n0"], foca::State::Alive, "{listed:?}");
+        // Garbage is not a request.
+        assert!(net.cores[0].handle_request(now, b"\xff\xff\xff").is_none());
+    }
+
+    #[test]
+    fn peers_cannot_overwrite_a_nodes_own_record_or_push_huge_ones() {
+        let mut net = Net::new(2);
+        net.run(Duration::from_secs(3));
+        let now = net.now;
+        let mine = net.cores[0].publish(now, Vec::new(), BTreeMap::new());
+        let mut forged = NodeRecord::empty("n0", 1);
+        forged.version = 99;
+        let mut huge = NodeRecord::empty("x", 1);
+        huge.labels.insert("k".into(), "v".repeat(MAX_RECORD_BYTES));
+        let push = postcard::to_stdvec(&Rpc::Push(vec![forged, huge])).unwrap();
+        net.cores[0].handle_request(now, &push).unwrap();
+        let c = net.cores[0].catalog().lock().clone();
+        assert_eq!(c.stamp_of("n0"), Some(mine));
+        assert_eq!(c.stamp_of("x"), None);
+    }
+
+    #[test]
+    fn a_pull_that_fails_at_the_relay_asks_the_origin() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(5));
+        let now = net.now;
+        let relay = net.cores[1].id().clone();
+        let origin = net.cores[2].id().clone();
+        let notice = VersionNotice {
+            node: "n2".into(),
+            generation: 1,
+            version: 5,
+        };
+        net.cores[0].catalog().wants.lock().unwrap().push(Want {
+            notice,
+            from: Some(relay.clone()),
+        });
+        net.cores[0].add_seeds(now, Vec::new()); // any input pumps
+        let first = std::iter::from_fn(|| net.cores[0].poll_transmit())
+            .find_map(|t| match t {
+                Transmit::Request {
+                    id,
+                    to,
+                    kind: RpcKind::Pull,
+                    ..
+                } => Some((id, to)),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(first.1, relay);
+        net.cores[0].handle_response(now, first.0, None);
+        let second = std::iter::from_fn(|| net.cores[0].poll_transmit())
+            .find_map(|t| match t {
+                Transmit::Request {
+                    to,
+                    kind: RpcKind::Pull,
+                    ..
+                } => Some(to),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(second, origin);
+    }
+
+    #[test]
+    fn a_leave_lingers_then_closes_and_the_others_see_it_go() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(5));
+        let now = net.now;
+        net.cores[2].leave(now);
+        assert!(!net.cores[2].is_closed());
+        net.run(Duration::from_secs(2));
+        assert!(net.cores[2].is_closed());
+        assert_eq!(net.cores[2].poll_timeout(), None);
+        for c in &net.cores[..2] {
+            assert!(!c.members()[&addr(2)].up, "{c:?}");
+        }
+    }
+}
