@@ -53,8 +53,10 @@ pub fn simulate(n: usize) -> GossipFigures {
             vec![ServiceEndpoint {
                 service: format!("svc{k}"),
                 task: "t".into(),
+                slot: "1".into(),
                 addr: "10.9.0.1".into(),
                 port: 80,
+                ports: std::collections::BTreeMap::from([("http".into(), 80)]),
                 health: Health::Healthy,
             }],
         );

@@ -26,6 +26,7 @@ use starling_api::dispatch::{
     AgentMessage, DISPATCH_ALPN, ManagerMessage, read_message, write_message,
 };
 use starling_api::unix_ms;
+use starling_gossip::ServiceEndpoint;
 use starling_state::{ExitInfo, NodeDescription, Task, TaskReport, TaskState, TaskStatus};
 use starling_transport::{Endpoint, NodeId, PeerPolicy, Protocol, Role};
 use tokio::sync::mpsc;
@@ -51,6 +52,41 @@ pub struct AgentConfig {
     pub cgroups: Option<cgroup::Cgroups>,
     /// The program that runs [`exec::launch`] (see [`exec::Context::launcher`]).
     pub launcher: Option<PathBuf>,
+    /// Where the endpoints of the tasks running here go (the node publishes them by
+    /// gossip): set whenever that set changes.
+    pub endpoints: Option<tokio::sync::watch::Sender<Vec<ServiceEndpoint>>>,
+}
+
+/// The endpoints of the tasks that run here and are wanted running: one per task, at the
+/// node's address, with its ports by name. A task being stopped is not one any more.
+pub fn endpoints(
+    assigned: &BTreeMap<String, Task>,
+    running: impl Iterator<Item = String>,
+    host_ip: &str,
+) -> Vec<ServiceEndpoint> {
+    let mut out: Vec<ServiceEndpoint> = running
+        .filter_map(|id| assigned.get(&id))
+        .filter(|t| t.desired <= TaskState::Running && !t.status.state.is_terminal())
+        .map(|t| ServiceEndpoint {
+            service: t.service_name.clone(),
+            task: t.id.clone(),
+            slot: match &t.slot {
+                starling_state::Slot::Number(n) => n.to_string(),
+                starling_state::Slot::Node(n) => n.clone(),
+            },
+            addr: host_ip.to_owned(),
+            port: t.ports.first().map_or(0, |p| p.port),
+            ports: t
+                .ports
+                .iter()
+                .map(|p| (p.name.to_lowercase(), p.port))
+                .collect(),
+            // No health checks yet: a running task serves.
+            health: starling_gossip::Health::Healthy,
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.service, &a.task).cmp(&(&b.service, &b.task)));
+    out
 }
 
 /// This machine's memory and CPUs, with the host-port range tasks may be given and how they
@@ -359,6 +395,20 @@ async fn run(
                         .remove(&task);
                 }
             }
+        }
+        if let Some(tx) = &cfg.endpoints {
+            let running = local
+                .iter()
+                .filter(|(_, l)| l.phase == Phase::Running && !l.stopping)
+                .map(|(id, _)| id.clone());
+            let now = endpoints(&assigned, running, &cfg.host_ip);
+            tx.send_if_modified(|published| {
+                let changed = *published != now;
+                if changed {
+                    *published = now;
+                }
+                changed
+            });
         }
     }
 }

@@ -20,17 +20,21 @@ pub enum Health {
     Unknown,
 }
 
-/// One service endpoint a node offers.
+/// One service endpoint a node offers: a running task of a service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceEndpoint {
     /// Service name.
     pub service: String,
     /// Task that serves it.
     pub task: String,
+    /// The task's slot (a replica number, or the node id of a global service's task).
+    pub slot: String,
     /// IP address.
     pub addr: String,
-    /// Port.
+    /// Its first port (0: it has none).
     pub port: u16,
+    /// Every port it was given, by name (lower case).
+    pub ports: BTreeMap<String, u16>,
     /// Health.
     pub health: Health,
 }
@@ -409,8 +413,10 @@ mod tests {
             endpoints: vec![ServiceEndpoint {
                 service: format!("svc-{version}"),
                 task: "t".into(),
+                slot: "1".into(),
                 addr: "10.0.0.1".into(),
                 port: 80,
+                ports: BTreeMap::from([("http".into(), 80)]),
                 health: Health::Healthy,
             }],
             labels: BTreeMap::new(),

@@ -200,6 +200,45 @@ impl GossipNode {
         all
     }
 
+    /// What this node's DNS answers from now: the healthy endpoints of nodes that are up
+    /// and not suspected (a suspected or Down node's endpoints are hidden, not deleted: they
+    /// come back as soon as it is alive again), and the live nodes' addresses by id and by
+    /// host name (the `hostname` label of their record).
+    pub fn dns_view(&self, ttl: u32) -> crate::dns::DnsView {
+        let live: BTreeMap<String, std::net::IpAddr> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.up && !m.suspected)
+            .map(|m| (m.id.node, m.id.addr.ip()))
+            .chain([(self.id.node.clone(), self.id.addr.ip())])
+            .collect();
+        let catalog = self.shared.lock();
+        let mut services = BTreeMap::new();
+        for (svc, list) in catalog.services() {
+            let healthy: Vec<(String, ServiceEndpoint)> = list
+                .into_iter()
+                .filter(|(node, e)| {
+                    live.contains_key(node) && e.health == crate::catalog::Health::Healthy
+                })
+                .collect();
+            if !healthy.is_empty() {
+                services.insert(svc.to_ascii_lowercase(), healthy);
+            }
+        }
+        let mut nodes = BTreeMap::new();
+        for (node, ip) in &live {
+            nodes.insert(node.to_ascii_lowercase(), *ip);
+            if let Some(host) = catalog.record(node).and_then(|r| r.labels.get("hostname")) {
+                nodes.insert(host.to_ascii_lowercase(), *ip);
+            }
+        }
+        crate::dns::DnsView {
+            services,
+            nodes,
+            ttl,
+        }
+    }
+
     /// Leaves gracefully: tells the members this node is going, lingers so the news
     /// spreads, then stops.
     pub async fn leave(self) {

@@ -19,6 +19,7 @@
 mod catalog;
 mod config;
 pub mod core;
+pub mod dns;
 mod driver;
 mod identity;
 pub mod sim;

@@ -13,8 +13,10 @@ fn endpoint(service: &str, port: u16) -> ServiceEndpoint {
     ServiceEndpoint {
         service: service.into(),
         task: format!("{service}.1"),
+        slot: "1".into(),
         addr: "10.1.0.1".into(),
         port,
+        ports: std::collections::BTreeMap::from([("http".into(), port)]),
         health: Health::Healthy,
     }
 }

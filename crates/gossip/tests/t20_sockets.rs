@@ -100,8 +100,10 @@ async fn t20_eight_nodes_join_publish_fail_and_return() {
             vec![ServiceEndpoint {
                 service: "web".into(),
                 task: "web.1".into(),
+                slot: "1".into(),
                 addr: "10.0.0.5".into(),
                 port: 8080,
+                ports: BTreeMap::from([("http".into(), 8080)]),
                 health: Health::Healthy,
             }],
             BTreeMap::new(),

@@ -30,6 +30,58 @@ pub static TASK_PORTS: std::sync::OnceLock<(u16, u16)> = std::sync::OnceLock::ne
 /// Whether this node runs an agent (tasks), when the daemon's flags set it; default yes.
 pub static RUN_TASKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
+/// Where the node's DNS server listens (`None`: off), when the daemon's flags set it;
+/// default [`starling_gossip::dns::DEFAULT_LISTEN`].
+pub static DNS_LISTEN: std::sync::OnceLock<Option<SocketAddr>> = std::sync::OnceLock::new();
+
+/// What a node's gossip record carries besides its endpoints: the Starling it runs (`node
+/// ls` shows it) and its host name (DNS answers `<hostname>.node.starling`).
+fn node_labels(state: &NodeState) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            crate::api::nodes::VERSION_LABEL.to_owned(),
+            starling_api::VERSION.to_owned(),
+        ),
+        ("hostname".to_owned(), state.hostname.clone()),
+    ])
+}
+
+/// The node's DNS server, answering from its gossip state (see [`starling_gossip::dns`]):
+/// on `--dns-listen` (default 127.0.0.1:8600). An address that cannot be bound (another
+/// node on this host has it) is logged, and the node runs without DNS.
+fn start_dns(gossip: Arc<GossipNode>) -> Option<tokio::task::JoinHandle<()>> {
+    let addr = match DNS_LISTEN.get() {
+        Some(None) => return None,
+        Some(Some(a)) => *a,
+        None => starling_gossip::dns::DEFAULT_LISTEN.parse().ok()?,
+    };
+    // In the background: the node's start (its control socket) does not wait for it.
+    Some(tokio::spawn(serve_dns(addr, gossip)))
+}
+
+async fn serve_dns(addr: SocketAddr, gossip: Arc<GossipNode>) {
+    // A restart of the node's components (a role change) binds again right after the
+    // previous server let go.
+    let mut tries = 0;
+    let (udp, tcp) = loop {
+        match starling_gossip::dns::bind(addr).await {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 10 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "DNS not served (--dns-listen ADDR or off)");
+                return;
+            }
+        }
+    };
+    tracing::info!(%addr, "DNS served");
+    let view: Arc<dyn Fn() -> starling_gossip::dns::DnsView + Send + Sync> =
+        Arc::new(move || gossip.dns_view(starling_gossip::dns::DEFAULT_TTL));
+    starling_gossip::dns::serve(udp, tcp, view, Arc::default()).await;
+}
+
 /// Options of `starling init`.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
@@ -754,12 +806,7 @@ async fn start_gossip(
         },
     )
     .await?;
-    // Every node tells the others which Starling it runs (`node ls` shows it).
-    let labels = BTreeMap::from([(
-        crate::api::nodes::VERSION_LABEL.to_owned(),
-        starling_api::VERSION.to_owned(),
-    )]);
-    gossip.publish(Vec::new(), labels).await?;
+    gossip.publish(Vec::new(), node_labels(state)).await?;
     Ok(gossip)
 }
 
@@ -771,10 +818,22 @@ fn start_agent(
     state: &NodeState,
     endpoint: &Endpoint,
     store: Option<Arc<Store>>,
-) -> Option<tokio::task::JoinHandle<()>> {
+    gossip: Arc<GossipNode>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     if RUN_TASKS.get() == Some(&false) {
-        return None;
+        return Vec::new();
     }
+    // The endpoints of the tasks running here go into this node's gossip record.
+    let (endpoints, mut published) = tokio::sync::watch::channel(Vec::new());
+    let labels = node_labels(state);
+    let publisher = tokio::spawn(async move {
+        while published.changed().await.is_ok() {
+            let now = published.borrow_and_update().clone();
+            if let Err(e) = gossip.publish(now, labels.clone()).await {
+                tracing::warn!(error = %e, "task endpoints not published");
+            }
+        }
+    });
     let mut managers = state.managers.clone();
     if state.role == "manager" {
         managers.retain(|(n, _)| *n != state.node_id);
@@ -785,7 +844,7 @@ fn start_agent(
         .copied()
         .unwrap_or(starling_manager::scheduler::DEFAULT_PORT_RANGE);
     let cgroups = starling_agent::cgroup::Cgroups::detect(&state.node_id);
-    Some(starling_agent::spawn(
+    let agent = starling_agent::spawn(
         endpoint.clone(),
         managers,
         starling_agent::AgentConfig {
@@ -805,8 +864,10 @@ fn start_agent(
             launcher: Some(std::path::PathBuf::from("/proc/self/exe"))
                 .filter(|p| p.exists())
                 .or_else(|| std::env::current_exe().ok()),
+            endpoints: Some(endpoints),
         },
-    ))
+    );
+    vec![agent, publisher]
 }
 
 async fn start_worker(
@@ -814,16 +875,15 @@ async fn start_worker(
     state: NodeState,
     endpoint: Endpoint,
 ) -> anyhow::Result<RunningNode> {
-    let gossip = start_gossip(&dir, &state, &endpoint).await?;
+    let gossip = Arc::new(start_gossip(&dir, &state, &endpoint).await?);
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let tasks = start_agent(&dir, &state, &endpoint, None)
-        .into_iter()
-        .collect();
+    let mut tasks = start_agent(&dir, &state, &endpoint, None, gossip.clone());
+    tasks.extend(start_dns(gossip.clone()));
     let api_listener = None;
     Ok(RunningNode {
         state,
         store: None,
-        gossip: Arc::new(gossip),
+        gossip,
         endpoint,
         data_dir: dir,
         stop: Arc::new(tokio::sync::Notify::new()),
@@ -890,7 +950,14 @@ async fn start_manager(
         store.clone(),
         sessions,
     )));
-    tasks.extend(start_agent(&dir, &state, &endpoint, Some(store.clone())));
+    tasks.extend(start_agent(
+        &dir,
+        &state,
+        &endpoint,
+        Some(store.clone()),
+        gossip.clone(),
+    ));
+    tasks.extend(start_dns(gossip.clone()));
     Ok(RunningNode {
         state,
         store: Some(store),

@@ -77,6 +77,23 @@ struct DaemonArgs {
     /// Host ports this node's tasks may be given, `MIN-MAX` (default 30000-32767).
     #[arg(long, env = "STARLING_TASK_PORTS", value_parser = parse_port_range)]
     task_ports: Option<(u16, u16)>,
+    /// Serve DNS (UDP and TCP) for `*.starling` on `IP:PORT`, from this node's gossip state
+    /// (default 127.0.0.1:8600; `off` serves none; port 53 needs root).
+    #[arg(long, env = "STARLING_DNS_LISTEN", value_parser = parse_dns_listen)]
+    dns_listen: Option<DnsListen>,
+}
+
+/// `--dns-listen`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+struct DnsListen(Option<SocketAddr>);
+
+fn parse_dns_listen(text: &str) -> Result<DnsListen, String> {
+    if text == "off" {
+        return Ok(DnsListen(None));
+    }
+    text.parse()
+        .map(|a| DnsListen(Some(a)))
+        .map_err(|_| format!("{text:?} is not IP:PORT (such as 127.0.0.1:8600) or off"))
 }
 
 /// `MIN-MAX`, both ports, MIN ≤ MAX.
@@ -104,6 +121,9 @@ impl DaemonArgs {
         }
         if let Some(range) = self.task_ports {
             let _ = daemon::TASK_PORTS.set(range);
+        }
+        if let Some(dns) = self.dns_listen {
+            let _ = daemon::DNS_LISTEN.set(dns.0);
         }
     }
 }

@@ -67,6 +67,8 @@ impl Cluster {
             &addr,
             "--hostname",
             name,
+            "--dns-listen",
+            &format!("127.0.{}.{}:8600", self.net, self.dirs.len() + 1),
             "--token",
             &self.token,
             "--manager",
@@ -102,6 +104,8 @@ fn cluster_of(net: u8, managers: usize, workers: usize) -> Cluster {
         &addr,
         "--hostname",
         "m1",
+        "--dns-listen",
+        &format!("127.0.{net}.1:8600"),
     ]);
     let rt = rt();
     let c0 = Client::unix(m1.join("control.sock"));
@@ -1169,4 +1173,123 @@ fn t73_service_logs_follow_tasks_on_three_nodes_and_keep_a_failed_tasks_tail() {
         "{got:#?}"
     );
     assert!(lines(&got).iter().any(|(p, ..)| p.ends_with("@w1")));
+}
+
+/// Asks the DNS server at `server` for `name` (type `qtype`) over UDP: the answer's A
+/// addresses and SRV ports, or `None` when no answer came.
+fn dig(
+    server: &str,
+    name: &str,
+    qtype: simple_dns::TYPE,
+) -> Option<(
+    simple_dns::RCODE,
+    std::collections::BTreeSet<String>,
+    std::collections::BTreeSet<u16>,
+)> {
+    use simple_dns::rdata::RData;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    let mut q = simple_dns::Packet::new_query(42);
+    q.questions.push(simple_dns::Question::new(
+        simple_dns::Name::new_unchecked(name),
+        simple_dns::QTYPE::TYPE(qtype),
+        simple_dns::QCLASS::CLASS(simple_dns::CLASS::IN),
+        false,
+    ));
+    sock.send_to(&q.build_bytes_vec().ok()?, server).ok()?;
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).ok()?;
+    let p = simple_dns::Packet::parse(&buf[..n]).ok()?;
+    let mut ips = std::collections::BTreeSet::new();
+    let mut ports = std::collections::BTreeSet::new();
+    for r in &p.answers {
+        match &r.rdata {
+            RData::A(a) => {
+                ips.insert(std::net::Ipv4Addr::from(a.address).to_string());
+            }
+            RData::SRV(s) => {
+                ports.insert(s.port);
+            }
+            _ => {}
+        }
+    }
+    Some((p.rcode(), ips, ports))
+}
+
+#[test]
+fn t74_every_node_resolves_the_running_endpoints_from_gossip_alone() {
+    let mut c = cluster_of(4, 1, 3);
+    let rt = rt();
+    let api = c.client();
+    let mut web = spec("web", 3, &["sleep", "100000"]);
+    web.ports = vec![serde_json::from_value(serde_json::json!({"name": "HTTP"})).unwrap()];
+    rt.block_on(api.create_service(&web)).unwrap();
+    let tasks = poll("three web tasks running", Duration::from_secs(30), || {
+        let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
+        let r: Vec<TaskView> = running(&list.tasks).into_iter().cloned().collect();
+        (r.len() == 3).then_some(r)
+    });
+    let want_ports: std::collections::BTreeSet<u16> =
+        tasks.iter().map(|t| t.ports[0].port).collect();
+    let want_ips: std::collections::BTreeSet<String> = ["2", "3", "4"]
+        .iter()
+        .map(|i| format!("127.0.4.{i}"))
+        .collect();
+    let servers: Vec<String> = (1..=4).map(|i| format!("127.0.4.{i}:8600")).collect();
+    // Every node, the manager included, answers the same from its own gossip state.
+    let started = Instant::now();
+    for server in &servers {
+        poll(
+            &format!("{server} resolves web"),
+            Duration::from_secs(20),
+            || {
+                let (rcode, ips, _) = dig(server, "web.svc.starling", simple_dns::TYPE::A)?;
+                (rcode == simple_dns::RCODE::NoError && ips == want_ips).then_some(())
+            },
+        );
+        let (_, _, ports) =
+            dig(server, "_http._tcp.WEB.svc.starling", simple_dns::TYPE::SRV).unwrap();
+        assert_eq!(ports, want_ports, "{server}: SRV ports");
+        let (rcode, ips, _) = dig(server, "w2.node.starling", simple_dns::TYPE::A).unwrap();
+        assert_eq!((rcode, ips.len()), (simple_dns::RCODE::NoError, 1));
+        let (rcode, ..) = dig(server, "nosuch.svc.starling", simple_dns::TYPE::A).unwrap();
+        assert_eq!(rcode, simple_dns::RCODE::NameError);
+    }
+    eprintln!(
+        "3 endpoints resolvable on 4 nodes {:?} after running",
+        started.elapsed()
+    );
+    // Scaled to 1: the stopped tasks leave every node's answers.
+    rt.block_on(api.scale_service("web", 1)).unwrap();
+    let one = poll("one web task running", Duration::from_secs(30), || {
+        let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
+        let r: Vec<TaskView> = running(&list.tasks).into_iter().cloned().collect();
+        (r.len() == 1).then_some(r)
+    });
+    let port = one[0].ports[0].port;
+    for server in &servers {
+        poll(
+            &format!("{server} forgets the stopped tasks"),
+            Duration::from_secs(20),
+            || {
+                let (_, _, ports) =
+                    dig(server, "_http._tcp.web.svc.starling", simple_dns::TYPE::SRV)?;
+                (ports == std::collections::BTreeSet::from([port])).then_some(())
+            },
+        );
+    }
+    // Without any manager (quorum gone), the workers keep answering.
+    drop(c.daemons.remove("m1"));
+    for server in &servers[1..] {
+        let (rcode, _, ports) =
+            dig(server, "_http._tcp.web.svc.starling", simple_dns::TYPE::SRV).unwrap();
+        assert_eq!(
+            (rcode, ports),
+            (
+                simple_dns::RCODE::NoError,
+                std::collections::BTreeSet::from([port])
+            )
+        );
+    }
 }
