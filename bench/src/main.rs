@@ -142,6 +142,8 @@ async fn real_main() -> anyhow::Result<()> {
         let figures =
             tokio::task::spawn_blocking(move || starling_bench::gossip::simulate(n)).await?;
         emit(figures.markdown());
+        let window = std::time::Duration::from_secs(if args.quick { 1 } else { 5 });
+        emit(starling_bench::gossip::dns_load(8, window).await?);
     }
     if wants(Measure::Tasks) {
         let (rounds, replicas) = if args.quick { (2, 12) } else { (10, 100) };

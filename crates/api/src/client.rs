@@ -244,6 +244,29 @@ impl Client {
         })
     }
 
+    /// `GET /v1/services/{name}/endpoints`: the service's endpoints as the answering node's
+    /// gossip state has them; with `index` (from an earlier answer), waits up to `wait_s`
+    /// seconds for the list to change.
+    pub async fn service_endpoints(
+        &self,
+        name: &str,
+        passing: bool,
+        index: Option<u64>,
+        wait_s: Option<u64>,
+    ) -> Result<EndpointList, ClientError> {
+        let mut target = format!(
+            "/v1/services/{}/endpoints?passing={passing}",
+            percent_encode(name)
+        );
+        if let Some(i) = index {
+            target.push_str(&format!("&index={i}"));
+        }
+        if let Some(w) = wait_s {
+            target.push_str(&format!("&wait={w}"));
+        }
+        self.get(&target).await
+    }
+
     /// `GET /v1/services/{id}/logs`: a service's logs as a stream of records.
     pub async fn service_logs(&self, id: &str, q: &LogsQuery) -> Result<RecordReader, ClientError> {
         let target = format!("/v1/services/{}/logs{}", percent_encode(id), q.query());

@@ -697,3 +697,34 @@ mod tests {
         }
     }
 }
+
+/// One service endpoint as the answering node's gossip state has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EndpointView {
+    /// Service name.
+    pub service: String,
+    /// Task id.
+    pub task: String,
+    /// Slot number, or the node id of a global service's task.
+    pub slot: String,
+    /// Node id.
+    pub node: String,
+    /// Address.
+    pub addr: String,
+    /// Ports by name (lower case).
+    pub ports: BTreeMap<String, u16>,
+    /// `healthy`, `unhealthy` or `unknown`.
+    pub health: String,
+    /// Its node is suspected by gossip (its probes failed): DNS hides it meanwhile.
+    pub suspected: bool,
+}
+
+/// `GET /v1/services/{name}/endpoints`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EndpointList {
+    /// Changes whenever the list does: pass it back as `index` to wait for the next change
+    /// (Consul's blocking query).
+    pub index: u64,
+    /// The endpoints, by node and task.
+    pub endpoints: Vec<EndpointView>,
+}

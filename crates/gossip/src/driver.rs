@@ -200,6 +200,27 @@ impl GossipNode {
         all
     }
 
+    /// The endpoints of `service` on nodes that are up (this one included), each with its
+    /// node and whether gossip suspects that node.
+    pub fn endpoints(&self, service: &str) -> Vec<(String, ServiceEndpoint, bool)> {
+        let members = self.members();
+        let state = |node: &str| -> Option<bool> {
+            if node == self.id.node {
+                return Some(false);
+            }
+            members
+                .iter()
+                .find(|m| m.id.node == node && m.up)
+                .map(|m| m.suspected)
+        };
+        let all = self.shared.lock().services();
+        all.get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|(node, e)| Some((node.clone(), e.clone(), state(node)?)))
+            .collect()
+    }
+
     /// What this node's DNS answers from now: the healthy endpoints of nodes that are up
     /// and not suspected (a suspected or Down node's endpoints are hidden, not deleted: they
     /// come back as soon as it is alive again), and the live nodes' addresses by id and by

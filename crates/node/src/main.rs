@@ -519,6 +519,20 @@ enum ServiceCmd {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// A service's endpoints as this node's gossip state has them (what its DNS serves):
+    /// works on any node, workers included, with or without a quorum.
+    Endpoints {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Service name.
+        service: String,
+        /// Only those DNS serves: healthy, on nodes gossip does not suspect.
+        #[arg(long)]
+        passing: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
     /// Return a service to its previous spec, with its rollback settings.
     Rollback {
         #[command(flatten)]
@@ -1506,6 +1520,42 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             .await;
             target.remember();
             result?;
+        }
+        ServiceCmd::Endpoints {
+            dir,
+            service,
+            passing,
+            format,
+        } => {
+            let list = call!(&dir, ctx, |c| c
+                .service_endpoints(&service, passing, None, None)
+                .await);
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&list.endpoints)?),
+                Format::Table => {
+                    println!(
+                        "{:<18} {:<6} {:<14} {:<16} {:<24} HEALTH",
+                        "TASK", "SLOT", "NODE", "ADDRESS", "PORTS"
+                    );
+                    for e in &list.endpoints {
+                        let ports: Vec<String> =
+                            e.ports.iter().map(|(n, p)| format!("{n}={p}")).collect();
+                        let health = if e.suspected {
+                            format!("{} (node suspected)", e.health)
+                        } else {
+                            e.health.clone()
+                        };
+                        println!(
+                            "{:<18} {:<6} {:<14} {:<16} {:<24} {health}",
+                            e.task,
+                            e.slot,
+                            e.node,
+                            e.addr,
+                            ports.join(",")
+                        );
+                    }
+                }
+            }
         }
         ServiceCmd::Rollback { dir, service } => {
             let v = call!(&dir, ctx, |c| c.rollback_service(&service).await);

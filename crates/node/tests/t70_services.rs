@@ -1260,8 +1260,29 @@ fn t74_every_node_resolves_the_running_endpoints_from_gossip_alone() {
         "3 endpoints resolvable on 4 nodes {:?} after running",
         started.elapsed()
     );
-    // Scaled to 1: the stopped tasks leave every node's answers.
+    // The same from a worker's API and CLI (gossip state, no manager involved).
+    let w1 = Client::unix(c.dir("w1").join("control.sock"));
+    let before = rt
+        .block_on(w1.service_endpoints("web", true, None, None))
+        .unwrap();
+    assert_eq!(before.endpoints.len(), 3, "{before:?}");
+    let out = starling(&[
+        "service",
+        "endpoints",
+        "--data-dir",
+        c.dir("w1").to_str().unwrap(),
+        "web",
+        "--passing",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
+    // A blocking query on the worker's index returns when the list changes.
     rt.block_on(api.scale_service("web", 1)).unwrap();
+    let changed = rt
+        .block_on(w1.service_endpoints("web", true, Some(before.index), Some(30)))
+        .unwrap();
+    assert_ne!(changed.index, before.index);
+    // Scaled to 1: the stopped tasks leave every node's answers.
     let one = poll("one web task running", Duration::from_secs(30), || {
         let list = rt.block_on(api.tasks(Some("web"), None)).ok()?;
         let r: Vec<TaskView> = running(&list.tasks).into_iter().cloned().collect();

@@ -31,6 +31,7 @@ use utoipa::OpenApi;
 use crate::daemon::{Current, RunningNode};
 
 pub(crate) mod certs;
+pub(crate) mod endpoints;
 pub(crate) mod info;
 pub(crate) mod kv;
 pub(crate) mod logs;
@@ -195,6 +196,7 @@ pub(crate) fn store_of(node: &RunningNode) -> Result<Arc<Store>, Failure> {
         services::remove,
         services::tasks,
         logs::service_logs,
+        endpoints::endpoints,
         logs::task_logs,
         kv::get,
         kv::put,
@@ -244,6 +246,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/services/{id}/scale", post(services::scale))
         .route("/v1/services/{id}/rollback", post(services::rollback))
         .route("/v1/services/{id}/logs", get(logs::service_logs))
+        .route("/v1/services/{id}/endpoints", get(endpoints::endpoints))
         .route("/v1/tasks", get(services::tasks))
         .route("/v1/tasks/{id}/logs", get(logs::task_logs))
         .route("/v1/kv", get(kv::list))
