@@ -182,18 +182,12 @@ impl Ord for Scheduled {
 
 /// A request in flight, and what its answer leads to.
 enum Pending {
-    /// A sync round's first step, with what this node had when it started.
-    Fingerprint {
-        peer: GossipId,
-        digest: Digest,
-        count: usize,
-        mine: Vec<Member<GossipId>>,
-    },
+    /// A sync round's first step. (The digest and the membership are taken only when the
+    /// peer says they differ: most rounds end at the fingerprint, and copying a 1 000-node
+    /// digest and member list every round was most of a simulated cluster's allocations.)
+    Fingerprint { peer: GossipId },
     /// A sync round's digest exchange.
-    Digest {
-        peer: GossipId,
-        mine: Vec<Member<GossipId>>,
-    },
+    Digest { peer: GossipId },
     /// A pull for a notice; `then` is asked next if this one does not bring it.
     Pull { want: Want, then: Option<GossipId> },
     /// Nothing follows.
@@ -435,30 +429,27 @@ impl GossipCore {
         };
         match pending {
             Pending::OneWay => {}
-            Pending::Fingerprint {
-                peer,
-                digest,
-                count,
-                mine,
-            } => {
+            Pending::Fingerprint { peer } => {
                 // Most rounds end here: same catalog, same member count.
                 if decode::<bool>(answer) == Some(false) {
                     let rpc = Rpc::Digest {
-                        digest,
-                        members: count,
+                        digest: self.catalog.lock().digest(),
+                        members: self.foca.num_members(),
                     };
                     self.request(
                         peer.clone(),
                         RpcKind::Digest,
                         &rpc,
-                        Pending::Digest { peer, mine },
+                        Pending::Digest { peer },
                     );
                 }
             }
-            Pending::Digest { peer, mine } => {
+            Pending::Digest { peer } => {
                 if let Some(reply) = decode::<DigestReply>(answer) {
                     self.merge_records(reply.records);
                     if let Some(m) = reply.members {
+                        // This node's view from before it applies the peer's.
+                        let mine = self.membership();
                         self.apply_members(m);
                         self.request(
                             peer.clone(),
@@ -670,26 +661,15 @@ impl GossipCore {
             return;
         }
         let peer = members[self.rng.random_range(0..members.len())].clone();
-        let (digest, fingerprint) = {
-            let c = self.catalog.lock();
-            (c.digest(), c.fingerprint())
-        };
-        let count = self.foca.num_members();
-        let mine = self.membership();
         let probe = Rpc::Fingerprint {
-            fingerprint,
-            members: count,
+            fingerprint: self.catalog.lock().fingerprint(),
+            members: self.foca.num_members(),
         };
         self.request(
             peer.clone(),
             RpcKind::Fingerprint,
             &probe,
-            Pending::Fingerprint {
-                peer,
-                digest,
-                count,
-                mine,
-            },
+            Pending::Fingerprint { peer },
         );
     }
 

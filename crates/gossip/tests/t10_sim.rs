@@ -156,11 +156,15 @@ fn t15_restart_with_new_generation_replaces_old_identity() {
             && s.fraction_with(9, stamp) == 1.0
     });
     assert!(took.is_some(), "the restarted node was not adopted");
-    // No flood: still one member per node.
-    assert!(converged(&sim));
-    for i in sim.live() {
-        assert_eq!(sim.members_seen(i), N - 1);
-    }
+    // No flood: never two identities of one node, and the restarted node learns everyone.
+    let settled = sim.run_until(STEP, Duration::from_secs(10), |s| {
+        assert!(
+            s.live().all(|i| s.members_seen(i) <= N - 1),
+            "a node counted twice"
+        );
+        converged(s)
+    });
+    assert!(settled.is_some(), "the membership did not settle");
 }
 
 #[test]
