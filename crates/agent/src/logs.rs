@@ -284,31 +284,20 @@ async fn send_lines(tx: &mpsc::Sender<LogsFrame>, lines: Vec<TaskLine>) -> Resul
 pub async fn stream(tasks_dir: PathBuf, req: LogsRequest, tx: mpsc::Sender<LogsFrame>) {
     let mut followed: Vec<(String, PathBuf, [Cursor; 2])> = Vec::new();
     for task in &req.tasks {
-        if !starling_api::logs::valid_task_id(task) {
-            let why = "not a task id".to_owned();
-            if tx
-                .send(LogsFrame::Missing {
-                    task: task.clone(),
-                    why,
-                })
-                .await
-                .is_err()
-            {
-                return;
-            }
-            continue;
-        }
         let dir = tasks_dir.join(task);
-        if !dir.is_dir() {
-            let why = "this node has no logs of it (never started here, or reaped)".to_owned();
-            if tx
-                .send(LogsFrame::Missing {
-                    task: task.clone(),
-                    why,
-                })
-                .await
-                .is_err()
-            {
+        let missing = if !starling_api::logs::valid_task_id(task) {
+            Some("not a task id")
+        } else if !dir.is_dir() {
+            Some("this node has no logs of it (never started here, or reaped)")
+        } else {
+            None
+        };
+        if let Some(why) = missing {
+            let frame = LogsFrame::Missing {
+                task: task.clone(),
+                why: why.to_owned(),
+            };
+            if tx.send(frame).await.is_err() {
                 return;
             }
             continue;

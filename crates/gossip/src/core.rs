@@ -14,7 +14,7 @@
 //! Every request the core sends gets exactly one [`GossipCore::handle_response`] (an answer
 //! or a failure); requests from peers are answered at once by [`GossipCore::handle_request`].
 
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use crate::catalog::{
 };
 use crate::config::GossipConfig;
 use crate::identity::GossipId;
+use crate::timers::TimerQueue;
 
 /// The largest record accepted from a peer, encoded.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
@@ -157,29 +158,6 @@ enum Due {
     Linger,
 }
 
-struct Scheduled {
-    at: Instant,
-    seq: u64,
-    due: Due,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (o.at, o.seq).cmp(&(self.at, self.seq))
-    }
-}
-
 /// A request in flight, and what its answer leads to.
 enum Pending {
     /// A sync round's first step. (The digest and the membership are taken only when the
@@ -202,8 +180,7 @@ pub struct GossipCore {
     foca: Foca<GossipId, PostcardCodec, StdRng, NoticeHandler>,
     runtime: AccumulatingRuntime<GossipId>,
     catalog: SharedCatalog,
-    timers: BinaryHeap<Scheduled>,
-    seq: u64,
+    timers: TimerQueue<Instant, Due>,
     rng: StdRng,
     idle_backoff: Duration,
     /// Whether a re-announce chain is already scheduled.
@@ -253,8 +230,7 @@ impl GossipCore {
             foca,
             runtime: AccumulatingRuntime::new(),
             catalog,
-            timers: BinaryHeap::new(),
-            seq: 0,
+            timers: TimerQueue::new(),
             rng: StdRng::seed_from_u64(settings.rng_seed ^ 0x5eed),
             reannouncing: true,
             members: BTreeMap::new(),
@@ -330,7 +306,7 @@ impl GossipCore {
         if self.closed {
             return None;
         }
-        self.timers.peek().map(|s| s.at)
+        self.timers.next_at()
     }
 
     /// A foca packet from a peer.
@@ -346,9 +322,11 @@ impl GossipCore {
 
     /// Every timer due at `now`, in order (foca requires all of them, in order).
     pub fn handle_timeout(&mut self, now: Instant) {
-        while !self.closed && self.timers.peek().is_some_and(|s| s.at <= now) {
-            let Some(s) = self.timers.pop() else { break };
-            match s.due {
+        while !self.closed {
+            let Some((_, due)) = self.timers.pop_due(now) else {
+                break;
+            };
+            match due {
                 Due::Foca(t) => {
                     if let Err(e) = self.foca.handle_timer(t, &mut self.runtime) {
                         warn!(error = %e, "gossip timer failed");
@@ -530,12 +508,7 @@ impl GossipCore {
     }
 
     fn schedule(&mut self, now: Instant, after: Duration, due: Due) {
-        self.seq += 1;
-        self.timers.push(Scheduled {
-            at: now + after,
-            seq: self.seq,
-            due,
-        });
+        self.timers.push(now + after, due);
     }
 
     fn request(&mut self, to: GossipId, kind: RpcKind, rpc: &Rpc, then: Pending) {
@@ -673,9 +646,8 @@ impl GossipCore {
         );
     }
 
-    /// Takes what foca produced (packets, timers, notifications) and what the catalog
-    /// wants pulled, after every input.
-    fn pump(&mut self, now: Instant) {
+    /// Moves the packets and timers foca produced into the core's queues.
+    fn take_output(&mut self, now: Instant) {
         while let Some((to, data)) = self.runtime.to_send() {
             self.transmits.push_back(Transmit::Datagram {
                 to,
@@ -685,6 +657,12 @@ impl GossipCore {
         while let Some((after, timer)) = self.runtime.to_schedule() {
             self.schedule(now, after, Due::Foca(timer));
         }
+    }
+
+    /// Takes what foca produced (packets, timers, notifications) and what the catalog
+    /// wants pulled, after every input.
+    fn pump(&mut self, now: Instant) {
+        self.take_output(now);
         let mut retune = false;
         while let Some(n) = self.runtime.to_notify() {
             // News about an older identity at an address never overrides a newer one.
@@ -733,15 +711,7 @@ impl GossipCore {
             }
         }
         // Packets and timers a notification's handling produced (a rejoin's broadcast).
-        while let Some((to, data)) = self.runtime.to_send() {
-            self.transmits.push_back(Transmit::Datagram {
-                to,
-                bytes: data.to_vec(),
-            });
-        }
-        while let Some((after, timer)) = self.runtime.to_schedule() {
-            self.schedule(now, after, Due::Foca(timer));
-        }
+        self.take_output(now);
         // Suspicion comes and goes without a notification: read from foca, at most every
         // SUSPECT_REFRESH (reading it after every packet cost a simulated 1 000-node
         // cluster a third of its time: O(members) per datagram).

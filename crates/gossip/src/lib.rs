@@ -23,6 +23,7 @@ pub mod dns;
 mod driver;
 mod identity;
 pub mod sim;
+mod timers;
 
 pub use crate::core::{GossipCore, GossipEvent, GossipSettings, MemberView, RpcKind, Transmit};
 pub use catalog::{

@@ -11,8 +11,7 @@
 //!                                                                                unreachable)
 //! ```
 
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,7 @@ use crate::catalog::{Catalog, ServiceEndpoint};
 use crate::config::GossipConfig;
 use crate::core::{GossipCore, GossipEvent, GossipSettings, RpcKind, Transmit};
 use crate::identity::GossipId;
+use crate::timers::TimerQueue;
 
 /// Settings of a simulated network.
 #[derive(Debug, Clone)]
@@ -78,30 +78,6 @@ enum Event {
     },
 }
 
-struct Queued {
-    at: Duration,
-    seq: u64,
-    event: Event,
-}
-
-impl PartialEq for Queued {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Queued {
-    fn cmp(&self, o: &Self) -> Ordering {
-        // Reversed: the heap pops the earliest first, ties in submission order.
-        (o.at, o.seq).cmp(&(self.at, self.seq))
-    }
-}
-
 /// One simulated node.
 struct SimNode {
     core: GossipCore,
@@ -122,8 +98,7 @@ pub struct Simulator {
     cfg: SimConfig,
     epoch: Instant,
     now: Duration,
-    seq: u64,
-    queue: BinaryHeap<Queued>,
+    queue: TimerQueue<Duration, Event>,
     rng: StdRng,
     nodes: Vec<SimNode>,
     by_addr: HashMap<SocketAddr, usize>,
@@ -147,8 +122,7 @@ impl Simulator {
             cfg,
             epoch: Instant::now(),
             now: Duration::ZERO,
-            seq: 0,
-            queue: BinaryHeap::new(),
+            queue: TimerQueue::new(),
             rng,
             nodes: Vec::new(),
             by_addr: HashMap::new(),
@@ -187,12 +161,7 @@ impl Simulator {
     }
 
     fn schedule(&mut self, after: Duration, event: Event) {
-        self.seq += 1;
-        self.queue.push(Queued {
-            at: self.now + after,
-            seq: self.seq,
-            event,
-        });
+        self.queue.push(self.now + after, event);
     }
 
     fn delay(&mut self) -> Duration {
@@ -316,13 +285,9 @@ impl Simulator {
     /// Runs the network for `d` of virtual time.
     pub fn run_for(&mut self, d: Duration) {
         let until = self.now + d;
-        while let Some(q) = self.queue.peek() {
-            if q.at > until {
-                break;
-            }
-            let Some(q) = self.queue.pop() else { break };
-            self.now = q.at;
-            self.handle(q.event);
+        while let Some((at, event)) = self.queue.pop_due(until) {
+            self.now = at;
+            self.handle(event);
         }
         self.now = until;
     }

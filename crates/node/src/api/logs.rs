@@ -76,16 +76,9 @@ fn sources<'a>(s: &ClusterState, tasks: impl Iterator<Item = &'a Task>) -> Vec<S
 
 /// The task `key` names: its id or a unique prefix of it.
 fn find_task<'a>(s: &'a ClusterState, key: &str) -> Result<&'a Task, ApiError> {
-    if let Some(t) = s.task(key) {
-        return Ok(t);
-    }
-    let mut matches = s.tasks().filter(|t| t.id.starts_with(key));
-    match (matches.next(), matches.next()) {
-        (Some(t), None) if !key.is_empty() => Ok(t),
-        (Some(_), Some(_)) => Err(ApiError::conflict(format!(
-            "{key:?} is the prefix of more than one task id"
-        ))),
-        _ => Err(ApiError::not_found(format!("no such task: {key}"))),
+    match s.task(key) {
+        Some(t) => Ok(t),
+        None => super::services::by_prefix(key, "task", s.tasks(), |t| &t.id),
     }
 }
 
@@ -103,15 +96,11 @@ pub(crate) async fn service_logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, Failure> {
-    let store = store_of(&state.node())?;
-    let (found, _) = store
-        .read(Consistency::Linearizable, |s| {
-            super::services::find(s, &id)
-                .map(|svc| (svc.id.clone(), sources(s, s.tasks_of(&svc.id))))
-        })
-        .await?;
-    let (service, list) = found.map_err(Failure)?;
-    Ok(respond(state, store, list, Some(service), q))
+    logs_of(state, q, |s| {
+        super::services::find(s, &id)
+            .map(|svc| (Some(svc.id.clone()), sources(s, s.tasks_of(&svc.id))))
+    })
+    .await
 }
 
 /// One task's logs.
@@ -128,19 +117,28 @@ pub(crate) async fn task_logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, Failure> {
+    logs_of(state, q, |s| {
+        let list = find_task(s, &id).map(|t| sources(s, std::iter::once(t)))?;
+        if list.is_empty() {
+            return Err(ApiError::not_found(format!(
+                "task {id} was never placed on a node: it has no logs"
+            )));
+        }
+        Ok((None, list))
+    })
+    .await
+}
+
+/// The logs of the tasks `pick` finds (with the service, when a follow may pick up new ones).
+async fn logs_of(
+    state: ApiState,
+    q: LogsQuery,
+    pick: impl FnOnce(&ClusterState) -> Result<(Option<String>, Vec<Source>), ApiError>,
+) -> Result<Response, Failure> {
     let store = store_of(&state.node())?;
-    let (found, _) = store
-        .read(Consistency::Linearizable, |s| {
-            find_task(s, &id).map(|t| sources(s, std::iter::once(t)))
-        })
-        .await?;
-    let list = found.map_err(Failure)?;
-    if list.is_empty() {
-        return Err(Failure(ApiError::not_found(format!(
-            "task {id} was never placed on a node: it has no logs"
-        ))));
-    }
-    Ok(respond(state, store, list, None, q))
+    let (found, _) = store.read(Consistency::Linearizable, pick).await?;
+    let (service, list) = found.map_err(Failure)?;
+    Ok(respond(state, store, list, service, q))
 }
 
 /// What the node fetchers send the merger.

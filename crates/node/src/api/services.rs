@@ -20,16 +20,26 @@ pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes, what: &str) -> R
 
 /// The service `key` names: its id, its name, or a unique prefix of its id.
 pub(crate) fn find<'a>(s: &'a ClusterState, key: &str) -> Result<&'a Service, ApiError> {
-    if let Some(svc) = s.service(key).or_else(|| s.service_by_name(key)) {
-        return Ok(svc);
+    match s.service(key).or_else(|| s.service_by_name(key)) {
+        Some(svc) => Ok(svc),
+        None => by_prefix(key, "service", s.services(), |svc| &svc.id),
     }
-    let mut matches = s.services().filter(|svc| svc.id.starts_with(key));
+}
+
+/// The one item whose id starts with `key` (ids are typed abbreviated, as Docker's are).
+pub(crate) fn by_prefix<'a, T: 'a>(
+    key: &str,
+    kind: &str,
+    items: impl Iterator<Item = &'a T>,
+    id: impl Fn(&T) -> &str,
+) -> Result<&'a T, ApiError> {
+    let mut matches = items.filter(|t| id(t).starts_with(key));
     match (matches.next(), matches.next()) {
-        (Some(svc), None) if !key.is_empty() => Ok(svc),
+        (Some(t), None) if !key.is_empty() => Ok(t),
         (Some(_), Some(_)) => Err(ApiError::conflict(format!(
-            "{key:?} is the prefix of more than one service id"
+            "{key:?} is the prefix of more than one {kind} id"
         ))),
-        _ => Err(ApiError::not_found(format!("no such service: {key}"))),
+        _ => Err(ApiError::not_found(format!("no such {kind}: {key}"))),
     }
 }
 
