@@ -58,6 +58,7 @@ pub fn simulate(n: usize) -> GossipFigures {
                 port: 80,
                 ports: std::collections::BTreeMap::from([("http".into(), 80)]),
                 health: Health::Healthy,
+                ttl: None,
             }],
         );
         let a = sim.run_until(STEP, Duration::from_secs(60), |s| {
@@ -158,6 +159,7 @@ pub async fn dns_load(clients: usize, window: Duration) -> anyhow::Result<String
                         port: 30000 + t,
                         ports: std::collections::BTreeMap::from([("http".into(), 30000 + t)]),
                         health: Health::Healthy,
+                        ttl: None,
                     },
                 )
             })

@@ -15,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
         port: 8080,
         ports: [("http".to_owned(), 8080)].into_iter().collect(),
         health: Health::Healthy,
+        ttl: None,
     };
     let view = DnsView {
         services: [("web".to_owned(), vec![("n1".to_owned(), endpoint)])]

@@ -128,11 +128,51 @@ pub struct Spawned {
     pub started: Started,
 }
 
+/// The environment a task's process (and its health-check command) runs with: a `PATH`,
+/// the `STARLING_*` variables, the spec's variables, then its ports (`STARLING_PORT_<NAME>`,
+/// and `PORT` for the first).
+pub fn environment(task: &Task, host_ip: &str) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("PATH".to_owned(), task_path(&BTreeMap::new())),
+        ("STARLING_TASK_ID".to_owned(), task.id.clone()),
+        ("STARLING_SERVICE".to_owned(), task.service_name.clone()),
+        ("STARLING_SERVICE_ID".to_owned(), task.service.clone()),
+        (
+            "STARLING_TASK_SLOT".to_owned(),
+            match &task.slot {
+                starling_state::Slot::Number(n) => n.to_string(),
+                starling_state::Slot::Node(n) => n.clone(),
+            },
+        ),
+        ("STARLING_HOST_IP".to_owned(), host_ip.to_owned()),
+    ]);
+    env.extend(task.template.process.env.clone());
+    for (i, port) in task.ports.iter().enumerate() {
+        env.insert(
+            format!("STARLING_PORT_{}", port.name),
+            port.port.to_string(),
+        );
+        if i == 0 {
+            env.insert("PORT".to_owned(), port.port.to_string());
+        }
+    }
+    env
+}
+
+/// The directory a task's process starts in: its spec's, else its task directory.
+pub fn workdir(task: &Task, dir: &Path) -> PathBuf {
+    task.template
+        .process
+        .cwd
+        .as_deref()
+        .map_or(dir.to_path_buf(), PathBuf::from)
+}
+
 /// Starts `task`'s process. An error is the reason to report it `rejected`.
 pub fn spawn(task: &Task, ctx: &Context) -> Result<Spawned, String> {
     let p = &task.template.process;
     let program = p.argv.first().ok_or("the task has no program")?;
-    let cwd = p.cwd.as_deref().map_or(ctx.dir.clone(), PathBuf::from);
+    let cwd = workdir(task, &ctx.dir);
     // Checked first, so a missing program is a clear `rejected`, not a bare OS error.
     resolve_program(program, &task_path(&p.env), Some(&cwd))?;
     std::fs::create_dir_all(&ctx.dir).map_err(|e| format!("{}: {e}", ctx.dir.display()))?;
@@ -173,34 +213,13 @@ pub fn spawn(task: &Task, ctx: &Context) -> Result<Spawned, String> {
         }
     };
     cmd.env_clear()
-        .env("PATH", task_path(&BTreeMap::new()))
-        .env("STARLING_TASK_ID", &task.id)
-        .env("STARLING_SERVICE", &task.service_name)
-        .env("STARLING_SERVICE_ID", &task.service)
-        .env(
-            "STARLING_TASK_SLOT",
-            match &task.slot {
-                starling_state::Slot::Number(n) => n.to_string(),
-                starling_state::Slot::Node(n) => n.clone(),
-            },
-        )
-        .env("STARLING_HOST_IP", &ctx.host_ip)
-        .envs(&p.env)
+        .envs(environment(task, &ctx.host_ip))
         .current_dir(&cwd)
         .stdin(std::process::Stdio::null())
         .stdout(log("stdout.log")?)
         .stderr(log("stderr.log")?)
         .process_group(0)
         .kill_on_drop(false);
-    for (i, port) in task.ports.iter().enumerate() {
-        cmd.env(
-            format!("STARLING_PORT_{}", port.name),
-            port.port.to_string(),
-        );
-        if i == 0 {
-            cmd.env("PORT", port.port.to_string());
-        }
-    }
     if let Some(cg) = &ctx.cgroups {
         cg.create(&task.id, &task.template.resources)?;
     }
@@ -346,6 +365,9 @@ mod tests {
                 placement: Placement::default(),
                 ports: vec![],
                 force_update: 0,
+                health: None,
+                drain_delay_ms: 0,
+                dns_ttl_s: 5,
             },
             node: Some("n".into()),
             desired: TaskState::Running,

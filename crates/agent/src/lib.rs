@@ -14,6 +14,7 @@
 pub mod cgroup;
 pub mod core;
 pub mod exec;
+pub mod health;
 pub mod logs;
 
 use std::collections::BTreeMap;
@@ -26,8 +27,11 @@ use starling_api::dispatch::{
     AgentMessage, DISPATCH_ALPN, ManagerMessage, read_message, write_message,
 };
 use starling_api::unix_ms;
+use starling_gossip::Health;
 use starling_gossip::ServiceEndpoint;
-use starling_state::{ExitInfo, NodeDescription, Task, TaskReport, TaskState, TaskStatus};
+use starling_state::{
+    ExitInfo, NodeDescription, Task, TaskHealth, TaskReport, TaskState, TaskStatus,
+};
 use starling_transport::{Endpoint, NodeId, PeerPolicy, Protocol, Role};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -57,17 +61,18 @@ pub struct AgentConfig {
     pub endpoints: Option<tokio::sync::watch::Sender<Vec<ServiceEndpoint>>>,
 }
 
-/// The endpoints of the tasks that run here and are wanted running: one per task, at the
-/// node's address, with its ports by name. A task being stopped is not one any more.
+/// The endpoints of the tasks that run here, from `published` (task id and how it is
+/// served: its health, or `Draining` while it is being stopped): one per task, at the node's
+/// address, with its ports by name and its service's DNS TTL.
 pub fn endpoints(
     assigned: &BTreeMap<String, Task>,
-    running: impl Iterator<Item = String>,
+    published: impl Iterator<Item = (String, Health)>,
     host_ip: &str,
 ) -> Vec<ServiceEndpoint> {
-    let mut out: Vec<ServiceEndpoint> = running
-        .filter_map(|id| assigned.get(&id))
-        .filter(|t| t.desired <= TaskState::Running && !t.status.state.is_terminal())
-        .map(|t| ServiceEndpoint {
+    let mut out: Vec<ServiceEndpoint> = published
+        .filter_map(|(id, health)| Some((assigned.get(&id)?, health)))
+        .filter(|(t, _)| !t.status.state.is_terminal())
+        .map(|(t, health)| ServiceEndpoint {
             service: t.service_name.clone(),
             task: t.id.clone(),
             slot: match &t.slot {
@@ -81,8 +86,8 @@ pub fn endpoints(
                 .iter()
                 .map(|p| (p.name.to_lowercase(), p.port))
                 .collect(),
-            // No health checks yet: a running task serves.
-            health: starling_gossip::Health::Healthy,
+            health,
+            ttl: Some(t.template.dns_ttl_s),
         })
         .collect();
     out.sort_by(|a, b| (&a.service, &a.task).cmp(&(&b.service, &b.task)));
@@ -120,9 +125,30 @@ struct Local {
     pgid: i32,
     started: Option<exec::Started>,
     stopping: bool,
+    /// Its health, while it has a check.
+    health: Option<TaskHealth>,
+    /// Its probe loop.
+    checks: Option<Owned>,
+    /// Why its check made it unhealthy (it is being stopped for that).
+    unhealthy: Option<String>,
+    /// While being stopped: its endpoint is published draining until then (ms).
+    drain_until: u64,
 }
 
 impl Local {
+    fn running(started: exec::Started) -> Local {
+        Local {
+            phase: Phase::Running,
+            pgid: started.pid,
+            started: Some(started),
+            stopping: false,
+            health: None,
+            checks: None,
+            unhealthy: None,
+            drain_until: 0,
+        }
+    }
+
     /// A task that is over here (rejected, never started, or ended while the agent was down).
     fn ended() -> Local {
         Local {
@@ -130,7 +156,64 @@ impl Local {
             pgid: 0,
             started: None,
             stopping: false,
+            health: None,
+            checks: None,
+            unhealthy: None,
+            drain_until: 0,
         }
+    }
+
+    /// How its endpoint is published now, if it is.
+    fn published(&self, checked: bool, now: u64) -> Option<Health> {
+        match self.phase {
+            Phase::Running if !self.stopping => Some(match self.health {
+                Some(TaskHealth::Healthy) => Health::Healthy,
+                Some(TaskHealth::Unhealthy) => Health::Unhealthy,
+                Some(TaskHealth::Starting) => Health::Starting,
+                None if checked => Health::Starting,
+                None => Health::Healthy,
+            }),
+            Phase::Running | Phase::Stopping if now < self.drain_until => Some(Health::Draining),
+            _ => None,
+        }
+    }
+
+    /// Stops it: published as draining for `drain_ms`, then its stop signal, then a kill
+    /// of its group after the grace.
+    fn stop(
+        &mut self,
+        task: &str,
+        signal: i32,
+        grace_ms: u64,
+        drain_ms: u64,
+        cgroups: Option<cgroup::Cgroups>,
+    ) {
+        debug!(%task, signal, drain_ms, "stopping task");
+        self.phase = Phase::Stopping;
+        self.stopping = true;
+        self.checks = None;
+        self.drain_until = unix_ms().saturating_add(drain_ms);
+        let pgid = self.pgid;
+        let started = self.started.clone();
+        let task = task.to_owned();
+        tokio::spawn(async move {
+            // Only the group of the process we started: never a reused id.
+            let alive = || started.as_ref().is_some_and(exec::alive);
+            if drain_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(drain_ms)).await;
+            }
+            if !alive() {
+                return;
+            }
+            exec::signal_group(pgid, signal);
+            tokio::time::sleep(Duration::from_millis(grace_ms)).await;
+            if alive() {
+                exec::signal_group(pgid, 9);
+                if let Some(cg) = cgroups {
+                    cg.kill(&task);
+                }
+            }
+        });
     }
 }
 
@@ -188,6 +271,7 @@ async fn run(
     let (report_tx, report_rx) = mpsc::channel::<Vec<TaskReport>>(1024);
     let (assign_tx, mut assign_rx) = mpsc::channel::<ManagerMessage>(64);
     let (event_tx, mut events) = mpsc::channel::<Event>(256);
+    let (health_tx, mut health_rx) = mpsc::channel::<health::Change>(256);
     let _session = Owned(tokio::spawn(session_loop(
         endpoint,
         managers,
@@ -239,6 +323,7 @@ async fn run(
             Some(Event::Exited { task, exit }) = events.recv() => {
                 if let Some(l) = local.get_mut(&task) {
                     l.phase = Phase::Ended;
+                    l.checks = None;
                     // What the task left behind goes with it (as a container's processes go
                     // when its main process ends).
                     let oom = cfg.cgroups.as_ref().is_some_and(|cg| {
@@ -252,6 +337,15 @@ async fn run(
                     let exit = if oom { Some(ExitInfo::OomKilled) } else { exit };
                     let now = unix_ms();
                     let status = match (&exit, l.stopping) {
+                        (_, true) if l.unhealthy.is_some() => {
+                            let why = l.unhealthy.clone().unwrap_or_default();
+                            TaskStatus {
+                                error: Some(why.clone()),
+                                exit: exit.clone(),
+                                health: Some(TaskHealth::Unhealthy),
+                                ..TaskStatus::new(TaskState::Failed, why, now)
+                            }
+                        }
                         (_, true) => TaskStatus::new(TaskState::Shutdown, "stopped", now),
                         (Some(ExitInfo::Code(0)), false) => {
                             TaskStatus::new(TaskState::Complete, "exited with status 0", now)
@@ -271,6 +365,30 @@ async fn run(
                     report(&statuses, &task, status);
                 }
             },
+            Some(change) = health_rx.recv() => {
+                if let Some(l) = local.get_mut(&change.task).filter(|l| !l.stopping) {
+                    l.health = Some(change.health);
+                    let mut status = statuses
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&change.task)
+                        .cloned()
+                        .unwrap_or_else(|| TaskStatus::new(TaskState::Running, "running", unix_ms()));
+                    status.health = Some(change.health);
+                    info!(task = %change.task, health = change.health.as_str(), why = ?change.why, "task health");
+                    report(&statuses, &change.task, status);
+                    if change.health == TaskHealth::Unhealthy {
+                        // As swarm does: an unhealthy task is stopped and counts as failed,
+                        // so its restart policy replaces it. It is not served meanwhile.
+                        let (signal, grace_ms) = assigned.get(&change.task).map_or((15, 10_000), |t| {
+                            (t.template.process.stop_signal, t.template.process.stop_grace_ms)
+                        });
+                        let why = change.why.unwrap_or_else(|| "failing".to_owned());
+                        l.unhealthy = Some(format!("unhealthy: {why}"));
+                        l.stop(&change.task, signal, grace_ms, 0, cfg.cgroups.clone());
+                    }
+                }
+            },
             _ = tick.tick() => {
                 let now = unix_ms();
                 for (id, l) in &local {
@@ -278,9 +396,11 @@ async fn run(
                         logs::maintain(&cfg.tasks_dir.join(id), now);
                     }
                 }
-                // The plan runs once a second on the tick (besides every event).
+                // The plan runs once a second on the tick (besides every event); endpoints
+                // are published on every tick (a drain delay ends between plans).
                 ticks += 1;
                 if !ticks.is_multiple_of(4) {
+                    publish(&cfg, &assigned, &local);
                     continue;
                 }
             },
@@ -305,23 +425,19 @@ async fn run(
                         Ok(mut spawned) => {
                             let id = task.id.clone();
                             info!(task = %id, pid = spawned.started.pid, "task started");
-                            local.insert(
-                                id.clone(),
-                                Local {
-                                    phase: Phase::Running,
-                                    pgid: spawned.started.pid,
-                                    started: Some(spawned.started.clone()),
-                                    stopping: false,
-                                },
-                            );
+                            local.insert(id.clone(), Local::running(spawned.started.clone()));
+                            let checked = task.template.health.is_some();
                             report(
                                 &statuses,
                                 &id,
-                                TaskStatus::new(
-                                    TaskState::Running,
-                                    format!("started (pid {})", spawned.started.pid),
-                                    unix_ms(),
-                                ),
+                                TaskStatus {
+                                    health: checked.then_some(TaskHealth::Starting),
+                                    ..TaskStatus::new(
+                                        TaskState::Running,
+                                        format!("started (pid {})", spawned.started.pid),
+                                        unix_ms(),
+                                    )
+                                },
                             );
                             let events = event_tx.clone();
                             tokio::spawn(async move {
@@ -349,23 +465,18 @@ async fn run(
                     grace_ms,
                 } => {
                     if let Some(l) = local.get_mut(&task) {
-                        debug!(%task, signal, "stopping task");
-                        l.phase = Phase::Stopping;
-                        l.stopping = true;
-                        let pgid = l.pgid;
-                        exec::signal_group(pgid, signal);
-                        let started = l.started.clone();
-                        let cgroups = cfg.cgroups.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(grace_ms)).await;
-                            // Only the group of the process we started: never a reused id.
-                            if started.as_ref().is_some_and(exec::alive) {
-                                exec::signal_group(pgid, 9);
-                                if let Some(cg) = cgroups {
-                                    cg.kill(&task);
-                                }
+                        // A served task is published draining first, so clients stop using
+                        // it before it stops.
+                        let drain_ms = match assigned.get(&task) {
+                            Some(t)
+                                if l.published(t.template.health.is_some(), unix_ms())
+                                    == Some(Health::Healthy) =>
+                            {
+                                t.template.drain_delay_ms
                             }
-                        });
+                            _ => 0,
+                        };
+                        l.stop(&task, signal, grace_ms, drain_ms, cfg.cgroups.clone());
                     }
                 }
                 Action::NeverStarted(task) => {
@@ -396,21 +507,42 @@ async fn run(
                 }
             }
         }
-        if let Some(tx) = &cfg.endpoints {
-            let running = local
-                .iter()
-                .filter(|(_, l)| l.phase == Phase::Running && !l.stopping)
-                .map(|(id, _)| id.clone());
-            let now = endpoints(&assigned, running, &cfg.host_ip);
-            tx.send_if_modified(|published| {
-                let changed = *published != now;
-                if changed {
-                    *published = now;
-                }
-                changed
-            });
+        // Checked tasks that run get their probe loop (started, or adopted after a restart).
+        for (id, l) in local.iter_mut() {
+            if l.phase == Phase::Running
+                && !l.stopping
+                && l.checks.is_none()
+                && let Some(t) = assigned.get(id).filter(|t| t.template.health.is_some())
+            {
+                let dir = cfg.tasks_dir.join(id);
+                l.checks = health::spawn(t, cfg.host_ip.clone(), dir, unix_ms(), health_tx.clone())
+                    .map(Owned);
+            }
         }
+        publish(&cfg, &assigned, &local);
     }
+}
+
+/// Sets the node's endpoints to what the local tasks serve now, if that changed.
+fn publish(cfg: &AgentConfig, assigned: &BTreeMap<String, Task>, local: &BTreeMap<String, Local>) {
+    let Some(tx) = &cfg.endpoints else {
+        return;
+    };
+    let now = unix_ms();
+    let published = local.iter().filter_map(|(id, l)| {
+        let checked = assigned
+            .get(id)
+            .is_some_and(|t| t.template.health.is_some());
+        l.published(checked, now).map(|h| (id.clone(), h))
+    });
+    let list = endpoints(assigned, published, &cfg.host_ip);
+    tx.send_if_modified(|current| {
+        let changed = *current != list;
+        if changed {
+            *current = list;
+        }
+        changed
+    });
 }
 
 fn describe_exit(e: &ExitInfo) -> String {
@@ -446,15 +578,7 @@ fn adopt(
         let now = unix_ms();
         if exec::alive(&started) {
             info!(task = %id, pid = started.pid, "adopting a running task");
-            local.insert(
-                id.clone(),
-                Local {
-                    phase: Phase::Running,
-                    pgid: started.pid,
-                    started: Some(started.clone()),
-                    stopping: false,
-                },
-            );
+            local.insert(id.clone(), Local::running(started.clone()));
             statuses.lock().unwrap_or_else(|p| p.into_inner()).insert(
                 id.clone(),
                 TaskStatus::new(

@@ -64,6 +64,122 @@ fn yes() -> bool {
     true
 }
 
+fn default_drain() -> u64 {
+    starling_state::DRAIN_DELAY_MS
+}
+
+fn default_ttl() -> u32 {
+    starling_state::DNS_TTL_S
+}
+
+fn default_interval() -> u64 {
+    starling_state::CHECK_INTERVAL_MS
+}
+
+fn default_timeout() -> u64 {
+    starling_state::CHECK_TIMEOUT_MS
+}
+
+fn default_retries() -> u32 {
+    starling_state::CHECK_RETRIES
+}
+
+/// What a health check probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckType {
+    /// A TCP connection to the named port.
+    Tcp,
+    /// An HTTP GET of `path` on the named port; a 2xx or 3xx answer passes.
+    Http,
+    /// A program run beside the task; exit 0 passes.
+    Command,
+}
+
+/// A task's health check, run by its node's agent. A checked task is `starting` until a
+/// check passes, `healthy` while they pass, `unhealthy` after `retries` failures in a row
+/// (then it is stopped and counts as failed, as in Docker swarm). DNS and the endpoint API
+/// serve only healthy tasks; start-first replacements and rolling updates wait for them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HealthCheckSpec {
+    /// `tcp`, `http` or `command`.
+    #[serde(rename = "type")]
+    pub kind: CheckType,
+    /// The port's name (`tcp`, `http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// The request path (`http`; default `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Program and arguments (`command`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Time between checks (ms, default 5 000).
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    /// A check taking longer fails (ms, default 2 000).
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Failures in a row that make a task unhealthy (default 3).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Failures in this time after the start do not count (ms, default 0).
+    #[serde(default)]
+    pub start_period_ms: u64,
+}
+
+impl HealthCheckSpec {
+    fn to_state(&self) -> Result<starling_state::HealthCheck, String> {
+        use starling_state::CheckKind;
+        let port = || {
+            self.port
+                .clone()
+                .ok_or_else(|| "health check: a tcp or http check names a port".to_owned())
+        };
+        let kind = match self.kind {
+            CheckType::Tcp => CheckKind::Tcp { port: port()? },
+            CheckType::Http => CheckKind::Http {
+                port: port()?,
+                path: self.path.clone().unwrap_or_else(|| "/".to_owned()),
+            },
+            CheckType::Command => CheckKind::Command {
+                argv: self.command.clone(),
+            },
+        };
+        Ok(starling_state::HealthCheck {
+            kind,
+            interval_ms: self.interval_ms,
+            timeout_ms: self.timeout_ms,
+            retries: self.retries,
+            start_period_ms: self.start_period_ms,
+        })
+    }
+
+    fn from_state(h: &starling_state::HealthCheck) -> HealthCheckSpec {
+        use starling_state::CheckKind;
+        let (kind, port, path, command) = match &h.kind {
+            CheckKind::Tcp { port } => (CheckType::Tcp, Some(port.clone()), None, vec![]),
+            CheckKind::Http { port, path } => (
+                CheckType::Http,
+                Some(port.clone()),
+                Some(path.clone()),
+                vec![],
+            ),
+            CheckKind::Command { argv } => (CheckType::Command, None, None, argv.clone()),
+        };
+        HealthCheckSpec {
+            kind,
+            port,
+            path,
+            command,
+            interval_ms: h.interval_ms,
+            timeout_ms: h.timeout_ms,
+            retries: h.retries,
+            start_period_ms: h.start_period_ms,
+        }
+    }
+}
+
 /// What a rolling update (or rollback) does when a new task fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -272,6 +388,16 @@ pub struct ServiceSpec {
     /// Bumped to replace every task without another change (`service update --force`).
     #[serde(default)]
     pub force_update: u64,
+    /// The tasks' health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
+    /// How long a stopping task's endpoint is published as draining, so clients stop
+    /// receiving it, before its stop signal (ms, default 2 000).
+    #[serde(default = "default_drain")]
+    pub drain_delay_ms: u64,
+    /// TTL of the DNS answers naming its tasks (s, default 5).
+    #[serde(default = "default_ttl")]
+    pub dns_ttl_s: u32,
 }
 
 /// A service.
@@ -355,6 +481,9 @@ pub struct TaskView {
     pub exit_code: Option<i32>,
     /// When it reached its state (ms since the Unix epoch).
     pub timestamp: u64,
+    /// `starting`, `healthy` or `unhealthy`, for a running task with a health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
     /// Ports given to it.
     pub ports: Vec<TaskPort>,
     /// Why it is not placed yet.
@@ -511,6 +640,13 @@ impl ServiceSpec {
                 },
                 ports,
                 force_update: self.force_update,
+                health: self
+                    .health_check
+                    .as_ref()
+                    .map(HealthCheckSpec::to_state)
+                    .transpose()?,
+                drain_delay_ms: self.drain_delay_ms,
+                dns_ttl_s: self.dns_ttl_s,
             },
             update: self.update.to_state("update")?,
             rollback: self.rollback.to_state("rollback")?,
@@ -587,6 +723,9 @@ impl ServiceSpec {
             update: UpdateSettings::from_state(&s.update),
             rollback: UpdateSettings::from_state(&s.rollback),
             force_update: t.force_update,
+            health_check: t.health.as_ref().map(HealthCheckSpec::from_state),
+            drain_delay_ms: t.drain_delay_ms,
+            dns_ttl_s: t.dns_ttl_s,
         }
     }
 }
@@ -613,6 +752,7 @@ impl TaskView {
                 _ => None,
             },
             timestamp: t.status.timestamp,
+            health: t.status.health.map(|h| h.as_str().to_owned()),
             ports: t
                 .ports
                 .iter()
@@ -659,7 +799,8 @@ mod tests {
             "constraints": ["node.labels.zone==b"],
             "preferences": ["spread=node.labels.zone"],
             "ports": [{"name": "HTTP"}],
-            "restart_condition": "on-failure"
+            "restart_condition": "on-failure",
+            "health_check": {"type": "http", "port": "HTTP", "path": "/health", "interval_ms": 1000}
         }))
         .unwrap();
         let st = spec.to_state().unwrap();
@@ -667,5 +808,19 @@ mod tests {
         let mut bad = spec.clone();
         bad.command.clear();
         assert!(bad.to_state().unwrap_err().contains("program"));
+        let mut bad = spec.clone();
+        if let Some(h) = &mut bad.health_check {
+            h.port = Some("WEB".into());
+        }
+        assert!(
+            bad.to_state()
+                .unwrap_err()
+                .contains("no port named \"WEB\"")
+        );
+        let mut bad = spec.clone();
+        if let Some(h) = &mut bad.health_check {
+            h.retries = 0;
+        }
+        assert!(bad.to_state().unwrap_err().contains("retries"));
     }
 }

@@ -12,12 +12,14 @@ use crate::identity::GossipId;
 /// Health of one endpoint, as its node reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Health {
-    /// Passing its checks.
+    /// Passing its checks (or running without any).
     Healthy,
     /// Failing its checks.
     Unhealthy,
-    /// Not checked yet.
-    Unknown,
+    /// Checked, and no check has passed yet.
+    Starting,
+    /// Being stopped: published for its drain delay so clients stop using it first.
+    Draining,
 }
 
 /// One service endpoint a node offers: a running task of a service.
@@ -37,6 +39,8 @@ pub struct ServiceEndpoint {
     pub ports: BTreeMap<String, u16>,
     /// Health.
     pub health: Health,
+    /// TTL of DNS answers naming it (s; none: the node's default).
+    pub ttl: Option<u32>,
 }
 
 /// Everything one node publishes. Newer means a higher `(generation, version)`: a restarted
@@ -418,6 +422,7 @@ mod tests {
                 port: 80,
                 ports: BTreeMap::from([("http".into(), 80)]),
                 health: Health::Healthy,
+                ttl: None,
             }],
             labels: BTreeMap::new(),
         }

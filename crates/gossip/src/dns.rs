@@ -155,6 +155,7 @@ pub fn answer(view: &DnsView, query: &[u8], udp: bool) -> Option<Vec<u8>> {
         }
         Target::Service(svc) => match view.services.get(svc) {
             Some(list) => {
+                let ttl = service_ttl(list, ttl);
                 let ips: BTreeSet<IpAddr> = list
                     .iter()
                     .filter_map(|(_, e)| e.addr.parse().ok())
@@ -178,6 +179,7 @@ pub fn answer(view: &DnsView, query: &[u8], udp: bool) -> Option<Vec<u8>> {
             if list.is_empty() {
                 found = false;
             } else if matches!(qtype, QTYPE::TYPE(TYPE::SRV) | QTYPE::ANY) {
+                let ttl = service_ttl(list.iter().copied(), ttl);
                 for (node, e) in list {
                     let (Ok(ip), Some(p)) = (e.addr.parse::<IpAddr>(), e.ports.get(port)) else {
                         continue;
@@ -206,6 +208,7 @@ pub fn answer(view: &DnsView, query: &[u8], udp: bool) -> Option<Vec<u8>> {
         Target::Unknown => found = false,
     }
     // Each SRV target's address in ADDITIONAL (RFC 2782; swarm never filled these).
+    let ttl = reply.answers.iter().map(|r| r.ttl).min().unwrap_or(ttl);
     for (t, ip) in &targets {
         reply
             .additional_records
@@ -226,6 +229,14 @@ pub fn answer(view: &DnsView, query: &[u8], udp: bool) -> Option<Vec<u8>> {
     cut.set_flags(PacketFlag::AUTHORITATIVE_ANSWER | PacketFlag::TRUNCATION);
     cut.questions.push(question.clone());
     cut.build_bytes_vec().ok()
+}
+
+/// The TTL of an answer naming these endpoints: the smallest any of them asks for.
+fn service_ttl<'a>(list: impl IntoIterator<Item = &'a (String, ServiceEndpoint)>, ttl: u32) -> u32 {
+    list.into_iter()
+        .map(|(_, e)| e.ttl.unwrap_or(ttl))
+        .min()
+        .unwrap_or(ttl)
 }
 
 fn soa(ttl: u32) -> ResourceRecord<'static> {
@@ -379,6 +390,7 @@ mod tests {
             port: http,
             ports: BTreeMap::from([("http".into(), http)]),
             health: Health::Healthy,
+            ttl: None,
         }
     }
 
@@ -467,6 +479,38 @@ mod tests {
             (p.rcode(), p.answers.len(), p.name_servers.len()),
             (RCODE::NoError, 0, 1)
         );
+    }
+
+    #[test]
+    fn a_service_ttl_is_the_smallest_its_endpoints_ask_for() {
+        let mut v = view();
+        if let Some(list) = v.services.get_mut("web") {
+            list[1].1.ttl = Some(30);
+            list[2].1.ttl = Some(2);
+        }
+        let ask = |name: &str, qtype: TYPE| {
+            let mut q = Packet::new_query(9);
+            q.questions.push(simple_dns::Question::new(
+                Name::new_unchecked(name),
+                QTYPE::TYPE(qtype),
+                simple_dns::QCLASS::CLASS(CLASS::IN),
+                false,
+            ));
+            answer(&v, &q.build_bytes_vec().unwrap(), true).unwrap()
+        };
+        for (name, qtype) in [
+            ("web.svc.starling", TYPE::A),
+            ("_http._tcp.web.svc.starling", TYPE::SRV),
+        ] {
+            let bytes = ask(name, qtype);
+            let p = parse(&bytes);
+            assert!(!p.answers.is_empty());
+            assert!(p.answers.iter().all(|r| r.ttl == 2), "{name}");
+            assert!(p.additional_records.iter().all(|r| r.ttl == 2), "{name}");
+        }
+        // Names not of a service keep the node's TTL.
+        let bytes = ask("w1.node.starling", TYPE::A);
+        assert_eq!(parse(&bytes).answers[0].ttl, DEFAULT_TTL);
     }
 
     #[test]

@@ -18,6 +18,7 @@ fn endpoint(service: &str, port: u16) -> ServiceEndpoint {
         port,
         ports: std::collections::BTreeMap::from([("http".into(), port)]),
         health: Health::Healthy,
+        ttl: None,
     }
 }
 

@@ -105,6 +105,7 @@ async fn t20_eight_nodes_join_publish_fail_and_return() {
                 port: 8080,
                 ports: BTreeMap::from([("http".into(), 8080)]),
                 health: Health::Healthy,
+                ttl: None,
             }],
             BTreeMap::new(),
         )

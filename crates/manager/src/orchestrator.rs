@@ -250,16 +250,15 @@ fn reconcile_slot(
             // batches, not here.
         }
         [old, new, ..] => {
-            // A start-first pair: the old one stops once the new one has run long enough.
+            // A start-first pair: the old one stops once the new one is ready (running, and
+            // healthy if it is checked) and has run long enough.
             let (old, new) = (*old, *new);
-            if new.status.state == TaskState::Running
-                && now.saturating_sub(new.status.timestamp) >= cfg.drain_monitor_ms
-            {
+            if new.is_ready() && now.saturating_sub(new.status.timestamp) >= cfg.drain_monitor_ms {
                 plan.ops.push(TaskOp::SetDesired {
                     task: old.id.clone(),
                     desired: TaskState::Shutdown,
                 });
-            } else if new.status.state == TaskState::Running {
+            } else if new.is_ready() {
                 plan.wake(new.status.timestamp.saturating_add(cfg.drain_monitor_ms));
             }
             if lost(state, old) {
@@ -366,7 +365,8 @@ fn roll(
         // A task on a lost node is the lost-node path's (which honours the opt-out).
         let older = runnable.iter().find(|t| !current(t) && !lost(state, t));
         match (new, older) {
-            (Some(n), None) if n.status.state == TaskState::Running => {
+            // A new task counts once it is ready (healthy, if checked) and ran for `monitor`.
+            (Some(n), None) if n.is_ready() => {
                 let done_at = n.status.timestamp.saturating_add(conf.monitor_ms);
                 if now >= done_at {
                     last_done = last_done.max(done_at);

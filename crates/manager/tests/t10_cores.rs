@@ -437,3 +437,63 @@ fn an_update_goes_in_batches_pauses_on_a_failure_and_a_rollback_leaves_untouched
     assert_eq!(running.iter().filter(|t| before.contains(&t.id)).count(), 4);
     assert!(running.iter().all(|t| t.template == svc.spec.task));
 }
+
+#[test]
+fn a_start_first_replacement_waits_for_its_health_check_to_pass() {
+    let cfg = OrchestratorConfig {
+        drain_monitor_ms: 0,
+        ..OrchestratorConfig::default()
+    };
+    let mut sim = Sim::new(2);
+    let spec: starling_api::ServiceSpec = serde_json::from_value(serde_json::json!({
+        "name": "checked", "replicas": 1, "command": ["sleep", "1"],
+        "health_check": {"type": "command", "command": ["true"]}
+    }))
+    .unwrap();
+    let Outcome::Service { service } = sim.apply(Command::CreateService {
+        spec: spec.to_state().unwrap(),
+        at: sim.now,
+    }) else {
+        panic!("not created");
+    };
+    sim.round(&cfg);
+    sim.round(&cfg);
+    let old = sim.running(&service.id)[0].clone();
+    sim.apply(Command::SetNodeAvailability {
+        id: old.node.clone().unwrap(),
+        availability: Availability::Drain,
+    });
+    // The replacement runs, but no check has passed: the old task keeps serving.
+    for _ in 0..5 {
+        sim.round(&cfg);
+        assert_eq!(
+            sim.s.task(&old.id).unwrap().desired,
+            TaskState::Running,
+            "the old task was stopped before its replacement was healthy"
+        );
+    }
+    let new = sim
+        .running(&service.id)
+        .into_iter()
+        .find(|t| t.id != old.id)
+        .cloned()
+        .expect("a replacement runs");
+    assert!(!new.is_ready());
+    sim.apply(Command::ReportTasks {
+        node: new.node.clone().unwrap(),
+        reports: vec![TaskReport {
+            task: new.id.clone(),
+            status: TaskStatus {
+                health: Some(starling_state::TaskHealth::Healthy),
+                ..TaskStatus::new(TaskState::Running, "", sim.now)
+            },
+        }],
+    });
+    let new = sim.s.task(&new.id).unwrap();
+    assert!(
+        new.is_ready(),
+        "the health report applies to a running task"
+    );
+    sim.round(&cfg);
+    assert!(sim.s.task(&old.id).unwrap().desired > TaskState::Running);
+}

@@ -432,6 +432,8 @@ enum ServiceCmd {
         port: Vec<String>,
         #[command(flatten)]
         rollout: RolloutFlags,
+        #[command(flatten)]
+        health: HealthFlags,
         /// Do not check that the program exists on the manager (it exists only on the
         /// workers).
         #[arg(long)]
@@ -491,6 +493,8 @@ enum ServiceCmd {
         force: bool,
         #[command(flatten)]
         rollout: RolloutFlags,
+        #[command(flatten)]
+        health: HealthFlags,
         /// Replace the program and arguments (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
@@ -556,6 +560,121 @@ enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
+}
+
+/// A service's health check, drain delay and DNS TTL (`docker service create --health-*`).
+#[derive(clap::Args, Debug, Default)]
+struct HealthFlags {
+    /// Health check: a command run beside each task through `sh -c` (exit 0: healthy).
+    #[arg(long)]
+    health_cmd: Option<String>,
+    /// Health check: a TCP connection to the task's port of this name.
+    #[arg(long, conflicts_with = "health_cmd")]
+    health_tcp: Option<String>,
+    /// Health check: an HTTP GET, `PORT` or `PORT/path` (`HTTP/healthz`); 2xx or 3xx passes.
+    #[arg(long, conflicts_with_all = ["health_cmd", "health_tcp"])]
+    health_http: Option<String>,
+    /// Time between checks (default 5s).
+    #[arg(long, value_parser = parse_duration)]
+    health_interval: Option<std::time::Duration>,
+    /// A check taking longer fails (default 2s).
+    #[arg(long, value_parser = parse_duration)]
+    health_timeout: Option<std::time::Duration>,
+    /// Failures in a row that make a task unhealthy (default 3); it is then replaced.
+    #[arg(long)]
+    health_retries: Option<u32>,
+    /// Failures this soon after the start do not count (default 0s).
+    #[arg(long, value_parser = parse_duration)]
+    health_start_period: Option<std::time::Duration>,
+    /// Remove the health check.
+    #[arg(long, conflicts_with_all = ["health_cmd", "health_tcp", "health_http"])]
+    no_healthcheck: bool,
+    /// How long a stopping task's endpoint is published as draining before its stop signal,
+    /// so clients stop using it first (default 2s; 0s: none).
+    #[arg(long, value_parser = parse_duration)]
+    drain_delay: Option<std::time::Duration>,
+    /// TTL of the DNS answers naming the service's tasks (default 5s).
+    #[arg(long, value_parser = parse_duration)]
+    dns_ttl: Option<std::time::Duration>,
+}
+
+impl HealthFlags {
+    fn apply(&self, spec: &mut starling_api::ServiceSpec) -> anyhow::Result<()> {
+        use starling_api::{CheckType, HealthCheckSpec};
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let kind = if let Some(cmd) = &self.health_cmd {
+            Some((
+                CheckType::Command,
+                None,
+                None,
+                vec!["sh".into(), "-c".into(), cmd.clone()],
+            ))
+        } else if let Some(port) = &self.health_tcp {
+            Some((CheckType::Tcp, Some(port.clone()), None, vec![]))
+        } else if let Some(target) = &self.health_http {
+            let (port, path) = match target.split_once('/') {
+                Some((port, path)) => (port.to_owned(), format!("/{path}")),
+                None => (target.clone(), "/".to_owned()),
+            };
+            Some((CheckType::Http, Some(port), Some(path), vec![]))
+        } else {
+            None
+        };
+        if self.no_healthcheck {
+            spec.health_check = None;
+        }
+        if let Some((kind, port, path, command)) = kind {
+            let base = spec.health_check.take();
+            spec.health_check = Some(HealthCheckSpec {
+                kind,
+                port,
+                path,
+                command,
+                interval_ms: base
+                    .as_ref()
+                    .map_or(starling_state::CHECK_INTERVAL_MS, |b| b.interval_ms),
+                timeout_ms: base
+                    .as_ref()
+                    .map_or(starling_state::CHECK_TIMEOUT_MS, |b| b.timeout_ms),
+                retries: base
+                    .as_ref()
+                    .map_or(starling_state::CHECK_RETRIES, |b| b.retries),
+                start_period_ms: base.as_ref().map_or(0, |b| b.start_period_ms),
+            });
+        }
+        let tuning = self.health_interval.is_some()
+            || self.health_timeout.is_some()
+            || self.health_retries.is_some()
+            || self.health_start_period.is_some();
+        match &mut spec.health_check {
+            Some(h) => {
+                if let Some(d) = self.health_interval {
+                    h.interval_ms = ms(d);
+                }
+                if let Some(d) = self.health_timeout {
+                    h.timeout_ms = ms(d);
+                }
+                if let Some(n) = self.health_retries {
+                    h.retries = n;
+                }
+                if let Some(d) = self.health_start_period {
+                    h.start_period_ms = ms(d);
+                }
+            }
+            None if tuning => anyhow::bail!(
+                "--health-interval, --health-timeout, --health-retries and --health-start-period \
+                 tune a health check: give one with --health-cmd, --health-tcp or --health-http"
+            ),
+            None => {}
+        }
+        if let Some(d) = self.drain_delay {
+            spec.drain_delay_ms = ms(d);
+        }
+        if let Some(d) = self.dns_ttl {
+            spec.dns_ttl_s = u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+        }
+        Ok(())
+    }
 }
 
 /// How a service's spec changes (and rollbacks) roll out, as `docker service` sets them.
@@ -879,15 +998,16 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     };
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration (like 30d, 12h, 90m, 45s)"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        "d" => n.saturating_mul(86_400),
-        _ => return Err(format!("unknown unit {unit:?}: use d, h, m or s")),
+        .map_err(|_| format!("{text:?} is not a duration (like 30d, 12h, 90m, 45s, 500ms)"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        _ => return Err(format!("unknown unit {unit:?}: use d, h, m, s or ms")),
     };
-    Ok(std::time::Duration::from_secs(secs))
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 /// `--tail N` or `--tail all` (`None`).
@@ -1280,7 +1400,7 @@ fn print_tasks(tasks: &[starling_api::TaskView], format: Format) -> anyhow::Resu
         return Ok(());
     }
     println!(
-        "{:<17} {:<22} {:<16} {:<14} {:<28} {:<30} PORTS",
+        "{:<17} {:<22} {:<16} {:<14} {:<38} {:<30} PORTS",
         "ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "ERROR"
     );
     let mut last_slot: Option<(String, String)> = None;
@@ -1303,12 +1423,15 @@ fn print_tasks(tasks: &[starling_api::TaskView], format: Format) -> anyhow::Resu
             .map(|p| format!("{}={}", p.name, p.port))
             .collect();
         println!(
-            "{:<17} {:<22} {:<16} {:<14} {:<28} {:<30} {}",
+            "{:<17} {:<22} {:<16} {:<14} {:<38} {:<30} {}",
             t.id,
             name,
             t.node_hostname.clone().unwrap_or_default(),
             capitalised(&t.desired_state),
-            format!("{} {}", capitalised(&t.state), ago(t.timestamp)),
+            match &t.health {
+                Some(h) => format!("{} {} ({h})", capitalised(&t.state), ago(t.timestamp)),
+                None => format!("{} {}", capitalised(&t.state), ago(t.timestamp)),
+            },
             error,
             ports.join(",")
         );
@@ -1336,6 +1459,7 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             limit_cpu,
             port,
             rollout,
+            health,
             no_resolve_program,
             quiet,
             command,
@@ -1386,6 +1510,7 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                 })
                 .collect();
             rollout.apply(&mut spec)?;
+            health.apply(&mut spec)?;
             // Checked here first: one clear line, nothing sent.
             spec.to_state().map_err(|e| anyhow::anyhow!(e))?;
             let v = call!(&dir, ctx, |c| c
@@ -1472,11 +1597,13 @@ async fn service(cmd: ServiceCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             env_rm,
             force,
             rollout,
+            health,
             command,
         } => {
             let current = call!(&dir, ctx, |c| c.service(&service).await);
             let mut spec = current.spec.clone();
             rollout.apply(&mut spec)?;
+            health.apply(&mut spec)?;
             if force {
                 spec.force_update += 1;
             }

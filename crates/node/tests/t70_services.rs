@@ -1314,3 +1314,227 @@ fn t74_every_node_resolves_the_running_endpoints_from_gossip_alone() {
         );
     }
 }
+
+/// The task directory of `t` on its node.
+fn task_dir(c: &Cluster, t: &TaskView) -> PathBuf {
+    c.dir(t.node_hostname.as_deref().unwrap())
+        .join("tasks")
+        .join(&t.id)
+}
+
+#[test]
+fn t75_health_checks_gate_dns_replace_unhealthy_tasks_and_drain_before_stopping() {
+    let c = cluster_of(5, 1, 2);
+    let rt = rt();
+    let api = c.client();
+    // An HTTP server of its task directory: GET /health passes once a file `health` is there.
+    let out = starling(&[
+        "service",
+        "create",
+        "--data-dir",
+        c.dir("m1").to_str().unwrap(),
+        "--name",
+        "checked",
+        "--replicas",
+        "2",
+        "--port",
+        "HTTP",
+        "--health-http",
+        "HTTP/health",
+        "--health-interval",
+        "300ms",
+        "--health-retries",
+        "2",
+        "--health-start-period",
+        "120s",
+        "--restart-delay",
+        "500ms",
+        "--drain-delay",
+        "3s",
+        "--dns-ttl",
+        "7s",
+        "--",
+        "python3",
+        "-c",
+        "import http.server,os; http.server.HTTPServer((os.environ['STARLING_HOST_IP'], int(os.environ['PORT'])), http.server.SimpleHTTPRequestHandler).serve_forever()",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let servers: Vec<String> = (1..=3).map(|i| format!("127.0.5.{i}:8600")).collect();
+    let tasks = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(api.tasks(Some("checked"), None))
+            .map(|l| running(&l.tasks).into_iter().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    // Running but starting: the check fails (no file) within the start period, so the
+    // tasks are neither replaced nor served.
+    let starting = poll(
+        "two tasks running, starting",
+        Duration::from_secs(30),
+        || {
+            let r = tasks(&rt);
+            (r.len() == 2 && r.iter().all(|t| t.health.as_deref() == Some("starting"))).then_some(r)
+        },
+    );
+    let w1 = Client::unix(c.dir("w1").join("control.sock"));
+    poll(
+        "w1 sees two starting endpoints",
+        Duration::from_secs(20),
+        || {
+            let l = rt
+                .block_on(w1.service_endpoints("checked", false, None, None))
+                .ok()?;
+            (l.endpoints.len() == 2 && l.endpoints.iter().all(|e| e.health == "starting"))
+                .then_some(())
+        },
+    );
+    for server in &servers {
+        let (rcode, ..) = dig(server, "checked.svc.starling", simple_dns::TYPE::A).unwrap();
+        assert_eq!(rcode, simple_dns::RCODE::NameError, "{server}");
+    }
+
+    // Healthy once the file is there: served by every node, with the service's TTL.
+    for t in &starting {
+        std::fs::write(task_dir(&c, t).join("health"), b"ok").unwrap();
+    }
+    poll("two healthy tasks", Duration::from_secs(30), || {
+        let r = tasks(&rt);
+        (r.len() == 2 && r.iter().all(|t| t.health.as_deref() == Some("healthy"))).then_some(())
+    });
+    let ip_of = |t: &TaskView| {
+        c.addrs[t.node_hostname.as_deref().unwrap()]
+            .split(':')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let want_ips: std::collections::BTreeSet<String> = starting.iter().map(ip_of).collect();
+    let want_ports: std::collections::BTreeSet<u16> =
+        starting.iter().map(|t| t.ports[0].port).collect();
+    for server in &servers {
+        poll(
+            &format!("{server} serves both"),
+            Duration::from_secs(20),
+            || {
+                let (_, ips, _) = dig(server, "checked.svc.starling", simple_dns::TYPE::A)?;
+                (ips == want_ips).then_some(())
+            },
+        );
+        let (_, _, ports) = dig(
+            server,
+            "_http._tcp.checked.svc.starling",
+            simple_dns::TYPE::SRV,
+        )
+        .unwrap();
+        assert_eq!(ports, want_ports);
+    }
+    let ttl = dig_ttl(&servers[0], "checked.svc.starling").unwrap();
+    assert_eq!(ttl, 7);
+    let out = starling(&[
+        "service",
+        "ps",
+        "--data-dir",
+        c.dir("m1").to_str().unwrap(),
+        "checked",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("(healthy)").count(), 2, "{text}");
+
+    // Unhealthy: its check fails twice in a row, so it is stopped, failed with the reason,
+    // gone from every node's answers, and replaced.
+    let sick = &starting[0];
+    std::fs::remove_file(task_dir(&c, sick).join("health")).unwrap();
+    let failed = poll("the sick task failed", Duration::from_secs(30), || {
+        let l = rt.block_on(api.tasks(Some("checked"), None)).ok()?;
+        l.tasks
+            .into_iter()
+            .find(|t| t.id == sick.id && t.state == "failed")
+    });
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("unhealthy") && e.contains("404")),
+        "{failed:?}"
+    );
+    let healthy_ip = ip_of(&starting[1]);
+    for server in &servers {
+        poll(
+            &format!("{server} stops serving the sick task"),
+            Duration::from_secs(20),
+            || {
+                let (_, ips, _) = dig(server, "checked.svc.starling", simple_dns::TYPE::A)?;
+                (ips == std::collections::BTreeSet::from([healthy_ip.clone()])).then_some(())
+            },
+        );
+    }
+    let replacement = poll("a replacement runs", Duration::from_secs(30), || {
+        tasks(&rt)
+            .into_iter()
+            .find(|t| t.slot == sick.slot && t.id != sick.id)
+    });
+    std::fs::write(task_dir(&c, &replacement).join("health"), b"ok").unwrap();
+    poll("two healthy tasks again", Duration::from_secs(30), || {
+        let r = tasks(&rt);
+        (r.len() == 2 && r.iter().all(|t| t.health.as_deref() == Some("healthy"))).then_some(())
+    });
+
+    // Scaled to 1: the task that goes is published draining (not served) while its process
+    // still answers, for the drain delay, and only then stopped.
+    rt.block_on(api.scale_service("checked", 1)).unwrap();
+    let (draining, seen) = poll("an endpoint draining", Duration::from_secs(20), || {
+        let l = rt
+            .block_on(w1.service_endpoints("checked", false, None, None))
+            .ok()?;
+        l.endpoints
+            .into_iter()
+            .find(|e| e.health == "draining")
+            .map(|e| (e, Instant::now()))
+    });
+    let port = draining.ports["http"];
+    let addr: std::net::SocketAddr = format!("{}:{port}", draining.addr).parse().unwrap();
+    // Every node stops serving it while its process still answers.
+    for server in &servers {
+        poll(
+            &format!("{server} stops serving the draining task"),
+            Duration::from_secs(10),
+            || {
+                let (_, ips, _) = dig(server, "checked.svc.starling", simple_dns::TYPE::A)?;
+                (!ips.contains(&draining.addr)).then_some(())
+            },
+        );
+    }
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok(),
+        "the draining task answers after every node stopped serving it"
+    );
+    poll("the drained task stopped", Duration::from_secs(30), || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+            .is_err()
+            .then_some(())
+    });
+    let answered_for = seen.elapsed();
+    eprintln!("the draining task answered for {answered_for:?} after it was published draining");
+    assert!(
+        answered_for >= Duration::from_millis(1500),
+        "stopped {answered_for:?} after draining began (drain delay 3 s)"
+    );
+}
+
+/// The TTL of the first answer to an A query for `name`.
+fn dig_ttl(server: &str, name: &str) -> Option<u32> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    let mut q = simple_dns::Packet::new_query(7);
+    q.questions.push(simple_dns::Question::new(
+        simple_dns::Name::new_unchecked(name),
+        simple_dns::QTYPE::TYPE(simple_dns::TYPE::A),
+        simple_dns::QCLASS::CLASS(simple_dns::CLASS::IN),
+        false,
+    ));
+    sock.send_to(&q.build_bytes_vec().ok()?, server).ok()?;
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).ok()?;
+    let p = simple_dns::Packet::parse(&buf[..n]).ok()?;
+    p.answers.first().map(|r| r.ttl)
+}

@@ -54,12 +54,14 @@ pub use objects::{
     Settings, SystemRecords,
 };
 pub use service::{
-    Constraint, ConstraintKey, FailureAction, MAX_REPLICAS, Placement, PortProtocol, PortSpec,
-    ProcessSpec, Resources, RestartCondition, RestartPolicy, Service, ServiceMode, ServiceSpec,
-    Spread, TaskTemplate, UpdateConfig, UpdateOrder, UpdateState, UpdateStatus, dns_label_error,
+    CHECK_INTERVAL_MS, CHECK_RETRIES, CHECK_TIMEOUT_MS, CheckKind, Constraint, ConstraintKey,
+    DNS_TTL_S, DRAIN_DELAY_MS, FailureAction, HealthCheck, MAX_REPLICAS, Placement, PortProtocol,
+    PortSpec, ProcessSpec, Resources, RestartCondition, RestartPolicy, Service, ServiceMode,
+    ServiceSpec, Spread, TaskTemplate, UpdateConfig, UpdateOrder, UpdateState, UpdateStatus,
+    dns_label_error,
 };
 pub use state::{ClusterState, StateImage, WATCH_HISTORY};
 pub use task::{
-    AssignedPort, ExitInfo, NodeDescription, Slot, Task, TaskOp, TaskRefusal, TaskReport,
-    TaskState, TaskStatus, check_report,
+    AssignedPort, ExitInfo, NodeDescription, Slot, Task, TaskHealth, TaskOp, TaskRefusal,
+    TaskReport, TaskState, TaskStatus, check_report,
 };

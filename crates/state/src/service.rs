@@ -157,6 +157,59 @@ wire_type!(
 );
 
 wire_type!(
+    /// What a health check probes.
+    pub enum CheckKind {
+        /// A TCP connection to the task's port of this name.
+        Tcp {
+            /// The port's name (one of the template's ports).
+            port: String,
+        },
+        /// An HTTP GET of `path` on the task's port of this name: a 2xx or 3xx passes.
+        Http {
+            /// The port's name.
+            port: String,
+            /// The request path (starts with `/`).
+            path: String,
+        },
+        /// A program run beside the task (its environment and directory): exit 0 passes.
+        Command {
+            /// Program and arguments.
+            argv: Vec<String>,
+        },
+    }
+);
+
+wire_type!(
+    /// A task's health check, run by its node's agent (as Docker's `HEALTHCHECK`): a task
+    /// is `starting` until a check passes, `healthy` while they pass, and `unhealthy` after
+    /// `retries` failures in a row — then it is stopped and counts as failed.
+    pub struct HealthCheck {
+        /// What is probed.
+        pub kind: CheckKind,
+        /// Time between checks (ms).
+        pub interval_ms: u64,
+        /// A check that takes longer fails (ms).
+        pub timeout_ms: u64,
+        /// Failures in a row that make a task unhealthy (at least 1).
+        pub retries: u32,
+        /// Failures in this time after the start do not count (ms).
+        pub start_period_ms: u64,
+    }
+);
+
+/// Default check interval (ms).
+pub const CHECK_INTERVAL_MS: u64 = 5_000;
+/// Default check timeout (ms).
+pub const CHECK_TIMEOUT_MS: u64 = 2_000;
+/// Default failures in a row before a task is unhealthy.
+pub const CHECK_RETRIES: u32 = 3;
+/// Default time a stopping task's endpoint is published as draining before it is signalled
+/// (ms).
+pub const DRAIN_DELAY_MS: u64 = 2_000;
+/// Default TTL of a service's DNS answers (s).
+pub const DNS_TTL_S: u32 = 5;
+
+wire_type!(
     /// Everything a task of a service is made from.
     pub struct TaskTemplate {
         /// The program.
@@ -171,6 +224,12 @@ wire_type!(
         pub ports: Vec<PortSpec>,
         /// Bumped by `service update --force`: a new template, so every task is replaced.
         pub force_update: u64,
+        /// Its health check, if any (a task without one is healthy while it runs).
+        pub health: Option<HealthCheck>,
+        /// How long its endpoint is published as draining before a stop signal (ms).
+        pub drain_delay_ms: u64,
+        /// The TTL of DNS answers naming it (s).
+        pub dns_ttl_s: u32,
     }
 );
 
@@ -346,6 +405,54 @@ impl ServiceSpec {
             {
                 return Some("a label constraint needs a label name".to_owned());
             }
+        }
+        if let Some(why) = self.task.health.as_ref().and_then(|h| h.invalid(&seen)) {
+            return Some(format!("health check: {why}"));
+        }
+        if self.task.drain_delay_ms > 10 * 60_000 {
+            return Some("a drain delay is at most 10 minutes".to_owned());
+        }
+        if self.task.dns_ttl_s > 86_400 {
+            return Some("a DNS TTL is at most a day (86400 s)".to_owned());
+        }
+        None
+    }
+}
+
+impl HealthCheck {
+    /// Why the check cannot run, given the names of the template's ports.
+    fn invalid(&self, ports: &std::collections::BTreeSet<&String>) -> Option<String> {
+        let port = match &self.kind {
+            CheckKind::Tcp { port } => Some(port),
+            CheckKind::Http { port, path } => {
+                if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_control() || b == b' ')
+                {
+                    return Some(format!(
+                        "path {path:?} must start with / and hold no spaces"
+                    ));
+                }
+                Some(port)
+            }
+            CheckKind::Command { argv } => {
+                if argv.first().is_none_or(|a| a.is_empty()) {
+                    return Some("a command check needs a program".to_owned());
+                }
+                None
+            }
+        };
+        if let Some(port) = port
+            && !ports.contains(port)
+        {
+            return Some(format!("the service has no port named {port:?}"));
+        }
+        if self.interval_ms < 100 || self.interval_ms > 3_600_000 {
+            return Some("the interval is between 100 ms and an hour".to_owned());
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms.max(1_000) * 10 {
+            return Some("the timeout is above 0 and at most ten intervals".to_owned());
+        }
+        if self.retries == 0 || self.retries > 100 {
+            return Some("retries are between 1 and 100".to_owned());
         }
         None
     }

@@ -116,8 +116,34 @@ wire_type!(
         pub exit: Option<ExitInfo>,
         /// When the reporter saw this state (ms since the Unix epoch, its clock).
         pub timestamp: u64,
+        /// Its health, for a running task with a health check.
+        pub health: Option<TaskHealth>,
     }
 );
+
+wire_type!(
+    /// A checked task's health.
+    #[derive(Copy)]
+    pub enum TaskHealth {
+        /// No check has passed yet.
+        Starting,
+        /// The last check passed.
+        Healthy,
+        /// Checks failed `retries` times in a row.
+        Unhealthy,
+    }
+);
+
+impl TaskHealth {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskHealth::Starting => "starting",
+            TaskHealth::Healthy => "healthy",
+            TaskHealth::Unhealthy => "unhealthy",
+        }
+    }
+}
 
 impl TaskStatus {
     /// A status with a state and message, nothing else.
@@ -128,6 +154,7 @@ impl TaskStatus {
             error: None,
             exit: None,
             timestamp,
+            health: None,
         }
     }
 }
@@ -200,6 +227,13 @@ impl Task {
     /// Whether it holds its slot: wanted running (or about to be) and not ended.
     pub fn is_runnable(&self) -> bool {
         self.desired <= TaskState::Running && !self.status.state.is_terminal()
+    }
+
+    /// Whether it runs and serves: running, and healthy if it has a health check. A new
+    /// task of a start-first replacement or a rolling update counts once it is ready.
+    pub fn is_ready(&self) -> bool {
+        self.status.state == TaskState::Running
+            && (self.template.health.is_none() || self.status.health == Some(TaskHealth::Healthy))
     }
 }
 

@@ -311,6 +311,16 @@ impl ClusterState {
                     applied += 1;
                     self.change_task(revision, &r.task, |t| t.status = r.status.clone());
                 }
+                // The same state with another health: only the health changes (the state's
+                // time stays that of the state).
+                Ok(false)
+                    if self.image.tasks.get(&r.task).is_some_and(|t| {
+                        t.status.state == TaskState::Running && t.status.health != r.status.health
+                    }) =>
+                {
+                    applied += 1;
+                    self.change_task(revision, &r.task, |t| t.status.health = r.status.health);
+                }
                 Ok(false) => unchanged += 1,
                 Err(refusal) => refused.push(OpRefusal {
                     index,
@@ -699,6 +709,9 @@ mod tests {
                 placement: Placement::default(),
                 ports: Vec::new(),
                 force_update: 0,
+                health: None,
+                drain_delay_ms: 0,
+                dns_ttl_s: 5,
             },
             update: UpdateConfig::default(),
             rollback: UpdateConfig::default(),

@@ -42,7 +42,8 @@ fn list(state: &ApiState, name: &str, passing: bool) -> EndpointList {
             health: match e.health {
                 starling_gossip::Health::Healthy => "healthy",
                 starling_gossip::Health::Unhealthy => "unhealthy",
-                starling_gossip::Health::Unknown => "unknown",
+                starling_gossip::Health::Starting => "starting",
+                starling_gossip::Health::Draining => "draining",
             }
             .to_owned(),
             suspected,
