@@ -20,6 +20,9 @@ enum Measure {
     Join,
     /// The gossip simulator at 1 000 nodes beside the Serf model.
     Gossip,
+    /// Failure detection in the simulator: kill → hidden and Down everywhere, false Downs
+    /// under 10 % loss (6, 100 and 1 000 nodes).
+    Detection,
     /// The scheduler in process: 100 000 tasks on 1 000 simulated nodes.
     Scheduler,
     /// Services with real processes: 100 replicas created, a worker killed 10 times, then
@@ -72,7 +75,7 @@ async fn real_main() -> anyhow::Result<()> {
     };
     let needs_clusters = !matches!(
         args.measure,
-        Measure::Gossip | Measure::Scheduler | Measure::Tasks
+        Measure::Gossip | Measure::Detection | Measure::Scheduler | Measure::Tasks
     );
     let etcd_version = if needs_clusters {
         etcd_available()?
@@ -144,6 +147,39 @@ async fn real_main() -> anyhow::Result<()> {
         emit(figures.markdown());
         let window = std::time::Duration::from_secs(if args.quick { 1 } else { 5 });
         emit(starling_bench::gossip::dns_load(8, window).await?);
+    }
+    if wants(Measure::Detection) {
+        // `STARLING_DETECT=n:victims:secs,…` measures other sizes.
+        let custom: Option<Vec<(usize, usize, u64)>> =
+            std::env::var("STARLING_DETECT").ok().map(|v| {
+                v.split(',')
+                    .filter_map(|t| {
+                        let mut f = t.split(':').map(|x| x.parse::<u64>().ok());
+                        Some((f.next()?? as usize, f.next()?? as usize, f.next()??))
+                    })
+                    .collect()
+            });
+        let sizes: Vec<(usize, usize, u64)> = if let Some(c) = custom {
+            c
+        } else if args.quick {
+            vec![(6, 3, 30)]
+        } else {
+            vec![(6, 20, 600), (100, 20, 600), (1_000, 10, 60)]
+        };
+        let rows = tokio::task::spawn_blocking(move || {
+            sizes
+                .into_iter()
+                .map(|(n, victims, secs)| {
+                    starling_bench::gossip::detection(
+                        n,
+                        victims,
+                        std::time::Duration::from_secs(secs),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        emit(starling_bench::gossip::detection_markdown(&rows));
     }
     if wants(Measure::Tasks) {
         let (rounds, replicas) = if args.quick { (2, 12) } else { (10, 100) };

@@ -191,7 +191,7 @@ async fn measure(
         (running_on(&list).len() == 6).then_some(())
     })
     .await?;
-    let mut times = Vec::new();
+    let (mut times, mut hidden_times, mut down_times) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let victim = 1 + round % 3;
         let name = nodes[victim].name.clone();
@@ -203,23 +203,67 @@ async fn measure(
         })
         .await
         .with_context(|| format!("round {round}"))?;
+        let victim_id = api
+            .nodes()
+            .await?
+            .nodes
+            .into_iter()
+            .find(|n| n.hostname == name)
+            .map(|n| n.id)
+            .context("the victim's node id")?;
+        let others: Vec<Client> = (0..nodes.len())
+            .filter(|i| *i != victim)
+            .map(|i| Client::unix(nodes[i].dir.join("control.sock")))
+            .collect();
         let killed = Instant::now();
         if let Some(p) = nodes[victim].proc.take() {
             p.kill();
         }
-        poll(
-            "its tasks running elsewhere",
-            Duration::from_secs(60),
-            || async {
-                let list = api.tasks(Some("six"), None).await.ok()?;
-                let r = running_on(&list);
-                (r.len() == 6 && r.iter().all(|n| n.as_deref() != Some(name.as_str())))
-                    .then_some(())
-            },
-        )
-        .await
-        .with_context(|| format!("round {round}"))?;
-        times.push(killed.elapsed());
+        // Three clocks from the kill: its endpoints hidden on every other node (what their
+        // DNS serves: the passing endpoints of their gossip state), the node `down` in
+        // `node ls`, and its tasks running elsewhere.
+        let (mut hidden_at, mut down_at, mut moved_at) = (None, None, None);
+        while hidden_at.is_none() || down_at.is_none() || moved_at.is_none() {
+            anyhow::ensure!(
+                killed.elapsed() < Duration::from_secs(60),
+                "round {round}: not hidden, down and moved within 60 s \
+                 ({hidden_at:?}, {down_at:?}, {moved_at:?})"
+            );
+            if hidden_at.is_none() {
+                let mut all = true;
+                for c in &others {
+                    let shown = match c.service_endpoints("six", true, None, None).await {
+                        Ok(l) => l.endpoints.iter().any(|e| e.node == victim_id),
+                        Err(_) => true,
+                    };
+                    all &= !shown;
+                }
+                if all {
+                    hidden_at = Some(killed.elapsed());
+                }
+            }
+            if down_at.is_none()
+                && api.nodes().await.is_ok_and(|l| {
+                    l.nodes
+                        .iter()
+                        .any(|n| n.id == victim_id && n.status == starling_api::NodeStatus::Down)
+                })
+            {
+                down_at = Some(killed.elapsed());
+            }
+            if moved_at.is_none()
+                && api.tasks(Some("six"), None).await.is_ok_and(|list| {
+                    let r = running_on(&list);
+                    r.len() == 6 && r.iter().all(|n| n.as_deref() != Some(name.as_str()))
+                })
+            {
+                moved_at = Some(killed.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        hidden_times.extend(hidden_at);
+        down_times.extend(down_at);
+        times.extend(moved_at);
         let n = &nodes[victim];
         let p = spawn(n, &["run", "--data-dir", &n.dir.display().to_string()])?;
         nodes[victim].proc = Some(p);
@@ -306,7 +350,13 @@ async fn measure(
     let running_after = running_on(&api.tasks(Some("six"), None).await?).len();
     api.remove_service("six").await.ok();
     times.sort();
+    hidden_times.sort();
+    down_times.sort();
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    let mid_max = |v: &[Duration]| match (v.get(v.len() / 2), v.last()) {
+        (Some(m), Some(x)) => format!("{:.2} s, {:.2} s", m.as_secs_f64(), x.as_secs_f64()),
+        _ => "not measured".to_owned(),
+    };
     Ok(format!(
         "## Services and tasks (processes on loopback)\n\nA manager (drained) and three workers, \
          each on its own 127.0.0.x; tasks are `sleep` processes.\n\n\
@@ -314,6 +364,8 @@ async fn measure(
          | `service create --replicas {replicas}` → {replicas} running | {:.2} s | |\n\
          | worker killed -9 → its tasks running elsewhere, median of {rounds} | **{:.2} s** (target ≤ 5 s) | SwarmKit ≈ 15–25 s, Nomad 20–30 s |\n\
          | same, max | {:.2} s | |\n\
+         | worker killed -9 → its endpoints hidden on every other node (median, max of {rounds}) | {hidden} (target ≤ 3 s) | |\n\
+         | worker killed -9 → `down` in `node ls` (median, max) | {down} (target ≤ 5 s) | |\n\
          | rolling update of {updated} replicas, parallelism 5, monitor {monitor_s} s, stop-first | \
          {update_s:.2} s (floor: {batches} batches × monitor = {floor_s} s) | |\n\
          {logs}\
@@ -333,6 +385,8 @@ async fn measure(
         batches = updated.div_ceil(5),
         floor_s = u64::from(updated.div_ceil(5)) * monitor.as_secs(),
         cores = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1,
+        hidden = mid_max(&hidden_times),
+        down = mid_max(&down_times),
     ))
 }
 

@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
             .into_iter()
             .collect(),
         ttl: DEFAULT_TTL,
+        syncing: data.first().is_some_and(|b| b & 1 == 1),
     };
     let _ = answer(&view, data, true);
     let _ = answer(&view, data, false);

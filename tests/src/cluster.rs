@@ -180,6 +180,18 @@ impl Cluster {
         }
     }
 
+    /// Adds a host (a new namespace on the bridge, a data directory, no daemon yet): a
+    /// machine that comes after the cluster formed. Returns its index, for [`Cluster::join`].
+    pub fn add_host(&mut self) -> usize {
+        let i = self
+            .net
+            .add_host()
+            .unwrap_or_else(|e| panic!("cannot add a host to the test network: {e}"));
+        self.dirs.push(self.tmp.path().join(format!("h{}", i + 1)));
+        self.procs.push(None);
+        i
+    }
+
     /// Sets an environment variable for every daemon started from now on (such as
     /// `STARLING_SNAPSHOT_INTERVAL`).
     pub fn set_env(&mut self, key: &str, value: &str) {

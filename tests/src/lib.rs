@@ -13,6 +13,7 @@
 //! what is missing. Tests in one binary run one at a time (a process-wide lock).
 
 pub mod cluster;
+pub mod dig;
 pub mod linearizability;
 pub mod net;
 pub mod probe;

@@ -124,46 +124,59 @@ impl Net {
         run("ip", &["-n", &b, "link", "add", "br0", "type", "bridge"])?;
         run("ip", &["-n", &b, "link", "set", "br0", "up"])?;
         run("ip", &["-n", &b, "link", "set", "lo", "up"])?;
-        for i in 0..n {
-            let ns = format!("stl{pid}h{}", i + 1);
-            let _ = run("ip", &["netns", "del", &ns]);
-            run("ip", &["netns", "add", &ns])?;
-            // Pushed now so that a failure below still removes it.
-            let addr = Ipv4Addr::new(198, 18, 0, 11 + i as u8);
-            net.hosts.push(Host {
-                ns: ns.clone(),
-                addr,
-            });
-            let port = format!("v{}", i + 1);
-            run(
-                "ip",
-                &[
-                    "-n", &b, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-                    "netns", &ns,
-                ],
-            )?;
-            run("ip", &["-n", &b, "link", "set", &port, "master", "br0"])?;
-            run("ip", &["-n", &b, "link", "set", &port, "up"])?;
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("{addr}/24"),
-                    "dev",
-                    "eth0",
-                ],
-            )?;
-            run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-            nft(
-                &ns,
-                "table inet starling_faults {\n  chain input {\n    type filter hook input priority 0; policy accept;\n  }\n}\n",
-            )?;
+        for _ in 0..n {
+            net.add_host()?;
         }
         Ok(net)
+    }
+
+    /// Adds one more host on the bridge (the next address), with no fault: a machine that
+    /// comes later. Returns its index.
+    pub fn add_host(&mut self) -> Result<usize, String> {
+        let i = self.hosts.len();
+        let last = u8::try_from(11 + i)
+            .ok()
+            .filter(|l| *l < 255)
+            .ok_or_else(|| format!("no address left on the bridge for host {}", i + 1))?;
+        let pid = std::process::id();
+        let ns = format!("stl{pid}h{}", i + 1);
+        let _ = run("ip", &["netns", "del", &ns]);
+        run("ip", &["netns", "add", &ns])?;
+        // Pushed now so that a failure below still removes it.
+        let addr = Ipv4Addr::new(198, 18, 0, last);
+        self.hosts.push(Host {
+            ns: ns.clone(),
+            addr,
+        });
+        let b = &self.bridge_ns;
+        let port = format!("v{}", i + 1);
+        run(
+            "ip",
+            &[
+                "-n", b, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        run("ip", &["-n", b, "link", "set", &port, "master", "br0"])?;
+        run("ip", &["-n", b, "link", "set", &port, "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        nft(
+            &ns,
+            "table inet starling_faults {\n  chain input {\n    type filter hook input priority 0; policy accept;\n  }\n}\n",
+        )?;
+        Ok(i)
     }
 
     /// Host `i` drops every packet from host `from` (one way: `from` still hears `i`).

@@ -104,6 +104,12 @@ enum Rpc {
     /// A sync round's first message: the catalog's fingerprint and the member count; the
     /// answer says whether they match (then nothing more is sent).
     Fingerprint { fingerprint: u64, members: usize },
+    /// "I suspect you (`id`) at this incarnation": the answer, `true` when `id` is the
+    /// receiver, means it lives and has refuted the suspicion.
+    Suspected {
+        id: GossipId,
+        incarnation: foca::Incarnation,
+    },
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -126,6 +132,8 @@ pub enum RpcKind {
     Members,
     /// A sync round's fingerprint.
     Fingerprint,
+    /// A suspicion put to the suspect.
+    Suspected,
 }
 
 /// Something for the driver to send.
@@ -156,6 +164,8 @@ enum Due {
     Sync,
     Reannounce,
     Linger,
+    /// No peer answered a sync by now: what this node holds is all it can know.
+    SyncDeadline,
 }
 
 /// A request in flight, and what its answer leads to.
@@ -168,6 +178,11 @@ enum Pending {
     Digest { peer: GossipId },
     /// A pull for a notice; `then` is asked next if this one does not bring it.
     Pull { want: Want, then: Option<GossipId> },
+    /// A suspicion put to the suspect: its answer refutes it here.
+    Buddy {
+        member: GossipId,
+        incarnation: foca::Incarnation,
+    },
     /// Nothing follows.
     OneWay,
 }
@@ -194,6 +209,15 @@ pub struct GossipCore {
     leaving: Option<Instant>,
     /// When the suspicion flags were last read from foca.
     suspects_read: Option<Instant>,
+    /// Lifeguard's local health multiplier: raised when this node's own timers run late or
+    /// it is itself suspected, lowered by each probe round on time. Its probe timers (and
+    /// the wait before declaring a suspect Down) are stretched by `1 + health`, so a node
+    /// that is slow itself accuses others less.
+    health: u32,
+    /// Whether a sync round with a peer has completed (or there was none to have): until
+    /// then this node's catalog may lack what the cluster publishes, and DNS says so
+    /// rather than deny names that exist.
+    synced: bool,
     closed: bool,
 }
 
@@ -240,6 +264,8 @@ impl GossipCore {
             events: VecDeque::new(),
             leaving: None,
             suspects_read: None,
+            health: 0,
+            synced: false,
             closed: false,
         };
         core.announce();
@@ -261,8 +287,18 @@ impl GossipCore {
                 .random_range(0..=u64::try_from(sync.as_millis()).unwrap_or(u64::MAX).max(1)),
         );
         core.schedule(now, phase, Due::Sync);
+        // Even a node told of no seed may be a restarted member of a cluster (its seeds
+        // come later): only a sync, or the deadline, makes its view authoritative.
+        core.schedule(now, SYNC_DEADLINE, Due::SyncDeadline);
         core.pump(now);
         core
+    }
+
+    /// Whether this node has synced its catalog with a peer since it started (or had none
+    /// to sync with within [`SYNC_DEADLINE`]): before that its service view may be missing
+    /// what others publish.
+    pub fn is_synced(&self) -> bool {
+        self.synced
     }
 
     /// This node's identity (its generation changes on a rejoin).
@@ -323,11 +359,16 @@ impl GossipCore {
     /// Every timer due at `now`, in order (foca requires all of them, in order).
     pub fn handle_timeout(&mut self, now: Instant) {
         while !self.closed {
-            let Some((_, due)) = self.timers.pop_due(now) else {
+            let Some((at, due)) = self.timers.pop_due(now) else {
                 break;
             };
             match due {
                 Due::Foca(t) => {
+                    if now.saturating_duration_since(at) > LATE_TIMER {
+                        self.health = (self.health + 1).min(MAX_HEALTH);
+                    } else if matches!(t, Timer::ProbeRandomMember(_)) {
+                        self.health = self.health.saturating_sub(1);
+                    }
                     if let Err(e) = self.foca.handle_timer(t, &mut self.runtime) {
                         warn!(error = %e, "gossip timer failed");
                     }
@@ -345,6 +386,7 @@ impl GossipCore {
                         self.reannouncing = false;
                     }
                 }
+                Due::SyncDeadline => self.synced = true,
                 Due::Linger => {
                     if self.leaving.is_some_and(|until| now >= until) {
                         self.closed = true;
@@ -362,6 +404,9 @@ impl GossipCore {
 
     /// A peer's request: the answer, or `None` when it is not a request of this protocol.
     pub fn handle_request(&mut self, now: Instant, body: &[u8]) -> Option<Vec<u8>> {
+        if self.closed {
+            return None;
+        }
         let rpc = postcard::from_bytes::<Rpc>(body).ok()?;
         let reply = match rpc {
             Rpc::Pull(nodes) => postcard::to_stdvec(&self.catalog.lock().records(&nodes)),
@@ -395,6 +440,23 @@ impl GossipCore {
                     && self.foca.num_members() == members;
                 postcard::to_stdvec(&in_sync)
             }
+            Rpc::Suspected { id, incarnation } => {
+                // A node that is leaving does not refute: it is going.
+                let me = id == self.id && self.leaving.is_none();
+                if me {
+                    // Refuted as foca refutes a gossiped suspicion (a new incarnation, and
+                    // gossip about it); being suspected also says this node may be slow.
+                    self.health = (self.health + 1).min(MAX_HEALTH);
+                    let update = Member::new(id, incarnation, foca::State::Suspect);
+                    if let Err(e) =
+                        self.foca
+                            .apply_many(std::iter::once(update), true, &mut self.runtime)
+                    {
+                        debug!(error = %e, "refuting a suspicion failed");
+                    }
+                }
+                postcard::to_stdvec(&me)
+            }
         };
         self.pump(now);
         Some(reply.unwrap_or_default())
@@ -407,9 +469,29 @@ impl GossipCore {
         };
         match pending {
             Pending::OneWay => {}
+            Pending::Buddy {
+                member,
+                incarnation,
+            } => {
+                // The suspect answered: it refuted with at least the next incarnation.
+                if decode::<bool>(answer) == Some(true) {
+                    let alive =
+                        Member::new(member, incarnation.saturating_add(1), foca::State::Alive);
+                    if let Err(e) =
+                        self.foca
+                            .apply_many(std::iter::once(alive), true, &mut self.runtime)
+                    {
+                        debug!(error = %e, "applying a refutation failed");
+                    }
+                }
+            }
             Pending::Fingerprint { peer } => {
                 // Most rounds end here: same catalog, same member count.
-                if decode::<bool>(answer) == Some(false) {
+                let same = decode::<bool>(answer);
+                if same == Some(true) {
+                    self.synced = true;
+                }
+                if same == Some(false) {
                     let rpc = Rpc::Digest {
                         digest: self.catalog.lock().digest(),
                         members: self.foca.num_members(),
@@ -425,6 +507,7 @@ impl GossipCore {
             Pending::Digest { peer } => {
                 if let Some(reply) = decode::<DigestReply>(answer) {
                     self.merge_records(reply.records);
+                    self.synced = true;
                     if let Some(m) = reply.members {
                         // This node's view from before it applies the peer's.
                         let mine = self.membership();
@@ -628,6 +711,13 @@ impl GossipCore {
 
     /// One anti-entropy round with a random member: fingerprints, then digests both ways
     /// and a membership push-pull when they differ.
+    /// Whether a sync round is in flight.
+    fn syncing(&self) -> bool {
+        self.pending
+            .values()
+            .any(|p| matches!(p, Pending::Fingerprint { .. } | Pending::Digest { .. }))
+    }
+
     fn start_sync(&mut self) {
         let members: Vec<GossipId> = self.foca.iter_members().map(|m| m.id().clone()).collect();
         if members.is_empty() {
@@ -654,8 +744,44 @@ impl GossipCore {
                 bytes: data.to_vec(),
             });
         }
+        let mut suspected = Vec::new();
         while let Some((after, timer)) = self.runtime.to_schedule() {
+            let stretch = match &timer {
+                Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => true,
+                Timer::ChangeSuspectToDown {
+                    member_id,
+                    incarnation,
+                    ..
+                } => {
+                    suspected.push((member_id.clone(), *incarnation));
+                    true
+                }
+                _ => false,
+            };
+            let after = if stretch {
+                after * (1 + self.health)
+            } else {
+                after
+            };
             self.schedule(now, after, Due::Foca(timer));
+        }
+        // This node's probe found a member dead: put it to the member over a reliable
+        // request too (a live one answers and the suspicion ends here at once, whatever
+        // datagrams were lost), so only a member that cannot answer is declared Down.
+        for (member, incarnation) in suspected {
+            let rpc = Rpc::Suspected {
+                id: member.clone(),
+                incarnation,
+            };
+            self.request(
+                member.clone(),
+                RpcKind::Suspected,
+                &rpc,
+                Pending::Buddy {
+                    member,
+                    incarnation,
+                },
+            );
         }
     }
 
@@ -675,6 +801,10 @@ impl GossipCore {
                     self.catalog.lock().mark_up(&id.node, id.generation);
                     self.members.insert(id.addr, view(&id, true));
                     retune = true;
+                    // A node that just joined syncs at once rather than at its next round.
+                    if !self.synced && !self.syncing() {
+                        self.start_sync();
+                    }
                     Some(GossipEvent::MemberUp(id))
                 }
                 OwnedNotification::MemberDown(id) if !stale(&self.members, &id) => {
@@ -762,6 +892,15 @@ impl GossipCore {
 
 /// How stale a member's `suspected` flag may be.
 const SUSPECT_REFRESH: Duration = Duration::from_millis(100);
+
+/// How long a node waits for its first sync before it answers from what it has.
+const SYNC_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A foca timer handled this late says this node is slow (starved of CPU).
+const LATE_TIMER: Duration = Duration::from_millis(50);
+
+/// The largest local health multiplier (probes at most 9× slower).
+const MAX_HEALTH: u32 = 8;
 
 /// How often a leaving node gossips its departure while it lingers.
 const LINGER_GOSSIP: Duration = Duration::from_millis(200);

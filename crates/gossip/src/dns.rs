@@ -46,6 +46,10 @@ pub struct DnsView {
     pub nodes: BTreeMap<String, IpAddr>,
     /// TTL of the answers.
     pub ttl: u32,
+    /// The node has not synced its catalog with a peer yet (it just started or joined):
+    /// names under the zone get SERVFAIL — "ask again or elsewhere" — rather than an
+    /// NXDOMAIN a resolver would cache for a name that exists.
+    pub syncing: bool,
 }
 
 /// Counters of a DNS server.
@@ -141,6 +145,10 @@ pub fn answer(view: &DnsView, query: &[u8], udp: bool) -> Option<Vec<u8>> {
         *reply.rcode_mut() = RCODE::Refused;
         return reply.build_bytes_vec().ok();
     };
+    if view.syncing && !matches!(target, Target::Apex) {
+        *reply.rcode_mut() = RCODE::ServerFailure;
+        return reply.build_bytes_vec().ok();
+    }
     let ttl = view.ttl;
     let qname = Name::new_unchecked(name).into_owned();
     let qtype = question.qtype;
@@ -409,6 +417,7 @@ mod tests {
                 ("w1".into(), "10.0.0.1".parse().unwrap()),
             ]),
             ttl: DEFAULT_TTL,
+            syncing: false,
         }
     }
 
@@ -479,6 +488,24 @@ mod tests {
             (p.rcode(), p.answers.len(), p.name_servers.len()),
             (RCODE::NoError, 0, 1)
         );
+    }
+
+    #[test]
+    fn a_node_still_syncing_says_servfail_not_nxdomain() {
+        let v = DnsView {
+            syncing: true,
+            ..view()
+        };
+        let mut q = Packet::new_query(3);
+        q.questions.push(simple_dns::Question::new(
+            Name::new_unchecked("web.svc.starling"),
+            QTYPE::TYPE(TYPE::A),
+            simple_dns::QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        let bytes = answer(&v, &q.build_bytes_vec().unwrap(), true).unwrap();
+        let p = parse(&bytes);
+        assert_eq!((p.rcode(), p.answers.len()), (RCODE::ServerFailure, 0));
     }
 
     #[test]

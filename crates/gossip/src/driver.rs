@@ -69,6 +69,8 @@ pub struct GossipNode {
     shared: SharedCatalog,
     events: broadcast::Sender<GossipEvent>,
     members: Arc<Mutex<BTreeMap<SocketAddr, MemberView>>>,
+    /// Whether the core has synced its catalog with a peer since the start.
+    synced: Arc<std::sync::atomic::AtomicBool>,
     id: GossipId,
     /// The driver task and the accept loop (which owns the ALPN listener); taken when they
     /// are awaited after a halt.
@@ -98,12 +100,14 @@ impl GossipNode {
         let core = GossipCore::new(settings, std::time::Instant::now());
         let shared = core.catalog().clone();
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let synced = Arc::new(std::sync::atomic::AtomicBool::new(core.is_synced()));
         let ctx = Arc::new(Ctx {
             endpoint,
             protocol,
             events: events.clone(),
             tx: tx.clone(),
             shutdown: shutdown_rx,
+            synced: synced.clone(),
         });
         let members = Arc::new(Mutex::new(BTreeMap::new()));
         let accept_tx = tx.clone();
@@ -120,6 +124,7 @@ impl GossipNode {
             shared,
             events,
             members,
+            synced,
             id,
             tasks: Mutex::new(vec![task, listener]),
             shutdown,
@@ -257,6 +262,7 @@ impl GossipNode {
             services,
             nodes,
             ttl,
+            syncing: !self.synced.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -318,6 +324,8 @@ struct Ctx {
     tx: mpsc::Sender<Input>,
     /// Becomes true when the node stops: every task it spawned ends.
     shutdown: watch::Receiver<bool>,
+    /// The core's [`GossipCore::is_synced`], for readers outside the driver.
+    synced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ctx {
@@ -460,6 +468,8 @@ fn flush(
     while let Some(e) = core.poll_event() {
         let _ = ctx.events.send(e);
     }
+    ctx.synced
+        .store(core.is_synced(), std::sync::atomic::Ordering::Relaxed);
     let mut view = members.lock().unwrap_or_else(|p| p.into_inner());
     if *view != *core.members() {
         *view = core.members().clone();

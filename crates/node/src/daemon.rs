@@ -633,7 +633,7 @@ async fn start_role(m: &RunningNode, change: &RoleChange) -> anyhow::Result<Runn
     Ok(new)
 }
 
-/// The leader's liveness loop: every second, gossip's view becomes node status in Raft.
+/// The leader's liveness loop: every half second, gossip's view becomes node status in Raft.
 async fn reconcile_liveness(
     store: Arc<Store>,
     endpoint: Endpoint,
@@ -648,7 +648,8 @@ async fn reconcile_liveness(
     let mut liveness = Liveness::new();
     let mut seeded: Vec<(String, SocketAddr)> = Vec::new();
     let mut revoked: Vec<String> = Vec::new();
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let status = store.status();
