@@ -302,8 +302,18 @@ pub fn detection(n: usize, victims: usize, lossy: Duration) -> Detection {
             s.drop_requests(starling_gossip::RpcKind::Suspected, 1.0);
         }
         let base = s.false_downs();
+        let before = s.detector_stats();
         s.set_loss(0.10);
         s.run_for(lossy);
+        let after = s.detector_stats();
+        eprintln!(
+            "{n} nodes, answer {answer}: suspected {}, answered {}, stale {}, declared Down {}, false Downs {}",
+            after.suspected - before.suspected,
+            after.answered - before.answered,
+            after.gone - before.gone,
+            after.declared_down - before.declared_down,
+            s.false_downs() - base
+        );
         s.false_downs() - base
     };
     Detection {

@@ -76,6 +76,19 @@ pub struct MemberView {
     pub suspected: bool,
 }
 
+/// What this node's failure detector did since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DetectorStats {
+    /// Members this node's probes found unresponsive (suspected, and asked to answer).
+    pub suspected: u64,
+    /// Of those, members that answered over the reliable request (the suspicion ended).
+    pub answered: u64,
+    /// Of those, stale identities: another life of the node answered (declared Down at once).
+    pub gone: u64,
+    /// Members this node declared Down (a suspicion that ran out).
+    pub declared_down: u64,
+}
+
 /// Settings of one node's gossip.
 #[derive(Debug, Clone)]
 pub struct GossipSettings {
@@ -218,6 +231,7 @@ pub struct GossipCore {
     /// then this node's catalog may lack what the cluster publishes, and DNS says so
     /// rather than deny names that exist.
     synced: bool,
+    stats: DetectorStats,
     closed: bool,
 }
 
@@ -266,6 +280,7 @@ impl GossipCore {
             suspects_read: None,
             health: 0,
             synced: false,
+            stats: DetectorStats::default(),
             closed: false,
         };
         core.announce();
@@ -299,6 +314,11 @@ impl GossipCore {
     /// what others publish.
     pub fn is_synced(&self) -> bool {
         self.synced
+    }
+
+    /// What the failure detector did so far.
+    pub fn detector_stats(&self) -> DetectorStats {
+        self.stats
     }
 
     /// This node's identity (its generation changes on a rejoin).
@@ -368,6 +388,19 @@ impl GossipCore {
                         self.health = (self.health + 1).min(MAX_HEALTH);
                     } else if matches!(t, Timer::ProbeRandomMember(_)) {
                         self.health = self.health.saturating_sub(1);
+                    }
+                    if let Timer::ChangeSuspectToDown {
+                        member_id,
+                        incarnation,
+                        ..
+                    } = &t
+                        && self.foca.iter_members().any(|m| {
+                            m.id() == member_id
+                                && m.incarnation() == *incarnation
+                                && m.state() == foca::State::Suspect
+                        })
+                    {
+                        self.stats.declared_down += 1;
                     }
                     if let Err(e) = self.foca.handle_timer(t, &mut self.runtime) {
                         warn!(error = %e, "gossip timer failed");
@@ -474,15 +507,33 @@ impl GossipCore {
                 incarnation,
             } => {
                 // The suspect answered: it refuted with at least the next incarnation.
-                if decode::<bool>(answer) == Some(true) {
-                    let alive =
-                        Member::new(member, incarnation.saturating_add(1), foca::State::Alive);
-                    if let Err(e) =
-                        self.foca
-                            .apply_many(std::iter::once(alive), true, &mut self.runtime)
-                    {
-                        debug!(error = %e, "applying a refutation failed");
+                match decode::<bool>(answer) {
+                    // The suspect answered: it refuted with at least the next incarnation.
+                    Some(true) => {
+                        self.stats.answered += 1;
+                        let alive =
+                            Member::new(member, incarnation.saturating_add(1), foca::State::Alive);
+                        if let Err(e) =
+                            self.foca
+                                .apply_many(std::iter::once(alive), true, &mut self.runtime)
+                        {
+                            debug!(error = %e, "applying a refutation failed");
+                        }
                     }
+                    // Whoever is at its address now is not that identity (it restarted
+                    // under a new generation, or is leaving): the suspect is gone for good.
+                    Some(false) => {
+                        self.stats.gone += 1;
+                        let down = Member::down(member);
+                        if let Err(e) =
+                            self.foca
+                                .apply_many(std::iter::once(down), true, &mut self.runtime)
+                        {
+                            debug!(error = %e, "applying a departure failed");
+                        }
+                    }
+                    // No answer: the suspicion runs its course.
+                    None => {}
                 }
             }
             Pending::Fingerprint { peer } => {
@@ -754,6 +805,7 @@ impl GossipCore {
                     ..
                 } => {
                     suspected.push((member_id.clone(), *incarnation));
+                    self.stats.suspected += 1;
                     true
                 }
                 _ => false,

@@ -25,7 +25,9 @@ mod identity;
 pub mod sim;
 mod timers;
 
-pub use crate::core::{GossipCore, GossipEvent, GossipSettings, MemberView, RpcKind, Transmit};
+pub use crate::core::{
+    DetectorStats, GossipCore, GossipEvent, GossipSettings, MemberView, RpcKind, Transmit,
+};
 pub use catalog::{
     Catalog, Digest, Health, NodeRecord, NoticeHandler, NoticeKey, ServiceEndpoint, SharedCatalog,
     VersionNotice, Want, encode_notice,

@@ -89,7 +89,9 @@ struct SimNode {
     /// Nodes this node currently believes Down, with when it learned so.
     down: BTreeMap<String, Duration>,
     /// Every node it ever saw declared Down, with the time (for false-Down counting).
-    down_log: Vec<(String, Duration)>,
+    /// Every Down this node saw: the node, whether it was false (that identity was alive),
+    /// when.
+    down_log: Vec<(String, bool, Duration)>,
     sent_bytes: u64,
 }
 
@@ -443,11 +445,19 @@ impl Simulator {
         }
         let now = self.now;
         while let Some(e) = self.nodes[i].core.poll_event() {
+            // A Down of the identity a live node runs under now (not of an earlier life of
+            // a node that restarted) is a false one.
+            let live_identity = |id: &GossipId| {
+                self.by_name.get(&id.node).is_some_and(|j| {
+                    self.nodes[*j].alive && self.nodes[*j].core.id().generation == id.generation
+                })
+            };
+            let is_false = matches!(&e, GossipEvent::MemberDown(id) if live_identity(id));
             let node = &mut self.nodes[i];
             match e {
                 GossipEvent::MemberDown(id) => {
                     node.down.insert(id.node.clone(), now);
-                    node.down_log.push((id.node, now));
+                    node.down_log.push((id.node, is_false, now));
                 }
                 GossipEvent::MemberUp(id) | GossipEvent::Restarted { new: id, .. } => {
                     node.down.remove(&id.node);
@@ -528,20 +538,31 @@ impl Simulator {
         have as f64 / live.len().max(1) as f64
     }
 
-    /// Down declarations about nodes that were alive and reachable (false positives), over
-    /// all live observers.
+    /// Down declarations about identities that were alive (false positives: not a Down of
+    /// an earlier life of a node that restarted), over all live observers.
     pub fn false_downs(&self) -> usize {
         self.live()
             .map(|i| {
                 self.nodes[i]
                     .down_log
                     .iter()
-                    .filter(|(node, _)| {
-                        self.by_name.get(node).is_some_and(|j| self.nodes[*j].alive)
-                    })
+                    .filter(|(_, is_false, _)| *is_false)
                     .count()
             })
             .sum()
+    }
+
+    /// The failure detectors' counts, summed over every node's current life.
+    pub fn detector_stats(&self) -> crate::core::DetectorStats {
+        let mut sum = crate::core::DetectorStats::default();
+        for n in &self.nodes {
+            let s = n.core.detector_stats();
+            sum.suspected += s.suspected;
+            sum.answered += s.answered;
+            sum.gone += s.gone;
+            sum.declared_down += s.declared_down;
+        }
+        sum
     }
 
     /// Bytes node `i` sent so far (gossip datagrams, requests and answers).

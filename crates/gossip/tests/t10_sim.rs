@@ -251,3 +251,33 @@ fn t19_changes_converge_without_pulls_and_without_digests() {
         "notices alone did not converge"
     );
 }
+
+#[test]
+fn t20_under_10_percent_loss_no_live_node_is_declared_down_and_the_dead_are_hidden_fast() {
+    let cfg = SimConfig {
+        seed: 11,
+        ..SimConfig::default()
+    };
+    let mut sim = Simulator::cluster(cfg, 50);
+    sim.run_until(STEP, Duration::from_secs(60), converged);
+    sim.set_loss(0.10);
+    let before = sim.detector_stats();
+    sim.run_for(Duration::from_secs(600));
+    let stats = sim.detector_stats();
+    // Datagrams lost make probes fail, but every suspect answers the reliable request.
+    // (Without that answer — `drop_requests(RpcKind::Suspected, 1.0)` — this run declares
+    // a live node Down, seen by all 49 others.)
+    assert!(stats.suspected > before.suspected, "{stats:?}");
+    assert_eq!(sim.false_downs(), 0, "{stats:?}");
+    // A node that dies is still hidden from every other node's DNS within seconds.
+    sim.kill(7);
+    let hidden = sim.run_until(STEP, Duration::from_secs(10), |s| {
+        s.live()
+            .all(|i| s.sees_suspected(i, 7) || s.sees_down(i, 7))
+    });
+    assert!(hidden.is_some(), "the dead node is not hidden everywhere");
+    let down = sim.run_until(STEP, Duration::from_secs(20), |s| {
+        s.live().all(|i| s.sees_down(i, 7))
+    });
+    assert!(down.is_some(), "the dead node is not Down everywhere");
+}
