@@ -247,7 +247,8 @@ pub fn spawn(task: &Task, ctx: &Context) -> Result<Spawned, String> {
     Ok(Spawned { child, started })
 }
 
-fn lookup_user(user: &str) -> Result<(u32, u32), String> {
+/// The uid and gid of a user name.
+pub fn lookup_user(user: &str) -> Result<(u32, u32), String> {
     match nix::unistd::User::from_name(user) {
         Ok(Some(u)) => Ok((u.uid.as_raw(), u.gid.as_raw())),
         Ok(None) => Err(format!("no such user: {user}")),

@@ -187,16 +187,24 @@ async fn command(
     let cwd = crate::exec::workdir(task, dir);
     let path = env.get("PATH").cloned().unwrap_or_default();
     let resolved = crate::exec::resolve_program(program, &path, Some(&cwd))?;
-    let output = tokio::process::Command::new(resolved)
-        .args(&argv[1..])
+    let mut cmd = tokio::process::Command::new(resolved);
+    cmd.args(&argv[1..])
         .env_clear()
         .envs(env)
         .current_dir(&cwd)
         .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("{program}: {e}"))?;
+        .kill_on_drop(true);
+    // As the task's own user, as a container's check runs inside it.
+    if let Some(user) = &task.template.process.user {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(format!(
+                "cannot run the check as {user}: the agent is not root"
+            ));
+        }
+        let (uid, gid) = crate::exec::lookup_user(user)?;
+        cmd.uid(uid).gid(gid);
+    }
+    let output = cmd.output().await.map_err(|e| format!("{program}: {e}"))?;
     if output.status.success() {
         return Ok(());
     }
@@ -230,6 +238,132 @@ mod tests {
             retries,
             start_period_ms,
         }
+    }
+
+    fn task(kind: CheckKind, port: u16) -> Task {
+        use starling_state::{
+            AssignedPort, Placement, ProcessSpec, Resources, RestartPolicy, Slot, TaskState,
+            TaskStatus, TaskTemplate,
+        };
+        Task {
+            id: "t1".into(),
+            service: "s".into(),
+            service_name: "s".into(),
+            slot: Slot::Number(1),
+            spec_version: 1,
+            template: TaskTemplate {
+                process: ProcessSpec {
+                    argv: vec!["sleep".into()],
+                    env: std::collections::BTreeMap::from([("CHECKED".into(), "yes".into())]),
+                    cwd: None,
+                    user: None,
+                    stop_signal: 15,
+                    stop_grace_ms: 100,
+                },
+                resources: Resources::default(),
+                restart: RestartPolicy::default(),
+                placement: Placement::default(),
+                ports: vec![],
+                force_update: 0,
+                health: Some(HealthCheck {
+                    kind,
+                    interval_ms: 100,
+                    timeout_ms: 1000,
+                    retries: 1,
+                    start_period_ms: 0,
+                }),
+                drain_delay_ms: 0,
+                dns_ttl_s: 5,
+            },
+            node: Some("n".into()),
+            desired: TaskState::Running,
+            status: TaskStatus::new(TaskState::Running, "", 0),
+            ports: vec![AssignedPort {
+                name: "HTTP".into(),
+                port,
+            }],
+            not_before: 0,
+            restarts: vec![],
+            replaces: None,
+            pending_reason: None,
+            created_at: 0,
+            version: 1,
+            created_revision: 1,
+            updated_revision: 1,
+        }
+    }
+
+    /// A server that answers every connection with `status` (one HTTP/1.1 response).
+    async fn http_server(status: &'static str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf).await;
+                let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                let _ = c.write_all(reply.as_bytes()).await;
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn probes_tcp_http_and_commands() {
+        let dir = std::env::temp_dir();
+        let ok = http_server("200 OK").await;
+        let bad = http_server("503 Service Unavailable").await;
+        let http = |port| {
+            task(
+                CheckKind::Http {
+                    port: "HTTP".into(),
+                    path: "/health".into(),
+                },
+                port,
+            )
+        };
+        assert_eq!(probe(&http(ok), "127.0.0.1", &dir).await, Ok(()));
+        let e = probe(&http(bad), "127.0.0.1", &dir).await.unwrap_err();
+        assert!(e.contains("503"), "{e}");
+        let tcp = |port| {
+            task(
+                CheckKind::Tcp {
+                    port: "HTTP".into(),
+                },
+                port,
+            )
+        };
+        assert_eq!(probe(&tcp(ok), "127.0.0.1", &dir).await, Ok(()));
+        // A port nothing listens on (bound, then closed).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        assert!(probe(&tcp(closed), "127.0.0.1", &dir).await.is_err());
+        let cmd = |script: &str| {
+            task(
+                CheckKind::Command {
+                    argv: vec!["sh".into(), "-c".into(), script.into()],
+                },
+                ok,
+            )
+        };
+        // The task's environment (its variables and ports) is the check's.
+        assert_eq!(
+            probe(
+                &cmd("test \"$CHECKED:$PORT\" = yes:$STARLING_PORT_HTTP"),
+                "127.0.0.1",
+                &dir
+            )
+            .await,
+            Ok(())
+        );
+        let e = probe(&cmd("echo not ready; exit 3"), "127.0.0.1", &dir)
+            .await
+            .unwrap_err();
+        assert_eq!(e, "exit code 3: not ready");
     }
 
     #[test]
