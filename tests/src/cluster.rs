@@ -218,6 +218,29 @@ impl Cluster {
         &self.dirs[i]
     }
 
+    /// The live task processes the agents of `hosts` recorded under their data
+    /// directories: task id → pid.
+    pub fn task_processes(
+        &self,
+        hosts: impl IntoIterator<Item = usize>,
+    ) -> std::collections::BTreeMap<String, i32> {
+        let mut live = std::collections::BTreeMap::new();
+        for i in hosts {
+            for t in std::fs::read_dir(self.dir(i).join("tasks"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Some(s) = starling_agent::exec::recorded(&t.path())
+                    && starling_agent::exec::alive(&s)
+                {
+                    live.insert(t.file_name().to_string_lossy().into_owned(), s.pid);
+                }
+            }
+        }
+        live
+    }
+
     /// Host `i`'s control socket.
     pub fn socket(&self, i: usize) -> PathBuf {
         self.dirs[i].join("control.sock")

@@ -48,25 +48,6 @@ fn tasks(c: &Cluster, i: usize, service: &str) -> Option<BTreeMap<String, (Strin
     )
 }
 
-/// The live task processes recorded under the hosts' data directories: task id → pid.
-fn processes(c: &Cluster, hosts: std::ops::Range<usize>) -> BTreeMap<String, i32> {
-    let mut live = BTreeMap::new();
-    for i in hosts {
-        for t in std::fs::read_dir(c.dir(i).join("tasks"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Some(s) = starling_agent::exec::recorded(&t.path())
-                && starling_agent::exec::alive(&s)
-            {
-                live.insert(t.file_name().to_string_lossy().into_owned(), s.pid);
-            }
-        }
-    }
-    live
-}
-
 fn create(c: &Cluster, i: usize, spec: Value) {
     let (status, v) = c
         .api(i, "POST", "/v1/services", spec.to_string().as_bytes())
@@ -96,7 +77,7 @@ fn t30_a_leader_cut_off_from_its_workers_stops_nothing_and_heals() {
         (t.len() == 6 && t.values().all(|(_, s)| s == "running")).then_some(t)
     });
     let pids = poll("six task processes", SETTLE, || {
-        let p = processes(&c, 3..6);
+        let p = c.task_processes(3..6);
         (p.len() == 6).then_some(p)
     });
     let leader = c.wait_leader(&[0, 1, 2], SETTLE);
@@ -137,7 +118,7 @@ fn t30_a_leader_cut_off_from_its_workers_stops_nothing_and_heals() {
         if let Some(t) = tasks(&c, other, "work") {
             assert_eq!(t, placed, "the tasks changed while the leader was cut off");
         }
-        assert_eq!(processes(&c, 3..6), pids, "a task process stopped");
+        assert_eq!(c.task_processes(3..6), pids, "a task process stopped");
         std::thread::sleep(Duration::from_millis(500));
     }
     let moved: Vec<bool> = (3..6)
@@ -161,7 +142,7 @@ fn t30_a_leader_cut_off_from_its_workers_stops_nothing_and_heals() {
         (t.len() == 3 && t.values().all(|(_, s)| s == "running")).then_some(t)
     });
     assert_eq!(tasks(&c, leader, "work").unwrap(), placed);
-    let live = processes(&c, 3..6);
+    let live = c.task_processes(3..6);
     assert_eq!(live.len(), 9, "{live:?}");
     for (task, pid) in &pids {
         assert_eq!(live.get(task), Some(pid), "{task} was restarted");

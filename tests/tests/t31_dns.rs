@@ -373,23 +373,6 @@ fn http_get(c: &Cluster, i: usize, urls: &[String]) -> Result<(), String> {
     }
 }
 
-/// The live task processes recorded under host `i`'s data directory: task id → pid.
-fn processes(c: &Cluster, i: usize) -> BTreeMap<String, i32> {
-    let mut live = BTreeMap::new();
-    for t in std::fs::read_dir(c.dir(i).join("tasks"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        if let Some(s) = starling_agent::exec::recorded(&t.path())
-            && starling_agent::exec::alive(&s)
-        {
-            live.insert(t.file_name().to_string_lossy().into_owned(), s.pid);
-        }
-    }
-    live
-}
-
 #[test]
 fn t31_every_host_resolves_the_running_tasks_through_faults_and_a_late_join() {
     // Built (under cargo) before the clock starts.
@@ -524,7 +507,7 @@ fn t31_every_host_resolves_the_running_tasks_through_faults_and_a_late_join() {
     // joins them.
     let victim = placed.iter().find(|t| ips[&t.node].0 == 3).unwrap().clone();
     let pid = poll("the victim's process", SETTLE, || {
-        processes(&c, 3).get(&victim.id).copied()
+        c.task_processes([3]).get(&victim.id).copied()
     });
     let killed = Instant::now();
     let st = std::process::Command::new("kill")
@@ -592,7 +575,7 @@ fn t31_every_host_resolves_the_running_tasks_through_faults_and_a_late_join() {
         (idx.len() == 1).then(|| idx.into_iter().next().unwrap())
     });
     let generation_before = generation(&c, 0, &cut_node).unwrap();
-    let pids_before = processes(&c, cut_host);
+    let pids_before = c.task_processes([cut_host]);
     assert_eq!(pids_before.len(), 1, "{pids_before:?}");
     c.net.isolate(cut_host).unwrap();
     let cut = Instant::now();
@@ -650,7 +633,7 @@ fn t31_every_host_resolves_the_running_tasks_through_faults_and_a_late_join() {
     // Its daemon and its tasks ran on: the same task processes. (A node that gossip held
     // Down rejoins under the next generation, by design: that number may grow.)
     assert_eq!(
-        processes(&c, cut_host),
+        c.task_processes([cut_host]),
         pids_before,
         "h5's task processes changed"
     );
@@ -738,7 +721,7 @@ fn t31_every_host_resolves_the_running_tasks_through_faults_and_a_late_join() {
         tasks_before,
         "the service changed when a worker joined"
     );
-    assert!(processes(&c, late).is_empty());
+    assert!(c.task_processes([late]).is_empty());
     eprintln!("the whole scenario took {:?}", formed.elapsed());
     drop(reaper);
     drop(c);

@@ -97,50 +97,13 @@ pub fn plan(
 mod tests {
     use std::collections::BTreeMap;
 
-    use starling_state::{
-        Placement, ProcessSpec, Resources, RestartPolicy, Slot, TaskStatus, TaskTemplate,
-    };
-
     use super::*;
 
     fn task(id: &str, desired: TaskState, state: TaskState, not_before: u64) -> Task {
-        Task {
-            id: id.into(),
-            service: "s".into(),
-            service_name: "s".into(),
-            slot: Slot::Number(1),
-            spec_version: 1,
-            template: TaskTemplate {
-                process: ProcessSpec {
-                    argv: vec!["sleep".into()],
-                    env: BTreeMap::new(),
-                    cwd: None,
-                    user: None,
-                    stop_signal: 15,
-                    stop_grace_ms: 100,
-                },
-                resources: Resources::default(),
-                restart: RestartPolicy::default(),
-                placement: Placement::default(),
-                ports: vec![],
-                force_update: 0,
-                health: None,
-                drain_delay_ms: 0,
-                dns_ttl_s: 5,
-            },
-            node: Some("n".into()),
-            desired,
-            status: TaskStatus::new(state, "", 0),
-            ports: vec![],
-            not_before,
-            restarts: vec![],
-            replaces: None,
-            pending_reason: None,
-            created_at: 0,
-            version: 1,
-            created_revision: 1,
-            updated_revision: 1,
-        }
+        let mut t = crate::testing::task(id, &["sleep"], state);
+        t.desired = desired;
+        t.not_before = not_before;
+        t
     }
 
     #[test]

@@ -339,50 +339,12 @@ pub async fn wait_gone(started: &Started, within: Duration) -> bool {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
-    use starling_state::{
-        Placement, ProcessSpec, Resources, RestartPolicy, Slot, TaskState, TaskStatus, TaskTemplate,
-    };
+    use starling_state::TaskState;
 
     use super::*;
 
     fn task(id: &str, argv: &[&str]) -> Task {
-        Task {
-            id: id.into(),
-            service: "s".into(),
-            service_name: "s".into(),
-            slot: Slot::Number(1),
-            spec_version: 1,
-            template: TaskTemplate {
-                process: ProcessSpec {
-                    argv: argv.iter().map(|a| a.to_string()).collect(),
-                    env: BTreeMap::new(),
-                    cwd: None,
-                    user: None,
-                    stop_signal: 15,
-                    stop_grace_ms: 100,
-                },
-                resources: Resources::default(),
-                restart: RestartPolicy::default(),
-                placement: Placement::default(),
-                ports: vec![],
-                force_update: 0,
-                health: None,
-                drain_delay_ms: 0,
-                dns_ttl_s: 5,
-            },
-            node: Some("n".into()),
-            desired: TaskState::Running,
-            status: TaskStatus::new(TaskState::Assigned, "", 0),
-            ports: vec![],
-            not_before: 0,
-            restarts: vec![],
-            replaces: None,
-            pending_reason: None,
-            created_at: 0,
-            version: 1,
-            created_revision: 1,
-            updated_revision: 1,
-        }
+        crate::testing::task(id, argv, TaskState::Assigned)
     }
 
     #[test]

@@ -241,56 +241,21 @@ mod tests {
     }
 
     fn task(kind: CheckKind, port: u16) -> Task {
-        use starling_state::{
-            AssignedPort, Placement, ProcessSpec, Resources, RestartPolicy, Slot, TaskState,
-            TaskStatus, TaskTemplate,
-        };
-        Task {
-            id: "t1".into(),
-            service: "s".into(),
-            service_name: "s".into(),
-            slot: Slot::Number(1),
-            spec_version: 1,
-            template: TaskTemplate {
-                process: ProcessSpec {
-                    argv: vec!["sleep".into()],
-                    env: std::collections::BTreeMap::from([("CHECKED".into(), "yes".into())]),
-                    cwd: None,
-                    user: None,
-                    stop_signal: 15,
-                    stop_grace_ms: 100,
-                },
-                resources: Resources::default(),
-                restart: RestartPolicy::default(),
-                placement: Placement::default(),
-                ports: vec![],
-                force_update: 0,
-                health: Some(HealthCheck {
-                    kind,
-                    interval_ms: 100,
-                    timeout_ms: 1000,
-                    retries: 1,
-                    start_period_ms: 0,
-                }),
-                drain_delay_ms: 0,
-                dns_ttl_s: 5,
-            },
-            node: Some("n".into()),
-            desired: TaskState::Running,
-            status: TaskStatus::new(TaskState::Running, "", 0),
-            ports: vec![AssignedPort {
-                name: "HTTP".into(),
-                port,
-            }],
-            not_before: 0,
-            restarts: vec![],
-            replaces: None,
-            pending_reason: None,
-            created_at: 0,
-            version: 1,
-            created_revision: 1,
-            updated_revision: 1,
-        }
+        let mut t = crate::testing::task("t1", &["sleep"], starling_state::TaskState::Running);
+        t.template.process.env =
+            std::collections::BTreeMap::from([("CHECKED".into(), "yes".into())]);
+        t.template.health = Some(HealthCheck {
+            kind,
+            interval_ms: 100,
+            timeout_ms: 1000,
+            retries: 1,
+            start_period_ms: 0,
+        });
+        t.ports = vec![starling_state::AssignedPort {
+            name: "HTTP".into(),
+            port,
+        }];
+        t
     }
 
     /// A server that answers every connection with `status` (one HTTP/1.1 response).

@@ -17,6 +17,57 @@ pub mod exec;
 pub mod health;
 pub mod logs;
 
+/// What the unit tests build tasks from.
+#[cfg(test)]
+pub(crate) mod testing {
+    use starling_state::{
+        Placement, ProcessSpec, Resources, RestartPolicy, Slot, Task, TaskState, TaskStatus,
+        TaskTemplate,
+    };
+
+    /// Task `id` of service `s`, slot 1, on node `n`, running `argv`, wanted running, in
+    /// `state`.
+    pub(crate) fn task(id: &str, argv: &[&str], state: TaskState) -> Task {
+        Task {
+            id: id.into(),
+            service: "s".into(),
+            service_name: "s".into(),
+            slot: Slot::Number(1),
+            spec_version: 1,
+            template: TaskTemplate {
+                process: ProcessSpec {
+                    argv: argv.iter().map(|a| a.to_string()).collect(),
+                    env: std::collections::BTreeMap::new(),
+                    cwd: None,
+                    user: None,
+                    stop_signal: 15,
+                    stop_grace_ms: 100,
+                },
+                resources: Resources::default(),
+                restart: RestartPolicy::default(),
+                placement: Placement::default(),
+                ports: vec![],
+                force_update: 0,
+                health: None,
+                drain_delay_ms: 0,
+                dns_ttl_s: 5,
+            },
+            node: Some("n".into()),
+            desired: TaskState::Running,
+            status: TaskStatus::new(state, "", 0),
+            ports: vec![],
+            not_before: 0,
+            restarts: vec![],
+            replaces: None,
+            pending_reason: None,
+            created_at: 0,
+            version: 1,
+            created_revision: 1,
+            updated_revision: 1,
+        }
+    }
+}
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1175,18 +1175,9 @@ fn t73_service_logs_follow_tasks_on_three_nodes_and_keep_a_failed_tasks_tail() {
     assert!(lines(&got).iter().any(|(p, ..)| p.ends_with("@w1")));
 }
 
-/// Asks the DNS server at `server` for `name` (type `qtype`) over UDP: the answer's A
-/// addresses and SRV ports, or `None` when no answer came.
-fn dig(
-    server: &str,
-    name: &str,
-    qtype: simple_dns::TYPE,
-) -> Option<(
-    simple_dns::RCODE,
-    std::collections::BTreeSet<String>,
-    std::collections::BTreeSet<u16>,
-)> {
-    use simple_dns::rdata::RData;
+/// Asks the DNS server at `server` for `name` (type `qtype`) over UDP: the parsed answer's
+/// bytes, or `None` when no answer came.
+fn ask(server: &str, name: &str, qtype: simple_dns::TYPE) -> Option<Vec<u8>> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
     sock.set_read_timeout(Some(Duration::from_millis(500)))
         .ok()?;
@@ -1200,7 +1191,23 @@ fn dig(
     sock.send_to(&q.build_bytes_vec().ok()?, server).ok()?;
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).ok()?;
-    let p = simple_dns::Packet::parse(&buf[..n]).ok()?;
+    simple_dns::Packet::parse(&buf[..n]).ok()?;
+    Some(buf[..n].to_vec())
+}
+
+/// [`ask`]: the answer's code, A addresses and SRV ports.
+fn dig(
+    server: &str,
+    name: &str,
+    qtype: simple_dns::TYPE,
+) -> Option<(
+    simple_dns::RCODE,
+    std::collections::BTreeSet<String>,
+    std::collections::BTreeSet<u16>,
+)> {
+    use simple_dns::rdata::RData;
+    let bytes = ask(server, name, qtype)?;
+    let p = simple_dns::Packet::parse(&bytes).ok()?;
     let mut ips = std::collections::BTreeSet::new();
     let mut ports = std::collections::BTreeSet::new();
     for r in &p.answers {
@@ -1522,19 +1529,7 @@ fn t75_health_checks_gate_dns_replace_unhealthy_tasks_and_drain_before_stopping(
 
 /// The TTL of the first answer to an A query for `name`.
 fn dig_ttl(server: &str, name: &str) -> Option<u32> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
-    sock.set_read_timeout(Some(Duration::from_millis(500)))
-        .ok()?;
-    let mut q = simple_dns::Packet::new_query(7);
-    q.questions.push(simple_dns::Question::new(
-        simple_dns::Name::new_unchecked(name),
-        simple_dns::QTYPE::TYPE(simple_dns::TYPE::A),
-        simple_dns::QCLASS::CLASS(simple_dns::CLASS::IN),
-        false,
-    ));
-    sock.send_to(&q.build_bytes_vec().ok()?, server).ok()?;
-    let mut buf = [0u8; 4096];
-    let n = sock.recv(&mut buf).ok()?;
-    let p = simple_dns::Packet::parse(&buf[..n]).ok()?;
+    let bytes = ask(server, name, simple_dns::TYPE::A)?;
+    let p = simple_dns::Packet::parse(&bytes).ok()?;
     p.answers.first().map(|r| r.ttl)
 }
