@@ -375,7 +375,9 @@ async fn measure(
          The floor of a kill: the agent session's silence threshold (2 s) plus a failed QUIC \
          probe (≤ 1.5 s, run while SWIM's own probes suspect the node: both are needed, so a \
          leader cut off from a worker but not from the others takes nothing for dead) plus the \
-         liveness tick (≤ 1 s), then placement and start (≈ 0.1 s).\n\n",
+         liveness tick (≤ 0.5 s), then placement and start (≈ 0.1 s); or, when the worker's \
+         session is with another manager, SWIM's Down (a failed probe, then 2.5 s without an \
+         answer) and 1 s. Hiding needs only the suspicion.\n\n",
         create.as_secs_f64(),
         at(0.5).as_secs_f64(),
         at(1.0).as_secs_f64(),
