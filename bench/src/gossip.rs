@@ -81,16 +81,7 @@ pub fn simulate(n: usize) -> GossipFigures {
         s.live().all(|i| s.sees_down(i, victim))
     });
 
-    let mut lossy = Simulator::cluster(
-        SimConfig {
-            seed: 2,
-            ..SimConfig::default()
-        },
-        n,
-    );
-    lossy.run_until(Duration::from_millis(100), Duration::from_secs(600), |s| {
-        s.live().all(|i| s.members_seen(i) == n - 1)
-    });
+    let mut lossy = settled_cluster(n, 2);
     let base = lossy.false_downs();
     lossy.set_loss(0.10);
     lossy.run_for(Duration::from_secs(60));
@@ -221,6 +212,21 @@ pub async fn dns_load(clients: usize, window: Duration) -> anyhow::Result<String
     ))
 }
 
+/// `n` simulated nodes (seed `seed`) once every node sees every other as a member.
+fn settled_cluster(n: usize, seed: u64) -> Simulator {
+    let mut sim = Simulator::cluster(
+        SimConfig {
+            seed,
+            ..SimConfig::default()
+        },
+        n,
+    );
+    sim.run_until(Duration::from_millis(100), Duration::from_secs(600), |s| {
+        s.live().all(|i| s.members_seen(i) == n - 1)
+    });
+    sim
+}
+
 /// Failure detection at one cluster size, in the simulator.
 #[derive(Debug, Clone)]
 pub struct Detection {
@@ -246,30 +252,18 @@ pub struct Detection {
 pub fn detection(n: usize, victims: usize, lossy: Duration) -> Detection {
     let wall = Instant::now();
     let settled = |s: &Simulator| s.live().all(|i| s.members_seen(i) == n - 1);
-    let mut sim = Simulator::cluster(
-        SimConfig {
-            seed: 5,
-            ..SimConfig::default()
-        },
-        n,
-    );
-    sim.run_until(
-        Duration::from_millis(100),
-        Duration::from_secs(600),
-        settled,
-    );
+    let mut sim = settled_cluster(n, 5);
     let (mut hidden, mut down) = (Vec::new(), Vec::new());
     for k in 0..victims {
         let v = (k * 7919 + 3) % n;
+        // Killed, `v` is no longer among the live nodes the predicates read.
         sim.kill(v);
-        let others = |s: &Simulator| s.live().filter(move |i| *i != v).collect::<Vec<_>>();
         let h = sim.run_until(STEP, Duration::from_secs(60), |s| {
-            others(s)
-                .into_iter()
+            s.live()
                 .all(|i| s.sees_suspected(i, v) || s.sees_down(i, v))
         });
         let d = sim.run_until(STEP, Duration::from_secs(60), |s| {
-            others(s).into_iter().all(|i| s.sees_down(i, v))
+            s.live().all(|i| s.sees_down(i, v))
         });
         if let (Some(h), Some(d)) = (h, d) {
             hidden.push(h);
@@ -286,18 +280,7 @@ pub fn detection(n: usize, victims: usize, lossy: Duration) -> Detection {
     hidden.sort();
     down.sort();
     let lossy_run = |answer: bool| {
-        let mut s = Simulator::cluster(
-            SimConfig {
-                seed: 6,
-                ..SimConfig::default()
-            },
-            n,
-        );
-        s.run_until(
-            Duration::from_millis(100),
-            Duration::from_secs(600),
-            settled,
-        );
+        let mut s = settled_cluster(n, 6);
         if !answer {
             s.drop_requests(starling_gossip::RpcKind::Suspected, 1.0);
         }

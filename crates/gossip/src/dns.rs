@@ -422,6 +422,10 @@ mod tests {
     }
 
     fn ask(name: &str, qtype: TYPE, udp: bool) -> Vec<u8> {
+        ask_view(&view(), name, qtype, udp)
+    }
+
+    fn ask_view(v: &DnsView, name: &str, qtype: TYPE, udp: bool) -> Vec<u8> {
         let mut q = Packet::new_query(7);
         q.questions.push(simple_dns::Question::new(
             Name::new_unchecked(name),
@@ -429,7 +433,7 @@ mod tests {
             simple_dns::QCLASS::CLASS(CLASS::IN),
             false,
         ));
-        answer(&view(), &q.build_bytes_vec().unwrap(), udp).unwrap()
+        answer(v, &q.build_bytes_vec().unwrap(), udp).unwrap()
     }
 
     fn parse(bytes: &[u8]) -> Packet<'_> {
@@ -496,14 +500,7 @@ mod tests {
             syncing: true,
             ..view()
         };
-        let mut q = Packet::new_query(3);
-        q.questions.push(simple_dns::Question::new(
-            Name::new_unchecked("web.svc.starling"),
-            QTYPE::TYPE(TYPE::A),
-            simple_dns::QCLASS::CLASS(CLASS::IN),
-            false,
-        ));
-        let bytes = answer(&v, &q.build_bytes_vec().unwrap(), true).unwrap();
+        let bytes = ask_view(&v, "web.svc.starling", TYPE::A, true);
         let p = parse(&bytes);
         assert_eq!((p.rcode(), p.answers.len()), (RCODE::ServerFailure, 0));
     }
@@ -515,16 +512,7 @@ mod tests {
             list[1].1.ttl = Some(30);
             list[2].1.ttl = Some(2);
         }
-        let ask = |name: &str, qtype: TYPE| {
-            let mut q = Packet::new_query(9);
-            q.questions.push(simple_dns::Question::new(
-                Name::new_unchecked(name),
-                QTYPE::TYPE(qtype),
-                simple_dns::QCLASS::CLASS(CLASS::IN),
-                false,
-            ));
-            answer(&v, &q.build_bytes_vec().unwrap(), true).unwrap()
-        };
+        let ask = |name: &str, qtype: TYPE| ask_view(&v, name, qtype, true);
         for (name, qtype) in [
             ("web.svc.starling", TYPE::A),
             ("_http._tcp.web.svc.starling", TYPE::SRV),
