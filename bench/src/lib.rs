@@ -11,6 +11,7 @@
 //!
 //! `cargo run --release -p starling-bench -- writes|reads|failover|join|gossip|all [--quick]`
 
+pub mod certs;
 pub mod cluster;
 pub mod gossip;
 pub mod load;

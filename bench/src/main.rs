@@ -28,6 +28,9 @@ enum Measure {
     /// Services with real processes: 100 replicas created, a worker killed 10 times, then
     /// 10 minutes at full CPU counting false reschedules.
     Tasks,
+    /// Certificate renewal: join-protocol requests from 100 idle workers over 60 s, and the
+    /// spread of 1 000 nodes' renewals.
+    Certs,
     /// Everything, written to bench/RESULTS.md.
     All,
 }
@@ -75,7 +78,7 @@ async fn real_main() -> anyhow::Result<()> {
     };
     let needs_clusters = !matches!(
         args.measure,
-        Measure::Gossip | Measure::Detection | Measure::Scheduler | Measure::Tasks
+        Measure::Gossip | Measure::Detection | Measure::Scheduler | Measure::Tasks | Measure::Certs
     );
     let etcd_version = if needs_clusters {
         etcd_available()?
@@ -195,6 +198,17 @@ async fn real_main() -> anyhow::Result<()> {
                 replicas,
                 soak,
                 args.quick,
+            )
+            .await?,
+        );
+    }
+    if wants(Measure::Certs) {
+        let (workers, window) = if args.quick { (3, 5) } else { (100, 60) };
+        emit(
+            starling_bench::certs::run(
+                &tmp.path().join("certs"),
+                workers,
+                std::time::Duration::from_secs(window),
             )
             .await?,
         );

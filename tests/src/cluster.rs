@@ -354,8 +354,16 @@ impl Cluster {
 
     /// `starling run` on host `i` (a restart on its data directory).
     pub fn restart(&mut self, i: usize) {
+        self.restart_with(i, &[]);
+    }
+
+    /// `starling run` on host `i` with extra arguments (`--force-new-cluster`); returns once
+    /// its control socket answers.
+    pub fn restart_with(&mut self, i: usize, extra: &[&str]) {
         let dir = self.dirs[i].display().to_string();
-        self.spawn(i, &["run", "--data-dir", &dir]);
+        let mut args = vec!["run", "--data-dir", &dir];
+        args.extend_from_slice(extra);
+        self.spawn(i, &args);
         self.wait_serving(i);
     }
 

@@ -75,7 +75,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use starling_api::dispatch::{
-    AgentMessage, DISPATCH_ALPN, ManagerMessage, read_message, write_message,
+    AgentMessage, DISPATCH_ALPN, ManagerMessage, NodeDirective, read_message, write_message,
 };
 use starling_api::unix_ms;
 use starling_gossip::Health;
@@ -110,6 +110,9 @@ pub struct AgentConfig {
     /// Where the endpoints of the tasks running here go (the node publishes them by
     /// gossip): set whenever that set changes.
     pub endpoints: Option<tokio::sync::watch::Sender<Vec<ServiceEndpoint>>>,
+    /// Where what the managers want of the node itself goes (its role, for the node's
+    /// certificate renewal): set as the dispatcher sends it.
+    pub directive: Option<tokio::sync::watch::Sender<Option<NodeDirective>>>,
 }
 
 /// The endpoints of the tasks that run here, from `published` (task id and how it is
@@ -357,6 +360,11 @@ async fn run(
         tokio::select! {
             msg = assign_rx.recv() => match msg {
                 Some(ManagerMessage::Heartbeat) => {}
+                Some(ManagerMessage::Node(d)) => {
+                    if let Some(tx) = &cfg.directive {
+                        tx.send_replace(Some(d));
+                    }
+                }
                 Some(ManagerMessage::Assignments { full, tasks, removed, .. }) => {
                     if full {
                         assigned.clear();
@@ -810,18 +818,17 @@ where
                 Some(ManagerMessage::Heartbeat) => heard = tokio::time::Instant::now(),
                 Some(msg) => {
                     heard = tokio::time::Instant::now();
-                    let ManagerMessage::Assignments { managers: list, .. } = &msg else {
-                        continue;
-                    };
-                    let learned: Vec<(String, SocketAddr)> = list
-                        .iter()
-                        .filter_map(|m| {
-                            let (n, a) = m.split_once('@')?;
-                            Some((n.to_owned(), a.parse().ok()?))
-                        })
-                        .collect();
-                    if !learned.is_empty() {
-                        *managers = learned;
+                    if let ManagerMessage::Assignments { managers: list, .. } = &msg {
+                        let learned: Vec<(String, SocketAddr)> = list
+                            .iter()
+                            .filter_map(|m| {
+                                let (n, a) = m.split_once('@')?;
+                                Some((n.to_owned(), a.parse().ok()?))
+                            })
+                            .collect();
+                        if !learned.is_empty() {
+                            *managers = learned;
+                        }
                     }
                     if assignments.send(msg).await.is_err() {
                         break Ok(());

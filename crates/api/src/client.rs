@@ -506,6 +506,17 @@ impl Client {
         self.json(Method::POST, &target, Bytes::new()).await
     }
 
+    /// `GET /v1/cluster`.
+    pub async fn cluster(&self) -> Result<ClusterView, ClientError> {
+        self.get("/v1/cluster").await
+    }
+
+    /// `PATCH /v1/cluster`.
+    pub async fn update_cluster(&self, update: &ClusterUpdate) -> Result<ClusterView, ClientError> {
+        self.json_body(Method::PATCH, "/v1/cluster", to_json(update)?)
+            .await
+    }
+
     /// `POST /v1/leave` (only meaningful on a node's own socket).
     pub async fn leave(&self) -> Result<Left, ClientError> {
         self.json(Method::POST, "/v1/leave", Bytes::new()).await

@@ -8,7 +8,7 @@
 //! serves sessions; reports are written through Raft by whichever manager took them.
 
 use serde::{Deserialize, Serialize};
-use starling_state::{NodeDescription, Task, TaskReport};
+use starling_state::{NodeDescription, NodeRole, Task, TaskReport};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The dispatcher's ALPN.
@@ -58,6 +58,17 @@ pub enum ManagerMessage {
     /// Sent every [`HEARTBEAT`]: an agent that hears nothing for [`SESSION_SILENCE`] takes
     /// the manager for gone (a killed process closes no QUIC connection) and fails over.
     Heartbeat,
+    /// What the managers want of the node itself: sent when the session starts and whenever
+    /// it changes, so a node learns of its promotion or demotion without asking.
+    Node(NodeDirective),
+}
+
+/// What the managers want of a node itself, from its record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDirective {
+    /// The role the node is to hold: a node whose certificate names another role asks for a
+    /// new certificate at once (a promotion or a demotion).
+    pub role: NodeRole,
 }
 
 /// Why a frame could not be read or written.

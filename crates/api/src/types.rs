@@ -230,6 +230,9 @@ pub struct NodeDetail {
     pub labels: BTreeMap<String, String>,
     /// Serial of its current certificate, hex.
     pub cert_serial: String,
+    /// When that certificate expires, seconds since the Unix epoch (0: not known).
+    #[serde(default)]
+    pub cert_not_after: u64,
     /// The Starling version it runs (empty until heard).
     pub version: String,
     /// Bumped on every change of the node's record.
@@ -727,4 +730,46 @@ pub struct EndpointList {
     pub index: u64,
     /// The endpoints, by node and task.
     pub endpoints: Vec<EndpointView>,
+}
+
+/// The shortest lifetime `PATCH /v1/cluster` accepts for node certificates (as Docker swarm).
+pub const MIN_CERT_EXPIRY_SECS: u64 = 3600;
+/// The longest lifetime for node certificates: 10 years.
+pub const MAX_CERT_EXPIRY_SECS: u64 = 10 * 365 * 24 * 3600;
+/// The longest renewal grace after expiry: one year.
+pub const MAX_CERT_GRACE_SECS: u64 = 365 * 24 * 3600;
+
+/// `GET /v1/cluster`: the cluster's identity and settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterView {
+    /// The cluster's id.
+    pub cluster_id: String,
+    /// SHA-256 of the root CA certificate, hex: what join tokens pin.
+    pub ca_digest: String,
+    /// Its settings.
+    pub settings: ClusterSettings,
+}
+
+/// Cluster-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterSettings {
+    /// Lifetime of node certificates issued from now on, seconds (nodes renew at a random
+    /// 50–80 % of it).
+    pub cert_expiry_secs: u64,
+    /// How long after its certificate expired a node may still renew it with that
+    /// certificate (a node that was off), seconds; beyond, it must rejoin with a token.
+    pub cert_grace_secs: u64,
+}
+
+/// `PATCH /v1/cluster`: the settings to change; those left out keep their value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterUpdate {
+    /// Lifetime of node certificates issued from now on, seconds (at least
+    /// [`MIN_CERT_EXPIRY_SECS`], at most [`MAX_CERT_EXPIRY_SECS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_expiry_secs: Option<u64>,
+    /// Renewal grace after expiry, seconds (at most [`MAX_CERT_GRACE_SECS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_grace_secs: Option<u64>,
 }

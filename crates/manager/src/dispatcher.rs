@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use starling_api::dispatch::{
-    AgentMessage, DISPATCH_ALPN, HEARTBEAT, ManagerMessage, read_message, write_message,
+    AgentMessage, DISPATCH_ALPN, HEARTBEAT, ManagerMessage, NodeDirective, read_message,
+    write_message,
 };
 use starling_raft_store::{Consistency, Store};
 use starling_state::{Command, Task, TaskReport};
@@ -233,7 +234,21 @@ where
     let mut out_of_touch: Option<tokio::time::Instant> = None;
     // The agent fails over to these: a change (a manager joined, left, moved) is sent too.
     let mut sent_managers: Vec<String> = Vec::new();
+    let mut sent_directive: Option<NodeDirective> = None;
     loop {
+        let (directive, _) = store.read_applied(|s| {
+            s.node(&node).map(|n| NodeDirective {
+                role: n.desired_role.clone(),
+            })
+        });
+        if directive.is_some() && directive != sent_directive {
+            if let Some(d) = &directive {
+                write_message(&mut tx, &ManagerMessage::Node(d.clone()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            sent_directive = directive;
+        }
         let (current, _) = store.read_applied(|s| {
             // Ended tasks too, until they are reaped: the agent keeps their files (logs)
             // while the managers list them.

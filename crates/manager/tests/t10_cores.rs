@@ -24,6 +24,7 @@ fn node(id: &str) -> NodeRecord {
         status: NodeStatus::Ready,
         labels: BTreeMap::new(),
         cert_serial: "01".into(),
+        cert_not_after: 0,
         version: 0,
         created_revision: 0,
         updated_revision: 0,

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use starling_api::dispatch::NodeDirective;
 use starling_gossip::{
     FileGeneration, GenerationStore, GossipConfig, GossipId, GossipNode, GossipSettings,
 };
@@ -16,7 +17,7 @@ use starling_transport::{
     CertOptions, ClusterCa, ClusterId, Endpoint, EndpointConfig, JoinSecret, NodeCredentials,
     NodeId, Role, ring_provider,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::datadir::{DataDir, NodeState, random_id};
 
@@ -93,6 +94,8 @@ pub struct InitOptions {
     pub advertise: Option<SocketAddr>,
     /// Host name to report (default: the machine's).
     pub hostname: Option<String>,
+    /// Lifetime of node certificates (default 90 days).
+    pub cert_expiry: Option<std::time::Duration>,
 }
 
 /// Everything a running node holds.
@@ -116,6 +119,9 @@ pub struct RunningNode {
     /// A manager's remote API listener (`starling/api/1`), until [`RunningNode::serve_api`]
     /// takes it.
     pub api_listener: std::sync::Mutex<Option<starling_transport::Listener>>,
+    /// What the managers want of this node (its role), as its dispatcher session tells it;
+    /// `None` when the node runs no agent.
+    pub directive: Option<tokio::sync::watch::Receiver<Option<NodeDirective>>>,
 }
 
 impl RunningNode {
@@ -161,13 +167,17 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn bind(dir: &DataDir, listen: SocketAddr, creds: NodeCredentials) -> anyhow::Result<Endpoint> {
+fn bind(
+    dir: &DataDir,
+    listen: SocketAddr,
+    creds: Option<NodeCredentials>,
+) -> anyhow::Result<Endpoint> {
     let cfg = EndpointConfig {
         listen,
         reset_key: Some(dir.reset_key()?),
         ..EndpointConfig::default()
     };
-    Endpoint::bind(cfg, ring_provider(), Some(creds))
+    Endpoint::bind(cfg, ring_provider(), creds)
         .with_context(|| format!("cannot listen on {listen}"))
 }
 
@@ -181,6 +191,14 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
             dir.0.display()
         );
     }
+    let settings = Settings {
+        cert_lifetime_secs: opts
+            .cert_expiry
+            .map_or(Settings::default().cert_lifetime_secs, |d| d.as_secs()),
+        ..Settings::default()
+    };
+    crate::api::cluster::check_cert_expiry(settings.cert_lifetime_secs)
+        .map_err(|e| anyhow::anyhow!("--cert-expiry: {e}"))?;
     dir.create()
         .with_context(|| format!("cannot create {}", dir.0.display()))?;
     let cluster_id = random_id()?;
@@ -190,7 +208,10 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
     let creds = ca.issue(
         &NodeId::new(node_id.clone())?,
         &Role::MANAGER,
-        &CertOptions::default(),
+        &CertOptions {
+            lifetime: std::time::Duration::from_secs(settings.cert_lifetime_secs),
+            ..CertOptions::default()
+        },
     )?;
     creds.save(&dir.0)?;
     let advertise = opts.advertise.unwrap_or(opts.listen);
@@ -204,7 +225,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
         hostname: opts.hostname.unwrap_or_else(hostname),
         managers: vec![(node_id.clone(), advertise)],
     };
-    let endpoint = bind(&dir, opts.listen, creds.clone())?;
+    let endpoint = bind(&dir, opts.listen, Some(creds.clone()))?;
     dir.save(&state)?;
     let manager = start_manager(dir, state, endpoint, creds).await?;
     let store = manager
@@ -224,7 +245,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
                 ca_cert_pem: ca_cert,
                 ca_key_pem: ca_key,
                 join_secrets,
-                settings: Settings::default(),
+                settings,
             },
         })
         .await?;
@@ -244,6 +265,10 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
                     .identity()
                     .map(|i| i.serial.to_string())
                     .unwrap_or_default(),
+                cert_not_after: manager
+                    .endpoint
+                    .identity()
+                    .map_or(0, |i| crate::renewal::unix_secs(i.not_after)),
                 version: 0,
                 created_revision: 0,
                 updated_revision: 0,
@@ -254,16 +279,159 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
     Ok(manager)
 }
 
-/// Restarts the node in `dir` (identity, certificate, log).
-pub async fn run(dir: DataDir) -> anyhow::Result<RunningNode> {
-    let state = dir.load()?;
+/// Restarts the node in `dir` (identity, certificate, log); with `force_new_cluster`, as the
+/// single manager of its cluster (see [`force_new_cluster`]).
+pub async fn run(dir: DataDir, force_new_cluster: bool) -> anyhow::Result<RunningNode> {
+    if force_new_cluster {
+        let lost = self::force_new_cluster(&dir).await?;
+        let m = Box::pin(run(dir, false)).await?;
+        if let Some(store) = m.store.clone() {
+            let task = tokio::spawn(forget_lost_managers(store, lost));
+            m.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+        }
+        return Ok(m);
+    }
+    let mut state = dir.load()?;
     let creds = NodeCredentials::load(&dir.0)?;
-    let endpoint = bind(&dir, state.listen, creds.clone())?;
+    if creds.identity().not_after > std::time::SystemTime::now() {
+        let endpoint = bind(&dir, state.listen, Some(creds.clone()))?;
+        return if state.role == "manager" {
+            start_manager(dir, state, endpoint, creds).await
+        } else {
+            start_worker(dir, state, endpoint).await
+        };
+    }
+    // The certificate expired while the node was off. The endpoint starts without one; a
+    // manager renews its own from the CA in its state once its store is open, a worker asks
+    // the managers on the expired-certificate path.
+    info!(node = %state.node_id, "the node's certificate has expired; renewing it");
+    let endpoint = bind(&dir, state.listen, None)?;
+    if state.role != "manager" {
+        renew_expired_worker(&dir, &state, &endpoint, &creds).await?;
+        state = dir.load()?;
+    }
     if state.role == "manager" {
         start_manager(dir, state, endpoint, creds).await
     } else {
         start_worker(dir, state, endpoint).await
     }
+}
+
+/// Closes the connections a demoted node still holds with its manager certificate (it may
+/// dial with it until it renews): the cluster honours it no more. Its renewal (on the join
+/// protocol) is left open, so that it can fetch its worker certificate.
+fn close_demoted(endpoint: &Endpoint, records: &[NodeRecord]) {
+    for r in records {
+        if r.role != NodeRole::Worker || r.desired_role != NodeRole::Worker {
+            continue;
+        }
+        let Ok(id) = NodeId::new(r.id.clone()) else {
+            continue;
+        };
+        let closed = endpoint.close_peer(
+            &id,
+            |c| {
+                c.peer().is_some_and(|p| p.role == Role::MANAGER)
+                    && c.alpn() != crate::join::JOIN_ALPN
+            },
+            starling_transport::CloseCode::REVOKED,
+            "demoted: its manager certificate is no longer honoured",
+        );
+        if closed > 0 {
+            info!(node = %r.id, closed, "closed a demoted node's manager connections");
+        }
+    }
+}
+
+/// Makes the manager in `dir` the single voter of its cluster, offline, before its store
+/// opens (see [`starling_raft_store::force_new_cluster`]); returns the node ids of the
+/// managers it leaves behind.
+async fn force_new_cluster(dir: &DataDir) -> anyhow::Result<Vec<String>> {
+    let mut state = dir.load()?;
+    let raft_id = match (&state.role[..], state.raft_id) {
+        ("manager", Some(id)) => id,
+        _ => anyhow::bail!(
+            "--force-new-cluster recovers a cluster from one of its managers; {} is a {}",
+            state.node_id,
+            state.role
+        ),
+    };
+    let node = ManagerNode {
+        name: state.node_id.clone(),
+        addr: state.advertise.to_string(),
+    };
+    let r = starling_raft_store::force_new_cluster(&dir.raft_dir(), raft_id, node)
+        .await
+        .context("--force-new-cluster")?;
+    let lost: Vec<String> = r
+        .former_voters
+        .iter()
+        .filter(|(id, _)| **id != raft_id)
+        .map(|(_, n)| n.name.clone())
+        .collect();
+    warn!(
+        last_index = r.last_index,
+        replayed = r.replayed,
+        ?lost,
+        "forced a new cluster: this manager is its only voter; the lost managers will be removed"
+    );
+    state.managers = vec![(state.node_id.clone(), state.advertise)];
+    dir.save(&state)?;
+    Ok(lost)
+}
+
+/// After a forced new cluster: the lost managers leave the node list and stay refused
+/// (their Raft ids released, their node ids revoked), once this manager leads.
+async fn forget_lost_managers(store: Arc<Store>, lost: Vec<String>) {
+    for node in lost {
+        for cmd in [
+            Command::RetireManager { node: node.clone() },
+            Command::RemoveNode { id: node.clone() },
+        ] {
+            let mut pause = std::time::Duration::from_millis(200);
+            loop {
+                match store.write(cmd.clone()).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, %node, "removing a lost manager; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        info!(%node, "lost manager removed from the cluster");
+    }
+}
+
+/// Renews a worker's expired certificate at start (see [`crate::renewal`]): managers that
+/// cannot be reached are tried again for a minute; a refusal (beyond the grace period, a
+/// removed node) ends the start with the manager's reason.
+async fn renew_expired_worker(
+    dir: &DataDir,
+    state: &NodeState,
+    endpoint: &Endpoint,
+    creds: &NodeCredentials,
+) -> anyhow::Result<()> {
+    let csr = creds.node_key()?.csr()?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let reply = loop {
+        match crate::renewal::ask_expired(endpoint, state, creds, &csr).await {
+            Ok(r) => break r,
+            Err(e)
+                if e.downcast_ref::<crate::renewal::Refused>().is_some()
+                    || tokio::time::Instant::now() >= deadline =>
+            {
+                return Err(e.context("the node's certificate expired and could not be renewed"));
+            }
+            Err(e) => {
+                warn!(error = %e, "no manager renewed the expired certificate yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    };
+    crate::renewal::accept(dir, state, endpoint, creds, reply)?;
+    Ok(())
 }
 
 /// Options of `starling join`.
@@ -488,119 +656,22 @@ fn pick_manager(
 /// The node as it runs now: replaced when its role changes.
 pub type Current = Arc<std::sync::RwLock<Arc<RunningNode>>>;
 
-/// Every second, asks a manager whether this node's role changed (promotion, demotion); on a
-/// change it takes the new certificate, stops what the old role ran and starts the new one on
-/// the same endpoint. A new role that fails to start is retried every second until it runs:
-/// the certificate already names the new role, so asking again would answer "unchanged".
-pub async fn renewal_loop(current: Current, api: axum::Router) {
-    let mut pending: Option<RoleChange> = None;
-    loop {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let m = current.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if pending.is_none() {
-            match renew_once(&m).await {
-                Ok(change) => pending = change,
-                Err(e) => tracing::warn!(error = %e, "role renewal failed"),
-            }
-        }
-        let Some(mut change) = pending.take() else {
-            continue;
-        };
-        let started = start_role(&m, &change).await;
-        change.stopped = true;
-        match started {
-            Ok(new) => {
-                new.serve_api(api.clone());
-                *current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, role = %change.state.role, "starting the new role failed; retrying");
-                pending = Some(change);
-            }
-        }
-    }
-}
-
-/// A role change granted by a manager, saved to disk and in effect on the endpoint; what is
-/// left is to start the new role's components.
-struct RoleChange {
-    state: NodeState,
-    creds: NodeCredentials,
+/// A role change granted by a manager, saved to disk and in effect on the endpoint once the
+/// old role's components are stopped; what is left is to start the new role's components.
+pub(crate) struct RoleChange {
+    /// The node's state in its new role.
+    pub(crate) state: NodeState,
+    /// Its certificate for the new role.
+    pub(crate) creds: NodeCredentials,
     /// The old role's components are stopped (done once).
-    stopped: bool,
-}
-
-/// Asks a manager whether this node's role changed. On a change the new certificate and
-/// state are saved and the certificate is put in use; the old role's components are stopped.
-async fn renew_once(m: &RunningNode) -> anyhow::Result<Option<RoleChange>> {
-    use crate::join::{JoinReply, JoinRequest, call, join_protocol};
-    let protocol = join_protocol()?;
-    // Current Raft members first (a manager knows them), then the managers this node was
-    // told of.
-    let mut targets: Vec<(String, SocketAddr)> = Vec::new();
-    if let Some(store) = &m.store {
-        for (_, n) in store.status().nodes {
-            if let Ok(a) = n.addr.parse() {
-                targets.push((n.name, a));
-            }
-        }
-    }
-    targets.extend(m.state.managers.iter().cloned());
-    targets.retain(|(n, _)| *n != m.state.node_id);
-    let mut seen = std::collections::BTreeSet::new();
-    targets.retain(|t| seen.insert(t.clone()));
-    for (node, addr) in targets {
-        let Ok(id) = NodeId::new(node.clone()) else {
-            continue;
-        };
-        let dial = m.endpoint.connect(&protocol, &id, addr);
-        let Ok(Ok(conn)) = tokio::time::timeout(std::time::Duration::from_secs(2), dial).await
-        else {
-            continue;
-        };
-        let key = starling_transport::NodeKey::generate()?;
-        let reply = match call(&conn, &JoinRequest::Renew { csr: key.csr()? }).await {
-            Ok(r) => r,
-            Err(_) => continue,
-        };
-        conn.close(starling_transport::CloseCode::SHUTDOWN, "renewed");
-        let (role, raft_id, cert, ca, managers) = match reply {
-            JoinReply::Unchanged => return Ok(None),
-            JoinReply::Renewed {
-                role,
-                raft_id,
-                cert,
-                ca,
-                managers,
-            } => (role, raft_id, cert, ca, managers),
-            JoinReply::Refused(why) => anyhow::bail!("renewal refused: {why}"),
-            _ => continue,
-        };
-        info!(node = %m.state.node_id, %role, "role changed; restarting this node's role");
-        if role == "manager" && raft_id.is_none() {
-            anyhow::bail!("a promotion without a raft id");
-        }
-        let creds = NodeCredentials::new(cert.into(), key, vec![ca.into()])?;
-        let dir = &m.data_dir;
-        creds.save(&dir.0)?;
-        let mut state = m.state.clone();
-        state.role = role;
-        state.raft_id = raft_id;
-        if !managers.is_empty() {
-            state.managers = managers;
-        }
-        dir.save(&state)?;
-        return Ok(Some(RoleChange {
-            state,
-            creds,
-            stopped: false,
-        }));
-    }
-    Ok(None)
+    pub(crate) stopped: bool,
 }
 
 /// Stops the old role (once) and starts the new one on the same endpoint.
-async fn start_role(m: &RunningNode, change: &RoleChange) -> anyhow::Result<RunningNode> {
+pub(crate) async fn start_role(
+    m: &RunningNode,
+    change: &RoleChange,
+) -> anyhow::Result<RunningNode> {
     let dir = m.data_dir.clone();
     let state = change.state.clone();
     let creds = change.creds.clone();
@@ -698,6 +769,7 @@ async fn reconcile_liveness(
             endpoint.revoke(removed.iter().filter_map(|id| NodeId::new(id.clone()).ok()));
             revoked = removed;
         }
+        close_demoted(&endpoint, &records);
         let mut unreachable = if leading {
             confirm_unreachable(&endpoint, &sessions, &records).await
         } else {
@@ -820,10 +892,14 @@ fn start_agent(
     endpoint: &Endpoint,
     store: Option<Arc<Store>>,
     gossip: Arc<GossipNode>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> Agent {
     if RUN_TASKS.get() == Some(&false) {
-        return Vec::new();
+        return Agent {
+            tasks: Vec::new(),
+            directive: None,
+        };
     }
+    let (directive, directive_rx) = tokio::sync::watch::channel(None);
     // The endpoints of the tasks running here go into this node's gossip record.
     let (endpoints, mut published) = tokio::sync::watch::channel(Vec::new());
     let labels = node_labels(state);
@@ -866,9 +942,19 @@ fn start_agent(
                 .filter(|p| p.exists())
                 .or_else(|| std::env::current_exe().ok()),
             endpoints: Some(endpoints),
+            directive: Some(directive),
         },
     );
-    vec![agent, publisher]
+    Agent {
+        tasks: vec![agent, publisher],
+        directive: Some(directive_rx),
+    }
+}
+
+/// A node's agent as it runs: its tasks, and what its dispatcher session says of the node.
+struct Agent {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    directive: Option<tokio::sync::watch::Receiver<Option<NodeDirective>>>,
 }
 
 async fn start_worker(
@@ -878,7 +964,8 @@ async fn start_worker(
 ) -> anyhow::Result<RunningNode> {
     let gossip = Arc::new(start_gossip(&dir, &state, &endpoint).await?);
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let mut tasks = start_agent(&dir, &state, &endpoint, None, gossip.clone());
+    let agent = start_agent(&dir, &state, &endpoint, None, gossip.clone());
+    let mut tasks = agent.tasks;
     tasks.extend(start_dns(gossip.clone()));
     let api_listener = None;
     Ok(RunningNode {
@@ -891,6 +978,7 @@ async fn start_worker(
         metrics,
         tasks: std::sync::Mutex::new(tasks),
         api_listener: std::sync::Mutex::new(api_listener),
+        directive: agent.directive,
     })
 }
 
@@ -898,7 +986,7 @@ async fn start_manager(
     dir: DataDir,
     state: NodeState,
     endpoint: Endpoint,
-    _creds: NodeCredentials,
+    creds: NodeCredentials,
 ) -> anyhow::Result<RunningNode> {
     let raft_id = state
         .raft_id
@@ -921,6 +1009,22 @@ async fn start_manager(
     }
     let store = Store::open(config, endpoint.clone()).await?;
     let store = Arc::new(store);
+    if endpoint.identity().is_none() {
+        // Started with an expired certificate: renewed from the CA in the local state.
+        let renewed = creds
+            .node_key()
+            .and_then(|k| k.csr())
+            .map_err(anyhow::Error::from)
+            .and_then(|csr| crate::renewal::self_issue(&store, &creds, &csr))
+            .and_then(|reply| {
+                crate::renewal::record_in_background(store.clone(), &reply);
+                crate::renewal::accept(&dir, &state, &endpoint, &creds, reply)
+            });
+        if let Err(e) = renewed {
+            let _ = store.shutdown().await;
+            return Err(e.context("the manager's certificate expired and could not be renewed"));
+        }
+    }
     let gossip = match start_gossip(&dir, &state, &endpoint).await {
         Ok(g) => Arc::new(g),
         Err(e) => {
@@ -951,13 +1055,8 @@ async fn start_manager(
         store.clone(),
         sessions,
     )));
-    tasks.extend(start_agent(
-        &dir,
-        &state,
-        &endpoint,
-        Some(store.clone()),
-        gossip.clone(),
-    ));
+    let agent = start_agent(&dir, &state, &endpoint, Some(store.clone()), gossip.clone());
+    tasks.extend(agent.tasks);
     tasks.extend(start_dns(gossip.clone()));
     Ok(RunningNode {
         state,
@@ -969,5 +1068,6 @@ async fn start_manager(
         metrics,
         tasks: std::sync::Mutex::new(tasks),
         api_listener: std::sync::Mutex::new(api_listener),
+        directive: agent.directive,
     })
 }

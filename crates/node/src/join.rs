@@ -63,10 +63,22 @@ pub enum JoinRequest {
         /// Its Raft id.
         raft_id: u64,
     },
-    /// A member asks whether its role changed (promotion, demotion); if so it gets a
-    /// certificate for the new role, for this CSR.
+    /// A member asks for a new certificate for the CSR's key: for the role its record wants
+    /// (a promotion, a demotion), or, with `force`, a renewal of the same role. Without
+    /// `force` and with the role unchanged, the answer is [`JoinReply::Unchanged`].
     Renew {
-        /// A CSR for a fresh key (DER).
+        /// A CSR (DER), for the node's current key unless it rotates it.
+        csr: Vec<u8>,
+        /// Renew even if the role is unchanged.
+        force: bool,
+    },
+    /// A node whose certificate expired (it was off for a while) renews it on a connection
+    /// without a client certificate, presenting the expired certificate and a CSR for the
+    /// same key; accepted within the cluster's grace period if the node is still a member.
+    RenewExpired {
+        /// The expired certificate (DER).
+        cert: Vec<u8>,
+        /// A CSR for the certificate's key (DER).
         csr: Vec<u8>,
     },
     /// A manager asks the leader to demote a manager (remove it from the Raft group).
@@ -161,13 +173,19 @@ pub async fn serve(
         let metrics = metrics.clone();
         tokio::spawn(async move {
             while let Ok(Inbound::Request(req)) = conn.accept().await {
+                metrics
+                    .join_requests
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let reply = match decode_request(req.body().as_bytes()) {
                     Some(r) => {
                         let reply = handle(&store, &conn, r, &membership).await;
-                        if matches!(reply, JoinReply::Joined { .. }) {
-                            metrics
-                                .joins
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let counter = match reply {
+                            JoinReply::Joined { .. } => Some(&metrics.joins),
+                            JoinReply::Renewed { .. } => Some(&metrics.renewals),
+                            _ => None,
+                        };
+                        if let Some(c) = counter {
+                            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         reply
                     }
@@ -206,15 +224,25 @@ async fn handle(
                 JoinReply::Refused(e.to_string())
             }
         },
-        JoinRequest::Renew { csr } => {
+        JoinRequest::Renew { csr, force } => {
             let Some(peer) = conn.peer() else {
                 return JoinReply::Refused("a renewal needs the node's current certificate".into());
             };
-            match renew(store, peer, &csr).await {
+            match renew(store, peer, &csr, force).await {
                 Ok(r) => r,
-                Err(e) => JoinReply::Refused(e.to_string()),
+                Err(e) => {
+                    warn!(node = %peer.node_id, error = %e, "renewal refused");
+                    JoinReply::Refused(e.to_string())
+                }
             }
         }
+        JoinRequest::RenewExpired { cert, csr } => match renew_expired(store, &cert, &csr).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(peer = %conn.remote_address(), error = %e, "renewal of an expired certificate refused");
+                JoinReply::Refused(e.to_string())
+            }
+        },
         JoinRequest::Demote { node_id } => {
             let Some(peer) = conn.peer().filter(|p| p.role == Role::MANAGER) else {
                 return JoinReply::Refused("only a manager can demote".into());
@@ -417,24 +445,43 @@ async fn renew(
     store: &Store,
     peer: &starling_transport::PeerIdentity,
     csr: &[u8],
+    force: bool,
 ) -> anyhow::Result<JoinReply> {
     let node = peer.node_id.as_str();
-    let ((record, info), _) = store
+    let ((record, info, revoked), _) = store
         .read(Consistency::Linearizable, |s| {
-            (s.node(node).cloned(), s.cluster().clone())
+            (
+                s.node(node).cloned(),
+                s.cluster().clone(),
+                s.is_revoked(node),
+            )
         })
         .await?;
-    let record =
-        record.ok_or_else(|| anyhow::anyhow!("node {node} was removed from the cluster"))?;
+    let record = match record {
+        Some(r) if !revoked => r,
+        _ => anyhow::bail!("node {node} was removed from the cluster"),
+    };
     let want = if record.desired_role == NodeRole::Manager {
         Role::MANAGER
     } else {
         Role::WORKER
     };
-    if want == peer.role {
+    if want == peer.role && !force {
         return Ok(JoinReply::Unchanged);
     }
-    let raft_id = if want == Role::MANAGER {
+    issue(store, &info, &record.id, &want, csr).await
+}
+
+/// Signs `csr` for `node` with `role` and the cluster's certificate lifetime, records the
+/// certificate in the node's record, and answers with it (and a Raft id for a manager).
+async fn issue(
+    store: &Store,
+    info: &starling_raft_store::ClusterInfo,
+    node: &str,
+    role: &Role,
+    csr: &[u8],
+) -> anyhow::Result<JoinReply> {
+    let raft_id = if *role == Role::MANAGER {
         Some(raft_id_for(store, node).await?)
     } else {
         None
@@ -444,15 +491,61 @@ async fn renew(
         lifetime: std::time::Duration::from_secs(info.settings.cert_lifetime_secs),
         ..CertOptions::default()
     };
-    let cert = ca.sign_csr(csr, &peer.node_id, &want, &opts)?;
-    info!(node = %node, role = %want, "certificate reissued for a new role");
+    let node_id = starling_transport::NodeId::new(node.to_owned())?;
+    let cert = ca.sign_csr(csr, &node_id, role, &opts)?;
+    let issued = starling_transport::PeerIdentity::from_certificate(&cert)?;
+    store
+        .write(Command::SetNodeCert {
+            id: node.to_owned(),
+            serial: issued.serial.to_string(),
+            not_after: crate::renewal::unix_secs(issued.not_after),
+        })
+        .await?;
+    info!(%node, %role, serial = %issued.serial, "certificate issued");
     Ok(JoinReply::Renewed {
-        role: want.to_string(),
+        role: role.to_string(),
         raft_id,
         cert: cert.to_vec(),
         ca: ca.certificate().to_vec(),
         managers: managers(store),
     })
+}
+
+/// Renews the certificate of a node that presents it expired: checked against the CA and
+/// the grace period, for the same key, and only for a node still in the cluster. The role is
+/// the certificate's, except that a node demoted meanwhile gets a worker's (a promotion
+/// meanwhile happens afterwards, as for a running node).
+async fn renew_expired(store: &Store, cert: &[u8], csr: &[u8]) -> anyhow::Result<JoinReply> {
+    let (info, _) = store
+        .read(Consistency::Linearizable, |s| s.cluster().clone())
+        .await?;
+    let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
+    let grace = std::time::Duration::from_secs(info.settings.cert_grace_secs);
+    let presented = ca
+        .check_expired_renewal(cert, csr, std::time::SystemTime::now(), grace)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; the node must rejoin with a token (stop it, clear its data directory, \
+                 then `starling join`)"
+            )
+        })?;
+    let node = presented.node_id.as_str();
+    let ((record, revoked), _) = store
+        .read(Consistency::Linearizable, |s| {
+            (s.node(node).cloned(), s.is_revoked(node))
+        })
+        .await?;
+    let record = match record {
+        Some(r) if !revoked => r,
+        _ => anyhow::bail!("node {node} was removed from the cluster; it must rejoin with a token"),
+    };
+    let role = if record.role == NodeRole::Worker {
+        Role::WORKER
+    } else {
+        presented.role
+    };
+    info!(%node, "renewing an expired certificate");
+    issue(store, &info, node, &role, csr).await
 }
 
 async fn admit(
@@ -496,9 +589,7 @@ async fn admit(
         &role,
         &opts,
     )?;
-    let serial = starling_transport::PeerIdentity::from_certificate(&cert)?
-        .serial
-        .to_string();
+    let issued = starling_transport::PeerIdentity::from_certificate(&cert)?;
     let node_role = if role == Role::MANAGER {
         NodeRole::Manager
     } else {
@@ -515,7 +606,8 @@ async fn admit(
                 availability: Availability::Active,
                 status: NodeStatus::Ready,
                 labels: BTreeMap::new(),
-                cert_serial: serial,
+                cert_serial: issued.serial.to_string(),
+                cert_not_after: crate::renewal::unix_secs(issued.not_after),
                 version: 0,
                 created_revision: 0,
                 updated_revision: 0,

@@ -15,3 +15,4 @@ pub mod datadir;
 pub mod join;
 pub mod liveness;
 pub mod metrics;
+pub mod renewal;

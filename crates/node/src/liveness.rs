@@ -121,6 +121,7 @@ mod tests {
             status,
             labels: BTreeMap::new(),
             cert_serial: String::new(),
+            cert_not_after: 0,
             version: 1,
             created_revision: 1,
             updated_revision: 1,

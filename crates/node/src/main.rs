@@ -125,6 +125,17 @@ impl DaemonArgs {
         if let Some(dns) = self.dns_listen {
             let _ = daemon::DNS_LISTEN.set(dns.0);
         }
+        // Hidden, for tests that watch certificates renew within minutes.
+        if let Some(floor) = std::env::var("STARLING_TEST_MIN_CERT_EXPIRY_SECS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            tracing::warn!(
+                floor,
+                "STARLING_TEST_MIN_CERT_EXPIRY_SECS is set: certificate lifetimes down to this many seconds are accepted (for tests only)"
+            );
+            let _ = api::cluster::TEST_MIN_CERT_EXPIRY.set(floor);
+        }
     }
 }
 
@@ -151,6 +162,10 @@ enum Cmd {
         /// Host name to report (default: this machine's).
         #[arg(long)]
         hostname: Option<String>,
+        /// Lifetime of node certificates (like 90d or 2160h; at least 1h): nodes renew theirs
+        /// at a random 50–80 % of it. Default 90d; `starling cluster update` changes it.
+        #[arg(long, value_parser = parse_duration)]
+        cert_expiry: Option<std::time::Duration>,
         #[command(flatten)]
         daemon: DaemonArgs,
     },
@@ -180,6 +195,12 @@ enum Cmd {
     Run {
         #[command(flatten)]
         dir: DirArg,
+        /// Disaster recovery, on a manager whose fellow managers are lost for good: it
+        /// becomes the single manager of the same cluster with everything its log holds;
+        /// the lost managers are removed (and stay refused). Workers and their tasks stay;
+        /// new managers join with a token.
+        #[arg(long)]
+        force_new_cluster: bool,
         #[command(flatten)]
         daemon: DaemonArgs,
     },
@@ -237,6 +258,36 @@ enum Cmd {
     Context {
         #[command(subcommand)]
         cmd: ContextCmd,
+    },
+    /// The cluster's identity and settings.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Show the cluster's id, CA digest and settings.
+    Inspect {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Change cluster settings.
+    Update {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Lifetime of node certificates issued from now on (like 90d or 2160h; at least 1h,
+        /// at most 10 years). Each node moves to it at its next renewal.
+        #[arg(long, value_parser = parse_duration)]
+        cert_expiry: Option<std::time::Duration>,
+        /// How long after its certificate expired a node that was off may still renew it
+        /// (like 30d; 0 to refuse expired certificates); beyond, it rejoins with a token.
+        #[arg(long, value_parser = parse_duration)]
+        cert_grace: Option<std::time::Duration>,
     },
 }
 
@@ -858,7 +909,10 @@ async fn serve_until_signal(m: daemon::RunningNode, args: DaemonArgs) -> anyhow:
     let router = api::router(state);
     now(&current).serve_api(router.clone());
     let server = tokio::spawn(api::serve_unix(listener, router.clone()));
-    let renewal = tokio::spawn(daemon::renewal_loop(current.clone(), router));
+    let renewal = tokio::spawn(starling_node::renewal::renewal_loop(
+        current.clone(),
+        router,
+    ));
     {
         let m = now(&current);
         eprintln!(
@@ -1196,6 +1250,7 @@ async fn real_main() -> anyhow::Result<()> {
             listen,
             advertise,
             hostname,
+            cert_expiry,
             daemon: args,
         } => {
             args.tune();
@@ -1204,6 +1259,7 @@ async fn real_main() -> anyhow::Result<()> {
                 listen: required(listen, &fc.listen, "listen")?,
                 advertise: advertise.or(fc.advertise),
                 hostname: hostname.or_else(|| fc.hostname.clone()),
+                cert_expiry,
             })
             .await?;
             serve_until_signal(m, args).await
@@ -1229,9 +1285,14 @@ async fn real_main() -> anyhow::Result<()> {
             .await?;
             serve_until_signal(m, args).await
         }
-        Cmd::Run { dir, daemon: args } => {
+        Cmd::Run {
+            dir,
+            force_new_cluster,
+            daemon: args,
+        } => {
             args.tune();
-            serve_until_signal(daemon::run(DataDir(dir.path()?)).await?, args).await
+            let m = daemon::run(DataDir(dir.path()?), force_new_cluster).await?;
+            serve_until_signal(m, args).await
         }
         Cmd::Node { cmd } => node(cmd, ctx).await,
         Cmd::Members { dir, format } => {
@@ -1280,7 +1341,57 @@ async fn real_main() -> anyhow::Result<()> {
         Cmd::Service { cmd } => service(cmd, ctx).await,
         Cmd::Cert { cmd } => cert(cmd, ctx).await,
         Cmd::Context { cmd } => context(cmd),
+        Cmd::Cluster { cmd } => cluster(cmd, ctx).await,
         Cmd::Demo => tokio::task::spawn_blocking(demo::run).await?,
+    }
+}
+
+async fn cluster(cmd: ClusterCmd, ctx: &Option<String>) -> anyhow::Result<()> {
+    let v = match cmd {
+        ClusterCmd::Inspect { dir, format } => {
+            let v = call!(&dir, ctx, |c| c.cluster().await);
+            if format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            v
+        }
+        ClusterCmd::Update {
+            dir,
+            cert_expiry,
+            cert_grace,
+        } => {
+            if cert_expiry.is_none() && cert_grace.is_none() {
+                anyhow::bail!("nothing to change: give --cert-expiry or --cert-grace");
+            }
+            let update = starling_api::ClusterUpdate {
+                cert_expiry_secs: cert_expiry.map(|d| d.as_secs()),
+                cert_grace_secs: cert_grace.map(|d| d.as_secs()),
+            };
+            call!(&dir, ctx, |c| c.update_cluster(&update).await)
+        }
+    };
+    println!("ID:                  {}", v.cluster_id);
+    println!("CA digest:           sha256:{}", v.ca_digest);
+    println!(
+        "Certificate expiry:  {}",
+        human_duration(v.settings.cert_expiry_secs)
+    );
+    println!(
+        "Renewal grace:       {}",
+        human_duration(v.settings.cert_grace_secs)
+    );
+    Ok(())
+}
+
+/// `90d`, `12h`, `30m` or `45s`: the largest unit that divides the duration.
+fn human_duration(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 

@@ -10,6 +10,10 @@ use crate::daemon::RunningNode;
 pub struct Metrics {
     /// Nodes admitted through this manager's join protocol.
     pub joins: AtomicU64,
+    /// Requests served on this manager's join protocol (joins, renewals, role checks).
+    pub join_requests: AtomicU64,
+    /// Node certificates this manager issued to running nodes (renewals, role changes).
+    pub renewals: AtomicU64,
     /// Times this node saw the Raft leader change.
     pub leader_changes: AtomicU64,
     /// Writes committed through this node's control API and joins, and their total time.
@@ -85,6 +89,16 @@ pub fn render(m: &RunningNode) -> String {
         "starling_joins_total",
         "Nodes admitted through this manager.",
         c.joins.load(Ordering::Relaxed),
+    );
+    counter(
+        "starling_join_requests_total",
+        "Requests served on this manager's join protocol (joins, renewals, role checks).",
+        c.join_requests.load(Ordering::Relaxed),
+    );
+    counter(
+        "starling_certificate_renewals_total",
+        "Node certificates this manager issued to running nodes.",
+        c.renewals.load(Ordering::Relaxed),
     );
     counter(
         "starling_leader_changes_total",

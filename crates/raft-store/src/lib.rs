@@ -22,12 +22,14 @@
 
 mod log_store;
 mod network;
+mod recover;
 mod sm_store;
 mod store;
 mod types;
 mod wal;
 
 pub use network::{RAFT_ALPN, raft_protocol};
+pub use recover::{Recovered, force_new_cluster};
 /// The object model and its pure state machine, re-exported from [`starling_state`].
 pub use starling_state::{
     Availability, ClientRecord, ClientRole, ClusterInfo, ClusterState, Command, CommandResult,

@@ -134,6 +134,15 @@ impl LogStore {
         Ok(())
     }
 
+    /// Purges the log up to `log_id` and waits until that is on disk (for the offline
+    /// recovery, which opens the log again right after).
+    pub(crate) async fn purge_durably(&mut self, log_id: LogId) -> io::Result<()> {
+        let record = LogRecord::Purge(log_id);
+        self.write_durable(&record).await?;
+        self.lock().replay(record);
+        Ok(())
+    }
+
     /// Queues a record and waits until it is on disk.
     async fn write_durable(&self, record: &LogRecord) -> io::Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();

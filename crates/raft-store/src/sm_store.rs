@@ -51,7 +51,7 @@ impl Shared {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, SmState> {
+    pub(crate) fn write(&self) -> std::sync::RwLockWriteGuard<'_, SmState> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -316,3 +316,76 @@ async fn t26_leader_transfer_demote_and_remove() {
     assert!(matches!(err, StoreError::NotLeader { .. }), "{err}");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t27_force_new_cluster_from_the_last_manager_keeps_every_write() {
+    // A small snapshot interval: the survivor holds a snapshot and a log after it.
+    let mut c = TestCluster::start(3, 50).await;
+    let mut last = 0;
+    for i in 0..120 {
+        last = c
+            .m(1)
+            .store
+            .write(put(&format!("k{i}"), &format!("v{i}")))
+            .await
+            .unwrap()
+            .revision;
+    }
+    c.wait_applied(last, T).await;
+    let leader = c.leader_id(T).await;
+    let survivor = (1..=3).find(|i| *i != leader).unwrap();
+    // The other two are lost for good.
+    for id in (1..=3).filter(|i| *i != survivor) {
+        c.stop(id).await;
+        std::fs::remove_dir_all(c.data_dir(id)).unwrap();
+    }
+    c.stop(survivor).await;
+    let recovered =
+        starling_raft_store::force_new_cluster(&c.data_dir(survivor), survivor, c.node(survivor))
+            .await
+            .unwrap();
+    assert!(recovered.last_index >= last, "{recovered:?}");
+    assert_eq!(
+        recovered.former_voters.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    c.restart(survivor).await;
+    let store = &c.m(survivor).store;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !store.status().is_leader {
+        assert!(Instant::now() < deadline, "the survivor did not lead alone");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.status().voters.into_iter().collect::<Vec<_>>(),
+        vec![survivor]
+    );
+    // Every write of before, and writes go on.
+    for i in 0..120 {
+        let (v, _) = get(store, &format!("k{i}"), Consistency::Linearizable).await;
+        assert_eq!(v, Some(format!("v{i}").into_bytes()), "k{i}");
+    }
+    let r = store.write(put("after", "1")).await.unwrap();
+    assert!(r.revision > last);
+    // A recovered store opens again as it is (the recovery is not needed twice).
+    c.stop(survivor).await;
+    c.restart(survivor).await;
+    let store = &c.m(survivor).store;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !store.status().is_leader {
+        assert!(
+            Instant::now() < deadline,
+            "the survivor did not lead after a restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (v, _) = get(store, "after", Consistency::Linearizable).await;
+    assert_eq!(v.as_deref(), Some(&b"1"[..]));
+    // A directory with nothing in it is refused.
+    let empty = tempfile::tempdir().unwrap();
+    let err = starling_raft_store::force_new_cluster(empty.path(), 1, c.node(1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("nothing to recover"), "{err}");
+    c.shutdown().await;
+}

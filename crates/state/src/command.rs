@@ -110,6 +110,23 @@ wire_type!(
             /// Node id.
             id: String,
         },
+        /// Record the certificate a node was just issued (a renewal or a role change).
+        SetNodeCert {
+            /// Node id.
+            id: String,
+            /// Its serial, hex.
+            serial: String,
+            /// When it expires, Unix seconds.
+            not_after: u64,
+        },
+        /// Change cluster settings; a field left `None` keeps its value. Answers
+        /// [`Outcome::Done`].
+        UpdateSettings {
+            /// Lifetime of node certificates issued from now on, seconds.
+            cert_lifetime_secs: Option<u64>,
+            /// How long after expiry a node may still renew its certificate, seconds.
+            cert_grace_secs: Option<u64>,
+        },
         /// Replace the cluster's identity material and settings.
         SetCluster {
             /// The new value.
@@ -258,6 +275,8 @@ impl std::fmt::Display for Command {
             }
             Command::SetNodeRole { id, role, .. } => write!(f, "node {id} role {role:?}"),
             Command::RemoveNode { id } => write!(f, "remove node {id}"),
+            Command::SetNodeCert { id, serial, .. } => write!(f, "node {id} certificate {serial}"),
+            Command::UpdateSettings { .. } => write!(f, "update cluster settings"),
             Command::SetCluster { info } => write!(f, "set cluster {}", info.cluster_id),
             Command::AssignRaftId { node } => write!(f, "assign a raft id to {node}"),
             Command::RetireManager { node } => write!(f, "retire manager {node}"),

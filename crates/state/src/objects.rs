@@ -60,6 +60,8 @@ wire_type!(
         pub labels: BTreeMap<String, String>,
         /// Serial of the node's current certificate, hex.
         pub cert_serial: String,
+        /// When that certificate expires, Unix seconds (0: not known).
+        pub cert_not_after: u64,
         /// Bumped on every change of this record.
         pub version: u64,
         /// Revision that created it.
@@ -90,6 +92,9 @@ wire_type!(
         pub timing_multiplier: u32,
         /// Lifetime of node certificates, seconds.
         pub cert_lifetime_secs: u64,
+        /// How long after its certificate expired a node may still renew it with that
+        /// certificate (a node powered off for a while), seconds; beyond, it rejoins.
+        pub cert_grace_secs: u64,
         /// Log entries between snapshots.
         pub snapshot_interval: u64,
     }
@@ -100,6 +105,7 @@ impl Default for Settings {
         Settings {
             timing_multiplier: 1,
             cert_lifetime_secs: 90 * 24 * 3600,
+            cert_grace_secs: 30 * 24 * 3600,
             snapshot_interval: 50_000,
         }
     }

@@ -171,6 +171,27 @@ impl ClusterState {
                 }
                 None => Outcome::NoSuchNode { id: id.clone() },
             },
+            Command::SetNodeCert {
+                id,
+                serial,
+                not_after,
+            } => self.change_node(revision, id, |n| {
+                n.cert_serial = serial.clone();
+                n.cert_not_after = *not_after;
+            }),
+            Command::UpdateSettings {
+                cert_lifetime_secs,
+                cert_grace_secs,
+            } => {
+                let settings = &mut self.image.cluster.settings;
+                if let Some(v) = cert_lifetime_secs {
+                    settings.cert_lifetime_secs = *v;
+                }
+                if let Some(v) = cert_grace_secs {
+                    settings.cert_grace_secs = *v;
+                }
+                Outcome::Done
+            }
             Command::SetCluster { info } => {
                 self.image.cluster = info.clone();
                 Outcome::Done
@@ -531,6 +552,7 @@ mod tests {
             status: NodeStatus::Unknown,
             labels: BTreeMap::new(),
             cert_serial: "01".into(),
+            cert_not_after: 0,
             version: 0,
             created_revision: 0,
             updated_revision: 0,
@@ -592,6 +614,7 @@ mod tests {
             status: NodeStatus::Unknown,
             labels: BTreeMap::new(),
             cert_serial: "01".into(),
+            cert_not_after: 0,
             version: 0,
             created_revision: 0,
             updated_revision: 0,
@@ -688,6 +711,70 @@ mod tests {
         assert_eq!(r.outcome, Outcome::NodeIsManager { id: "q".into() });
         assert!(s.node("p").is_some() && s.node("q").is_some());
         assert!(!s.is_revoked("p") && !s.is_revoked("q"));
+    }
+
+    #[test]
+    fn a_renewal_is_recorded_and_settings_change_one_field_at_a_time() {
+        let mut s = ClusterState::new();
+        s.apply(1, &Command::UpsertNode { node: worker("w") });
+        let (r, _) = s.apply(
+            2,
+            &Command::SetNodeCert {
+                id: "w".into(),
+                serial: "beef".into(),
+                not_after: 1234,
+            },
+        );
+        let Outcome::Node { node } = r.outcome else {
+            panic!("{:?}", r.outcome)
+        };
+        assert_eq!(
+            (node.cert_serial.as_str(), node.cert_not_after),
+            ("beef", 1234)
+        );
+        assert_eq!((node.version, node.updated_revision), (2, 2));
+        let (r, _) = s.apply(
+            3,
+            &Command::SetNodeCert {
+                id: "nobody".into(),
+                serial: "x".into(),
+                not_after: 1,
+            },
+        );
+        assert_eq!(
+            r.outcome,
+            Outcome::NoSuchNode {
+                id: "nobody".into()
+            }
+        );
+
+        let default = s.cluster().settings.clone();
+        s.apply(
+            4,
+            &Command::UpdateSettings {
+                cert_lifetime_secs: Some(3600),
+                cert_grace_secs: None,
+            },
+        );
+        assert_eq!(s.cluster().settings.cert_lifetime_secs, 3600);
+        assert_eq!(
+            s.cluster().settings.cert_grace_secs,
+            default.cert_grace_secs
+        );
+        s.apply(
+            5,
+            &Command::UpdateSettings {
+                cert_lifetime_secs: None,
+                cert_grace_secs: Some(0),
+            },
+        );
+        assert_eq!(
+            (
+                s.cluster().settings.cert_lifetime_secs,
+                s.cluster().settings.cert_grace_secs
+            ),
+            (3600, 0)
+        );
     }
 
     #[test]

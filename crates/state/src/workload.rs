@@ -729,6 +729,7 @@ mod tests {
             status: NodeStatus::Ready,
             labels: BTreeMap::new(),
             cert_serial: "01".into(),
+            cert_not_after: 0,
             version: 0,
             created_revision: 0,
             updated_revision: 0,

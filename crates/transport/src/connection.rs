@@ -322,6 +322,17 @@ struct Shared {
 #[derive(Clone)]
 pub struct Connection(Arc<Shared>);
 
+/// A connection the endpoint keeps track of without keeping it open: once every
+/// [`Connection`] clone is gone, the connection closes as usual and this no longer upgrades.
+#[derive(Clone)]
+pub(crate) struct WeakConnection(std::sync::Weak<Shared>);
+
+impl WeakConnection {
+    pub(crate) fn upgrade(&self) -> Option<Connection> {
+        self.0.upgrade().map(Connection)
+    }
+}
+
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
@@ -346,6 +357,10 @@ impl Connection {
             limits,
             inbound: Mutex::new(None),
         }))
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakConnection {
+        WeakConnection(Arc::downgrade(&self.0))
     }
 
     /// The peer's identity, or `None` for a certificate-less peer on an anonymous protocol

@@ -13,12 +13,12 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::codec::Frame;
-use crate::connection::{Connection, Limits, MessageError};
+use crate::connection::{Connection, Limits, MessageError, WeakConnection};
 use crate::error::CloseCode;
 use crate::identity::{ClusterId, NodeId, PeerIdentity, Role, dns_name};
 use crate::pki::NodeCredentials;
 use crate::tls::{self, CertStore};
-use crate::token::JoinToken;
+use crate::token::{CaDigest, JoinToken};
 
 /// The byte a server sends on its first uni stream once it admitted a connection. A dialer
 /// waits for it, so a refusal (which TLS 1.3 client authentication reports only after the
@@ -428,11 +428,60 @@ struct Shared {
     certs: Arc<CertStore>,
     state: RwLock<State>,
     pool: Mutex<HashMap<(NodeId, Vec<u8>), Slot>>,
+    /// Every open connection with a peer certificate, both directions, by peer: what
+    /// [`Endpoint::revoke`] and [`Endpoint::close_peer`] close.
+    live: Mutex<LiveConnections>,
     local_addr: SocketAddr,
     socket_buffers: (usize, usize),
 }
 
+/// The connections of each peer, held weakly; entries of closed connections are dropped as
+/// new ones arrive.
+#[derive(Default)]
+struct LiveConnections {
+    by_peer: HashMap<NodeId, Vec<WeakConnection>>,
+    added: usize,
+}
+
+impl LiveConnections {
+    fn add(&mut self, node: NodeId, conn: &Connection) {
+        let open = |w: &WeakConnection| w.upgrade().is_some_and(|c| c.close_reason().is_none());
+        let list = self.by_peer.entry(node).or_default();
+        list.retain(open);
+        list.push(conn.downgrade());
+        self.added += 1;
+        if self.added.is_multiple_of(1024) {
+            self.by_peer.retain(|_, l| {
+                l.retain(open);
+                !l.is_empty()
+            });
+        }
+    }
+
+    fn of(&self, node: &NodeId) -> Vec<Connection> {
+        self.by_peer
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(WeakConnection::upgrade)
+            .collect()
+    }
+}
+
 impl Shared {
+    /// Keeps track of an admitted connection, and closes it at once if its peer was revoked
+    /// meanwhile (the check before admission and the revocation may have crossed).
+    fn track(&self, conn: &Connection) {
+        let Some(peer) = conn.peer() else { return };
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(peer.node_id.clone(), conn);
+        if self.state().revoked.contains(&peer.node_id) {
+            conn.close(CloseCode::REVOKED, "node was removed from the cluster");
+        }
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             max_frame: self.config.max_frame_size,
@@ -624,6 +673,7 @@ impl Endpoint {
                 revoked: Default::default(),
             }),
             pool: Mutex::new(HashMap::new()),
+            live: Mutex::new(LiveConnections::default()),
             local_addr,
             socket_buffers,
         });
@@ -805,12 +855,9 @@ impl Endpoint {
                 });
             }
             await_admission(&conn).await?;
-            Ok(Connection::new(
-                conn,
-                Some(peer),
-                protocol.alpn().to_vec(),
-                shared.limits(),
-            ))
+            let conn = Connection::new(conn, Some(peer), protocol.alpn().to_vec(), shared.limits());
+            shared.track(&conn);
+            Ok(conn)
         };
         tokio::time::timeout(timeout, dial)
             .await
@@ -826,6 +873,20 @@ impl Endpoint {
         addr: SocketAddr,
         token: &JoinToken,
     ) -> Result<Connection, ConnectError> {
+        self.connect_anonymous(protocol, addr, token.ca_digest)
+            .await
+    }
+
+    /// Dials a manager at `addr` without presenting a certificate, trusting the server only
+    /// if the CA certificate it presents has digest `ca` and signed its certificate: for a
+    /// node whose own certificate expired, which renews it on a protocol that admits
+    /// anonymous peers. The server's protocol must allow anonymous peers.
+    pub async fn connect_anonymous(
+        &self,
+        protocol: &Protocol,
+        addr: SocketAddr,
+        ca: CaDigest,
+    ) -> Result<Connection, ConnectError> {
         let shared = self.shared();
         if addr == shared.local_addr {
             return Err(ConnectError::DialSelf);
@@ -836,7 +897,7 @@ impl Endpoint {
         if !protocol.policy().names_roles() {
             return Err(ConnectError::PolicyTooWide);
         }
-        let tls = tls::pinned_client_config(&shared.provider, token.ca_digest, protocol.alpn())?;
+        let tls = tls::pinned_client_config(&shared.provider, ca, protocol.alpn())?;
         self.dial(tls, addr, JOIN_SERVER_NAME, protocol, None, None)
             .await
     }
@@ -923,9 +984,8 @@ impl Endpoint {
 
     /// Sets the nodes removed from the cluster: from now on they are refused on every
     /// protocol (close code [`CloseCode::REVOKED`]) whether they dial or are dialed, and
-    /// pooled connections to them are closed. Node ids are never reused, so the set only
-    /// grows in practice; the whole set is given each time. Connections accepted from them
-    /// earlier stay until they close (as after a demotion; see the crate docs).
+    /// every open connection with them, in either direction, is closed. Node ids are never
+    /// reused, so the set only grows in practice; the whole set is given each time.
     pub fn revoke(&self, nodes: impl IntoIterator<Item = NodeId>) {
         let nodes: std::collections::BTreeSet<NodeId> = nodes.into_iter().collect();
         let added: Vec<NodeId> = {
@@ -937,7 +997,39 @@ impl Endpoint {
         for node in &added {
             info!(%node, "node revoked: refused from now on");
             self.disconnect(node);
+            self.close_peer(
+                node,
+                |_| true,
+                CloseCode::REVOKED,
+                "node was removed from the cluster",
+            );
         }
+    }
+
+    /// Closes every open connection with `node` (both directions, every protocol) that
+    /// `which` selects, and returns how many it closed. For a demotion: the connections the
+    /// node holds with its manager certificate close, and it comes back with its new one.
+    pub fn close_peer(
+        &self,
+        node: &NodeId,
+        which: impl Fn(&Connection) -> bool,
+        code: CloseCode,
+        reason: &str,
+    ) -> usize {
+        let conns = self
+            .shared()
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .of(node);
+        let mut closed = 0;
+        for c in conns {
+            if c.close_reason().is_none() && which(&c) {
+                c.close(code, reason);
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Closes every connection and the socket, and waits until peers were told.
@@ -1205,6 +1297,7 @@ async fn admit(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
     debug!(%remote, alpn = %alpn_text, peer = ?peer.as_ref().map(|p| p.node_id.to_string()), "admitted");
     let admitted = Connection::new(conn, peer, alpn, shared.limits());
+    shared.track(&admitted);
     match tx.try_send(admitted) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(c)) => {

@@ -82,7 +82,9 @@ pub use endpoint::{
 };
 pub use error::{CloseCode, StreamCode};
 pub use identity::{CertSerial, ClusterId, IdentityError, NodeId, PeerIdentity, Role, check_label};
-pub use pki::{CA_LIFETIME, CertOptions, ClusterCa, NodeCredentials, NodeKey, PkiError};
+pub use pki::{
+    CA_LIFETIME, CertOptions, ClusterCa, NodeCredentials, NodeKey, PkiError, renewal_time,
+};
 pub use stream::ByteStream;
 pub use token::{
     CaDigest, JoinSecret, JoinSecrets, JoinToken, RandomnessError, TokenError, TokenPart,

@@ -75,6 +75,9 @@ pub enum PkiError {
     /// A time is out of the range a certificate can carry.
     #[error("time out of range for a certificate")]
     TimeOutOfRange,
+    /// An expired certificate presented for renewal was refused; the reason says why.
+    #[error("renewal refused: {0}")]
+    RenewalRefused(String),
 }
 
 /// Parameters of node certificates the CA signs.
@@ -225,6 +228,53 @@ impl ClusterCa {
     /// SHA-256 of the CA certificate, as pinned by join tokens.
     pub fn digest(&self) -> CaDigest {
         CaDigest::of_certificate(&self.cert)
+    }
+
+    /// Checks a certificate presented to renew it after it expired (a node powered off for
+    /// longer than its certificate lived): it must be this CA's, of this cluster, expired for
+    /// less than `grace` at `now`, and the CSR (DER) must be for the very key the certificate
+    /// was issued to, which proves the presenter holds that key. Returns the identity the
+    /// certificate names; whether that node is still a member is the caller's question.
+    pub fn check_expired_renewal(
+        &self,
+        cert: &[u8],
+        csr: &[u8],
+        now: SystemTime,
+        grace: Duration,
+    ) -> Result<PeerIdentity, PkiError> {
+        use x509_parser::certification_request::X509CertificationRequest;
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let refused = |why: String| PkiError::RenewalRefused(why);
+        verify_chain(cert, &self.cert)
+            .map_err(|e| refused(format!("not a certificate of this cluster's CA ({e})")))?;
+        let identity = PeerIdentity::from_certificate(cert)?;
+        if identity.cluster_id != self.cluster_id {
+            return Err(refused(format!(
+                "a certificate of cluster {}",
+                identity.cluster_id
+            )));
+        }
+        let deadline = identity
+            .not_after
+            .checked_add(grace)
+            .ok_or(PkiError::TimeOutOfRange)?;
+        if deadline <= now {
+            return Err(refused(format!(
+                "the certificate expired more than {} s ago, beyond the renewal grace",
+                grace.as_secs()
+            )));
+        }
+        let (_, req) =
+            X509CertificationRequest::from_der(csr).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        req.verify_signature()
+            .map_err(|e| PkiError::BadCsr(format!("bad self-signature: {e}")))?;
+        let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| refused(e.to_string()))?;
+        if req.certification_request_info.subject_pki.raw != parsed.public_key().raw {
+            return Err(refused(
+                "the request is not for the certificate's key".into(),
+            ));
+        }
+        Ok(identity)
     }
 
     /// Signs a CSR (DER) for `node_id` with `role`, valid from now.
@@ -394,6 +444,15 @@ impl NodeKey {
     }
 }
 
+/// When a certificate valid until `not_after`, seen at `now`, is to be renewed: after
+/// `0.5 + 0.3 × jitter` of the time it has left, `jitter` drawn uniformly from `[0, 1]` by
+/// the caller, so that nodes whose certificates were issued together spread their renewals
+/// over 30 % of the lifetime (SwarmKit renews at a random 50–80 % too).
+pub fn renewal_time(now: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
+    let left = not_after.duration_since(now).unwrap_or_default();
+    now + left.mul_f64(0.5 + 0.3 * jitter.clamp(0.0, 1.0))
+}
+
 /// What a node needs to take part: its certificate, its key, and the CA certificates it
 /// trusts. The identity in the certificate is parsed once, here.
 pub struct NodeCredentials {
@@ -475,6 +534,34 @@ impl NodeCredentials {
 
     pub(crate) fn key(&self) -> &PrivateKeyDer<'static> {
         &self.key
+    }
+
+    /// This certificate's key, to ask for a renewal of the certificate with the same key.
+    pub fn node_key(&self) -> Result<NodeKey, PkiError> {
+        let bad = |why: String| PkiError::BadFile {
+            path: "credentials".into(),
+            why,
+        };
+        match &self.key {
+            PrivateKeyDer::Pkcs8(k) => KeyPair::try_from(k)
+                .map(NodeKey)
+                .map_err(|e| bad(e.to_string())),
+            _ => Err(bad("only PKCS#8 keys are supported".into())),
+        }
+    }
+
+    /// The same key and roots with a new certificate for that key (a renewal or a role
+    /// change); `roots` replaces the trusted roots when given.
+    pub fn renewed(
+        &self,
+        cert: CertificateDer<'static>,
+        roots: Option<Vec<CertificateDer<'static>>>,
+    ) -> Result<Self, PkiError> {
+        Self::from_parts(
+            cert,
+            self.key.clone_key(),
+            roots.unwrap_or_else(|| self.roots.clone()),
+        )
     }
 
     /// Checks that the certificate is valid at `now` and signed by the first trusted root.
@@ -585,6 +672,87 @@ mod tests {
 
     fn ca() -> ClusterCa {
         ClusterCa::create(ClusterId::new("c1").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn renewal_falls_between_half_and_four_fifths_of_the_time_left() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let not_after = now + Duration::from_secs(1000);
+        let at = |j: f64| {
+            renewal_time(now, not_after, j)
+                .duration_since(now)
+                .unwrap()
+                .as_secs()
+        };
+        assert_eq!(at(0.0), 500);
+        assert_eq!(at(1.0), 800);
+        assert_eq!(at(0.5), 650);
+        // Out-of-range jitter is clamped; an expired certificate is due at once.
+        assert_eq!(at(7.0), 800);
+        assert_eq!(renewal_time(not_after, now, 0.3), not_after);
+    }
+
+    #[test]
+    fn an_expired_certificate_renews_within_the_grace_with_its_own_key() {
+        let ca = ca();
+        let node = NodeId::new("n1").unwrap();
+        let day = Duration::from_secs(24 * 3600);
+        let opts = CertOptions {
+            lifetime: day,
+            ..CertOptions::default()
+        };
+        let now = SystemTime::now();
+        // Issued 3 days ago for one day: expired 2 days ago.
+        let old = ca
+            .issue_at(&node, &Role::WORKER, &opts, now - 3 * day)
+            .unwrap();
+        let csr = old.node_key().unwrap().csr().unwrap();
+        let id = ca
+            .check_expired_renewal(old.certificate(), &csr, now, 30 * day)
+            .unwrap();
+        assert_eq!(id.node_id, node);
+        // The renewed credentials keep the key and are usable.
+        let cert = ca.sign_csr(&csr, &node, &Role::WORKER, &opts).unwrap();
+        let renewed = old.renewed(cert, None).unwrap();
+        renewed.check_usable(now).unwrap();
+        assert_ne!(renewed.identity().serial, old.identity().serial);
+
+        // Beyond the grace.
+        let e = ca
+            .check_expired_renewal(old.certificate(), &csr, now, day)
+            .unwrap_err();
+        assert!(e.to_string().contains("beyond the renewal grace"), "{e}");
+        // Another key: the presenter does not hold the certificate's key.
+        let other = NodeKey::generate().unwrap().csr().unwrap();
+        let e = ca
+            .check_expired_renewal(old.certificate(), &other, now, 30 * day)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not for the certificate's key"),
+            "{e}"
+        );
+        // Another CA's certificate.
+        let foreign = ClusterCa::create(ClusterId::new("c1").unwrap())
+            .unwrap()
+            .issue_at(&node, &Role::WORKER, &opts, now - 3 * day)
+            .unwrap();
+        let csr = foreign.node_key().unwrap().csr().unwrap();
+        let e = ca
+            .check_expired_renewal(foreign.certificate(), &csr, now, 30 * day)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not a certificate of this cluster"),
+            "{e}"
+        );
+        // Garbage.
+        assert!(
+            ca.check_expired_renewal(b"junk", b"junk", now, day)
+                .is_err()
+        );
+        assert!(
+            ca.check_expired_renewal(old.certificate(), b"junk", now, 30 * day)
+                .is_err()
+        );
     }
 
     #[test]

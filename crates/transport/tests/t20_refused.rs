@@ -384,12 +384,26 @@ async fn t30_a_revoked_node_is_refused_both_ways() {
     let _admitted = serve_echo(&server, &gossip());
     let w1 = c.endpoint("w1", Role::WORKER);
     let _w1_listens = serve_echo(&w1, &gossip());
-    // Admitted before the revocation...
-    w1.connect(&gossip(), &id("m1"), server.local_addr())
+    // Admitted before the revocation: that connection is closed by it...
+    let open = w1
+        .connect(&gossip(), &id("m1"), server.local_addr())
         .await
         .unwrap();
-    // ...refused after it, with its own close code, when it dials...
+    let other = c.endpoint("w3", Role::WORKER);
+    let unaffected = other
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
     server.revoke([id("w1")]);
+    let closed = tokio::time::timeout(Duration::from_secs(1), open.closed())
+        .await
+        .expect("the revoked node's open connection is closed within a second");
+    assert!(
+        closed.to_string().contains("removed from the cluster"),
+        "{closed}"
+    );
+    assert!(unaffected.close_reason().is_none());
+    // ...and it is refused after it, with its own close code, when it dials...
     w1.disconnect(&id("m1"));
     let err = w1
         .connect(&gossip(), &id("m1"), server.local_addr())
@@ -403,6 +417,7 @@ async fn t30_a_revoked_node_is_refused_both_ways() {
         .unwrap_err();
     assert!(refused_with(&err, CloseCode::REVOKED), "{err}");
     // Other members are not affected; an empty set lifts the revocation.
+    assert!(unaffected.close_reason().is_none());
     let w2 = c.endpoint("w2", Role::WORKER);
     w2.connect(&gossip(), &id("m1"), server.local_addr())
         .await
@@ -411,4 +426,33 @@ async fn t30_a_revoked_node_is_refused_both_ways() {
     w1.connect(&gossip(), &id("m1"), server.local_addr())
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t31_close_peer_closes_only_the_connections_of_that_role() {
+    let c = Cluster::new("c1");
+    let server = c.endpoint("m1", Role::MANAGER);
+    let _admitted = serve_echo(&server, &gossip());
+    // n2 connects as a manager, is demoted, and connects again with a worker certificate.
+    let as_manager = c.endpoint("n2", Role::MANAGER);
+    let old = as_manager
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    let as_worker = c.endpoint("n2", Role::WORKER);
+    let new = as_worker
+        .connect(&gossip(), &id("m1"), server.local_addr())
+        .await
+        .unwrap();
+    let manager_role = |c: &Connection| c.peer().is_some_and(|p| p.role == Role::MANAGER);
+    let closed = server.close_peer(&id("n2"), manager_role, CloseCode::REVOKED, "demoted");
+    assert_eq!(closed, 1);
+    tokio::time::timeout(Duration::from_secs(1), old.closed())
+        .await
+        .expect("the manager-role connection is closed");
+    assert!(new.close_reason().is_none());
+    assert_eq!(
+        server.close_peer(&id("nobody"), |_| true, CloseCode::REVOKED, "x"),
+        0
+    );
 }

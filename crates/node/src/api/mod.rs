@@ -8,7 +8,8 @@
 //!                 ├─ hyper http1 ─ Router ───┼─ nodes.rs    /v1/nodes…
 //!   QUIC streams ─┘  (caller role as an      ├─ kv.rs       /v1/kv…, /v1/watch
 //!   (starling/api/1)  extension; viewers     ├─ tokens.rs   /v1/join-token…
-//!                     may only GET)          ├─ members.rs  /v1/members, /v1/leave
+//!                     may only GET)          ├─ cluster.rs  /v1/cluster
+//!                                            ├─ members.rs  /v1/members, /v1/leave
 //!                                            └─ certs.rs    /v1/certs…
 //! ```
 
@@ -31,6 +32,7 @@ use utoipa::OpenApi;
 use crate::daemon::{Current, RunningNode};
 
 pub(crate) mod certs;
+pub mod cluster;
 pub(crate) mod endpoints;
 pub(crate) mod info;
 pub(crate) mod kv;
@@ -207,6 +209,8 @@ pub(crate) fn store_of(node: &RunningNode) -> Result<Arc<Store>, Failure> {
         members::leave,
         tokens::show,
         tokens::rotate,
+        cluster::inspect,
+        cluster::update,
         certs::issue,
         certs::list,
         certs::revoke,
@@ -259,6 +263,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/leave", post(members::leave))
         .route("/v1/join-token/{role}", get(tokens::show))
         .route("/v1/join-token/{role}/rotate", post(tokens::rotate))
+        .route("/v1/cluster", get(cluster::inspect).patch(cluster::update))
         .route("/v1/certs", get(certs::list).post(certs::issue))
         .route("/v1/certs/{name}", axum::routing::delete(certs::revoke))
         .fallback(not_found);

@@ -164,6 +164,7 @@ pub(crate) async fn inspect(
         addr: n.addr,
         labels: n.labels,
         cert_serial: n.cert_serial,
+        cert_not_after: n.cert_not_after,
         record_version: n.version,
         created_revision: n.created_revision,
         updated_revision: n.updated_revision,

@@ -57,6 +57,11 @@ pub(crate) fn starling(args: &[&str]) -> Output {
 }
 
 pub(crate) fn spawn(args: &[&str]) -> Daemon {
+    spawn_with_env(args, &[])
+}
+
+/// [`spawn`] with environment variables set for the daemon.
+pub(crate) fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
     let log = args
         .iter()
         .position(|a| *a == "--data-dir")
@@ -73,6 +78,7 @@ pub(crate) fn spawn(args: &[&str]) -> Daemon {
     };
     let child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()

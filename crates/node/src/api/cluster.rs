@@ -1,0 +1,129 @@
+//! The cluster's identity and settings: `GET /v1/cluster`, `PATCH /v1/cluster`.
+
+use axum::Json;
+use axum::extract::State;
+use starling_api::{
+    ApiError, ClusterSettings, ClusterUpdate, ClusterView, MAX_CERT_EXPIRY_SECS,
+    MAX_CERT_GRACE_SECS, MIN_CERT_EXPIRY_SECS,
+};
+use starling_raft_store::{ClusterInfo, Command, Consistency};
+use starling_transport::CaDigest;
+
+use super::{Answer, ApiState, Failure, store_of};
+
+/// A shorter floor for certificate lifetimes, for tests that watch renewals happen (set by
+/// `main` from the hidden `STARLING_TEST_MIN_CERT_EXPIRY_SECS`, logged as a warning when
+/// used; never by a flag).
+pub static TEST_MIN_CERT_EXPIRY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+fn view(info: &ClusterInfo) -> ClusterView {
+    let ca_digest = CaDigest::of_pem_certificate(&info.ca_cert_pem)
+        .map(|d| d.0.iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap_or_default();
+    ClusterView {
+        cluster_id: info.cluster_id.clone(),
+        ca_digest,
+        settings: ClusterSettings {
+            cert_expiry_secs: info.settings.cert_lifetime_secs,
+            cert_grace_secs: info.settings.cert_grace_secs,
+        },
+    }
+}
+
+/// The cluster's id, CA digest and settings.
+#[utoipa::path(get, operation_id = "cluster", path = "/v1/cluster", tag = "cluster",
+    responses(
+        (status = 200, description = "The cluster", body = ClusterView),
+        (status = 503, description = "No quorum, or a worker", body = ApiError),
+    ))]
+pub(crate) async fn inspect(State(state): State<ApiState>) -> Answer<ClusterView> {
+    let store = store_of(&state.node())?;
+    let (info, _) = store
+        .read(Consistency::Linearizable, |s| s.cluster().clone())
+        .await?;
+    Ok(Json(view(&info)))
+}
+
+/// Changes cluster settings. A new certificate lifetime applies to certificates issued from
+/// then on; each node moves to it at its next renewal.
+#[utoipa::path(patch, operation_id = "update_cluster", path = "/v1/cluster", tag = "cluster",
+    request_body = ClusterUpdate,
+    responses(
+        (status = 200, description = "The cluster with its new settings", body = ClusterView),
+        (status = 400, description = "A setting out of range", body = ApiError),
+        (status = 403, description = "A viewer", body = ApiError),
+        (status = 503, description = "No quorum, or a worker", body = ApiError),
+    ))]
+pub(crate) async fn update(
+    State(state): State<ApiState>,
+    Json(req): Json<ClusterUpdate>,
+) -> Answer<ClusterView> {
+    check(&req).map_err(|e| Failure(ApiError::invalid(e)))?;
+    let store = store_of(&state.node())?;
+    store
+        .write(Command::UpdateSettings {
+            cert_lifetime_secs: req.cert_expiry_secs,
+            cert_grace_secs: req.cert_grace_secs,
+        })
+        .await
+        .map_err(super::write_error)?;
+    let (info, _) = store
+        .read(Consistency::Linearizable, |s| s.cluster().clone())
+        .await?;
+    Ok(Json(view(&info)))
+}
+
+/// Whether `secs` is an acceptable lifetime for node certificates: between an hour (or the
+/// test floor) and ten years.
+pub fn check_cert_expiry(secs: u64) -> Result<(), String> {
+    let floor = TEST_MIN_CERT_EXPIRY
+        .get()
+        .copied()
+        .unwrap_or(MIN_CERT_EXPIRY_SECS);
+    if !(floor..=MAX_CERT_EXPIRY_SECS).contains(&secs) {
+        return Err(format!(
+            "a certificate lifetime must be between {floor} s (1 hour) and {MAX_CERT_EXPIRY_SECS} s (10 years), not {secs} s"
+        ));
+    }
+    Ok(())
+}
+
+fn check(req: &ClusterUpdate) -> Result<(), String> {
+    if let Some(e) = req.cert_expiry_secs {
+        check_cert_expiry(e)?;
+    }
+    if let Some(g) = req.cert_grace_secs
+        && g > MAX_CERT_GRACE_SECS
+    {
+        return Err(format!(
+            "cert_grace_secs must be at most {MAX_CERT_GRACE_SECS} (one year), not {g}"
+        ));
+    }
+    if req.cert_expiry_secs.is_none() && req.cert_grace_secs.is_none() {
+        return Err("nothing to change: give cert_expiry_secs or cert_grace_secs".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_out_of_range_are_refused() {
+        let ok = |e, g| {
+            check(&ClusterUpdate {
+                cert_expiry_secs: e,
+                cert_grace_secs: g,
+            })
+        };
+        assert!(ok(Some(3600), None).is_ok());
+        assert!(ok(None, Some(0)).is_ok());
+        assert!(ok(Some(90 * 86_400), Some(30 * 86_400)).is_ok());
+        assert!(ok(Some(59), None).unwrap_err().contains("between 3600 s"));
+        assert!(ok(Some(u64::MAX), None).is_err());
+        assert!(ok(None, Some(MAX_CERT_GRACE_SECS + 1)).is_err());
+        assert!(ok(None, None).unwrap_err().contains("nothing to change"));
+    }
+}

@@ -1,0 +1,509 @@
+//! Keeping a node's certificate valid and in the role the managers want.
+//!
+//! A node renews its certificate, with the same key, at a random point between 50 % and 80 %
+//! of the time it has left, so nodes whose certificates were issued together spread their
+//! renewals. It asks for a new one at once when the managers want it in another role: its
+//! dispatcher session pushes the role its record wants (on a manager, its own store does),
+//! so nothing is asked while nothing changes. A certificate that expired anyway (the node
+//! was off for a while) is renewed by presenting it on a connection without a client
+//! certificate, within the cluster's grace period; a manager renews its own from the CA in
+//! its local state, which needs no quorum (the other managers may be as expired as it is).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use starling_api::dispatch::NodeDirective;
+use starling_raft_store::{NodeRole, Store};
+use starling_transport::{
+    CaDigest, Endpoint, NodeCredentials, NodeId, PeerIdentity, Role, renewal_time,
+};
+use tracing::{info, warn};
+
+use crate::daemon::{Current, RunningNode};
+use crate::datadir::{DataDir, NodeState};
+use crate::join::{JoinReply, JoinRequest, call, join_protocol};
+
+/// Seconds since the Unix epoch (0 before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Why a node asks for a certificate now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// The managers want it in another role.
+    Role,
+    /// Its renewal time came.
+    Due,
+    /// It expired: the expired-certificate path.
+    Expired,
+    /// Its role may have changed without its hearing of it (a manager taken out of the Raft
+    /// group no longer learns from its own store; a node without an agent has no session):
+    /// ask a manager.
+    Check,
+}
+
+/// What to do, from the certificate's role and expiry, the role the managers want (when
+/// known), the renewal time and the time: the first of expiry, a role change and the
+/// renewal time that applies.
+pub fn need(
+    cert_role: &Role,
+    wanted: Option<&NodeRole>,
+    not_after: SystemTime,
+    renew_at: SystemTime,
+    now: SystemTime,
+) -> Option<Need> {
+    if now >= not_after {
+        return Some(Need::Expired);
+    }
+    if wanted.is_some_and(|w| role_of(w) != *cert_role) {
+        return Some(Need::Role);
+    }
+    (now >= renew_at).then_some(Need::Due)
+}
+
+fn role_of(r: &NodeRole) -> Role {
+    match r {
+        NodeRole::Manager => Role::MANAGER,
+        NodeRole::Worker => Role::WORKER,
+    }
+}
+
+/// How often a node checks what it cannot be told: a manager whether it was taken out of
+/// the Raft group, a node without an agent whether its role changed.
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+/// A node without a dispatcher session asks a manager whether its role changed this often.
+const CHECK_WITHOUT_SESSION: Duration = Duration::from_secs(30);
+/// A manager that has not heard from a leader for this long asks another manager whether
+/// it is still one.
+const ORPHANED_AFTER: Duration = Duration::from_secs(10);
+
+/// A manager refused to renew the certificate; the reason says why and what to do.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "renewal refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Keeps the node's certificate valid and in the wanted role (see the module docs). On a
+/// role change it stops what the old role ran and starts the new one on the same endpoint;
+/// a new role that fails to start is retried every second until it runs.
+pub async fn renewal_loop(current: Current, api: axum::Router) {
+    let mut pending: Option<crate::daemon::RoleChange> = None;
+    let mut scheduled: Option<(starling_transport::CertSerial, SystemTime)> = None;
+    let mut backoff = Duration::from_secs(1);
+    let mut last_check = tokio::time::Instant::now();
+    loop {
+        let m = current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(mut change) = pending.take() {
+            let started = crate::daemon::start_role(&m, &change).await;
+            change.stopped = true;
+            match started {
+                Ok(new) => {
+                    new.serve_api(api.clone());
+                    *current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+                }
+                Err(e) => {
+                    warn!(error = %e, role = %change.state.role, "starting the new role failed; retrying");
+                    pending = Some(change);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            continue;
+        }
+        let Some(me) = m.endpoint.identity() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let renew_at = match &scheduled {
+            Some((serial, at)) if *serial == me.serial => *at,
+            _ => {
+                let at = renewal_time(SystemTime::now(), me.not_after, jitter());
+                info!(
+                    expires_in_s = me
+                        .not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default()
+                        .as_secs(),
+                    renews_in_s = at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default()
+                        .as_secs(),
+                    "certificate renewal scheduled"
+                );
+                scheduled = Some((me.serial.clone(), at));
+                at
+            }
+        };
+        let why = wait(&m, &me, renew_at, &mut last_check).await;
+        match renew(&m, why).await {
+            Ok(Some(change)) => {
+                backoff = Duration::from_secs(1);
+                pending = Some(change);
+            }
+            // A role the managers want but did not grant yet (a lagging manager): asked again
+            // after a pause, as after a failure.
+            Ok(None) if why == Need::Role => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+            Ok(None) => backoff = Duration::from_secs(1),
+            Err(e) => {
+                warn!(error = format!("{e:#}"), need = ?why, retry_in = ?backoff, "certificate renewal failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// A uniform draw from `[0, 1]` (the middle if the OS has no randomness to give).
+fn jitter() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0x80u8, 0, 0, 0];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    f64::from(u32::from_be_bytes(b)) / f64::from(u32::MAX)
+}
+
+/// Waits until the node must ask for a certificate, and says why. Only local facts are
+/// read while waiting: the session's directive, the manager's own store, the clock.
+async fn wait(
+    m: &RunningNode,
+    me: &PeerIdentity,
+    renew_at: SystemTime,
+    last_check: &mut tokio::time::Instant,
+) -> Need {
+    let mut directive = m.directive.clone();
+    loop {
+        let now = SystemTime::now();
+        let wanted = wanted_role(m, directive.as_ref());
+        if let Some(n) = need(&me.role, wanted.as_ref(), me.not_after, renew_at, now) {
+            return n;
+        }
+        let check_every = if m.directive.is_none() && m.store.is_none() {
+            Some(CHECK_WITHOUT_SESSION)
+        } else if orphaned(m) {
+            Some(CHECK_EVERY)
+        } else {
+            None
+        };
+        if check_every.is_some_and(|every| last_check.elapsed() >= every) {
+            *last_check = tokio::time::Instant::now();
+            return Need::Check;
+        }
+        let until = renew_at
+            .min(me.not_after)
+            .duration_since(now)
+            .unwrap_or_default()
+            .min(CHECK_EVERY);
+        match directive.as_mut() {
+            Some(rx) => {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() {
+                        // The agent stopped (a role change is under way): the clock only.
+                        directive = None;
+                    },
+                    _ = tokio::time::sleep(until) => {}
+                }
+            }
+            None => tokio::time::sleep(until).await,
+        }
+    }
+}
+
+/// The role the managers want for this node: from its dispatcher session, else (a manager
+/// without an agent) from its own store.
+fn wanted_role(
+    m: &RunningNode,
+    directive: Option<&tokio::sync::watch::Receiver<Option<NodeDirective>>>,
+) -> Option<NodeRole> {
+    if let Some(d) = directive.and_then(|rx| rx.borrow().clone()) {
+        return Some(d.role);
+    }
+    let store = m.store.as_ref()?;
+    store
+        .read_applied(|s| s.node(&m.state.node_id).map(|n| n.desired_role.clone()))
+        .0
+}
+
+/// Whether this manager may have been taken out of the Raft group without its own store
+/// telling it (a removed member receives no more entries).
+fn orphaned(m: &RunningNode) -> bool {
+    let (Some(store), Some(id)) = (&m.store, m.state.raft_id) else {
+        return false;
+    };
+    let s = store.status();
+    (!s.voters.is_empty() && !s.voters.contains(&id))
+        || (!s.is_leader && store.last_contact().is_some_and(|d| d > ORPHANED_AFTER))
+}
+
+/// Asks for a certificate for `why`; on an answer, saves it and puts it in use. A new role
+/// comes back as a [`crate::daemon::RoleChange`] for the caller to start.
+async fn renew(m: &RunningNode, why: Need) -> anyhow::Result<Option<crate::daemon::RoleChange>> {
+    let creds = NodeCredentials::load(&m.data_dir.0)?;
+    let csr = creds.node_key()?.csr()?;
+    let reply = match (&m.store, why) {
+        // A manager renews its own certificate from the CA in its state: no quorum needed.
+        (Some(store), Need::Due | Need::Expired) => {
+            let r = self_issue(store, &creds, &csr)?;
+            record_in_background(store.clone(), &r);
+            r
+        }
+        _ if why == Need::Expired => ask_expired(&m.endpoint, &m.state, &creds, &csr).await?,
+        _ => ask(m, &csr, why == Need::Due).await?,
+    };
+    accept(&m.data_dir, &m.state, &m.endpoint, &creds, reply)
+}
+
+/// A certificate a manager signs for itself from its local state.
+pub(crate) fn self_issue(
+    store: &Store,
+    creds: &NodeCredentials,
+    csr: &[u8],
+) -> anyhow::Result<JoinReply> {
+    let me = creds.identity();
+    let ((info, raft_id), _) =
+        store.read_applied(|s| (s.cluster().clone(), s.raft_id(me.node_id.as_str())));
+    let ca = starling_transport::ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
+    if me.not_after <= SystemTime::now() {
+        let grace = Duration::from_secs(info.settings.cert_grace_secs);
+        ca.check_expired_renewal(creds.certificate(), csr, SystemTime::now(), grace)?;
+    }
+    let opts = starling_transport::CertOptions {
+        lifetime: Duration::from_secs(info.settings.cert_lifetime_secs),
+        ..starling_transport::CertOptions::default()
+    };
+    let cert = ca.sign_csr(csr, &me.node_id, &me.role, &opts)?;
+    info!(node = %me.node_id, "manager certificate renewed from the local CA");
+    Ok(JoinReply::Renewed {
+        role: me.role.to_string(),
+        raft_id,
+        cert: cert.to_vec(),
+        ca: ca.certificate().to_vec(),
+        managers: Vec::new(),
+    })
+}
+
+/// Records a self-issued certificate in the node's record once the cluster can commit.
+pub(crate) fn record_in_background(store: Arc<Store>, reply: &JoinReply) {
+    let JoinReply::Renewed { cert, .. } = reply else {
+        return;
+    };
+    let Ok(issued) = PeerIdentity::from_certificate(cert) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let cmd = starling_raft_store::Command::SetNodeCert {
+            id: issued.node_id.to_string(),
+            serial: issued.serial.to_string(),
+            not_after: unix_secs(issued.not_after),
+        };
+        for _ in 0..60 {
+            if store.write(cmd.clone()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        warn!("the renewed certificate was not recorded: no quorum for 5 minutes");
+    });
+}
+
+/// The managers to ask, current Raft members first (a manager knows them), then those this
+/// node was told of; never itself.
+fn targets(m: &RunningNode) -> Vec<(String, SocketAddr)> {
+    let mut targets: Vec<(String, SocketAddr)> = Vec::new();
+    if let Some(store) = &m.store {
+        for (_, n) in store.status().nodes {
+            if let Ok(a) = n.addr.parse() {
+                targets.push((n.name, a));
+            }
+        }
+    }
+    targets.extend(m.state.managers.iter().cloned());
+    targets.retain(|(n, _)| *n != m.state.node_id);
+    let mut seen = std::collections::BTreeSet::new();
+    targets.retain(|t| seen.insert(t.clone()));
+    targets
+}
+
+/// Asks the managers, one after another, for a certificate for the CSR with this node's
+/// current certificate: the first answer counts.
+async fn ask(m: &RunningNode, csr: &[u8], force: bool) -> anyhow::Result<JoinReply> {
+    let protocol = join_protocol()?;
+    let mut last = anyhow::anyhow!("no manager known");
+    for (node, addr) in targets(m) {
+        let Ok(id) = NodeId::new(node.clone()) else {
+            continue;
+        };
+        let dial = m.endpoint.connect(&protocol, &id, addr);
+        let conn = match tokio::time::timeout(Duration::from_secs(2), dial).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                last = anyhow::anyhow!("{node}: {e}");
+                continue;
+            }
+            Err(_) => {
+                last = anyhow::anyhow!("{node}: no answer within 2 s");
+                continue;
+            }
+        };
+        let req = JoinRequest::Renew {
+            csr: csr.to_vec(),
+            force,
+        };
+        let reply = call(&conn, &req).await;
+        conn.close(starling_transport::CloseCode::SHUTDOWN, "renewed");
+        match reply {
+            Ok(JoinReply::Renewed { .. } | JoinReply::Unchanged | JoinReply::Refused(_)) => {
+                return reply;
+            }
+            Ok(other) => last = anyhow::anyhow!("{node}: {other:?}"),
+            Err(e) => last = e.context(node.clone()),
+        }
+    }
+    Err(last)
+}
+
+/// Asks the managers to renew an expired certificate: on connections without a client
+/// certificate (the expired one would be refused in the handshake), trusting a manager
+/// whose CA is the one this node has.
+pub(crate) async fn ask_expired(
+    endpoint: &Endpoint,
+    state: &NodeState,
+    creds: &NodeCredentials,
+    csr: &[u8],
+) -> anyhow::Result<JoinReply> {
+    let protocol = join_protocol()?;
+    let ca = creds
+        .roots()
+        .first()
+        .map(|r| CaDigest::of_certificate(r))
+        .context("no trusted CA certificate")?;
+    let mut last = anyhow::anyhow!("no manager known");
+    for (node, addr) in state.managers.iter().filter(|(n, _)| *n != state.node_id) {
+        let conn = match endpoint.connect_anonymous(&protocol, *addr, ca).await {
+            Ok(c) => c,
+            Err(e) => {
+                last = anyhow::anyhow!("{node}: {e}");
+                continue;
+            }
+        };
+        let req = JoinRequest::RenewExpired {
+            cert: creds.certificate().to_vec(),
+            csr: csr.to_vec(),
+        };
+        let reply = call(&conn, &req).await;
+        conn.close(starling_transport::CloseCode::SHUTDOWN, "renewed");
+        match reply {
+            Ok(JoinReply::Renewed { .. }) => return reply,
+            Ok(JoinReply::Refused(why)) => return Err(Refused(why).into()),
+            Ok(other) => last = anyhow::anyhow!("{node}: {other:?}"),
+            Err(e) => last = e.context(node.clone()),
+        }
+    }
+    Err(last)
+}
+
+/// Takes a manager's answer: a new certificate is saved, then put in use on the endpoint
+/// (same role) or handed back as a role change to start.
+pub(crate) fn accept(
+    dir: &DataDir,
+    state: &NodeState,
+    endpoint: &Endpoint,
+    creds: &NodeCredentials,
+    reply: JoinReply,
+) -> anyhow::Result<Option<crate::daemon::RoleChange>> {
+    let (role, raft_id, cert, ca, managers) = match reply {
+        JoinReply::Unchanged => return Ok(None),
+        JoinReply::Renewed {
+            role,
+            raft_id,
+            cert,
+            ca,
+            managers,
+        } => (role, raft_id, cert, ca, managers),
+        JoinReply::Refused(why) => anyhow::bail!("renewal refused: {why}"),
+        other => anyhow::bail!("unexpected answer to a renewal: {other:?}"),
+    };
+    let new = creds.renewed(cert.into(), Some(vec![ca.into()]))?;
+    new.save(&dir.0)?;
+    let mut next = state.clone();
+    if !managers.is_empty() {
+        next.managers = managers;
+    }
+    if role == state.role {
+        endpoint.rotate(new.clone())?;
+        if next.managers != state.managers {
+            dir.save(&next)?;
+        }
+        info!(
+            serial = %new.identity().serial,
+            expires_in_s = new.identity().not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
+            "certificate renewed"
+        );
+        return Ok(None);
+    }
+    info!(node = %state.node_id, %role, "role changed; restarting this node's role");
+    if role == "manager" && raft_id.is_none() {
+        anyhow::bail!("a promotion without a raft id");
+    }
+    next.role = role;
+    next.raft_id = raft_id;
+    dir.save(&next)?;
+    Ok(Some(crate::daemon::RoleChange {
+        state: next,
+        creds: new,
+        stopped: false,
+    }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_first_then_role_then_time() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let not_after = t0 + Duration::from_secs(100);
+        let renew_at = t0 + Duration::from_secs(60);
+        let w = Role::WORKER;
+        let m = Some(&NodeRole::Manager);
+        let same = Some(&NodeRole::Worker);
+        assert_eq!(need(&w, None, not_after, renew_at, t0), None);
+        assert_eq!(need(&w, same, not_after, renew_at, t0), None);
+        assert_eq!(need(&w, m, not_after, renew_at, t0), Some(Need::Role));
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(need(&w, same, not_after, renew_at, later), Some(Need::Due));
+        assert_eq!(need(&w, m, not_after, renew_at, later), Some(Need::Role));
+        assert_eq!(
+            need(&w, m, not_after, renew_at, not_after),
+            Some(Need::Expired)
+        );
+        assert_eq!(
+            need(
+                &Role::MANAGER,
+                Some(&NodeRole::Worker),
+                not_after,
+                renew_at,
+                t0
+            ),
+            Some(Need::Role)
+        );
+    }
+
+    #[test]
+    fn jitter_is_in_range() {
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..=1.0).contains(&j), "{j}");
+        }
+    }
+}
