@@ -759,6 +759,17 @@ pub struct ClusterSettings {
     /// How long after its certificate expired a node may still renew it with that
     /// certificate (a node that was off), seconds; beyond, it must rejoin with a token.
     pub cert_grace_secs: u64,
+    /// Autopilot: the leader removes managers down longer than
+    /// `autopilot_dead_after_secs` from the voters (when the others keep a quorum) and
+    /// promotes workers to keep the managers odd and at least `autopilot_min_managers`.
+    pub autopilot_cleanup_dead_managers: bool,
+    /// The number of managers autopilot keeps.
+    pub autopilot_min_managers: u32,
+    /// How long a manager is down before autopilot removes it, seconds.
+    pub autopilot_dead_after_secs: u64,
+    /// Which workers autopilot may promote (`node.labels.zone==a`; none: any ready, active
+    /// worker).
+    pub autopilot_promote_constraints: Vec<String>,
 }
 
 /// `PATCH /v1/cluster`: the settings to change; those left out keep their value.
@@ -772,4 +783,20 @@ pub struct ClusterUpdate {
     /// Renewal grace after expiry, seconds (at most [`MAX_CERT_GRACE_SECS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_grace_secs: Option<u64>,
+    /// Autopilot on or off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autopilot_cleanup_dead_managers: Option<bool>,
+    /// The number of managers autopilot keeps (1 to 9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autopilot_min_managers: Option<u32>,
+    /// How long a manager is down before autopilot removes it, seconds (at least
+    /// [`MIN_AUTOPILOT_DEAD_AFTER_SECS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autopilot_dead_after_secs: Option<u64>,
+    /// Which workers autopilot may promote; an empty list: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autopilot_promote_constraints: Option<Vec<String>>,
 }
+
+/// The shortest time autopilot waits before it removes a down manager.
+pub const MIN_AUTOPILOT_DEAD_AFTER_SECS: u64 = 5;

@@ -17,6 +17,7 @@
 //! [`ClusterState`]: starling_state::ClusterState
 //! [`Command::WriteTasks`]: starling_state::Command::WriteTasks
 
+pub mod autopilot;
 pub mod dispatcher;
 pub mod orchestrator;
 pub mod scheduler;

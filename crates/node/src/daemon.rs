@@ -317,6 +317,95 @@ pub async fn run(dir: DataDir, force_new_cluster: bool) -> anyhow::Result<Runnin
     }
 }
 
+/// The leader's autopilot (see [`starling_manager::autopilot`]), when the cluster's settings
+/// turn it on: every second, at most one step, logged. How long each node has been down is
+/// counted from when this manager first saw it down (a new leader starts counting afresh).
+async fn autopilot_loop(store: Arc<Store>) {
+    use starling_manager::autopilot::{Step, View, next_step};
+    let mut down_since: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ((records, cfg), _) = store.read_applied(|s| {
+            (
+                s.nodes().cloned().collect::<Vec<_>>(),
+                s.cluster().settings.autopilot.clone(),
+            )
+        });
+        let now = tokio::time::Instant::now();
+        down_since.retain(|id, _| {
+            records
+                .iter()
+                .any(|r| r.id == *id && r.status == NodeStatus::Down)
+        });
+        for r in records.iter().filter(|r| r.status == NodeStatus::Down) {
+            down_since.entry(r.id.clone()).or_insert(now);
+        }
+        let status = store.status();
+        if !status.is_leader || !cfg.cleanup_dead_managers {
+            continue;
+        }
+        let names: BTreeMap<u64, String> = status
+            .nodes
+            .iter()
+            .map(|(id, n)| (*id, n.name.clone()))
+            .collect();
+        let answered = |v: &u64| {
+            *v == status.id
+                || status
+                    .acked
+                    .get(v)
+                    .is_some_and(|d| *d < std::time::Duration::from_secs(3))
+        };
+        let view = View {
+            nodes: records.iter().collect(),
+            voters: status
+                .voters
+                .iter()
+                .filter_map(|v| names.get(v).cloned())
+                .collect(),
+            reachable: status
+                .voters
+                .iter()
+                .filter(|v| answered(v))
+                .filter_map(|v| names.get(v).cloned())
+                .collect(),
+            down_for: down_since
+                .iter()
+                .map(|(id, t)| (id.clone(), now.duration_since(*t)))
+                .collect(),
+        };
+        match next_step(&cfg, &view) {
+            None => {}
+            Some(Step::Remove { node, why }) => {
+                warn!(%node, %why, "autopilot: removing a dead manager from the voters");
+                match crate::join::demote_on_leader(&store, &node).await {
+                    crate::join::JoinReply::Demoted => {
+                        info!(%node, "autopilot: dead manager removed; it stays listed as a worker")
+                    }
+                    other => {
+                        warn!(%node, answer = ?other, "autopilot: removal not done; trying again")
+                    }
+                }
+            }
+            Some(Step::Promote { node, why }) => {
+                warn!(%node, %why, "autopilot: promoting a worker");
+                if let Err(e) = store
+                    .write(Command::SetNodeRole {
+                        id: node.clone(),
+                        role: NodeRole::Worker,
+                        desired_role: NodeRole::Manager,
+                    })
+                    .await
+                {
+                    warn!(%node, error = %e, "autopilot: promotion not recorded; trying again");
+                }
+            }
+        }
+    }
+}
+
 /// Closes the connections a demoted node still holds with its manager certificate (it may
 /// dial with it until it renews): the cluster honours it no more. Its renewal (on the join
 /// protocol) is left open, so that it can fetch its worker certificate.
@@ -1046,6 +1135,7 @@ async fn start_manager(
         metrics.clone(),
         sessions.clone(),
     )));
+    tasks.push(tokio::spawn(autopilot_loop(store.clone())));
     tasks.push(tokio::spawn(starling_manager::supervisor::run(
         store.clone(),
         starling_manager::OrchestratorConfig::default(),

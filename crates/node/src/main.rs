@@ -288,6 +288,21 @@ enum ClusterCmd {
         /// (like 30d; 0 to refuse expired certificates); beyond, it rejoins with a token.
         #[arg(long, value_parser = parse_duration)]
         cert_grace: Option<std::time::Duration>,
+        /// Autopilot (off by default): the leader removes managers down longer than
+        /// --autopilot-dead-after from the voters, when the others keep a quorum, and
+        /// promotes workers to keep the managers odd and at --autopilot-min-managers.
+        #[arg(long, value_name = "true|false")]
+        autopilot_cleanup_dead_managers: Option<bool>,
+        /// The number of managers autopilot keeps (default 3).
+        #[arg(long)]
+        autopilot_min_managers: Option<u32>,
+        /// How long a manager is down before autopilot removes it (default 10m; at least 5s).
+        #[arg(long, value_parser = parse_duration)]
+        autopilot_dead_after: Option<std::time::Duration>,
+        /// A constraint a worker must meet to be promoted by autopilot (`node.labels.zone==a`;
+        /// repeatable; `--autopilot-promote-constraint none` clears them).
+        #[arg(long)]
+        autopilot_promote_constraint: Vec<String>,
     },
 }
 
@@ -1360,14 +1375,29 @@ async fn cluster(cmd: ClusterCmd, ctx: &Option<String>) -> anyhow::Result<()> {
             dir,
             cert_expiry,
             cert_grace,
+            autopilot_cleanup_dead_managers,
+            autopilot_min_managers,
+            autopilot_dead_after,
+            autopilot_promote_constraint,
         } => {
-            if cert_expiry.is_none() && cert_grace.is_none() {
-                anyhow::bail!("nothing to change: give --cert-expiry or --cert-grace");
-            }
+            let constraints = match &autopilot_promote_constraint[..] {
+                [] => None,
+                [none] if none == "none" => Some(Vec::new()),
+                list => Some(list.to_vec()),
+            };
             let update = starling_api::ClusterUpdate {
                 cert_expiry_secs: cert_expiry.map(|d| d.as_secs()),
                 cert_grace_secs: cert_grace.map(|d| d.as_secs()),
+                autopilot_cleanup_dead_managers,
+                autopilot_min_managers,
+                autopilot_dead_after_secs: autopilot_dead_after.map(|d| d.as_secs()),
+                autopilot_promote_constraints: constraints,
             };
+            if update == starling_api::ClusterUpdate::default() {
+                anyhow::bail!(
+                    "nothing to change: give --cert-expiry, --cert-grace or an --autopilot-* setting"
+                );
+            }
             call!(&dir, ctx, |c| c.update_cluster(&update).await)
         }
     };
@@ -1381,6 +1411,24 @@ async fn cluster(cmd: ClusterCmd, ctx: &Option<String>) -> anyhow::Result<()> {
         "Renewal grace:       {}",
         human_duration(v.settings.cert_grace_secs)
     );
+    let s = &v.settings;
+    if s.autopilot_cleanup_dead_managers {
+        println!(
+            "Autopilot:           on: keeps {} managers, removes one down for {}{}",
+            s.autopilot_min_managers,
+            human_duration(s.autopilot_dead_after_secs),
+            if s.autopilot_promote_constraints.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", promotes workers with {}",
+                    s.autopilot_promote_constraints.join(", ")
+                )
+            }
+        );
+    } else {
+        println!("Autopilot:           off");
+    }
     Ok(())
 }
 

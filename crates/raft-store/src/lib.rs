@@ -32,9 +32,9 @@ pub use network::{RAFT_ALPN, raft_protocol};
 pub use recover::{Recovered, force_new_cluster};
 /// The object model and its pure state machine, re-exported from [`starling_state`].
 pub use starling_state::{
-    Availability, ClientRecord, ClientRole, ClusterInfo, ClusterState, Command, CommandResult,
-    Compare, KvEntry, KvEvent, NodeRecord, NodeRole, NodeStatus, Outcome, Settings, StateImage,
-    SystemRecords, TxnOp, WATCH_HISTORY,
+    Autopilot, Availability, ClientRecord, ClientRole, ClusterInfo, ClusterState, Command,
+    CommandResult, Compare, KvEntry, KvEvent, NodeRecord, NodeRole, NodeStatus, Outcome, Settings,
+    SettingsChange, StateImage, SystemRecords, TxnOp, WATCH_HISTORY,
 };
 pub use store::{
     Consistency, MAX_COMMAND_BYTES, RaftStatus, Store, StoreConfig, StoreError, Watch,

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::objects::{
     Availability, ClientRecord, ClusterInfo, KvEntry, NodeRecord, NodeRole, NodeStatus,
+    SettingsChange,
 };
 use crate::service::{Service, ServiceSpec};
 use crate::task::{NodeDescription, TaskOp, TaskRefusal, TaskReport};
@@ -122,10 +123,8 @@ wire_type!(
         /// Change cluster settings; a field left `None` keeps its value. Answers
         /// [`Outcome::Done`].
         UpdateSettings {
-            /// Lifetime of node certificates issued from now on, seconds.
-            cert_lifetime_secs: Option<u64>,
-            /// How long after expiry a node may still renew its certificate, seconds.
-            cert_grace_secs: Option<u64>,
+            /// What changes.
+            change: SettingsChange,
         },
         /// Replace the cluster's identity material and settings.
         SetCluster {

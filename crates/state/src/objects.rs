@@ -97,8 +97,85 @@ wire_type!(
         pub cert_grace_secs: u64,
         /// Log entries between snapshots.
         pub snapshot_interval: u64,
+        /// Autopilot (off by default).
+        pub autopilot: Autopilot,
     }
 );
+
+wire_type!(
+    /// Autopilot, as Consul's: the leader removes a manager that has been down for
+    /// `dead_after_secs` from the voters (only when the others keep a quorum) and promotes
+    /// healthy workers to keep the managers odd and at least `min_managers`.
+    pub struct Autopilot {
+        /// Whether the leader does it at all (default false).
+        pub cleanup_dead_managers: bool,
+        /// The number of managers it keeps (default 3).
+        pub min_managers: u32,
+        /// How long a manager is down before it is removed, seconds (default 600).
+        pub dead_after_secs: u64,
+        /// Which workers may be promoted (none: any ready, active worker).
+        pub promote_constraints: Vec<crate::service::Constraint>,
+    }
+);
+
+impl Default for Autopilot {
+    fn default() -> Self {
+        Autopilot {
+            cleanup_dead_managers: false,
+            min_managers: 3,
+            dead_after_secs: 600,
+            promote_constraints: Vec::new(),
+        }
+    }
+}
+
+wire_type!(
+    /// A change of settings: the fields given replace their values, the others stay.
+    #[derive(Default)]
+    pub struct SettingsChange {
+        /// Lifetime of node certificates issued from now on, seconds.
+        pub cert_lifetime_secs: Option<u64>,
+        /// Renewal grace after expiry, seconds.
+        pub cert_grace_secs: Option<u64>,
+        /// Autopilot on or off.
+        pub autopilot_cleanup_dead_managers: Option<bool>,
+        /// Autopilot's manager count.
+        pub autopilot_min_managers: Option<u32>,
+        /// Autopilot's threshold, seconds.
+        pub autopilot_dead_after_secs: Option<u64>,
+        /// Which workers autopilot may promote.
+        pub autopilot_promote_constraints: Option<Vec<crate::service::Constraint>>,
+    }
+);
+
+impl SettingsChange {
+    /// Applies the change to `s`.
+    pub fn apply_to(&self, s: &mut Settings) {
+        if let Some(v) = self.cert_lifetime_secs {
+            s.cert_lifetime_secs = v;
+        }
+        if let Some(v) = self.cert_grace_secs {
+            s.cert_grace_secs = v;
+        }
+        if let Some(v) = self.autopilot_cleanup_dead_managers {
+            s.autopilot.cleanup_dead_managers = v;
+        }
+        if let Some(v) = self.autopilot_min_managers {
+            s.autopilot.min_managers = v;
+        }
+        if let Some(v) = self.autopilot_dead_after_secs {
+            s.autopilot.dead_after_secs = v;
+        }
+        if let Some(v) = &self.autopilot_promote_constraints {
+            s.autopilot.promote_constraints = v.clone();
+        }
+    }
+
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == SettingsChange::default()
+    }
+}
 
 impl Default for Settings {
     fn default() -> Self {
@@ -107,6 +184,7 @@ impl Default for Settings {
             cert_lifetime_secs: 90 * 24 * 3600,
             cert_grace_secs: 30 * 24 * 3600,
             snapshot_interval: 50_000,
+            autopilot: Autopilot::default(),
         }
     }
 }

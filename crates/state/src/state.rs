@@ -179,17 +179,8 @@ impl ClusterState {
                 n.cert_serial = serial.clone();
                 n.cert_not_after = *not_after;
             }),
-            Command::UpdateSettings {
-                cert_lifetime_secs,
-                cert_grace_secs,
-            } => {
-                let settings = &mut self.image.cluster.settings;
-                if let Some(v) = cert_lifetime_secs {
-                    settings.cert_lifetime_secs = *v;
-                }
-                if let Some(v) = cert_grace_secs {
-                    settings.cert_grace_secs = *v;
-                }
+            Command::UpdateSettings { change } => {
+                change.apply_to(&mut self.image.cluster.settings);
                 Outcome::Done
             }
             Command::SetCluster { info } => {
@@ -444,6 +435,7 @@ impl ClusterState {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::objects::SettingsChange;
     use crate::{Availability, ClientRole, NodeStatus};
     use proptest::prelude::*;
 
@@ -752,8 +744,10 @@ mod tests {
         s.apply(
             4,
             &Command::UpdateSettings {
-                cert_lifetime_secs: Some(3600),
-                cert_grace_secs: None,
+                change: SettingsChange {
+                    cert_lifetime_secs: Some(3600),
+                    ..SettingsChange::default()
+                },
             },
         );
         assert_eq!(s.cluster().settings.cert_lifetime_secs, 3600);
@@ -764,8 +758,11 @@ mod tests {
         s.apply(
             5,
             &Command::UpdateSettings {
-                cert_lifetime_secs: None,
-                cert_grace_secs: Some(0),
+                change: SettingsChange {
+                    cert_grace_secs: Some(0),
+                    autopilot_min_managers: Some(5),
+                    ..SettingsChange::default()
+                },
             },
         );
         assert_eq!(

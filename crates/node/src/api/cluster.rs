@@ -4,9 +4,9 @@ use axum::Json;
 use axum::extract::State;
 use starling_api::{
     ApiError, ClusterSettings, ClusterUpdate, ClusterView, MAX_CERT_EXPIRY_SECS,
-    MAX_CERT_GRACE_SECS, MIN_CERT_EXPIRY_SECS,
+    MAX_CERT_GRACE_SECS, MIN_AUTOPILOT_DEAD_AFTER_SECS, MIN_CERT_EXPIRY_SECS,
 };
-use starling_raft_store::{ClusterInfo, Command, Consistency};
+use starling_raft_store::{ClusterInfo, Command, Consistency, SettingsChange};
 use starling_transport::CaDigest;
 
 use super::{Answer, ApiState, Failure, store_of};
@@ -26,6 +26,16 @@ fn view(info: &ClusterInfo) -> ClusterView {
         settings: ClusterSettings {
             cert_expiry_secs: info.settings.cert_lifetime_secs,
             cert_grace_secs: info.settings.cert_grace_secs,
+            autopilot_cleanup_dead_managers: info.settings.autopilot.cleanup_dead_managers,
+            autopilot_min_managers: info.settings.autopilot.min_managers,
+            autopilot_dead_after_secs: info.settings.autopilot.dead_after_secs,
+            autopilot_promote_constraints: info
+                .settings
+                .autopilot
+                .promote_constraints
+                .iter()
+                .map(starling_manager::constraint_text)
+                .collect(),
         },
     }
 }
@@ -58,13 +68,10 @@ pub(crate) async fn update(
     State(state): State<ApiState>,
     Json(req): Json<ClusterUpdate>,
 ) -> Answer<ClusterView> {
-    check(&req).map_err(|e| Failure(ApiError::invalid(e)))?;
+    let change = check(&req).map_err(|e| Failure(ApiError::invalid(e)))?;
     let store = store_of(&state.node())?;
     store
-        .write(Command::UpdateSettings {
-            cert_lifetime_secs: req.cert_expiry_secs,
-            cert_grace_secs: req.cert_grace_secs,
-        })
+        .write(Command::UpdateSettings { change })
         .await
         .map_err(super::write_error)?;
     let (info, _) = store
@@ -88,10 +95,33 @@ pub fn check_cert_expiry(secs: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn check(req: &ClusterUpdate) -> Result<(), String> {
+/// The change `req` asks for, if every value is in range.
+fn check(req: &ClusterUpdate) -> Result<SettingsChange, String> {
     if let Some(e) = req.cert_expiry_secs {
         check_cert_expiry(e)?;
     }
+    if let Some(m) = req.autopilot_min_managers
+        && !(1..=9).contains(&m)
+    {
+        return Err(format!(
+            "autopilot_min_managers must be between 1 and 9, not {m}"
+        ));
+    }
+    if let Some(d) = req.autopilot_dead_after_secs
+        && !(MIN_AUTOPILOT_DEAD_AFTER_SECS..=30 * 86_400).contains(&d)
+    {
+        return Err(format!(
+            "autopilot_dead_after_secs must be between {MIN_AUTOPILOT_DEAD_AFTER_SECS} and 2592000 (30 days), not {d}"
+        ));
+    }
+    let constraints = match &req.autopilot_promote_constraints {
+        None => None,
+        Some(list) => Some(
+            list.iter()
+                .map(|c| starling_api::parse_constraint(c))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
     if let Some(g) = req.cert_grace_secs
         && g > MAX_CERT_GRACE_SECS
     {
@@ -99,10 +129,18 @@ fn check(req: &ClusterUpdate) -> Result<(), String> {
             "cert_grace_secs must be at most {MAX_CERT_GRACE_SECS} (one year), not {g}"
         ));
     }
-    if req.cert_expiry_secs.is_none() && req.cert_grace_secs.is_none() {
-        return Err("nothing to change: give cert_expiry_secs or cert_grace_secs".into());
+    let change = SettingsChange {
+        cert_lifetime_secs: req.cert_expiry_secs,
+        cert_grace_secs: req.cert_grace_secs,
+        autopilot_cleanup_dead_managers: req.autopilot_cleanup_dead_managers,
+        autopilot_min_managers: req.autopilot_min_managers,
+        autopilot_dead_after_secs: req.autopilot_dead_after_secs,
+        autopilot_promote_constraints: constraints,
+    };
+    if change.is_empty() {
+        return Err("nothing to change: give at least one setting".into());
     }
-    Ok(())
+    Ok(change)
 }
 
 #[cfg(test)]
@@ -116,6 +154,7 @@ mod tests {
             check(&ClusterUpdate {
                 cert_expiry_secs: e,
                 cert_grace_secs: g,
+                ..ClusterUpdate::default()
             })
         };
         assert!(ok(Some(3600), None).is_ok());
@@ -125,5 +164,21 @@ mod tests {
         assert!(ok(Some(u64::MAX), None).is_err());
         assert!(ok(None, Some(MAX_CERT_GRACE_SECS + 1)).is_err());
         assert!(ok(None, None).unwrap_err().contains("nothing to change"));
+        let autopilot = |min, dead, constraints: Option<Vec<&str>>| {
+            check(&ClusterUpdate {
+                autopilot_cleanup_dead_managers: Some(true),
+                autopilot_min_managers: min,
+                autopilot_dead_after_secs: dead,
+                autopilot_promote_constraints: constraints
+                    .map(|c| c.into_iter().map(str::to_owned).collect()),
+                ..ClusterUpdate::default()
+            })
+        };
+        let change = autopilot(Some(3), Some(600), Some(vec!["node.labels.zone==a"])).unwrap();
+        assert_eq!(change.autopilot_promote_constraints.unwrap().len(), 1);
+        assert!(autopilot(Some(0), None, None).is_err());
+        assert!(autopilot(Some(10), None, None).is_err());
+        assert!(autopilot(None, Some(1), None).is_err());
+        assert!(autopilot(None, None, Some(vec!["zone=a"])).is_err());
     }
 }
