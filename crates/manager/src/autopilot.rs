@@ -56,11 +56,24 @@ pub fn next_step(cfg: &Autopilot, view: &View<'_>) -> Option<Step> {
     if live.len() * 2 <= voters {
         return None;
     }
+    // A manager record out of the voters whose node is down: a demotion that stopped half
+    // way, or a promotion its node never took up. Finished first (retired), or it would
+    // block everything below.
+    if let Some(stuck) = view.nodes.iter().find(|n| {
+        (n.role == NodeRole::Manager || n.desired_role == NodeRole::Manager)
+            && !view.voters.contains(&n.id)
+            && n.status == NodeStatus::Down
+    }) {
+        return Some(Step::Remove {
+            node: stuck.id.clone(),
+            why: "recorded as a manager (or being promoted) but out of the voters, and down".into(),
+        });
+    }
     // One membership change at a time: a promotion still under way comes first.
-    let promoting = view.nodes.iter().any(|n| {
-        n.desired_role == NodeRole::Manager
-            && (n.role == NodeRole::Worker || !view.voters.contains(&n.id))
-    });
+    let promoting = view
+        .nodes
+        .iter()
+        .any(|n| n.desired_role == NodeRole::Manager && !view.voters.contains(&n.id));
     if promoting {
         return None;
     }
@@ -266,6 +279,22 @@ mod tests {
         );
         // The one down longest first.
         assert!(matches!(next_step(&on(), &v), Some(Step::Remove { node, .. }) if node == "m5"));
+    }
+
+    #[test]
+    fn a_half_done_demotion_or_a_dead_promotion_is_finished_first() {
+        let (mut nodes, _) = cluster(None);
+        // m3 out of the voters, still recorded as a manager, down.
+        nodes[2].status = NodeStatus::Down;
+        let v = view(&nodes, &["m1", "m2"], &["m1", "m2"], BTreeMap::new());
+        assert!(matches!(next_step(&on(), &v), Some(Step::Remove { node, .. }) if node == "m3"));
+        // w1 being promoted, but down.
+        let (mut nodes, _) = cluster(None);
+        nodes[4].desired_role = NodeRole::Manager;
+        nodes[4].status = NodeStatus::Down;
+        let three = ["m1", "m2", "m3"];
+        let v = view(&nodes, &three, &three, BTreeMap::new());
+        assert!(matches!(next_step(&on(), &v), Some(Step::Remove { node, .. }) if node == "w1"));
     }
 
     #[test]

@@ -380,7 +380,20 @@ async fn autopilot_loop(store: Arc<Store>) {
             None => {}
             Some(Step::Remove { node, why }) => {
                 warn!(%node, %why, "autopilot: removing a dead manager from the voters");
-                match crate::join::demote_on_leader(&store, &node).await {
+                let voter = status.nodes.iter().any(|(_, n)| n.name == node);
+                let reply = if voter {
+                    crate::join::demote_on_leader(&store, &node).await
+                } else {
+                    // Out of the Raft group already: only the record is left to retire.
+                    match store
+                        .write(Command::RetireManager { node: node.clone() })
+                        .await
+                    {
+                        Ok(_) => crate::join::JoinReply::Demoted,
+                        Err(e) => crate::join::JoinReply::Unavailable(e.to_string()),
+                    }
+                };
+                match reply {
                     crate::join::JoinReply::Demoted => {
                         info!(%node, "autopilot: dead manager removed; it stays listed as a worker")
                     }
@@ -455,7 +468,7 @@ async fn force_new_cluster(dir: &DataDir) -> anyhow::Result<Vec<String>> {
     let lost: Vec<String> = r
         .former_voters
         .iter()
-        .filter(|(id, _)| **id != raft_id)
+        .filter(|(id, n)| **id != raft_id && n.name != state.node_id)
         .map(|(_, n)| n.name.clone())
         .collect();
     warn!(
@@ -1099,16 +1112,27 @@ async fn start_manager(
     let store = Store::open(config, endpoint.clone()).await?;
     let store = Arc::new(store);
     if endpoint.identity().is_none() {
-        // Started with an expired certificate: renewed from the CA in the local state.
-        let renewed = creds
-            .node_key()
-            .and_then(|k| k.csr())
-            .map_err(anyhow::Error::from)
-            .and_then(|csr| crate::renewal::self_issue(&store, &creds, &csr))
-            .and_then(|reply| {
-                crate::renewal::record_in_background(store.clone(), &reply);
-                crate::renewal::accept(&dir, &state, &endpoint, &creds, reply)
-            });
+        // Started with an expired certificate: renewed from the CA in the local state, if
+        // that state still has this node as a manager.
+        let wanted = crate::renewal::local_record_wants_manager(&store, &state.node_id);
+        let renewed = if !wanted {
+            Err(anyhow::anyhow!(
+                "this node is no longer a manager of its cluster (demoted or removed while it was off)"
+            ))
+        } else {
+            Ok(())
+        };
+        let renewed = renewed.and_then(|()| {
+            creds
+                .node_key()
+                .and_then(|k| k.csr())
+                .map_err(anyhow::Error::from)
+                .and_then(|csr| crate::renewal::self_issue(&store, &creds, &csr))
+                .and_then(|reply| {
+                    crate::renewal::record_in_background(store.clone(), &reply);
+                    crate::renewal::accept(&dir, &state, &endpoint, &creds, reply)
+                })
+        });
         if let Err(e) = renewed {
             let _ = store.shutdown().await;
             return Err(e.context("the manager's certificate expired and could not be renewed"));

@@ -71,6 +71,22 @@ fn role_of(r: &NodeRole) -> Role {
     }
 }
 
+fn node_role(r: &Role) -> NodeRole {
+    if *r == Role::MANAGER {
+        NodeRole::Manager
+    } else {
+        NodeRole::Worker
+    }
+}
+
+fn role_of_state(state: &NodeState) -> Role {
+    if state.role == "manager" {
+        Role::MANAGER
+    } else {
+        Role::WORKER
+    }
+}
+
 /// How often a node checks what it cannot be told: a manager whether it was taken out of
 /// the Raft group, a node without an agent whether its role changed.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -100,8 +116,18 @@ pub async fn renewal_loop(current: Current, api: axum::Router) {
     let mut scheduled: Option<(starling_transport::CertSerial, SystemTime)> = None;
     let mut backoff = Duration::from_secs(1);
     let mut last_check = tokio::time::Instant::now();
+    // Since when the loop watches the node as it runs now (it is replaced on a role change).
+    let mut watching: Option<(Arc<RunningNode>, tokio::time::Instant)> = None;
     loop {
         let m = current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let since = match &watching {
+            Some((w, t)) if Arc::ptr_eq(w, &m) => *t,
+            _ => {
+                let t = tokio::time::Instant::now();
+                watching = Some((m.clone(), t));
+                t
+            }
+        };
         if let Some(mut change) = pending.take() {
             let started = crate::daemon::start_role(&m, &change).await;
             change.stopped = true;
@@ -142,19 +168,28 @@ pub async fn renewal_loop(current: Current, api: axum::Router) {
                 at
             }
         };
-        let why = wait(&m, &me, renew_at, &mut last_check).await;
-        match renew(&m, why).await {
+        let why = wait(&m, &me, renew_at, &mut last_check, since).await;
+        match renew(&m, why, since).await {
             Ok(Some(change)) => {
                 backoff = Duration::from_secs(1);
                 pending = Some(change);
             }
-            // A role the managers want but did not grant yet (a lagging manager): asked again
-            // after a pause, as after a failure.
-            Ok(None) if why == Need::Role => {
+            // Renewed (a new certificate in use), or a check that found nothing to do.
+            Ok(None)
+                if why == Need::Check
+                    || m.endpoint
+                        .identity()
+                        .is_some_and(|id| id.serial != me.serial) =>
+            {
+                backoff = Duration::from_secs(1);
+            }
+            // A renewal that came back unchanged (a role the managers want but did not grant
+            // yet: a lagging manager): asked again after a pause, as after a failure, never
+            // in a tight loop.
+            Ok(None) => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(60));
             }
-            Ok(None) => backoff = Duration::from_secs(1),
             Err(e) => {
                 warn!(error = format!("{e:#}"), need = ?why, retry_in = ?backoff, "certificate renewal failed");
                 tokio::time::sleep(backoff).await;
@@ -179,17 +214,24 @@ async fn wait(
     me: &PeerIdentity,
     renew_at: SystemTime,
     last_check: &mut tokio::time::Instant,
+    since: tokio::time::Instant,
 ) -> Need {
     let mut directive = m.directive.clone();
     loop {
         let now = SystemTime::now();
-        let wanted = wanted_role(m, directive.as_ref());
+        // A certificate of another role than the node runs as (a crash between saving the
+        // one and the other): the managers' answer settles it.
+        let wanted = if role_of_state(&m.state) != me.role {
+            Some(node_role(&role_of_state(&m.state)))
+        } else {
+            wanted_role(m, directive.as_ref())
+        };
         if let Some(n) = need(&me.role, wanted.as_ref(), me.not_after, renew_at, now) {
             return n;
         }
         let check_every = if m.directive.is_none() && m.store.is_none() {
             Some(CHECK_WITHOUT_SESSION)
-        } else if orphaned(m) {
+        } else if orphaned(m, since) {
             Some(CHECK_EVERY)
         } else {
             None
@@ -234,35 +276,68 @@ fn wanted_role(
 }
 
 /// Whether this manager may have been taken out of the Raft group without its own store
-/// telling it (a removed member receives no more entries).
-fn orphaned(m: &RunningNode) -> bool {
+/// telling it (a removed member receives no more entries): not a voter in its own view, or
+/// no word from a leader for [`ORPHANED_AFTER`] (never, since it started `since`).
+fn orphaned(m: &RunningNode, since: tokio::time::Instant) -> bool {
     let (Some(store), Some(id)) = (&m.store, m.state.raft_id) else {
         return false;
     };
     let s = store.status();
-    (!s.voters.is_empty() && !s.voters.contains(&id))
-        || (!s.is_leader && store.last_contact().is_some_and(|d| d > ORPHANED_AFTER))
+    if s.is_leader {
+        return false;
+    }
+    let silent = match store.last_contact() {
+        Some(d) => d > ORPHANED_AFTER,
+        None => since.elapsed() > ORPHANED_AFTER,
+    };
+    (!s.voters.is_empty() && !s.voters.contains(&id)) || silent
+}
+
+/// Whether a manager may sign its own renewal from its local CA: it hears a leader, and its
+/// own record (as its store has it) wants it a manager and is not revoked. Otherwise it asks
+/// another manager, which knows better.
+fn may_self_issue(m: &RunningNode, store: &Store, since: tokio::time::Instant) -> bool {
+    !orphaned(m, since) && local_record_wants_manager(store, &m.state.node_id)
+}
+
+/// Whether the local state has `node` as a manager (wanted so) and not revoked.
+pub(crate) fn local_record_wants_manager(store: &Store, node: &str) -> bool {
+    store
+        .read_applied(|s| {
+            !s.is_revoked(node)
+                && s.node(node)
+                    .is_some_and(|n| n.desired_role == NodeRole::Manager)
+        })
+        .0
 }
 
 /// Asks for a certificate for `why`; on an answer, saves it and puts it in use. A new role
 /// comes back as a [`crate::daemon::RoleChange`] for the caller to start.
-async fn renew(m: &RunningNode, why: Need) -> anyhow::Result<Option<crate::daemon::RoleChange>> {
+async fn renew(
+    m: &RunningNode,
+    why: Need,
+    since: tokio::time::Instant,
+) -> anyhow::Result<Option<crate::daemon::RoleChange>> {
     let creds = NodeCredentials::load(&m.data_dir.0)?;
     let csr = creds.node_key()?.csr()?;
     let reply = match (&m.store, why) {
         // A manager renews its own certificate from the CA in its state: no quorum needed.
-        (Some(store), Need::Due | Need::Expired) => {
+        (Some(store), Need::Due | Need::Expired) if may_self_issue(m, store, since) => {
             let r = self_issue(store, &creds, &csr)?;
             record_in_background(store.clone(), &r);
             r
         }
         _ if why == Need::Expired => ask_expired(&m.endpoint, &m.state, &creds, &csr).await?,
-        _ => ask(m, &csr, why == Need::Due).await?,
+        // A role change asks for a new certificate even if the answering manager's view has
+        // the role unchanged: its answer names the role to run as.
+        _ => ask(m, &csr, why != Need::Check).await?,
     };
     accept(&m.data_dir, &m.state, &m.endpoint, &creds, reply)
 }
 
-/// A certificate a manager signs for itself from its local state.
+/// A manager certificate a manager signs for itself from the CA in its local state (the
+/// caller checked that its record wants it a manager). No grace period applies: the node
+/// holds the CA key, and a cluster whose managers were all off for months must come back.
 pub(crate) fn self_issue(
     store: &Store,
     creds: &NodeCredentials,
@@ -272,18 +347,14 @@ pub(crate) fn self_issue(
     let ((info, raft_id), _) =
         store.read_applied(|s| (s.cluster().clone(), s.raft_id(me.node_id.as_str())));
     let ca = starling_transport::ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
-    if me.not_after <= SystemTime::now() {
-        let grace = Duration::from_secs(info.settings.cert_grace_secs);
-        ca.check_expired_renewal(creds.certificate(), csr, SystemTime::now(), grace)?;
-    }
     let opts = starling_transport::CertOptions {
         lifetime: Duration::from_secs(info.settings.cert_lifetime_secs),
         ..starling_transport::CertOptions::default()
     };
-    let cert = ca.sign_csr(csr, &me.node_id, &me.role, &opts)?;
+    let cert = ca.sign_csr(csr, &me.node_id, &Role::MANAGER, &opts)?;
     info!(node = %me.node_id, "manager certificate renewed from the local CA");
     Ok(JoinReply::Renewed {
-        role: me.role.to_string(),
+        role: Role::MANAGER.to_string(),
         raft_id,
         cert: cert.to_vec(),
         ca: ca.certificate().to_vec(),
@@ -433,6 +504,15 @@ pub(crate) fn accept(
         other => anyhow::bail!("unexpected answer to a renewal: {other:?}"),
     };
     let new = creds.renewed(cert.into(), Some(vec![ca.into()]))?;
+    if new.identity().node_id != creds.identity().node_id
+        || new.identity().cluster_id != creds.identity().cluster_id
+    {
+        anyhow::bail!(
+            "a manager answered with a certificate for {} of {}, not this node",
+            new.identity().node_id,
+            new.identity().cluster_id
+        );
+    }
     new.save(&dir.0)?;
     let mut next = state.clone();
     if !managers.is_empty() {

@@ -104,7 +104,7 @@ mod decoder_tests {
             let _ = crate::fuzzing::decode_raft_rpc(&bytes);
             let _ = crate::fuzzing::decode_log_record(&bytes);
             let _ = crate::fuzzing::parse_snapshot(&bytes);
-            let mut with_magic = b"STRLSNP4".to_vec();
+            let mut with_magic = b"STRLSNP5".to_vec();
             with_magic.extend_from_slice(&bytes);
             let _ = crate::fuzzing::parse_snapshot(&with_magic);
         }
