@@ -37,7 +37,7 @@ pub use starling_state::{
     SettingsChange, StateImage, SystemRecords, TxnOp, WATCH_HISTORY,
 };
 pub use store::{
-    Consistency, MAX_COMMAND_BYTES, RaftStatus, Store, StoreConfig, StoreError, Watch,
+    Consistency, MAX_COMMAND_BYTES, RaftStatus, Store, StoreConfig, StoreError, WATCH_BUFFER, Watch,
 };
 pub use types::ManagerNode;
 pub use wal::{AppendCallback, Wal, WalError, WalOptions, WalStats};

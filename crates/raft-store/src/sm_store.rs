@@ -141,9 +141,16 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
 }
 
 impl StateMachine {
-    /// Opens the state machine in `dir`: empty, or as of the snapshot saved there. A corrupt
-    /// snapshot file is an error (nothing is overwritten).
+    /// Opens the state machine in `dir` with the default watch buffer (see
+    /// [`StateMachine::open_with`]).
     pub(crate) fn open(dir: &Path) -> io::Result<Self> {
+        Self::open_with(dir, crate::store::WATCH_BUFFER)
+    }
+
+    /// Opens the state machine in `dir`: empty, or as of the snapshot saved there. A corrupt
+    /// snapshot file is an error (nothing is overwritten). `watch_buffer` changes are kept
+    /// for live watchers; one that falls further behind catches up from the history.
+    pub(crate) fn open_with(dir: &Path, watch_buffer: usize) -> io::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -168,7 +175,7 @@ impl StateMachine {
             Err(e) => return Err(e),
         }
         let revision = state.data.revision();
-        let (events, _) = broadcast::channel(65_536);
+        let (events, _) = broadcast::channel(watch_buffer.max(1));
         let (applied, _) = watch::channel(revision);
         Ok(StateMachine {
             shared: Arc::new(Shared {

@@ -42,7 +42,14 @@ pub struct StoreConfig {
     pub snapshot_interval: u64,
     /// How long a new manager may take to catch up before it becomes a voter.
     pub catch_up_timeout: Duration,
+    /// Changes buffered for live watchers ([`WATCH_BUFFER`] by default); a watcher that
+    /// falls further behind catches up from the kept history, unseen by its reader.
+    pub watch_buffer: usize,
 }
+
+/// The default [`StoreConfig::watch_buffer`]: every slot is allocated up front (about 120
+/// bytes each), so this is memory an idle manager holds.
+pub const WATCH_BUFFER: usize = 4096;
 
 impl StoreConfig {
     /// A configuration with default timing for `raft_id` / `node` in `data_dir`.
@@ -55,6 +62,7 @@ impl StoreConfig {
             request_timeout: Duration::from_secs(5),
             snapshot_interval: 50_000,
             catch_up_timeout: Duration::from_secs(120),
+            watch_buffer: WATCH_BUFFER,
         }
     }
 
@@ -298,6 +306,7 @@ pub(crate) fn acks_of(raft: &Raft) -> std::collections::BTreeMap<u64, u64> {
 
 /// A stream of key-value changes under a prefix.
 pub struct Watch {
+    sm: Arc<Shared>,
     backlog: std::collections::VecDeque<KvEvent>,
     live: broadcast::Receiver<WatchSignal>,
     prefix: String,
@@ -305,6 +314,8 @@ pub struct Watch {
     live_from: u64,
     /// Revision of the last event returned (to say where to resume).
     last: Option<u64>,
+    /// How many events of revision `last` were returned (a transaction has several).
+    at_last: usize,
     /// Set once events may have been missed: the watch only reports that from then on.
     broken: Option<u64>,
 }
@@ -316,17 +327,15 @@ impl Watch {
         if let Some(oldest) = self.broken {
             return Err(self.compacted(oldest));
         }
-        if let Some(e) = self.backlog.pop_front() {
-            self.last = Some(e.revision);
-            return Ok(e);
-        }
         loop {
+            if let Some(e) = self.backlog.pop_front() {
+                return Ok(self.returned(e));
+            }
             match self.live.recv().await {
                 Ok(WatchSignal::Event(e))
                     if e.revision >= self.live_from && e.key.starts_with(&self.prefix) =>
                 {
-                    self.last = Some(e.revision);
-                    return Ok(e);
+                    return Ok(self.returned(e));
                 }
                 Ok(WatchSignal::Event(_)) => {}
                 Ok(WatchSignal::Reset { revision }) if revision >= self.live_from => {
@@ -336,8 +345,12 @@ impl Watch {
                 }
                 Ok(WatchSignal::Reset { .. }) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Events were dropped for this slow watcher; the caller resumes with a
+                    // Events were dropped for this slow watcher: it catches up from the
+                    // history when that still holds them, else the caller resumes with a
                     // new watch from the revision after the last one it got.
+                    if self.catch_up() {
+                        continue;
+                    }
                     let next = self.resume_from();
                     self.broken = Some(next);
                     return Err(self.compacted(next));
@@ -347,6 +360,45 @@ impl Watch {
                 }
             }
         }
+    }
+
+    fn returned(&mut self, e: KvEvent) -> KvEvent {
+        if self.last == Some(e.revision) {
+            self.at_last += 1;
+        } else {
+            self.last = Some(e.revision);
+            self.at_last = 1;
+        }
+        e
+    }
+
+    /// After a lag: the changes since the last one returned, from the kept history, then
+    /// live ones again. False if the history no longer reaches back that far.
+    fn catch_up(&mut self) -> bool {
+        // Subscribed before the history is read, as at the start.
+        let live = self.sm.events.subscribe();
+        let st = self.sm.read();
+        let from = self.last.unwrap_or(self.live_from);
+        let Ok(events) = st.data.history_since(&self.prefix, from) else {
+            return false;
+        };
+        // The events of revision `last` already returned come first: skip them.
+        let skip = if self.last.is_some() { self.at_last } else { 0 };
+        let mut seen = 0;
+        self.backlog = events
+            .into_iter()
+            .filter(|e| {
+                if e.revision == from && seen < skip {
+                    seen += 1;
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+        self.live = live;
+        self.live_from = (st.data.revision() + 1).max(self.live_from);
+        true
     }
 
     /// The revision to start a new watch from to continue this one. Events of the last
@@ -372,7 +424,7 @@ impl Store {
         let raft_config = Arc::new(config.raft_config()?);
         std::fs::create_dir_all(&config.data_dir)?;
         let log = LogStore::open(&config.data_dir.join("log"))?;
-        let sm = StateMachine::open(&config.data_dir.join("state"))?;
+        let sm = StateMachine::open_with(&config.data_dir.join("state"), config.watch_buffer)?;
         let shared = sm.shared.clone();
         let protocol = raft_protocol().map_err(|e| StoreError::Config(e.to_string()))?;
         let listener = endpoint
@@ -751,11 +803,13 @@ impl Store {
         // Every event up to the current revision is in the history just read.
         let live_from = (st.data.revision() + 1).max(from_revision);
         Ok(Watch {
+            sm: self.sm.clone(),
             backlog: backlog.into(),
             live,
             prefix: prefix.to_owned(),
             live_from,
             last: None,
+            at_last: 0,
             broken: None,
         })
     }

@@ -389,3 +389,53 @@ async fn t27_force_new_cluster_from_the_last_manager_keeps_every_write() {
     assert!(err.to_string().contains("nothing to recover"), "{err}");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t28_a_watcher_that_falls_behind_the_live_buffer_catches_up_from_history() {
+    // Eight changes buffered: the watcher below falls far behind twice.
+    let c = TestCluster::start_with(1, 5_000, 8).await;
+    let s = &c.m(1).store;
+    let mut watch = s.watch("l/", 0).unwrap();
+    // A transaction: three changes of one revision.
+    let txn = Command::Txn {
+        compares: vec![],
+        success: ["l/t1", "l/t2", "l/t3"]
+            .iter()
+            .map(|k| TxnOp::Put {
+                key: (*k).into(),
+                value: b"t".to_vec(),
+            })
+            .collect(),
+        failure: vec![],
+    };
+    let txn_rev = s.write(txn).await.unwrap().revision;
+    let first = watch.next().await.unwrap();
+    assert_eq!((first.revision, first.key.as_str()), (txn_rev, "l/t1"));
+    // Fifty more while the watcher reads nothing: the live buffer overflows mid-transaction.
+    for i in 0..50 {
+        s.write(put(&format!("l/{i:02}"), "v")).await.unwrap();
+        s.write(put("other", "x")).await.unwrap();
+    }
+    let mut keys = vec![first.key];
+    let mut revisions = vec![first.revision];
+    while keys.len() < 53 {
+        let e = tokio::time::timeout(T, watch.next())
+            .await
+            .unwrap()
+            .unwrap();
+        keys.push(e.key);
+        revisions.push(e.revision);
+    }
+    let mut want = vec!["l/t1".to_owned(), "l/t2".into(), "l/t3".into()];
+    want.extend((0..50).map(|i| format!("l/{i:02}")));
+    assert_eq!(keys, want, "no gap, no duplicate");
+    assert!(revisions.windows(2).all(|w| w[0] <= w[1]));
+    // And live again afterwards.
+    let r = s.write(put("l/after", "1")).await.unwrap().revision;
+    let e = tokio::time::timeout(T, watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((e.revision, e.key.as_str()), (r, "l/after"));
+    c.shutdown().await;
+}

@@ -34,6 +34,7 @@ pub struct TestCluster {
     pub addrs: Vec<SocketAddr>,
     pub creds: Vec<NodeCredentials>,
     pub snapshot_interval: u64,
+    pub watch_buffer: usize,
 }
 
 pub fn put(k: &str, v: &str) -> Command {
@@ -46,6 +47,11 @@ pub fn put(k: &str, v: &str) -> Command {
 impl TestCluster {
     /// `n` managers, the first initialized, the others added as voters.
     pub async fn start(n: u64, snapshot_interval: u64) -> Self {
+        Self::start_with(n, snapshot_interval, WATCH_BUFFER).await
+    }
+
+    /// As [`TestCluster::start`], with `watch_buffer` changes buffered for live watchers.
+    pub async fn start_with(n: u64, snapshot_interval: u64, watch_buffer: usize) -> Self {
         init_tracing();
         let ca = ClusterCa::create(ClusterId::new("rs").unwrap()).unwrap();
         let mut c = TestCluster {
@@ -55,6 +61,7 @@ impl TestCluster {
             addrs: Vec::new(),
             creds: Vec::new(),
             snapshot_interval,
+            watch_buffer,
         };
         for id in 1..=n {
             c.add_manager_process(id).await;
@@ -110,6 +117,7 @@ impl TestCluster {
     pub fn config(&self, id: u64) -> StoreConfig {
         let mut cfg = StoreConfig::new(self.data_dir(id), id, self.node(id));
         cfg.snapshot_interval = self.snapshot_interval;
+        cfg.watch_buffer = self.watch_buffer;
         cfg
     }
 
