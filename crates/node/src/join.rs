@@ -486,13 +486,7 @@ async fn issue(
     } else {
         None
     };
-    let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
-    let opts = CertOptions {
-        lifetime: std::time::Duration::from_secs(info.settings.cert_lifetime_secs),
-        ..CertOptions::default()
-    };
-    let node_id = starling_transport::NodeId::new(node.to_owned())?;
-    let cert = ca.sign_csr(csr, &node_id, role, &opts)?;
+    let (ca, cert) = sign(info, node, role, csr)?;
     let issued = starling_transport::PeerIdentity::from_certificate(&cert)?;
     store
         .write(Command::SetNodeCert {
@@ -509,6 +503,24 @@ async fn issue(
         ca: ca.certificate().to_vec(),
         managers: managers(store),
     })
+}
+
+/// Signs `csr` for `node` with `role` and the cluster's certificate lifetime, with the CA in
+/// `info`; returns that CA and the certificate (DER).
+pub(crate) fn sign(
+    info: &starling_raft_store::ClusterInfo,
+    node: &str,
+    role: &Role,
+    csr: &[u8],
+) -> anyhow::Result<(ClusterCa, Vec<u8>)> {
+    let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
+    let opts = CertOptions {
+        lifetime: std::time::Duration::from_secs(info.settings.cert_lifetime_secs),
+        ..CertOptions::default()
+    };
+    let node_id = starling_transport::NodeId::new(node.to_owned())?;
+    let cert = ca.sign_csr(csr, &node_id, role, &opts)?;
+    Ok((ca, cert.to_vec()))
 }
 
 /// Renews the certificate of a node that presents it expired: checked against the CA and
@@ -579,16 +591,7 @@ async fn admit(
     } else {
         None
     };
-    let opts = CertOptions {
-        lifetime: std::time::Duration::from_secs(info.settings.cert_lifetime_secs),
-        ..CertOptions::default()
-    };
-    let cert = ca.sign_csr(
-        csr,
-        &starling_transport::NodeId::new(node_id.clone())?,
-        &role,
-        &opts,
-    )?;
+    let (_, cert) = sign(&info, &node_id, &role, csr)?;
     let issued = starling_transport::PeerIdentity::from_certificate(&cert)?;
     let node_role = if role == Role::MANAGER {
         NodeRole::Manager

@@ -346,12 +346,7 @@ pub(crate) fn self_issue(
     let me = creds.identity();
     let ((info, raft_id), _) =
         store.read_applied(|s| (s.cluster().clone(), s.raft_id(me.node_id.as_str())));
-    let ca = starling_transport::ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
-    let opts = starling_transport::CertOptions {
-        lifetime: Duration::from_secs(info.settings.cert_lifetime_secs),
-        ..starling_transport::CertOptions::default()
-    };
-    let cert = ca.sign_csr(csr, &me.node_id, &Role::MANAGER, &opts)?;
+    let (ca, cert) = crate::join::sign(&info, me.node_id.as_str(), &Role::MANAGER, csr)?;
     info!(node = %me.node_id, "manager certificate renewed from the local CA");
     Ok(JoinReply::Renewed {
         role: Role::MANAGER.to_string(),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use starling_api::{Client, ClientError, Consistency, Context, ErrorCode, ManagerAddr};
 
 mod common;
-use common::{BIN, Daemon, free_port, poll, spawn, starling};
+use common::{BIN, Daemon, free_port, poll, rt, spawn, starling};
 
 fn with_home(home: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
@@ -95,13 +95,6 @@ impl Cluster {
     fn unix(&self, i: usize) -> Client {
         Client::unix(self.dirs[i].join("control.sock"))
     }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// Three managers and a worker on loopback.

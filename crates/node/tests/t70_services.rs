@@ -12,14 +12,7 @@ use std::time::{Duration, Instant};
 use starling_api::{Client, ServiceSpec, TaskView};
 
 mod common;
-use common::{Daemon, free_port, poll, spawn, starling};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use common::{Daemon, free_port, poll, rt, spawn, starling};
 
 /// Kills every task process the agents under `root` recorded (their process groups), so a
 /// failing test leaves nothing running.

@@ -14,20 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 use starling_api::{Client, Context, ManagerStatus, NodeDetail, NodeList, NodeRole, NodeStatus};
 
 mod common;
-use common::{Daemon, free_port, poll, spawn_with_env, starling};
+use common::{Daemon, free_port, join_args, poll, rt, spawn_with_env, starling, unix};
 
 const FLOOR: (&str, &str) = ("STARLING_TEST_MIN_CERT_EXPIRY_SECS", "10");
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn unix(dir: &Path) -> Client {
-    Client::unix(dir.join("control.sock"))
-}
 
 fn nodes(rt: &tokio::runtime::Runtime, dir: &Path) -> Option<NodeList> {
     rt.block_on(unix(dir).nodes()).ok()
@@ -65,20 +54,9 @@ fn init(dir: &Path, addr: &str, expiry: &str, extra: &[&str]) -> Daemon {
 }
 
 fn join(dir: &Path, name: &str, token: &str, manager: &str) -> Daemon {
+    let args = join_args(dir, name, token, manager);
     spawn_with_env(
-        &[
-            "join",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--hostname",
-            name,
-            "--token",
-            token,
-            "--manager",
-            manager,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[FLOOR],
     )
 }

@@ -4,24 +4,12 @@
 //! decision cover its rules: quorum, the last manager, odd counts, constraints).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::Path;
 use std::time::Duration;
 
-use starling_api::{Client, ManagerStatus, NodeRole, NodeStatus};
+use starling_api::{ManagerStatus, NodeRole, NodeStatus};
 
 mod common;
-use common::{Daemon, free_port, poll, spawn, starling};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn unix(dir: &Path) -> Client {
-    Client::unix(dir.join("control.sock"))
-}
+use common::{Daemon, free_port, join_args, poll, rt, spawn, starling, unix};
 
 #[test]
 fn t90_autopilot_replaces_a_dead_manager_with_a_worker_and_keeps_three_voters() {
@@ -49,21 +37,10 @@ fn t90_autopilot_replaces_a_dead_manager_with_a_worker_and_keeps_three_voters() 
     let wt = rt.block_on(c1.join_token("worker")).unwrap().token;
     for name in ["m2", "m3", "w1"] {
         let token = if name == "w1" { &wt } else { &mt };
+        let args = join_args(&dir(name), name, token, &m1_addr);
         daemons.push((
             name,
-            spawn(&[
-                "join",
-                "--data-dir",
-                dir(name).to_str().unwrap(),
-                "--listen",
-                &format!("127.0.0.1:{}", free_port()),
-                "--hostname",
-                name,
-                "--token",
-                token,
-                "--manager",
-                &m1_addr,
-            ]),
+            spawn(&args.iter().map(String::as_str).collect::<Vec<_>>()),
         ));
         poll(&format!("{name} in"), Duration::from_secs(30), || {
             let list = rt.block_on(c1.nodes()).ok()?;

@@ -40,6 +40,43 @@ impl Drop for Daemon {
     }
 }
 
+/// A current-thread runtime for the tests' API clients.
+pub(crate) fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A client of the node in `dir`, on its control socket.
+pub(crate) fn unix(dir: &std::path::Path) -> starling_api::Client {
+    starling_api::Client::unix(dir.join("control.sock"))
+}
+
+/// The arguments of `starling join` for a node named `name` in `dir`, on a free port.
+pub(crate) fn join_args(
+    dir: &std::path::Path,
+    name: &str,
+    token: &str,
+    manager: &str,
+) -> Vec<String> {
+    [
+        "join",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--hostname",
+        name,
+        "--token",
+        token,
+        "--manager",
+        manager,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 pub(crate) fn free_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
