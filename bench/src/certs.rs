@@ -11,13 +11,13 @@ use anyhow::Context;
 
 use crate::cluster::{Proc, free_port, poll, starling_binary};
 
-/// One manager (with `--metrics`) and `workers` workers on loopback; once every worker is
-/// ready, the manager's `starling_join_requests_total` is read before and after `window`.
-pub async fn idle_requests(
+/// A cluster on loopback: `managers` managers (the first with `--metrics` on the returned
+/// address) and `workers` workers, returned once every node is ready. None serves DNS.
+async fn start(
     base: &Path,
+    managers: usize,
     workers: usize,
-    window: Duration,
-) -> anyhow::Result<(u64, Duration)> {
+) -> anyhow::Result<(Vec<Proc>, starling_api::Client, String)> {
     let bin = starling_binary()?;
     std::fs::create_dir_all(base)?;
     let m0 = base.join("m0");
@@ -31,6 +31,8 @@ pub async fn idle_requests(
                 &addr,
                 "--metrics",
                 &metrics,
+                "--dns-listen",
+                "off",
                 "--data-dir",
             ])
             .arg(&m0),
@@ -41,43 +43,119 @@ pub async fn idle_requests(
         client.nodes().await.ok()
     })
     .await?;
+    let ready = |role: starling_api::NodeRole, want: usize| {
+        let client = &client;
+        async move {
+            let list = client.nodes().await.ok()?;
+            let n = list
+                .nodes
+                .iter()
+                .filter(|n| n.role == role && n.status == starling_api::NodeStatus::Ready)
+                .count();
+            (n >= want).then_some(())
+        }
+    };
+    let manager_token = client.join_token("manager").await?.token;
+    for i in 1..managers {
+        procs.push(join(base, &bin, &manager_token, &addr, &format!("m{i}"))?);
+        // One at a time: Raft takes one membership change at a time.
+        poll("the manager joined", Duration::from_secs(60), || {
+            ready(starling_api::NodeRole::Manager, i + 1)
+        })
+        .await?;
+    }
     let token = client.join_token("worker").await?.token;
     for i in 0..workers {
-        let dir = base.join(format!("w{i}"));
-        procs.push(Proc::spawn(
-            Command::new(&bin)
-                .args(["join", "--token", &token, "--manager", &addr, "--listen"])
-                .arg(format!("127.0.0.1:{}", free_port()?))
-                .args(["--hostname", &format!("w{i}"), "--data-dir"])
-                .arg(&dir)
-                // Many nodes on one host: none serves DNS.
-                .args(["--dns-listen", "off"]),
-            &base.join(format!("w{i}.log")),
-        )?);
+        procs.push(join(base, &bin, &token, &addr, &format!("w{i}"))?);
     }
     poll(
         "every worker ready",
         Duration::from_secs(30 + 2 * workers as u64),
-        || async {
-            let list = client.nodes().await.ok()?;
-            let ready = list
-                .nodes
-                .iter()
-                .filter(|n| {
-                    n.role == starling_api::NodeRole::Worker
-                        && n.status == starling_api::NodeStatus::Ready
-                })
-                .count();
-            (ready == workers).then_some(())
-        },
+        || ready(starling_api::NodeRole::Worker, workers),
     )
     .await?;
+    Ok((procs, client, metrics))
+}
+
+fn join(base: &Path, bin: &Path, token: &str, manager: &str, name: &str) -> anyhow::Result<Proc> {
+    Proc::spawn(
+        Command::new(bin)
+            .args(["join", "--token", token, "--manager", manager, "--listen"])
+            .arg(format!("127.0.0.1:{}", free_port()?))
+            .args(["--hostname", name, "--data-dir"])
+            .arg(base.join(name))
+            // Many nodes on one host: none serves DNS.
+            .args(["--dns-listen", "off"]),
+        &base.join(format!("{name}.log")),
+    )
+}
+
+/// One manager (with `--metrics`) and `workers` workers on loopback; once every worker is
+/// ready, the manager's `starling_join_requests_total` is read before and after `window`.
+pub async fn idle_requests(
+    base: &Path,
+    workers: usize,
+    window: Duration,
+) -> anyhow::Result<(u64, Duration)> {
+    let (procs, _client, metrics) = start(base, 1, workers).await?;
     let before = join_requests(&metrics).await?;
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
     let after = join_requests(&metrics).await?;
     drop(procs);
     Ok((after.saturating_sub(before), t0.elapsed()))
+}
+
+/// How long `starling ca rotate` takes on a cluster of `managers` + `workers` nodes, for
+/// `rounds` rotations one after another: from the request until the cluster reports the
+/// new root as its CA (every node renewed onto it, then the old root dropped). Also the time
+/// until every node was on the new root (the first phase).
+pub async fn rotation(
+    base: &Path,
+    managers: usize,
+    workers: usize,
+    rounds: usize,
+) -> anyhow::Result<Vec<(Duration, Duration)>> {
+    let (procs, client, _) = start(base, managers, workers).await?;
+    let mut out = Vec::new();
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        let started = client.rotate_ca().await?;
+        let digest = started
+            .ca_rotation
+            .context("no rotation under way after ca rotate")?
+            .new_ca_digest;
+        let mut all_on_new = None;
+        loop {
+            let v = client.cluster().await?;
+            match &v.ca_rotation {
+                Some(r) if r.nodes_pending.is_empty() => {
+                    all_on_new.get_or_insert_with(|| t0.elapsed());
+                }
+                Some(_) => {}
+                None if v.ca_digest == digest => break,
+                None => anyhow::bail!("the cluster rotated to another root"),
+            }
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(120),
+                "the rotation did not finish in 2 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let done = t0.elapsed();
+        out.push((all_on_new.unwrap_or(done), done));
+        // Every node drops the old root before the next round.
+        for n in client.nodes().await?.nodes {
+            let detail = client.node(&n.id).await?;
+            anyhow::ensure!(
+                detail.cert_ca == digest,
+                "{} not on the new root after the rotation",
+                n.hostname
+            );
+        }
+    }
+    drop(procs);
+    Ok(out)
 }
 
 async fn join_requests(metrics: &str) -> anyhow::Result<u64> {
@@ -127,8 +205,21 @@ pub fn spread(nodes: usize, lifetime: Duration, seed: u64) -> (usize, Duration) 
 }
 
 /// The section of the report.
-pub async fn run(base: &Path, workers: usize, window: Duration) -> anyhow::Result<String> {
-    let (requests, took) = idle_requests(base, workers, window).await?;
+pub async fn run(
+    base: &Path,
+    workers: usize,
+    window: Duration,
+    rotation_nodes: (usize, usize),
+    rotation_rounds: usize,
+) -> anyhow::Result<String> {
+    let (requests, took) = idle_requests(&base.join("idle"), workers, window).await?;
+    let rotations = rotation(
+        &base.join("rotation"),
+        rotation_nodes.0,
+        rotation_nodes.1,
+        rotation_rounds,
+    )
+    .await?;
     let mut out = String::new();
     writeln!(out, "## Certificate renewal\n")?;
     writeln!(
@@ -158,6 +249,29 @@ pub async fn run(base: &Path, workers: usize, window: Duration) -> anyhow::Resul
     ] {
         let (most, span) = spread(1_000, lifetime, 0x5eed);
         writeln!(out, "| {name} | {most} | {:.0} s |", span.as_secs_f64())?;
+    }
+    let (m, w) = rotation_nodes;
+    writeln!(
+        out,
+        "\n`starling ca rotate` on {} nodes ({m} managers, {w} workers) on loopback, {} rotations one after another: from the request until the cluster reports the new root as its CA (every node renewed onto the new root, then the old root dropped and the tokens changed):\n",
+        m + w,
+        rotations.len()
+    )?;
+    writeln!(out, "| rotation | every node on the new root | done |")?;
+    writeln!(out, "|---|---|---|")?;
+    for (i, (on_new, done)) in rotations.iter().enumerate() {
+        writeln!(
+            out,
+            "| {} | {:.0} ms | {:.0} ms |",
+            i + 1,
+            on_new.as_secs_f64() * 1e3,
+            done.as_secs_f64() * 1e3
+        )?;
+    }
+    let mut done: Vec<Duration> = rotations.iter().map(|r| r.1).collect();
+    done.sort();
+    if let Some(median) = done.get(done.len() / 2) {
+        writeln!(out, "\nMedian: **{:.2} s**.", median.as_secs_f64())?;
     }
     Ok(out)
 }

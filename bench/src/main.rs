@@ -204,11 +204,18 @@ async fn real_main() -> anyhow::Result<()> {
     }
     if wants(Measure::Certs) {
         let (workers, window) = if args.quick { (3, 5) } else { (100, 60) };
+        let (rotation_nodes, rounds) = if args.quick {
+            ((1, 2), 1)
+        } else {
+            ((3, 17), 5)
+        };
         emit(
             starling_bench::certs::run(
                 &tmp.path().join("certs"),
                 workers,
                 std::time::Duration::from_secs(window),
+                rotation_nodes,
+                rounds,
             )
             .await?,
         );

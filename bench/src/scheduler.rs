@@ -45,6 +45,7 @@ pub fn run(nodes: usize, tasks: u32) -> anyhow::Result<String> {
                     labels: BTreeMap::from([("zone".to_owned(), format!("z{}", i % 3))]),
                     cert_serial: "01".into(),
                     cert_not_after: 0,
+                    cert_ca: String::new(),
                     version: 0,
                     created_revision: 0,
                     updated_revision: 0,

@@ -332,8 +332,11 @@ async fn run(
         cfg.local.clone(),
         cfg.description.clone(),
         statuses.clone(),
-        report_rx,
-        assign_tx,
+        SessionIo {
+            reports: report_rx,
+            assignments: assign_tx,
+            directive: cfg.directive.clone(),
+        },
     )));
     let mut local: BTreeMap<String, Local> = BTreeMap::new();
     let mut assigned: BTreeMap<String, Task> = BTreeMap::new();
@@ -672,6 +675,16 @@ fn adopt(
     }
 }
 
+/// What a session loop exchanges with the rest of the agent and the node.
+struct SessionIo {
+    /// Task reports to send.
+    reports: mpsc::Receiver<Vec<TaskReport>>,
+    /// Where the managers' messages go.
+    assignments: mpsc::Sender<ManagerMessage>,
+    /// Cleared when a session is lost (the node's renewal loop then asks on its own).
+    directive: Option<tokio::sync::watch::Sender<Option<NodeDirective>>>,
+}
+
 /// Keeps a session with a dispatcher (this manager's own, or some manager's over QUIC): hello
 /// with a full report, then assignments in, reports out; on a failure the next manager.
 async fn session_loop(
@@ -680,9 +693,13 @@ async fn session_loop(
     local: Option<LocalDispatcher>,
     description: NodeDescription,
     statuses: Statuses,
-    mut reports: mpsc::Receiver<Vec<TaskReport>>,
-    assignments: mpsc::Sender<ManagerMessage>,
+    io: SessionIo,
 ) {
+    let SessionIo {
+        mut reports,
+        assignments,
+        directive,
+    } = io;
     let protocol = match Protocol::new(DISPATCH_ALPN, PeerPolicy::roles([Role::MANAGER])) {
         Ok(p) => p,
         Err(e) => {
@@ -732,7 +749,14 @@ async fn session_loop(
         };
         match result {
             Ok(()) => return,
-            Err(e) => debug!(error = %e, "dispatcher session lost"),
+            Err(e) => {
+                debug!(error = %e, "dispatcher session lost");
+                // No word from the managers now: the node's renewal loop asks them itself
+                // (its certificate may be of a root they no longer trust).
+                if let Some(tx) = &directive {
+                    tx.send_if_modified(|d| d.take().is_some());
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

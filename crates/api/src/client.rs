@@ -517,6 +517,12 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/cluster/ca/rotate`.
+    pub async fn rotate_ca(&self) -> Result<ClusterView, ClientError> {
+        self.json(Method::POST, "/v1/cluster/ca/rotate", Bytes::new())
+            .await
+    }
+
     /// `POST /v1/leave` (only meaningful on a node's own socket).
     pub async fn leave(&self) -> Result<Left, ClientError> {
         self.json(Method::POST, "/v1/leave", Bytes::new()).await

@@ -69,6 +69,10 @@ pub struct NodeDirective {
     /// The role the node is to hold: a node whose certificate names another role asks for a
     /// new certificate at once (a promotion or a demotion).
     pub role: NodeRole,
+    /// Digests (hex SHA-256) of the root CA certificates the node is to trust, the one that
+    /// signs new certificates first: a node that trusts others (a root CA rotation started
+    /// or finished) asks for a certificate of the first and the new trust at once.
+    pub roots: Vec<String>,
 }
 
 /// Why a frame could not be read or written.

@@ -233,6 +233,9 @@ pub struct NodeDetail {
     /// When that certificate expires, seconds since the Unix epoch (0: not known).
     #[serde(default)]
     pub cert_not_after: u64,
+    /// SHA-256 of the root CA certificate that signed it, hex (empty: not known).
+    #[serde(default)]
+    pub cert_ca: String,
     /// The Starling version it runs (empty until heard).
     pub version: String,
     /// Bumped on every change of the node's record.
@@ -746,8 +749,29 @@ pub struct ClusterView {
     pub cluster_id: String,
     /// SHA-256 of the root CA certificate, hex: what join tokens pin.
     pub ca_digest: String,
+    /// A root CA rotation under way (`starling ca rotate`), if any.
+    #[serde(default)]
+    pub ca_rotation: Option<CaRotationView>,
     /// Its settings.
     pub settings: ClusterSettings,
+}
+
+/// A root CA rotation under way: every node renews onto the new root while both roots are
+/// trusted; when every node not down is on it, the old root is dropped and the join tokens
+/// change (they pin the CA digest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CaRotationView {
+    /// SHA-256 of the new root CA certificate, hex.
+    pub new_ca_digest: String,
+    /// When it started, seconds since the Unix epoch.
+    pub started_at: u64,
+    /// Nodes not down whose certificate the new root signed.
+    pub nodes_on_new_root: Vec<String>,
+    /// Nodes not down still on the old root: the rotation waits for them.
+    pub nodes_pending: Vec<String>,
+    /// Nodes down: not waited for; they renew on the expired-certificate path when they
+    /// come back (within the renewal grace), or rejoin.
+    pub nodes_down: Vec<String>,
 }
 
 /// Cluster-wide settings.

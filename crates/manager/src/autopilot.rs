@@ -156,6 +156,7 @@ mod tests {
             labels: BTreeMap::new(),
             cert_serial: String::new(),
             cert_not_after: 0,
+            cert_ca: String::new(),
             version: 1,
             created_revision: 1,
             updated_revision: 1,

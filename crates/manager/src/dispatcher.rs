@@ -67,6 +67,15 @@ pub fn protocol() -> Result<Protocol, starling_transport::ConfigError> {
     )
 }
 
+/// Digests (hex) of the roots a node is to trust, the signing one first.
+pub fn trusted_root_digests(info: &starling_state::ClusterInfo) -> Vec<String> {
+    info.trusted_roots_pem()
+        .into_iter()
+        .filter_map(starling_transport::CaDigest::of_pem_certificate)
+        .map(|d| d.to_string())
+        .collect()
+}
+
 /// Serves the sessions `listener` (on [`protocol`]) accepts, until it closes.
 pub async fn serve(mut listener: Listener, store: Arc<Store>, sessions: Sessions) {
     while let Some(conn) = listener.accept().await {
@@ -239,6 +248,7 @@ where
         let (directive, _) = store.read_applied(|s| {
             s.node(&node).map(|n| NodeDirective {
                 role: n.desired_role.clone(),
+                roots: trusted_root_digests(s.cluster()),
             })
         });
         if directive.is_some() && directive != sent_directive {

@@ -18,6 +18,7 @@
 //! [`Command::WriteTasks`]: starling_state::Command::WriteTasks
 
 pub mod autopilot;
+pub mod ca_rotation;
 pub mod dispatcher;
 pub mod orchestrator;
 pub mod scheduler;

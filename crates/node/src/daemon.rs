@@ -246,6 +246,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
                 ca_key_pem: ca_key,
                 join_secrets,
                 settings,
+                ..ClusterInfo::default()
             },
         })
         .await?;
@@ -269,6 +270,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
                     .endpoint
                     .identity()
                     .map_or(0, |i| crate::renewal::unix_secs(i.not_after)),
+                cert_ca: ca.digest().to_string(),
                 version: 0,
                 created_revision: 0,
                 updated_revision: 0,
@@ -592,21 +594,24 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<RunningNode> {
         },
     )
     .await?;
-    let (node_id, cluster_id, role, raft_id, cert, ca, managers) = match reply {
+    let (node_id, cluster_id, role, raft_id, cert, roots, chain, managers) = match reply {
         JoinReply::Joined {
             node_id,
             cluster_id,
             role,
             raft_id,
             cert,
-            ca,
+            roots,
+            chain,
             managers,
-        } => (node_id, cluster_id, role, raft_id, cert, ca, managers),
+        } => (
+            node_id, cluster_id, role, raft_id, cert, roots, chain, managers,
+        ),
         JoinReply::Refused(why) => anyhow::bail!("join refused: {why}"),
         other => anyhow::bail!("unexpected answer to a join: {other:?}"),
     };
     conn.close(starling_transport::CloseCode::SHUTDOWN, "joined");
-    let creds = NodeCredentials::new(cert.into(), key, vec![ca.into()])?;
+    let creds = crate::join::credentials(cert, key, roots, chain)?;
     dir.create()
         .with_context(|| format!("cannot create {}", dir.0.display()))?;
     creds.save(&dir.0)?;
@@ -1160,6 +1165,7 @@ async fn start_manager(
         sessions.clone(),
     )));
     tasks.push(tokio::spawn(autopilot_loop(store.clone())));
+    tasks.push(tokio::spawn(crate::rotation::rotation_loop(store.clone())));
     tasks.push(tokio::spawn(starling_manager::supervisor::run(
         store.clone(),
         starling_manager::OrchestratorConfig::default(),

@@ -16,7 +16,7 @@ use starling_raft_store::{
 };
 use starling_transport::{
     CaDigest, CertOptions, ClusterCa, Connection, Inbound, JoinSecret, JoinSecrets, JoinToken,
-    PeerPolicy, Protocol, Role,
+    NodeCredentials, NodeKey, PeerPolicy, Protocol, Role, certificate_from_pem, check_renewal,
 };
 use tracing::{info, warn};
 
@@ -103,8 +103,10 @@ pub enum JoinReply {
         raft_id: Option<u64>,
         /// The signed certificate (DER).
         cert: Vec<u8>,
-        /// The CA certificate (DER).
-        ca: Vec<u8>,
+        /// The CA certificates to trust (DER), the one that signed `cert` first.
+        roots: Vec<Vec<u8>>,
+        /// The certificates to present after `cert` (DER): during and after a root rotation.
+        chain: Vec<Vec<u8>>,
         /// Managers: node id and address.
         managers: Vec<(String, SocketAddr)>,
     },
@@ -122,8 +124,10 @@ pub enum JoinReply {
         raft_id: Option<u64>,
         /// The certificate (DER).
         cert: Vec<u8>,
-        /// The CA certificate (DER).
-        ca: Vec<u8>,
+        /// The CA certificates to trust (DER), the one that signed `cert` first.
+        roots: Vec<Vec<u8>>,
+        /// The certificates to present after `cert` (DER).
+        chain: Vec<Vec<u8>>,
         /// Managers: node id and address.
         managers: Vec<(String, SocketAddr)>,
     },
@@ -487,12 +491,14 @@ async fn issue(
         None
     };
     let (ca, cert) = sign(info, node, role, csr)?;
+    let (roots, chain) = trust(info)?;
     let issued = starling_transport::PeerIdentity::from_certificate(&cert)?;
     store
         .write(Command::SetNodeCert {
             id: node.to_owned(),
             serial: issued.serial.to_string(),
             not_after: crate::renewal::unix_secs(issued.not_after),
+            ca: ca.digest().to_string(),
         })
         .await?;
     info!(%node, %role, serial = %issued.serial, "certificate issued");
@@ -500,20 +506,23 @@ async fn issue(
         role: role.to_string(),
         raft_id,
         cert: cert.to_vec(),
-        ca: ca.certificate().to_vec(),
+        roots,
+        chain,
         managers: managers(store),
     })
 }
 
 /// Signs `csr` for `node` with `role` and the cluster's certificate lifetime, with the CA in
-/// `info`; returns that CA and the certificate (DER).
+/// `info` that signs new certificates (the new root during a rotation); returns that CA and
+/// the certificate (DER).
 pub(crate) fn sign(
     info: &starling_raft_store::ClusterInfo,
     node: &str,
     role: &Role,
     csr: &[u8],
 ) -> anyhow::Result<(ClusterCa, Vec<u8>)> {
-    let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
+    let (cert_pem, key_pem) = info.signing_ca_pem();
+    let ca = ClusterCa::from_pem(cert_pem, key_pem)?;
     let opts = CertOptions {
         lifetime: std::time::Duration::from_secs(info.settings.cert_lifetime_secs),
         ..CertOptions::default()
@@ -521,6 +530,41 @@ pub(crate) fn sign(
     let node_id = starling_transport::NodeId::new(node.to_owned())?;
     let cert = ca.sign_csr(csr, &node_id, role, &opts)?;
     Ok((ca, cert.to_vec()))
+}
+
+/// Certificates, DER.
+type Ders = Vec<Vec<u8>>;
+
+/// What a node is to trust and present, from the cluster's state (DER): the roots, the one
+/// that signs new certificates first, and the certificates presented after its own.
+pub(crate) fn trust(info: &starling_raft_store::ClusterInfo) -> anyhow::Result<(Ders, Ders)> {
+    let der = |pem: &str| certificate_from_pem(pem).map(|c| c.to_vec());
+    let roots = info
+        .trusted_roots_pem()
+        .into_iter()
+        .map(der)
+        .collect::<Result<Vec<_>, _>>()?;
+    let chain = info
+        .chain_pem()
+        .into_iter()
+        .map(der)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((roots, chain))
+}
+
+/// A node's credentials from a manager's answer: `cert` for `key`, the roots and chain.
+pub(crate) fn credentials(
+    cert: Vec<u8>,
+    key: NodeKey,
+    roots: Vec<Vec<u8>>,
+    chain: Vec<Vec<u8>>,
+) -> anyhow::Result<NodeCredentials> {
+    Ok(NodeCredentials::new(
+        cert.into(),
+        key,
+        roots.into_iter().map(Into::into).collect(),
+    )?
+    .with_chain(chain.into_iter().map(Into::into).collect()))
 }
 
 /// Renews the certificate of a node that presents it expired: checked against the CA and
@@ -531,16 +575,55 @@ async fn renew_expired(store: &Store, cert: &[u8], csr: &[u8]) -> anyhow::Result
     // Checked against this manager's applied state first: an anonymous peer with nothing
     // valid to show costs no quorum round.
     let (info, _) = store.read_applied(|s| s.cluster().clone());
-    let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
+    let cluster = starling_transport::ClusterId::new(info.cluster_id.clone())?;
     let grace = std::time::Duration::from_secs(info.settings.cert_grace_secs);
-    let presented = ca
-        .check_expired_renewal(cert, csr, std::time::SystemTime::now(), grace)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{e}; the node must rejoin with a token (stop it, clear its data directory, \
-                 then `starling join`)"
-            )
-        })?;
+    let now = std::time::SystemTime::now();
+    let rejoin = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "{e}; the node must rejoin with a token (stop it, clear its data directory, \
+             then `starling join`)"
+        )
+    };
+    // A root the cluster trusts (both during a rotation) ...
+    let mut first_error = None;
+    let mut presented = None;
+    for root in info.trusted_roots_pem() {
+        match check_renewal(
+            &certificate_from_pem(root)?,
+            &cluster,
+            cert,
+            csr,
+            now,
+            grace,
+        ) {
+            Ok(id) => {
+                presented = Some(id);
+                break;
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    // ... or the root the last rotation replaced, for a node that was off during it: only
+    // the very certificate the cluster last recorded for that node.
+    let mut from_previous = false;
+    if presented.is_none() && !info.previous_ca_cert_pem.is_empty() {
+        let previous = certificate_from_pem(&info.previous_ca_cert_pem)?;
+        if let Ok(id) = check_renewal(&previous, &cluster, cert, csr, now, grace) {
+            presented = Some(id);
+            from_previous = true;
+        }
+    }
+    let presented = match presented {
+        Some(p) => p,
+        None => {
+            return Err(match first_error {
+                Some(e) => rejoin(&e),
+                None => rejoin(&"no trusted root"),
+            });
+        }
+    };
     let node = presented.node_id.as_str();
     let ((record, revoked), _) = store
         .read(Consistency::Linearizable, |s| {
@@ -551,6 +634,11 @@ async fn renew_expired(store: &Store, cert: &[u8], csr: &[u8]) -> anyhow::Result
         Some(r) if !revoked => r,
         _ => anyhow::bail!("node {node} was removed from the cluster; it must rejoin with a token"),
     };
+    if from_previous && record.cert_serial != presented.serial.to_string() {
+        return Err(rejoin(
+            &"a certificate of the root the cluster rotated away from that is not the one it last issued to this node",
+        ));
+    }
     let role = if record.role == NodeRole::Worker {
         Role::WORKER
     } else {
@@ -584,14 +672,14 @@ async fn admit(
             "the join token is not valid for this cluster (wrong, rotated, or for another cluster)"
         )
     })?;
-    let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)?;
     let node_id = random_id()?;
     let raft_id = if role == Role::MANAGER {
         Some(raft_id_for(store, &node_id).await?)
     } else {
         None
     };
-    let (_, cert) = sign(&info, &node_id, &role, csr)?;
+    let (signer, cert) = sign(&info, &node_id, &role, csr)?;
+    let (roots, chain) = trust(&info)?;
     let issued = starling_transport::PeerIdentity::from_certificate(&cert)?;
     let node_role = if role == Role::MANAGER {
         NodeRole::Manager
@@ -611,6 +699,7 @@ async fn admit(
                 labels: BTreeMap::new(),
                 cert_serial: issued.serial.to_string(),
                 cert_not_after: crate::renewal::unix_secs(issued.not_after),
+                cert_ca: signer.digest().to_string(),
                 version: 0,
                 created_revision: 0,
                 updated_revision: 0,
@@ -624,7 +713,8 @@ async fn admit(
         role: role.to_string(),
         raft_id,
         cert: cert.to_vec(),
-        ca: ca.certificate().to_vec(),
+        roots,
+        chain,
         managers: managers(store),
     })
 }

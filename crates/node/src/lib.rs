@@ -16,3 +16,4 @@ pub mod join;
 pub mod liveness;
 pub mod metrics;
 pub mod renewal;
+pub mod rotation;

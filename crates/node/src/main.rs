@@ -264,6 +264,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// The cluster's root certificate authority.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Rotate the root CA: a new root, cross-signed by the current one, onto which every node
+    /// renews; then the old root is dropped and the join tokens change. Nodes down meanwhile
+    /// renew when they return (within the renewal grace). Shows progress until it is done;
+    /// it goes on in the cluster if this command is stopped.
+    Rotate {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Start it and return at once (follow it with `starling ca status`).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// The root CA's digest and a rotation under way, if any.
+    Status {
+        #[command(flatten)]
+        dir: DirArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1357,6 +1385,7 @@ async fn real_main() -> anyhow::Result<()> {
         Cmd::Cert { cmd } => cert(cmd, ctx).await,
         Cmd::Context { cmd } => context(cmd),
         Cmd::Cluster { cmd } => cluster(cmd, ctx).await,
+        Cmd::Ca { cmd } => ca(cmd, ctx).await,
         Cmd::Demo => tokio::task::spawn_blocking(demo::run).await?,
     }
 }
@@ -1403,6 +1432,7 @@ async fn cluster(cmd: ClusterCmd, ctx: &Option<String>) -> anyhow::Result<()> {
     };
     println!("ID:                  {}", v.cluster_id);
     println!("CA digest:           sha256:{}", v.ca_digest);
+    print_rotation(&v);
     println!(
         "Certificate expiry:  {}",
         human_duration(v.settings.cert_expiry_secs)
@@ -1430,6 +1460,104 @@ async fn cluster(cmd: ClusterCmd, ctx: &Option<String>) -> anyhow::Result<()> {
         println!("Autopilot:           off");
     }
     Ok(())
+}
+
+async fn ca(cmd: CaCmd, ctx: &Option<String>) -> anyhow::Result<()> {
+    match cmd {
+        CaCmd::Status { dir, format } => {
+            let v = call!(&dir, ctx, |c| c.cluster().await);
+            if format == Format::Json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("CA digest:           sha256:{}", v.ca_digest);
+                print_rotation(&v);
+            }
+            Ok(())
+        }
+        CaCmd::Rotate { dir, detach } => {
+            let started = std::time::Instant::now();
+            let v = call!(&dir, ctx, |c| c.rotate_ca().await);
+            let Some(r) = v.ca_rotation.clone() else {
+                anyhow::bail!("the cluster answered without a rotation under way");
+            };
+            println!(
+                "Rotating the root CA from sha256:{} to sha256:{}.",
+                v.ca_digest, r.new_ca_digest
+            );
+            if detach {
+                println!("Follow it with `starling ca status`.");
+                return Ok(());
+            }
+            let mut target = Target::open(&dir, ctx)?;
+            let mut shown = None;
+            loop {
+                let v = match target.client.cluster().await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // A leader change or a lost connection: the rotation goes on; ask again.
+                        eprintln!("(asking again: {e})");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        target = Target::open(&dir, ctx)?;
+                        continue;
+                    }
+                };
+                match &v.ca_rotation {
+                    Some(p) => {
+                        let line = rotation_line(p);
+                        if shown.as_ref() != Some(&line) {
+                            println!("{line}");
+                            shown = Some(line);
+                        }
+                    }
+                    None if v.ca_digest == r.new_ca_digest => {
+                        target.remember();
+                        println!(
+                            "Root CA rotated to sha256:{} in {:.1} s: the old root is no longer trusted and the join tokens changed (`starling join-token worker`).",
+                            v.ca_digest,
+                            started.elapsed().as_secs_f64()
+                        );
+                        println!(
+                            "API client certificates of the old root stop working: issue new ones with `starling cert issue`."
+                        );
+                        return Ok(());
+                    }
+                    None => anyhow::bail!(
+                        "the cluster's root is now sha256:{}, not the one this rotation started",
+                        v.ca_digest
+                    ),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+fn rotation_line(p: &starling_api::CaRotationView) -> String {
+    let counted = p.nodes_on_new_root.len() + p.nodes_pending.len();
+    let mut line = format!(
+        "{} of {} nodes on the new root",
+        p.nodes_on_new_root.len(),
+        counted
+    );
+    if !p.nodes_down.is_empty() {
+        line.push_str(&format!(
+            " ({} down, not waited for: {})",
+            p.nodes_down.len(),
+            p.nodes_down.join(", ")
+        ));
+    }
+    line
+}
+
+fn print_rotation(v: &starling_api::ClusterView) {
+    match &v.ca_rotation {
+        Some(p) => println!(
+            "CA rotation:         to sha256:{}: {}",
+            p.new_ca_digest,
+            rotation_line(p)
+        ),
+        None => println!("CA rotation:         none under way"),
+    }
 }
 
 /// `90d`, `12h`, `30m` or `45s`: the largest unit that divides the duration.

@@ -35,6 +35,9 @@ pub fn unix_secs(t: SystemTime) -> u64 {
 pub enum Need {
     /// The managers want it in another role.
     Role,
+    /// The roots it is to trust changed (a root CA rotation started or finished): a
+    /// certificate of the root that signs now, and the new trust.
+    Roots,
     /// Its renewal time came.
     Due,
     /// It expired: the expired-certificate path.
@@ -46,11 +49,12 @@ pub enum Need {
 }
 
 /// What to do, from the certificate's role and expiry, the role the managers want (when
-/// known), the renewal time and the time: the first of expiry, a role change and the
-/// renewal time that applies.
+/// known), whether the roots they want trusted differ from the node's, the renewal time and
+/// the time: the first of expiry, a role change, new roots and the renewal time that applies.
 pub fn need(
     cert_role: &Role,
     wanted: Option<&NodeRole>,
+    roots_differ: bool,
     not_after: SystemTime,
     renew_at: SystemTime,
     now: SystemTime,
@@ -60,6 +64,9 @@ pub fn need(
     }
     if wanted.is_some_and(|w| role_of(w) != *cert_role) {
         return Some(Need::Role);
+    }
+    if roots_differ {
+        return Some(Need::Roots);
     }
     (now >= renew_at).then_some(Need::Due)
 }
@@ -90,8 +97,9 @@ fn role_of_state(state: &NodeState) -> Role {
 /// How often a node checks what it cannot be told: a manager whether it was taken out of
 /// the Raft group, a node without an agent whether its role changed.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
-/// A node without a dispatcher session asks a manager whether its role changed this often.
-const CHECK_WITHOUT_SESSION: Duration = Duration::from_secs(30);
+/// A node without a dispatcher session asks a manager whether its role changed this often
+/// (and, if its certificate is of a root the managers no longer trust, renews it).
+const CHECK_WITHOUT_SESSION: Duration = Duration::from_secs(15);
 /// A manager that has not heard from a leader for this long asks another manager whether
 /// it is still one.
 const ORPHANED_AFTER: Duration = Duration::from_secs(10);
@@ -217,6 +225,7 @@ async fn wait(
     since: tokio::time::Instant,
 ) -> Need {
     let mut directive = m.directive.clone();
+    let mut applied = m.store.as_ref().map(|s| s.applied_changes());
     loop {
         let now = SystemTime::now();
         // A certificate of another role than the node runs as (a crash between saving the
@@ -226,10 +235,29 @@ async fn wait(
         } else {
             wanted_role(m, directive.as_ref())
         };
-        if let Some(n) = need(&me.role, wanted.as_ref(), me.not_after, renew_at, now) {
+        let roots_differ = wanted_roots(m, directive.as_ref()).is_some_and(|want| {
+            let have: Vec<String> = m
+                .endpoint
+                .trusted_roots()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            !want.is_empty() && want != have
+        });
+        if let Some(n) = need(
+            &me.role,
+            wanted.as_ref(),
+            roots_differ,
+            me.not_after,
+            renew_at,
+            now,
+        ) {
             return n;
         }
-        let check_every = if m.directive.is_none() && m.store.is_none() {
+        // No session (none yet, or lost): nothing tells this node of changes.
+        let no_session =
+            m.store.is_none() && m.directive.as_ref().is_none_or(|rx| rx.borrow().is_none());
+        let check_every = if no_session {
             Some(CHECK_WITHOUT_SESSION)
         } else if orphaned(m, since) {
             Some(CHECK_EVERY)
@@ -245,8 +273,8 @@ async fn wait(
             .duration_since(now)
             .unwrap_or_default()
             .min(CHECK_EVERY);
-        match directive.as_mut() {
-            Some(rx) => {
+        match (directive.as_mut(), applied.as_mut()) {
+            (Some(rx), _) => {
                 tokio::select! {
                     r = rx.changed() => if r.is_err() {
                         // The agent stopped (a role change is under way): the clock only.
@@ -255,7 +283,16 @@ async fn wait(
                     _ = tokio::time::sleep(until) => {}
                 }
             }
-            None => tokio::time::sleep(until).await,
+            // A manager without an agent: its own store tells it.
+            (None, Some(rx)) => {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() {
+                        applied = None;
+                    },
+                    _ = tokio::time::sleep(until) => {}
+                }
+            }
+            (None, None) => tokio::time::sleep(until).await,
         }
     }
 }
@@ -273,6 +310,23 @@ fn wanted_role(
     store
         .read_applied(|s| s.node(&m.state.node_id).map(|n| n.desired_role.clone()))
         .0
+}
+
+/// The roots (hex digests, the signing one first) the managers want this node to trust:
+/// from its dispatcher session, else (a manager) from its own store.
+fn wanted_roots(
+    m: &RunningNode,
+    directive: Option<&tokio::sync::watch::Receiver<Option<NodeDirective>>>,
+) -> Option<Vec<String>> {
+    if let Some(d) = directive.and_then(|rx| rx.borrow().clone()) {
+        return Some(d.roots);
+    }
+    let store = m.store.as_ref()?;
+    Some(
+        store
+            .read_applied(|s| starling_manager::dispatcher::trusted_root_digests(s.cluster()))
+            .0,
+    )
 }
 
 /// Whether this manager may have been taken out of the Raft group without its own store
@@ -322,15 +376,26 @@ async fn renew(
     let csr = creds.node_key()?.csr()?;
     let reply = match (&m.store, why) {
         // A manager renews its own certificate from the CA in its state: no quorum needed.
-        (Some(store), Need::Due | Need::Expired) if may_self_issue(m, store, since) => {
+        (Some(store), Need::Due | Need::Expired | Need::Roots)
+            if may_self_issue(m, store, since) =>
+        {
             let r = self_issue(store, &creds, &csr)?;
             record_in_background(store.clone(), &r);
             r
         }
         _ if why == Need::Expired => ask_expired(&m.endpoint, &m.state, &creds, &csr).await?,
         // A role change asks for a new certificate even if the answering manager's view has
-        // the role unchanged: its answer names the role to run as.
-        _ => ask(m, &csr, why != Need::Check).await?,
+        // the role unchanged: its answer names the role to run as. A node the managers do
+        // not take (its certificate is of a root they dropped while it was off) renews on
+        // the expired-certificate path.
+        _ => match ask(m, &csr, why != Need::Check).await {
+            Ok(r) => r,
+            Err(e) => match ask_expired(&m.endpoint, &m.state, &creds, &csr).await {
+                Ok(r) => r,
+                Err(e2) if e2.downcast_ref::<Refused>().is_some() => return Err(e2),
+                Err(_) => return Err(e),
+            },
+        },
     };
     accept(&m.data_dir, &m.state, &m.endpoint, &creds, reply)
 }
@@ -346,30 +411,37 @@ pub(crate) fn self_issue(
     let me = creds.identity();
     let ((info, raft_id), _) =
         store.read_applied(|s| (s.cluster().clone(), s.raft_id(me.node_id.as_str())));
-    let (ca, cert) = crate::join::sign(&info, me.node_id.as_str(), &Role::MANAGER, csr)?;
+    let (_, cert) = crate::join::sign(&info, me.node_id.as_str(), &Role::MANAGER, csr)?;
+    let (roots, chain) = crate::join::trust(&info)?;
     info!(node = %me.node_id, "manager certificate renewed from the local CA");
     Ok(JoinReply::Renewed {
         role: Role::MANAGER.to_string(),
         raft_id,
         cert: cert.to_vec(),
-        ca: ca.certificate().to_vec(),
+        roots,
+        chain,
         managers: Vec::new(),
     })
 }
 
 /// Records a self-issued certificate in the node's record once the cluster can commit.
 pub(crate) fn record_in_background(store: Arc<Store>, reply: &JoinReply) {
-    let JoinReply::Renewed { cert, .. } = reply else {
+    let JoinReply::Renewed { cert, roots, .. } = reply else {
         return;
     };
     let Ok(issued) = PeerIdentity::from_certificate(cert) else {
         return;
     };
+    let ca = roots
+        .first()
+        .map(|r| CaDigest::of_certificate(r).to_string())
+        .unwrap_or_default();
     tokio::spawn(async move {
         let cmd = starling_raft_store::Command::SetNodeCert {
             id: issued.node_id.to_string(),
             serial: issued.serial.to_string(),
             not_after: unix_secs(issued.not_after),
+            ca,
         };
         for _ in 0..60 {
             if store.write(cmd.clone()).await.is_ok() {
@@ -486,19 +558,28 @@ pub(crate) fn accept(
     creds: &NodeCredentials,
     reply: JoinReply,
 ) -> anyhow::Result<Option<crate::daemon::RoleChange>> {
-    let (role, raft_id, cert, ca, managers) = match reply {
+    let (role, raft_id, cert, roots, chain, managers) = match reply {
         JoinReply::Unchanged => return Ok(None),
         JoinReply::Renewed {
             role,
             raft_id,
             cert,
-            ca,
+            roots,
+            chain,
             managers,
-        } => (role, raft_id, cert, ca, managers),
+        } => (role, raft_id, cert, roots, chain, managers),
         JoinReply::Refused(why) => anyhow::bail!("renewal refused: {why}"),
         other => anyhow::bail!("unexpected answer to a renewal: {other:?}"),
     };
-    let new = creds.renewed(cert.into(), Some(vec![ca.into()]))?;
+    if roots.is_empty() {
+        anyhow::bail!("a renewal answer without a CA certificate");
+    }
+    let new = creds
+        .renewed(
+            cert.into(),
+            Some(roots.into_iter().map(Into::into).collect()),
+        )?
+        .with_chain(chain.into_iter().map(Into::into).collect());
     if new.identity().node_id != creds.identity().node_id
         || new.identity().cluster_id != creds.identity().cluster_id
     {
@@ -552,25 +633,65 @@ mod tests {
         let w = Role::WORKER;
         let m = Some(&NodeRole::Manager);
         let same = Some(&NodeRole::Worker);
-        assert_eq!(need(&w, None, not_after, renew_at, t0), None);
-        assert_eq!(need(&w, same, not_after, renew_at, t0), None);
-        assert_eq!(need(&w, m, not_after, renew_at, t0), Some(Need::Role));
-        let later = t0 + Duration::from_secs(61);
-        assert_eq!(need(&w, same, not_after, renew_at, later), Some(Need::Due));
-        assert_eq!(need(&w, m, not_after, renew_at, later), Some(Need::Role));
+        assert_eq!(need(&w, None, false, not_after, renew_at, t0), None);
+        assert_eq!(need(&w, same, false, not_after, renew_at, t0), None);
         assert_eq!(
-            need(&w, m, not_after, renew_at, not_after),
+            need(&w, m, false, not_after, renew_at, t0),
+            Some(Need::Role)
+        );
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(
+            need(&w, same, false, not_after, renew_at, later),
+            Some(Need::Due)
+        );
+        assert_eq!(
+            need(&w, m, false, not_after, renew_at, later),
+            Some(Need::Role)
+        );
+        assert_eq!(
+            need(&w, m, false, not_after, renew_at, not_after),
             Some(Need::Expired)
         );
         assert_eq!(
             need(
                 &Role::MANAGER,
                 Some(&NodeRole::Worker),
+                false,
                 not_after,
                 renew_at,
                 t0
             ),
             Some(Need::Role)
+        );
+    }
+
+    #[test]
+    fn new_roots_come_after_a_role_change_and_before_the_renewal_time() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let not_after = t0 + Duration::from_secs(100);
+        let renew_at = t0 + Duration::from_secs(60);
+        let w = Role::WORKER;
+        let same = Some(&NodeRole::Worker);
+        assert_eq!(
+            need(&w, same, true, not_after, renew_at, t0),
+            Some(Need::Roots)
+        );
+        assert_eq!(
+            need(&w, None, true, not_after, renew_at, t0),
+            Some(Need::Roots)
+        );
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(
+            need(&w, same, true, not_after, renew_at, later),
+            Some(Need::Roots)
+        );
+        assert_eq!(
+            need(&w, Some(&NodeRole::Manager), true, not_after, renew_at, t0),
+            Some(Need::Role)
+        );
+        assert_eq!(
+            need(&w, same, true, not_after, renew_at, not_after),
+            Some(Need::Expired)
         );
     }
 

@@ -333,3 +333,139 @@ fn t82_idle_workers_send_no_renewal_requests() {
         "{during} join-protocol requests from 20 idle workers in 60 s"
     );
 }
+
+#[test]
+fn t83_root_ca_rotation_survives_a_leader_change_and_a_node_that_was_down() {
+    let rt = rt();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |n: &str| tmp.path().join(n);
+    let m1_addr = format!("127.0.0.1:{}", free_port());
+    let mut daemons: BTreeMap<&str, Daemon> = BTreeMap::new();
+    daemons.insert("m1", init(&dir("m1"), &m1_addr, "1h", &[]));
+    poll("m1 serves", Duration::from_secs(20), || {
+        nodes(&rt, &dir("m1"))
+    });
+    let (mt, wt) = (
+        token(&rt, &dir("m1"), "manager"),
+        token(&rt, &dir("m1"), "worker"),
+    );
+    for name in ["m2", "m3", "w1", "w2", "w3"] {
+        let t = if name.starts_with('m') { &mt } else { &wt };
+        daemons.insert(name, join(&dir(name), name, t, &m1_addr));
+        wait_ready(&rt, &dir("m1"), name, Duration::from_secs(30));
+    }
+    let old = rt.block_on(unix(&dir("m1")).cluster()).unwrap();
+    assert!(old.ca_rotation.is_none());
+
+    // w3 goes away and the rotation starts at once, so it waits for w3 until the managers
+    // see it down; meanwhile its leader (m1, which initialised the cluster) is killed.
+    daemons.remove("w3");
+    let started = starling(&[
+        "ca",
+        "rotate",
+        "--detach",
+        "--data-dir",
+        dir("m1").to_str().unwrap(),
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let out = String::from_utf8_lossy(&started.stdout).to_string();
+    assert!(out.contains("Rotating the root CA from sha256:"), "{out}");
+    daemons.remove("m1");
+    let at_kill = rt.block_on(unix(&dir("m2")).cluster());
+    let new_digest = poll(
+        "the rotation as m2 sees it",
+        Duration::from_secs(20),
+        || {
+            let v = rt.block_on(unix(&dir("m2")).cluster()).ok()?;
+            v.ca_rotation.map(|r| r.new_ca_digest)
+        },
+    );
+    assert_ne!(new_digest, old.ca_digest);
+    // Another leader finishes it once m1 and w3 are seen down.
+    let done = poll("the rotation finished", Duration::from_secs(60), || {
+        let v = rt.block_on(unix(&dir("m2")).cluster()).ok()?;
+        (v.ca_rotation.is_none() && v.ca_digest == new_digest).then_some(v)
+    });
+    assert_eq!(done.ca_digest, new_digest, "{at_kill:?}");
+    let finished_by_another = ["m2", "m3"].iter().any(|m| {
+        std::fs::read_to_string(format!("{}.log", dir(m).display()))
+            .unwrap_or_default()
+            .contains("root CA rotation finished")
+    });
+    assert!(
+        finished_by_another,
+        "no other manager finished the rotation"
+    );
+    let status = starling(&["ca", "status", "--data-dir", dir("m2").to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        text.contains(&format!("sha256:{new_digest}")) && text.contains("none under way"),
+        "{text}"
+    );
+    // Every node that was up trusts only the new root now.
+    for name in ["m2", "m3", "w1", "w2"] {
+        poll(
+            &format!("{name} on the new root only"),
+            Duration::from_secs(20),
+            || {
+                let creds = starling_transport::NodeCredentials::load(&dir(name)).ok()?;
+                let roots: Vec<String> = creds
+                    .roots()
+                    .iter()
+                    .map(|r| starling_transport::CaDigest::of_certificate(r).to_string())
+                    .collect();
+                (roots == [new_digest.clone()]).then_some(())
+            },
+        );
+    }
+
+    // The old worker token no longer admits anyone; the new one does.
+    let w4 = dir("w4");
+    let m2_addr = rt.block_on(unix(&dir("m2")).info()).unwrap().addr;
+    let mut refused = join(&w4, "w4", &wt, &m2_addr);
+    let status = poll("the old token refused", Duration::from_secs(30), || {
+        refused.0.try_wait().unwrap()
+    });
+    assert!(!status.success());
+    let why = std::fs::read_to_string(format!("{}.log", w4.display())).unwrap();
+    assert!(why.contains("join token is not valid"), "{why}");
+    drop(refused);
+    let _ = std::fs::remove_dir_all(&w4);
+    let new_wt = token(&rt, &dir("m2"), "worker");
+    assert_ne!(new_wt, wt);
+    daemons.insert("w4", join(&w4, "w4", &new_wt, &m2_addr));
+    wait_ready(&rt, &dir("m2"), "w4", Duration::from_secs(30));
+
+    // The nodes that were down come back with certificates of the dropped root: w3 (while
+    // m1 is still off, so only managers that dropped the old root can answer it) renews on
+    // the expired-certificate path; m1 catches up and renews from its own CA.
+    daemons.insert("w3", run(&dir("w3")));
+    poll("w3 back on the new root", Duration::from_secs(60), || {
+        let n = record(&rt, &dir("m2"), "w3")?;
+        (n.status == NodeStatus::Ready && n.cert_ca == new_digest).then_some(())
+    });
+    daemons.insert("m1", run(&dir("m1")));
+    poll("m1 back on the new root", Duration::from_secs(60), || {
+        let creds = starling_transport::NodeCredentials::load(&dir("m1")).ok()?;
+        let n = record(&rt, &dir("m2"), "m1")?;
+        (n.cert_ca == new_digest && creds.roots().len() == 1).then_some(())
+    });
+    wait_ready(&rt, &dir("m2"), "m1", Duration::from_secs(30));
+    let renewed_expired = ["m1", "m2", "m3"]
+        .iter()
+        .map(|m| {
+            std::fs::read_to_string(format!("{}.log", dir(m).display()))
+                .unwrap_or_default()
+                .matches("renewing an expired certificate")
+                .count()
+        })
+        .sum::<usize>();
+    assert!(
+        renewed_expired >= 1,
+        "w3 did not take the expired-certificate path"
+    );
+}

@@ -32,9 +32,9 @@ pub use network::{RAFT_ALPN, raft_protocol};
 pub use recover::{Recovered, force_new_cluster};
 /// The object model and its pure state machine, re-exported from [`starling_state`].
 pub use starling_state::{
-    Autopilot, Availability, ClientRecord, ClientRole, ClusterInfo, ClusterState, Command,
-    CommandResult, Compare, KvEntry, KvEvent, NodeRecord, NodeRole, NodeStatus, Outcome, Settings,
-    SettingsChange, StateImage, SystemRecords, TxnOp, WATCH_HISTORY,
+    Autopilot, Availability, CaRotation, ClientRecord, ClientRole, ClusterInfo, ClusterState,
+    Command, CommandResult, Compare, KvEntry, KvEvent, NodeRecord, NodeRole, NodeStatus, Outcome,
+    Settings, SettingsChange, StateImage, SystemRecords, TxnOp, WATCH_HISTORY,
 };
 pub use store::{
     Consistency, MAX_COMMAND_BYTES, RaftStatus, Store, StoreConfig, StoreError, WATCH_BUFFER, Watch,
@@ -104,7 +104,7 @@ mod decoder_tests {
             let _ = crate::fuzzing::decode_raft_rpc(&bytes);
             let _ = crate::fuzzing::decode_log_record(&bytes);
             let _ = crate::fuzzing::parse_snapshot(&bytes);
-            let mut with_magic = b"STRLSNP5".to_vec();
+            let mut with_magic = b"STRLSNP6".to_vec();
             with_magic.extend_from_slice(&bytes);
             let _ = crate::fuzzing::parse_snapshot(&with_magic);
         }

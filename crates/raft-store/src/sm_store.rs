@@ -17,7 +17,7 @@ use starling_state::{ClusterState, KvEvent, StateImage};
 type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
-const SNAPSHOT_MAGIC: &[u8; 8] = b"STRLSNP5";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"STRLSNP6";
 
 /// What the state machine holds besides the data.
 pub(crate) struct SmState {

@@ -340,10 +340,24 @@ async fn t27_force_new_cluster_from_the_last_manager_keeps_every_write() {
         std::fs::remove_dir_all(c.data_dir(id)).unwrap();
     }
     c.stop(survivor).await;
-    let recovered =
-        starling_raft_store::force_new_cluster(&c.data_dir(survivor), survivor, c.node(survivor))
-            .await
-            .unwrap();
+    // The stopped store's log writer lets go of the directory's lock a moment after
+    // shutdown returns (its thread ends on its own): only that is waited for.
+    let deadline = Instant::now() + T;
+    let recovered = loop {
+        match starling_raft_store::force_new_cluster(
+            &c.data_dir(survivor),
+            survivor,
+            c.node(survivor),
+        )
+        .await
+        {
+            Err(e) if e.to_string().contains("is locked by another open log") => {
+                assert!(Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other.unwrap(),
+        }
+    };
     assert!(recovered.last_index >= last, "{recovered:?}");
     assert_eq!(
         recovered.former_voters.keys().copied().collect::<Vec<_>>(),

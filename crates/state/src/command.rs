@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::objects::{
-    Availability, ClientRecord, ClusterInfo, KvEntry, NodeRecord, NodeRole, NodeStatus,
+    Availability, CaRotation, ClientRecord, ClusterInfo, KvEntry, NodeRecord, NodeRole, NodeStatus,
     SettingsChange,
 };
 use crate::service::{Service, ServiceSpec};
@@ -119,6 +119,23 @@ wire_type!(
             serial: String,
             /// When it expires, Unix seconds.
             not_after: u64,
+            /// Digest (hex) of the root that signed it.
+            ca: String,
+        },
+        /// Start a root CA rotation. Refused ([`Outcome::CaRotation`]) while one is under way.
+        StartCaRotation {
+            /// The new root and its cross-signed certificate.
+            rotation: CaRotation,
+        },
+        /// Finish the rotation to the root of digest `new_digest`: it becomes the cluster's
+        /// CA, the old root is kept (without its key) for nodes that missed the rotation, and
+        /// the join secrets are replaced (tokens carry the CA digest: the old ones stop
+        /// working). Refused ([`Outcome::CaRotation`]) if no such rotation is under way.
+        FinishCaRotation {
+            /// The new root's digest.
+            new_digest: String,
+            /// The new join secret per role.
+            join_secrets: BTreeMap<String, Vec<u8>>,
         },
         /// Change cluster settings; a field left `None` keeps its value. Answers
         /// [`Outcome::Done`].
@@ -276,6 +293,12 @@ impl std::fmt::Display for Command {
             Command::RemoveNode { id } => write!(f, "remove node {id}"),
             Command::SetNodeCert { id, serial, .. } => write!(f, "node {id} certificate {serial}"),
             Command::UpdateSettings { .. } => write!(f, "update cluster settings"),
+            Command::StartCaRotation { rotation } => {
+                write!(f, "start a root CA rotation to {}", rotation.new_digest)
+            }
+            Command::FinishCaRotation { new_digest, .. } => {
+                write!(f, "finish the root CA rotation to {new_digest}")
+            }
             Command::SetCluster { info } => write!(f, "set cluster {}", info.cluster_id),
             Command::AssignRaftId { node } => write!(f, "assign a raft id to {node}"),
             Command::RetireManager { node } => write!(f, "retire manager {node}"),
@@ -377,6 +400,11 @@ wire_type!(
         ServiceVersionConflict {
             /// Its version now.
             current: u64,
+        },
+        /// A root CA rotation command does not fit the rotation state; nothing changed.
+        CaRotation {
+            /// Why.
+            why: String,
         },
         /// The spec is invalid; nothing changed.
         InvalidSpec {

@@ -50,8 +50,8 @@ pub use workload::node_schedulable;
 
 pub use command::{Command, CommandResult, Compare, KvEvent, OpRefusal, Outcome, TxnOp};
 pub use objects::{
-    Autopilot, Availability, ClientRecord, ClientRole, ClusterInfo, KvEntry, NodeRecord, NodeRole,
-    NodeStatus, Settings, SettingsChange, SystemRecords,
+    Autopilot, Availability, CaRotation, ClientRecord, ClientRole, ClusterInfo, KvEntry,
+    NodeRecord, NodeRole, NodeStatus, Settings, SettingsChange, SystemRecords,
 };
 pub use service::{
     CHECK_INTERVAL_MS, CHECK_RETRIES, CHECK_TIMEOUT_MS, CheckKind, Constraint, ConstraintKey,

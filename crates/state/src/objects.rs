@@ -62,6 +62,8 @@ wire_type!(
         pub cert_serial: String,
         /// When that certificate expires, Unix seconds (0: not known).
         pub cert_not_after: u64,
+        /// Digest (hex SHA-256) of the root CA certificate that signed it (empty: not known).
+        pub cert_ca: String,
         /// Bumped on every change of this record.
         pub version: u64,
         /// Revision that created it.
@@ -203,8 +205,65 @@ wire_type!(
         pub join_secrets: BTreeMap<String, Vec<u8>>,
         /// Settings.
         pub settings: Settings,
+        /// A root CA rotation under way (`starling ca rotate`).
+        pub rotation: Option<CaRotation>,
+        /// The root the last completed rotation replaced, PEM (its key is gone), and the
+        /// new root cross-signed by it: nodes keep presenting both, so a node that was off
+        /// during the rotation can still verify a manager and renew with its old certificate.
+        pub previous_ca_cert_pem: String,
+        /// The current root's certificate signed by the previous root's key, PEM.
+        pub previous_cross_signed_pem: String,
     }
 );
+
+wire_type!(
+    /// A root CA rotation under way: new certificates are signed by the new root, every
+    /// node trusts both roots and presents the cross-signed certificate, until every node
+    /// not down is on the new root; then the old root is dropped.
+    pub struct CaRotation {
+        /// The new root's certificate, PEM.
+        pub new_cert_pem: String,
+        /// The new root's private key, PEM.
+        pub new_key_pem: String,
+        /// The new root's certificate signed by the current root's key, PEM.
+        pub cross_signed_pem: String,
+        /// Digest (hex SHA-256) of the new root's certificate.
+        pub new_digest: String,
+        /// When it started, Unix seconds.
+        pub started_at: u64,
+    }
+);
+
+impl ClusterInfo {
+    /// The CA that signs new certificates (certificate and key, PEM): the new root during
+    /// a rotation.
+    pub fn signing_ca_pem(&self) -> (&str, &str) {
+        match &self.rotation {
+            Some(r) => (&r.new_cert_pem, &r.new_key_pem),
+            None => (&self.ca_cert_pem, &self.ca_key_pem),
+        }
+    }
+
+    /// The roots a node trusts, PEM, the signing one first: both during a rotation.
+    pub fn trusted_roots_pem(&self) -> Vec<&str> {
+        match &self.rotation {
+            Some(r) => vec![&r.new_cert_pem, &self.ca_cert_pem],
+            None => vec![&self.ca_cert_pem],
+        }
+    }
+
+    /// What a node presents after its own certificate, PEM: during a rotation the
+    /// cross-signed new root; after one, that certificate and the old root.
+    pub fn chain_pem(&self) -> Vec<&str> {
+        match &self.rotation {
+            Some(r) => vec![&r.cross_signed_pem],
+            None if !self.previous_cross_signed_pem.is_empty() => {
+                vec![&self.previous_cross_signed_pem, &self.previous_ca_cert_pem]
+            }
+            None => Vec::new(),
+        }
+    }
+}
 
 wire_type!(
     /// What an API client certificate may do on the remote API (`starling/api/1`).

@@ -175,10 +175,48 @@ impl ClusterState {
                 id,
                 serial,
                 not_after,
+                ca,
             } => self.change_node(revision, id, |n| {
                 n.cert_serial = serial.clone();
                 n.cert_not_after = *not_after;
+                n.cert_ca = ca.clone();
             }),
+            Command::StartCaRotation { rotation } => {
+                let cluster = &mut self.image.cluster;
+                if let Some(r) = &cluster.rotation {
+                    Outcome::CaRotation {
+                        why: format!(
+                            "a rotation to root {} is under way",
+                            r.new_digest.get(..16).unwrap_or(&r.new_digest)
+                        ),
+                    }
+                } else {
+                    cluster.rotation = Some(rotation.clone());
+                    Outcome::Done
+                }
+            }
+            Command::FinishCaRotation {
+                new_digest,
+                join_secrets,
+            } => {
+                let cluster = &mut self.image.cluster;
+                match cluster.rotation.take() {
+                    Some(r) if r.new_digest == *new_digest => {
+                        cluster.previous_ca_cert_pem =
+                            std::mem::replace(&mut cluster.ca_cert_pem, r.new_cert_pem);
+                        cluster.previous_cross_signed_pem = r.cross_signed_pem;
+                        cluster.ca_key_pem = r.new_key_pem;
+                        cluster.join_secrets = join_secrets.clone();
+                        Outcome::Done
+                    }
+                    other => {
+                        cluster.rotation = other;
+                        Outcome::CaRotation {
+                            why: "no rotation to that root is under way".into(),
+                        }
+                    }
+                }
+            }
             Command::UpdateSettings { change } => {
                 change.apply_to(&mut self.image.cluster.settings);
                 Outcome::Done
@@ -436,7 +474,7 @@ impl ClusterState {
 mod tests {
     use super::*;
     use crate::objects::SettingsChange;
-    use crate::{Availability, ClientRole, NodeStatus};
+    use crate::{Availability, CaRotation, ClientRole, NodeStatus};
     use proptest::prelude::*;
 
     fn put(k: &str, v: &str) -> Command {
@@ -545,6 +583,7 @@ mod tests {
             labels: BTreeMap::new(),
             cert_serial: "01".into(),
             cert_not_after: 0,
+            cert_ca: String::new(),
             version: 0,
             created_revision: 0,
             updated_revision: 0,
@@ -607,6 +646,7 @@ mod tests {
             labels: BTreeMap::new(),
             cert_serial: "01".into(),
             cert_not_after: 0,
+            cert_ca: String::new(),
             version: 0,
             created_revision: 0,
             updated_revision: 0,
@@ -706,6 +746,69 @@ mod tests {
     }
 
     #[test]
+    fn a_root_rotation_starts_once_and_finishes_only_for_its_root() {
+        let mut s = ClusterState::new();
+        let mut info = ClusterInfo {
+            cluster_id: "c".into(),
+            ca_cert_pem: "old".into(),
+            ca_key_pem: "old key".into(),
+            ..ClusterInfo::default()
+        };
+        info.join_secrets.insert("worker".into(), vec![1; 16]);
+        s.apply(1, &Command::SetCluster { info });
+        assert_eq!(s.cluster().trusted_roots_pem(), vec!["old"]);
+        assert!(s.cluster().chain_pem().is_empty());
+        let rotation = CaRotation {
+            new_cert_pem: "new".into(),
+            new_key_pem: "new key".into(),
+            cross_signed_pem: "cross".into(),
+            new_digest: "d1".into(),
+            started_at: 7,
+        };
+        let (r, _) = s.apply(
+            2,
+            &Command::StartCaRotation {
+                rotation: rotation.clone(),
+            },
+        );
+        assert_eq!(r.outcome, Outcome::Done);
+        assert_eq!(s.cluster().signing_ca_pem(), ("new", "new key"));
+        assert_eq!(s.cluster().trusted_roots_pem(), vec!["new", "old"]);
+        assert_eq!(s.cluster().chain_pem(), vec!["cross"]);
+        // A second rotation while one runs, or finishing another root: refused, unchanged.
+        let (r, _) = s.apply(3, &Command::StartCaRotation { rotation });
+        assert!(matches!(r.outcome, Outcome::CaRotation { .. }));
+        let secrets: BTreeMap<String, Vec<u8>> = [("worker".to_owned(), vec![2; 16])].into();
+        let (r, _) = s.apply(
+            4,
+            &Command::FinishCaRotation {
+                new_digest: "other".into(),
+                join_secrets: secrets.clone(),
+            },
+        );
+        assert!(matches!(r.outcome, Outcome::CaRotation { .. }));
+        assert!(s.cluster().rotation.is_some());
+        assert_eq!(s.cluster().join_secrets["worker"], vec![1; 16]);
+        let (r, _) = s.apply(
+            5,
+            &Command::FinishCaRotation {
+                new_digest: "d1".into(),
+                join_secrets: secrets,
+            },
+        );
+        assert_eq!(r.outcome, Outcome::Done);
+        let c = s.cluster();
+        assert!(c.rotation.is_none());
+        assert_eq!(
+            (c.ca_cert_pem.as_str(), c.ca_key_pem.as_str()),
+            ("new", "new key")
+        );
+        assert_eq!(c.trusted_roots_pem(), vec!["new"]);
+        assert_eq!(c.chain_pem(), vec!["cross", "old"]);
+        assert_eq!(c.join_secrets["worker"], vec![2; 16]);
+    }
+
+    #[test]
     fn a_renewal_is_recorded_and_settings_change_one_field_at_a_time() {
         let mut s = ClusterState::new();
         s.apply(1, &Command::UpsertNode { node: worker("w") });
@@ -715,14 +818,19 @@ mod tests {
                 id: "w".into(),
                 serial: "beef".into(),
                 not_after: 1234,
+                ca: "c0ffee".into(),
             },
         );
         let Outcome::Node { node } = r.outcome else {
             panic!("{:?}", r.outcome)
         };
         assert_eq!(
-            (node.cert_serial.as_str(), node.cert_not_after),
-            ("beef", 1234)
+            (
+                node.cert_serial.as_str(),
+                node.cert_not_after,
+                node.cert_ca.as_str()
+            ),
+            ("beef", 1234, "c0ffee")
         );
         assert_eq!((node.version, node.updated_revision), (2, 2));
         let (r, _) = s.apply(
@@ -731,6 +839,7 @@ mod tests {
                 id: "nobody".into(),
                 serial: "x".into(),
                 not_after: 1,
+                ca: String::new(),
             },
         );
         assert_eq!(

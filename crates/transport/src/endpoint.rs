@@ -753,11 +753,10 @@ impl Endpoint {
         credentials
             .check_usable(std::time::SystemTime::now())
             .map_err(|e| EndpointError::BadCredentials(e.to_string()))?;
-        let mut chain = vec![credentials.certificate().clone()];
-        // Send the CA too, so a joiner can pin it by digest.
-        chain.extend(credentials.roots().first().cloned());
+        // The chain and the roots too: a joiner pins a root by digest, and a node that trusts
+        // only an older root follows the cross-signed certificate.
         let key = rustls::sign::CertifiedKey::from_der(
-            chain,
+            credentials.presented(),
             credentials.key().clone_key(),
             &shared.provider,
         )?;
@@ -783,6 +782,22 @@ impl Endpoint {
         state.credentials = Some(credentials);
         shared.quinn.set_server_config(server);
         Ok(())
+    }
+
+    /// Digests of the CA certificates this node trusts now, in the order its credentials
+    /// list them (empty before it has credentials).
+    pub fn trusted_roots(&self) -> Vec<CaDigest> {
+        self.shared()
+            .state()
+            .credentials
+            .as_ref()
+            .map(|c| {
+                c.roots()
+                    .iter()
+                    .map(|r| CaDigest::of_certificate(r))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Dials `node` at `addr` on `protocol`: a fresh connection, not pooled. The server must

@@ -83,7 +83,8 @@ pub use endpoint::{
 pub use error::{CloseCode, StreamCode};
 pub use identity::{CertSerial, ClusterId, IdentityError, NodeId, PeerIdentity, Role, check_label};
 pub use pki::{
-    CA_LIFETIME, CertOptions, ClusterCa, NodeCredentials, NodeKey, PkiError, renewal_time,
+    CA_LIFETIME, CertOptions, ClusterCa, NodeCredentials, NodeKey, PkiError, certificate_from_pem,
+    check_renewal, renewal_time,
 };
 pub use stream::ByteStream;
 pub use token::{

@@ -121,6 +121,28 @@ fn checked_add(t: SystemTime, d: Duration) -> Result<SystemTime, PkiError> {
     t.checked_add(d).ok_or(PkiError::TimeOutOfRange)
 }
 
+fn root_params(
+    cluster_id: &ClusterId,
+    now: SystemTime,
+    common_name: String,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, cluster_id.as_str());
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = to_offset(checked_sub(now, Duration::from_secs(3600))?)?;
+    params.not_after = to_offset(checked_add(now, CA_LIFETIME)?)?;
+    params.serial_number = Some(random_serial()?);
+    Ok(params)
+}
+
 /// A cluster's root certificate authority: a P-256 key and a self-signed certificate.
 pub struct ClusterCa {
     cluster_id: ClusterId,
@@ -145,20 +167,7 @@ impl ClusterCa {
 
     /// A new CA valid from `now` − 1 h for [`CA_LIFETIME`].
     pub fn create_at(cluster_id: ClusterId, now: SystemTime) -> Result<Self, PkiError> {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("starling root CA {cluster_id}"));
-        dn.push(DnType::OrganizationName, cluster_id.as_str());
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = to_offset(checked_sub(now, Duration::from_secs(3600))?)?;
-        params.not_after = to_offset(checked_add(now, CA_LIFETIME)?)?;
-        params.serial_number = Some(random_serial()?);
+        let params = root_params(&cluster_id, now, format!("starling root CA {cluster_id}"))?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let cert = params.self_signed(&key)?;
         Ok(ClusterCa {
@@ -166,6 +175,32 @@ impl ClusterCa {
             cert: cert.der().clone(),
             issuer: Issuer::new(params, key),
         })
+    }
+
+    /// A new root for the same cluster, to rotate to, and that root's certificate signed by
+    /// this CA's key (the cross-signed certificate): a node that still trusts only this root
+    /// accepts a certificate of the new one when it is presented with the cross-signed
+    /// certificate after it. The new root's name differs from this one's (a random tag),
+    /// so a path builder never confuses the two.
+    pub fn rotated_at(
+        &self,
+        now: SystemTime,
+    ) -> Result<(ClusterCa, CertificateDer<'static>), PkiError> {
+        let tag: [u8; 4] = random_bytes()?;
+        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        let cn = format!("starling root CA {} {tag}", self.cluster_id);
+        let params = root_params(&self.cluster_id, now, cn)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.self_signed(&key)?;
+        let cross = params.signed_by(&key, &self.issuer)?;
+        Ok((
+            ClusterCa {
+                cluster_id: self.cluster_id.clone(),
+                cert: cert.der().clone(),
+                issuer: Issuer::new(params, key),
+            },
+            cross.der().clone(),
+        ))
     }
 
     /// A CA from its certificate and key in PEM (as saved by [`ClusterCa::to_pem`]).
@@ -242,39 +277,7 @@ impl ClusterCa {
         now: SystemTime,
         grace: Duration,
     ) -> Result<PeerIdentity, PkiError> {
-        use x509_parser::certification_request::X509CertificationRequest;
-        use x509_parser::prelude::{FromDer, X509Certificate};
-        let refused = |why: String| PkiError::RenewalRefused(why);
-        verify_chain(cert, &self.cert)
-            .map_err(|e| refused(format!("not a certificate of this cluster's CA ({e})")))?;
-        let identity = PeerIdentity::from_certificate(cert)?;
-        if identity.cluster_id != self.cluster_id {
-            return Err(refused(format!(
-                "a certificate of cluster {}",
-                identity.cluster_id
-            )));
-        }
-        let deadline = identity
-            .not_after
-            .checked_add(grace)
-            .ok_or(PkiError::TimeOutOfRange)?;
-        if deadline <= now {
-            return Err(refused(format!(
-                "the certificate expired more than {} s ago, beyond the renewal grace",
-                grace.as_secs()
-            )));
-        }
-        let (_, req) =
-            X509CertificationRequest::from_der(csr).map_err(|e| PkiError::BadCsr(e.to_string()))?;
-        req.verify_signature()
-            .map_err(|e| PkiError::BadCsr(format!("bad self-signature: {e}")))?;
-        let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| refused(e.to_string()))?;
-        if req.certification_request_info.subject_pki.raw != parsed.public_key().raw {
-            return Err(refused(
-                "the request is not for the certificate's key".into(),
-            ));
-        }
-        Ok(identity)
+        check_renewal(&self.cert, &self.cluster_id, cert, csr, now, grace)
     }
 
     /// Signs a CSR (DER) for `node_id` with `role`, valid from now.
@@ -366,6 +369,53 @@ impl ClusterCa {
     }
 }
 
+/// [`ClusterCa::check_expired_renewal`] against a root certificate alone (no key): a
+/// certificate `root` signed for `cluster_id`, valid or expired for less than `grace` at
+/// `now`, and a CSR for its very key. Used for the root a cluster rotated away from, whose
+/// key is gone but whose nodes that missed the rotation still hold its certificates.
+pub fn check_renewal(
+    root: &[u8],
+    cluster_id: &ClusterId,
+    cert: &[u8],
+    csr: &[u8],
+    now: SystemTime,
+    grace: Duration,
+) -> Result<PeerIdentity, PkiError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let refused = |why: String| PkiError::RenewalRefused(why);
+    verify_chain(cert, root)
+        .map_err(|e| refused(format!("not a certificate of this cluster's CA ({e})")))?;
+    let identity = PeerIdentity::from_certificate(cert)?;
+    if identity.cluster_id != *cluster_id {
+        return Err(refused(format!(
+            "a certificate of cluster {}",
+            identity.cluster_id
+        )));
+    }
+    let deadline = identity
+        .not_after
+        .checked_add(grace)
+        .ok_or(PkiError::TimeOutOfRange)?;
+    if deadline <= now {
+        return Err(refused(format!(
+            "the certificate expired more than {} s ago, beyond the renewal grace",
+            grace.as_secs()
+        )));
+    }
+    let (_, req) =
+        X509CertificationRequest::from_der(csr).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    req.verify_signature()
+        .map_err(|e| PkiError::BadCsr(format!("bad self-signature: {e}")))?;
+    let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| refused(e.to_string()))?;
+    if req.certification_request_info.subject_pki.raw != parsed.public_key().raw {
+        return Err(refused(
+            "the request is not for the certificate's key".into(),
+        ));
+    }
+    Ok(identity)
+}
+
 fn check_p256_key(csr: &[u8]) -> Result<(), PkiError> {
     use x509_parser::certification_request::X509CertificationRequest;
     use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
@@ -406,6 +456,14 @@ fn ca_cluster_id(cert: &[u8]) -> Result<ClusterId, PkiError> {
         .and_then(|a| a.as_str().ok())
         .ok_or(IdentityError::MissingField("organization"))?;
     Ok(ClusterId::new(org)?)
+}
+
+/// The first certificate of a PEM text, DER.
+pub fn certificate_from_pem(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::BadFile {
+        path: "certificate".into(),
+        why: e.to_string(),
+    })
 }
 
 /// Checks that `leaf` is signed by `ca` (any validity period). Returns why not.
@@ -453,12 +511,15 @@ pub fn renewal_time(now: SystemTime, not_after: SystemTime, jitter: f64) -> Syst
     now + left.mul_f64(0.5 + 0.3 * jitter.clamp(0.0, 1.0))
 }
 
-/// What a node needs to take part: its certificate, its key, and the CA certificates it
-/// trusts. The identity in the certificate is parsed once, here.
+/// What a node needs to take part: its certificate, its key, the CA certificates it
+/// trusts, and the certificates it presents after its own (during and after a root CA
+/// rotation: the new root cross-signed by the old one, so nodes that trust only the old
+/// root accept it). The identity in the certificate is parsed once, here.
 pub struct NodeCredentials {
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
     roots: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
     identity: PeerIdentity,
 }
 
@@ -468,6 +529,7 @@ impl Clone for NodeCredentials {
             cert: self.cert.clone(),
             key: self.key.clone_key(),
             roots: self.roots.clone(),
+            chain: self.chain.clone(),
             identity: self.identity.clone(),
         }
     }
@@ -478,6 +540,7 @@ impl std::fmt::Debug for NodeCredentials {
         f.debug_struct("NodeCredentials")
             .field("identity", &self.identity)
             .field("roots", &self.roots.len())
+            .field("chain", &self.chain.len())
             .finish_non_exhaustive()
     }
 }
@@ -513,6 +576,7 @@ impl NodeCredentials {
             cert,
             key,
             roots,
+            chain: Vec::new(),
             identity,
         })
     }
@@ -530,6 +594,29 @@ impl NodeCredentials {
     /// The trusted CA certificates (DER).
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+
+    /// The certificates presented after the node's own, never trusted by this node (DER).
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The same credentials presenting `chain` after the certificate.
+    pub fn with_chain(mut self, chain: Vec<CertificateDer<'static>>) -> Self {
+        self.chain = chain;
+        self
+    }
+
+    /// What the node presents in a handshake after its own certificate: the chain, then
+    /// the trusted roots (a joiner pins one of them by digest), each once.
+    pub fn presented(&self) -> Vec<CertificateDer<'static>> {
+        let mut out = vec![self.cert.clone()];
+        for c in self.chain.iter().chain(&self.roots) {
+            if !out.contains(c) {
+                out.push(c.clone());
+            }
+        }
+        out
     }
 
     pub(crate) fn key(&self) -> &PrivateKeyDer<'static> {
@@ -551,29 +638,45 @@ impl NodeCredentials {
     }
 
     /// The same key and roots with a new certificate for that key (a renewal or a role
-    /// change); `roots` replaces the trusted roots when given.
+    /// change); `roots` replaces the trusted roots when given. The chain is kept.
     pub fn renewed(
         &self,
         cert: CertificateDer<'static>,
         roots: Option<Vec<CertificateDer<'static>>>,
     ) -> Result<Self, PkiError> {
-        Self::from_parts(
+        Ok(Self::from_parts(
             cert,
             self.key.clone_key(),
             roots.unwrap_or_else(|| self.roots.clone()),
-        )
+        )?
+        .with_chain(self.chain.clone()))
     }
 
-    /// Checks that the certificate is valid at `now` and signed by the first trusted root.
+    /// Checks that the certificate is valid at `now` and signed by a trusted root, directly
+    /// or through a certificate of the chain that a trusted root signed.
     pub fn check_usable(&self, now: SystemTime) -> Result<(), PkiError> {
         if self.identity.not_after <= now {
             return Err(PkiError::Expired);
         }
-        let root = self.roots.first().ok_or_else(|| PkiError::BadFile {
-            path: "credentials".into(),
-            why: "no trusted CA certificate".into(),
-        })?;
-        verify_chain(&self.cert, root).map_err(PkiError::NotSignedByRoot)
+        if self.roots.is_empty() {
+            return Err(PkiError::BadFile {
+                path: "credentials".into(),
+                why: "no trusted CA certificate".into(),
+            });
+        }
+        let mut why = String::new();
+        for root in &self.roots {
+            match verify_chain(&self.cert, root) {
+                Ok(()) => return Ok(()),
+                Err(e) => why = e,
+            }
+            for link in &self.chain {
+                if verify_chain(&self.cert, link).is_ok() && verify_chain(link, root).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+        Err(PkiError::NotSignedByRoot(why))
     }
 
     /// Saves the certificate, the key and every trusted root as one PEM file,
@@ -595,6 +698,24 @@ impl NodeCredentials {
         for root in &self.roots {
             bundle.push_str(&pem_cert(root));
         }
+        // The chain first: a crash between the two files leaves at worst a chain presented
+        // beside the old certificate, which nobody trusts because of it.
+        let chain_path = dir.join(CHAIN_PEM);
+        if self.chain.is_empty() {
+            match fs::remove_file(&chain_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(PkiError::Io {
+                        path: chain_path,
+                        source,
+                    });
+                }
+            }
+        } else {
+            let chain: String = self.chain.iter().map(|c| pem_cert(c)).collect();
+            write_private(&chain_path, chain.as_bytes())?;
+        }
         write_private(&path, bundle.as_bytes())
     }
 
@@ -613,12 +734,31 @@ impl NodeCredentials {
             .into_iter();
         let cert = certs.next().ok_or_else(|| bad("no certificate".into()))?;
         let key = PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        Self::from_parts(cert, key, certs.collect())
+        let creds = Self::from_parts(cert, key, certs.collect())?;
+        let chain_path = dir.join(CHAIN_PEM);
+        let chain = match fs::read(&chain_path) {
+            Ok(bytes) => CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| PkiError::BadFile {
+                    path: chain_path,
+                    why: e.to_string(),
+                })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(PkiError::Io {
+                    path: chain_path,
+                    source,
+                });
+            }
+        };
+        Ok(creds.with_chain(chain))
     }
 }
 
 /// The file [`NodeCredentials::save`] writes.
 const NODE_PEM: &str = "node.pem";
+/// The certificates presented after the node's own, beside [`NODE_PEM`] (absent: none).
+const CHAIN_PEM: &str = "chain.pem";
 
 fn pem_cert(der: &[u8]) -> String {
     pem_block("CERTIFICATE", der)

@@ -110,8 +110,8 @@ pub(crate) fn client_config(
     Ok(cfg)
 }
 
-/// The client side of a join: no client certificate, and the server is trusted only if the
-/// CA certificate it sends (the last of its chain) has the digest of the join token.
+/// The client side of a join: no client certificate, and the server is trusted only if a
+/// CA certificate it sends has the digest of the join token and its certificate chains to it.
 pub(crate) fn pinned_client_config(
     provider: &Arc<CryptoProvider>,
     digest: CaDigest,
@@ -144,8 +144,8 @@ impl std::fmt::Debug for PinMismatch {
     }
 }
 
-/// Trusts a server whose chain ends in the CA certificate with a given digest, and whose
-/// leaf that CA signed. The server name is not checked: a joiner does not know the manager's
+/// Trusts a server that sends the CA certificate with a given digest after its own, and
+/// whose certificate chains to that CA (directly, or through the other certificates sent). The server name is not checked: a joiner does not know the manager's
 /// node id yet, and the pin already ties the server to the cluster.
 #[derive(Debug)]
 struct PinnedCaVerifier {
@@ -162,22 +162,33 @@ impl ServerCertVerifier for PinnedCaVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some((ca, rest)) = intermediates.split_last() else {
+        // The pinned CA may be anywhere after the leaf: during and after a root rotation a
+        // server presents the cross-signed new root and both roots.
+        let Some(at) = intermediates
+            .iter()
+            .position(|c| CaDigest::of_certificate(c) == self.digest)
+        else {
             return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::UnknownIssuer,
+                if intermediates.is_empty() {
+                    rustls::CertificateError::UnknownIssuer
+                } else {
+                    rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch)))
+                },
             ));
         };
-        if CaDigest::of_certificate(ca) != self.digest {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch))),
-            ));
-        }
+        let ca = &intermediates[at];
+        let rest: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != at)
+            .map(|(_, c)| c.clone())
+            .collect();
         let roots = root_store(&[ca.clone().into_owned()])?;
         let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &roots,
-            rest,
+            &rest,
             now,
             self.provider.signature_verification_algorithms.all,
         )?;

@@ -175,6 +175,16 @@ impl CaDigest {
     }
 }
 
+/// Lowercase hex, as the cluster records which root signed a node's certificate.
+impl fmt::Display for CaDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Debug for CaDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "CaDigest({})", encode(&self.0))

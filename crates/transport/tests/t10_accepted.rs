@@ -518,3 +518,115 @@ async fn t19b_concurrent_callers_share_one_failed_dial() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t19c_cross_signed_root_rotation_keeps_every_pair_talking() {
+    // A root CA rotation as the cluster runs it: nodes renewed onto the new root present the
+    // new root cross-signed by the old one, so nodes that still trust only the old root
+    // accept them; once the old root is dropped, its certificates are refused, while an
+    // anonymous dial pinned to the old root (a node that missed the rotation) still reaches
+    // a manager to renew.
+    let c = Cluster::new("c1");
+    let (next, cross) = c.ca.rotated_at(std::time::SystemTime::now()).unwrap();
+    assert_ne!(next.digest(), c.ca.digest());
+    let old_root = c.ca.certificate().clone();
+    let new_root = next.certificate().clone();
+    let issue =
+        |ca: &ClusterCa, node: &str, roots: Vec<rustls::pki_types::CertificateDer<'static>>| {
+            let key = NodeKey::generate().unwrap();
+            let cert = ca
+                .sign_csr(
+                    &key.csr().unwrap(),
+                    &id(node),
+                    &Role::MANAGER,
+                    &CertOptions::default(),
+                )
+                .unwrap();
+            NodeCredentials::new(cert, key, roots).unwrap()
+        };
+    // Not yet renewed: the old root only.
+    let a_creds = issue(&c.ca, "a", vec![old_root.clone()]);
+    // Renewed during the rotation: both roots, the cross-signed certificate presented.
+    let b_creds =
+        issue(&next, "b", vec![new_root.clone(), old_root.clone()]).with_chain(vec![cross.clone()]);
+    // After the rotation: the new root only; the old one still presented for stragglers.
+    let c_creds =
+        issue(&next, "c", vec![new_root.clone()]).with_chain(vec![cross.clone(), old_root.clone()]);
+    // A certificate of the new root is usable for a node that trusts the old one only
+    // when it has the cross-signed certificate.
+    let d = issue(&next, "d", vec![old_root.clone()]);
+    assert!(d.check_usable(std::time::SystemTime::now()).is_err());
+    d.with_chain(vec![cross.clone()])
+        .check_usable(std::time::SystemTime::now())
+        .unwrap();
+    for creds in [&a_creds, &b_creds, &c_creds] {
+        creds.check_usable(std::time::SystemTime::now()).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    c_creds.save(dir.path()).unwrap();
+    let back = NodeCredentials::load(dir.path()).unwrap();
+    assert_eq!(back.chain(), c_creds.chain());
+    assert_eq!(back.roots(), c_creds.roots());
+    b_creds.save(dir.path()).unwrap();
+    a_creds.save(dir.path()).unwrap();
+    assert!(
+        NodeCredentials::load(dir.path())
+            .unwrap()
+            .chain()
+            .is_empty()
+    );
+
+    let bind = |creds: &NodeCredentials| {
+        Endpoint::bind(config(), ring_provider(), Some(creds.clone())).unwrap()
+    };
+    let (a, b, cc) = (bind(&a_creds), bind(&b_creds), bind(&c_creds));
+    for e in [&a, &b, &cc] {
+        serve_echo(e, &gossip());
+        serve_echo(e, &join());
+    }
+    let call = |from: &Endpoint, to: &Endpoint, name: &str| {
+        let (from, to_addr, name) = (from.clone(), to.local_addr(), name.to_owned());
+        async move {
+            let conn = from
+                .connect(&gossip(), &id(&name), to_addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let r: Echo = conn
+                .call(&Echo {
+                    seq: 1,
+                    text: "x".into(),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            assert_eq!(r.text, "X");
+            Ok::<_, String>(())
+        }
+    };
+    // During the rotation every pair talks, both ways.
+    call(&a, &b, "b").await.unwrap();
+    call(&b, &a, "a").await.unwrap();
+    // After it: renewed nodes talk; the old root's certificate is refused by a node that
+    // dropped that root, though the straggler itself can verify that node.
+    call(&b, &cc, "c").await.unwrap();
+    call(&cc, &b, "b").await.unwrap();
+    assert!(call(&a, &cc, "c").await.is_err());
+    assert!(call(&cc, &a, "a").await.is_err());
+    // Pinned dials: the straggler reaches the renewed manager with the old digest; a new
+    // token's digest reaches it too; the straggler itself has nothing of the new root.
+    let anon = Endpoint::bind(config(), ring_provider(), None).unwrap();
+    for target in [&b, &cc] {
+        anon.connect_anonymous(&join(), target.local_addr(), c.ca.digest())
+            .await
+            .unwrap();
+        anon.connect_anonymous(&join(), target.local_addr(), next.digest())
+            .await
+            .unwrap();
+    }
+    assert!(
+        anon.connect_anonymous(&join(), a.local_addr(), next.digest())
+            .await
+            .is_err()
+    );
+    assert_eq!(cc.trusted_roots(), vec![next.digest()]);
+    assert_eq!(b.trusted_roots(), vec![next.digest(), c.ca.digest()]);
+}

@@ -64,8 +64,12 @@ pub(crate) async fn issue(
             req.name, req.name
         ))));
     }
-    let ca = ClusterCa::from_pem(&info.ca_cert_pem, &info.ca_key_pem)
-        .map_err(|e| Failure(ApiError::internal(e)))?;
+    // The root that signs now: the new one during a root rotation, so the certificate
+    // outlives the rotation's end.
+    let (ca_cert_pem, ca_key_pem) = info.signing_ca_pem();
+    let ca =
+        ClusterCa::from_pem(ca_cert_pem, ca_key_pem).map_err(|e| Failure(ApiError::internal(e)))?;
+    let ca_pem = ca_cert_pem.to_owned();
     let id = crate::datadir::random_id().map_err(|e| Failure(ApiError::internal(e)))?;
     let node_id = NodeId::new(id.clone()).map_err(|e| Failure(ApiError::internal(e)))?;
     let role = Role::new(req.role.as_str()).map_err(|e| Failure(ApiError::internal(e)))?;
@@ -113,7 +117,7 @@ pub(crate) async fn issue(
     Ok(Json(IssuedCert {
         client: ClientView::from(&client),
         cert_pem: starling_api::certificate_pem(&cert),
-        ca_pem: info.ca_cert_pem,
+        ca_pem,
         cluster_id: info.cluster_id,
         managers: store
             .status()

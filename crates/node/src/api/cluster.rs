@@ -3,10 +3,10 @@
 use axum::Json;
 use axum::extract::State;
 use starling_api::{
-    ApiError, ClusterSettings, ClusterUpdate, ClusterView, MAX_CERT_EXPIRY_SECS,
+    ApiError, CaRotationView, ClusterSettings, ClusterUpdate, ClusterView, MAX_CERT_EXPIRY_SECS,
     MAX_CERT_GRACE_SECS, MIN_AUTOPILOT_DEAD_AFTER_SECS, MIN_CERT_EXPIRY_SECS,
 };
-use starling_raft_store::{ClusterInfo, Command, Consistency, SettingsChange};
+use starling_raft_store::{ClusterState, Command, Consistency, SettingsChange};
 use starling_transport::CaDigest;
 
 use super::{Answer, ApiState, Failure, store_of};
@@ -16,13 +16,25 @@ use super::{Answer, ApiState, Failure, store_of};
 /// used; never by a flag).
 pub static TEST_MIN_CERT_EXPIRY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
-fn view(info: &ClusterInfo) -> ClusterView {
+fn view(state: &ClusterState) -> ClusterView {
+    let info = state.cluster();
     let ca_digest = CaDigest::of_pem_certificate(&info.ca_cert_pem)
-        .map(|d| d.0.iter().map(|b| format!("{b:02x}")).collect())
+        .map(|d| d.to_string())
         .unwrap_or_default();
+    let ca_rotation = info.rotation.as_ref().map(|r| {
+        let p = starling_manager::ca_rotation::progress(state.nodes(), &r.new_digest);
+        CaRotationView {
+            new_ca_digest: r.new_digest.clone(),
+            started_at: r.started_at,
+            nodes_on_new_root: p.on_new_root,
+            nodes_pending: p.pending,
+            nodes_down: p.down,
+        }
+    });
     ClusterView {
         cluster_id: info.cluster_id.clone(),
         ca_digest,
+        ca_rotation,
         settings: ClusterSettings {
             cert_expiry_secs: info.settings.cert_lifetime_secs,
             cert_grace_secs: info.settings.cert_grace_secs,
@@ -48,10 +60,8 @@ fn view(info: &ClusterInfo) -> ClusterView {
     ))]
 pub(crate) async fn inspect(State(state): State<ApiState>) -> Answer<ClusterView> {
     let store = store_of(&state.node())?;
-    let (info, _) = store
-        .read(Consistency::Linearizable, |s| s.cluster().clone())
-        .await?;
-    Ok(Json(view(&info)))
+    let (view, _) = store.read(Consistency::Linearizable, view).await?;
+    Ok(Json(view))
 }
 
 /// Changes cluster settings. A new certificate lifetime applies to certificates issued from
@@ -74,10 +84,42 @@ pub(crate) async fn update(
         .write(Command::UpdateSettings { change })
         .await
         .map_err(super::write_error)?;
+    let (view, _) = store.read(Consistency::Linearizable, view).await?;
+    Ok(Json(view))
+}
+
+/// Starts a root CA rotation: a new root is created and cross-signed by the current one;
+/// every node renews onto it (nodes down meanwhile renew when they return); when every node
+/// not down is on it, the old root is dropped and the join tokens change. Follow it with
+/// `GET /v1/cluster`.
+#[utoipa::path(post, operation_id = "rotate_ca", path = "/v1/cluster/ca/rotate", tag = "cluster",
+    responses(
+        (status = 200, description = "The cluster with the rotation under way", body = ClusterView),
+        (status = 403, description = "A viewer", body = ApiError),
+        (status = 409, description = "A rotation is already under way", body = ApiError),
+        (status = 503, description = "No quorum, or a worker", body = ApiError),
+    ))]
+pub(crate) async fn rotate_ca(State(state): State<ApiState>) -> Answer<ClusterView> {
+    let store = store_of(&state.node())?;
     let (info, _) = store
         .read(Consistency::Linearizable, |s| s.cluster().clone())
         .await?;
-    Ok(Json(view(&info)))
+    if let Some(r) = &info.rotation {
+        return Err(Failure(ApiError::conflict(format!(
+            "a root CA rotation to {} is already under way; follow it with `starling ca status`",
+            r.new_digest
+        ))));
+    }
+    let rotation = crate::rotation::new_root(&info).map_err(|e| Failure(ApiError::internal(e)))?;
+    let result = store
+        .write(Command::StartCaRotation { rotation })
+        .await
+        .map_err(super::write_error)?;
+    if let starling_raft_store::Outcome::CaRotation { why } = result.outcome {
+        return Err(Failure(ApiError::conflict(why)));
+    }
+    let (view, _) = store.read(Consistency::Linearizable, view).await?;
+    Ok(Json(view))
 }
 
 /// Whether `secs` is an acceptable lifetime for node certificates: between an hour (or the

@@ -211,6 +211,7 @@ pub(crate) fn store_of(node: &RunningNode) -> Result<Arc<Store>, Failure> {
         tokens::rotate,
         cluster::inspect,
         cluster::update,
+        cluster::rotate_ca,
         certs::issue,
         certs::list,
         certs::revoke,
@@ -264,6 +265,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/join-token/{role}", get(tokens::show))
         .route("/v1/join-token/{role}/rotate", post(tokens::rotate))
         .route("/v1/cluster", get(cluster::inspect).patch(cluster::update))
+        .route("/v1/cluster/ca/rotate", post(cluster::rotate_ca))
         .route("/v1/certs", get(certs::list).post(certs::issue))
         .route("/v1/certs/{name}", axum::routing::delete(certs::revoke))
         .fallback(not_found);

@@ -165,6 +165,7 @@ pub(crate) async fn inspect(
         labels: n.labels,
         cert_serial: n.cert_serial,
         cert_not_after: n.cert_not_after,
+        cert_ca: n.cert_ca,
         record_version: n.version,
         created_revision: n.created_revision,
         updated_revision: n.updated_revision,
