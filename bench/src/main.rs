@@ -28,8 +28,8 @@ enum Measure {
     /// Services with real processes: 100 replicas created, a worker killed 10 times, then
     /// 10 minutes at full CPU counting false reschedules.
     Tasks,
-    /// Certificate renewal: join-protocol requests from 100 idle workers over 60 s, and the
-    /// spread of 1 000 nodes' renewals.
+    /// Certificates: join-protocol requests from 100 idle workers over 60 s, the spread of
+    /// 1 000 nodes' renewals, and `ca rotate` on a 20-node cluster (5 rotations).
     Certs,
     /// Everything, written to bench/RESULTS.md.
     All,

@@ -363,11 +363,8 @@ async fn run(
         tokio::select! {
             msg = assign_rx.recv() => match msg {
                 Some(ManagerMessage::Heartbeat) => {}
-                Some(ManagerMessage::Node(d)) => {
-                    if let Some(tx) = &cfg.directive {
-                        tx.send_replace(Some(d));
-                    }
-                }
+                // Handled by the session itself.
+                Some(ManagerMessage::Node(_)) => {}
                 Some(ManagerMessage::Assignments { full, tasks, removed, .. }) => {
                     if full {
                         assigned.clear();
@@ -693,13 +690,8 @@ async fn session_loop(
     local: Option<LocalDispatcher>,
     description: NodeDescription,
     statuses: Statuses,
-    io: SessionIo,
+    mut io: SessionIo,
 ) {
-    let SessionIo {
-        mut reports,
-        assignments,
-        directive,
-    } = io;
     let protocol = match Protocol::new(DISPATCH_ALPN, PeerPolicy::roles([Role::MANAGER])) {
         Ok(p) => p,
         Err(e) => {
@@ -717,8 +709,7 @@ async fn session_loop(
                     "local",
                     &description,
                     &statuses,
-                    &mut reports,
-                    &assignments,
+                    &mut io,
                     &mut managers,
                 )
                 .await
@@ -737,8 +728,7 @@ async fn session_loop(
                                 &name,
                                 &description,
                                 &statuses,
-                                &mut reports,
-                                &assignments,
+                                &mut io,
                                 &mut managers,
                             )
                             .await
@@ -753,7 +743,7 @@ async fn session_loop(
                 debug!(error = %e, "dispatcher session lost");
                 // No word from the managers now: the node's renewal loop asks them itself
                 // (its certificate may be of a root they no longer trust).
-                if let Some(tx) = &directive {
+                if let Some(tx) = &io.directive {
                     tx.send_if_modified(|d| d.take().is_some());
                 }
             }
@@ -791,8 +781,7 @@ async fn session<S>(
     name: &str,
     description: &NodeDescription,
     statuses: &Statuses,
-    reports: &mut mpsc::Receiver<Vec<TaskReport>>,
-    assignments: &mpsc::Sender<ManagerMessage>,
+    io: &mut SessionIo,
     managers: &mut Vec<(String, SocketAddr)>,
 ) -> Result<(), String>
 where
@@ -840,6 +829,14 @@ where
             }
             msg = in_rx.recv() => match msg {
                 Some(ManagerMessage::Heartbeat) => heard = tokio::time::Instant::now(),
+                // Set here, in the task that clears it when the session ends, so a directive
+                // of a lost session is never set after the clearing.
+                Some(ManagerMessage::Node(d)) => {
+                    heard = tokio::time::Instant::now();
+                    if let Some(tx) = &io.directive {
+                        tx.send_replace(Some(d));
+                    }
+                }
                 Some(msg) => {
                     heard = tokio::time::Instant::now();
                     if let ManagerMessage::Assignments { managers: list, .. } = &msg {
@@ -854,15 +851,15 @@ where
                             *managers = learned;
                         }
                     }
-                    if assignments.send(msg).await.is_err() {
+                    if io.assignments.send(msg).await.is_err() {
                         break Ok(());
                     }
                 }
                 None => break Err("the dispatcher closed the session".to_owned()),
             },
-            batch = reports.recv() => match batch {
+            batch = io.reports.recv() => match batch {
                 Some(mut batch) => {
-                    while let Ok(more) = reports.try_recv() {
+                    while let Ok(more) = io.reports.try_recv() {
                         batch.extend(more);
                     }
                     if let Err(e) = write_message(&mut tx, &AgentMessage::Reports(batch)).await {

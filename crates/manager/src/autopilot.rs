@@ -157,6 +157,7 @@ mod tests {
             cert_serial: String::new(),
             cert_not_after: 0,
             cert_ca: String::new(),
+            cert_key: String::new(),
             version: 1,
             created_revision: 1,
             updated_revision: 1,

@@ -203,8 +203,9 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
         .with_context(|| format!("cannot create {}", dir.0.display()))?;
     let cluster_id = random_id()?;
     let node_id = random_id()?;
+    // The CA lives in the replicated state only (every manager can sign; a root rotation
+    // forgets the old key everywhere): never in a file.
     let ca = ClusterCa::create(ClusterId::new(cluster_id.clone())?)?;
-    ca.save(&dir.0)?;
     let creds = ca.issue(
         &NodeId::new(node_id.clone())?,
         &Role::MANAGER,
@@ -214,6 +215,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
         },
     )?;
     creds.save(&dir.0)?;
+    let cert_key = starling_transport::key_digest(creds.certificate())?;
     let advertise = opts.advertise.unwrap_or(opts.listen);
     let state = NodeState {
         node_id: node_id.clone(),
@@ -271,6 +273,7 @@ pub async fn init(opts: InitOptions) -> anyhow::Result<RunningNode> {
                     .identity()
                     .map_or(0, |i| crate::renewal::unix_secs(i.not_after)),
                 cert_ca: ca.digest().to_string(),
+                cert_key,
                 version: 0,
                 created_revision: 0,
                 updated_revision: 0,
@@ -1116,6 +1119,11 @@ async fn start_manager(
     }
     let store = Store::open(config, endpoint.clone()).await?;
     let store = Arc::new(store);
+    // Earlier versions also kept the first CA in files beside the node's: never read, and a
+    // key a root rotation must be able to forget.
+    for f in ["ca.key", "ca.crt"] {
+        let _ = std::fs::remove_file(dir.0.join(f));
+    }
     if endpoint.identity().is_none() {
         // Started with an expired certificate: renewed from the CA in the local state, if
         // that state still has this node as a manager.
@@ -1134,8 +1142,10 @@ async fn start_manager(
                 .map_err(anyhow::Error::from)
                 .and_then(|csr| crate::renewal::self_issue(&store, &creds, &csr))
                 .and_then(|reply| {
-                    crate::renewal::record_in_background(store.clone(), &reply);
-                    crate::renewal::accept(&dir, &state, &endpoint, &creds, reply)
+                    let accepted =
+                        crate::renewal::accept(&dir, &state, &endpoint, &creds, reply.clone())?;
+                    crate::renewal::record_in_background(store.clone(), endpoint.clone(), &reply);
+                    Ok(accepted)
                 })
         });
         if let Err(e) = renewed {

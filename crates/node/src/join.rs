@@ -17,6 +17,7 @@ use starling_raft_store::{
 use starling_transport::{
     CaDigest, CertOptions, ClusterCa, Connection, Inbound, JoinSecret, JoinSecrets, JoinToken,
     NodeCredentials, NodeKey, PeerPolicy, Protocol, Role, certificate_from_pem, check_renewal,
+    key_digest,
 };
 use tracing::{info, warn};
 
@@ -71,6 +72,10 @@ pub enum JoinRequest {
         csr: Vec<u8>,
         /// Renew even if the role is unchanged.
         force: bool,
+        /// Digests (hex) of the roots the node trusts now: a node that trusts others than
+        /// the cluster wants (a root rotation it was not told of) is renewed.
+        #[serde(default)]
+        roots: Vec<String>,
     },
     /// A node whose certificate expired (it was off for a while) renews it on a connection
     /// without a client certificate, presenting the expired certificate and a CSR for the
@@ -89,7 +94,7 @@ pub enum JoinRequest {
 }
 
 /// A manager's answer.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub enum JoinReply {
     /// Admitted.
     Joined {
@@ -228,11 +233,11 @@ async fn handle(
                 JoinReply::Refused(e.to_string())
             }
         },
-        JoinRequest::Renew { csr, force } => {
+        JoinRequest::Renew { csr, force, roots } => {
             let Some(peer) = conn.peer() else {
                 return JoinReply::Refused("a renewal needs the node's current certificate".into());
             };
-            match renew(store, peer, &csr, force).await {
+            match renew(store, peer, &csr, force, &roots).await {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(node = %peer.node_id, error = %e, "renewal refused");
@@ -450,6 +455,7 @@ async fn renew(
     peer: &starling_transport::PeerIdentity,
     csr: &[u8],
     force: bool,
+    roots: &[String],
 ) -> anyhow::Result<JoinReply> {
     let node = peer.node_id.as_str();
     let ((record, info, revoked), _) = store
@@ -470,7 +476,12 @@ async fn renew(
     } else {
         Role::WORKER
     };
-    if want == peer.role && !force {
+    // On the roots the cluster wants (a node without a dispatcher session is not told of a
+    // root rotation: it learns here): nothing to do.
+    let wanted_roots = starling_manager::dispatcher::trusted_root_digests(&info);
+    let signing = wanted_roots.first().cloned().unwrap_or_default();
+    let settled = roots == wanted_roots.as_slice() && record.cert_ca == signing;
+    if want == peer.role && !force && settled {
         return Ok(JoinReply::Unchanged);
     }
     issue(store, &info, &record.id, &want, csr).await
@@ -499,6 +510,7 @@ async fn issue(
             serial: issued.serial.to_string(),
             not_after: crate::renewal::unix_secs(issued.not_after),
             ca: ca.digest().to_string(),
+            key: key_digest(&cert)?,
         })
         .await?;
     info!(%node, %role, serial = %issued.serial, "certificate issued");
@@ -574,19 +586,69 @@ pub(crate) fn credentials(
 async fn renew_expired(store: &Store, cert: &[u8], csr: &[u8]) -> anyhow::Result<JoinReply> {
     // Checked against this manager's applied state first: an anonymous peer with nothing
     // valid to show costs no quorum round.
-    let (info, _) = store.read_applied(|s| s.cluster().clone());
+    let (applied, _) = store.read_applied(|s| s.cluster().clone());
+    let now = std::time::SystemTime::now();
+    let (presented, from_previous) = check_presented(&applied, cert, csr, now)?;
+    let node = presented.node_id.as_str();
+    let ((record, revoked, info), _) = store
+        .read(Consistency::Linearizable, |s| {
+            (
+                s.node(node).cloned(),
+                s.is_revoked(node),
+                s.cluster().clone(),
+            )
+        })
+        .await?;
+    let record = match record {
+        Some(r) if !revoked => r,
+        _ => anyhow::bail!("node {node} was removed from the cluster; it must rejoin with a token"),
+    };
+    // A certificate of the root the cluster rotated away from is taken only for the key the
+    // cluster last issued to that node: whoever still holds the old root's key cannot mint
+    // one for a key of their own, and the CSR proves the presenter holds this one.
+    if from_previous {
+        check_previous_key(&record, cert)?;
+    }
+    // The role is the record's (a node demoted meanwhile gets a worker's; a promotion
+    // meanwhile happens afterwards, as for a running node).
+    let role = if record.role == NodeRole::Manager {
+        Role::MANAGER
+    } else {
+        Role::WORKER
+    };
+    info!(%node, from_previous, "renewing an expired certificate");
+    issue(store, &info, node, &role, csr).await
+}
+
+/// A certificate of a dropped root is renewed only for the key the cluster last issued to
+/// that node (renewals keep the key).
+fn check_previous_key(record: &NodeRecord, cert: &[u8]) -> anyhow::Result<()> {
+    if record.cert_key.is_empty() || record.cert_key != key_digest(cert)? {
+        return Err(rejoin(
+            &"a certificate of the root the cluster rotated away from, for a key the cluster did not issue to this node",
+        ));
+    }
+    Ok(())
+}
+
+fn rejoin(e: &dyn std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{e}; the node must rejoin with a token (stop it, clear its data directory, then \
+         `starling join`)"
+    )
+}
+
+/// Checks a certificate presented on the expired-certificate path against the roots the
+/// cluster trusts, then the root it rotated away from; says which root took it.
+fn check_presented(
+    info: &starling_raft_store::ClusterInfo,
+    cert: &[u8],
+    csr: &[u8],
+    now: std::time::SystemTime,
+) -> anyhow::Result<(starling_transport::PeerIdentity, bool)> {
     let cluster = starling_transport::ClusterId::new(info.cluster_id.clone())?;
     let grace = std::time::Duration::from_secs(info.settings.cert_grace_secs);
-    let now = std::time::SystemTime::now();
-    let rejoin = |e: &dyn std::fmt::Display| {
-        anyhow::anyhow!(
-            "{e}; the node must rejoin with a token (stop it, clear its data directory, \
-             then `starling join`)"
-        )
-    };
-    // A root the cluster trusts (both during a rotation) ...
     let mut first_error = None;
-    let mut presented = None;
     for root in info.trusted_roots_pem() {
         match check_renewal(
             &certificate_from_pem(root)?,
@@ -596,56 +658,22 @@ async fn renew_expired(store: &Store, cert: &[u8], csr: &[u8]) -> anyhow::Result
             now,
             grace,
         ) {
-            Ok(id) => {
-                presented = Some(id);
-                break;
-            }
+            Ok(id) => return Ok((id, false)),
             Err(e) => {
                 first_error.get_or_insert(e);
             }
         }
     }
-    // ... or the root the last rotation replaced, for a node that was off during it: only
-    // the very certificate the cluster last recorded for that node.
-    let mut from_previous = false;
-    if presented.is_none() && !info.previous_ca_cert_pem.is_empty() {
+    if !info.previous_ca_cert_pem.is_empty() {
         let previous = certificate_from_pem(&info.previous_ca_cert_pem)?;
         if let Ok(id) = check_renewal(&previous, &cluster, cert, csr, now, grace) {
-            presented = Some(id);
-            from_previous = true;
+            return Ok((id, true));
         }
     }
-    let presented = match presented {
-        Some(p) => p,
-        None => {
-            return Err(match first_error {
-                Some(e) => rejoin(&e),
-                None => rejoin(&"no trusted root"),
-            });
-        }
-    };
-    let node = presented.node_id.as_str();
-    let ((record, revoked), _) = store
-        .read(Consistency::Linearizable, |s| {
-            (s.node(node).cloned(), s.is_revoked(node))
-        })
-        .await?;
-    let record = match record {
-        Some(r) if !revoked => r,
-        _ => anyhow::bail!("node {node} was removed from the cluster; it must rejoin with a token"),
-    };
-    if from_previous && record.cert_serial != presented.serial.to_string() {
-        return Err(rejoin(
-            &"a certificate of the root the cluster rotated away from that is not the one it last issued to this node",
-        ));
-    }
-    let role = if record.role == NodeRole::Worker {
-        Role::WORKER
-    } else {
-        presented.role
-    };
-    info!(%node, "renewing an expired certificate");
-    issue(store, &info, node, &role, csr).await
+    Err(match first_error {
+        Some(e) => rejoin(&e),
+        None => rejoin(&"the cluster trusts no root"),
+    })
 }
 
 async fn admit(
@@ -700,6 +728,7 @@ async fn admit(
                 cert_serial: issued.serial.to_string(),
                 cert_not_after: crate::renewal::unix_secs(issued.not_after),
                 cert_ca: signer.digest().to_string(),
+                cert_key: key_digest(&cert)?,
                 version: 0,
                 created_revision: 0,
                 updated_revision: 0,
@@ -723,4 +752,103 @@ async fn admit(
 pub async fn call(conn: &Connection, req: &JoinRequest) -> anyhow::Result<JoinReply> {
     let reply = conn.request(&encode(req)).await?;
     serde_json::from_slice(reply.as_bytes()).context("malformed join reply")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use starling_raft_store::{CaRotation, ClusterInfo};
+    use starling_transport::{ClusterId, NodeId};
+
+    fn pem(der: &[u8]) -> String {
+        ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.to_vec()))
+    }
+
+    #[test]
+    fn a_dropped_roots_certificate_renews_only_for_the_key_the_cluster_issued() {
+        let old = ClusterCa::create(ClusterId::new("c1").unwrap()).unwrap();
+        let (new, cross) = old.rotated_at(std::time::SystemTime::now()).unwrap();
+        let node = NodeId::new("w1").unwrap();
+        let mine = old
+            .issue(&node, &Role::WORKER, &CertOptions::default())
+            .unwrap();
+        // The cluster after the rotation: the new root, the old one kept without its key.
+        let (new_cert, new_key) = new.to_pem();
+        let info = ClusterInfo {
+            cluster_id: "c1".into(),
+            ca_cert_pem: new_cert,
+            ca_key_pem: new_key,
+            previous_ca_cert_pem: old.to_pem().0,
+            previous_cross_signed_pem: pem(&cross),
+            ..ClusterInfo::default()
+        };
+        let record = NodeRecord {
+            id: "w1".into(),
+            hostname: "w1".into(),
+            addr: "127.0.0.1:1".into(),
+            role: NodeRole::Worker,
+            desired_role: NodeRole::Worker,
+            availability: Availability::Active,
+            status: NodeStatus::Down,
+            labels: BTreeMap::new(),
+            cert_serial: mine.identity().serial.to_string(),
+            cert_not_after: 0,
+            cert_ca: old.digest().to_string(),
+            cert_key: key_digest(mine.certificate()).unwrap(),
+            version: 1,
+            created_revision: 1,
+            updated_revision: 1,
+        };
+        let now = std::time::SystemTime::now();
+        // The node itself: its certificate and a CSR for its key.
+        let csr = mine.node_key().unwrap().csr().unwrap();
+        let (id, from_previous) = check_presented(&info, mine.certificate(), &csr, now).unwrap();
+        assert_eq!((id.node_id.as_str(), from_previous), ("w1", true));
+        check_previous_key(&record, mine.certificate()).unwrap();
+        // Whoever kept the old root's key mints a certificate for w1, with the serial the
+        // record shows, for a key of their own: it checks out against the old root, but not
+        // against the key the cluster issued.
+        let forged = old
+            .issue(&node, &Role::MANAGER, &CertOptions::default())
+            .unwrap();
+        let csr = forged.node_key().unwrap().csr().unwrap();
+        let (_, from_previous) = check_presented(&info, forged.certificate(), &csr, now).unwrap();
+        assert!(from_previous);
+        let e = check_previous_key(&record, forged.certificate()).unwrap_err();
+        assert!(e.to_string().contains("did not issue"), "{e}");
+        // A record from before keys were recorded: refused too.
+        let unknown = NodeRecord {
+            cert_key: String::new(),
+            ..record
+        };
+        assert!(check_previous_key(&unknown, mine.certificate()).is_err());
+        // A certificate of neither root: told to rejoin.
+        let foreign = ClusterCa::create(ClusterId::new("c1").unwrap())
+            .unwrap()
+            .issue(&node, &Role::WORKER, &CertOptions::default())
+            .unwrap();
+        let csr = foreign.node_key().unwrap().csr().unwrap();
+        let e = check_presented(&info, foreign.certificate(), &csr, now).unwrap_err();
+        assert!(e.to_string().contains("rejoin with a token"), "{e}");
+        // During a rotation both roots are trusted: the old root's certificate is taken as
+        // a current one.
+        let rotating = ClusterInfo {
+            ca_cert_pem: old.to_pem().0,
+            ca_key_pem: old.to_pem().1,
+            previous_ca_cert_pem: String::new(),
+            previous_cross_signed_pem: String::new(),
+            rotation: Some(CaRotation {
+                new_cert_pem: new.to_pem().0,
+                new_key_pem: new.to_pem().1,
+                cross_signed_pem: pem(&cross),
+                new_digest: new.digest().to_string(),
+                started_at: 0,
+            }),
+            ..info
+        };
+        let csr = mine.node_key().unwrap().csr().unwrap();
+        let (_, from_previous) = check_presented(&rotating, mine.certificate(), &csr, now).unwrap();
+        assert!(!from_previous);
+    }
 }

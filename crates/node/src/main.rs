@@ -1484,22 +1484,35 @@ async fn ca(cmd: CaCmd, ctx: &Option<String>) -> anyhow::Result<()> {
                 "Rotating the root CA from sha256:{} to sha256:{}.",
                 v.ca_digest, r.new_ca_digest
             );
+            if ctx.is_some() {
+                println!(
+                    "API client certificates of the old root stop working when it ends: issue new ones with `starling cert issue`."
+                );
+            }
             if detach {
                 println!("Follow it with `starling ca status`.");
                 return Ok(());
             }
             let mut target = Target::open(&dir, ctx)?;
             let mut shown = None;
+            let mut failures = 0u32;
             loop {
                 let v = match target.client.cluster().await {
-                    Ok(v) => v,
-                    Err(e) => {
+                    Ok(v) => {
+                        failures = 0;
+                        v
+                    }
+                    Err(e) if failures < 20 => {
                         // A leader change or a lost connection: the rotation goes on; ask again.
+                        failures += 1;
                         eprintln!("(asking again: {e})");
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         target = Target::open(&dir, ctx)?;
                         continue;
                     }
+                    Err(e) => anyhow::bail!(
+                        "no answer for 20 s ({e}); the rotation goes on in the cluster (`starling ca status` on a manager). If this client's certificate is of the old root, the rotation has probably finished: issue a new one with `starling cert issue`."
+                    ),
                 };
                 match &v.ca_rotation {
                     Some(p) => {

@@ -190,6 +190,11 @@ pub async fn renewal_loop(current: Current, api: axum::Router) {
                         .is_some_and(|id| id.serial != me.serial) =>
             {
                 backoff = Duration::from_secs(1);
+                if why == Need::Roots {
+                    // The roots may still differ for a moment (the session's directive lags
+                    // the answering manager): one renewal a second at most meanwhile.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
             // A renewal that came back unchanged (a role the managers want but did not grant
             // yet: a lagging manager): asked again after a pause, as after a failure, never
@@ -380,8 +385,10 @@ async fn renew(
             if may_self_issue(m, store, since) =>
         {
             let r = self_issue(store, &creds, &csr)?;
-            record_in_background(store.clone(), &r);
-            r
+            let change = accept(&m.data_dir, &m.state, &m.endpoint, &creds, r.clone())?;
+            // Once in use: a newer certificate put in use meanwhile stops the recording.
+            record_in_background(store.clone(), m.endpoint.clone(), &r);
+            return Ok(change);
         }
         _ if why == Need::Expired => ask_expired(&m.endpoint, &m.state, &creds, &csr).await?,
         // A role change asks for a new certificate even if the answering manager's view has
@@ -390,11 +397,18 @@ async fn renew(
         // the expired-certificate path.
         _ => match ask(m, &csr, why != Need::Check).await {
             Ok(r) => r,
-            Err(e) => match ask_expired(&m.endpoint, &m.state, &creds, &csr).await {
-                Ok(r) => r,
-                Err(e2) if e2.downcast_ref::<Refused>().is_some() => return Err(e2),
-                Err(_) => return Err(e),
-            },
+            Err(e) if e.downcast_ref::<CertRefused>().is_some() => {
+                match ask_expired(&m.endpoint, &m.state, &creds, &csr).await {
+                    Ok(r) => r,
+                    Err(e2) => {
+                        return Err(e2.context(format!(
+                            "the managers refused this node's certificate ({e:#}), and the \
+                             expired-certificate path failed too"
+                        )));
+                    }
+                }
+            }
+            Err(e) => return Err(e),
         },
     };
     accept(&m.data_dir, &m.state, &m.endpoint, &creds, reply)
@@ -424,8 +438,10 @@ pub(crate) fn self_issue(
     })
 }
 
-/// Records a self-issued certificate in the node's record once the cluster can commit.
-pub(crate) fn record_in_background(store: Arc<Store>, reply: &JoinReply) {
+/// Records a self-issued certificate, already in use, in the node's record once the cluster
+/// can commit, unless the node moved on to a newer one meanwhile (an older record never
+/// overwrites a newer one).
+pub(crate) fn record_in_background(store: Arc<Store>, endpoint: Endpoint, reply: &JoinReply) {
     let JoinReply::Renewed { cert, roots, .. } = reply else {
         return;
     };
@@ -436,14 +452,24 @@ pub(crate) fn record_in_background(store: Arc<Store>, reply: &JoinReply) {
         .first()
         .map(|r| CaDigest::of_certificate(r).to_string())
         .unwrap_or_default();
+    let Ok(key) = starling_transport::key_digest(cert) else {
+        return;
+    };
     tokio::spawn(async move {
         let cmd = starling_raft_store::Command::SetNodeCert {
             id: issued.node_id.to_string(),
             serial: issued.serial.to_string(),
             not_after: unix_secs(issued.not_after),
             ca,
+            key,
         };
         for _ in 0..60 {
+            // Put in use after this was spawned; replaced since by a newer one: not ours
+            // to record any more.
+            let current = endpoint.identity().map(|id| id.serial);
+            if current.is_some_and(|s| s != issued.serial) {
+                return;
+            }
             if store.write(cmd.clone()).await.is_ok() {
                 return;
             }
@@ -471,11 +497,30 @@ fn targets(m: &RunningNode) -> Vec<(String, SocketAddr)> {
     targets
 }
 
+/// No manager answered, and one at least refused this node's certificate in the handshake
+/// or presented one this node does not trust: the cluster's root was probably rotated while
+/// it was away.
+#[derive(Debug)]
+pub struct CertRefused(pub String);
+
+impl std::fmt::Display for CertRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the managers and this node do not trust each other's certificates: {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for CertRefused {}
+
 /// Asks the managers, one after another, for a certificate for the CSR with this node's
 /// current certificate: the first answer counts.
 async fn ask(m: &RunningNode, csr: &[u8], force: bool) -> anyhow::Result<JoinReply> {
     let protocol = join_protocol()?;
     let mut last = anyhow::anyhow!("no manager known");
+    let mut refused = 0usize;
     for (node, addr) in targets(m) {
         let Ok(id) = NodeId::new(node.clone()) else {
             continue;
@@ -484,6 +529,13 @@ async fn ask(m: &RunningNode, csr: &[u8], force: bool) -> anyhow::Result<JoinRep
         let conn = match tokio::time::timeout(Duration::from_secs(2), dial).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
+                if matches!(
+                    e,
+                    starling_transport::ConnectError::HandshakeRejected { .. }
+                        | starling_transport::ConnectError::Untrusted(_)
+                ) {
+                    refused += 1;
+                }
                 last = anyhow::anyhow!("{node}: {e}");
                 continue;
             }
@@ -495,6 +547,12 @@ async fn ask(m: &RunningNode, csr: &[u8], force: bool) -> anyhow::Result<JoinRep
         let req = JoinRequest::Renew {
             csr: csr.to_vec(),
             force,
+            roots: m
+                .endpoint
+                .trusted_roots()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         };
         let reply = call(&conn, &req).await;
         conn.close(starling_transport::CloseCode::SHUTDOWN, "renewed");
@@ -505,6 +563,11 @@ async fn ask(m: &RunningNode, csr: &[u8], force: bool) -> anyhow::Result<JoinRep
             Ok(other) => last = anyhow::anyhow!("{node}: {other:?}"),
             Err(e) => last = e.context(node.clone()),
         }
+    }
+    // No answer, and at least one manager (the others may be down) refused this node's
+    // certificate or was not trusted by it.
+    if refused > 0 {
+        return Err(CertRefused(format!("{last:#}")).into());
     }
     Err(last)
 }

@@ -356,6 +356,10 @@ fn t83_root_ca_rotation_survives_a_leader_change_and_a_node_that_was_down() {
     }
     let old = rt.block_on(unix(&dir("m1")).cluster()).unwrap();
     assert!(old.ca_rotation.is_none());
+    // Its record is written before the joiner saves its state: wait for the node itself.
+    poll("w3 serves", Duration::from_secs(30), || {
+        rt.block_on(unix(&dir("w3")).info()).ok()
+    });
 
     // w3 goes away and the rotation starts at once, so it waits for w3 until the managers
     // see it down; meanwhile its leader (m1, which initialised the cluster) is killed.
@@ -468,4 +472,29 @@ fn t83_root_ca_rotation_survives_a_leader_change_and_a_node_that_was_down() {
         renewed_expired >= 1,
         "w3 did not take the expired-certificate path"
     );
+
+    // Every node on the new root: another rotation may start; the command follows it to the
+    // end, showing progress.
+    let mut cli = std::process::Command::new(common::BIN)
+        .args(["ca", "rotate", "--data-dir", dir("m2").to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = poll("the second rotation", Duration::from_secs(60), || {
+        cli.try_wait().unwrap()
+    });
+    let out = cli.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("nodes on the new root") && text.contains("Root CA rotated to sha256:"),
+        "{text}"
+    );
+    let third = rt.block_on(unix(&dir("m2")).cluster()).unwrap();
+    assert_ne!(third.ca_digest, new_digest);
 }

@@ -121,6 +121,8 @@ wire_type!(
             not_after: u64,
             /// Digest (hex) of the root that signed it.
             ca: String,
+            /// Digest (hex) of its public key.
+            key: String,
         },
         /// Start a root CA rotation. Refused ([`Outcome::CaRotation`]) while one is under way.
         StartCaRotation {

@@ -64,6 +64,9 @@ wire_type!(
         pub cert_not_after: u64,
         /// Digest (hex SHA-256) of the root CA certificate that signed it (empty: not known).
         pub cert_ca: String,
+        /// Digest (hex SHA-256) of that certificate's public key (renewals keep the key):
+        /// what a certificate of a dropped root must carry to be renewed (empty: not known).
+        pub cert_key: String,
         /// Bumped on every change of this record.
         pub version: u64,
         /// Revision that created it.

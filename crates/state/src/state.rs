@@ -176,10 +176,12 @@ impl ClusterState {
                 serial,
                 not_after,
                 ca,
+                key,
             } => self.change_node(revision, id, |n| {
                 n.cert_serial = serial.clone();
                 n.cert_not_after = *not_after;
                 n.cert_ca = ca.clone();
+                n.cert_key = key.clone();
             }),
             Command::StartCaRotation { rotation } => {
                 let cluster = &mut self.image.cluster;
@@ -584,6 +586,7 @@ mod tests {
             cert_serial: "01".into(),
             cert_not_after: 0,
             cert_ca: String::new(),
+            cert_key: String::new(),
             version: 0,
             created_revision: 0,
             updated_revision: 0,
@@ -647,6 +650,7 @@ mod tests {
             cert_serial: "01".into(),
             cert_not_after: 0,
             cert_ca: String::new(),
+            cert_key: String::new(),
             version: 0,
             created_revision: 0,
             updated_revision: 0,
@@ -819,6 +823,7 @@ mod tests {
                 serial: "beef".into(),
                 not_after: 1234,
                 ca: "c0ffee".into(),
+                key: "k3y".into(),
             },
         );
         let Outcome::Node { node } = r.outcome else {
@@ -828,9 +833,10 @@ mod tests {
             (
                 node.cert_serial.as_str(),
                 node.cert_not_after,
-                node.cert_ca.as_str()
+                node.cert_ca.as_str(),
+                node.cert_key.as_str()
             ),
-            ("beef", 1234, "c0ffee")
+            ("beef", 1234, "c0ffee", "k3y")
         );
         assert_eq!((node.version, node.updated_revision), (2, 2));
         let (r, _) = s.apply(
@@ -840,6 +846,7 @@ mod tests {
                 serial: "x".into(),
                 not_after: 1,
                 ca: String::new(),
+                key: String::new(),
             },
         );
         assert_eq!(

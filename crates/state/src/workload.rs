@@ -731,6 +731,7 @@ mod tests {
             cert_serial: "01".into(),
             cert_not_after: 0,
             cert_ca: String::new(),
+            cert_key: String::new(),
             version: 0,
             created_revision: 0,
             updated_revision: 0,

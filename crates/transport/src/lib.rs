@@ -84,7 +84,7 @@ pub use error::{CloseCode, StreamCode};
 pub use identity::{CertSerial, ClusterId, IdentityError, NodeId, PeerIdentity, Role, check_label};
 pub use pki::{
     CA_LIFETIME, CertOptions, ClusterCa, NodeCredentials, NodeKey, PkiError, certificate_from_pem,
-    check_renewal, renewal_time,
+    check_renewal, key_digest, renewal_time,
 };
 pub use stream::ByteStream;
 pub use token::{

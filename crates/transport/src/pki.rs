@@ -131,7 +131,8 @@ fn root_params(
     dn.push(DnType::CommonName, common_name);
     dn.push(DnType::OrganizationName, cluster_id.as_str());
     params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // One CA below it: the next root, cross-signed by this one during a rotation.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -456,6 +457,16 @@ fn ca_cluster_id(cert: &[u8]) -> Result<ClusterId, PkiError> {
         .and_then(|a| a.as_str().ok())
         .ok_or(IdentityError::MissingField("organization"))?;
     Ok(ClusterId::new(org)?)
+}
+
+/// SHA-256 of a certificate's public key (its SubjectPublicKeyInfo), hex: what binds a node
+/// to its key across renewals (they keep the key) and root rotations.
+pub fn key_digest(cert: &[u8]) -> Result<String, PkiError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, parsed) =
+        X509Certificate::from_der(cert).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+    let d = ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw);
+    Ok(d.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The first certificate of a PEM text, DER.

@@ -134,7 +134,9 @@ pub(crate) fn pinned_client_config(
 
 /// The server's CA certificate does not have the digest in the join token.
 #[derive(thiserror::Error)]
-#[error("the CA certificate the server presented does not match the join token's digest")]
+#[error(
+    "the server presented no CA certificate with the pinned digest (a join token's, or for a renewal this node's root: the cluster's root may have been rotated while the node was away)"
+)]
 pub(crate) struct PinMismatch;
 
 // rustls shows the inner error of `CertificateError::Other` with `Debug`: make that readable.

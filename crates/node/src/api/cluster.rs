@@ -101,9 +101,28 @@ pub(crate) async fn update(
     ))]
 pub(crate) async fn rotate_ca(State(state): State<ApiState>) -> Answer<ClusterView> {
     let store = store_of(&state.node())?;
-    let (info, _) = store
-        .read(Consistency::Linearizable, |s| s.cluster().clone())
+    let ((info, behind), _) = store
+        .read(Consistency::Linearizable, |s| {
+            let current = CaDigest::of_pem_certificate(&s.cluster().ca_cert_pem)
+                .map(|d| d.to_string())
+                .unwrap_or_default();
+            let behind: Vec<String> = s
+                .nodes()
+                .filter(|n| !n.cert_ca.is_empty() && n.cert_ca != current)
+                .map(|n| format!("{} ({})", n.id, n.hostname))
+                .collect();
+            (s.cluster().clone(), behind)
+        })
         .await?;
+    // A node still on the root the last rotation replaced renews with it only while the
+    // cluster keeps that root; another rotation would forget it.
+    if info.rotation.is_none() && !behind.is_empty() {
+        return Err(Failure(ApiError::conflict(format!(
+            "nodes still hold certificates of the root the last rotation replaced: {}; bring \
+             them back so they renew, or remove them (`starling node rm`), before rotating again",
+            behind.join(", ")
+        ))));
+    }
     if let Some(r) = &info.rotation {
         return Err(Failure(ApiError::conflict(format!(
             "a root CA rotation to {} is already under way; follow it with `starling ca status`",
