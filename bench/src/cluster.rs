@@ -44,10 +44,18 @@ impl Drop for Proc {
     }
 }
 
-/// A free port on 127.0.0.1 (UDP and TCP are both free in practice).
+/// A port on 127.0.0.1 free for both UDP and TCP right now.
 pub fn free_port() -> anyhow::Result<u16> {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(tcp.local_addr()?.port())
+    // A node binds UDP (QUIC) on it and its clients TCP: the port must be free for both.
+    // Chosen by the kernel among free UDP ports, the TCP side checked too.
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port free for both UDP and TCP on 127.0.0.1")
 }
 
 /// Polls `f` until it returns `Some`, at most `within`.
