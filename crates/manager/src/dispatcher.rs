@@ -76,6 +76,26 @@ pub fn trusted_root_digests(info: &starling_state::ClusterInfo) -> Vec<String> {
         .collect()
 }
 
+/// [`trusted_root_digests`] for callers that ask on every applied entry: the PEM texts are
+/// compared with the last ones seen, and parsed and hashed again only when they changed.
+#[derive(Debug, Default)]
+pub struct RootDigests {
+    pems: Vec<String>,
+    digests: Vec<String>,
+}
+
+impl RootDigests {
+    /// The digests of the roots `info` has nodes trust.
+    pub fn of(&mut self, info: &starling_state::ClusterInfo) -> Vec<String> {
+        let pems = info.trusted_roots_pem();
+        if pems != self.pems {
+            self.pems = pems.iter().map(|p| (*p).to_owned()).collect();
+            self.digests = trusted_root_digests(info);
+        }
+        self.digests.clone()
+    }
+}
+
 /// Serves the sessions `listener` (on [`protocol`]) accepts, until it closes.
 pub async fn serve(mut listener: Listener, store: Arc<Store>, sessions: Sessions) {
     while let Some(conn) = listener.accept().await {
@@ -244,11 +264,12 @@ where
     // The agent fails over to these: a change (a manager joined, left, moved) is sent too.
     let mut sent_managers: Vec<String> = Vec::new();
     let mut sent_directive: Option<NodeDirective> = None;
+    let mut root_digests = RootDigests::default();
     loop {
         let (directive, _) = store.read_applied(|s| {
             s.node(&node).map(|n| NodeDirective {
                 role: n.desired_role.clone(),
-                roots: trusted_root_digests(s.cluster()),
+                roots: root_digests.of(s.cluster()),
             })
         });
         if directive.is_some() && directive != sent_directive {

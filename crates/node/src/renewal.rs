@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use starling_api::dispatch::NodeDirective;
+use starling_manager::dispatcher::RootDigests;
 use starling_raft_store::{NodeRole, Store};
 use starling_transport::{
     CaDigest, Endpoint, NodeCredentials, NodeId, PeerIdentity, Role, renewal_time,
@@ -231,6 +232,7 @@ async fn wait(
 ) -> Need {
     let mut directive = m.directive.clone();
     let mut applied = m.store.as_ref().map(|s| s.applied_changes());
+    let mut digests = RootDigests::default();
     loop {
         let now = SystemTime::now();
         // A certificate of another role than the node runs as (a crash between saving the
@@ -240,7 +242,7 @@ async fn wait(
         } else {
             wanted_role(m, directive.as_ref())
         };
-        let roots_differ = wanted_roots(m, directive.as_ref()).is_some_and(|want| {
+        let roots_differ = wanted_roots(m, directive.as_ref(), &mut digests).is_some_and(|want| {
             let have: Vec<String> = m
                 .endpoint
                 .trusted_roots()
@@ -322,16 +324,13 @@ fn wanted_role(
 fn wanted_roots(
     m: &RunningNode,
     directive: Option<&tokio::sync::watch::Receiver<Option<NodeDirective>>>,
+    digests: &mut RootDigests,
 ) -> Option<Vec<String>> {
     if let Some(d) = directive.and_then(|rx| rx.borrow().clone()) {
         return Some(d.roots);
     }
     let store = m.store.as_ref()?;
-    Some(
-        store
-            .read_applied(|s| starling_manager::dispatcher::trusted_root_digests(s.cluster()))
-            .0,
-    )
+    Some(store.read_applied(|s| digests.of(s.cluster())).0)
 }
 
 /// Whether this manager may have been taken out of the Raft group without its own store

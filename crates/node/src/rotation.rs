@@ -45,6 +45,12 @@ pub async fn rotation_loop(store: Arc<Store>) {
             },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+        // The cheap question first: this runs on every applied entry.
+        let rotating = store.read_applied(|s| s.cluster().rotation.is_some()).0;
+        if !rotating {
+            reported = None;
+            continue;
+        }
         if !store.status().is_leader {
             continue;
         }
