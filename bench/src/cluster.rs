@@ -280,6 +280,21 @@ impl Starling {
         ids.iter().position(|(id, _)| *id == leader)
     }
 
+    /// The highest Raft term of the running managers.
+    pub async fn term(&self) -> anyhow::Result<u64> {
+        let mut term = 0;
+        for m in self.members.iter().filter(|m| m.proc.is_some()) {
+            let (_, v) = control(&m.socket(), "GET", "/v1/info")
+                .await
+                .ok_or_else(|| anyhow::anyhow!("{}: no /v1/info", m.node_id))?;
+            let t = v["raft"]["term"]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("{}: no raft term in /v1/info", m.node_id))?;
+            term = term.max(t);
+        }
+        Ok(term)
+    }
+
     /// Waits until all managers agree on a leader and every one is reachable.
     pub async fn wait_healthy(&self) -> anyhow::Result<usize> {
         poll(
@@ -501,6 +516,18 @@ impl Etcd {
             i += 1;
         }
         None
+    }
+
+    /// The highest Raft term of the running members.
+    pub async fn term(&self) -> anyhow::Result<u64> {
+        let mut term = 0;
+        for (i, m) in self.members.iter().enumerate() {
+            if m.proc.is_some() {
+                let status = self.client(i).await?.status().await?;
+                term = term.max(status.raft_term());
+            }
+        }
+        Ok(term)
     }
 
     /// Waits until every member runs and all agree on a leader.

@@ -18,6 +18,8 @@ enum Measure {
     Failover,
     /// Worker `starling join` → `ready`.
     Join,
+    /// 10 rounds of 256-client writes on each system: elections and client errors.
+    UnderLoad,
     /// The gossip simulator at 1 000 nodes beside the Serf model.
     Gossip,
     /// Failure detection in the simulator: kill → hidden and Down everywhere, false Downs
@@ -133,6 +135,9 @@ async fn real_main() -> anyhow::Result<()> {
         }
         if wants(Measure::Reads) {
             emit(measures::reads(st, e, &plan).await?);
+        }
+        if wants(Measure::UnderLoad) {
+            emit(measures::under_load(st, e, &plan).await?);
         }
         if wants(Measure::Failover) {
             emit(measures::failover(st, e, &plan).await?);

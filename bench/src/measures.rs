@@ -28,6 +28,8 @@ pub struct Plan {
     pub joins: usize,
     /// Nodes in the gossip simulation.
     pub gossip_nodes: usize,
+    /// Rounds of the most clients' writes in `under-load`.
+    pub load_rounds: usize,
 }
 
 impl Plan {
@@ -43,6 +45,7 @@ impl Plan {
             failovers: 10,
             joins: 20,
             gossip_nodes: 1000,
+            load_rounds: 10,
         }
     }
 
@@ -58,6 +61,7 @@ impl Plan {
             failovers: 1,
             joins: 2,
             gossip_nodes: 24,
+            load_rounds: 2,
         }
     }
 }
@@ -562,6 +566,57 @@ pub async fn failover(st: &mut Starling, e: &mut Etcd, plan: &Plan) -> anyhow::R
         list(&f),
         ratio(median(&s).as_secs_f64(), median(&f).as_secs_f64()),
         ratio(max(&s).as_secs_f64(), max(&f).as_secs_f64()),
+    ))
+}
+
+/// `under-load`: rounds of writes by the most clients of the plan, spread over the members,
+/// on each system in turn; the elections during each round (the highest term of the members
+/// after it minus before it) and the requests that failed.
+pub async fn under_load(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<String> {
+    let clients = plan.write_clients.iter().copied().max().unwrap_or(1);
+    let mut rows = String::new();
+    let mut totals = [0u64; 4];
+    for round in 0..plan.load_rounds {
+        st.wait_healthy().await?;
+        e.wait_healthy().await?;
+        let before = st.term().await?;
+        let s = starling_load(st, plan, clients, None, Work::Put, Api::Quic).await;
+        let s_elections = st.term().await?.saturating_sub(before);
+        let before = e.term().await?;
+        let f = etcd_load(e, plan, clients, None, Work::Put).await?;
+        let e_elections = e.term().await?.saturating_sub(before);
+        for (t, v) in totals
+            .iter_mut()
+            .zip([s_elections, s.errors, e_elections, f.errors])
+        {
+            *t += v;
+        }
+        rows.push_str(&format!(
+            "| {} | {:.0} | {} | {} | {:.0} | {} | {} |\n",
+            round + 1,
+            s.rate(),
+            s_elections,
+            s.errors,
+            f.rate(),
+            e_elections,
+            f.errors
+        ));
+    }
+    Ok(format!(
+        "### Under load\n\n{} rounds of {} clients writing (as in Durable writes, spread over \
+         the members, {:?} after {:?} of warm-up), Starling then etcd; elections are the rise of \
+         the highest term of the members over the round, errors the requests that failed (a \
+         Starling client over the remote API; etcd's over gRPC).\n\n\
+         | round | Starling ops/s | elections | errors | etcd ops/s | elections | errors |\n\
+         |---|---|---|---|---|---|---|\n{rows}| total | | {} | {} | | {} | {} |\n\n",
+        plan.load_rounds,
+        clients,
+        plan.window,
+        plan.warmup,
+        totals[0],
+        totals[1],
+        totals[2],
+        totals[3],
     ))
 }
 

@@ -27,6 +27,7 @@ fn t10_every_measure_runs_quickly_against_both_systems() {
         "### Durable writes",
         "### Reads",
         "### Leader failover",
+        "### Under load",
         "### Worker join",
         "### Gossip",
         "fdatasync",
@@ -58,6 +59,17 @@ fn t10_every_measure_runs_quickly_against_both_systems() {
         assert!(cells[2].parse::<f64>().unwrap() > 0.0, "{r}");
     }
     assert!(stdout.contains("| etcd | "), "{stdout}");
+    // Under load: a row per round and a total of elections and errors for each system.
+    let total = stdout
+        .lines()
+        .find(|l| l.starts_with("| total |"))
+        .unwrap_or_else(|| panic!("no under-load total:\n{stdout}"));
+    let cells: Vec<&str> = total.split('|').map(str::trim).collect();
+    for i in [3, 4, 6, 7] {
+        cells[i]
+            .parse::<u64>()
+            .unwrap_or_else(|_| panic!("{total}"));
+    }
     assert_eq!(
         std::fs::read_to_string(&out_file).unwrap().lines().count(),
         stdout.lines().count()

@@ -620,6 +620,58 @@ async fn read_answer(
     ))
 }
 
+/// Why an exchange on a remote connection failed.
+enum Exchange {
+    /// Nothing reached the manager: the call may go to another.
+    NotSent(String),
+    /// The request may have reached it and been acted on.
+    Lost(String),
+}
+
+/// Sends `req` on the stream kept from the last exchange if it still takes requests, else on
+/// a fresh stream of `conn`; returns the stream's sender and the answer's head.
+async fn exchange(
+    kept: Option<SendRequest<Full<Bytes>>>,
+    conn: &Connection,
+    mut req: Request<Full<Bytes>>,
+) -> Result<
+    (
+        SendRequest<Full<Bytes>>,
+        http::Response<hyper::body::Incoming>,
+    ),
+    Exchange,
+> {
+    if let Some(mut send) = kept
+        && send.ready().await.is_ok()
+    {
+        match send.try_send_request(req).await {
+            Ok(resp) => return Ok((send, resp)),
+            // Unsent: the manager closed the kept stream meanwhile (an idle timeout).
+            Err(mut e) => match e.take_message() {
+                Some(back) => req = back,
+                None => return Err(Exchange::Lost(e.into_error().to_string())),
+            },
+        }
+    }
+    let stream = conn
+        .open_stream()
+        .await
+        .map_err(|e| Exchange::NotSent(e.to_string()))?;
+    let mut send = handshake(stream).await.map_err(Exchange::NotSent)?;
+    match send.try_send_request(req).await {
+        Ok(resp) => Ok((send, resp)),
+        Err(mut e) => {
+            let unsent = e.take_message().is_some();
+            let why = e.into_error().to_string();
+            Err(if unsent {
+                Exchange::NotSent(why)
+            } else {
+                Exchange::Lost(why)
+            })
+        }
+    }
+}
+
 async fn handshake<IO>(io: IO) -> Result<SendRequest<Full<Bytes>>, String>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -769,8 +821,16 @@ struct Remote {
     endpoint: Endpoint,
     protocol: Protocol,
     managers: Mutex<Vec<ManagerAddr>>,
-    current: tokio::sync::Mutex<Option<(ManagerAddr, Connection)>>,
+    current: tokio::sync::Mutex<Option<Current>>,
     dial_timeout: Duration,
+}
+
+/// The manager in use: its connection, and the stream of the last whole exchange kept open
+/// for the next one (HTTP/1.1 keep-alive on one QUIC stream: no stream set-up per call).
+struct Current {
+    manager: ManagerAddr,
+    conn: Connection,
+    kept: Option<SendRequest<Full<Bytes>>>,
 }
 
 impl Remote {
@@ -866,8 +926,8 @@ impl Remote {
         let mut current = self.current.lock().await;
         let mut tried: Vec<String> = Vec::new();
         let mut candidates: Vec<ManagerAddr> = Vec::new();
-        if let Some((m, _)) = current.as_ref() {
-            candidates.push(m.clone());
+        if let Some(c) = current.as_ref() {
+            candidates.push(c.manager.clone());
         }
         for m in self.managers() {
             if !candidates.contains(&m) {
@@ -877,10 +937,14 @@ impl Remote {
         let mut last_unavailable: Option<ApiError> = None;
         for m in candidates {
             let conn = match current.as_ref() {
-                Some((cm, c)) if *cm == m && c.close_reason().is_none() => c.clone(),
+                Some(c) if c.manager == m && c.conn.close_reason().is_none() => c.conn.clone(),
                 _ => match self.dial(&m).await {
                     Ok(c) => {
-                        *current = Some((m.clone(), c.clone()));
+                        *current = Some(Current {
+                            manager: m.clone(),
+                            conn: c.clone(),
+                            kept: None,
+                        });
                         c
                     }
                     Err(e) => {
@@ -889,27 +953,33 @@ impl Remote {
                     }
                 },
             };
-            let stream = match conn.open_stream().await {
-                Ok(s) => s,
-                Err(e) => {
+            // A stream kept from the last exchange, unless this call streams its answer (that
+            // stream stays busy until the caller drops the body).
+            let kept = if streaming {
+                None
+            } else {
+                current.as_mut().and_then(|c| c.kept.take())
+            };
+            let (send, resp) = match exchange(kept, &conn, out.build()?).await {
+                Ok(x) => x,
+                Err(Exchange::NotSent(e)) => {
                     *current = None;
                     tried.push(format!("{}: {e}", m.node_id));
                     continue;
                 }
-            };
-            // Nothing has crossed the stream before the request is sent: a failure up to
-            // here leaves the request unsent, whatever its method.
-            let mut send = match handshake(stream).await {
-                Ok(s) => s,
-                Err(e) => {
+                Err(Exchange::Lost(e)) => {
                     *current = None;
+                    if !repeatable {
+                        return Err(ClientError::NoAnswer(format!(
+                            "{} ({}): {e}",
+                            m.node_id, m.addr
+                        )));
+                    }
                     tried.push(format!("{}: {e}", m.node_id));
                     continue;
                 }
             };
-            let req = out.build()?;
             let answer = async {
-                let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
                 if streaming && resp.status().is_success() {
                     return Ok(Err(resp));
                 }
@@ -937,6 +1007,10 @@ impl Remote {
                         last_unavailable = Some(e);
                         *current = None;
                         continue;
+                    }
+                    // The exchange is over: keep its stream for the next call.
+                    if !streaming && let Some(c) = current.as_mut() {
+                        c.kept = Some(send);
                     }
                     return Ok(Got::Full(raw));
                 }

@@ -4,7 +4,7 @@
 //! ```text
 //!   starling CLI, tests/, bench/ ──▶ Client ──HTTP/1.1 + JSON──▶ DIR/control.sock   (local)
 //!                                          └─HTTP/1.1 over QUIC──▶ manager:port   (remote,
-//!                                             ALPN starling/api/1, one exchange per stream,
+//!                                             ALPN starling/api/1, keep-alive per stream,
 //!                                             client certificate admin|viewer, Context)
 //!   node (axum router, one handler file per resource) ◀─ the same types, both ways
 //! ```

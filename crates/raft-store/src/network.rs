@@ -16,7 +16,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::{RaftNetworkV2, ReadPolicy};
+use openraft::{LinearizerOption, RaftNetworkV2};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use starling_transport::{Endpoint, NodeId, PeerPolicy, Protocol, Role};
@@ -525,10 +525,26 @@ pub(crate) async fn leader_write(raft: &Raft, cmd: Command) -> LeaderReply<Comma
     }
 }
 
-/// Confirms leadership with a quorum and returns the index a linearizable read must wait for.
+/// Confirms leadership and returns the index a linearizable read must wait for.
+///
+/// Leadership is confirmed by the leader lease: a quorum acknowledged a heartbeat or an
+/// append this leader *sent* less than the lease ago (the longest election timeout, 180 ms
+/// by default), and a voter grants no vote, pre-vote or real, until that long after it last
+/// heard a leader — so no other leader can exist yet and the leader's commit index is the
+/// latest. Only when the last acknowledgement is older does the read send a heartbeat round
+/// and wait for a quorum (up to one lease), as a read index does every time. This holds
+/// while the managers' monotonic clocks run at nearly the same rate over one lease (they
+/// need not agree on the time); a clock that jumps forward on a follower, or stands still
+/// on the leader while time passes, breaks it. Reads forwarded by followers are confirmed
+/// the same way.
 pub(crate) async fn leader_read_index(raft: &Raft) -> LeaderReply<u64> {
     use openraft::errors::{LinearizableReadError, RaftError};
-    match raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+    // `None`: an acknowledgement up to one lease old will do; `true`: if it is older, send a
+    // heartbeat round at once rather than waiting for the next periodic one.
+    match raft
+        .ensure_linearizable(LinearizerOption::new(None, true))
+        .await
+    {
         Ok(read) => LeaderReply::Done(read.log_id().index),
         Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
             LeaderReply::NotLeader(leader_hint(raft, &f))

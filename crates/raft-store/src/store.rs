@@ -225,6 +225,44 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The same error again (for every read of a batch whose leader call failed).
+    fn duplicate(&self) -> StoreError {
+        use StoreError::*;
+        match self {
+            NoQuorum {
+                reachable,
+                voters,
+                needed,
+                waited,
+            } => NoQuorum {
+                reachable: *reachable,
+                voters: *voters,
+                needed: *needed,
+                waited: *waited,
+            },
+            Unknown(s) => Unknown(s.clone()),
+            Compacted { requested, oldest } => Compacted {
+                requested: *requested,
+                oldest: *oldest,
+            },
+            TooLarge { size, max } => TooLarge {
+                size: *size,
+                max: *max,
+            },
+            NotLeader { leader } => NotLeader {
+                leader: leader.clone(),
+            },
+            Storage(e) => Storage(std::io::Error::new(e.kind(), e.to_string())),
+            Raft(s) => Raft(s.clone()),
+            Config(s) => Config(s.clone()),
+            MembershipChangeInProgress => MembershipChangeInProgress,
+            Stopped(s) => Stopped(s.clone()),
+            Lagging { index } => Lagging { index: *index },
+        }
+    }
+}
+
 /// The largest command a write may carry, encoded (etcd's default request limit is 1.5 MiB).
 /// Keeping commands well under the transport's frame limit keeps every replication batch
 /// sendable.
@@ -236,6 +274,61 @@ const CAUGHT_UP_LAG: u64 = 64;
 /// Time given to probing the other managers when reporting a lost quorum.
 const PROBE_TIME: Duration = Duration::from_millis(300);
 
+/// Linearizable reads waiting for a read index: one leader call serves every read that
+/// arrived while the call before it was in flight (a read index must be asked after the
+/// read began, so a read never shares a call already sent).
+#[derive(Default)]
+struct ReadBatch {
+    state: std::sync::Mutex<BatchState>,
+}
+
+#[derive(Default)]
+struct BatchState {
+    /// Whether a read is asking the leader now.
+    asking: bool,
+    /// Reads that arrived meanwhile; the next call serves them.
+    waiting: Vec<tokio::sync::oneshot::Sender<BatchAnswer>>,
+}
+
+enum BatchAnswer {
+    /// The read index of the call made for this read's group.
+    Index(u64),
+    /// Ask the leader for this group (the reads that arrived during the last call).
+    Ask(Vec<tokio::sync::oneshot::Sender<BatchAnswer>>),
+    /// The group's call failed with this error.
+    Failed(StoreError),
+}
+
+impl ReadBatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The asking read's group; when the read is done or dropped mid-call, the reads that
+/// arrived meanwhile are handed to one of them to ask next (or asking stops). A group
+/// dropped unanswered sees its sender gone and asks alone.
+struct Asking<'a> {
+    batch: &'a ReadBatch,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        let mut st = self.batch.lock();
+        let mut next = std::mem::take(&mut st.waiting);
+        while !next.is_empty() {
+            let first = next.remove(0);
+            match first.send(BatchAnswer::Ask(next)) {
+                Ok(()) => return,
+                // That read is gone: the next one asks.
+                Err(BatchAnswer::Ask(back)) => next = back,
+                Err(_) => return,
+            }
+        }
+        st.asking = false;
+    }
+}
+
 /// A manager's replicated store.
 pub struct Store {
     raft: Raft,
@@ -245,6 +338,7 @@ pub struct Store {
     config: StoreConfig,
     server: tokio::task::JoinHandle<()>,
     contact: crate::network::LeaderContact,
+    reads: ReadBatch,
 }
 
 impl std::fmt::Debug for Store {
@@ -449,6 +543,7 @@ impl Store {
             config,
             server,
             contact,
+            reads: ReadBatch::default(),
         })
     }
 
@@ -748,7 +843,7 @@ impl Store {
         self.running()?;
         if consistency == Consistency::Linearizable {
             let started = Instant::now();
-            let index = self.on_leader(ReadIndexCall).await?;
+            let index = self.read_index().await?;
             let left = self
                 .config
                 .quorum_deadline()
@@ -760,6 +855,46 @@ impl Store {
         }
         let st = self.sm.read();
         Ok((f(&st.data), st.data.revision()))
+    }
+
+    /// The index a linearizable read must wait for, from the leader: one call serves every
+    /// read that arrived while the call before it was in flight, so concurrent reads cost
+    /// one leader round (a forwarded request, a lease check) per batch instead of each.
+    async fn read_index(&self) -> Result<u64, StoreError> {
+        let rx = {
+            let mut st = self.reads.lock();
+            if st.asking {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                st.waiting.push(tx);
+                Some(rx)
+            } else {
+                st.asking = true;
+                None
+            }
+        };
+        let group = match rx {
+            None => Vec::new(),
+            Some(rx) => match rx.await {
+                Ok(BatchAnswer::Index(index)) => return Ok(index),
+                Ok(BatchAnswer::Failed(e)) => return Err(e),
+                Ok(BatchAnswer::Ask(group)) => group,
+                // The read asking for this one went away mid-call: ask alone.
+                Err(_) => return self.on_leader(ReadIndexCall).await,
+            },
+        };
+        // Dropped last (also when this read is dropped mid-call): hands the reads that
+        // arrived meanwhile to the next asker.
+        let asking = Asking { batch: &self.reads };
+        let result = self.on_leader(ReadIndexCall).await;
+        for tx in group {
+            let answer = match &result {
+                Ok(index) => BatchAnswer::Index(*index),
+                Err(e) => BatchAnswer::Failed(e.duplicate()),
+            };
+            let _ = tx.send(answer);
+        }
+        drop(asking);
+        result
     }
 
     /// Runs `f` on this manager's last applied state, whether or not its Raft still runs: for

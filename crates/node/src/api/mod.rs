@@ -442,9 +442,10 @@ fn config_error(e: starling_transport::IdentityError) -> starling_transport::Con
     }
 }
 
-/// Serves remote callers: every admitted connection's streams, one HTTP/1.1 exchange each.
-/// Each stream is checked against the revoked set in `store` first, so a client revoked
-/// while its connection is open is shut out at its next request.
+/// Serves remote callers: every admitted connection's streams, each an HTTP/1.1
+/// connection with keep-alive (a client keeps one stream for its calls in turn). Every
+/// request is checked against the revoked set in `store` first, so a client revoked while
+/// its connection is open is shut out at its next request and its connection closed.
 pub async fn serve_quic(
     mut listener: starling_transport::Listener,
     router: Router,
@@ -469,21 +470,59 @@ pub async fn serve_quic(
                 continue;
             }
         };
-        let router = router.clone().layer(Extension(caller));
-        let store = store.clone();
+        let client = ApiClient {
+            id: peer.node_id.as_str().to_owned(),
+            store: store.clone(),
+            conn: conn.clone(),
+        };
+        let router =
+            router
+                .clone()
+                .layer(Extension(caller))
+                .layer(axum::middleware::from_fn_with_state(
+                    client.clone(),
+                    refuse_revoked,
+                ));
         tokio::spawn(async move {
-            let id = peer.node_id.as_str().to_owned();
             while let Ok(stream) = conn.accept_stream().await {
-                let (revoked, _) = store.read_applied(|s| s.is_revoked(&id));
-                if revoked {
-                    tracing::info!(client = %id, "revoked api client: closing its connection");
-                    conn.close(starling_transport::CloseCode::REVOKED, "revoked");
+                if client.revoked() {
                     break;
                 }
                 tokio::spawn(serve_io(stream, router.clone()));
             }
         });
     }
+}
+
+/// A remote caller's identity and connection, to shut it out once revoked.
+#[derive(Clone)]
+struct ApiClient {
+    id: String,
+    store: Arc<Store>,
+    conn: starling_transport::Connection,
+}
+
+impl ApiClient {
+    /// Whether the client's certificate is revoked; if so its connection is closed.
+    fn revoked(&self) -> bool {
+        let (revoked, _) = self.store.read_applied(|s| s.is_revoked(&self.id));
+        if revoked {
+            tracing::info!(client = %self.id, "revoked api client: closing its connection");
+            self.conn
+                .close(starling_transport::CloseCode::REVOKED, "revoked");
+        }
+        revoked
+    }
+}
+
+async fn refuse_revoked(State(client): State<ApiClient>, req: Request, next: Next) -> Response {
+    if client.revoked() {
+        return Failure(ApiError::permission_denied(
+            "this client certificate is revoked".to_string(),
+        ))
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// The metrics endpoint's router: Prometheus text on any path.
