@@ -90,6 +90,23 @@ pub fn starling_binary() -> anyhow::Result<PathBuf> {
     if let Some(cargo) = std::env::var_os("CARGO") {
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-q", "-p", "starling-node", "--bin", "starling"]);
+        // Under `cargo run`, this process has the bench package's CARGO_PKG_* and
+        // CARGO_MANIFEST_* variables; build scripts that watch them (ring's does) would see
+        // them change from a plain `cargo build` and rebuild ring and everything above it.
+        for (name, _) in std::env::vars_os() {
+            let name_str = name.to_string_lossy();
+            if name_str.starts_with("CARGO_PKG_")
+                || name_str.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                ]
+                .contains(&name_str.as_ref())
+            {
+                cmd.env_remove(&name);
+            }
+        }
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

@@ -284,7 +284,7 @@ struct ReadBatch {
 
 #[derive(Default)]
 struct BatchState {
-    /// Whether a read is asking the leader now.
+    /// Whether a read is asking the leader now (or the turn is on its way to one).
     asking: bool,
     /// Reads that arrived meanwhile; the next call serves them.
     waiting: Vec<tokio::sync::oneshot::Sender<BatchAnswer>>,
@@ -293,8 +293,8 @@ struct BatchState {
 enum BatchAnswer {
     /// The read index of the call made for this read's group.
     Index(u64),
-    /// Ask the leader for this group (the reads that arrived during the last call).
-    Ask(Vec<tokio::sync::oneshot::Sender<BatchAnswer>>),
+    /// This read asks the leader next, for itself and the group in the turn.
+    Ask(Turn),
     /// The group's call failed with this error.
     Failed(StoreError),
 }
@@ -303,25 +303,86 @@ impl ReadBatch {
     fn lock(&self) -> std::sync::MutexGuard<'_, BatchState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The read index for one read: asked with `ask` by this read, or taken from the next
+    /// call another read makes after this one arrived. `ask` gets the time its read arrived,
+    /// the earliest of its group (reads queue in arrival order), to keep every read of the
+    /// group within its deadline although it waited for the call before.
+    async fn share<F, Fut>(self: &Arc<Self>, ask: F) -> Result<u64, StoreError>
+    where
+        F: Fn(Instant) -> Fut,
+        Fut: Future<Output = Result<u64, StoreError>>,
+    {
+        let arrived = Instant::now();
+        let rx = {
+            let mut st = self.lock();
+            if st.asking {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                st.waiting.push(tx);
+                Some(rx)
+            } else {
+                st.asking = true;
+                None
+            }
+        };
+        let mut turn = match rx {
+            None => Turn {
+                batch: Some(self.clone()),
+                group: Vec::new(),
+            },
+            Some(rx) => match rx.await {
+                Ok(BatchAnswer::Index(index)) => return Ok(index),
+                Ok(BatchAnswer::Failed(e)) => return Err(e),
+                Ok(BatchAnswer::Ask(turn)) => turn,
+                // The read asking for this one went away mid-call: ask alone.
+                Err(_) => return ask(arrived).await,
+            },
+        };
+        let result = ask(arrived).await;
+        for tx in std::mem::take(&mut turn.group) {
+            let answer = match &result {
+                Ok(index) => BatchAnswer::Index(*index),
+                Err(e) => BatchAnswer::Failed(e.duplicate()),
+            };
+            let _ = tx.send(answer);
+        }
+        // Hands the reads that arrived meanwhile to the next asker (also when this read is
+        // dropped mid-call).
+        drop(turn);
+        result
+    }
 }
 
-/// The asking read's group; when the read is done or dropped mid-call, the reads that
-/// arrived meanwhile are handed to one of them to ask next (or asking stops). A group
-/// dropped unanswered sees its sender gone and asks alone.
-struct Asking<'a> {
-    batch: &'a ReadBatch,
+/// The turn to ask the leader, with the reads to answer. However it ends — the asker done,
+/// dropped mid-call, or the turn dropped before its read took it — the reads that arrived
+/// meanwhile are handed to one of them (or asking stops), so no read waits on a turn nobody
+/// holds; a group dropped unanswered sees its senders gone and asks alone.
+struct Turn {
+    /// `None` once handed on (nothing left to do on drop).
+    batch: Option<Arc<ReadBatch>>,
+    group: Vec<tokio::sync::oneshot::Sender<BatchAnswer>>,
 }
 
-impl Drop for Asking<'_> {
+impl Drop for Turn {
     fn drop(&mut self) {
-        let mut st = self.batch.lock();
+        let Some(batch) = self.batch.take() else {
+            return;
+        };
+        let mut st = batch.lock();
         let mut next = std::mem::take(&mut st.waiting);
         while !next.is_empty() {
             let first = next.remove(0);
-            match first.send(BatchAnswer::Ask(next)) {
+            let turn = Turn {
+                batch: Some(batch.clone()),
+                group: next,
+            };
+            match first.send(BatchAnswer::Ask(turn)) {
                 Ok(()) => return,
-                // That read is gone: the next one asks.
-                Err(BatchAnswer::Ask(back)) => next = back,
+                // That read is gone: take the group back and offer the turn to the next.
+                Err(BatchAnswer::Ask(mut back)) => {
+                    back.batch = None;
+                    next = std::mem::take(&mut back.group);
+                }
                 Err(_) => return,
             }
         }
@@ -338,7 +399,7 @@ pub struct Store {
     config: StoreConfig,
     server: tokio::task::JoinHandle<()>,
     contact: crate::network::LeaderContact,
-    reads: ReadBatch,
+    reads: Arc<ReadBatch>,
 }
 
 impl std::fmt::Debug for Store {
@@ -543,7 +604,7 @@ impl Store {
             config,
             server,
             contact,
-            reads: ReadBatch::default(),
+            reads: Arc::default(),
         })
     }
 
@@ -616,7 +677,16 @@ impl Store {
     /// Runs `op` on the leader (here, or forwarded), retrying while there is no leader or
     /// the leader moved, until the quorum deadline.
     async fn on_leader<L: LeaderCall>(&self, op: L) -> Result<L::Out, StoreError> {
-        let started = Instant::now();
+        self.on_leader_since(op, Instant::now()).await
+    }
+
+    /// [`Store::on_leader`] for an operation that began at `started`: it gives up within the
+    /// quorum deadline from then (a batched read that waited for the call before its own).
+    async fn on_leader_since<L: LeaderCall>(
+        &self,
+        op: L,
+        started: Instant,
+    ) -> Result<L::Out, StoreError> {
         // Keep time for the reachability probes of a no-quorum answer inside the bound.
         let deadline = started + self.config.quorum_deadline() - PROBE_TIME;
         let mut hint: Option<(u64, ManagerNode)> = None;
@@ -861,40 +931,9 @@ impl Store {
     /// read that arrived while the call before it was in flight, so concurrent reads cost
     /// one leader round (a forwarded request, a lease check) per batch instead of each.
     async fn read_index(&self) -> Result<u64, StoreError> {
-        let rx = {
-            let mut st = self.reads.lock();
-            if st.asking {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                st.waiting.push(tx);
-                Some(rx)
-            } else {
-                st.asking = true;
-                None
-            }
-        };
-        let group = match rx {
-            None => Vec::new(),
-            Some(rx) => match rx.await {
-                Ok(BatchAnswer::Index(index)) => return Ok(index),
-                Ok(BatchAnswer::Failed(e)) => return Err(e),
-                Ok(BatchAnswer::Ask(group)) => group,
-                // The read asking for this one went away mid-call: ask alone.
-                Err(_) => return self.on_leader(ReadIndexCall).await,
-            },
-        };
-        // Dropped last (also when this read is dropped mid-call): hands the reads that
-        // arrived meanwhile to the next asker.
-        let asking = Asking { batch: &self.reads };
-        let result = self.on_leader(ReadIndexCall).await;
-        for tx in group {
-            let answer = match &result {
-                Ok(index) => BatchAnswer::Index(*index),
-                Err(e) => BatchAnswer::Failed(e.duplicate()),
-            };
-            let _ = tx.send(answer);
-        }
-        drop(asking);
-        result
+        self.reads
+            .share(|arrived| self.on_leader_since(ReadIndexCall, arrived))
+            .await
     }
 
     /// Runs `f` on this manager's last applied state, whether or not its Raft still runs: for
@@ -1129,5 +1168,123 @@ impl Store {
             .shutdown()
             .await
             .map_err(|e| StoreError::Raft(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod read_batch_tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A leader stand-in: each call takes `delay` and answers its own number (calls counted
+    /// from 0); it records when each call started.
+    struct Asker {
+        calls: AtomicU64,
+        started: Mutex<Vec<(u64, Instant)>>,
+        delay: Duration,
+    }
+
+    impl Asker {
+        async fn ask(&self) -> Result<u64, StoreError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            self.started.lock().unwrap().push((n, Instant::now()));
+            tokio::time::sleep(self.delay).await;
+            Ok(n)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_share_calls_but_never_one_sent_before_they_began() {
+        let batch = Arc::new(ReadBatch::default());
+        let asker = Asker {
+            calls: AtomicU64::new(0),
+            started: Mutex::new(Vec::new()),
+            delay: Duration::from_millis(5),
+        };
+        let reads = (0..200u64).map(|i| {
+            let batch = batch.clone();
+            let asker = &asker;
+            async move {
+                tokio::time::sleep(Duration::from_micros(i * 150)).await;
+                let began = Instant::now();
+                let call = batch.share(|_| asker.ask()).await.unwrap();
+                (began, call)
+            }
+        });
+        let done = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(reads))
+            .await
+            .expect("reads wedged");
+        let calls = asker.calls.load(Ordering::SeqCst);
+        assert!(calls < 100, "{calls} calls for 200 reads: not shared");
+        let started = asker.started.lock().unwrap().clone();
+        for (began, call) in done {
+            let sent = started.iter().find(|(n, _)| *n == call).unwrap().1;
+            assert!(
+                sent >= began,
+                "a read got the answer of a call sent before it began"
+            );
+        }
+        assert!(!batch.lock().asking, "asking left set");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_dropped_mid_call_or_before_its_turn_wedges_nobody() {
+        let batch = Arc::new(ReadBatch::default());
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let calls = Arc::new(AtomicU64::new(0));
+        let ask = {
+            let (gate, calls) = (gate.clone(), calls.clone());
+            move |_: Instant| {
+                let (gate, calls) = (gate.clone(), calls.clone());
+                async move {
+                    let n = calls.fetch_add(1, Ordering::SeqCst);
+                    // The first call blocks until released; later ones answer at once.
+                    if n == 0 {
+                        let _ = gate.acquire().await;
+                    }
+                    Ok(n)
+                }
+            }
+        };
+        // A asks (and blocks); B and C wait for the next call.
+        let a = tokio::spawn({
+            let (batch, ask) = (batch.clone(), ask.clone());
+            async move { batch.share(ask).await }
+        });
+        while !batch.lock().asking {
+            tokio::task::yield_now().await;
+        }
+        let b = tokio::spawn({
+            let (batch, ask) = (batch.clone(), ask.clone());
+            async move { batch.share(ask).await }
+        });
+        let c = tokio::spawn({
+            let (batch, ask) = (batch.clone(), ask.clone());
+            async move { batch.share(ask).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while batch.lock().waiting.len() < 2 {
+            assert!(Instant::now() < deadline, "B and C never queued");
+            tokio::task::yield_now().await;
+        }
+        // B gives up while waiting, A is dropped mid-call: C must get the turn and answer.
+        b.abort();
+        a.abort();
+        let c = tokio::time::timeout(Duration::from_secs(5), c)
+            .await
+            .expect("C wedged after its asker was dropped")
+            .unwrap()
+            .unwrap();
+        assert!(c >= 1, "C was answered by the call sent before it began");
+        // And the batch is free again: a new read asks at once.
+        let d = tokio::time::timeout(Duration::from_secs(5), batch.share(ask.clone()))
+            .await
+            .expect("a later read wedged")
+            .unwrap();
+        assert!(d > c);
+        assert!(!batch.lock().asking);
     }
 }
