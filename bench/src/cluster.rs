@@ -125,6 +125,14 @@ pub fn starling_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// Three members of each system share this machine's cores: each Starling node runs one
+/// runtime worker thread and each etcd member one Go scheduler thread (`GOMAXPROCS`), so
+/// neither wakes idle threads of its own on every request.
+pub const THREADS: (&str, &str) = ("STARLING_THREADS", "1");
+
+/// The same for etcd: see [`THREADS`].
+pub const GO_THREADS: (&str, &str) = ("GOMAXPROCS", "1");
+
 /// A Starling manager.
 #[derive(Debug)]
 pub struct StarlingMember {
@@ -191,6 +199,7 @@ impl Starling {
             let token;
             let via;
             let mut cmd = Command::new(&s.bin);
+            cmd.env(THREADS.0, THREADS.1);
             if i == 0 {
                 cmd.arg("init");
             } else {
@@ -344,6 +353,7 @@ impl Starling {
     pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         let d = self.members[i].dir.display().to_string();
         let mut cmd = Command::new(&self.bin);
+        cmd.env(THREADS.0, THREADS.1);
         cmd.args(["run", "--data-dir", &d]);
         let proc = Proc::spawn(&mut cmd, &self.base.join(format!("m{i}.log")))?;
         self.members[i].proc = Some(proc);
@@ -367,6 +377,7 @@ impl Starling {
         let leader = self.leader().await.context("no leader")?;
         let socket = self.members[leader].socket();
         let mut cmd = Command::new(&self.bin);
+        cmd.env(THREADS.0, THREADS.1);
         cmd.args([
             "join",
             "--data-dir",
@@ -471,6 +482,7 @@ impl Etcd {
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
         let m = &self.members[i];
         let mut cmd = Command::new("etcd");
+        cmd.env(GO_THREADS.0, GO_THREADS.1);
         cmd.args([
             "--name",
             &m.name,

@@ -101,7 +101,9 @@ async fn real_main() -> anyhow::Result<()> {
     );
     let mut report = format!(
         "# Starling beside etcd\n\n{}Command: `{}`. {}, 3 members on 127.0.0.1; Starling `{}` \
-         3 managers, {} build. Data of both on the same disk under `{}`.\n\n",
+         3 managers, {} build. Data of both on the same disk under `{}`. The members share the \
+         cores: each Starling node runs with `STARLING_THREADS=1` (one runtime worker thread) \
+         and each etcd member with `GOMAXPROCS=1`.\n\n",
         machine.markdown(),
         command,
         if needs_clusters {

@@ -823,6 +823,8 @@ struct Remote {
     managers: Mutex<Vec<ManagerAddr>>,
     current: tokio::sync::Mutex<Option<Current>>,
     dial_timeout: Duration,
+    /// The last `starling-managers` header learned from.
+    last_header: Mutex<Option<String>>,
 }
 
 /// The manager in use: its connection, and the stream of the last whole exchange kept open
@@ -866,6 +868,7 @@ impl Remote {
             managers: Mutex::new(managers),
             current: tokio::sync::Mutex::new(None),
             dial_timeout,
+            last_header: Mutex::new(None),
         })
     }
 
@@ -878,6 +881,14 @@ impl Remote {
 
     fn learn(&self, header: Option<String>) {
         let Some(header) = header else { return };
+        {
+            // Every answer carries the list; parse it only when it changed.
+            let mut last = self.last_header.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_deref() == Some(header.as_str()) {
+                return;
+            }
+            *last = Some(header.clone());
+        }
         let mut learned: Vec<ManagerAddr> = header
             .split(',')
             .filter_map(|m| {

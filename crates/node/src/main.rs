@@ -1251,7 +1251,26 @@ fn main() -> std::process::ExitCode {
     {
         return std::process::ExitCode::from(starling_agent::exec::launch(&args[2..]));
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // STARLING_THREADS: the runtime's worker threads (default: one per CPU). One is best
+    // when several nodes share a few cores (a test or bench cluster on one machine): fewer
+    // threads waking each other for every request.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(v) = std::env::var_os("STARLING_THREADS") {
+        match v.to_str().and_then(|s| s.trim().parse::<usize>().ok()) {
+            Some(n) if (1..=1024).contains(&n) => {
+                builder.worker_threads(n);
+            }
+            _ => {
+                eprintln!(
+                    "error: STARLING_THREADS={}: expected a number of threads from 1 to 1024",
+                    v.to_string_lossy()
+                );
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -667,8 +667,18 @@ impl Store {
             .collect()
     }
 
+    /// The log index of the membership in effect: it changes whenever the managers or
+    /// their addresses change (for caches of [`Store::managers`]).
+    pub fn membership_index(&self) -> u64 {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config.log_id().as_ref().map_or(0, |l| l.index)
+    }
+
     fn leader_node(&self) -> Option<(u64, ManagerNode)> {
-        let m = self.raft.metrics().borrow_watched().clone();
+        // Borrowed, not cloned: this runs for every write and read index.
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id)?.clone();
         Some((id, node))

@@ -69,6 +69,17 @@ pub enum Caller {
 pub struct ApiState {
     current: Current,
     max_watch_wait: Duration,
+    /// The `starling-managers` header, kept until the store or its membership changes
+    /// (every answer carries it).
+    managers_header: Arc<std::sync::Mutex<Option<ManagersHeader>>>,
+}
+
+/// A rendered `starling-managers` header and what it was rendered from: the store (its
+/// address, only compared) and the log index of its membership.
+struct ManagersHeader {
+    store: usize,
+    membership: u64,
+    value: HeaderValue,
 }
 
 /// The longest a watch long poll waits for its first event, unless configured otherwise.
@@ -83,6 +94,7 @@ impl ApiState {
         ApiState {
             current,
             max_watch_wait: MAX_WATCH_WAIT,
+            managers_header: Arc::default(),
         }
     }
 
@@ -368,12 +380,30 @@ async fn typed_errors(req: Request, next: Next) -> Response {
 async fn managers_header(State(state): State<ApiState>, req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     if let Some(store) = &state.node().store {
-        let list: Vec<String> = store
-            .managers()
-            .iter()
-            .map(|(_, n)| format!("{}@{}", n.name, n.addr))
-            .collect();
-        if let Ok(v) = HeaderValue::from_str(&list.join(",")) {
+        let key = (Arc::as_ptr(store) as usize, store.membership_index());
+        let mut cache = state
+            .managers_header
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let value = match cache.as_ref() {
+            Some(h) if (h.store, h.membership) == key => Some(h.value.clone()),
+            _ => {
+                let list: Vec<String> = store
+                    .managers()
+                    .iter()
+                    .map(|(_, n)| format!("{}@{}", n.name, n.addr))
+                    .collect();
+                let value = HeaderValue::from_str(&list.join(",")).ok();
+                *cache = value.clone().map(|value| ManagersHeader {
+                    store: key.0,
+                    membership: key.1,
+                    value,
+                });
+                value
+            }
+        };
+        drop(cache);
+        if let Some(v) = value {
             resp.headers_mut().insert(MANAGERS_HEADER, v);
         }
     }
