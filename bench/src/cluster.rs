@@ -130,6 +130,13 @@ pub fn starling_binary() -> anyhow::Result<PathBuf> {
 /// neither wakes idle threads of its own on every request.
 pub const THREADS: (&str, &str) = ("STARLING_THREADS", "1");
 
+/// A command running the `starling` binary `bin` as a bench node (with [`THREADS`]).
+fn node_command(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env(THREADS.0, THREADS.1);
+    cmd
+}
+
 /// The same for etcd: see [`THREADS`].
 pub const GO_THREADS: (&str, &str) = ("GOMAXPROCS", "1");
 
@@ -198,8 +205,7 @@ impl Starling {
             let mut args = vec!["--data-dir", &d, "--listen", &listen, "--hostname", &name];
             let token;
             let via;
-            let mut cmd = Command::new(&s.bin);
-            cmd.env(THREADS.0, THREADS.1);
+            let mut cmd = node_command(&s.bin);
             if i == 0 {
                 cmd.arg("init");
             } else {
@@ -352,8 +358,7 @@ impl Starling {
     /// Restarts manager `i` on its data directory.
     pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         let d = self.members[i].dir.display().to_string();
-        let mut cmd = Command::new(&self.bin);
-        cmd.env(THREADS.0, THREADS.1);
+        let mut cmd = node_command(&self.bin);
         cmd.args(["run", "--data-dir", &d]);
         let proc = Proc::spawn(&mut cmd, &self.base.join(format!("m{i}.log")))?;
         self.members[i].proc = Some(proc);
@@ -376,8 +381,7 @@ impl Starling {
         let via = self.members[0].addr.to_string();
         let leader = self.leader().await.context("no leader")?;
         let socket = self.members[leader].socket();
-        let mut cmd = Command::new(&self.bin);
-        cmd.env(THREADS.0, THREADS.1);
+        let mut cmd = node_command(&self.bin);
         cmd.args([
             "join",
             "--data-dir",

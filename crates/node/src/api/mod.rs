@@ -505,19 +505,14 @@ pub async fn serve_quic(
             store: store.clone(),
             conn: conn.clone(),
         };
-        let router =
-            router
-                .clone()
-                .layer(Extension(caller))
-                .layer(axum::middleware::from_fn_with_state(
-                    client.clone(),
-                    refuse_revoked,
-                ));
+        let router = router
+            .clone()
+            .layer(Extension(caller))
+            .layer(axum::middleware::from_fn_with_state(client, refuse_revoked));
         tokio::spawn(async move {
+            // Revocation is checked per request (`refuse_revoked`), which closes the
+            // connection and so ends this loop.
             while let Ok(stream) = conn.accept_stream().await {
-                if client.revoked() {
-                    break;
-                }
                 tokio::spawn(serve_io(stream, router.clone()));
             }
         });
