@@ -528,7 +528,7 @@ pub(crate) async fn leader_write(raft: &Raft, cmd: Command) -> LeaderReply<Comma
 /// Confirms leadership and returns the index a linearizable read must wait for.
 ///
 /// Leadership is confirmed by the leader lease: a quorum acknowledged a heartbeat or an
-/// append this leader *sent* less than the lease ago (the longest election timeout, 180 ms
+/// append this leader *sent* less than the lease ago (the longest election timeout, 120 ms
 /// by default), and a voter grants no vote, pre-vote or real, until that long after it last
 /// heard a leader — so no other leader can exist yet and the leader's commit index is the
 /// latest. Only when the last acknowledgement is older does the read send a heartbeat round

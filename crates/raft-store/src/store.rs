@@ -31,7 +31,7 @@ pub struct StoreConfig {
     pub raft_id: u64,
     /// This manager's transport node id and address, as other managers reach it.
     pub node: ManagerNode,
-    /// Scales heartbeat and election timeouts (1 = 40 ms heartbeat, 120–180 ms election
+    /// Scales heartbeat and election timeouts (1 = 30 ms heartbeat, 80–120 ms election
     /// timeout, pre-vote on: a follower that misses heartbeats asks before it campaigns, and
     /// peers that still hear the leader refuse, so a slow moment does not depose a healthy
     /// leader). Raise it on slow or heavily loaded machines.
@@ -68,12 +68,12 @@ impl StoreConfig {
 
     /// The heartbeat interval.
     pub fn heartbeat(&self) -> Duration {
-        Duration::from_millis(40 * u64::from(self.timing_multiplier.max(1)))
+        Duration::from_millis(HEARTBEAT_MS * u64::from(self.timing_multiplier.max(1)))
     }
 
     /// The longest election timeout.
     pub fn election_timeout_max(&self) -> Duration {
-        Duration::from_millis(180 * u64::from(self.timing_multiplier.max(1)))
+        Duration::from_millis(ELECTION_MAX_MS * u64::from(self.timing_multiplier.max(1)))
     }
 
     /// The bound on a write or linearizable read that cannot reach a quorum:
@@ -86,9 +86,9 @@ impl StoreConfig {
         let m = u64::from(self.timing_multiplier.max(1));
         let config = openraft::Config {
             cluster_name: "starling".into(),
-            heartbeat_interval: 40 * m,
-            election_timeout_min: 120 * m,
-            election_timeout_max: 180 * m,
+            heartbeat_interval: HEARTBEAT_MS * m,
+            election_timeout_min: ELECTION_MIN_MS * m,
+            election_timeout_max: ELECTION_MAX_MS * m,
             // A restarted leader must win an election again: its commit mark may not have
             // reached the disk before the crash, and resuming leadership on a stale commit
             // index could serve stale linearizable reads.
@@ -273,6 +273,16 @@ const CAUGHT_UP_LAG: u64 = 64;
 
 /// Time given to probing the other managers when reporting a lost quorum.
 const PROBE_TIME: Duration = Duration::from_millis(300);
+
+/// The leader's heartbeat interval, ms (× `timing_multiplier`).
+const HEARTBEAT_MS: u64 = 30;
+/// The election timeout range, ms (× `timing_multiplier`). openraft keeps a follower's lease
+/// on its leader for the longest election timeout and starts counting the election timeout
+/// after it, so a follower stands for election `ELECTION_MAX_MS` + a random timeout in this
+/// range after the last heartbeat it heard: that sum is both the failover time and the
+/// longest pause of the leader's heartbeats a follower tolerates (200–240 ms).
+const ELECTION_MIN_MS: u64 = 80;
+const ELECTION_MAX_MS: u64 = 120;
 
 /// Linearizable reads waiting for a read index: one leader call serves every read that
 /// arrived while the call before it was in flight (a read index must be asked after the
@@ -705,6 +715,7 @@ impl Store {
             if remaining.is_zero() {
                 return Err(self.no_quorum(started.elapsed()).await);
             }
+            let seen = self.raft.metrics().borrow_watched().current_leader;
             let target = hint.take().or_else(|| self.leader_node());
             debug!(target = ?target.as_ref().map(|t| t.0), elapsed = ?started.elapsed(), "leader call");
             let reply = match target {
@@ -735,24 +746,28 @@ impl Store {
                             Ok(ok) => ok,
                             Err(_) => return Err(self.no_quorum(started.elapsed()).await),
                         },
-                        _ = self.leader_moves_from(id) => false,
+                        // Nothing sent: go to the new leader at once.
+                        _ = self.leader_moves_from(id) => continue,
                     };
                     // A write forwarded to a leader that has gone quiet (not heard for
                     // more than a heartbeat: a partition may have just begun) would have an
                     // unknown outcome if no answer came. Ask first whether it answers at
                     // all; if not, nothing is sent and the call waits as for no leader.
+                    // A leader elected meanwhile ends the question (a dead leader's ping
+                    // would otherwise hold the call for the whole probe time).
                     let dialed = dialed
                         && (L::REPEATABLE
                             || self
                                 .contact
                                 .silence()
                                 .is_some_and(|s| s <= self.config.heartbeat())
-                            || tokio::time::timeout(
-                                PROBE_TIME.min(remaining),
-                                call::<()>(&self.endpoint, &self.protocol, &node, &RaftRpc::Ping),
-                            )
-                            .await
-                            .is_ok_and(|r| r.is_ok()));
+                            || tokio::select! {
+                                r = tokio::time::timeout(
+                                    PROBE_TIME.min(remaining),
+                                    call::<()>(&self.endpoint, &self.protocol, &node, &RaftRpc::Ping),
+                                ) => r.is_ok_and(|r| r.is_ok()),
+                                _ = self.leader_moves_from(id) => continue,
+                            });
                     if dialed {
                         let remaining = deadline.saturating_duration_since(Instant::now());
                         // A leader that died without closing its connection looks alive
@@ -792,7 +807,8 @@ impl Store {
                                     "the leader {node} was replaced while the write was in flight"
                                 )));
                             }
-                            None => None,
+                            // A read not answered by a replaced leader: ask the new one now.
+                            None => continue,
                         }
                     } else {
                         None
@@ -806,9 +822,26 @@ impl Store {
                 Some(LeaderReply::Failed(e)) => return Err(StoreError::Raft(e)),
                 None => {}
             }
-            // A leader is being elected or moved: wait a heartbeat and look again.
-            tokio::time::sleep(self.config.heartbeat()).await;
+            // A leader is being elected or moved: look again when this manager learns of
+            // another leader, or after a heartbeat.
+            self.leader_other_than(seen, self.config.heartbeat()).await;
         }
+    }
+
+    /// Returns once this manager's view of the leader is no longer `seen`, or after `within`.
+    async fn leader_other_than(&self, seen: Option<u64>, within: Duration) {
+        let mut rx = self.raft.metrics();
+        let changed = async {
+            loop {
+                if rx.borrow_and_update().current_leader != seen {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, changed).await;
     }
 
     /// Opens (or reuses) the pooled connection to `node`; false if it cannot be reached.
