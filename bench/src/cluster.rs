@@ -30,6 +30,11 @@ impl Proc {
         Ok(Proc(child))
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     /// kill -9 and reap.
     pub fn kill(mut self) {
         let _ = self.0.kill();
@@ -153,6 +158,11 @@ pub struct StarlingMember {
 }
 
 impl StarlingMember {
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// Its control socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("control.sock")
@@ -185,6 +195,14 @@ pub async fn control(socket: &Path, method: &str, target: &str) -> Option<(u16, 
 }
 
 impl Starling {
+    /// The process ids of the running managers.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(StarlingMember::pid)
+            .collect()
+    }
+
     /// Starts `n` managers under `base`.
     pub async fn start(base: &Path, n: usize) -> anyhow::Result<Starling> {
         let bin = starling_binary()?;
@@ -452,6 +470,14 @@ pub fn etcd_available() -> anyhow::Result<String> {
 }
 
 impl Etcd {
+    /// The process ids of the running members.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(|m| m.proc.as_ref().map(Proc::pid))
+            .collect()
+    }
+
     /// Starts `n` members under `base`.
     pub async fn start(base: &Path, n: usize) -> anyhow::Result<Etcd> {
         etcd_available()?;

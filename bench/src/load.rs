@@ -21,12 +21,78 @@ pub struct Figures {
     pub p99_us: u64,
     /// 99.9th percentile.
     pub p999_us: u64,
+    /// CPU time spent over the window, when measured ([`run_measured`]).
+    pub cpu: Option<CpuSpent>,
+}
+
+/// CPU time (user + system) spent over a measured window.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSpent {
+    /// By the system's member processes together.
+    pub members: Duration,
+    /// By this process: the clients.
+    pub client: Duration,
+}
+
+/// CPU time of a process so far (user + system, from `/proc/PID/stat`); zero if it is gone.
+pub fn cpu_time(pid: Option<u32>) -> Duration {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return Duration::ZERO;
+    };
+    // The command name (field 2) may hold spaces: count fields after its closing ')'.
+    // utime and stime are fields 14 and 15, so the 12th and 13th after it.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|f| f.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(100)
+    })
+}
+
+fn cpu_now(members: &[u32]) -> CpuSpent {
+    CpuSpent {
+        members: members.iter().map(|p| cpu_time(Some(*p))).sum(),
+        client: cpu_time(None),
+    }
 }
 
 impl Figures {
     /// Operations per second.
     pub fn rate(&self) -> f64 {
         self.ops as f64 / self.window.as_secs_f64().max(1e-9)
+    }
+
+    /// Microseconds of CPU per successful operation: by the members, by the client.
+    pub fn cpu_per_op_us(&self) -> Option<(f64, f64)> {
+        let cpu = self.cpu?;
+        let ops = self.ops.max(1) as f64;
+        Some((
+            cpu.members.as_secs_f64() * 1e6 / ops,
+            cpu.client.as_secs_f64() * 1e6 / ops,
+        ))
     }
 }
 
@@ -104,7 +170,40 @@ where
         p50_us: all.value_at_quantile(0.5),
         p99_us: all.value_at_quantile(0.99),
         p999_us: all.value_at_quantile(0.999),
+        cpu: None,
     }
+}
+
+/// [`run`], with the CPU time the processes `members` and this process spent over the
+/// measured window.
+pub async fn run_measured<C, F, Fut>(
+    members: Vec<u32>,
+    clients: Vec<C>,
+    warmup: Duration,
+    window: Duration,
+    op: F,
+) -> Figures
+where
+    C: Send + 'static,
+    F: Fn(C, usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = (C, Result<(), String>)> + Send,
+{
+    // The same instants as `run` computes (it starts 20 ms from now).
+    let record_from = Instant::now() + Duration::from_millis(20) + warmup;
+    let end = record_from + window;
+    let sampler = tokio::spawn(async move {
+        tokio::time::sleep_until(record_from.into()).await;
+        let a = cpu_now(&members);
+        tokio::time::sleep_until(end.into()).await;
+        let b = cpu_now(&members);
+        CpuSpent {
+            members: b.members.saturating_sub(a.members),
+            client: b.client.saturating_sub(a.client),
+        }
+    });
+    let mut f = run(clients, warmup, window, op).await;
+    f.cpu = sampler.await.ok();
+    f
 }
 
 #[cfg(test)]
@@ -138,7 +237,37 @@ mod tests {
         .await;
         assert!(f.ops > 100, "{f:?}");
         assert!(f.errors > 0 && f.errors < f.ops, "{f:?}");
+        assert!(f.cpu.is_none());
         assert!(f.p50_us >= 1000, "{f:?}");
         assert!(f.rate() > 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_measured_run_counts_the_cpu_of_its_window() {
+        // This process plays the member too: both figures read the same counters.
+        let me = std::process::id();
+        let f = run_measured(
+            vec![me],
+            vec![0u64],
+            Duration::from_millis(20),
+            Duration::from_millis(300),
+            |c: u64, _, _| async move {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_millis(5) {
+                    std::hint::spin_loop();
+                }
+                // Let the sampler run on this (single-threaded) runtime, as network waits do.
+                tokio::task::yield_now().await;
+                (c, Ok(()))
+            },
+        )
+        .await;
+        let cpu = f.cpu.expect("measured");
+        assert!(cpu.client > Duration::ZERO, "{cpu:?}");
+        let gap = cpu.client.abs_diff(cpu.members);
+        assert!(gap <= Duration::from_millis(20), "{cpu:?}");
+        let (m, c) = f.cpu_per_op_us().expect("measured");
+        assert!(m > 0.0 && c > 0.0);
+        assert_eq!(cpu_time(Some(u32::MAX)), Duration::ZERO, "no such process");
     }
 }

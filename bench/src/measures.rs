@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{Etcd, Starling};
-use crate::load::{Figures, key, run, value};
+use crate::load::{Figures, key, run_measured, value};
 
 /// How big a run is.
 #[derive(Debug, Clone)]
@@ -194,6 +194,28 @@ fn row(label: &str, s: &Figures, e: Option<&Figures>) -> String {
     }
 }
 
+/// A row of CPU time per operation: the members of each system together, and the client.
+fn cpu_row(label: &str, s: &Figures, e: Option<&Figures>) -> String {
+    let us = |f: Option<&Figures>| {
+        f.and_then(Figures::cpu_per_op_us)
+            .map(|(m, c)| (format!("{m:.0} µs"), format!("{c:.0} µs"), m))
+            .unwrap_or_else(|| ("—".into(), "—".into(), f64::NAN))
+    };
+    let (sm, sc, sv) = us(Some(s));
+    let (em, ec, ev) = us(e);
+    let r = if sv.is_finite() && ev.is_finite() {
+        ratio(sv, ev)
+    } else {
+        "—".into()
+    };
+    format!("| {label} | {sm} | {sc} | {em} | {ec} | {r} |\n")
+}
+
+const CPU_HEADER: &str = "CPU time per operation over the same windows (user + system, from \
+    /proc): the three members together, and the client process.\n\n\
+    | workload | Starling members | Starling client | etcd members | etcd client | members Starling/etcd |\n\
+    |---|---|---|---|---|---|\n";
+
 const HEADER: &str = "| workload | Starling ops/s | p50 | p99 | p99.9 | etcd ops/s | p50 | p99 | p99.9 | ops/s Starling/etcd | p50 Starling/etcd |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
 
 fn errors_note(s: &Figures, e: &Figures) -> String {
@@ -248,7 +270,8 @@ pub async fn starling_load(
         .collect();
     let space = plan.keys;
     let v = std::sync::Arc::new(value());
-    run(
+    run_measured(
+        st.pids(),
         cs,
         plan.warmup,
         plan.window,
@@ -289,7 +312,8 @@ pub async fn etcd_load(
     }
     let space = plan.keys;
     let v = std::sync::Arc::new(value());
-    Ok(run(
+    Ok(run_measured(
+        e.pids(),
         cs,
         plan.warmup,
         plan.window,
@@ -350,12 +374,14 @@ pub async fn writes(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<Stri
     );
     let mut turn = 0;
     let mut notes = String::new();
+    let mut cpu = String::from(CPU_HEADER);
     for &clients in &plan.write_clients {
         for placement in [Placement::Spread, Placement::Leader] {
             let (s, f) = both(st, e, plan, clients, placement, Work::Put, turn).await?;
             turn += 1;
             let label = format!("{clients} clients, {}", placement.label());
             out.push_str(&row(&label, &s, Some(&f)));
+            cpu.push_str(&cpu_row(&label, &s, Some(&f)));
             let n = errors_note(&s, &f);
             if !n.is_empty() {
                 notes.push_str(&format!("- {label}{n}\n"));
@@ -366,11 +392,11 @@ pub async fn writes(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<Stri
     // remote API used.
     let leader = st.wait_healthy().await?;
     let s = starling_load(st, plan, 1, Some(leader), Work::Put, Api::Unix).await;
-    out.push_str(&row(
-        &format!("1 client, all to the leader, {}", Api::Unix.label()),
-        &s,
-        None,
-    ));
+    let label = format!("1 client, all to the leader, {}", Api::Unix.label());
+    out.push_str(&row(&label, &s, None));
+    cpu.push_str(&cpu_row(&label, &s, None));
+    out.push('\n');
+    out.push_str(&cpu);
     out.push('\n');
     out.push_str(&format!(
         "Starling's clients use the {} (etcd's, gRPC over TCP) except in the last row.\n",
@@ -418,14 +444,13 @@ pub async fn reads(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<Strin
         plan.keys, plan.preload, plan.window, plan.warmup
     );
     let mut turn = 0;
+    let mut cpu = String::from(CPU_HEADER);
     for &clients in &plan.read_clients {
         let (s, f) = both(st, e, plan, clients, Placement::Spread, Work::Get, turn).await?;
         turn += 1;
-        out.push_str(&row(
-            &format!("linearizable, {clients} clients"),
-            &s,
-            Some(&f),
-        ));
+        let label = format!("linearizable, {clients} clients");
+        out.push_str(&row(&label, &s, Some(&f)));
+        cpu.push_str(&cpu_row(&label, &s, Some(&f)));
     }
     let clients = plan.read_clients.iter().copied().max().unwrap_or(1);
     let (s, f) = both(
@@ -438,17 +463,15 @@ pub async fn reads(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<Strin
         turn,
     )
     .await?;
-    out.push_str(&row(
-        &format!("local (stale / serializable), {clients} clients"),
-        &s,
-        Some(&f),
-    ));
+    let label = format!("local (stale / serializable), {clients} clients");
+    out.push_str(&row(&label, &s, Some(&f)));
+    cpu.push_str(&cpu_row(&label, &s, Some(&f)));
     let s = starling_load(st, plan, 1, None, Work::Get, Api::Unix).await;
-    out.push_str(&row(
-        &format!("linearizable, 1 client, {}", Api::Unix.label()),
-        &s,
-        None,
-    ));
+    let label = format!("linearizable, 1 client, {}", Api::Unix.label());
+    out.push_str(&row(&label, &s, None));
+    cpu.push_str(&cpu_row(&label, &s, None));
+    out.push('\n');
+    out.push_str(&cpu);
     out.push('\n');
     out.push_str(&format!(
         "Starling's clients use the {} except in the last row.\n",

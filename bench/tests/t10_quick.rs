@@ -37,9 +37,23 @@ fn t10_every_measure_runs_quickly_against_both_systems() {
     // Every comparison row has figures for both systems and a ratio.
     let rows: Vec<&str> = stdout
         .lines()
-        .filter(|l| l.starts_with("| ") && l.contains("clients"))
+        .filter(|l| l.starts_with("| ") && l.contains("clients") && !l.contains("µs"))
         .collect();
     assert_eq!(rows.len(), 4 + 3, "{stdout}");
+    // Beside each, the CPU time per operation of both systems' members and clients.
+    let cpu: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains("clients") && l.contains("µs"))
+        .collect();
+    assert_eq!(cpu.len(), 4 + 3, "{stdout}");
+    for r in cpu {
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        for c in &cells[2..6] {
+            let us = c.trim_end_matches(" µs").parse::<f64>();
+            assert!(us.is_ok_and(|v| v > 0.0), "{r}");
+        }
+        assert!(cells[6].ends_with('×'), "{r}");
+    }
     for r in rows {
         let cells: Vec<&str> = r.split('|').map(str::trim).collect();
         assert!(cells[2].parse::<f64>().unwrap() > 0.0, "{r}");
@@ -51,7 +65,7 @@ fn t10_every_measure_runs_quickly_against_both_systems() {
     assert!(stdout.contains("remote API over QUIC"), "{stdout}");
     let unix: Vec<&str> = stdout
         .lines()
-        .filter(|l| l.starts_with("| ") && l.contains("control socket (Unix)"))
+        .filter(|l| l.starts_with("| ") && l.contains("control socket (Unix)") && !l.contains("µs"))
         .collect();
     assert_eq!(unix.len(), 2, "{stdout}");
     for r in unix {
