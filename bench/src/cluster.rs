@@ -478,9 +478,43 @@ impl Etcd {
             .collect()
     }
 
-    /// Starts `n` members under `base`.
+    /// Starts `n` members under `base`. Ports are picked free but could be taken by another
+    /// process before etcd binds them (tests run beside each other): a cluster not healthy
+    /// within 30 s is stopped and started again on new ports, three times at most; the error
+    /// then carries the members' logs.
     pub async fn start(base: &Path, n: usize) -> anyhow::Result<Etcd> {
         etcd_available()?;
+        let mut why = String::new();
+        for attempt in 1..=3 {
+            let dir = base.join(format!("start-{attempt}"));
+            let e = Self::start_once(&dir, n).await?;
+            match e.wait_healthy_within(Duration::from_secs(30)).await {
+                Ok(_) => return Ok(e),
+                Err(err) => {
+                    why = format!("attempt {attempt}: {err}\n{}", e.log_tails());
+                    eprintln!("starling-bench: etcd not healthy, starting again: {why}");
+                }
+            }
+        }
+        bail!("etcd did not start in 3 attempts; the last: {why}")
+    }
+
+    /// The last lines of each member's log.
+    fn log_tails(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let log = std::fs::read_to_string(self.base.join(format!("{}.log", m.name)))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+                format!("{}:\n{tail}", m.name)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    async fn start_once(base: &Path, n: usize) -> anyhow::Result<Etcd> {
         std::fs::create_dir_all(base)?;
         let mut members = Vec::new();
         for i in 0..n {
@@ -505,7 +539,6 @@ impl Etcd {
         for i in 0..n {
             e.spawn(i)?;
         }
-        e.wait_healthy().await?;
         Ok(e)
     }
 
@@ -591,16 +624,16 @@ impl Etcd {
 
     /// Waits until every member runs and all agree on a leader.
     pub async fn wait_healthy(&self) -> anyhow::Result<usize> {
-        poll(
-            "the etcd members healthy",
-            Duration::from_secs(60),
-            || async {
-                if self.members.iter().any(|m| m.proc.is_none()) {
-                    return None;
-                }
-                self.leader().await
-            },
-        )
+        self.wait_healthy_within(Duration::from_secs(60)).await
+    }
+
+    async fn wait_healthy_within(&self, within: Duration) -> anyhow::Result<usize> {
+        poll("the etcd members healthy", within, || async {
+            if self.members.iter().any(|m| m.proc.is_none()) {
+                return None;
+            }
+            self.leader().await
+        })
         .await
     }
 

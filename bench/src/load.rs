@@ -87,8 +87,8 @@ impl Figures {
 
     /// Microseconds of CPU per successful operation: by the members, by the client.
     pub fn cpu_per_op_us(&self) -> Option<(f64, f64)> {
-        let cpu = self.cpu?;
-        let ops = self.ops.max(1) as f64;
+        let cpu = self.cpu.filter(|_| self.ops > 0)?;
+        let ops = self.ops as f64;
         Some((
             cpu.members.as_secs_f64() * 1e6 / ops,
             cpu.client.as_secs_f64() * 1e6 / ops,
@@ -118,7 +118,29 @@ where
     F: Fn(C, usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = (C, Result<(), String>)> + Send,
 {
-    let start = Instant::now() + Duration::from_millis(20);
+    run_from(
+        Instant::now() + Duration::from_millis(20),
+        clients,
+        warmup,
+        window,
+        op,
+    )
+    .await
+}
+
+/// [`run`], the clients starting at `start`.
+async fn run_from<C, F, Fut>(
+    start: Instant,
+    clients: Vec<C>,
+    warmup: Duration,
+    window: Duration,
+    op: F,
+) -> Figures
+where
+    C: Send + 'static,
+    F: Fn(C, usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = (C, Result<(), String>)> + Send,
+{
     let record_from = start + warmup;
     let end = record_from + window;
     let mut tasks = Vec::new();
@@ -188,9 +210,11 @@ where
     F: Fn(C, usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = (C, Result<(), String>)> + Send,
 {
-    // The same instants as `run` computes (it starts 20 ms from now).
-    let record_from = Instant::now() + Duration::from_millis(20) + warmup;
+    let start = Instant::now() + Duration::from_millis(20);
+    let record_from = start + warmup;
     let end = record_from + window;
+    // Asked once here, not inside the first sample.
+    clock_ticks();
     let sampler = tokio::spawn(async move {
         tokio::time::sleep_until(record_from.into()).await;
         let a = cpu_now(&members);
@@ -201,7 +225,7 @@ where
             client: b.client.saturating_sub(a.client),
         }
     });
-    let mut f = run(clients, warmup, window, op).await;
+    let mut f = run_from(start, clients, warmup, window, op).await;
     f.cpu = sampler.await.ok();
     f
 }

@@ -40,7 +40,8 @@ fn t10_every_measure_runs_quickly_against_both_systems() {
         .filter(|l| l.starts_with("| ") && l.contains("clients") && !l.contains("µs"))
         .collect();
     assert_eq!(rows.len(), 4 + 3, "{stdout}");
-    // Beside each, the CPU time per operation of both systems' members and clients.
+    // Beside each, the CPU time per operation of both systems' members and clients (the
+    // kernel counts it in 10 ms ticks: a cell of the short quick windows may read 0).
     let cpu: Vec<&str> = stdout
         .lines()
         .filter(|l| l.starts_with("| ") && l.contains("clients") && l.contains("µs"))
@@ -49,10 +50,10 @@ fn t10_every_measure_runs_quickly_against_both_systems() {
     for r in cpu {
         let cells: Vec<&str> = r.split('|').map(str::trim).collect();
         for c in &cells[2..6] {
-            let us = c.trim_end_matches(" µs").parse::<f64>();
-            assert!(us.is_ok_and(|v| v > 0.0), "{r}");
+            let us = c.strip_suffix(" µs").map(str::parse::<f64>);
+            assert!(us.is_some_and(|v| v.is_ok_and(|v| v >= 0.0)), "{r}");
         }
-        assert!(cells[6].ends_with('×'), "{r}");
+        assert!(cells[6].ends_with('×') || cells[6] == "—", "{r}");
     }
     for r in rows {
         let cells: Vec<&str> = r.split('|').map(str::trim).collect();

@@ -206,20 +206,11 @@ impl Client {
         };
         let body = match &self.via {
             Via::Unix { path, .. } => {
-                // Its own connection: the kept one stays free for other calls.
-                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                    ClientError::NotSent(format!(
-                        "cannot reach the node's control socket {}: {e}",
-                        path.display()
-                    ))
-                })?;
-                let mut send = handshake(stream)
+                // Its own connection: the kept one stays free for other calls. The sender is
+                // dropped at once; hyper's connection task still reads this answer to its end.
+                let (_, resp) = send_kept(None, out.build()?, || unix_stream(path))
                     .await
-                    .map_err(|e| ClientError::NotSent(format!("control socket: {e}")))?;
-                let resp = send
-                    .send_request(out.build()?)
-                    .await
-                    .map_err(|e| ClientError::NoAnswer(e.to_string()))?;
+                    .map_err(ClientError::from)?;
                 if !resp.status().is_success() {
                     let (raw, _) = read_answer(resp).await?;
                     return Err(decode::<serde_json::Value>(raw).err().unwrap_or_else(|| {
@@ -620,69 +611,67 @@ async fn read_answer(
     ))
 }
 
-/// Why an exchange on a remote connection failed.
+/// Why an exchange failed, on the control socket or a manager's QUIC connection.
 enum Exchange {
-    /// Nothing reached the manager: the call may go to another.
+    /// Nothing reached the node: the call may go to another (or be tried again).
     NotSent(String),
     /// The request may have reached it and been acted on.
     Lost(String),
 }
 
-/// Sends `req` on the stream kept from the last exchange if it still takes requests, else on
-/// a fresh stream of `conn`; returns the stream's sender and the answer's head.
-async fn exchange(
+/// Sends `req` on `kept` (the HTTP/1.1 sender of the last exchange) if it still takes
+/// requests, else on a fresh connection over the stream `open` gives; returns the sender (to
+/// keep for the next call) and the answer's head. A request the kept sender hands back unsent
+/// (the peer closed it while idle) goes on the fresh connection: the control socket and the
+/// remote API's QUIC streams share this.
+async fn send_kept<IO, Fut>(
     kept: Option<SendRequest<Full<Bytes>>>,
-    conn: &Connection,
     mut req: Request<Full<Bytes>>,
+    open: impl FnOnce() -> Fut,
 ) -> Result<
     (
         SendRequest<Full<Bytes>>,
         http::Response<hyper::body::Incoming>,
     ),
     Exchange,
-> {
-    if let Some(mut send) = kept
+>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    Fut: Future<Output = Result<IO, String>>,
+{
+    if let Some(mut send) = kept.filter(|s| !s.is_closed())
         && send.ready().await.is_ok()
     {
         match send.try_send_request(req).await {
             Ok(resp) => return Ok((send, resp)),
-            // Unsent: the manager closed the kept stream meanwhile (an idle timeout).
-            Err(mut e) => match e.take_message() {
-                Some(back) => req = back,
-                None => return Err(Exchange::Lost(e.into_error().to_string())),
+            Err(e) => match unsent(e) {
+                (Some(back), _) => req = back,
+                (None, why) => return Err(Exchange::Lost(why)),
             },
         }
     }
-    let stream = conn
-        .open_stream()
+    let io = open().await.map_err(Exchange::NotSent)?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| Exchange::NotSent(e.to_string()))?;
-    let mut send = handshake(stream).await.map_err(Exchange::NotSent)?;
-    match send.try_send_request(req).await {
-        Ok(resp) => Ok((send, resp)),
-        Err(mut e) => {
-            let unsent = e.take_message().is_some();
-            let why = e.into_error().to_string();
-            Err(if unsent {
-                Exchange::NotSent(why)
-            } else {
-                Exchange::Lost(why)
-            })
-        }
-    }
-}
-
-async fn handshake<IO>(io: IO) -> Result<SendRequest<Full<Bytes>>, String>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Exchange::NotSent(format!("HTTP handshake: {e}")))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(send)
+    match send.try_send_request(req).await {
+        Ok(resp) => Ok((send, resp)),
+        Err(e) => Err(match unsent(e) {
+            (Some(_), why) => Exchange::NotSent(why),
+            (None, why) => Exchange::Lost(why),
+        }),
+    }
+}
+
+/// A failed send: the request if it never left (so it may go elsewhere), and why.
+fn unsent(
+    mut e: hyper::client::conn::TrySendError<Request<Full<Bytes>>>,
+) -> (Option<Request<Full<Bytes>>>, String) {
+    let back = e.take_message();
+    (back, e.into_error().to_string())
 }
 
 async fn unix_call(
@@ -690,48 +679,29 @@ async fn unix_call(
     slot: &tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
     out: Outgoing<'_>,
 ) -> Result<RawResponse, ClientError> {
+    let req = out.build()?;
     let mut slot = slot.lock().await;
-    let mut req = out.build()?;
-    // A kept connection the node closed while idle is detected when the request comes back
-    // unsent: then one fresh connection is tried.
-    for _ in 0..2 {
-        let reused = slot.as_ref().is_some_and(|s| !s.is_closed());
-        if !reused {
-            let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                ClientError::NotSent(format!(
-                    "cannot reach the node's control socket {}: {e}",
-                    path.display()
-                ))
-            })?;
-            *slot = Some(
-                handshake(stream)
-                    .await
-                    .map_err(|e| ClientError::NotSent(format!("control socket: {e}")))?,
-            );
-        }
-        let Some(send) = slot.as_mut() else {
-            continue;
-        };
-        if send.ready().await.is_err() {
-            *slot = None;
-            continue;
-        }
-        match send.try_send_request(req).await {
-            Ok(resp) => return read_answer(resp).await.map(|(r, _)| r),
-            Err(mut e) => {
-                *slot = None;
-                match e.take_message() {
-                    Some(back) if reused => req = back,
-                    Some(_) => return Err(ClientError::NotSent(e.into_error().to_string())),
-                    None => return Err(ClientError::NoAnswer(e.into_error().to_string())),
-                }
-            }
+    let (send, resp) = send_kept(slot.take(), req, || unix_stream(path)).await?;
+    *slot = Some(send);
+    read_answer(resp).await.map(|(r, _)| r)
+}
+
+async fn unix_stream(path: &Path) -> Result<tokio::net::UnixStream, String> {
+    tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        format!(
+            "cannot reach the node's control socket {}: {e}",
+            path.display()
+        )
+    })
+}
+
+impl From<Exchange> for ClientError {
+    fn from(e: Exchange) -> Self {
+        match e {
+            Exchange::NotSent(why) => ClientError::NotSent(why),
+            Exchange::Lost(why) => ClientError::NoAnswer(why),
         }
     }
-    Err(ClientError::NotSent(format!(
-        "the control socket {} keeps closing",
-        path.display()
-    )))
 }
 
 /// What a remote call got: a whole answer, or (asked for a stream) a success whose body is
@@ -971,7 +941,8 @@ impl Remote {
             } else {
                 current.as_mut().and_then(|c| c.kept.take())
             };
-            let (send, resp) = match exchange(kept, &conn, out.build()?).await {
+            let open = || async { conn.open_stream().await.map_err(|e| e.to_string()) };
+            let (send, resp) = match send_kept(kept, out.build()?, open).await {
                 Ok(x) => x,
                 Err(Exchange::NotSent(e)) => {
                     *current = None;

@@ -686,12 +686,19 @@ impl Store {
     }
 
     fn leader_node(&self) -> Option<(u64, ManagerNode)> {
-        // Borrowed, not cloned: this runs for every write and read index.
+        self.leader_view().1
+    }
+
+    /// The leader this manager knows of, and its node if it is in the membership; one read of
+    /// the metrics, borrowed, not cloned: this runs for every write and read index.
+    fn leader_view(&self) -> (Option<u64>, Option<(u64, ManagerNode)>) {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
-        let id = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&id)?.clone();
-        Some((id, node))
+        let Some(id) = m.current_leader else {
+            return (None, None);
+        };
+        let node = m.membership_config.membership().get_node(&id).cloned();
+        (Some(id), node.map(|n| (id, n)))
     }
 
     /// Runs `op` on the leader (here, or forwarded), retrying while there is no leader or
@@ -715,8 +722,8 @@ impl Store {
             if remaining.is_zero() {
                 return Err(self.no_quorum(started.elapsed()).await);
             }
-            let seen = self.raft.metrics().borrow_watched().current_leader;
-            let target = hint.take().or_else(|| self.leader_node());
+            let (seen, known) = self.leader_view();
+            let target = hint.take().or(known);
             debug!(target = ?target.as_ref().map(|t| t.0), elapsed = ?started.elapsed(), "leader call");
             let reply = match target {
                 None => None,
@@ -747,7 +754,7 @@ impl Store {
                             Err(_) => return Err(self.no_quorum(started.elapsed()).await),
                         },
                         // Nothing sent: go to the new leader at once.
-                        _ = self.leader_moves_from(id) => continue,
+                        _ = self.leader_moves_from(id, seen) => continue,
                     };
                     // A write forwarded to a leader that has gone quiet (not heard for
                     // more than a heartbeat: a partition may have just begun) would have an
@@ -766,7 +773,7 @@ impl Store {
                                     PROBE_TIME.min(remaining),
                                     call::<()>(&self.endpoint, &self.protocol, &node, &RaftRpc::Ping),
                                 ) => r.is_ok_and(|r| r.is_ok()),
-                                _ = self.leader_moves_from(id) => continue,
+                                _ = self.leader_moves_from(id, seen) => continue,
                             });
                     if dialed {
                         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -784,7 +791,7 @@ impl Store {
                                     &rpc,
                                 ),
                             ) => Some(r),
-                            _ = self.leader_moves_from(id) => None,
+                            _ = self.leader_moves_from(id, seen) => None,
                         };
                         match sent {
                             Some(Ok(Ok(r))) => Some(r),
@@ -830,18 +837,7 @@ impl Store {
 
     /// Returns once this manager's view of the leader is no longer `seen`, or after `within`.
     async fn leader_other_than(&self, seen: Option<u64>, within: Duration) {
-        let mut rx = self.raft.metrics();
-        let changed = async {
-            loop {
-                if rx.borrow_and_update().current_leader != seen {
-                    return;
-                }
-                if rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(within, changed).await;
+        let _ = tokio::time::timeout(within, self.leader_view_leaves(&[seen])).await;
     }
 
     /// Opens (or reuses) the pooled connection to `node`; false if it cannot be reached.
@@ -855,13 +851,22 @@ impl Store {
             .is_ok()
     }
 
-    /// Returns once this manager no longer considers `id` the leader.
-    async fn leader_moves_from(&self, id: u64) {
-        let mut rx = self.raft.metrics();
+    /// Returns once this manager learns of a leader other than `id`, the node a call went to,
+    /// and other than `seen`, its view when the call chose `id` (they differ when the call
+    /// followed another manager's hint: a view that still lags behind the hint is no news).
+    async fn leader_moves_from(&self, id: u64, seen: Option<u64>) {
+        self.leader_view_leaves(&[Some(id), seen]).await;
+    }
+
+    /// Returns once this manager's view of the leader is none of `views`. Watches the server
+    /// metrics, which change only with the server's state (the full metrics change with every
+    /// applied entry and would wake each waiting call).
+    async fn leader_view_leaves(&self, views: &[Option<u64>]) {
+        let mut rx = self.raft.server_metrics();
         loop {
             // borrow_and_update marks the value seen, so `changed` then waits for a new one
             // (borrowing without it would make `changed` return at once, forever).
-            if rx.borrow_and_update().current_leader != Some(id) {
+            if !views.contains(&rx.borrow_and_update().current_leader) {
                 return;
             }
             if rx.changed().await.is_err() {
