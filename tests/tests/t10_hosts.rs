@@ -331,7 +331,7 @@ fn t15_a_killed_worker_goes_down_on_every_manager_and_comes_back_ready() {
     // suspicion, then the leader's 1 s before it records `down` and a liveness round
     // (0.5 s) — about 5 s, or ~3.8 s when the worker's agent session was with the leader
     // (session silence + a failed handshake + suspicion). It was ~11.6 s with foca's LAN
-    // preset. The bound leaves room for a loaded machine.
+    // preset (the gossip crate has its own SWIM since). The bound leaves room for a loaded machine.
     let bound = Duration::from_secs(20);
     poll("the worker down on every manager", bound, || {
         status_everywhere(&c, "down").then_some(())

@@ -1,5 +1,5 @@
 //! The service catalog: one versioned record per node, merged by version, exchanged as small
-//! version notices (foca custom broadcasts) and full records pulled on demand, plus a
+//! version notices (piggybacked on the SWIM packets) and full records pulled on demand, plus a
 //! periodic digest exchange so late joiners converge. Pure: no I/O, no clock.
 
 use std::collections::BTreeMap;
@@ -283,7 +283,7 @@ pub struct Want {
     pub from: Option<GossipId>,
 }
 
-/// The catalog shared between a node's foca instance (which sees notices) and its driver
+/// The catalog shared between a node's membership protocol (which sees notices) and its driver
 /// (which pulls and serves records).
 #[derive(Clone, Debug, Default)]
 pub struct SharedCatalog {
@@ -308,7 +308,7 @@ impl SharedCatalog {
     }
 }
 
-/// The key foca keeps a notice under: a newer notice of the same node replaces an older one
+/// The key a notice is queued under: a newer notice of the same node replaces an older one
 /// still waiting to be retransmitted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NoticeKey {
@@ -316,19 +316,19 @@ pub struct NoticeKey {
     stamp: (u64, u64),
 }
 
-impl foca::Invalidates for NoticeKey {
-    fn invalidates(&self, other: &Self) -> bool {
-        // `>=`: a repeat of the same notice replaces the queued one instead of adding a copy.
-        self.node == other.node && self.stamp >= other.stamp
+impl NoticeKey {
+    /// Whose notice: a newer notice of the node replaces the queued one.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 }
 
-/// A notice that could not be decoded; foca drops the packet's remaining broadcasts.
+/// A notice that could not be decoded; the packet's remaining notices are dropped.
 #[derive(Debug, thiserror::Error)]
 #[error("bad version notice: {0}")]
 pub struct NoticeError(String);
 
-/// foca's custom-broadcast handler for version notices.
+/// What the membership protocol does with the version notices a packet carries.
 #[derive(Clone, Debug, Default)]
 pub struct NoticeHandler {
     shared: SharedCatalog,
@@ -337,7 +337,7 @@ pub struct NoticeHandler {
 
 impl NoticeHandler {
     /// A handler over `shared` for the node `own` (whose own notices it always accepts:
-    /// foca asks the handler for the key of every broadcast it is given to send, too).
+    /// the handler is asked for the key of every notice given to it to send, too).
     pub fn new(shared: SharedCatalog, own: impl Into<String>) -> Self {
         NoticeHandler {
             shared,
@@ -351,19 +351,18 @@ pub fn encode_notice(notice: &VersionNotice) -> Vec<u8> {
     postcard::to_stdvec(notice).unwrap_or_default()
 }
 
-impl foca::BroadcastHandler<GossipId> for NoticeHandler {
-    type Key = NoticeKey;
-    type Error = NoticeError;
-
-    fn receive_item(
+impl NoticeHandler {
+    /// A notice from `sender` (`None`: this node's own, to send): its key when it is news
+    /// (to be passed on), `None` when not.
+    pub fn receive_item(
         &mut self,
         data: &[u8],
         sender: Option<&GossipId>,
-    ) -> Result<Option<Self::Key>, Self::Error> {
+    ) -> Result<Option<NoticeKey>, NoticeError> {
         let notice: VersionNotice =
             postcard::from_bytes(data).map_err(|e| NoticeError(e.to_string()))?;
         if notice.node == self.own {
-            // Ours: foca is taking it for sending (or it came back around). Only the
+            // Ours: it is being queued for sending (or it came back around). Only the
             // newest stamp is worth sending; never pull our own record.
             let held = self.shared.lock().stamp_of(&notice.node);
             return Ok(held
@@ -374,7 +373,7 @@ impl foca::BroadcastHandler<GossipId> for NoticeHandler {
                 })
                 .filter(|_| sender.is_none()));
         }
-        // Only news is kept and passed on (foca's contract: `Some` means "new"): a stamp
+        // Only news is kept and passed on (`Some` means "new"): a stamp
         // newer than both the record held and any notice seen before.
         if !self.shared.lock().wants(&notice) {
             return Ok(None);
@@ -486,7 +485,6 @@ mod tests {
         let shared = SharedCatalog::default();
         shared.lock().merge(rec("a", 1, 2));
         let mut h = NoticeHandler::new(shared.clone(), "me");
-        use foca::BroadcastHandler;
         let old = encode_notice(&VersionNotice {
             node: "a".into(),
             generation: 1,

@@ -1,7 +1,8 @@
-//! Gossip settings, and the foca configuration derived from them for a cluster size.
+//! Gossip settings, and the SWIM tuning derived from them.
 
-use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::time::Duration;
+
+use crate::swim::SwimConfig;
 
 /// Settings of a node's gossip.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,32 +48,29 @@ impl Default for GossipConfig {
 }
 
 impl GossipConfig {
-    /// foca's configuration for `members` nodes: its LAN preset (memberlist's defaults)
-    /// with faster failure detection — a probe every 500 ms (200 ms for the ack), five
-    /// indirect probes, pending updates gossiped every 100 ms, Down 2.5 s after a suspicion
-    /// — so a dead node is suspected, and hidden from DNS, everywhere in about a second, and
-    /// Down in about three and a half. What keeps that from taking live members for dead
-    /// under loss or load: each suspicion is also put to the suspect over a reliable request
-    /// (its answer refutes it at once; see `GossipCore`), retransmissions are at least six,
-    /// and a node that sees its own timers run late slows its own probing (Lifeguard's local
-    /// health). Also the packet size of a QUIC datagram.
-    pub fn foca_config(&self, members: usize) -> foca::Config {
-        let n = NonZeroU32::new(u32::try_from(members.max(1)).unwrap_or(u32::MAX))
-            .unwrap_or(NonZeroU32::MIN);
-        let mut c = foca::Config::new_lan(n);
-        c.max_packet_size =
-            NonZeroUsize::new(self.max_packet_size.max(512)).unwrap_or(NonZeroUsize::MIN);
-        c.probe_period = self.probe_period;
-        c.probe_rtt = self.probe_rtt.min(self.probe_period / 2);
-        c.num_indirect_probes =
-            NonZeroUsize::new(self.indirect_probes.max(1)).unwrap_or(NonZeroUsize::MIN);
-        c.max_transmissions = c
-            .max_transmissions
-            .max(NonZeroU8::new(6).unwrap_or(NonZeroU8::MIN));
-        c.suspect_to_down_after = self.suspect_to_down;
-        if let Some(g) = &mut c.periodic_gossip {
-            g.frequency = self.gossip_interval;
+    /// The SWIM tuning: memberlist's LAN defaults with faster failure detection — a probe
+    /// every 500 ms (200 ms for the ack), five indirect probes, pending updates gossiped to
+    /// three members every 100 ms, Down 2.5 s after a suspicion — so a dead node is
+    /// suspected, and hidden from DNS, everywhere in about a second, and Down in about three
+    /// and a half. What keeps that from taking live members for dead under loss or load:
+    /// each suspicion is also put to the suspect over a reliable request (its answer refutes
+    /// it at once; see `GossipCore`), every update is sent at least six times (4 × log10(n+1)
+    /// in larger clusters), and a node that sees its own timers run late slows its own
+    /// probing (Lifeguard's local health). Packets fit a QUIC datagram.
+    pub fn swim_config(&self) -> SwimConfig {
+        SwimConfig {
+            probe_period: self.probe_period,
+            probe_rtt: self.probe_rtt.min(self.probe_period / 2),
+            indirect_probes: self.indirect_probes.max(1),
+            suspect_to_down: self.suspect_to_down,
+            remove_down_after: Duration::from_secs(24 * 3600),
+            min_transmissions: 6,
+            gossip_interval: self.gossip_interval,
+            gossip_fanout: 3,
+            announce_interval: Duration::from_secs(30),
+            announce_down_interval: Duration::from_secs(65),
+            announce_down_count: 2,
+            max_packet_size: self.max_packet_size.max(512),
         }
-        c
     }
 }

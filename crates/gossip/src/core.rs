@@ -1,10 +1,10 @@
-//! The gossip protocol without I/O: one foca instance, its timers as data, the catalog, and
+//! The gossip protocol without I/O: SWIM membership ([`Swim`]), its timers as data, the catalog, and
 //! the anti-entropy, push-pull and pull decisions — driven by the tokio driver over QUIC and
 //! by the simulator on virtual time, the same code in both (as quinn-proto under quinn).
 //!
 //! ```text
 //!   inputs (each with `now`)            GossipCore                  outputs (polled)
-//!   handle_datagram(bytes) ──┐   foca + AccumulatingRuntime   ┌──▶ poll_transmit(): Datagram | Request
+//!   handle_datagram(bytes) ──┐   Swim (membership, outbox)    ┌──▶ poll_transmit(): Datagram | Request
 //!   handle_request(body)   ──┼─▶ timers (ordered, as data)  ──┼──▶ poll_timeout(): next deadline
 //!   handle_response(id, r) ──┤   catalog, members, pending    └──▶ poll_event(): GossipEvent
 //!   handle_timeout()       ──┤   requests
@@ -18,7 +18,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification, PostcardCodec, Timer};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -30,6 +29,7 @@ use crate::catalog::{
 };
 use crate::config::GossipConfig;
 use crate::identity::GossipId;
+use crate::swim::{Incarnation, Member, Notification, State, Swim, Timer};
 use crate::timers::TimerQueue;
 
 /// The largest record accepted from a peer, encoded.
@@ -68,7 +68,7 @@ pub enum GossipEvent {
 pub struct MemberView {
     /// Its identity.
     pub id: GossipId,
-    /// Whether it is active (false once foca declared it Down; a suspected member is still
+    /// Whether it is active (false once declared Down; a suspected member is still
     /// active).
     pub up: bool,
     /// Active but suspected: a probe of it failed, directly and through other members, and
@@ -98,7 +98,7 @@ pub struct GossipSettings {
     pub seeds: Vec<(String, SocketAddr)>,
     /// Tuning.
     pub config: GossipConfig,
-    /// Seed of foca's random choices (use a random one outside tests).
+    /// Seed of the membership protocol's random choices (use a random one outside tests).
     pub rng_seed: u64,
 }
 
@@ -113,7 +113,7 @@ enum Rpc {
     /// Records you said you lacked.
     Push(Vec<NodeRecord>),
     /// My membership (the second half of a push-pull).
-    Members(Vec<Member<GossipId>>),
+    Members(Vec<Member>),
     /// A sync round's first message: the catalog's fingerprint and the member count; the
     /// answer says whether they match (then nothing more is sent).
     Fingerprint { fingerprint: u64, members: usize },
@@ -121,7 +121,7 @@ enum Rpc {
     /// receiver, means it lives and has refuted the suspicion.
     Suspected {
         id: GossipId,
-        incarnation: foca::Incarnation,
+        incarnation: Incarnation,
     },
 }
 
@@ -129,7 +129,7 @@ enum Rpc {
 struct DigestReply {
     records: Vec<NodeRecord>,
     need: Vec<String>,
-    members: Option<Vec<Member<GossipId>>>,
+    members: Option<Vec<Member>>,
 }
 
 /// What the kind of a request is (for a simulator that drops some kinds, and for logs).
@@ -152,7 +152,7 @@ pub enum RpcKind {
 /// Something for the driver to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transmit {
-    /// A foca packet (an unreliable datagram).
+    /// A SWIM packet (an unreliable datagram).
     Datagram {
         /// To whom.
         to: GossipId,
@@ -173,7 +173,7 @@ pub enum Transmit {
 }
 
 enum Due {
-    Foca(Timer<GossipId>),
+    Swim(Timer),
     Sync,
     Reannounce,
     Linger,
@@ -194,7 +194,7 @@ enum Pending {
     /// A suspicion put to the suspect: its answer refutes it here.
     Buddy {
         member: GossipId,
-        incarnation: foca::Incarnation,
+        incarnation: Incarnation,
     },
     /// Nothing follows.
     OneWay,
@@ -205,8 +205,7 @@ pub struct GossipCore {
     id: GossipId,
     seeds: Vec<(String, SocketAddr)>,
     config: GossipConfig,
-    foca: Foca<GossipId, PostcardCodec, StdRng, NoticeHandler>,
-    runtime: AccumulatingRuntime<GossipId>,
+    swim: Swim,
     catalog: SharedCatalog,
     timers: TimerQueue<Instant, Due>,
     rng: StdRng,
@@ -220,8 +219,6 @@ pub struct GossipCore {
     events: VecDeque<GossipEvent>,
     /// Leaving: gossip the departure until then.
     leaving: Option<Instant>,
-    /// When the suspicion flags were last read from foca.
-    suspects_read: Option<Instant>,
     /// Lifeguard's local health multiplier: raised when this node's own timers run late or
     /// it is itself suspected, lowered by each probe round on time. Its probe timers (and
     /// the wait before declaring a suspect Down) are stretched by `1 + health`, so a node
@@ -253,11 +250,10 @@ impl GossipCore {
             settings.id.node.clone(),
             settings.id.generation,
         ));
-        let foca = Foca::with_custom_broadcast(
+        let swim = Swim::new(
             settings.id.clone(),
-            settings.config.foca_config(settings.seeds.len() + 1),
-            StdRng::seed_from_u64(settings.rng_seed),
-            PostcardCodec,
+            settings.config.swim_config(),
+            settings.rng_seed,
             NoticeHandler::new(catalog.clone(), settings.id.node.clone()),
         );
         let mut core = GossipCore {
@@ -265,8 +261,7 @@ impl GossipCore {
             seeds: settings.seeds,
             idle_backoff: settings.config.reannounce_min,
             config: settings.config,
-            foca,
-            runtime: AccumulatingRuntime::new(),
+            swim,
             catalog,
             timers: TimerQueue::new(),
             rng: StdRng::seed_from_u64(settings.rng_seed ^ 0x5eed),
@@ -277,14 +272,13 @@ impl GossipCore {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             leaving: None,
-            suspects_read: None,
             health: 0,
             synced: false,
             stats: DetectorStats::default(),
             closed: false,
         };
         core.announce();
-        // Until a seed answers, keep announcing (with backoff): foca reports Idle only after
+        // Until a seed answers, keep announcing (with backoff): SWIM reports Idle only after
         // having been connected once.
         core.schedule(now, core.config.reannounce_min, Due::Reannounce);
         // Tell the cluster this generation's (empty) record exists, so peers holding an older
@@ -294,7 +288,7 @@ impl GossipCore {
             generation: core.id.generation,
             version: 0,
         };
-        let _ = core.foca.add_broadcast(&encode_notice(&notice));
+        core.swim.add_broadcast(&encode_notice(&notice));
         // Sync rounds at a random phase, so nodes started together do not sync in step.
         let sync = core.config.sync_interval;
         let phase = Duration::from_millis(
@@ -336,9 +330,15 @@ impl GossipCore {
         &self.members
     }
 
-    /// How many members foca counts active.
+    /// SWIM's backlog: updates and notices waiting to be piggybacked, and the entries
+    /// their queues hold.
+    pub fn backlog(&self) -> (usize, usize) {
+        self.swim.backlog()
+    }
+
+    /// How many members are active (alive or suspected).
     pub fn num_members(&self) -> usize {
-        self.foca.num_members()
+        self.swim.num_members()
     }
 
     /// Whether the node left (after [`GossipCore::leave`] and its linger): nothing more to
@@ -365,53 +365,45 @@ impl GossipCore {
         self.timers.next_at()
     }
 
-    /// A foca packet from a peer.
+    /// A SWIM packet from a peer.
     pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
         if self.closed {
             return;
         }
-        if let Err(e) = self.foca.handle_data(bytes, &mut self.runtime) {
+        if let Err(e) = self.swim.handle_data(bytes) {
             debug!(error = %e, "gossip packet refused");
         }
         self.pump(now);
     }
 
-    /// Every timer due at `now`, in order (foca requires all of them, in order).
+    /// Every timer due at `now`, in order.
     pub fn handle_timeout(&mut self, now: Instant) {
         while !self.closed {
             let Some((at, due)) = self.timers.pop_due(now) else {
                 break;
             };
             match due {
-                Due::Foca(t) => {
+                Due::Swim(t) => {
                     if now.saturating_duration_since(at) > LATE_TIMER {
                         self.health = (self.health + 1).min(MAX_HEALTH);
-                    } else if matches!(t, Timer::ProbeRandomMember(_)) {
+                    } else if matches!(t, Timer::Probe { .. }) {
                         self.health = self.health.saturating_sub(1);
                     }
-                    if let Timer::ChangeSuspectToDown {
-                        member_id,
-                        incarnation,
-                        ..
+                    if let Timer::SuspectToDown {
+                        id, incarnation, ..
                     } = &t
-                        && self.foca.iter_members().any(|m| {
-                            m.id() == member_id
-                                && m.incarnation() == *incarnation
-                                && m.state() == foca::State::Suspect
-                        })
+                        && self.swim.is_suspect(id, *incarnation)
                     {
                         self.stats.declared_down += 1;
                     }
-                    if let Err(e) = self.foca.handle_timer(t, &mut self.runtime) {
-                        warn!(error = %e, "gossip timer failed");
-                    }
+                    self.swim.handle_timer(t);
                 }
                 Due::Sync => {
                     self.schedule(now, self.config.sync_interval, Due::Sync);
                     self.start_sync();
                 }
                 Due::Reannounce => {
-                    if self.foca.num_members() == 0 {
+                    if self.swim.num_members() == 0 {
                         self.announce();
                         self.idle_backoff = (self.idle_backoff * 2).min(self.config.reannounce_max);
                         self.schedule(now, self.idle_backoff, Due::Reannounce);
@@ -427,7 +419,7 @@ impl GossipCore {
                         self.pending.clear();
                         return;
                     }
-                    let _ = self.foca.gossip(&mut self.runtime);
+                    self.swim.gossip();
                     self.schedule(now, LINGER_GOSSIP, Due::Linger);
                 }
             }
@@ -452,7 +444,7 @@ impl GossipCore {
                         members: None,
                     }
                 };
-                if self.foca.num_members() != members {
+                if self.swim.num_members() != members {
                     reply.members = Some(self.membership());
                 }
                 postcard::to_stdvec(&reply)
@@ -470,23 +462,18 @@ impl GossipCore {
                 members,
             } => {
                 let in_sync = self.catalog.lock().fingerprint() == fingerprint
-                    && self.foca.num_members() == members;
+                    && self.swim.num_members() == members;
                 postcard::to_stdvec(&in_sync)
             }
             Rpc::Suspected { id, incarnation } => {
                 // A node that is leaving does not refute: it is going.
                 let me = id == self.id && self.leaving.is_none();
                 if me {
-                    // Refuted as foca refutes a gossiped suspicion (a new incarnation, and
-                    // gossip about it); being suspected also says this node may be slow.
+                    // Refuted as a gossiped suspicion is (a new incarnation, and gossip
+                    // about it); being suspected also says this node may be slow.
                     self.health = (self.health + 1).min(MAX_HEALTH);
-                    let update = Member::new(id, incarnation, foca::State::Suspect);
-                    if let Err(e) =
-                        self.foca
-                            .apply_many(std::iter::once(update), true, &mut self.runtime)
-                    {
-                        debug!(error = %e, "refuting a suspicion failed");
-                    }
+                    let update = Member::new(id, incarnation, State::Suspect);
+                    self.swim.apply_many([update], true);
                 }
                 postcard::to_stdvec(&me)
             }
@@ -512,25 +499,14 @@ impl GossipCore {
                     Some(true) => {
                         self.stats.answered += 1;
                         let alive =
-                            Member::new(member, incarnation.saturating_add(1), foca::State::Alive);
-                        if let Err(e) =
-                            self.foca
-                                .apply_many(std::iter::once(alive), true, &mut self.runtime)
-                        {
-                            debug!(error = %e, "applying a refutation failed");
-                        }
+                            Member::new(member, incarnation.saturating_add(1), State::Alive);
+                        self.swim.apply_many([alive], true);
                     }
                     // Whoever is at its address now is not that identity (it restarted
                     // under a new generation, or is leaving): the suspect is gone for good.
                     Some(false) => {
                         self.stats.gone += 1;
-                        let down = Member::down(member);
-                        if let Err(e) =
-                            self.foca
-                                .apply_many(std::iter::once(down), true, &mut self.runtime)
-                        {
-                            debug!(error = %e, "applying a departure failed");
-                        }
+                        self.swim.apply_many([Member::down(member)], true);
                     }
                     // No answer: the suspicion runs its course.
                     None => {}
@@ -545,7 +521,7 @@ impl GossipCore {
                 if same == Some(false) {
                     let rpc = Rpc::Digest {
                         digest: self.catalog.lock().digest(),
-                        members: self.foca.num_members(),
+                        members: self.swim.num_members(),
                     };
                     self.request(
                         peer.clone(),
@@ -599,7 +575,7 @@ impl GossipCore {
     }
 
     /// Publishes this node's endpoints and labels: its record's version goes up, and a
-    /// notice of it rides foca's broadcasts. Returns the new `(generation, version)`.
+    /// notice of it piggybacks on SWIM's packets. Returns the new `(generation, version)`.
     pub fn publish(
         &mut self,
         now: Instant,
@@ -621,7 +597,7 @@ impl GossipCore {
                 added = true;
             }
         }
-        if added && self.foca.num_members() == 0 {
+        if added && self.swim.num_members() == 0 {
             self.announce();
         }
         self.pump(now);
@@ -633,7 +609,7 @@ impl GossipCore {
         if self.leaving.is_some() || self.closed {
             return;
         }
-        let _ = self.foca.leave_cluster(&mut self.runtime);
+        self.swim.leave_cluster();
         self.leaving = Some(now + self.config.leave_linger);
         // Only the linger's own gossip from now on.
         self.timers.clear();
@@ -658,24 +634,19 @@ impl GossipCore {
 
     /// Every member this node knows with its state — Down ones included, as memberlist's
     /// push-pull does — and this node under its current identity. A Down declaration rides
-    /// the periodic exchange, not only foca's few retransmissions: a node that missed those
+    /// the periodic exchange, not only SWIM's few retransmissions: a node that missed those
     /// (a partition that took half the cluster down at once overflows the piggyback
     /// budget) learns it at its next sync instead of when its own probe reaches the dead
-    /// member, up to a full probe round (N seconds) later. Foca keeps Down members 24 h;
+    /// member, up to a full probe round (N seconds) later. Down members are kept 24 h;
     /// a Down update about an older identity at a peer's own address only confirms it.
-    fn membership(&self) -> Vec<Member<GossipId>> {
-        let mut v: Vec<Member<GossipId>> = self.foca.iter_membership_state().cloned().collect();
+    fn membership(&self) -> Vec<Member> {
+        let mut v: Vec<Member> = self.swim.iter_membership_state().cloned().collect();
         v.push(Member::alive(self.id.clone()));
         v
     }
 
-    fn apply_members(&mut self, members: Vec<Member<GossipId>>) {
-        if let Err(e) = self
-            .foca
-            .apply_many(members.into_iter(), false, &mut self.runtime)
-        {
-            warn!(error = %e, "membership from a peer not applied");
-        }
+    fn apply_members(&mut self, members: Vec<Member>) {
+        self.swim.apply_many(members, false);
     }
 
     fn announce(&mut self) {
@@ -686,9 +657,7 @@ impl GossipCore {
             .cloned()
             .collect();
         for (node, addr) in seeds {
-            let _ = self
-                .foca
-                .announce(GossipId::new(node, addr, 0), &mut self.runtime);
+            self.swim.announce(GossipId::new(node, addr, 0));
         }
     }
 
@@ -736,10 +705,10 @@ impl GossipCore {
         };
         let stamp = rec.stamp();
         self.merge_checked(std::iter::once(rec));
-        if let Err(e) = self.foca.add_broadcast(&encode_notice(&notice)) {
-            warn!(error = %e, "version notice not queued");
+        if !self.swim.add_broadcast(&encode_notice(&notice)) {
+            warn!(node = %notice.node, "version notice not queued");
         }
-        let _ = self.foca.broadcast(&mut self.runtime);
+        self.swim.broadcast();
         stamp
     }
 
@@ -770,14 +739,12 @@ impl GossipCore {
     }
 
     fn start_sync(&mut self) {
-        let members: Vec<GossipId> = self.foca.iter_members().map(|m| m.id().clone()).collect();
-        if members.is_empty() {
+        let Some(peer) = self.swim.random_member() else {
             return;
-        }
-        let peer = members[self.rng.random_range(0..members.len())].clone();
+        };
         let probe = Rpc::Fingerprint {
             fingerprint: self.catalog.lock().fingerprint(),
-            members: self.foca.num_members(),
+            members: self.swim.num_members(),
         };
         self.request(
             peer.clone(),
@@ -787,24 +754,19 @@ impl GossipCore {
         );
     }
 
-    /// Moves the packets and timers foca produced into the core's queues.
+    /// Moves the packets and timers SWIM produced into the core's queues.
     fn take_output(&mut self, now: Instant) {
-        while let Some((to, data)) = self.runtime.to_send() {
-            self.transmits.push_back(Transmit::Datagram {
-                to,
-                bytes: data.to_vec(),
-            });
+        while let Some((to, bytes)) = self.swim.out.sends.pop_front() {
+            self.transmits.push_back(Transmit::Datagram { to, bytes });
         }
         let mut suspected = Vec::new();
-        while let Some((after, timer)) = self.runtime.to_schedule() {
+        while let Some((after, timer)) = self.swim.out.timers.pop_front() {
             let stretch = match &timer {
-                Timer::ProbeRandomMember(_) | Timer::SendIndirectProbe { .. } => true,
-                Timer::ChangeSuspectToDown {
-                    member_id,
-                    incarnation,
-                    ..
+                Timer::Probe { .. } | Timer::IndirectProbe { .. } => true,
+                Timer::SuspectToDown {
+                    id, incarnation, ..
                 } => {
-                    suspected.push((member_id.clone(), *incarnation));
+                    suspected.push((id.clone(), *incarnation));
                     self.stats.suspected += 1;
                     true
                 }
@@ -815,7 +777,7 @@ impl GossipCore {
             } else {
                 after
             };
-            self.schedule(now, after, Due::Foca(timer));
+            self.schedule(now, after, Due::Swim(timer));
         }
         // This node's probe found a member dead: put it to the member over a reliable
         // request too (a live one answers and the suspicion ends here at once, whatever
@@ -837,52 +799,69 @@ impl GossipCore {
         }
     }
 
-    /// Takes what foca produced (packets, timers, notifications) and what the catalog
+    /// Takes what SWIM produced (packets, timers, notifications) and what the catalog
     /// wants pulled, after every input.
     fn pump(&mut self, now: Instant) {
         self.take_output(now);
-        let mut retune = false;
-        while let Some(n) = self.runtime.to_notify() {
+        while let Some(n) = self.swim.out.notes.pop_front() {
             // News about an older identity at an address never overrides a newer one.
             let stale = |view: &BTreeMap<SocketAddr, MemberView>, id: &GossipId| {
                 view.get(&id.addr)
                     .is_some_and(|m| m.id.generation > id.generation)
             };
             let event = match n {
-                OwnedNotification::MemberUp(id) if !stale(&self.members, &id) => {
+                Notification::MemberUp(id) if !stale(&self.members, &id) => {
                     self.catalog.lock().mark_up(&id.node, id.generation);
-                    self.members.insert(id.addr, view(&id, true));
-                    retune = true;
+                    let suspected = self
+                        .swim
+                        .member_at(&id.addr)
+                        .is_some_and(|m| m.id() == &id && m.state() == State::Suspect);
+                    self.members.insert(
+                        id.addr,
+                        MemberView {
+                            id: id.clone(),
+                            up: true,
+                            suspected,
+                        },
+                    );
                     // A node that just joined syncs at once rather than at its next round.
                     if !self.synced && !self.syncing() {
                         self.start_sync();
                     }
                     Some(GossipEvent::MemberUp(id))
                 }
-                OwnedNotification::MemberDown(id) if !stale(&self.members, &id) => {
+                Notification::MemberDown(id) if !stale(&self.members, &id) => {
                     self.catalog.lock().mark_down(&id.node, id.generation);
                     self.members.insert(id.addr, view(&id, false));
-                    retune = true;
                     Some(GossipEvent::MemberDown(id))
                 }
-                OwnedNotification::Rename(old, new) => {
+                Notification::Rename(old, new) => {
                     self.catalog.lock().mark_up(&new.node, new.generation);
                     self.members.insert(new.addr, view(&new, true));
                     Some(GossipEvent::Restarted { old, new })
                 }
-                OwnedNotification::Rejoin(new) => {
+                Notification::Rejoin(new) => {
                     self.id = new.clone();
                     self.rejoined(&new);
                     Some(GossipEvent::Rejoined(new))
                 }
-                OwnedNotification::Idle => {
+                Notification::Suspected(id) | Notification::Cleared(id) => {
+                    let suspected = matches!(state_of(&id, &self.swim), Some(State::Suspect));
+                    if let Some(v) = self.members.get_mut(&id.addr)
+                        && v.id == id
+                    {
+                        v.suspected = v.up && suspected;
+                    }
+                    None
+                }
+                Notification::Idle => {
                     if !self.reannouncing && self.leaving.is_none() {
                         self.reannouncing = true;
                         self.schedule(now, self.idle_backoff, Due::Reannounce);
                     }
                     None
                 }
-                OwnedNotification::Active => {
+                Notification::Active => {
                     self.idle_backoff = self.config.reannounce_min;
                     None
                 }
@@ -894,40 +873,10 @@ impl GossipCore {
         }
         // Packets and timers a notification's handling produced (a rejoin's broadcast).
         self.take_output(now);
-        // Suspicion comes and goes without a notification: read from foca, at most every
-        // SUSPECT_REFRESH (reading it after every packet cost a simulated 1 000-node
-        // cluster a third of its time: O(members) per datagram).
-        if retune
-            || self
-                .suspects_read
-                .is_none_or(|t| now.saturating_duration_since(t) >= SUSPECT_REFRESH)
-        {
-            self.suspects_read = Some(now);
-            for m in self.members.values_mut() {
-                m.suspected = false;
-            }
-            for m in self.foca.iter_members() {
-                if m.state() == foca::State::Suspect
-                    && let Some(v) = self.members.get_mut(&m.id().addr)
-                {
-                    v.suspected = v.up;
-                }
-            }
-        }
-        if retune {
-            let cfg = self.config.foca_config(self.foca.num_members() + 1);
-            if let Err(e) = self.foca.set_config(cfg) {
-                warn!(error = %e, "gossip configuration not re-tuned");
-            }
-        }
         // Pull records whose notices arrived: from the relay, then the origin if the relay
         // does not have them.
         for want in self.catalog.take_wants() {
-            let origin = self
-                .foca
-                .iter_members()
-                .map(|m| m.id().clone())
-                .find(|m| m.node == want.notice.node);
+            let origin = self.swim.active_named(&want.notice.node).cloned();
             let (first, then) = match (want.from.clone(), origin) {
                 (Some(relay), origin) => {
                     let then = origin.filter(|o| o.node != relay.node);
@@ -942,13 +891,17 @@ impl GossipCore {
     }
 }
 
-/// How stale a member's `suspected` flag may be.
-const SUSPECT_REFRESH: Duration = Duration::from_millis(100);
+/// The state SWIM holds for `id` now, if that identity is the member at its address.
+fn state_of(id: &GossipId, swim: &Swim) -> Option<State> {
+    swim.member_at(&id.addr)
+        .filter(|m| m.id() == id)
+        .map(Member::state)
+}
 
 /// How long a node waits for its first sync before it answers from what it has.
 const SYNC_DEADLINE: Duration = Duration::from_secs(5);
 
-/// A foca timer handled this late says this node is slow (starved of CPU).
+/// A SWIM timer handled this late says this node is slow (starved of CPU).
 const LATE_TIMER: Duration = Duration::from_millis(50);
 
 /// The largest local health multiplier (probes at most 9× slower).
@@ -1109,15 +1062,15 @@ mod tests {
         .unwrap();
         let reply: DigestReply =
             postcard::from_bytes(&net.cores[0].handle_request(now, &ask).unwrap()).unwrap();
-        let listed: BTreeMap<String, foca::State> = reply
+        let listed: BTreeMap<String, State> = reply
             .members
             .unwrap()
             .iter()
             .map(|m| (m.id().node.clone(), m.state()))
             .collect();
         assert_eq!(listed.len(), 3, "{listed:?}");
-        assert_eq!(listed["n2"], foca::State::Down, "{listed:?}");
-        assert_eq!(listed["n0"], foca::State::Alive, "{listed:?}");
+        assert_eq!(listed["n2"], State::Down, "{listed:?}");
+        assert_eq!(listed["n0"], State::Alive, "{listed:?}");
         // Garbage is not a request.
         assert!(net.cores[0].handle_request(now, b"\xff\xff\xff").is_none());
     }

@@ -186,7 +186,7 @@ impl GossipNode {
         self.shared.lock().clone()
     }
 
-    /// Service name → endpoints on live nodes: this one and the members foca reports
+    /// Service name → endpoints on live nodes: this one and the members SWIM reports
     /// active (a node never seen alive, such as one already Down when this node joined, is
     /// not listed).
     pub fn services(&self) -> BTreeMap<String, Vec<(String, ServiceEndpoint)>> {

@@ -28,23 +28,19 @@ impl GossipId {
     }
 }
 
-impl foca::Identity for GossipId {
-    type Addr = SocketAddr;
-
+impl GossipId {
     /// A node whose identity was declared Down comes back with the next generation, which
     /// wins the address conflict.
-    fn renew(&self) -> Option<Self> {
-        Some(GossipId {
+    pub fn renew(&self) -> Self {
+        GossipId {
             generation: self.generation.saturating_add(1),
             ..self.clone()
-        })
+        }
     }
 
-    fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+    /// Whether this identity keeps the address against `adversary`: the newer generation
+    /// wins.
+    pub fn win_addr_conflict(&self, adversary: &Self) -> bool {
         // The node id breaks a tie, so two identities never both lose (or both win).
         (self.generation, &self.node) > (adversary.generation, &adversary.node)
     }
@@ -56,7 +52,7 @@ pub trait GenerationStore {
     /// Returns the generation for this start: one more than the last one handed out.
     fn next_generation(&mut self) -> std::io::Result<u64>;
 
-    /// Records that the node rejoined under `generation` while running (foca renewed its
+    /// Records that the node rejoined under `generation` while running (it renewed its
     /// identity after being declared Down), so the next start goes above it.
     fn observed(&mut self, generation: u64) -> std::io::Result<()>;
 }
@@ -107,12 +103,11 @@ impl GenerationStore for FileGeneration {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use foca::Identity;
 
     #[test]
     fn newer_generation_wins_and_renew_bumps() {
         let a = GossipId::new("n1", "127.0.0.1:1".parse().unwrap(), 3);
-        let b = a.renew().unwrap();
+        let b = a.renew();
         assert_eq!(b.generation, 4);
         assert!(b.win_addr_conflict(&a));
         assert!(!a.win_addr_conflict(&b));

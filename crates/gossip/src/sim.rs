@@ -570,6 +570,16 @@ impl Simulator {
         self.nodes[i].sent_bytes
     }
 
+    /// Node `i`'s gossip core.
+    pub fn core(&self, i: usize) -> &GossipCore {
+        &self.nodes[i].core
+    }
+
+    /// Events waiting in the simulated network.
+    pub fn queued_events(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Node `i`'s identity.
     pub fn id(&self, i: usize) -> &GossipId {
         self.nodes[i].core.id()

@@ -51,6 +51,11 @@ impl<A: Ord + Copy, T> TimerQueue<A, T> {
         });
     }
 
+    /// How many entries are queued.
+    pub(crate) fn len(&self) -> usize {
+        self.heap.len()
+    }
+
     /// When the earliest entry is due.
     pub(crate) fn next_at(&self) -> Option<A> {
         self.heap.peek().map(|e| e.at)

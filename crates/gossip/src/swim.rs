@@ -1,0 +1,1289 @@
+//! SWIM membership without I/O: probes (direct, then through others), suspicion and its
+//! refutation by incarnation, Down declarations, piggybacked dissemination, joins by
+//! announce/feed, graceful leave, and a rejoin under the next generation when the others
+//! declared this node Down. The member table is indexed by address, so every update a
+//! packet carries costs O(1) whatever the cluster size (a member list scanned per update
+//! made a 10 000-node simulation quadratic in both time and work).
+//!
+//! Like the rest of the crate it is a state machine: inputs ([`Swim::handle_data`],
+//! [`Swim::handle_timer`], [`Swim::apply_many`], …) leave packets, timers and
+//! notifications in an [`Outbox`] the caller drains; it reads no clock.
+//!
+//! Wire format of a packet (at most `max_packet_size` bytes):
+//!
+//! ```text
+//!   postcard(Header {src, src_incarnation, dst, message})
+//!   u16 BE: number of member updates, then each postcard(Member)   (none for Announce)
+//!   then, to the end: u16 BE length + bytes, one per version notice
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::NoticeHandler;
+use crate::identity::GossipId;
+
+/// A member's incarnation: raised by the member itself to refute a suspicion.
+pub type Incarnation = u32;
+
+/// What is known of a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum State {
+    /// Answering probes.
+    Alive,
+    /// A probe of it failed; it is still active until declared Down (or it refutes).
+    Suspect,
+    /// Declared dead (or it left). Final for this identity: it comes back only under a
+    /// newer one.
+    Down,
+}
+
+/// A member update: who, at which incarnation, in which state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    id: GossipId,
+    incarnation: Incarnation,
+    state: State,
+}
+
+impl Member {
+    /// An update.
+    pub fn new(id: GossipId, incarnation: Incarnation, state: State) -> Self {
+        Member {
+            id,
+            incarnation,
+            state,
+        }
+    }
+
+    /// `id` alive at incarnation 0.
+    pub fn alive(id: GossipId) -> Self {
+        Member::new(id, 0, State::Alive)
+    }
+
+    /// `id` declared Down.
+    pub fn down(id: GossipId) -> Self {
+        Member::new(id, 0, State::Down)
+    }
+
+    /// Whose update.
+    pub fn id(&self) -> &GossipId {
+        &self.id
+    }
+
+    /// Its incarnation.
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
+    /// Its state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    fn is_active(&self) -> bool {
+        self.state != State::Down
+    }
+}
+
+/// What a packet is for (postcard: the variant order is the wire tag).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Message {
+    Ping(u32),
+    Ack(u32),
+    /// Probe `target` for me and tell me.
+    PingReq {
+        target: GossipId,
+        probe: u32,
+    },
+    /// A probe on behalf of `origin`.
+    IndirectPing {
+        origin: GossipId,
+        probe: u32,
+    },
+    /// The answer to an indirect probe, back to the member that relayed it.
+    IndirectAck {
+        target: GossipId,
+        probe: u32,
+    },
+    /// The relayed answer: `origin` (the probed member) answered.
+    ForwardedAck {
+        origin: GossipId,
+        probe: u32,
+    },
+    /// I want to join: send me members.
+    Announce,
+    /// Members for an announcer (the piggyback holds random active members).
+    Feed,
+    /// Only the piggyback.
+    Gossip,
+    /// You are Down here: come back under a new identity.
+    TurnUndead,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    src: GossipId,
+    src_incarnation: Incarnation,
+    dst: GossipId,
+    message: Message,
+}
+
+/// A timer the caller runs: after the delay it asked for, hand it back to
+/// [`Swim::handle_timer`]. Timers of an earlier life (before a rejoin or a leave) are
+/// ignored by their token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Timer {
+    /// A protocol period: conclude the previous probe, start the next.
+    Probe {
+        /// Life.
+        token: u64,
+    },
+    /// The direct probe's ack deadline: ask others to probe `target`.
+    IndirectProbe {
+        /// The probed member.
+        target: GossipId,
+        /// Life.
+        token: u64,
+    },
+    /// A suspicion this node raised runs out: Down unless refuted.
+    SuspectToDown {
+        /// The suspect.
+        id: GossipId,
+        /// At which incarnation it was suspected.
+        incarnation: Incarnation,
+        /// Life.
+        token: u64,
+    },
+    /// Send pending updates to a few members.
+    Gossip {
+        /// Life.
+        token: u64,
+    },
+    /// Announce to a random member (its feed fills gaps in this node's view).
+    Announce {
+        /// Life.
+        token: u64,
+    },
+    /// Announce to a few Down members (two sides of a healed partition find each other).
+    AnnounceDown {
+        /// Life.
+        token: u64,
+    },
+    /// Forget a Down member (it may rejoin under the same identity afterwards).
+    RemoveDown(GossipId),
+}
+
+/// What changed, for the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notification {
+    /// A member became active.
+    MemberUp(GossipId),
+    /// A member was declared Down.
+    MemberDown(GossipId),
+    /// A newer identity replaced an older one at the same address.
+    Rename(GossipId, GossipId),
+    /// This node was declared Down and continues under this new identity.
+    Rejoin(GossipId),
+    /// An active member is now suspected.
+    Suspected(GossipId),
+    /// A suspected member refuted the suspicion.
+    Cleared(GossipId),
+    /// This node has an active member again.
+    Active,
+    /// This node has no active member left.
+    Idle,
+}
+
+/// What an input produced: packets to send, timers to run, notifications.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Packets, to whom.
+    pub sends: VecDeque<(GossipId, Vec<u8>)>,
+    /// Timers, after how long.
+    pub timers: VecDeque<(Duration, Timer)>,
+    /// Notifications.
+    pub notes: VecDeque<Notification>,
+}
+
+/// Tuning of the protocol (see `GossipConfig` for the values and why).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SwimConfig {
+    /// A protocol period: one member probed per period.
+    pub probe_period: Duration,
+    /// How long the direct probe waits before others are asked.
+    pub probe_rtt: Duration,
+    /// How many others are asked.
+    pub indirect_probes: usize,
+    /// How long a suspicion this node raised lasts before Down.
+    pub suspect_to_down: Duration,
+    /// How long a Down member is remembered.
+    pub remove_down_after: Duration,
+    /// The fewest transmissions of each update (more in larger clusters: 4 × log10(n+1)).
+    pub min_transmissions: usize,
+    /// How often pending updates go to `gossip_fanout` members.
+    pub gossip_interval: Duration,
+    /// How many members each gossip round goes to.
+    pub gossip_fanout: usize,
+    /// How often a random member is announced to.
+    pub announce_interval: Duration,
+    /// How often Down members are announced to, and how many.
+    pub announce_down_interval: Duration,
+    /// See `announce_down_interval`.
+    pub announce_down_count: usize,
+    /// The largest packet.
+    pub max_packet_size: usize,
+}
+
+/// Why a packet was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SwimError {
+    /// Larger than the largest packet.
+    #[error("packet of {0} bytes is over the limit")]
+    TooBig(usize),
+    /// Not a packet of this protocol, or cut short.
+    #[error("malformed packet: {0}")]
+    Malformed(&'static str),
+    /// From this node's own address.
+    #[error("packet from ourselves")]
+    FromOurselves,
+}
+
+/// The smallest piggybacked item worth trying to fit.
+const MIN_ITEM: usize = 12;
+
+/// Items that do not fit skipped per packet before the packet is sent as it is.
+const MAX_SKIPS: usize = 8;
+
+/// Updates waiting to be piggybacked, each sent a number of times, the least sent first.
+/// A newer item under the same key replaces the queued one (left in place and dropped when
+/// reached).
+#[derive(Debug)]
+struct Piggyback<K> {
+    /// `buckets[r]`: items with `r` transmissions left.
+    buckets: Vec<VecDeque<Item<K>>>,
+    latest: HashMap<K, u64>,
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct Item<K> {
+    key: K,
+    seq: u64,
+    data: Vec<u8>,
+}
+
+impl<K: Hash + Eq + Clone> Piggyback<K> {
+    fn new() -> Self {
+        Piggyback {
+            buckets: Vec::new(),
+            latest: HashMap::new(),
+            seq: 0,
+        }
+    }
+
+    fn add(&mut self, key: K, data: Vec<u8>, transmissions: usize) {
+        let r = transmissions.max(1);
+        self.seq += 1;
+        self.latest.insert(key.clone(), self.seq);
+        if self.buckets.len() <= r {
+            self.buckets.resize_with(r + 1, VecDeque::new);
+        }
+        self.buckets[r].push_back(Item {
+            key,
+            seq: self.seq,
+            data,
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.latest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.latest.is_empty()
+    }
+
+    /// Writes items into `buf` up to `limit` bytes, each after `prefix(len)` bytes of
+    /// framing; returns how many.
+    fn fill(&mut self, buf: &mut Vec<u8>, limit: usize, prefixed: bool) -> u16 {
+        let overhead = if prefixed { 2 } else { 0 };
+        let mut count = 0u16;
+        let mut skips = 0;
+        let mut moved: Vec<(usize, Item<K>)> = Vec::new();
+        'buckets: for r in (1..self.buckets.len()).rev() {
+            let mut kept = Vec::new();
+            while let Some(item) = self.buckets[r].pop_front() {
+                if self.latest.get(&item.key) != Some(&item.seq) {
+                    continue;
+                }
+                let need = item.data.len() + overhead;
+                if buf.len() + need > limit {
+                    kept.push(item);
+                    skips += 1;
+                    if skips >= MAX_SKIPS || buf.len() + MIN_ITEM > limit {
+                        for k in kept.into_iter().rev() {
+                            self.buckets[r].push_front(k);
+                        }
+                        break 'buckets;
+                    }
+                    continue;
+                }
+                if prefixed {
+                    buf.extend_from_slice(&(item.data.len() as u16).to_be_bytes());
+                }
+                buf.extend_from_slice(&item.data);
+                count = count.saturating_add(1);
+                if r == 1 {
+                    self.latest.remove(&item.key);
+                } else {
+                    moved.push((r - 1, item));
+                }
+                if count == u16::MAX {
+                    for k in kept.into_iter().rev() {
+                        self.buckets[r].push_front(k);
+                    }
+                    break 'buckets;
+                }
+            }
+            for k in kept.into_iter().rev() {
+                self.buckets[r].push_front(k);
+            }
+        }
+        for (r, item) in moved {
+            self.buckets[r].push_back(item);
+        }
+        // A burst (a thousand joins) leaves large queues behind: give the memory back once
+        // drained (kept, it was most of a simulated 10 000-node cluster's memory).
+        for b in &mut self.buckets {
+            if b.is_empty() && b.capacity() > 64 {
+                *b = VecDeque::new();
+            }
+        }
+        count
+    }
+}
+
+/// A member as the table holds it.
+#[derive(Debug, Clone)]
+struct Entry {
+    member: Member,
+    /// Its place in `Table::active`, when active.
+    active_at: Option<u32>,
+}
+
+/// What applying an update did.
+#[derive(Debug, Default)]
+struct Applied {
+    /// The table changed.
+    changed: bool,
+    was_active: bool,
+    now_active: bool,
+    was_suspect: bool,
+    now_suspect: bool,
+    /// The identity it replaced at the same address.
+    replaced: Option<GossipId>,
+}
+
+/// Every member known, by address; the active ones also in a vector (random choice in
+/// O(1)); an index by node name.
+#[derive(Debug, Default)]
+struct Table {
+    entries: Vec<Entry>,
+    by_addr: HashMap<SocketAddr, u32>,
+    by_node: HashMap<String, u32>,
+    active: Vec<u32>,
+}
+
+impl Table {
+    fn get(&self, addr: &SocketAddr) -> Option<&Member> {
+        self.by_addr
+            .get(addr)
+            .map(|i| &self.entries[*i as usize].member)
+    }
+
+    fn set_active(&mut self, i: u32, active: bool) {
+        let at = self.entries[i as usize].active_at;
+        match (at, active) {
+            (None, true) => {
+                self.entries[i as usize].active_at = Some(self.active.len() as u32);
+                self.active.push(i);
+            }
+            (Some(p), false) => {
+                self.active.swap_remove(p as usize);
+                if let Some(&moved) = self.active.get(p as usize) {
+                    self.entries[moved as usize].active_at = Some(p);
+                }
+                self.entries[i as usize].active_at = None;
+            }
+            _ => {}
+        }
+    }
+
+    fn apply(&mut self, update: Member) -> Applied {
+        let addr = update.id.addr;
+        let Some(&i) = self.by_addr.get(&addr) else {
+            let i = self.entries.len() as u32;
+            let active = update.is_active();
+            let suspect = update.state == State::Suspect;
+            self.by_node.insert(update.id.node.clone(), i);
+            self.by_addr.insert(addr, i);
+            self.entries.push(Entry {
+                member: update,
+                active_at: None,
+            });
+            self.set_active(i, active);
+            return Applied {
+                changed: true,
+                was_active: false,
+                now_active: active,
+                was_suspect: false,
+                now_suspect: suspect,
+                replaced: None,
+            };
+        };
+        let known = &self.entries[i as usize].member;
+        let was_active = known.is_active();
+        let was_suspect = known.state == State::Suspect;
+        let mut out = Applied {
+            was_active,
+            now_active: was_active,
+            was_suspect,
+            now_suspect: was_suspect,
+            ..Applied::default()
+        };
+        if known.id != update.id {
+            if known.id.win_addr_conflict(&update.id) {
+                return out;
+            }
+            let old = known.id.clone();
+            if old.node != update.id.node {
+                if self.by_node.get(&old.node) == Some(&i) {
+                    self.by_node.remove(&old.node);
+                }
+                self.by_node.insert(update.id.node.clone(), i);
+            }
+            out.replaced = Some(old);
+        } else {
+            let newer = match (known.state, update.state) {
+                (State::Down, _) => false,
+                (_, State::Down) => true,
+                (State::Alive, State::Suspect) => update.incarnation >= known.incarnation,
+                _ => update.incarnation > known.incarnation,
+            };
+            if !newer {
+                return out;
+            }
+        }
+        out.changed = true;
+        out.now_active = update.is_active();
+        out.now_suspect = update.state == State::Suspect;
+        self.entries[i as usize].member = update;
+        self.set_active(i, out.now_active);
+        out
+    }
+
+    fn remove(&mut self, id: &GossipId) {
+        let Some(&i) = self.by_addr.get(&id.addr) else {
+            return;
+        };
+        if self.entries[i as usize].member.id != *id {
+            return;
+        }
+        self.set_active(i, false);
+        self.by_addr.remove(&id.addr);
+        if self.by_node.get(&id.node) == Some(&i) {
+            self.by_node.remove(&id.node);
+        }
+        let last = self.entries.len() as u32 - 1;
+        self.entries.swap_remove(i as usize);
+        if i != last {
+            // The last entry moved to `i`: re-point its indexes.
+            let moved = self.entries[i as usize].clone();
+            self.by_addr.insert(moved.member.id.addr, i);
+            if self.by_node.get(&moved.member.id.node) == Some(&last) {
+                self.by_node.insert(moved.member.id.node.clone(), i);
+            }
+            if let Some(p) = moved.active_at {
+                self.active[p as usize] = i;
+            }
+        }
+    }
+
+    /// Up to `k` distinct random active members for which `keep` holds.
+    fn choose_active(
+        &self,
+        k: usize,
+        rng: &mut StdRng,
+        keep: impl Fn(&Member) -> bool,
+    ) -> Vec<GossipId> {
+        let n = self.active.len();
+        let mut out = Vec::with_capacity(k.min(n));
+        if k == 0 || n == 0 {
+            return out;
+        }
+        if k * 4 >= n {
+            // Most of them: a shuffle.
+            let mut all: Vec<u32> = self.active.clone();
+            all.shuffle(rng);
+            for i in all {
+                let m = &self.entries[i as usize].member;
+                if keep(m) {
+                    out.push(m.id.clone());
+                    if out.len() == k {
+                        break;
+                    }
+                }
+            }
+            return out;
+        }
+        let mut picked: Vec<u32> = Vec::with_capacity(k);
+        // Random draws; a few more than k tries each, so a `keep` that refuses many ends.
+        for _ in 0..k * 8 {
+            let i = self.active[rng.random_range(0..n)];
+            if picked.contains(&i) {
+                continue;
+            }
+            picked.push(i);
+            let m = &self.entries[i as usize].member;
+            if keep(m) {
+                out.push(m.id.clone());
+                if out.len() == k {
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Connection {
+    /// No active member.
+    Disconnected,
+    Connected,
+    /// Left (or declared Down without a way back): probes nothing, answers nothing.
+    Undead,
+}
+
+/// The probe of one protocol period.
+#[derive(Debug, Default)]
+struct Probe {
+    number: u32,
+    target: Option<Member>,
+    acked: bool,
+}
+
+/// One node's SWIM membership.
+#[derive(Debug)]
+pub struct Swim {
+    id: GossipId,
+    incarnation: Incarnation,
+    config: SwimConfig,
+    rng: StdRng,
+    table: Table,
+    updates: Piggyback<SocketAddr>,
+    notices: Piggyback<String>,
+    handler: NoticeHandler,
+    probe: Probe,
+    /// Addresses to probe, in a shuffled round: SWIM's randomised round-robin.
+    probe_order: Vec<SocketAddr>,
+    connection: Connection,
+    token: u64,
+    /// What the inputs produced.
+    pub out: Outbox,
+}
+
+impl Swim {
+    /// A node known to nobody yet: it joins by [`Swim::announce`] to a member.
+    pub fn new(id: GossipId, config: SwimConfig, rng_seed: u64, handler: NoticeHandler) -> Swim {
+        Swim {
+            id,
+            incarnation: 0,
+            config,
+            rng: StdRng::seed_from_u64(rng_seed),
+            table: Table::default(),
+            updates: Piggyback::new(),
+            notices: Piggyback::new(),
+            handler,
+            probe: Probe::default(),
+            probe_order: Vec::new(),
+            connection: Connection::Disconnected,
+            token: 0,
+            out: Outbox::default(),
+        }
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &GossipId {
+        &self.id
+    }
+
+    /// Replaces the tuning (a larger cluster: more transmissions).
+    pub fn set_config(&mut self, config: SwimConfig) {
+        self.config = config;
+    }
+
+    /// Active members (alive or suspected).
+    pub fn num_members(&self) -> usize {
+        self.table.active.len()
+    }
+
+    /// Active members.
+    pub fn iter_members(&self) -> impl Iterator<Item = &Member> + '_ {
+        self.table
+            .active
+            .iter()
+            .map(|i| &self.table.entries[*i as usize].member)
+    }
+
+    /// Every member known, Down ones included.
+    pub fn iter_membership_state(&self) -> impl Iterator<Item = &Member> + '_ {
+        self.table.entries.iter().map(|e| &e.member)
+    }
+
+    /// The member known at `addr`.
+    pub fn member_at(&self, addr: &SocketAddr) -> Option<&Member> {
+        self.table.get(addr)
+    }
+
+    /// The active member named `node`.
+    pub fn active_named(&self, node: &str) -> Option<&GossipId> {
+        let i = *self.table.by_node.get(node)?;
+        let e = &self.table.entries[i as usize];
+        e.active_at.map(|_| &e.member.id)
+    }
+
+    /// A random active member.
+    pub fn random_member(&mut self) -> Option<GossipId> {
+        self.table.choose_active(1, &mut self.rng, |_| true).pop()
+    }
+
+    /// Whether `id` is suspected at `incarnation` (its suspicion has not moved on).
+    pub fn is_suspect(&self, id: &GossipId, incarnation: Incarnation) -> bool {
+        self.table.get(&id.addr).is_some_and(|m| {
+            m.id == *id && m.incarnation == incarnation && m.state == State::Suspect
+        })
+    }
+
+    /// Updates and notices waiting to be sent, and the entries their queues hold (stale
+    /// ones included).
+    pub fn backlog(&self) -> (usize, usize) {
+        (
+            self.updates.len() + self.notices.len(),
+            self.updates.queued() + self.notices.queued(),
+        )
+    }
+
+    fn transmissions(&self) -> usize {
+        let n = self.table.active.len() as f64 + 1.0;
+        ((n + 1.0).log10() * 4.0)
+            .ceil()
+            .max(self.config.min_transmissions as f64) as usize
+    }
+
+    /// Asks `dst` (a seed: its identity may be a guess at the address) for members.
+    pub fn announce(&mut self, dst: GossipId) {
+        self.send(dst, Message::Announce);
+    }
+
+    /// Sends pending updates to a few members now (a departure, a refutation).
+    pub fn gossip(&mut self) {
+        let k = self.config.indirect_probes;
+        self.send_to_random(k, Message::Gossip);
+    }
+
+    /// Sends pending notices to a few members now.
+    pub fn broadcast(&mut self) {
+        if !self.notices.is_empty() {
+            self.gossip();
+        }
+    }
+
+    /// Queues a version notice of this node (the handler decides whether it is news).
+    pub fn add_broadcast(&mut self, data: &[u8]) -> bool {
+        if data.is_empty() || data.len() + 4 > self.config.max_packet_size {
+            return false;
+        }
+        match self.handler.receive_item(data, None) {
+            Ok(Some(key)) => {
+                let tx = self.transmissions();
+                self.notices.add(key.node().to_owned(), data.to_vec(), tx);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Leaves: a Down update about this node goes out, and it stops taking part.
+    pub fn leave_cluster(&mut self) {
+        let down = Member::down(self.id.clone());
+        self.queue_update(&down);
+        self.gossip();
+        self.become_undead();
+    }
+
+    /// Applies updates (from a push-pull, or this node's own knowledge). Updates about
+    /// this node are answered as SWIM answers them: a suspicion is refuted, a Down
+    /// declaration makes it rejoin under its next identity.
+    pub fn apply_many(&mut self, updates: impl IntoIterator<Item = Member>, broadcast: bool) {
+        for update in updates {
+            if update.id == self.id {
+                self.handle_self_update(update.incarnation, update.state);
+            } else if update.id.addr == self.id.addr {
+                // Another identity at this node's address: an older life of it, Down.
+                self.apply_update(Member::down(update.id), broadcast);
+            } else {
+                self.apply_update(update, broadcast);
+            }
+        }
+        self.adjust_connection();
+    }
+
+    /// A packet from a peer.
+    pub fn handle_data(&mut self, data: &[u8]) -> Result<(), SwimError> {
+        if data.len() > self.config.max_packet_size {
+            return Err(SwimError::TooBig(data.len()));
+        }
+        let (header, mut rest) = postcard::take_from_bytes::<Header>(data)
+            .map_err(|_| SwimError::Malformed("header"))?;
+        if header.src.addr == self.id.addr {
+            return Err(SwimError::FromOurselves);
+        }
+        let addressed = header.dst == self.id
+            || (header.message == Message::Announce && header.dst.addr == self.id.addr);
+        if !addressed || self.connection == Connection::Undead {
+            return Ok(());
+        }
+        let mut updates = Vec::new();
+        if header.message != Message::Announce {
+            let count = take_u16(&mut rest).ok_or(SwimError::Malformed("update count"))?;
+            for _ in 0..count {
+                let (m, r) = postcard::take_from_bytes::<Member>(rest)
+                    .map_err(|_| SwimError::Malformed("member update"))?;
+                updates.push(m);
+                rest = r;
+            }
+        }
+        let Header {
+            src,
+            src_incarnation,
+            message,
+            ..
+        } = header;
+        let sender_active = self.apply_update(
+            Member::new(src.clone(), src_incarnation, State::Alive),
+            true,
+        );
+        if !sender_active {
+            // A member this node holds Down (or an older life at that address) is told so.
+            if message == Message::TurnUndead {
+                self.handle_self_update(0, State::Down);
+            }
+            self.send(src, Message::TurnUndead);
+            return Ok(());
+        }
+        self.apply_many(updates, true);
+        let notices = self.receive_notices(rest, &src);
+        if self.connection != Connection::Connected {
+            return notices;
+        }
+        match message {
+            Message::Ping(n) => self.send(src, Message::Ack(n)),
+            Message::Ack(n) => {
+                if self.probe.number == n && self.probe.target.as_ref().is_some_and(|t| t.id == src)
+                {
+                    self.probe.acked = true;
+                }
+            }
+            Message::PingReq { target, probe } => {
+                if target != self.id {
+                    self.send(target, Message::IndirectPing { origin: src, probe });
+                }
+            }
+            Message::IndirectPing { origin, probe } => {
+                if origin != self.id {
+                    self.send(
+                        src,
+                        Message::IndirectAck {
+                            target: origin,
+                            probe,
+                        },
+                    );
+                }
+            }
+            Message::IndirectAck { target, probe } => {
+                if target != self.id {
+                    self.send(target, Message::ForwardedAck { origin: src, probe });
+                }
+            }
+            Message::ForwardedAck { origin, probe } => {
+                if self.probe.number == probe
+                    && self.probe.target.as_ref().is_some_and(|t| t.id == origin)
+                {
+                    self.probe.acked = true;
+                }
+            }
+            Message::Announce => self.send(src, Message::Feed),
+            Message::TurnUndead => self.handle_self_update(0, State::Down),
+            Message::Gossip | Message::Feed => {}
+        }
+        notices
+    }
+
+    /// A timer the caller ran.
+    pub fn handle_timer(&mut self, timer: Timer) {
+        let live = |token: u64, s: &Swim| token == s.token && s.connection == Connection::Connected;
+        match timer {
+            Timer::Probe { token } if live(token, self) => self.probe_next(),
+            Timer::IndirectProbe { target, token } if live(token, self) => {
+                let probing = self.probe.target.as_ref().is_some_and(|t| t.id == target);
+                let active = self
+                    .table
+                    .get(&target.addr)
+                    .is_some_and(|m| m.id == target && m.is_active());
+                if probing && !self.probe.acked && active {
+                    let probe = self.probe.number;
+                    let helpers =
+                        self.table
+                            .choose_active(self.config.indirect_probes, &mut self.rng, |m| {
+                                m.id != target
+                            });
+                    for h in helpers {
+                        self.send(
+                            h,
+                            Message::PingReq {
+                                target: target.clone(),
+                                probe,
+                            },
+                        );
+                    }
+                }
+            }
+            Timer::SuspectToDown {
+                id,
+                incarnation,
+                token,
+            } if token == self.token && self.is_suspect(&id, incarnation) => {
+                self.apply_update(Member::down(id), true);
+                self.adjust_connection();
+            }
+            Timer::Gossip { token } if live(token, self) => {
+                self.out
+                    .timers
+                    .push_back((self.config.gossip_interval, Timer::Gossip { token }));
+                if !self.updates.is_empty() || !self.notices.is_empty() {
+                    let k = self.config.gossip_fanout;
+                    self.send_to_random(k, Message::Gossip);
+                }
+            }
+            Timer::Announce { token } if live(token, self) => {
+                self.out
+                    .timers
+                    .push_back((self.config.announce_interval, Timer::Announce { token }));
+                self.send_to_random(1, Message::Announce);
+            }
+            Timer::AnnounceDown { token } if live(token, self) => {
+                self.out.timers.push_back((
+                    self.config.announce_down_interval,
+                    Timer::AnnounceDown { token },
+                ));
+                let mut down: Vec<GossipId> = self
+                    .table
+                    .entries
+                    .iter()
+                    .filter(|e| !e.member.is_active())
+                    .map(|e| e.member.id.clone())
+                    .collect();
+                down.shuffle(&mut self.rng);
+                down.truncate(self.config.announce_down_count);
+                for d in down {
+                    self.send(d, Message::Announce);
+                }
+            }
+            Timer::RemoveDown(id)
+                if self
+                    .table
+                    .get(&id.addr)
+                    .is_some_and(|m| m.id == id && !m.is_active()) =>
+            {
+                self.table.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    fn probe_next(&mut self) {
+        let token = self.token;
+        self.out
+            .timers
+            .push_back((self.config.probe_period, Timer::Probe { token }));
+        // The previous period's probe, unanswered directly and through others: suspect.
+        if let Some(failed) = self.probe.target.take()
+            && !self.probe.acked
+        {
+            let suspect = Member::new(failed.id.clone(), failed.incarnation, State::Suspect);
+            let exists = self
+                .table
+                .get(&failed.id.addr)
+                .is_some_and(|m| m.id == failed.id);
+            if exists {
+                self.apply_update(suspect, true);
+                if self.is_suspect(&failed.id, failed.incarnation) {
+                    self.out.timers.push_back((
+                        self.config.suspect_to_down,
+                        Timer::SuspectToDown {
+                            id: failed.id,
+                            incarnation: failed.incarnation,
+                            token,
+                        },
+                    ));
+                }
+            }
+        }
+        self.probe.acked = false;
+        self.probe.number = self.probe.number.wrapping_add(1);
+        let Some(target) = self.next_probe_target() else {
+            return;
+        };
+        self.probe.target = Some(target.clone());
+        let number = self.probe.number;
+        self.send(target.id.clone(), Message::Ping(number));
+        self.out.timers.push_back((
+            self.config.probe_rtt,
+            Timer::IndirectProbe {
+                target: target.id,
+                token,
+            },
+        ));
+    }
+
+    fn next_probe_target(&mut self) -> Option<Member> {
+        for _ in 0..2 {
+            while let Some(addr) = self.probe_order.pop() {
+                if let Some(m) = self.table.get(&addr)
+                    && m.is_active()
+                {
+                    return Some(m.clone());
+                }
+            }
+            // A new round: every active member once, in a random order.
+            let mut round: Vec<SocketAddr> = self
+                .table
+                .active
+                .iter()
+                .map(|i| self.table.entries[*i as usize].member.id.addr)
+                .collect();
+            round.shuffle(&mut self.rng);
+            self.probe_order = round;
+        }
+        None
+    }
+
+    fn receive_notices(&mut self, mut data: &[u8], src: &GossipId) -> Result<(), SwimError> {
+        while !data.is_empty() {
+            let len = take_u16(&mut data).ok_or(SwimError::Malformed("notice length"))? as usize;
+            if len == 0 || data.len() < len {
+                return Err(SwimError::Malformed("notice cut short"));
+            }
+            let (item, rest) = data.split_at(len);
+            data = rest;
+            match self.handler.receive_item(item, Some(src)) {
+                Ok(Some(key)) => {
+                    let tx = self.transmissions();
+                    self.notices.add(key.node().to_owned(), item.to_vec(), tx);
+                }
+                Ok(None) => {}
+                Err(_) => return Err(SwimError::Malformed("notice")),
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_self_update(&mut self, incarnation: Incarnation, state: State) {
+        match state {
+            State::Alive => {}
+            State::Suspect => {
+                if incarnation >= self.incarnation {
+                    if incarnation == Incarnation::MAX {
+                        self.rejoin();
+                        return;
+                    }
+                    self.incarnation = incarnation + 1;
+                    self.gossip();
+                }
+            }
+            State::Down => {
+                if self.connection != Connection::Undead {
+                    self.rejoin();
+                }
+            }
+        }
+    }
+
+    /// Declared Down by the others: continue under the next generation.
+    fn rejoin(&mut self) {
+        let new = self.id.renew();
+        let old = std::mem::replace(&mut self.id, new);
+        self.incarnation = 0;
+        self.token += 1;
+        self.probe = Probe::default();
+        self.connection = Connection::Disconnected;
+        let down = Member::down(old);
+        self.queue_update(&down);
+        self.out
+            .notes
+            .push_back(Notification::Rejoin(self.id.clone()));
+        self.adjust_connection();
+        self.gossip();
+    }
+
+    fn become_undead(&mut self) {
+        self.connection = Connection::Undead;
+        self.token += 1;
+        self.probe = Probe::default();
+    }
+
+    fn adjust_connection(&mut self) {
+        match self.connection {
+            Connection::Disconnected if !self.table.active.is_empty() => {
+                self.connection = Connection::Connected;
+                let token = self.token;
+                let c = &self.config;
+                let jitter = |rng: &mut StdRng, d: Duration| {
+                    Duration::from_micros(
+                        rng.random_range(0..=u64::try_from(d.as_micros()).unwrap_or(1).max(1)),
+                    )
+                };
+                let first_probe = jitter(&mut self.rng, c.probe_period);
+                let timers = [
+                    (first_probe, Timer::Probe { token }),
+                    (c.gossip_interval, Timer::Gossip { token }),
+                    (c.announce_interval, Timer::Announce { token }),
+                    (c.announce_down_interval, Timer::AnnounceDown { token }),
+                ];
+                self.out.timers.extend(timers);
+                self.out.notes.push_back(Notification::Active);
+            }
+            Connection::Connected if self.table.active.is_empty() => {
+                self.connection = Connection::Disconnected;
+                self.token += 1;
+                self.probe = Probe::default();
+                self.out.notes.push_back(Notification::Idle);
+            }
+            _ => {}
+        }
+    }
+
+    /// Applies an update about another member; returns whether it is active now (false
+    /// when the table holds it Down or a newer identity at its address).
+    fn apply_update(&mut self, update: Member, broadcast: bool) -> bool {
+        let id = update.id.clone();
+        let addr = id.addr;
+        let applied = self.table.apply(update);
+        if applied.changed {
+            if broadcast && let Some(m) = self.table.get(&addr).cloned() {
+                self.queue_update(&m);
+            }
+            if !applied.now_active {
+                self.out
+                    .timers
+                    .push_back((self.config.remove_down_after, Timer::RemoveDown(id.clone())));
+            }
+            if applied.now_active && !applied.was_active {
+                // Somewhere in the current probe round.
+                self.probe_order.push(addr);
+                let last = self.probe_order.len() - 1;
+                let at = self.rng.random_range(0..=last);
+                self.probe_order.swap(at, last);
+            }
+        }
+        if let Some(old) = applied.replaced {
+            self.out
+                .notes
+                .push_back(Notification::Rename(old, id.clone()));
+        }
+        if applied.now_active != applied.was_active {
+            self.out.notes.push_back(if applied.now_active {
+                Notification::MemberUp(id.clone())
+            } else {
+                Notification::MemberDown(id.clone())
+            });
+        }
+        if applied.changed && applied.now_active {
+            if applied.now_suspect && !applied.was_suspect {
+                self.out
+                    .notes
+                    .push_back(Notification::Suspected(id.clone()));
+            } else if applied.was_suspect && !applied.now_suspect && applied.was_active {
+                self.out.notes.push_back(Notification::Cleared(id.clone()));
+            }
+        }
+        self.table
+            .get(&addr)
+            .is_some_and(|m| m.id == id && m.is_active())
+    }
+
+    fn queue_update(&mut self, m: &Member) {
+        if let Ok(data) = postcard::to_stdvec(m) {
+            let tx = self.transmissions();
+            self.updates.add(m.id.addr, data, tx);
+        }
+    }
+
+    fn send_to_random(&mut self, k: usize, message: Message) {
+        for to in self.table.choose_active(k, &mut self.rng, |_| true) {
+            self.send(to, message.clone());
+        }
+    }
+
+    fn send(&mut self, dst: GossipId, message: Message) {
+        let limit = self.config.max_packet_size;
+        let announce = message == Message::Announce;
+        let feed = message == Message::Feed;
+        let header = Header {
+            src: self.id.clone(),
+            src_incarnation: self.incarnation,
+            dst,
+            message,
+        };
+        let Ok(mut buf) = postcard::to_stdvec(&header) else {
+            return;
+        };
+        if !announce && buf.len() + 2 <= limit {
+            let at = buf.len();
+            buf.extend_from_slice(&[0, 0]);
+            let count = if feed {
+                self.fill_feed(&mut buf, limit, &header.dst)
+            } else {
+                self.updates.fill(&mut buf, limit, false)
+            };
+            buf[at..at + 2].copy_from_slice(&count.to_be_bytes());
+            self.notices.fill(&mut buf, limit, true);
+        }
+        self.out.sends.push_back((header.dst, buf));
+    }
+
+    /// Random active members for an announcer, as many as fit.
+    fn fill_feed(&mut self, buf: &mut Vec<u8>, limit: usize, dst: &GossipId) -> u16 {
+        let guess = (limit.saturating_sub(buf.len()) / 24).max(1);
+        let chosen = self
+            .table
+            .choose_active(guess, &mut self.rng, |m| m.id != *dst);
+        let mut count = 0u16;
+        for id in chosen {
+            let Some(m) = self.table.get(&id.addr) else {
+                continue;
+            };
+            let Ok(bytes) = postcard::to_stdvec(m) else {
+                continue;
+            };
+            if buf.len() + bytes.len() > limit {
+                break;
+            }
+            buf.extend_from_slice(&bytes);
+            count += 1;
+        }
+        count
+    }
+}
+
+fn take_u16(data: &mut &[u8]) -> Option<u16> {
+    if data.len() < 2 {
+        return None;
+    }
+    let v = u16::from_be_bytes([data[0], data[1]]);
+    *data = &data[2..];
+    Some(v)
+}
+
+impl<K> Piggyback<K> {
+    fn queued(&self) -> usize {
+        self.buckets.iter().map(VecDeque::len).sum()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn id(i: u8, generation: u64) -> GossipId {
+        GossipId::new(
+            format!("n{i}"),
+            SocketAddr::from(([10, 0, 0, i], 7946)),
+            generation,
+        )
+    }
+
+    #[test]
+    fn the_table_follows_swims_precedence_and_indexes_stay_consistent() {
+        let mut t = Table::default();
+        assert!(t.apply(Member::alive(id(1, 1))).now_active);
+        assert!(t.apply(Member::new(id(2, 1), 3, State::Alive)).changed);
+        // Suspect at the same incarnation overrides Alive; Alive needs a higher one.
+        assert!(
+            t.apply(Member::new(id(2, 1), 3, State::Suspect))
+                .now_suspect
+        );
+        assert!(!t.apply(Member::new(id(2, 1), 3, State::Alive)).changed);
+        let cleared = t.apply(Member::new(id(2, 1), 4, State::Alive));
+        assert!(cleared.changed && cleared.was_suspect && !cleared.now_suspect);
+        // Down is final for an identity.
+        assert!(!t.apply(Member::down(id(2, 1))).now_active);
+        assert!(!t.apply(Member::new(id(2, 1), 9, State::Alive)).changed);
+        assert_eq!(t.active.len(), 1);
+        // A newer generation at the address replaces it; an older one loses.
+        let renamed = t.apply(Member::alive(id(2, 2)));
+        assert_eq!(renamed.replaced, Some(id(2, 1)));
+        assert!(renamed.now_active && !renamed.was_active);
+        assert!(!t.apply(Member::alive(id(2, 1))).changed);
+        assert_eq!(t.active.len(), 2);
+        // Removal keeps every index pointing at the right entry.
+        t.apply(Member::alive(id(3, 1)));
+        t.apply(Member::down(id(1, 1)));
+        t.remove(&id(1, 1));
+        assert_eq!(t.entries.len(), 2);
+        for (i, e) in t.entries.iter().enumerate() {
+            assert_eq!(t.by_addr[&e.member.id.addr] as usize, i);
+            assert_eq!(t.by_node[&e.member.id.node] as usize, i);
+            if let Some(p) = e.active_at {
+                assert_eq!(t.active[p as usize] as usize, i);
+            }
+        }
+        assert_eq!(t.active.len(), 2);
+    }
+
+    #[test]
+    fn piggyback_sends_each_item_its_count_and_newer_replaces_older() {
+        let mut p: Piggyback<u8> = Piggyback::new();
+        p.add(1, vec![1; 10], 2);
+        p.add(2, vec![2; 10], 3);
+        p.add(1, vec![3; 10], 2);
+        assert_eq!(p.len(), 2);
+        let mut sent = 0;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            let n = p.fill(&mut buf, 100, false);
+            // Never the same item twice in one packet, never the replaced one.
+            assert!(n <= 2);
+            assert!(!buf.contains(&1));
+            sent += n as usize;
+        }
+        assert_eq!(sent, 5);
+        assert!(p.is_empty());
+        assert_eq!(p.queued(), 0);
+        // What does not fit waits.
+        p.add(9, vec![9; 50], 1);
+        let mut buf = vec![0; 60];
+        assert_eq!(p.fill(&mut buf, 100, true), 0);
+        assert_eq!(p.len(), 1);
+    }
+}
