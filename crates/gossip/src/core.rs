@@ -212,7 +212,8 @@ pub struct GossipCore {
     idle_backoff: Duration,
     /// Whether a re-announce chain is already scheduled.
     reannouncing: bool,
-    members: BTreeMap<SocketAddr, MemberView>,
+    /// Bumped whenever a member's view changes (up, down, renamed, suspected, cleared).
+    members_version: u64,
     next_id: u64,
     pending: BTreeMap<u64, Pending>,
     transmits: VecDeque<Transmit>,
@@ -236,7 +237,7 @@ impl std::fmt::Debug for GossipCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GossipCore")
             .field("id", &self.id)
-            .field("members", &self.members.len())
+            .field("members", &self.swim.num_members())
             .finish_non_exhaustive()
     }
 }
@@ -266,7 +267,7 @@ impl GossipCore {
             timers: TimerQueue::new(),
             rng: StdRng::seed_from_u64(settings.rng_seed ^ 0x5eed),
             reannouncing: true,
-            members: BTreeMap::new(),
+            members_version: 0,
             next_id: 0,
             pending: BTreeMap::new(),
             transmits: VecDeque::new(),
@@ -325,9 +326,23 @@ impl GossipCore {
         &self.catalog
     }
 
-    /// Every member this node knows, by address, with its state.
-    pub fn members(&self) -> &BTreeMap<SocketAddr, MemberView> {
-        &self.members
+    /// Every member this node knows (Down ones for 24 h), by address, with its state.
+    /// O(members): a driver copies it only when [`GossipCore::members_version`] moved.
+    pub fn members(&self) -> BTreeMap<SocketAddr, MemberView> {
+        self.swim
+            .iter_membership_state()
+            .map(|m| (m.id().addr, member_view(m)))
+            .collect()
+    }
+
+    /// The member at `addr`, with its state.
+    pub fn member(&self, addr: &SocketAddr) -> Option<MemberView> {
+        self.swim.member_at(addr).map(member_view)
+    }
+
+    /// Changes whenever [`GossipCore::members`] may have changed.
+    pub fn members_version(&self) -> u64 {
+        self.members_version
     }
 
     /// SWIM's backlog: updates and notices waiting to be piggybacked, and the entries
@@ -804,55 +819,51 @@ impl GossipCore {
     fn pump(&mut self, now: Instant) {
         self.take_output(now);
         while let Some(n) = self.swim.out.notes.pop_front() {
-            // News about an older identity at an address never overrides a newer one.
-            let stale = |view: &BTreeMap<SocketAddr, MemberView>, id: &GossipId| {
-                view.get(&id.addr)
-                    .is_some_and(|m| m.id.generation > id.generation)
-            };
+            // SWIM's table already refuses news about an older identity at an address, so
+            // notifications about one address come in generation order.
+            if matches!(
+                n,
+                Notification::MemberUp(_)
+                    | Notification::MemberDown(_)
+                    | Notification::Rename(..)
+                    | Notification::Suspected(_)
+                    | Notification::Cleared(_)
+            ) {
+                self.members_version += 1;
+            }
             let event = match n {
-                Notification::MemberUp(id) if !stale(&self.members, &id) => {
+                Notification::MemberUp(id) => {
                     self.catalog.lock().mark_up(&id.node, id.generation);
-                    let suspected = self
-                        .swim
-                        .member_at(&id.addr)
-                        .is_some_and(|m| m.id() == &id && m.state() == State::Suspect);
-                    self.members.insert(
-                        id.addr,
-                        MemberView {
-                            id: id.clone(),
-                            up: true,
-                            suspected,
-                        },
-                    );
                     // A node that just joined syncs at once rather than at its next round.
                     if !self.synced && !self.syncing() {
                         self.start_sync();
                     }
                     Some(GossipEvent::MemberUp(id))
                 }
-                Notification::MemberDown(id) if !stale(&self.members, &id) => {
+                Notification::MemberDown(id) => {
                     self.catalog.lock().mark_down(&id.node, id.generation);
-                    self.members.insert(id.addr, view(&id, false));
                     Some(GossipEvent::MemberDown(id))
                 }
                 Notification::Rename(old, new) => {
-                    self.catalog.lock().mark_up(&new.node, new.generation);
-                    self.members.insert(new.addr, view(&new, true));
+                    // The new identity may already be Down (it restarted and died before
+                    // this node heard it alive): its record stays hidden then.
+                    let active = self
+                        .swim
+                        .member_at(&new.addr)
+                        .is_some_and(|m| m.id() == &new && m.state() != State::Down);
+                    let mut c = self.catalog.lock();
+                    if active {
+                        c.mark_up(&new.node, new.generation);
+                    } else {
+                        c.mark_down(&new.node, new.generation);
+                    }
+                    drop(c);
                     Some(GossipEvent::Restarted { old, new })
                 }
                 Notification::Rejoin(new) => {
                     self.id = new.clone();
                     self.rejoined(&new);
                     Some(GossipEvent::Rejoined(new))
-                }
-                Notification::Suspected(id) | Notification::Cleared(id) => {
-                    let suspected = matches!(state_of(&id, &self.swim), Some(State::Suspect));
-                    if let Some(v) = self.members.get_mut(&id.addr)
-                        && v.id == id
-                    {
-                        v.suspected = v.up && suspected;
-                    }
-                    None
                 }
                 Notification::Idle => {
                     if !self.reannouncing && self.leaving.is_none() {
@@ -891,11 +902,12 @@ impl GossipCore {
     }
 }
 
-/// The state SWIM holds for `id` now, if that identity is the member at its address.
-fn state_of(id: &GossipId, swim: &Swim) -> Option<State> {
-    swim.member_at(&id.addr)
-        .filter(|m| m.id() == id)
-        .map(Member::state)
+fn member_view(m: &Member) -> MemberView {
+    MemberView {
+        id: m.id().clone(),
+        up: m.state() != State::Down,
+        suspected: m.state() == State::Suspect,
+    }
 }
 
 /// How long a node waits for its first sync before it answers from what it has.
@@ -909,14 +921,6 @@ const MAX_HEALTH: u32 = 8;
 
 /// How often a leaving node gossips its departure while it lingers.
 const LINGER_GOSSIP: Duration = Duration::from_millis(200);
-
-fn view(id: &GossipId, up: bool) -> MemberView {
-    MemberView {
-        id: id.clone(),
-        up,
-        suspected: false,
-    }
-}
 
 fn decode<T: for<'de> Deserialize<'de>>(answer: Option<&[u8]>) -> Option<T> {
     postcard::from_bytes(answer?).ok()
@@ -1051,7 +1055,7 @@ mod tests {
         }
         net.cut.insert(2);
         net.run(Duration::from_secs(60));
-        let view = &net.cores[0].members()[&addr(2)];
+        let view = net.cores[0].member(&addr(2)).unwrap();
         assert!(!view.up, "n2 should be down: {view:?}");
         // A peer whose member count differs gets this node's membership, n2 as Down.
         let now = net.now;
@@ -1146,7 +1150,7 @@ mod tests {
         assert!(net.cores[2].is_closed());
         assert_eq!(net.cores[2].poll_timeout(), None);
         for c in &net.cores[..2] {
-            assert!(!c.members()[&addr(2)].up, "{c:?}");
+            assert!(!c.member(&addr(2)).unwrap().up, "{c:?}");
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The tokio driver: one task owns the [`GossipCore`] and feeds it what arrives (QUIC
-//! datagrams and requests on ALPN `starling/gossip/1`, answers, its timers on tokio's
+//! datagrams and requests on ALPN `starling/gossip/2`, answers, its timers on tokio's
 //! clock); what the core asks to send goes out on the endpoint's pooled connections.
 
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use crate::core::{GossipCore, GossipEvent, GossipSettings, MemberView, Transmit}
 use crate::identity::GossipId;
 
 /// The ALPN of the gossip protocol.
-pub const GOSSIP_ALPN: &[u8] = b"starling/gossip/1";
+pub const GOSSIP_ALPN: &[u8] = b"starling/gossip/2";
 
 /// The gossip protocol: any member of the cluster.
 pub fn gossip_protocol() -> Result<Protocol, starling_transport::ConfigError> {
@@ -87,7 +87,7 @@ impl std::fmt::Debug for GossipNode {
 }
 
 impl GossipNode {
-    /// Starts gossip on `endpoint` (which serves ALPN `starling/gossip/1` from now on) and
+    /// Starts gossip on `endpoint` (which serves ALPN `starling/gossip/2` from now on) and
     /// announces to the seeds.
     pub async fn start(endpoint: Endpoint, settings: GossipSettings) -> Result<Self, GossipError> {
         let protocol = gossip_protocol().map_err(|e| GossipError::Listen(e.to_string()))?;
@@ -383,8 +383,9 @@ async fn run(
     members: Arc<Mutex<BTreeMap<SocketAddr, MemberView>>>,
 ) {
     let mut leaving: Option<oneshot::Sender<()>> = None;
+    let mut published = None;
     loop {
-        flush(&ctx, &mut core, &members);
+        flush(&ctx, &mut core, &members, &mut published);
         if core.is_closed() {
             if let Some(done) = leaving.take() {
                 let _ = done.send(());
@@ -432,6 +433,7 @@ fn flush(
     ctx: &Arc<Ctx>,
     core: &mut GossipCore,
     members: &Arc<Mutex<BTreeMap<SocketAddr, MemberView>>>,
+    published: &mut Option<u64>,
 ) {
     while let Some(t) = core.poll_transmit() {
         let ctx = ctx.clone();
@@ -470,9 +472,10 @@ fn flush(
     }
     ctx.synced
         .store(core.is_synced(), std::sync::atomic::Ordering::Relaxed);
-    let mut view = members.lock().unwrap_or_else(|p| p.into_inner());
-    if *view != *core.members() {
-        *view = core.members().clone();
+    // The view is copied only when it changed (O(members) per copy, not per input).
+    if *published != Some(core.members_version()) {
+        *published = Some(core.members_version());
+        *members.lock().unwrap_or_else(|p| p.into_inner()) = core.members();
     }
 }
 

@@ -31,8 +31,8 @@ pub use crate::core::{
     DetectorStats, GossipCore, GossipEvent, GossipSettings, MemberView, RpcKind, Transmit,
 };
 pub use catalog::{
-    Catalog, Digest, Health, NodeRecord, NoticeHandler, NoticeKey, ServiceEndpoint, SharedCatalog,
-    VersionNotice, Want, encode_notice,
+    Catalog, Digest, Health, NodeRecord, NoticeHandler, NoticeKey, SeenStamps, ServiceEndpoint,
+    SharedCatalog, VersionNotice, Want, encode_notice,
 };
 pub use config::GossipConfig;
 pub use driver::{GOSSIP_ALPN, GossipError, GossipNode, gossip_protocol};

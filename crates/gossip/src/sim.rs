@@ -491,8 +491,7 @@ impl Simulator {
     pub fn generation_seen(&self, i: usize, j: usize) -> Option<u64> {
         self.nodes[i]
             .core
-            .members()
-            .get(&sim_addr(j))
+            .member(&sim_addr(j))
             .filter(|m| m.up)
             .map(|m| m.id.generation)
     }
@@ -501,8 +500,7 @@ impl Simulator {
     pub fn sees_suspected(&self, i: usize, j: usize) -> bool {
         self.nodes[i]
             .core
-            .members()
-            .get(&sim_addr(j))
+            .member(&sim_addr(j))
             .is_some_and(|m| m.suspected)
     }
 

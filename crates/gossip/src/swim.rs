@@ -18,6 +18,9 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 use std::hash::Hash;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -269,7 +272,7 @@ const MAX_SKIPS: usize = 8;
 struct Piggyback<K> {
     /// `buckets[r]`: items with `r` transmissions left.
     buckets: Vec<VecDeque<Item<K>>>,
-    latest: HashMap<K, u64>,
+    latest: HashMap<K, u64, foldhash::fast::RandomState>,
     seq: u64,
 }
 
@@ -284,7 +287,7 @@ impl<K: Hash + Eq + Clone> Piggyback<K> {
     fn new() -> Self {
         Piggyback {
             buckets: Vec::new(),
-            latest: HashMap::new(),
+            latest: HashMap::default(),
             seq: 0,
         }
     }
@@ -329,9 +332,7 @@ impl<K: Hash + Eq + Clone> Piggyback<K> {
                     kept.push(item);
                     skips += 1;
                     if skips >= MAX_SKIPS || buf.len() + MIN_ITEM > limit {
-                        for k in kept.into_iter().rev() {
-                            self.buckets[r].push_front(k);
-                        }
+                        self.buckets[r].extend(kept);
                         break 'buckets;
                     }
                     continue;
@@ -347,15 +348,12 @@ impl<K: Hash + Eq + Clone> Piggyback<K> {
                     moved.push((r - 1, item));
                 }
                 if count == u16::MAX {
-                    for k in kept.into_iter().rev() {
-                        self.buckets[r].push_front(k);
-                    }
+                    self.buckets[r].extend(kept);
                     break 'buckets;
                 }
             }
-            for k in kept.into_iter().rev() {
-                self.buckets[r].push_front(k);
-            }
+            // What did not fit this packet waits behind the rest of its bucket.
+            self.buckets[r].extend(kept);
         }
         for (r, item) in moved {
             self.buckets[r].push_back(item);
@@ -392,21 +390,80 @@ struct Applied {
     replaced: Option<GossipId>,
 }
 
-/// Every member known, by address; the active ones also in a vector (random choice in
-/// O(1)); an index by node name.
-#[derive(Debug, Default)]
+/// Every member known, in a vector; indexes by address and by node name (raw hash tables
+/// of positions in it: 4 bytes a slot, the key read from the entry); the active ones also
+/// in a vector (random choice in O(1)).
+#[derive(Default)]
 struct Table {
     entries: Vec<Entry>,
-    by_addr: HashMap<SocketAddr, u32>,
-    by_node: HashMap<String, u32>,
+    by_addr: HashTable<u32>,
+    by_node: HashTable<u32>,
     active: Vec<u32>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("entries", &self.entries.len())
+            .field("active", &self.active.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Table {
-    fn get(&self, addr: &SocketAddr) -> Option<&Member> {
+    fn index_of(&self, addr: &SocketAddr) -> Option<u32> {
+        let h = self.hasher.hash_one(addr);
         self.by_addr
-            .get(addr)
-            .map(|i| &self.entries[*i as usize].member)
+            .find(h, |&i| self.entries[i as usize].member.id.addr == *addr)
+            .copied()
+    }
+
+    fn named(&self, node: &str) -> Option<u32> {
+        let h = self.hasher.hash_one(node);
+        self.by_node
+            .find(h, |&i| self.entries[i as usize].member.id.node == node)
+            .copied()
+    }
+
+    fn get(&self, addr: &SocketAddr) -> Option<&Member> {
+        self.index_of(addr)
+            .map(|i| &self.entries[i as usize].member)
+    }
+
+    /// Points the name of entry `i` at it (the newest entry of a name wins).
+    fn index_name(&mut self, i: u32) {
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        let node = &entries[i as usize].member.id.node;
+        let h = hasher.hash_one(node.as_str());
+        match self
+            .by_node
+            .find_mut(h, |&j| entries[j as usize].member.id.node == *node)
+        {
+            // An active entry of the name is not displaced by an inactive one.
+            Some(slot) => {
+                let held = &entries[*slot as usize];
+                if held.active_at.is_none() || entries[i as usize].member.is_active() {
+                    *slot = i;
+                }
+            }
+            None => {
+                self.by_node.insert_unique(h, i, |&j| {
+                    hasher.hash_one(entries[j as usize].member.id.node.as_str())
+                });
+            }
+        }
+    }
+
+    /// Drops the name index of entry `i` if it points there.
+    fn unindex_name(&mut self, i: u32) {
+        let entries = &self.entries;
+        let h = self
+            .hasher
+            .hash_one(entries[i as usize].member.id.node.as_str());
+        if let Ok(slot) = self.by_node.find_entry(h, |&j| j == i) {
+            slot.remove();
+        }
     }
 
     fn set_active(&mut self, i: u32, active: bool) {
@@ -415,6 +472,7 @@ impl Table {
             (None, true) => {
                 self.entries[i as usize].active_at = Some(self.active.len() as u32);
                 self.active.push(i);
+                self.index_name(i);
             }
             (Some(p), false) => {
                 self.active.swap_remove(p as usize);
@@ -429,16 +487,19 @@ impl Table {
 
     fn apply(&mut self, update: Member) -> Applied {
         let addr = update.id.addr;
-        let Some(&i) = self.by_addr.get(&addr) else {
+        let Some(i) = self.index_of(&addr) else {
             let i = self.entries.len() as u32;
             let active = update.is_active();
             let suspect = update.state == State::Suspect;
-            self.by_node.insert(update.id.node.clone(), i);
-            self.by_addr.insert(addr, i);
             self.entries.push(Entry {
                 member: update,
                 active_at: None,
             });
+            let (entries, hasher) = (&self.entries, &self.hasher);
+            self.by_addr.insert_unique(hasher.hash_one(addr), i, |&j| {
+                hasher.hash_one(entries[j as usize].member.id.addr)
+            });
+            self.index_name(i);
             self.set_active(i, active);
             return Applied {
                 changed: true,
@@ -459,18 +520,12 @@ impl Table {
             now_suspect: was_suspect,
             ..Applied::default()
         };
-        if known.id != update.id {
+        let renamed = if known.id != update.id {
             if known.id.win_addr_conflict(&update.id) {
                 return out;
             }
-            let old = known.id.clone();
-            if old.node != update.id.node {
-                if self.by_node.get(&old.node) == Some(&i) {
-                    self.by_node.remove(&old.node);
-                }
-                self.by_node.insert(update.id.node.clone(), i);
-            }
-            out.replaced = Some(old);
+            out.replaced = Some(known.id.clone());
+            known.id.node != update.id.node
         } else {
             let newer = match (known.state, update.state) {
                 (State::Down, _) => false,
@@ -481,40 +536,52 @@ impl Table {
             if !newer {
                 return out;
             }
+            false
+        };
+        if renamed {
+            self.unindex_name(i);
         }
         out.changed = true;
         out.now_active = update.is_active();
         out.now_suspect = update.state == State::Suspect;
         self.entries[i as usize].member = update;
+        if renamed {
+            self.index_name(i);
+        }
         self.set_active(i, out.now_active);
         out
     }
 
     fn remove(&mut self, id: &GossipId) {
-        let Some(&i) = self.by_addr.get(&id.addr) else {
+        let Some(i) = self.index_of(&id.addr) else {
             return;
         };
         if self.entries[i as usize].member.id != *id {
             return;
         }
         self.set_active(i, false);
-        self.by_addr.remove(&id.addr);
-        if self.by_node.get(&id.node) == Some(&i) {
-            self.by_node.remove(&id.node);
+        self.unindex_name(i);
+        let h = self.hasher.hash_one(id.addr);
+        if let Ok(slot) = self.by_addr.find_entry(h, |&j| j == i) {
+            slot.remove();
         }
         let last = self.entries.len() as u32 - 1;
-        self.entries.swap_remove(i as usize);
         if i != last {
-            // The last entry moved to `i`: re-point its indexes.
-            let moved = self.entries[i as usize].clone();
-            self.by_addr.insert(moved.member.id.addr, i);
-            if self.by_node.get(&moved.member.id.node) == Some(&last) {
-                self.by_node.insert(moved.member.id.node.clone(), i);
+            // The last entry moves to `i`: re-point its indexes first.
+            let moved = &self.entries[last as usize];
+            let ha = self.hasher.hash_one(moved.member.id.addr);
+            if let Some(slot) = self.by_addr.find_mut(ha, |&j| j == last) {
+                *slot = i;
+            }
+            let hn = self.hasher.hash_one(moved.member.id.node.as_str());
+            if let Some(slot) = self.by_node.find_mut(hn, |&j| j == last) {
+                *slot = i;
             }
             if let Some(p) = moved.active_at {
                 self.active[p as usize] = i;
             }
         }
+        self.entries.swap_remove(i as usize);
     }
 
     /// Up to `k` distinct random active members for which `keep` holds.
@@ -656,7 +723,7 @@ impl Swim {
 
     /// The active member named `node`.
     pub fn active_named(&self, node: &str) -> Option<&GossipId> {
-        let i = *self.table.by_node.get(node)?;
+        let i = self.table.named(node)?;
         let e = &self.table.entries[i as usize];
         e.active_at.map(|_| &e.member.id)
     }
@@ -709,7 +776,7 @@ impl Swim {
 
     /// Queues a version notice of this node (the handler decides whether it is news).
     pub fn add_broadcast(&mut self, data: &[u8]) -> bool {
-        if data.is_empty() || data.len() + 4 > self.config.max_packet_size {
+        if data.is_empty() || data.len() > self.max_item() {
             return false;
         }
         match self.handler.receive_item(data, None) {
@@ -763,7 +830,11 @@ impl Swim {
             return Ok(());
         }
         let mut updates = Vec::new();
-        if header.message != Message::Announce {
+        if matches!(header.message, Message::Announce | Message::TurnUndead) {
+            if !rest.is_empty() {
+                return Err(SwimError::Malformed("bytes after a bare message"));
+            }
+        } else {
             let count = take_u16(&mut rest).ok_or(SwimError::Malformed("update count"))?;
             for _ in 0..count {
                 let (m, r) = postcard::take_from_bytes::<Member>(rest)
@@ -790,9 +861,11 @@ impl Swim {
             self.send(src, Message::TurnUndead);
             return Ok(());
         }
+        let me = self.id.clone();
         self.apply_many(updates, true);
         let notices = self.receive_notices(rest, &src);
-        if self.connection != Connection::Connected {
+        // An update in the packet made this node rejoin: the message was for its old life.
+        if self.connection != Connection::Connected || self.id != me {
             return notices;
         }
         match message {
@@ -899,7 +972,7 @@ impl Swim {
                     .table
                     .entries
                     .iter()
-                    .filter(|e| !e.member.is_active())
+                    .filter(|e| !e.member.is_active() && e.member.id.addr != self.id.addr)
                     .map(|e| e.member.id.clone())
                     .collect();
                 down.shuffle(&mut self.rng);
@@ -995,6 +1068,9 @@ impl Swim {
             }
             let (item, rest) = data.split_at(len);
             data = rest;
+            if item.len() > self.max_item() {
+                return Err(SwimError::Malformed("notice too large"));
+            }
             match self.handler.receive_item(item, Some(src)) {
                 Ok(Some(key)) => {
                     let tx = self.transmissions();
@@ -1017,8 +1093,10 @@ impl Swim {
                         return;
                     }
                     self.incarnation = incarnation + 1;
-                    self.gossip();
                 }
+                // An older suspicion still going round: the refutation was missed there,
+                // so it goes out again.
+                self.gossip();
             }
             State::Down => {
                 if self.connection != Connection::Undead {
@@ -1031,6 +1109,11 @@ impl Swim {
     /// Declared Down by the others: continue under the next generation.
     fn rejoin(&mut self) {
         let new = self.id.renew();
+        if !new.win_addr_conflict(&self.id) {
+            // No generation left above this one: stop rather than loop.
+            self.become_undead();
+            return;
+        }
         let old = std::mem::replace(&mut self.id, new);
         self.incarnation = 0;
         self.token += 1;
@@ -1131,8 +1214,16 @@ impl Swim {
             .is_some_and(|m| m.id == id && m.is_active())
     }
 
+    /// The largest piggybacked item: what fits beside the largest header with room to
+    /// spare (a larger one would never be sent, and would hold up the queue).
+    fn max_item(&self) -> usize {
+        self.config.max_packet_size / 4
+    }
+
     fn queue_update(&mut self, m: &Member) {
-        if let Ok(data) = postcard::to_stdvec(m) {
+        if let Ok(data) = postcard::to_stdvec(m)
+            && data.len() <= self.max_item()
+        {
             let tx = self.transmissions();
             self.updates.add(m.id.addr, data, tx);
         }
@@ -1146,7 +1237,9 @@ impl Swim {
 
     fn send(&mut self, dst: GossipId, message: Message) {
         let limit = self.config.max_packet_size;
-        let announce = message == Message::Announce;
+        // An announce carries nothing; neither does TurnUndead (its receiver, held Down
+        // here, drops what rides with it).
+        let bare = matches!(message, Message::Announce | Message::TurnUndead);
         let feed = message == Message::Feed;
         let header = Header {
             src: self.id.clone(),
@@ -1157,7 +1250,7 @@ impl Swim {
         let Ok(mut buf) = postcard::to_stdvec(&header) else {
             return;
         };
-        if !announce && buf.len() + 2 <= limit {
+        if !bare && buf.len() + 2 <= limit {
             let at = buf.len();
             buf.extend_from_slice(&[0, 0]);
             let count = if feed {
@@ -1252,13 +1345,93 @@ mod tests {
         t.remove(&id(1, 1));
         assert_eq!(t.entries.len(), 2);
         for (i, e) in t.entries.iter().enumerate() {
-            assert_eq!(t.by_addr[&e.member.id.addr] as usize, i);
-            assert_eq!(t.by_node[&e.member.id.node] as usize, i);
+            assert_eq!(t.index_of(&e.member.id.addr), Some(i as u32));
+            assert_eq!(t.named(&e.member.id.node), Some(i as u32));
             if let Some(p) = e.active_at {
                 assert_eq!(t.active[p as usize] as usize, i);
             }
         }
         assert_eq!(t.active.len(), 2);
+    }
+
+    fn swim(i: u8) -> Swim {
+        let cfg = crate::config::GossipConfig::default().swim_config();
+        let shared = crate::catalog::SharedCatalog::default();
+        Swim::new(
+            id(i, 1),
+            cfg,
+            u64::from(i),
+            NoticeHandler::new(shared, format!("n{i}")),
+        )
+    }
+
+    /// Delivers every queued packet between `nodes` until none is left; returns how many.
+    fn exchange(nodes: &mut [Swim]) -> usize {
+        let mut moved = 0;
+        loop {
+            let mut out = Vec::new();
+            for n in nodes.iter_mut() {
+                out.extend(n.out.sends.drain(..));
+            }
+            if out.is_empty() {
+                return moved;
+            }
+            for (to, bytes) in out {
+                moved += 1;
+                if let Some(n) = nodes.iter_mut().find(|n| n.id.addr == to.addr) {
+                    let _ = n.handle_data(&bytes);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_held_down_rejoins_once_under_the_next_generation() {
+        let mut nodes = [swim(1), swim(2)];
+        nodes[1].announce(id(1, 0));
+        exchange(&mut nodes);
+        assert_eq!(nodes[0].num_members(), 1);
+        assert_eq!(nodes[1].num_members(), 1);
+        // n1 holds n2 Down; n2's next packet is answered with TurnUndead.
+        nodes[0].apply_many([Member::down(id(2, 1))], true);
+        nodes[1].out.notes.clear();
+        nodes[1].gossip();
+        exchange(&mut nodes);
+        let rejoins: Vec<_> = nodes[1]
+            .out
+            .notes
+            .iter()
+            .filter(|n| matches!(n, Notification::Rejoin(_)))
+            .collect();
+        assert_eq!(rejoins, [&Notification::Rejoin(id(2, 2))]);
+        assert_eq!(nodes[1].identity(), &id(2, 2));
+        // n1 takes the new generation as n2, alive.
+        let held = nodes[0].member_at(&id(2, 2).addr).unwrap();
+        assert_eq!((held.id(), held.state()), (&id(2, 2), State::Alive));
+    }
+
+    #[test]
+    fn an_item_too_large_for_a_packet_is_never_queued_and_blocks_nothing() {
+        let mut nodes = [swim(1), swim(2)];
+        nodes[1].announce(id(1, 0));
+        exchange(&mut nodes);
+        // Ten members whose updates could never fit a packet beside its header.
+        for k in 0..10u8 {
+            let mut huge = id(100 + k, 1);
+            huge.node = format!("{k}{}", "x".repeat(600));
+            nodes[0].apply_many([Member::alive(huge)], true);
+        }
+        nodes[0].apply_many([Member::alive(id(3, 1))], true);
+        let (live, _) = nodes[0].backlog();
+        // n3's update is queued (and n2's from the join); the huge one is not.
+        assert!(live >= 1);
+        nodes[0].gossip();
+        exchange(&mut nodes);
+        assert!(nodes[1].member_at(&id(3, 1).addr).is_some());
+        // A packet over the limit is refused, not read.
+        let big = vec![0u8; 2000];
+        assert_eq!(nodes[1].handle_data(&big), Err(SwimError::TooBig(2000)));
+        assert!(nodes[1].handle_data(&[0xff; 40]).is_err());
     }
 
     #[test]
