@@ -335,6 +335,11 @@ impl GossipCore {
             .collect()
     }
 
+    /// The SWIM membership (read-only: incarnations, states, backlog).
+    pub fn swim(&self) -> &Swim {
+        &self.swim
+    }
+
     /// The member at `addr`, with its state.
     pub fn member(&self, addr: &SocketAddr) -> Option<MemberView> {
         self.swim.member_at(addr).map(member_view)
