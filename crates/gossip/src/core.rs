@@ -107,16 +107,26 @@ pub struct GossipSettings {
 enum Rpc {
     /// Send me these nodes' records.
     Pull(Vec<String>),
-    /// My digest and member count: send what I lack (and your members if our counts
-    /// differ), and list what you lack.
-    Digest { digest: Digest, members: usize },
+    /// My digest, member count and membership fingerprint: send what I lack (and your
+    /// members if our views of the active members differ), and list what you lack.
+    Digest {
+        digest: Digest,
+        members: usize,
+        membership: u64,
+    },
     /// Records you said you lacked.
     Push(Vec<NodeRecord>),
     /// My membership (the second half of a push-pull).
     Members(Vec<Member>),
-    /// A sync round's first message: the catalog's fingerprint and the member count; the
-    /// answer says whether they match (then nothing more is sent).
-    Fingerprint { fingerprint: u64, members: usize },
+    /// A sync round's first message: the catalog's fingerprint, the member count and the
+    /// fingerprint of the active members' states (so a suspicion, which decides what DNS
+    /// serves, rides the sync too, not only SWIM's piggybacked copies); the answer says
+    /// whether they all match (then nothing more is sent).
+    Fingerprint {
+        fingerprint: u64,
+        members: usize,
+        membership: u64,
+    },
     /// "I suspect you (`id`) at this incarnation": the answer, `true` when `id` is the
     /// receiver, means it lives and has refuted the suspicion.
     Suspected {
@@ -455,7 +465,11 @@ impl GossipCore {
         let rpc = postcard::from_bytes::<Rpc>(body).ok()?;
         let reply = match rpc {
             Rpc::Pull(nodes) => postcard::to_stdvec(&self.catalog.lock().records(&nodes)),
-            Rpc::Digest { digest, members } => {
+            Rpc::Digest {
+                digest,
+                members,
+                membership,
+            } => {
                 let mut reply = {
                     let c = self.catalog.lock();
                     DigestReply {
@@ -464,7 +478,7 @@ impl GossipCore {
                         members: None,
                     }
                 };
-                if self.swim.num_members() != members {
+                if self.swim.num_members() != members || self.swim.fingerprint() != membership {
                     reply.members = Some(self.membership());
                 }
                 postcard::to_stdvec(&reply)
@@ -480,9 +494,11 @@ impl GossipCore {
             Rpc::Fingerprint {
                 fingerprint,
                 members,
+                membership,
             } => {
                 let in_sync = self.catalog.lock().fingerprint() == fingerprint
-                    && self.swim.num_members() == members;
+                    && self.swim.num_members() == members
+                    && self.swim.fingerprint() == membership;
                 postcard::to_stdvec(&in_sync)
             }
             Rpc::Suspected { id, incarnation } => {
@@ -542,6 +558,7 @@ impl GossipCore {
                     let rpc = Rpc::Digest {
                         digest: self.catalog.lock().digest(),
                         members: self.swim.num_members(),
+                        membership: self.swim.fingerprint(),
                     };
                     self.request(
                         peer.clone(),
@@ -661,7 +678,11 @@ impl GossipCore {
     /// a Down update about an older identity at a peer's own address only confirms it.
     fn membership(&self) -> Vec<Member> {
         let mut v: Vec<Member> = self.swim.iter_membership_state().cloned().collect();
-        v.push(Member::alive(self.id.clone()));
+        v.push(Member::new(
+            self.id.clone(),
+            self.swim.incarnation(),
+            State::Alive,
+        ));
         v
     }
 
@@ -765,6 +786,7 @@ impl GossipCore {
         let probe = Rpc::Fingerprint {
             fingerprint: self.catalog.lock().fingerprint(),
             members: self.swim.num_members(),
+            membership: self.swim.fingerprint(),
         };
         self.request(
             peer.clone(),
@@ -1067,6 +1089,7 @@ mod tests {
         let ask = postcard::to_stdvec(&Rpc::Digest {
             digest: Digest::default(),
             members: 7,
+            membership: 0,
         })
         .unwrap();
         let reply: DigestReply =
@@ -1082,6 +1105,45 @@ mod tests {
         assert_eq!(listed["n0"], State::Alive, "{listed:?}");
         // Garbage is not a request.
         assert!(net.cores[0].handle_request(now, b"\xff\xff\xff").is_none());
+    }
+
+    #[test]
+    fn a_suspicion_rides_the_sync_when_member_counts_agree() {
+        let mut net = Net::new(3);
+        net.run(Duration::from_secs(5));
+        let now = net.now;
+        assert_eq!(
+            net.cores[0].swim.fingerprint(),
+            net.cores[1].swim.fingerprint(),
+            "converged views fingerprint alike"
+        );
+        // n0 alone holds n2 suspected (as if every piggybacked copy missed n1).
+        let n2 = net.cores[2].id().clone();
+        let inc = net.cores[0].swim.member_at(&n2.addr).unwrap().incarnation();
+        net.cores[0]
+            .swim
+            .apply_many([Member::new(n2.clone(), inc, State::Suspect)], false);
+        let fp = |c: &GossipCore| Rpc::Fingerprint {
+            fingerprint: c.catalog.lock().fingerprint(),
+            members: c.num_members(),
+            membership: c.swim.fingerprint(),
+        };
+        let ask = postcard::to_stdvec(&fp(&net.cores[1])).unwrap();
+        let same: bool =
+            postcard::from_bytes(&net.cores[0].handle_request(now, &ask).unwrap()).unwrap();
+        assert!(!same, "same member count, different suspicion: not in sync");
+        // The digest step carries n0's members; applied at n1, n2 is suspected there.
+        let ask = postcard::to_stdvec(&Rpc::Digest {
+            digest: net.cores[1].catalog.lock().digest(),
+            members: net.cores[1].num_members(),
+            membership: net.cores[1].swim.fingerprint(),
+        })
+        .unwrap();
+        let reply: DigestReply =
+            postcard::from_bytes(&net.cores[0].handle_request(now, &ask).unwrap()).unwrap();
+        net.cores[1].apply_members(reply.members.expect("members in the reply"));
+        net.cores[1].pump(now);
+        assert!(net.cores[1].member(&n2.addr).unwrap().suspected);
     }
 
     #[test]

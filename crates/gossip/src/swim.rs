@@ -400,6 +400,31 @@ struct Table {
     by_node: HashTable<u32>,
     active: Vec<u32>,
     hasher: foldhash::fast::RandomState,
+    /// XOR of [`member_hash`] over the active members, kept as they change.
+    active_fp: u64,
+}
+
+/// FNV-1a of a member's identity, incarnation and state: the same on every node, so two
+/// nodes' fingerprints of their active members compare.
+fn member_hash(m: &Member) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(m.id.node.as_bytes());
+    eat(&[0xff]);
+    match m.id.addr.ip() {
+        std::net::IpAddr::V4(ip) => eat(&ip.octets()),
+        std::net::IpAddr::V6(ip) => eat(&ip.octets()),
+    }
+    eat(&m.id.addr.port().to_le_bytes());
+    eat(&m.id.generation.to_le_bytes());
+    eat(&m.incarnation.to_le_bytes());
+    eat(&[m.state as u8]);
+    h
 }
 
 impl std::fmt::Debug for Table {
@@ -466,6 +491,15 @@ impl Table {
         }
     }
 
+    /// Adds or takes out entry `i`'s part of the active fingerprint (call before and after
+    /// changing it).
+    fn toggle_fp(&mut self, i: u32) {
+        let e = &self.entries[i as usize];
+        if e.active_at.is_some() {
+            self.active_fp ^= member_hash(&e.member);
+        }
+    }
+
     fn set_active(&mut self, i: u32, active: bool) {
         let at = self.entries[i as usize].active_at;
         match (at, active) {
@@ -501,6 +535,7 @@ impl Table {
             });
             self.index_name(i);
             self.set_active(i, active);
+            self.toggle_fp(i);
             return Applied {
                 changed: true,
                 was_active: false,
@@ -544,11 +579,13 @@ impl Table {
         out.changed = true;
         out.now_active = update.is_active();
         out.now_suspect = update.state == State::Suspect;
+        self.toggle_fp(i);
         self.entries[i as usize].member = update;
         if renamed {
             self.index_name(i);
         }
         self.set_active(i, out.now_active);
+        self.toggle_fp(i);
         out
     }
 
@@ -559,6 +596,7 @@ impl Table {
         if self.entries[i as usize].member.id != *id {
             return;
         }
+        self.toggle_fp(i);
         self.set_active(i, false);
         self.unindex_name(i);
         let h = self.hasher.hash_one(id.addr);
@@ -696,6 +734,22 @@ impl Swim {
     /// Replaces the tuning (a larger cluster: more transmissions).
     pub fn set_config(&mut self, config: SwimConfig) {
         self.config = config;
+    }
+
+    /// This node's incarnation.
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
+    /// A fingerprint of the active members' identities, incarnations and states, this
+    /// node included (as alive at its incarnation): equal on two nodes that see the same.
+    pub fn fingerprint(&self) -> u64 {
+        self.table.active_fp
+            ^ member_hash(&Member::new(
+                self.id.clone(),
+                self.incarnation,
+                State::Alive,
+            ))
     }
 
     /// Active members (alive or suspected).
@@ -1352,6 +1406,13 @@ mod tests {
             }
         }
         assert_eq!(t.active.len(), 2);
+        // The kept fingerprint is the one computed from scratch.
+        let fresh = t
+            .entries
+            .iter()
+            .filter(|e| e.active_at.is_some())
+            .fold(0, |fp, e| fp ^ member_hash(&e.member));
+        assert_eq!(t.active_fp, fresh);
     }
 
     fn swim(i: u8) -> Swim {
