@@ -19,7 +19,7 @@ use openraft::{LogState, RaftLogReader};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{Entry, LogId, TypeConfig, Vote, decode, encode};
-use crate::wal::{Wal, WalOptions};
+use crate::wal::{Wal, WalError, WalOptions};
 
 /// Purged entries after which the WAL is rewritten without them.
 const COMPACT_AFTER_PURGED: u64 = 10_000;
@@ -107,8 +107,12 @@ impl LogStore {
     /// Opens (or creates) the log in `dir`, replaying the WAL. A torn tail from a crash is
     /// cut; corruption anywhere else is an error.
     pub(crate) fn open(dir: &Path) -> io::Result<Self> {
-        let (wal, records) =
-            Wal::open(dir, WalOptions::default()).map_err(|e| io::Error::other(e.to_string()))?;
+        let (wal, records) = Wal::open(dir, WalOptions::default()).map_err(|e| match e {
+            // Another open log holds the directory: maybe this process's previous store,
+            // still closing (the caller may wait for it).
+            WalError::Locked { .. } => io::Error::new(io::ErrorKind::WouldBlock, e.to_string()),
+            e => io::Error::other(e.to_string()),
+        })?;
         let mut inner = Inner::default();
         for bytes in records {
             inner.replay(decode::<LogRecord>(&bytes)?);
@@ -117,6 +121,12 @@ impl LogStore {
             inner: Arc::new(Mutex::new(inner)),
             wal: Arc::new(wal),
         })
+    }
+
+    /// A handle that stops upgrading once the last holder of the log dropped it (and with
+    /// it the directory's lock).
+    pub(crate) fn closed_when_dropped(&self) -> std::sync::Weak<Wal> {
+        Arc::downgrade(&self.wal)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -410,7 +410,12 @@ pub struct Store {
     server: tokio::task::JoinHandle<()>,
     contact: crate::network::LeaderContact,
     reads: Arc<ReadBatch>,
+    /// Stops upgrading when the log is closed.
+    log_closed: std::sync::Weak<crate::wal::Wal>,
 }
+
+/// How long opening waits for a closing store's log lock, and shutdown for the log to close.
+const LOG_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -588,7 +593,22 @@ impl Store {
     pub async fn open(config: StoreConfig, endpoint: Endpoint) -> Result<Self, StoreError> {
         let raft_config = Arc::new(config.raft_config()?);
         std::fs::create_dir_all(&config.data_dir)?;
-        let log = LogStore::open(&config.data_dir.join("log"))?;
+        let log_dir = config.data_dir.join("log");
+        // A store of this process closed just now on the same directory may still be
+        // letting go of its log (openraft's tasks drop it after the core stops): wait for
+        // it a little rather than refuse; another process's open log is refused after that.
+        let deadline = Instant::now() + LOG_LOCK_WAIT;
+        let log = loop {
+            match LogStore::open(&log_dir) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => break other?,
+            }
+        };
+        let log_closed = log.closed_when_dropped();
         let sm = StateMachine::open_with(&config.data_dir.join("state"), config.watch_buffer)?;
         let shared = sm.shared.clone();
         let protocol = raft_protocol().map_err(|e| StoreError::Config(e.to_string()))?;
@@ -615,6 +635,7 @@ impl Store {
             server,
             contact,
             reads: Arc::default(),
+            log_closed,
         })
     }
 
@@ -1212,10 +1233,18 @@ impl Store {
     /// Stops Raft and the protocol server. The data stays on disk.
     pub async fn shutdown(&self) -> Result<(), StoreError> {
         self.server.abort();
-        self.raft
+        let done = self
+            .raft
             .shutdown()
             .await
-            .map_err(|e| StoreError::Raft(e.to_string()))
+            .map_err(|e| StoreError::Raft(e.to_string()));
+        // The log (and its directory lock) goes with openraft's last task: wait for it,
+        // bounded, so the directory can be opened again as soon as this returns.
+        let deadline = Instant::now() + LOG_LOCK_WAIT;
+        while self.log_closed.strong_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        done
     }
 }
 
