@@ -110,20 +110,25 @@ pub struct Catalog {
     fingerprint: u64,
 }
 
-/// FNV-1a of a node and its stamp: the same on every node (no per-process seed).
-fn stamp_hash(node: &str, stamp: (u64, u64)) -> u64 {
+/// FNV-1a over `parts` in order: the same on every node (no per-process seed), for
+/// fingerprints two nodes compare.
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    eat(node.as_bytes());
-    eat(&[0xff]);
-    eat(&stamp.0.to_le_bytes());
-    eat(&stamp.1.to_le_bytes());
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
     h
+}
+
+/// A node and its stamp, hashed.
+fn stamp_hash(node: &str, stamp: (u64, u64)) -> u64 {
+    fnv1a(&[
+        node.as_bytes(),
+        &[0xff],
+        &stamp.0.to_le_bytes(),
+        &stamp.1.to_le_bytes(),
+    ])
 }
 
 /// A digest: the stamp of every record a node holds.

@@ -407,24 +407,19 @@ struct Table {
 /// FNV-1a of a member's identity, incarnation and state: the same on every node, so two
 /// nodes' fingerprints of their active members compare.
 fn member_hash(m: &Member) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+    let ip = match m.id.addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
     };
-    eat(m.id.node.as_bytes());
-    eat(&[0xff]);
-    match m.id.addr.ip() {
-        std::net::IpAddr::V4(ip) => eat(&ip.octets()),
-        std::net::IpAddr::V6(ip) => eat(&ip.octets()),
-    }
-    eat(&m.id.addr.port().to_le_bytes());
-    eat(&m.id.generation.to_le_bytes());
-    eat(&m.incarnation.to_le_bytes());
-    eat(&[m.state as u8]);
-    h
+    crate::catalog::fnv1a(&[
+        m.id.node.as_bytes(),
+        &[0xff],
+        &ip,
+        &m.id.addr.port().to_le_bytes(),
+        &m.id.generation.to_le_bytes(),
+        &m.incarnation.to_le_bytes(),
+        &[m.state as u8],
+    ])
 }
 
 impl std::fmt::Debug for Table {
@@ -729,11 +724,6 @@ impl Swim {
     /// This node's identity.
     pub fn identity(&self) -> &GossipId {
         &self.id
-    }
-
-    /// Replaces the tuning (a larger cluster: more transmissions).
-    pub fn set_config(&mut self, config: SwimConfig) {
-        self.config = config;
     }
 
     /// This node's incarnation.
