@@ -22,6 +22,9 @@ enum Measure {
     UnderLoad,
     /// The gossip simulator at 1 000 nodes beside the Serf model.
     Gossip,
+    /// The gossip simulator at 10 000 nodes, started as a formed cluster (the same measures
+    /// as `gossip`).
+    GossipScale,
     /// Failure detection in the simulator: kill → hidden and Down everywhere, false Downs
     /// under 10 % loss (6, 100 and 1 000 nodes).
     Detection,
@@ -80,7 +83,12 @@ async fn real_main() -> anyhow::Result<()> {
     };
     let needs_clusters = !matches!(
         args.measure,
-        Measure::Gossip | Measure::Detection | Measure::Scheduler | Measure::Tasks | Measure::Certs
+        Measure::Gossip
+            | Measure::GossipScale
+            | Measure::Detection
+            | Measure::Scheduler
+            | Measure::Tasks
+            | Measure::Certs
     );
     let etcd_version = if needs_clusters {
         etcd_available()?
@@ -152,11 +160,21 @@ async fn real_main() -> anyhow::Result<()> {
     drop(clusters);
     if wants(Measure::Gossip) {
         let n = plan.gossip_nodes;
-        let figures =
-            tokio::task::spawn_blocking(move || starling_bench::gossip::simulate(n)).await?;
+        let figures = tokio::task::spawn_blocking(move || {
+            starling_bench::gossip::simulate(n, starling_bench::gossip::Start::Join)
+        })
+        .await?;
         emit(figures.markdown());
         let window = std::time::Duration::from_secs(if args.quick { 1 } else { 5 });
         emit(starling_bench::gossip::dns_load(8, window).await?);
+    }
+    if wants(Measure::GossipScale) {
+        let n = plan.gossip_scale_nodes;
+        let figures = tokio::task::spawn_blocking(move || {
+            starling_bench::gossip::simulate(n, starling_bench::gossip::Start::Formed)
+        })
+        .await?;
+        emit(figures.markdown());
     }
     if wants(Measure::Detection) {
         // `STARLING_DETECT=n:victims:secs,…` measures other sizes.

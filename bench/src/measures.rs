@@ -28,6 +28,8 @@ pub struct Plan {
     pub joins: usize,
     /// Nodes in the gossip simulation.
     pub gossip_nodes: usize,
+    /// Nodes in the gossip simulation at scale (started formed).
+    pub gossip_scale_nodes: usize,
     /// Rounds of the most clients' writes in `under-load`.
     pub load_rounds: usize,
 }
@@ -45,6 +47,7 @@ impl Plan {
             failovers: 10,
             joins: 20,
             gossip_nodes: 1000,
+            gossip_scale_nodes: 10_000,
             load_rounds: 10,
         }
     }
@@ -61,6 +64,7 @@ impl Plan {
             failovers: 1,
             joins: 2,
             gossip_nodes: 24,
+            gossip_scale_nodes: 200,
             load_rounds: 2,
         }
     }

@@ -533,12 +533,12 @@ fn t19_foreign_removed_and_misplaced_peers_are_refused_across_hosts() {
         )
     };
     // A worker of this cluster reaches gossip but not Raft.
-    let ok = dial(&c, 1, 1, "starling/gossip/2");
+    let ok = dial(&c, 1, 1, "starling/gossip/3");
     assert!(ok.is_ok(), "{ok:?}");
     let raft = dial(&c, 1, 1, "starling/raft/1");
     assert!(raft.is_err(), "a worker reached the raft protocol");
     // A node of another cluster is refused, whatever the protocol.
-    for alpn in ["starling/gossip/2", "starling/raft/1"] {
+    for alpn in ["starling/gossip/3", "starling/raft/1"] {
         let r = dial(&c, 3, 3, alpn);
         assert!(r.is_err(), "a foreign node reached {alpn}");
     }
@@ -554,7 +554,7 @@ fn t19_foreign_removed_and_misplaced_peers_are_refused_across_hosts() {
         .unwrap();
     assert_eq!(status, 200, "{body}");
     poll("the removed node refused", SETTLE, || {
-        dial(&c, 2, 2, "starling/gossip/2").is_err().then_some(())
+        dial(&c, 2, 2, "starling/gossip/3").is_err().then_some(())
     });
     // The keys that once held system state are user data now: deleting or writing them
     // changes nothing but user data, and the removed node stays refused.
@@ -576,7 +576,7 @@ fn t19_foreign_removed_and_misplaced_peers_are_refused_across_hosts() {
     // Managers re-read the revoked set every second: it must hold across several rounds.
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
-        let r = dial(&c, 2, 2, "starling/gossip/2");
+        let r = dial(&c, 2, 2, "starling/gossip/3");
         assert!(r.is_err(), "the removed node was let back in: {r:?}");
     }
     // A wrong token, and a token of the other cluster, are refused with a clear error.

@@ -98,16 +98,56 @@ impl VersionNotice {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
-    record: NodeRecord,
+    /// Shared, never changed in place: a newer record replaces it (readers holding the
+    /// old one keep it), and many catalogs may hold the same one (the simulator's).
+    record: Arc<NodeRecord>,
     down: bool,
+    /// The finest bucket of the node's name ([`bucket_of`]; in the padding: the entry
+    /// stays 16 bytes).
+    bucket: u16,
+}
+
+/// Whether the finest bucket `fine` is among `buckets` (sorted) of `count`; every one is
+/// without a scope.
+pub(crate) fn in_scope(scope: Option<(usize, &[u32])>, fine: u16) -> bool {
+    scope.is_none_or(|(count, buckets)| {
+        let count = count.clamp(1, BUCKETS);
+        buckets
+            .binary_search(&((usize::from(fine) % count) as u32))
+            .is_ok()
+    })
 }
 
 /// The catalog as one node sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
-    entries: BTreeMap<String, Entry>,
+    entries: BTreeMap<Arc<str>, Entry>,
     /// The XOR of every entry's stamp hash, kept as entries change.
     fingerprint: u64,
+    /// The same per bucket of node names ([`BUCKETS`] of them, by a hash of the name;
+    /// empty while the catalog is): a sync between two large catalogs that differ
+    /// exchanges the digests of the buckets that differ, not of every record.
+    buckets: Vec<u64>,
+}
+
+/// Buckets of node names the catalog keeps a fingerprint of; a sync compares a power of
+/// two of them up to this many (each the XOR of the finer ones it covers).
+pub(crate) const BUCKETS: usize = 1024;
+
+/// Records per bucket a sync aims at: a catalog of `n` records is compared in
+/// `n / BUCKET_TARGET` buckets (a power of two, 1 to [`BUCKETS`]).
+const BUCKET_TARGET: usize = 32;
+
+/// The finest bucket of a node's name (records here, members in SWIM's table).
+pub(crate) fn bucket_of(node: &str) -> usize {
+    (fnv1a(&[node.as_bytes()]) as usize) & (BUCKETS - 1)
+}
+
+/// How many buckets a sync with a catalog of `records` records compares.
+pub(crate) fn buckets_for(records: usize) -> usize {
+    (records / BUCKET_TARGET)
+        .next_power_of_two()
+        .clamp(1, BUCKETS)
 }
 
 /// FNV-1a over `parts` in order: the same on every node (no per-process seed), for
@@ -143,22 +183,33 @@ impl Catalog {
     /// Takes `record` if it is newer than what is held; returns whether it was. A newer
     /// generation also clears a Down mark (the node is back).
     pub fn merge(&mut self, record: NodeRecord) -> bool {
-        match self.entries.get_mut(&record.node) {
+        self.merge_shared(None, Arc::new(record))
+    }
+
+    /// [`Catalog::merge`] of a record held elsewhere too, under `name` (the record's node,
+    /// shared as well) when the caller has it: nothing is copied.
+    pub fn merge_shared(&mut self, name: Option<Arc<str>>, record: Arc<NodeRecord>) -> bool {
+        match self.entries.get_mut(record.node.as_str()) {
             Some(e) if e.record.stamp() >= record.stamp() => false,
             Some(e) => {
                 if record.generation > e.record.generation {
                     e.down = false;
                 }
-                self.fingerprint ^= stamp_hash(&record.node, e.record.stamp())
-                    ^ stamp_hash(&record.node, record.stamp());
-                e.record = record;
+                let old = e.record.stamp();
+                e.record = record.clone();
+                self.toggle(&record.node, old);
+                self.toggle(&record.node, record.stamp());
                 true
             }
             None => {
-                self.fingerprint ^= stamp_hash(&record.node, record.stamp());
+                self.toggle(&record.node, record.stamp());
+                let name = name
+                    .filter(|n| **n == *record.node)
+                    .unwrap_or_else(|| Arc::from(record.node.as_str()));
                 self.entries.insert(
-                    record.node.clone(),
+                    name,
                     Entry {
+                        bucket: bucket_of(&record.node) as u16,
                         record,
                         down: false,
                     },
@@ -168,6 +219,63 @@ impl Catalog {
         }
     }
 
+    /// Takes records held elsewhere too (shared, not copied), in bulk: what a node of a
+    /// formed cluster starts with. Nodes already held keep their record. Linear when
+    /// `records` come sorted by name.
+    pub fn extend_shared(
+        &mut self,
+        records: impl IntoIterator<Item = (Arc<str>, Arc<NodeRecord>)>,
+    ) {
+        let mut new: BTreeMap<Arc<str>, Entry> = records
+            .into_iter()
+            .filter(|(name, record)| **name == *record.node && !self.entries.contains_key(&**name))
+            .map(|(name, record)| {
+                (
+                    name,
+                    Entry {
+                        bucket: bucket_of(&record.node) as u16,
+                        record,
+                        down: false,
+                    },
+                )
+            })
+            .collect();
+        for (name, e) in &new {
+            self.toggle(name, e.record.stamp());
+        }
+        self.entries.append(&mut new);
+    }
+
+    /// Adds (or takes out) `node` at `stamp` to the fingerprints.
+    fn toggle(&mut self, node: &str, stamp: (u64, u64)) {
+        let h = stamp_hash(node, stamp);
+        self.fingerprint ^= h;
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; BUCKETS];
+        }
+        self.buckets[bucket_of(node)] ^= h;
+    }
+
+    /// The fingerprints of `count` buckets (a power of two up to [`BUCKETS`]): bucket `b`
+    /// covers the names whose finest bucket is `b` modulo `count`.
+    pub fn bucket_fingerprints(&self, count: usize) -> Vec<u64> {
+        let count = count.clamp(1, BUCKETS);
+        let mut out = vec![0; count];
+        for (fine, fp) in self.buckets.iter().enumerate() {
+            out[fine % count] ^= fp;
+        }
+        out
+    }
+
+    /// The digest of the records in `buckets` (of `count`; sorted).
+    pub fn digest_in(&self, count: usize, buckets: &[u32]) -> Digest {
+        self.entries
+            .iter()
+            .filter(|(_, e)| in_scope(Some((count, buckets)), e.bucket))
+            .map(|(n, e)| (n.to_string(), e.record.stamp()))
+            .collect()
+    }
+
     /// The stamp held for `node`.
     pub fn stamp_of(&self, node: &str) -> Option<(u64, u64)> {
         self.entries.get(node).map(|e| e.record.stamp())
@@ -175,7 +283,7 @@ impl Catalog {
 
     /// The record held for `node`.
     pub fn record(&self, node: &str) -> Option<&NodeRecord> {
-        self.entries.get(node).map(|e| &e.record)
+        self.entries.get(node).map(|e| &*e.record)
     }
 
     /// Whether a notice announces something newer than what is held.
@@ -188,7 +296,7 @@ impl Catalog {
     pub fn digest(&self) -> Digest {
         self.entries
             .iter()
-            .map(|(n, e)| (n.clone(), e.record.stamp()))
+            .map(|(n, e)| (n.to_string(), e.record.stamp()))
             .collect()
     }
 
@@ -203,16 +311,27 @@ impl Catalog {
     /// The records held that are newer than (or absent from) `digest`: what a peer that
     /// sent that digest lacks.
     pub fn newer_than(&self, digest: &Digest) -> Vec<NodeRecord> {
+        self.newer_than_in(digest, None)
+    }
+
+    /// [`Catalog::newer_than`] for a digest of some buckets only (`scope`: how many
+    /// buckets, which ones, sorted): records outside them are not compared.
+    pub fn newer_than_in(
+        &self,
+        digest: &Digest,
+        scope: Option<(usize, &[u32])>,
+    ) -> Vec<NodeRecord> {
         let theirs: BTreeMap<&str, (u64, u64)> =
             digest.iter().map(|(n, s)| (n.as_str(), *s)).collect();
         self.entries
             .values()
             .filter(|e| {
-                theirs
-                    .get(e.record.node.as_str())
-                    .is_none_or(|s| *s < e.record.stamp())
+                in_scope(scope, e.bucket)
+                    && theirs
+                        .get(e.record.node.as_str())
+                        .is_none_or(|s| *s < e.record.stamp())
             })
-            .map(|e| e.record.clone())
+            .map(|e| NodeRecord::clone(&e.record))
             .collect()
     }
 
@@ -230,7 +349,11 @@ impl Catalog {
     pub fn records(&self, nodes: &[String]) -> Vec<NodeRecord> {
         nodes
             .iter()
-            .filter_map(|n| self.entries.get(n).map(|e| e.record.clone()))
+            .filter_map(|n| {
+                self.entries
+                    .get(n.as_str())
+                    .map(|e| NodeRecord::clone(&e.record))
+            })
             .collect()
     }
 
@@ -257,7 +380,7 @@ impl Catalog {
     /// Forgets `node` (removed from the cluster).
     pub fn remove(&mut self, node: &str) {
         if let Some(e) = self.entries.remove(node) {
-            self.fingerprint ^= stamp_hash(node, e.record.stamp());
+            self.toggle(node, e.record.stamp());
         }
     }
 
@@ -481,6 +604,84 @@ mod tests {
         assert_eq!(a.fingerprint(), b.fingerprint());
         b.merge(rec("x", 1, 2));
         assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+
+    #[test]
+    fn shared_records_in_bulk_are_held_as_if_merged_one_by_one() {
+        let shared: Vec<(Arc<str>, Arc<NodeRecord>)> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (Arc::from(*n), Arc::new(rec(n, 1, i as u64))))
+            .collect();
+        let mut merged = Catalog::new();
+        merged.merge(rec("b", 2, 0));
+        let mut bulk = merged.clone();
+        for (_, r) in &shared {
+            merged.merge(NodeRecord::clone(r));
+        }
+        // "b" is held at a newer stamp already: kept, like merge keeps it.
+        bulk.extend_shared(shared.iter().cloned());
+        assert_eq!(bulk.digest(), merged.digest());
+        assert_eq!(bulk.fingerprint(), merged.fingerprint());
+        // Not copied: the catalog holds the caller's record.
+        assert!(std::ptr::eq(bulk.record("a").unwrap(), &*shared[0].1));
+        // A name that is not the record's node is refused.
+        let mut odd = Catalog::new();
+        odd.extend_shared([(Arc::from("z"), Arc::new(rec("y", 1, 0)))]);
+        assert!(odd.is_empty());
+    }
+
+    #[test]
+    fn bucket_fingerprints_name_the_buckets_that_differ() {
+        let mut a = Catalog::new();
+        for i in 0..300 {
+            a.merge(rec(&format!("n{i}"), 1, 0));
+        }
+        let mut b = a.clone();
+        let count = buckets_for(a.len());
+        assert_eq!(count, 16);
+        // The buckets fold to the whole fingerprint at every size.
+        for c in [1, 2, 16, BUCKETS] {
+            let folded = a.bucket_fingerprints(c).iter().fold(0, |x, y| x ^ y);
+            assert_eq!(folded, a.fingerprint(), "{c} buckets");
+        }
+        assert_eq!(a.bucket_fingerprints(count), b.bucket_fingerprints(count));
+        // One newer record on each side, in different buckets or the same.
+        a.merge(rec("n7", 1, 1));
+        b.merge(rec("n250", 1, 1));
+        let differ: Vec<u32> = a
+            .bucket_fingerprints(count)
+            .iter()
+            .zip(b.bucket_fingerprints(count))
+            .enumerate()
+            .filter(|(_, (x, y))| **x != *y)
+            .map(|(i, _)| i as u32)
+            .collect();
+        assert!(!differ.is_empty() && differ.len() <= 2, "{differ:?}");
+        // The scoped exchange: a's digest of those buckets only, b answers within them.
+        let digest = a.digest_in(count, &differ);
+        assert!(
+            digest.len() < a.len() / 4,
+            "{} of {}",
+            digest.len(),
+            a.len()
+        );
+        let scope = Some((count, differ.as_slice()));
+        let newer = b.newer_than_in(&digest, scope);
+        assert_eq!(newer.len(), 1);
+        assert_eq!(newer[0].node, "n250");
+        assert_eq!(b.lacking(&digest), vec!["n7".to_owned()]);
+        a.merge(newer[0].clone());
+        b.merge(a.record("n7").unwrap().clone());
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(
+            a.bucket_fingerprints(BUCKETS),
+            b.bucket_fingerprints(BUCKETS)
+        );
+        // Removing a record takes it out of its bucket too.
+        a.remove("n7");
+        b.remove("n7");
+        assert_eq!(a.bucket_fingerprints(count), b.bucket_fingerprints(count));
     }
 
     #[test]

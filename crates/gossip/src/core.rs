@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -113,6 +114,12 @@ enum Rpc {
         digest: Digest,
         members: usize,
         membership: u64,
+        /// When the digest covers some buckets of node names only: how many buckets,
+        /// which ones (sorted). Records outside them are not compared.
+        scope: Option<Scope>,
+        /// The same for members: `None`, send the whole membership if counts or
+        /// fingerprints differ; some buckets, send the members in those (none: no push-pull).
+        member_scope: Option<Scope>,
     },
     /// Records you said you lacked.
     Push(Vec<NodeRecord>),
@@ -133,6 +140,47 @@ enum Rpc {
         id: GossipId,
         incarnation: Incarnation,
     },
+}
+
+/// Some buckets of node names: how many (a power of two), which ones (sorted).
+type Scope = (u32, Vec<u32>);
+
+/// The answer to a sync round's fingerprint: for the records and for the members, `None`
+/// when they match, else the answering node's fingerprints per bucket of node names (one
+/// bucket for a small cluster: compare everything; see [`crate::catalog::buckets_for`]), so
+/// the digest and the membership exchanged next cover only the buckets that differ.
+#[derive(Serialize, Deserialize, Default)]
+struct FingerprintReply {
+    records: Option<Vec<u64>>,
+    members: Option<Vec<u64>>,
+}
+
+impl FingerprintReply {
+    fn in_sync(&self) -> bool {
+        self.records.is_none() && self.members.is_none()
+    }
+}
+
+/// The buckets where `mine` and `theirs` differ, or `None` (compare everything) when
+/// `theirs` is not a usable set of buckets.
+fn differing(mine: impl FnOnce(usize) -> Vec<u64>, theirs: &[u64]) -> Option<Scope> {
+    let count = theirs.len();
+    if count <= 1 || count > crate::catalog::BUCKETS || !count.is_power_of_two() {
+        return None;
+    }
+    let differ = mine(count)
+        .iter()
+        .zip(theirs)
+        .enumerate()
+        .filter(|(_, (m, t))| m != t)
+        .map(|(b, _)| b as u32)
+        .collect();
+    Some((count as u32, differ))
+}
+
+/// A scope as the catalog and SWIM take it.
+fn scope_ref(scope: &Option<Scope>) -> Option<(usize, &[u32])> {
+    scope.as_ref().map(|(n, b)| (*n as usize, b.as_slice()))
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -197,8 +245,11 @@ enum Pending {
     /// peer says they differ: most rounds end at the fingerprint, and copying a 1 000-node
     /// digest and member list every round was most of a simulated cluster's allocations.)
     Fingerprint { peer: GossipId },
-    /// A sync round's digest exchange.
-    Digest { peer: GossipId },
+    /// A sync round's digest exchange (the members compared: see [`Rpc::Digest`]).
+    Digest {
+        peer: GossipId,
+        member_scope: Option<Scope>,
+    },
     /// A pull for a notice; `then` is asked next if this one does not bring it.
     Pull { want: Want, then: Option<GossipId> },
     /// A suspicion put to the suspect: its answer refutes it here.
@@ -256,6 +307,64 @@ impl GossipCore {
     /// A node that announces itself to its seeds at `now` (and again, backing off, until one
     /// answers), tells the cluster its generation's record exists, and syncs periodically.
     pub fn new(settings: GossipSettings, now: Instant) -> GossipCore {
+        let mut core = GossipCore::unstarted(settings);
+        core.announce();
+        // Until a seed answers, keep announcing (with backoff): SWIM reports Idle only after
+        // having been connected once.
+        core.schedule(now, core.config.reannounce_min, Due::Reannounce);
+        // Tell the cluster this generation's (empty) record exists, so peers holding an older
+        // generation's endpoints drop them without waiting for a digest exchange.
+        let notice = VersionNotice {
+            node: core.id.node.clone(),
+            generation: core.id.generation,
+            version: 0,
+        };
+        core.swim.add_broadcast(&encode_notice(&notice));
+        core.schedule_sync(now);
+        // Even a node told of no seed may be a restarted member of a cluster (its seeds
+        // come later): only a sync, or the deadline, makes its view authoritative.
+        core.schedule(now, SYNC_DEADLINE, Due::SyncDeadline);
+        core.pump(now);
+        core
+    }
+
+    /// A node that is already a member of a formed cluster at `now`: it knows `members`
+    /// (alive) and `records` (by node name), synced, with nothing to announce. Identities,
+    /// names and records are shared with the caller, not copied. The simulator starts its
+    /// 10 000-node runs this way: the state such a cluster converges to, without the join
+    /// storm (every join disseminated to every node: n²·log n work) that reaching it
+    /// costs. A record of this node itself is ignored (it publishes its own); `records`
+    /// sorted by name are taken in linear time.
+    pub fn new_formed(
+        settings: GossipSettings,
+        now: Instant,
+        members: impl ExactSizeIterator<Item = Arc<GossipId>>,
+        records: impl IntoIterator<Item = (Arc<str>, Arc<NodeRecord>)>,
+    ) -> GossipCore {
+        let mut core = GossipCore::unstarted(settings);
+        core.catalog.lock().extend_shared(records);
+        core.swim.preload(members);
+        // The member view is new (a driver copies it when this moves).
+        core.members_version += 1;
+        core.reannouncing = false;
+        core.synced = true;
+        core.schedule_sync(now);
+        core.pump(now);
+        core
+    }
+
+    /// Sync rounds at a random phase, so nodes started together do not sync in step.
+    fn schedule_sync(&mut self, now: Instant) {
+        let sync = self.config.sync_interval;
+        let phase = Duration::from_millis(
+            self.rng
+                .random_range(0..=u64::try_from(sync.as_millis()).unwrap_or(u64::MAX).max(1)),
+        );
+        self.schedule(now, phase, Due::Sync);
+    }
+
+    /// The state both constructors start from: this node's empty record, no timer.
+    fn unstarted(settings: GossipSettings) -> GossipCore {
         let catalog = SharedCatalog::default();
         catalog.lock().merge(NodeRecord::empty(
             settings.id.node.clone(),
@@ -267,7 +376,7 @@ impl GossipCore {
             settings.rng_seed,
             NoticeHandler::new(catalog.clone(), settings.id.node.clone()),
         );
-        let mut core = GossipCore {
+        GossipCore {
             id: settings.id,
             seeds: settings.seeds,
             idle_backoff: settings.config.reannounce_min,
@@ -287,31 +396,7 @@ impl GossipCore {
             synced: false,
             stats: DetectorStats::default(),
             closed: false,
-        };
-        core.announce();
-        // Until a seed answers, keep announcing (with backoff): SWIM reports Idle only after
-        // having been connected once.
-        core.schedule(now, core.config.reannounce_min, Due::Reannounce);
-        // Tell the cluster this generation's (empty) record exists, so peers holding an older
-        // generation's endpoints drop them without waiting for a digest exchange.
-        let notice = VersionNotice {
-            node: core.id.node.clone(),
-            generation: core.id.generation,
-            version: 0,
-        };
-        core.swim.add_broadcast(&encode_notice(&notice));
-        // Sync rounds at a random phase, so nodes started together do not sync in step.
-        let sync = core.config.sync_interval;
-        let phase = Duration::from_millis(
-            core.rng
-                .random_range(0..=u64::try_from(sync.as_millis()).unwrap_or(u64::MAX).max(1)),
-        );
-        core.schedule(now, phase, Due::Sync);
-        // Even a node told of no seed may be a restarted member of a cluster (its seeds
-        // come later): only a sync, or the deadline, makes its view authoritative.
-        core.schedule(now, SYNC_DEADLINE, Due::SyncDeadline);
-        core.pump(now);
-        core
+        }
     }
 
     /// Whether this node has synced its catalog with a peer since it started (or had none
@@ -469,17 +554,25 @@ impl GossipCore {
                 digest,
                 members,
                 membership,
+                scope,
+                member_scope,
             } => {
                 let mut reply = {
                     let c = self.catalog.lock();
                     DigestReply {
-                        records: c.newer_than(&digest),
+                        records: c.newer_than_in(&digest, scope_ref(&scope)),
                         need: c.lacking(&digest),
                         members: None,
                     }
                 };
-                if self.swim.num_members() != members || self.swim.fingerprint() != membership {
-                    reply.members = Some(self.membership());
+                let members_differ = match &member_scope {
+                    Some((_, buckets)) => !buckets.is_empty(),
+                    None => {
+                        self.swim.num_members() != members || self.swim.fingerprint() != membership
+                    }
+                };
+                if members_differ {
+                    reply.members = Some(self.swim.membership(scope_ref(&member_scope)));
                 }
                 postcard::to_stdvec(&reply)
             }
@@ -496,10 +589,15 @@ impl GossipCore {
                 members,
                 membership,
             } => {
-                let in_sync = self.catalog.lock().fingerprint() == fingerprint
-                    && self.swim.num_members() == members
-                    && self.swim.fingerprint() == membership;
-                postcard::to_stdvec(&in_sync)
+                let c = self.catalog.lock();
+                let count = crate::catalog::buckets_for(c.len().max(self.swim.num_members() + 1));
+                let records =
+                    (c.fingerprint() != fingerprint).then(|| c.bucket_fingerprints(count));
+                drop(c);
+                let members = (self.swim.num_members() != members
+                    || self.swim.fingerprint() != membership)
+                    .then(|| self.swim.bucket_fingerprints(count));
+                postcard::to_stdvec(&FingerprintReply { records, members })
             }
             Rpc::Suspected { id, incarnation } => {
                 // A node that is leaving does not refute: it is going.
@@ -550,31 +648,50 @@ impl GossipCore {
             }
             Pending::Fingerprint { peer } => {
                 // Most rounds end here: same catalog, same member count.
-                let same = decode::<bool>(answer);
-                if same == Some(true) {
+                let reply = decode::<FingerprintReply>(answer);
+                if reply.as_ref().is_some_and(FingerprintReply::in_sync) {
                     self.synced = true;
                 }
-                if same == Some(false) {
+                if let Some(reply) = reply.filter(|r| !r.in_sync()) {
+                    let nothing = || Some((1, Vec::new()));
+                    let c = self.catalog.lock();
+                    // Only the buckets whose fingerprints differ (all of them for a small
+                    // cluster; none of what matched).
+                    let scope = match &reply.records {
+                        None => nothing(),
+                        Some(theirs) => differing(|n| c.bucket_fingerprints(n), theirs),
+                    };
+                    let digest = match &scope {
+                        Some((count, buckets)) => c.digest_in(*count as usize, buckets),
+                        None => c.digest(),
+                    };
+                    drop(c);
+                    let member_scope = match &reply.members {
+                        None => nothing(),
+                        Some(theirs) => differing(|n| self.swim.bucket_fingerprints(n), theirs),
+                    };
                     let rpc = Rpc::Digest {
-                        digest: self.catalog.lock().digest(),
+                        digest,
                         members: self.swim.num_members(),
                         membership: self.swim.fingerprint(),
+                        scope,
+                        member_scope: member_scope.clone(),
                     };
                     self.request(
                         peer.clone(),
                         RpcKind::Digest,
                         &rpc,
-                        Pending::Digest { peer },
+                        Pending::Digest { peer, member_scope },
                     );
                 }
             }
-            Pending::Digest { peer } => {
+            Pending::Digest { peer, member_scope } => {
                 if let Some(reply) = decode::<DigestReply>(answer) {
                     self.merge_records(reply.records);
                     self.synced = true;
                     if let Some(m) = reply.members {
                         // This node's view from before it applies the peer's.
-                        let mine = self.membership();
+                        let mine = self.swim.membership(scope_ref(&member_scope));
                         self.apply_members(m);
                         self.request(
                             peer.clone(),
@@ -676,16 +793,6 @@ impl GossipCore {
     /// budget) learns it at its next sync instead of when its own probe reaches the dead
     /// member, up to a full probe round (N seconds) later. Down members are kept 24 h;
     /// a Down update about an older identity at a peer's own address only confirms it.
-    fn membership(&self) -> Vec<Member> {
-        let mut v: Vec<Member> = self.swim.iter_membership_state().cloned().collect();
-        v.push(Member::new(
-            self.id.clone(),
-            self.swim.incarnation(),
-            State::Alive,
-        ));
-        v
-    }
-
     fn apply_members(&mut self, members: Vec<Member>) {
         self.swim.apply_many(members, false);
     }
@@ -1090,6 +1197,8 @@ mod tests {
             digest: Digest::default(),
             members: 7,
             membership: 0,
+            scope: None,
+            member_scope: None,
         })
         .unwrap();
         let reply: DigestReply =
@@ -1129,14 +1238,22 @@ mod tests {
             membership: c.swim.fingerprint(),
         };
         let ask = postcard::to_stdvec(&fp(&net.cores[1])).unwrap();
-        let same: bool =
+        let same: FingerprintReply =
             postcard::from_bytes(&net.cores[0].handle_request(now, &ask).unwrap()).unwrap();
-        assert!(!same, "same member count, different suspicion: not in sync");
+        assert!(
+            !same.in_sync(),
+            "same member count, different suspicion: not in sync"
+        );
+        // The records match; three members: one bucket, compare them all.
+        assert!(same.records.is_none());
+        assert_eq!(same.members.as_ref().map(Vec::len), Some(1));
         // The digest step carries n0's members; applied at n1, n2 is suspected there.
         let ask = postcard::to_stdvec(&Rpc::Digest {
             digest: net.cores[1].catalog.lock().digest(),
             members: net.cores[1].num_members(),
             membership: net.cores[1].swim.fingerprint(),
+            scope: None,
+            member_scope: None,
         })
         .unwrap();
         let reply: DigestReply =

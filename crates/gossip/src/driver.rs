@@ -1,5 +1,5 @@
 //! The tokio driver: one task owns the [`GossipCore`] and feeds it what arrives (QUIC
-//! datagrams and requests on ALPN `starling/gossip/2`, answers, its timers on tokio's
+//! datagrams and requests on ALPN `starling/gossip/3`, answers, its timers on tokio's
 //! clock); what the core asks to send goes out on the endpoint's pooled connections.
 
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ use crate::core::{GossipCore, GossipEvent, GossipSettings, MemberView, Transmit}
 use crate::identity::GossipId;
 
 /// The ALPN of the gossip protocol.
-pub const GOSSIP_ALPN: &[u8] = b"starling/gossip/2";
+pub const GOSSIP_ALPN: &[u8] = b"starling/gossip/3";
 
 /// The gossip protocol: any member of the cluster.
 pub fn gossip_protocol() -> Result<Protocol, starling_transport::ConfigError> {
@@ -87,7 +87,7 @@ impl std::fmt::Debug for GossipNode {
 }
 
 impl GossipNode {
-    /// Starts gossip on `endpoint` (which serves ALPN `starling/gossip/2` from now on) and
+    /// Starts gossip on `endpoint` (which serves ALPN `starling/gossip/3` from now on) and
     /// announces to the seeds.
     pub async fn start(endpoint: Endpoint, settings: GossipSettings) -> Result<Self, GossipError> {
         let protocol = gossip_protocol().map_err(|e| GossipError::Listen(e.to_string()))?;

@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::catalog::{Catalog, ServiceEndpoint};
+use crate::catalog::{Catalog, NodeRecord, ServiceEndpoint};
 use crate::config::GossipConfig;
 use crate::core::{GossipCore, GossipEvent, GossipSettings, RpcKind, Transmit};
 use crate::identity::GossipId;
@@ -176,40 +177,62 @@ impl Simulator {
         self.cfg.latency + Duration::from_nanos(extra)
     }
 
-    fn core_for(&mut self, id: GossipId, i: usize) -> GossipCore {
+    /// Settings of node `i`: it joins (and re-joins) through node 0.
+    fn settings_for(&mut self, id: GossipId, i: usize) -> GossipSettings {
         let seeds = if i == 0 {
             Vec::new()
         } else {
-            vec![(self.nodes[0].core.id().node.clone(), sim_addr(0))]
+            vec![("n0".to_owned(), sim_addr(0))]
         };
-        let settings = GossipSettings {
+        GossipSettings {
             id,
             seeds,
             config: self.cfg.gossip.clone(),
             rng_seed: self.rng.random(),
-        };
+        }
+    }
+
+    fn core_for(&mut self, id: GossipId, i: usize) -> GossipCore {
+        let settings = self.settings_for(id, i);
         GossipCore::new(settings, self.instant())
     }
 
-    /// Adds a node that joins by announcing to node 0; returns its index.
-    pub fn add_node(&mut self) -> usize {
-        let i = self.nodes.len();
-        let id = GossipId::new(format!("n{i}"), sim_addr(i), 1);
-        self.by_addr.insert(sim_addr(i), i);
-        self.by_name.insert(id.node.clone(), i);
-        let core = if i == 0 {
-            GossipCore::new(
-                GossipSettings {
-                    id,
-                    seeds: Vec::new(),
-                    config: self.cfg.gossip.clone(),
-                    rng_seed: self.rng.random(),
-                },
-                self.instant(),
-            )
-        } else {
-            self.core_for(id, i)
-        };
+    /// A network of `n` nodes that formed a cluster already: every node knows every other
+    /// one alive and holds its record (empty, generation 1) — the state
+    /// [`Simulator::cluster`]'s nodes converge to, without the join storm that takes
+    /// them there (n²·log n piggybacked updates: the part of a 10 000-node run that does
+    /// not fit in memory or in minutes). Identities, names and records are shared by all
+    /// the nodes' tables; what changes later is each node's own.
+    pub fn formed(cfg: SimConfig, n: usize) -> Self {
+        let mut sim = Simulator::new(cfg);
+        let ids: Vec<Arc<GossipId>> = (0..n)
+            .map(|i| Arc::new(GossipId::new(format!("n{i}"), sim_addr(i), 1)))
+            .collect();
+        let mut records: Vec<(Arc<str>, Arc<NodeRecord>)> = ids
+            .iter()
+            .map(|id| {
+                let record = NodeRecord::empty(id.node.clone(), id.generation);
+                (Arc::from(id.node.as_str()), Arc::new(record))
+            })
+            .collect();
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        for (i, id) in ids.iter().enumerate() {
+            let id = GossipId::clone(id);
+            sim.by_addr.insert(id.addr, i);
+            sim.by_name.insert(id.node.clone(), i);
+            let settings = sim.settings_for(id, i);
+            let core = GossipCore::new_formed(
+                settings,
+                sim.instant(),
+                ids.iter().cloned(),
+                records.iter().cloned(),
+            );
+            sim.push(core);
+        }
+        sim
+    }
+
+    fn push(&mut self, core: GossipCore) {
         self.nodes.push(SimNode {
             core,
             alive: true,
@@ -219,7 +242,17 @@ impl Simulator {
             down_log: Vec::new(),
             sent_bytes: 0,
         });
-        self.flush(i);
+        self.flush(self.nodes.len() - 1);
+    }
+
+    /// Adds a node that joins by announcing to node 0; returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let id = GossipId::new(format!("n{i}"), sim_addr(i), 1);
+        self.by_addr.insert(sim_addr(i), i);
+        self.by_name.insert(id.node.clone(), i);
+        let core = self.core_for(id, i);
+        self.push(core);
         i
     }
 

@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::sync::Arc;
 
 use hashbrown::HashTable;
 use std::hash::Hash;
@@ -30,7 +31,10 @@ use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::NoticeHandler;
+use crate::catalog::{BUCKETS, NoticeHandler, bucket_of, in_scope};
+
+// Buckets of names are kept as u16.
+const _: () = assert!(BUCKETS <= 1 << 16);
 use crate::identity::GossipId;
 
 /// A member's incarnation: raised by the member itself to refute a suspicion.
@@ -51,7 +55,8 @@ pub enum State {
 /// A member update: who, at which incarnation, in which state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
-    id: GossipId,
+    /// Shared: a table entry, a queued probe and the probe round hold the same identity.
+    id: Arc<GossipId>,
     incarnation: Incarnation,
     state: State,
 }
@@ -59,6 +64,11 @@ pub struct Member {
 impl Member {
     /// An update.
     pub fn new(id: GossipId, incarnation: Incarnation, state: State) -> Self {
+        Member::shared(Arc::new(id), incarnation, state)
+    }
+
+    /// An update about an identity held elsewhere already (no copy of it).
+    pub fn shared(id: Arc<GossipId>, incarnation: Incarnation, state: State) -> Self {
         Member {
             id,
             incarnation,
@@ -369,12 +379,30 @@ impl<K: Hash + Eq + Clone> Piggyback<K> {
     }
 }
 
-/// A member as the table holds it.
+/// A member as the table holds it (24 bytes: there is one per member on every node).
 #[derive(Debug, Clone)]
 struct Entry {
     member: Member,
     /// Its place in `Table::active`, when active.
-    active_at: Option<u32>,
+    active_at: Slot,
+    /// The finest bucket of its node name ([`bucket_of`]).
+    bucket: u16,
+}
+
+/// A position in `Table::active`, or none (4 bytes where `Option<u32>` takes 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot(u32);
+
+impl Slot {
+    const NONE: Slot = Slot(u32::MAX);
+
+    fn get(self) -> Option<u32> {
+        (self != Slot::NONE).then_some(self.0)
+    }
+
+    fn is_some(self) -> bool {
+        self != Slot::NONE
+    }
 }
 
 /// What applying an update did.
@@ -388,6 +416,8 @@ struct Applied {
     now_suspect: bool,
     /// The identity it replaced at the same address.
     replaced: Option<GossipId>,
+    /// The entry at the update's address now (its own, or a newer identity's).
+    index: u32,
 }
 
 /// Every member known, in a vector; indexes by address and by node name (raw hash tables
@@ -402,6 +432,9 @@ struct Table {
     hasher: foldhash::fast::RandomState,
     /// XOR of [`member_hash`] over the active members, kept as they change.
     active_fp: u64,
+    /// The same per bucket of node names (see [`crate::catalog::BUCKETS`]; empty until
+    /// a member is active).
+    active_buckets: Vec<u64>,
 }
 
 /// FNV-1a of a member's identity, incarnation and state: the same on every node, so two
@@ -422,6 +455,44 @@ fn member_hash(m: &Member) -> u64 {
     ])
 }
 
+/// Whether an update of the same identity at `incarnation` in `state` is news over `known`.
+fn supersedes(known: &Member, incarnation: Incarnation, state: State) -> bool {
+    match (known.state, state) {
+        (State::Down, _) => false,
+        (_, State::Down) => true,
+        (State::Alive, State::Suspect) => incarnation >= known.incarnation,
+        _ => incarnation > known.incarnation,
+    }
+}
+
+/// A member update read in place from a packet (same encoding as [`Member`]): most updates
+/// a packet carries are known already, and are dropped without a copy.
+#[derive(Deserialize)]
+struct MemberRef<'a> {
+    #[serde(borrow)]
+    id: IdRef<'a>,
+    incarnation: Incarnation,
+    state: State,
+}
+
+/// [`GossipId`] read in place.
+#[derive(Deserialize)]
+struct IdRef<'a> {
+    node: &'a str,
+    addr: SocketAddr,
+    generation: u64,
+}
+
+impl MemberRef<'_> {
+    fn to_member(&self) -> Member {
+        Member::new(
+            GossipId::new(self.id.node, self.id.addr, self.id.generation),
+            self.incarnation,
+            self.state,
+        )
+    }
+}
+
 impl std::fmt::Debug for Table {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Table")
@@ -432,6 +503,17 @@ impl std::fmt::Debug for Table {
 }
 
 impl Table {
+    fn reserve(&mut self, n: usize) {
+        let (entries, hasher) = (&self.entries, &self.hasher);
+        self.by_addr
+            .reserve(n, |&j| hasher.hash_one(entries[j as usize].member.id.addr));
+        self.by_node.reserve(n, |&j| {
+            hasher.hash_one(entries[j as usize].member.id.node.as_str())
+        });
+        self.entries.reserve_exact(n);
+        self.active.reserve_exact(n);
+    }
+
     fn index_of(&self, addr: &SocketAddr) -> Option<u32> {
         let h = self.hasher.hash_one(addr);
         self.by_addr
@@ -444,6 +526,41 @@ impl Table {
         self.by_node
             .find(h, |&i| self.entries[i as usize].member.id.node == node)
             .copied()
+    }
+
+    /// Whether applying `update` would change nothing (what [`Table::apply`] decides):
+    /// the identity at its address is the same and the update is not news, or a newer
+    /// identity holds the address.
+    fn is_stale(&self, update: &MemberRef<'_>) -> bool {
+        let id = &update.id;
+        self.stale_at(
+            id.node,
+            id.addr,
+            id.generation,
+            update.incarnation,
+            update.state,
+        )
+        .is_some()
+    }
+
+    /// [`Table::is_stale`] of an update given by parts: the entry at its address when
+    /// applying it would change nothing.
+    fn stale_at(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        generation: u64,
+        incarnation: Incarnation,
+        state: State,
+    ) -> Option<u32> {
+        let i = self.index_of(&addr)?;
+        let known = &self.entries[i as usize].member;
+        let stale = if known.id.node == node && known.id.generation == generation {
+            !supersedes(known, incarnation, state)
+        } else {
+            (known.id.generation, known.id.node.as_str()) > (generation, node)
+        };
+        stale.then_some(i)
     }
 
     fn get(&self, addr: &SocketAddr) -> Option<&Member> {
@@ -463,7 +580,7 @@ impl Table {
             // An active entry of the name is not displaced by an inactive one.
             Some(slot) => {
                 let held = &entries[*slot as usize];
-                if held.active_at.is_none() || entries[i as usize].member.is_active() {
+                if !held.active_at.is_some() || entries[i as usize].member.is_active() {
                     *slot = i;
                 }
             }
@@ -491,24 +608,30 @@ impl Table {
     fn toggle_fp(&mut self, i: u32) {
         let e = &self.entries[i as usize];
         if e.active_at.is_some() {
-            self.active_fp ^= member_hash(&e.member);
+            let h = member_hash(&e.member);
+            let b = usize::from(e.bucket);
+            self.active_fp ^= h;
+            if self.active_buckets.is_empty() {
+                self.active_buckets = vec![0; BUCKETS];
+            }
+            self.active_buckets[b] ^= h;
         }
     }
 
     fn set_active(&mut self, i: u32, active: bool) {
-        let at = self.entries[i as usize].active_at;
+        let at = self.entries[i as usize].active_at.get();
         match (at, active) {
             (None, true) => {
-                self.entries[i as usize].active_at = Some(self.active.len() as u32);
+                self.entries[i as usize].active_at = Slot(self.active.len() as u32);
                 self.active.push(i);
                 self.index_name(i);
             }
             (Some(p), false) => {
                 self.active.swap_remove(p as usize);
                 if let Some(&moved) = self.active.get(p as usize) {
-                    self.entries[moved as usize].active_at = Some(p);
+                    self.entries[moved as usize].active_at = Slot(p);
                 }
-                self.entries[i as usize].active_at = None;
+                self.entries[i as usize].active_at = Slot::NONE;
             }
             _ => {}
         }
@@ -520,9 +643,11 @@ impl Table {
             let i = self.entries.len() as u32;
             let active = update.is_active();
             let suspect = update.state == State::Suspect;
+            let bucket = bucket_of(&update.id.node) as u16;
             self.entries.push(Entry {
                 member: update,
-                active_at: None,
+                active_at: Slot::NONE,
+                bucket,
             });
             let (entries, hasher) = (&self.entries, &self.hasher);
             self.by_addr.insert_unique(hasher.hash_one(addr), i, |&j| {
@@ -538,6 +663,7 @@ impl Table {
                 was_suspect: false,
                 now_suspect: suspect,
                 replaced: None,
+                index: i,
             };
         };
         let known = &self.entries[i as usize].member;
@@ -548,22 +674,17 @@ impl Table {
             now_active: was_active,
             was_suspect,
             now_suspect: was_suspect,
+            index: i,
             ..Applied::default()
         };
         let renamed = if known.id != update.id {
             if known.id.win_addr_conflict(&update.id) {
                 return out;
             }
-            out.replaced = Some(known.id.clone());
+            out.replaced = Some(GossipId::clone(&known.id));
             known.id.node != update.id.node
         } else {
-            let newer = match (known.state, update.state) {
-                (State::Down, _) => false,
-                (_, State::Down) => true,
-                (State::Alive, State::Suspect) => update.incarnation >= known.incarnation,
-                _ => update.incarnation > known.incarnation,
-            };
-            if !newer {
+            if !supersedes(known, update.incarnation, update.state) {
                 return out;
             }
             false
@@ -575,6 +696,9 @@ impl Table {
         out.now_active = update.is_active();
         out.now_suspect = update.state == State::Suspect;
         self.toggle_fp(i);
+        if renamed {
+            self.entries[i as usize].bucket = bucket_of(&update.id.node) as u16;
+        }
         self.entries[i as usize].member = update;
         if renamed {
             self.index_name(i);
@@ -588,7 +712,7 @@ impl Table {
         let Some(i) = self.index_of(&id.addr) else {
             return;
         };
-        if self.entries[i as usize].member.id != *id {
+        if *self.entries[i as usize].member.id != *id {
             return;
         }
         self.toggle_fp(i);
@@ -610,7 +734,7 @@ impl Table {
             if let Some(slot) = self.by_node.find_mut(hn, |&j| j == last) {
                 *slot = i;
             }
-            if let Some(p) = moved.active_at {
+            if let Some(p) = moved.active_at.get() {
                 self.active[p as usize] = i;
             }
         }
@@ -636,7 +760,7 @@ impl Table {
             for i in all {
                 let m = &self.entries[i as usize].member;
                 if keep(m) {
-                    out.push(m.id.clone());
+                    out.push(GossipId::clone(&m.id));
                     if out.len() == k {
                         break;
                     }
@@ -654,7 +778,7 @@ impl Table {
             picked.push(i);
             let m = &self.entries[i as usize].member;
             if keep(m) {
-                out.push(m.id.clone());
+                out.push(GossipId::clone(&m.id));
                 if out.len() == k {
                     break;
                 }
@@ -693,8 +817,9 @@ pub struct Swim {
     notices: Piggyback<String>,
     handler: NoticeHandler,
     probe: Probe,
-    /// Addresses to probe, in a shuffled round: SWIM's randomised round-robin.
-    probe_order: Vec<SocketAddr>,
+    /// Members to probe (by their address), in a shuffled round: SWIM's randomised
+    /// round-robin. The identities are shared with the table (8 bytes a member).
+    probe_order: Vec<Arc<GossipId>>,
     connection: Connection,
     token: u64,
     /// What the inputs produced.
@@ -734,12 +859,46 @@ impl Swim {
     /// A fingerprint of the active members' identities, incarnations and states, this
     /// node included (as alive at its incarnation): equal on two nodes that see the same.
     pub fn fingerprint(&self) -> u64 {
-        self.table.active_fp
-            ^ member_hash(&Member::new(
-                self.id.clone(),
-                self.incarnation,
-                State::Alive,
-            ))
+        self.table.active_fp ^ self.own_hash()
+    }
+
+    /// [`Swim::fingerprint`] per bucket of node names, `count` buckets (a power of two up
+    /// to [`crate::catalog::BUCKETS`]; bucket `b` covers the names whose finest bucket is
+    /// `b` modulo `count`): two nodes that differ compare the members of the buckets that
+    /// differ only.
+    pub fn bucket_fingerprints(&self, count: usize) -> Vec<u64> {
+        let count = count.clamp(1, BUCKETS);
+        let mut out = vec![0; count];
+        for (fine, fp) in self.table.active_buckets.iter().enumerate() {
+            out[fine % count] ^= fp;
+        }
+        out[bucket_of(&self.id.node) % count] ^= self.own_hash();
+        out
+    }
+
+    fn own_hash(&self) -> u64 {
+        member_hash(&Member::new(
+            self.id.clone(),
+            self.incarnation,
+            State::Alive,
+        ))
+    }
+
+    /// Every member known (Down ones included) and this node itself, alive at its
+    /// incarnation: what a membership push-pull sends. With `scope` (how many buckets,
+    /// which ones, sorted), only the members whose names fall in those buckets.
+    pub fn membership(&self, scope: Option<(usize, &[u32])>) -> Vec<Member> {
+        let mut v: Vec<Member> = self
+            .table
+            .entries
+            .iter()
+            .filter(|e| in_scope(scope, e.bucket))
+            .map(|e| e.member.clone())
+            .collect();
+        if in_scope(scope, bucket_of(&self.id.node) as u16) {
+            v.push(Member::new(self.id.clone(), self.incarnation, State::Alive));
+        }
+        v
     }
 
     /// Active members (alive or suspected).
@@ -769,7 +928,7 @@ impl Swim {
     pub fn active_named(&self, node: &str) -> Option<&GossipId> {
         let i = self.table.named(node)?;
         let e = &self.table.entries[i as usize];
-        e.active_at.map(|_| &e.member.id)
+        e.active_at.get().map(|_| &*e.member.id)
     }
 
     /// A random active member.
@@ -780,7 +939,7 @@ impl Swim {
     /// Whether `id` is suspected at `incarnation` (its suspicion has not moved on).
     pub fn is_suspect(&self, id: &GossipId, incarnation: Incarnation) -> bool {
         self.table.get(&id.addr).is_some_and(|m| {
-            m.id == *id && m.incarnation == incarnation && m.state == State::Suspect
+            *m.id == *id && m.incarnation == incarnation && m.state == State::Suspect
         })
     }
 
@@ -798,6 +957,21 @@ impl Swim {
         ((n + 1.0).log10() * 4.0)
             .ceil()
             .max(self.config.min_transmissions as f64) as usize
+    }
+
+    /// Starts as a member of a formed cluster: `members` are known already, alive at
+    /// incarnation 0, and nothing is disseminated about them (every other member knows
+    /// them too). The identities are shared, not copied. For a simulator starting a large
+    /// cluster where a join storm would leave it: 10 000 nodes joining at once is
+    /// n²·log n of piggybacked updates. A joining node uses [`Swim::announce`].
+    pub fn preload(&mut self, members: impl ExactSizeIterator<Item = Arc<GossipId>>) {
+        self.table.reserve(members.len());
+        for id in members {
+            if id.addr != self.id.addr {
+                self.table.apply(Member::shared(id, 0, State::Alive));
+            }
+        }
+        self.adjust_connection();
     }
 
     /// Asks `dst` (a seed: its identity may be a guess at the address) for members.
@@ -846,11 +1020,11 @@ impl Swim {
     /// declaration makes it rejoin under its next identity.
     pub fn apply_many(&mut self, updates: impl IntoIterator<Item = Member>, broadcast: bool) {
         for update in updates {
-            if update.id == self.id {
+            if *update.id == self.id {
                 self.handle_self_update(update.incarnation, update.state);
             } else if update.id.addr == self.id.addr {
                 // Another identity at this node's address: an older life of it, Down.
-                self.apply_update(Member::down(update.id), broadcast);
+                self.apply_update(Member::shared(update.id, 0, State::Down), broadcast);
             } else {
                 self.apply_update(update, broadcast);
             }
@@ -881,7 +1055,7 @@ impl Swim {
         } else {
             let count = take_u16(&mut rest).ok_or(SwimError::Malformed("update count"))?;
             for _ in 0..count {
-                let (m, r) = postcard::take_from_bytes::<Member>(rest)
+                let (m, r) = postcard::take_from_bytes::<MemberRef>(rest)
                     .map_err(|_| SwimError::Malformed("member update"))?;
                 updates.push(m);
                 rest = r;
@@ -893,10 +1067,25 @@ impl Swim {
             message,
             ..
         } = header;
-        let sender_active = self.apply_update(
-            Member::new(src.clone(), src_incarnation, State::Alive),
-            true,
+        // The sender is alive at its incarnation: most packets come from a member known
+        // so, and that costs one lookup and no copy.
+        let known = self.table.stale_at(
+            &src.node,
+            src.addr,
+            src.generation,
+            src_incarnation,
+            State::Alive,
         );
+        let sender_active = match known {
+            Some(i) => {
+                let m = &self.table.entries[i as usize].member;
+                *m.id == src && m.is_active()
+            }
+            None => self.apply_update(
+                Member::new(src.clone(), src_incarnation, State::Alive),
+                true,
+            ),
+        };
         if !sender_active {
             // A member this node holds Down (or an older life at that address) is told so.
             if message == Message::TurnUndead {
@@ -906,7 +1095,14 @@ impl Swim {
             return Ok(());
         }
         let me = self.id.clone();
-        self.apply_many(updates, true);
+        // Updates about this node's address go through apply_many's own rules; others
+        // that change nothing are dropped without being copied.
+        let fresh: Vec<Member> = updates
+            .iter()
+            .filter(|m| m.id.addr == self.id.addr || !self.table.is_stale(m))
+            .map(MemberRef::to_member)
+            .collect();
+        self.apply_many(fresh, true);
         let notices = self.receive_notices(rest, &src);
         // An update in the packet made this node rejoin: the message was for its old life.
         if self.connection != Connection::Connected || self.id != me {
@@ -915,7 +1111,8 @@ impl Swim {
         match message {
             Message::Ping(n) => self.send(src, Message::Ack(n)),
             Message::Ack(n) => {
-                if self.probe.number == n && self.probe.target.as_ref().is_some_and(|t| t.id == src)
+                if self.probe.number == n
+                    && self.probe.target.as_ref().is_some_and(|t| *t.id == src)
                 {
                     self.probe.acked = true;
                 }
@@ -943,7 +1140,7 @@ impl Swim {
             }
             Message::ForwardedAck { origin, probe } => {
                 if self.probe.number == probe
-                    && self.probe.target.as_ref().is_some_and(|t| t.id == origin)
+                    && self.probe.target.as_ref().is_some_and(|t| *t.id == origin)
                 {
                     self.probe.acked = true;
                 }
@@ -961,17 +1158,17 @@ impl Swim {
         match timer {
             Timer::Probe { token } if live(token, self) => self.probe_next(),
             Timer::IndirectProbe { target, token } if live(token, self) => {
-                let probing = self.probe.target.as_ref().is_some_and(|t| t.id == target);
+                let probing = self.probe.target.as_ref().is_some_and(|t| *t.id == target);
                 let active = self
                     .table
                     .get(&target.addr)
-                    .is_some_and(|m| m.id == target && m.is_active());
+                    .is_some_and(|m| *m.id == target && m.is_active());
                 if probing && !self.probe.acked && active {
                     let probe = self.probe.number;
                     let helpers =
                         self.table
                             .choose_active(self.config.indirect_probes, &mut self.rng, |m| {
-                                m.id != target
+                                *m.id != target
                             });
                     for h in helpers {
                         self.send(
@@ -1017,7 +1214,7 @@ impl Swim {
                     .entries
                     .iter()
                     .filter(|e| !e.member.is_active() && e.member.id.addr != self.id.addr)
-                    .map(|e| e.member.id.clone())
+                    .map(|e| GossipId::clone(&e.member.id))
                     .collect();
                 down.shuffle(&mut self.rng);
                 down.truncate(self.config.announce_down_count);
@@ -1029,7 +1226,7 @@ impl Swim {
                 if self
                     .table
                     .get(&id.addr)
-                    .is_some_and(|m| m.id == id && !m.is_active()) =>
+                    .is_some_and(|m| *m.id == id && !m.is_active()) =>
             {
                 self.table.remove(&id);
             }
@@ -1046,7 +1243,7 @@ impl Swim {
         if let Some(failed) = self.probe.target.take()
             && !self.probe.acked
         {
-            let suspect = Member::new(failed.id.clone(), failed.incarnation, State::Suspect);
+            let suspect = Member::shared(failed.id.clone(), failed.incarnation, State::Suspect);
             let exists = self
                 .table
                 .get(&failed.id.addr)
@@ -1057,7 +1254,7 @@ impl Swim {
                     self.out.timers.push_back((
                         self.config.suspect_to_down,
                         Timer::SuspectToDown {
-                            id: failed.id,
+                            id: GossipId::clone(&failed.id),
                             incarnation: failed.incarnation,
                             token,
                         },
@@ -1072,11 +1269,11 @@ impl Swim {
         };
         self.probe.target = Some(target.clone());
         let number = self.probe.number;
-        self.send(target.id.clone(), Message::Ping(number));
+        self.send(GossipId::clone(&target.id), Message::Ping(number));
         self.out.timers.push_back((
             self.config.probe_rtt,
             Timer::IndirectProbe {
-                target: target.id,
+                target: GossipId::clone(&target.id),
                 token,
             },
         ));
@@ -1084,19 +1281,19 @@ impl Swim {
 
     fn next_probe_target(&mut self) -> Option<Member> {
         for _ in 0..2 {
-            while let Some(addr) = self.probe_order.pop() {
-                if let Some(m) = self.table.get(&addr)
+            while let Some(next) = self.probe_order.pop() {
+                if let Some(m) = self.table.get(&next.addr)
                     && m.is_active()
                 {
                     return Some(m.clone());
                 }
             }
             // A new round: every active member once, in a random order.
-            let mut round: Vec<SocketAddr> = self
+            let mut round: Vec<Arc<GossipId>> = self
                 .table
                 .active
                 .iter()
-                .map(|i| self.table.entries[*i as usize].member.id.addr)
+                .map(|i| self.table.entries[*i as usize].member.id.clone())
                 .collect();
             round.shuffle(&mut self.rng);
             self.probe_order = round;
@@ -1213,20 +1410,21 @@ impl Swim {
     /// when the table holds it Down or a newer identity at its address).
     fn apply_update(&mut self, update: Member, broadcast: bool) -> bool {
         let id = update.id.clone();
-        let addr = id.addr;
         let applied = self.table.apply(update);
         if applied.changed {
-            if broadcast && let Some(m) = self.table.get(&addr).cloned() {
+            if broadcast {
+                let m = self.table.entries[applied.index as usize].member.clone();
                 self.queue_update(&m);
             }
             if !applied.now_active {
-                self.out
-                    .timers
-                    .push_back((self.config.remove_down_after, Timer::RemoveDown(id.clone())));
+                self.out.timers.push_back((
+                    self.config.remove_down_after,
+                    Timer::RemoveDown(GossipId::clone(&id)),
+                ));
             }
             if applied.now_active && !applied.was_active {
                 // Somewhere in the current probe round.
-                self.probe_order.push(addr);
+                self.probe_order.push(id.clone());
                 let last = self.probe_order.len() - 1;
                 let at = self.rng.random_range(0..=last);
                 self.probe_order.swap(at, last);
@@ -1235,27 +1433,28 @@ impl Swim {
         if let Some(old) = applied.replaced {
             self.out
                 .notes
-                .push_back(Notification::Rename(old, id.clone()));
+                .push_back(Notification::Rename(old, GossipId::clone(&id)));
         }
         if applied.now_active != applied.was_active {
             self.out.notes.push_back(if applied.now_active {
-                Notification::MemberUp(id.clone())
+                Notification::MemberUp(GossipId::clone(&id))
             } else {
-                Notification::MemberDown(id.clone())
+                Notification::MemberDown(GossipId::clone(&id))
             });
         }
         if applied.changed && applied.now_active {
             if applied.now_suspect && !applied.was_suspect {
                 self.out
                     .notes
-                    .push_back(Notification::Suspected(id.clone()));
+                    .push_back(Notification::Suspected(GossipId::clone(&id)));
             } else if applied.was_suspect && !applied.now_suspect && applied.was_active {
-                self.out.notes.push_back(Notification::Cleared(id.clone()));
+                self.out
+                    .notes
+                    .push_back(Notification::Cleared(GossipId::clone(&id)));
             }
         }
-        self.table
-            .get(&addr)
-            .is_some_and(|m| m.id == id && m.is_active())
+        let m = &self.table.entries[applied.index as usize].member;
+        m.id == id && m.is_active()
     }
 
     /// The largest piggybacked item: what fits beside the largest header with room to
@@ -1313,7 +1512,7 @@ impl Swim {
         let guess = (limit.saturating_sub(buf.len()) / 24).max(1);
         let chosen = self
             .table
-            .choose_active(guess, &mut self.rng, |m| m.id != *dst);
+            .choose_active(guess, &mut self.rng, |m| *m.id != *dst);
         let mut count = 0u16;
         for id in chosen {
             let Some(m) = self.table.get(&id.addr) else {
@@ -1391,7 +1590,7 @@ mod tests {
         for (i, e) in t.entries.iter().enumerate() {
             assert_eq!(t.index_of(&e.member.id.addr), Some(i as u32));
             assert_eq!(t.named(&e.member.id.node), Some(i as u32));
-            if let Some(p) = e.active_at {
+            if let Some(p) = e.active_at.get() {
                 assert_eq!(t.active[p as usize] as usize, i);
             }
         }
@@ -1403,6 +1602,17 @@ mod tests {
             .filter(|e| e.active_at.is_some())
             .fold(0, |fp, e| fp ^ member_hash(&e.member));
         assert_eq!(t.active_fp, fresh);
+        // And per bucket of names.
+        let mut buckets = vec![0; BUCKETS];
+        for e in t.entries.iter().filter(|e| e.active_at.is_some()) {
+            buckets[bucket_of(&e.member.id.node)] ^= member_hash(&e.member);
+        }
+        assert_eq!(t.active_buckets, buckets);
+        for e in &t.entries {
+            assert_eq!(usize::from(e.bucket), bucket_of(&e.member.id.node));
+        }
+        // One per member on every node: kept small.
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
     }
 
     fn swim(i: u8) -> Swim {
@@ -1434,6 +1644,75 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_update_read_in_place_is_stale_exactly_when_applying_it_changes_nothing() {
+        let mut t = Table::default();
+        let updates = [
+            Member::alive(id(1, 1)),
+            Member::alive(id(1, 1)),
+            Member::new(id(1, 1), 0, State::Suspect),
+            Member::new(id(1, 1), 0, State::Suspect),
+            Member::new(id(1, 1), 0, State::Alive),
+            Member::new(id(1, 1), 1, State::Alive),
+            Member::new(id(1, 1), 5, State::Suspect),
+            Member::down(id(1, 1)),
+            Member::new(id(1, 1), 9, State::Alive),
+            Member::alive(id(1, 2)),
+            Member::alive(id(1, 1)),
+            Member::new(id(1, 2), 0, State::Suspect),
+            Member::alive(id(2, 7)),
+            Member::down(id(2, 6)),
+        ];
+        for (k, m) in updates.into_iter().enumerate() {
+            // The same bytes as a packet carries, read without a copy.
+            let bytes = postcard::to_stdvec(&m).unwrap();
+            let (r, rest) = postcard::take_from_bytes::<MemberRef>(&bytes).unwrap();
+            assert!(rest.is_empty());
+            assert_eq!(r.to_member(), m, "update {k}");
+            let stale = t.is_stale(&r);
+            assert_eq!(t.apply(m).changed, !stale, "update {k}");
+        }
+    }
+
+    #[test]
+    fn bucket_fingerprints_fold_to_the_fingerprint_and_scope_the_membership() {
+        let mut s = swim(0);
+        s.apply_many((1..=200).map(|i| Member::alive(id(i, 1))), false);
+        s.apply_many([Member::down(id(9, 1))], false);
+        for count in [1, 2, 8, 64, BUCKETS] {
+            let b = s.bucket_fingerprints(count);
+            assert_eq!(b.iter().fold(0, |x, y| x ^ y), s.fingerprint(), "{count}");
+        }
+        // A second view differing in one member's state differs in that member's bucket.
+        let mut t = swim(0);
+        t.apply_many((1..=200).map(|i| Member::alive(id(i, 1))), false);
+        t.apply_many([Member::down(id(9, 1))], false);
+        assert_eq!(s.bucket_fingerprints(8), t.bucket_fingerprints(8));
+        t.apply_many([Member::new(id(77, 1), 0, State::Suspect)], false);
+        let (sb, tb) = (s.bucket_fingerprints(8), t.bucket_fingerprints(8));
+        let differ: Vec<u32> = (0..8u32)
+            .filter(|b| sb[*b as usize] != tb[*b as usize])
+            .collect();
+        assert_eq!(differ, vec![(bucket_of("n77") % 8) as u32]);
+        // The scoped membership holds that bucket's members (Down ones too), n77 among them.
+        let scoped = t.membership(Some((8, &differ)));
+        assert!(scoped.len() < 60, "{}", scoped.len());
+        assert!(
+            scoped
+                .iter()
+                .all(|m| bucket_of(&m.id.node) % 8 == differ[0] as usize)
+        );
+        assert!(
+            scoped
+                .iter()
+                .any(|m| m.id.node == "n77" && m.state == State::Suspect)
+        );
+        // Unscoped: every member known and this node.
+        assert_eq!(t.membership(None).len(), 201);
+        s.apply_many(scoped, false);
+        assert_eq!(s.fingerprint(), t.fingerprint());
     }
 
     #[test]

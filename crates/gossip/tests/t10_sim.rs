@@ -281,3 +281,47 @@ fn t20_under_10_percent_loss_no_live_node_is_declared_down_and_the_dead_are_hidd
     });
     assert!(down.is_some(), "the dead node is not Down everywhere");
 }
+
+#[test]
+fn t21_a_formed_cluster_is_the_state_a_join_converges_to_and_runs_the_same() {
+    let joined = cluster(12, 0.0);
+    let mut formed = Simulator::formed(
+        SimConfig {
+            seed: 12,
+            ..SimConfig::default()
+        },
+        N,
+    );
+    // Every node already knows every member and record, as the joined nodes came to.
+    assert!(converged(&formed) && catalogs_full(&formed));
+    for i in 0..N {
+        assert_eq!(
+            formed.core(i).swim().fingerprint(),
+            joined.core(i).swim().fingerprint(),
+            "members of node {i}"
+        );
+        assert_eq!(
+            formed.catalog(i).fingerprint(),
+            joined.catalog(i).fingerprint(),
+            "records of node {i}"
+        );
+        assert!(formed.core(i).is_synced());
+    }
+    // Steady: nothing to disseminate, nobody suspected.
+    formed.run_for(Duration::from_secs(10));
+    assert!(converged(&formed));
+    assert_eq!(formed.false_downs(), 0);
+    assert!((0..N).all(|i| formed.core(i).backlog().0 == 0));
+    // A change reaches every node; a killed node is Down everywhere.
+    let stamp = formed.publish(33, vec![endpoint("api", 9000)]);
+    let reached = formed.run_until(STEP, Duration::from_secs(10), |s| {
+        s.fraction_with(33, stamp) == 1.0
+    });
+    assert!(reached.is_some(), "the change did not reach every node");
+    formed.kill(64);
+    let down = formed.run_until(STEP, Duration::from_secs(20), |s| {
+        s.live().all(|i| s.sees_down(i, 64))
+    });
+    assert!(down.is_some(), "the killed node is not Down everywhere");
+    assert!(formed.live().all(|i| formed.catalog(i).is_down("n64")));
+}

@@ -332,7 +332,7 @@ fn t50_typed_errors_certificates_and_context_failover() {
         )
         .unwrap();
         let gossip = starling_transport::Protocol::new(
-            b"starling/gossip/2".to_vec(),
+            b"starling/gossip/3".to_vec(),
             starling_transport::PeerPolicy::roles([starling_transport::Role::MANAGER]),
         )
         .unwrap();
