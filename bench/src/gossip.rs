@@ -303,7 +303,8 @@ pub struct Detection {
     pub lossy_secs: u64,
     /// False Downs in that time.
     pub false_downs: usize,
-    /// The same without the suspect's answer (its reliable request dropped): SWIM alone.
+    /// The same without the reliable requests (the probe asked again, and the suspect's
+    /// answer, dropped): SWIM alone.
     pub false_downs_without_answer: usize,
     /// Wall time.
     pub wall: Duration,
@@ -311,7 +312,7 @@ pub struct Detection {
 
 /// Kills `victims` nodes one at a time (each restarted, and the cluster settled, before the
 /// next) and times hiding and Down everywhere; then counts false Downs under 10 % loss for
-/// `lossy` of virtual time, with and without the suspect's answer.
+/// `lossy` of virtual time, with and without the reliable requests.
 pub fn detection(n: usize, victims: usize, lossy: Duration) -> Detection {
     let wall = Instant::now();
     let settled = |s: &Simulator| s.live().all(|i| s.members_seen(i) == n - 1);
@@ -346,6 +347,7 @@ pub fn detection(n: usize, victims: usize, lossy: Duration) -> Detection {
         let mut s = settled_cluster(n, 6);
         if !answer {
             s.drop_requests(starling_gossip::RpcKind::Suspected, 1.0);
+            s.drop_requests(starling_gossip::RpcKind::Probe, 1.0);
         }
         let base = s.false_downs();
         let before = s.detector_stats();
@@ -353,7 +355,8 @@ pub fn detection(n: usize, victims: usize, lossy: Duration) -> Detection {
         s.run_for(lossy);
         let after = s.detector_stats();
         eprintln!(
-            "{n} nodes, answer {answer}: suspected {}, answered {}, stale {}, declared Down {}, false Downs {}",
+            "{n} nodes, reliable requests {answer}: probes rescued {}, suspected {}, answered {}, stale {}, declared Down {}, false Downs {}",
+            after.rescued - before.rescued,
             after.suspected - before.suspected,
             after.answered - before.answered,
             after.gone - before.gone,
@@ -384,9 +387,10 @@ pub fn detection_markdown(rows: &[Detection]) -> String {
         "### Failure detection (simulated, the shipped core)\n\n\
          A node killed (each victim restarted and the cluster settled before the next): the time \
          until every live node hides it from DNS (suspected or Down) and until every live node \
-         has it Down; then false Downs under 10 % datagram loss, with the suspect's answer to \
-         a suspicion (a reliable request) and without it (SWIM alone).\n\n\
-         | nodes | kill → hidden everywhere (median, max) | kill → Down everywhere (median, max) | false Downs, 10 % loss | without the suspect's answer | wall |\n\
+         has it Down; then false Downs under 10 % datagram loss, with the reliable requests (a \
+         probe unanswered by datagram asked again over QUIC, and a suspicion put to the \
+         suspect) and without them (SWIM alone).\n\n\
+         | nodes | kill → hidden everywhere (median, max) | kill → Down everywhere (median, max) | false Downs, 10 % loss | without the reliable requests | wall |\n\
          |---|---|---|---|---|---|\n",
     );
     for r in rows {

@@ -88,6 +88,9 @@ pub struct DetectorStats {
     pub gone: u64,
     /// Members this node declared Down (a suspicion that ran out).
     pub declared_down: u64,
+    /// Probes unanswered directly that the member answered over the reliable request
+    /// (no suspicion raised).
+    pub rescued: u64,
 }
 
 /// Settings of one node's gossip.
@@ -140,6 +143,9 @@ enum Rpc {
         id: GossipId,
         incarnation: Incarnation,
     },
+    /// "Are you `id`?" — a probe unanswered by datagram, asked over the reliable
+    /// channel; `true` when `id` is the receiver (and it is not leaving).
+    Probe { id: GossipId },
 }
 
 /// Some buckets of node names: how many (a power of two), which ones (sorted).
@@ -205,6 +211,8 @@ pub enum RpcKind {
     Fingerprint,
     /// A suspicion put to the suspect.
     Suspected,
+    /// A probe unanswered by datagram, asked again over the reliable channel.
+    Probe,
 }
 
 /// Something for the driver to send.
@@ -252,6 +260,8 @@ enum Pending {
     },
     /// A pull for a notice; `then` is asked next if this one does not bring it.
     Pull { want: Want, then: Option<GossipId> },
+    /// A probe asked over the reliable channel: an answer acks it.
+    Probe { target: GossipId, number: u32 },
     /// A suspicion put to the suspect: its answer refutes it here.
     Buddy {
         member: GossipId,
@@ -599,6 +609,7 @@ impl GossipCore {
                     .then(|| self.swim.bucket_fingerprints(count));
                 postcard::to_stdvec(&FingerprintReply { records, members })
             }
+            Rpc::Probe { id } => postcard::to_stdvec(&(id == self.id && self.leaving.is_none())),
             Rpc::Suspected { id, incarnation } => {
                 // A node that is leaving does not refute: it is going.
                 let me = id == self.id && self.leaving.is_none();
@@ -623,6 +634,12 @@ impl GossipCore {
         };
         match pending {
             Pending::OneWay => {}
+            Pending::Probe { target, number } => {
+                if decode::<bool>(answer) == Some(true) {
+                    self.stats.rescued += 1;
+                    self.swim.reliable_ack(&target, number);
+                }
+            }
             Pending::Buddy {
                 member,
                 incarnation,
@@ -927,6 +944,16 @@ impl GossipCore {
                 after
             };
             self.schedule(now, after, Due::Swim(timer));
+        }
+        // A probe unanswered by datagram: ask over the reliable channel too.
+        while let Some((target, number)) = self.swim.out.reliable.pop_front() {
+            let rpc = Rpc::Probe { id: target.clone() };
+            self.request(
+                target.clone(),
+                RpcKind::Probe,
+                &rpc,
+                Pending::Probe { target, number },
+            );
         }
         // This node's probe found a member dead: put it to the member over a reliable
         // request too (a live one answers and the suspicion ends here at once, whatever

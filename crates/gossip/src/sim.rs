@@ -592,6 +592,7 @@ impl Simulator {
             sum.answered += s.answered;
             sum.gone += s.gone;
             sum.declared_down += s.declared_down;
+            sum.rescued += s.rescued;
         }
         sum
     }

@@ -224,6 +224,12 @@ pub struct Outbox {
     pub timers: VecDeque<(Duration, Timer)>,
     /// Notifications.
     pub notes: VecDeque<Notification>,
+    /// Members whose direct probe went unanswered, with the probe's number: the caller
+    /// probes them over a reliable channel too (memberlist's TCP fallback) and reports an
+    /// answer with [`Swim::reliable_ack`] — before the period ends, that ends the probe
+    /// as an ack would, so datagrams lost both ways do not make a suspicion the whole
+    /// cluster gossips.
+    pub reliable: VecDeque<(GossipId, u32)>,
 }
 
 /// Tuning of the protocol (see `GossipConfig` for the values and why).
@@ -974,6 +980,16 @@ impl Swim {
         self.adjust_connection();
     }
 
+    /// `target` answered the reliable probe of probe `number` (see [`Outbox::reliable`]):
+    /// if that probe is still the current one, it succeeded.
+    pub fn reliable_ack(&mut self, target: &GossipId, number: u32) {
+        if self.probe.number == number
+            && self.probe.target.as_ref().is_some_and(|t| *t.id == *target)
+        {
+            self.probe.acked = true;
+        }
+    }
+
     /// Asks `dst` (a seed: its identity may be a guess at the address) for members.
     pub fn announce(&mut self, dst: GossipId) {
         self.send(dst, Message::Announce);
@@ -1165,6 +1181,7 @@ impl Swim {
                     .is_some_and(|m| *m.id == target && m.is_active());
                 if probing && !self.probe.acked && active {
                     let probe = self.probe.number;
+                    self.out.reliable.push_back((target.clone(), probe));
                     let helpers =
                         self.table
                             .choose_active(self.config.indirect_probes, &mut self.rng, |m| {
