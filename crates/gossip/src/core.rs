@@ -130,8 +130,9 @@ enum Rpc {
     Members(Vec<Member>),
     /// A sync round's first message: the catalog's fingerprint, the member count and the
     /// fingerprint of the active members' states (so a suspicion, which decides what DNS
-    /// serves, rides the sync too, not only SWIM's piggybacked copies); the answer says
-    /// whether they all match (then nothing more is sent).
+    /// serves, rides the sync too, not only SWIM's piggybacked copies); the answer
+    /// ([`FingerprintReply`]) says whether they all match (then nothing more is sent) and
+    /// if not, which buckets of node names to compare.
     Fingerprint {
         fingerprint: u64,
         members: usize,
