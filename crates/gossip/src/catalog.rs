@@ -119,16 +119,26 @@ pub(crate) fn in_scope(scope: Option<(usize, &[u32])>, fine: u16) -> bool {
 }
 
 /// The catalog as one node sees it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Catalog {
     entries: BTreeMap<Arc<str>, Entry>,
     /// The XOR of every entry's stamp hash, kept as entries change.
     fingerprint: u64,
     /// The same per bucket of node names ([`BUCKETS`] of them, by a hash of the name;
-    /// empty while the catalog is): a sync between two large catalogs that differ
+    /// allocated with the first record): a sync between two large catalogs that differ
     /// exchanges the digests of the buckets that differ, not of every record.
     buckets: Vec<u64>,
 }
+
+/// Two catalogs are equal when they hold the same records, marked the same (the
+/// fingerprints follow from those).
+impl PartialEq for Catalog {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl Eq for Catalog {}
 
 /// Buckets of node names the catalog keeps a fingerprint of; a sync compares a power of
 /// two of them up to this many (each the XOR of the finer ones it covers).
@@ -183,12 +193,7 @@ impl Catalog {
     /// Takes `record` if it is newer than what is held; returns whether it was. A newer
     /// generation also clears a Down mark (the node is back).
     pub fn merge(&mut self, record: NodeRecord) -> bool {
-        self.merge_shared(None, Arc::new(record))
-    }
-
-    /// [`Catalog::merge`] of a record held elsewhere too, under `name` (the record's node,
-    /// shared as well) when the caller has it: nothing is copied.
-    pub fn merge_shared(&mut self, name: Option<Arc<str>>, record: Arc<NodeRecord>) -> bool {
+        let record = Arc::new(record);
         match self.entries.get_mut(record.node.as_str()) {
             Some(e) if e.record.stamp() >= record.stamp() => false,
             Some(e) => {
@@ -203,9 +208,7 @@ impl Catalog {
             }
             None => {
                 self.toggle(&record.node, record.stamp());
-                let name = name
-                    .filter(|n| **n == *record.node)
-                    .unwrap_or_else(|| Arc::from(record.node.as_str()));
+                let name: Arc<str> = Arc::from(record.node.as_str());
                 self.entries.insert(
                     name,
                     Entry {
@@ -302,8 +305,8 @@ impl Catalog {
 
     /// A short fingerprint of the digest (the XOR of an FNV-1a hash of every node and its
     /// stamp, kept as records change: O(1) to read): two catalogs with the same
-    /// fingerprint almost surely hold the same records, so a sync round sends the full
-    /// digest only when fingerprints (or member counts) differ.
+    /// fingerprint almost surely hold the same records, so a sync round sends a digest
+    /// only when fingerprints differ (and then of the buckets that differ only).
     pub fn fingerprint(&self) -> u64 {
         self.fingerprint
     }

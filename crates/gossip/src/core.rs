@@ -153,9 +153,10 @@ enum Rpc {
 type Scope = (u32, Vec<u32>);
 
 /// The answer to a sync round's fingerprint: for the records and for the members, `None`
-/// when they match, else the answering node's fingerprints per bucket of node names (one
-/// bucket for a small cluster: compare everything; see [`crate::catalog::buckets_for`]), so
-/// the digest and the membership exchanged next cover only the buckets that differ.
+/// when they match, else the answering node's fingerprints per bucket (records by node
+/// name, members by address; one bucket for a small cluster: compare everything; see
+/// [`crate::catalog::buckets_for`]), so the digest and the membership exchanged next cover
+/// only the buckets that differ.
 #[derive(Serialize, Deserialize, Default)]
 struct FingerprintReply {
     records: Option<Vec<u64>>,
@@ -636,9 +637,8 @@ impl GossipCore {
         match pending {
             Pending::OneWay => {}
             Pending::Probe { target, number } => {
-                if decode::<bool>(answer) == Some(true) {
+                if decode::<bool>(answer) == Some(true) && self.swim.reliable_ack(&target, number) {
                     self.stats.rescued += 1;
-                    self.swim.reliable_ack(&target, number);
                 }
             }
             Pending::Buddy {
@@ -804,13 +804,13 @@ impl GossipCore {
             .push_back(Transmit::Request { id, to, kind, body });
     }
 
-    /// Every member this node knows with its state — Down ones included, as memberlist's
-    /// push-pull does — and this node under its current identity. A Down declaration rides
-    /// the periodic exchange, not only SWIM's few retransmissions: a node that missed those
-    /// (a partition that took half the cluster down at once overflows the piggyback
-    /// budget) learns it at its next sync instead of when its own probe reaches the dead
-    /// member, up to a full probe round (N seconds) later. Down members are kept 24 h;
-    /// a Down update about an older identity at a peer's own address only confirms it.
+    /// A peer's membership from a push-pull ([`Swim::membership`]: Down members included,
+    /// as memberlist's push-pull does). A Down declaration rides the periodic exchange,
+    /// not only SWIM's few retransmissions: a node that missed those (a partition that took
+    /// half the cluster down at once overflows the piggyback budget) learns it at its next
+    /// sync instead of when its own probe reaches the dead member, up to a full probe round
+    /// (N seconds) later. Down members are kept 24 h; a Down update about an older identity
+    /// at a peer's own address only confirms it.
     fn apply_members(&mut self, members: Vec<Member>) {
         self.swim.apply_many(members, false);
     }

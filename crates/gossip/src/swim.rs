@@ -31,7 +31,7 @@ use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{BUCKETS, NoticeHandler, bucket_of, in_scope};
+use crate::catalog::{BUCKETS, NoticeHandler, in_scope};
 
 // Buckets of names are kept as u16.
 const _: () = assert!(BUCKETS <= 1 << 16);
@@ -391,7 +391,7 @@ struct Entry {
     member: Member,
     /// Its place in `Table::active`, when active.
     active_at: Slot,
-    /// The finest bucket of its node name ([`bucket_of`]).
+    /// The finest bucket of its address ([`addr_bucket`]).
     bucket: u16,
 }
 
@@ -438,8 +438,8 @@ struct Table {
     hasher: foldhash::fast::RandomState,
     /// XOR of [`member_hash`] over the active members, kept as they change.
     active_fp: u64,
-    /// The same per bucket of node names (see [`crate::catalog::BUCKETS`]; empty until
-    /// a member is active).
+    /// The same per bucket of addresses ([`addr_bucket`], [`crate::catalog::BUCKETS`] of
+    /// them; allocated when a first member is active).
     active_buckets: Vec<u64>,
 }
 
@@ -497,6 +497,17 @@ impl MemberRef<'_> {
             self.state,
         )
     }
+}
+
+/// The finest bucket of a member's address (its fingerprint and its push-pull go by it): by
+/// address, not name, so the identities that contend for an address — an older life, a
+/// newer one under another name — are always compared together.
+fn addr_bucket(addr: &SocketAddr) -> usize {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    (crate::catalog::fnv1a(&[&ip, &addr.port().to_le_bytes()]) as usize) & (BUCKETS - 1)
 }
 
 impl std::fmt::Debug for Table {
@@ -649,7 +660,7 @@ impl Table {
             let i = self.entries.len() as u32;
             let active = update.is_active();
             let suspect = update.state == State::Suspect;
-            let bucket = bucket_of(&update.id.node) as u16;
+            let bucket = addr_bucket(&addr) as u16;
             self.entries.push(Entry {
                 member: update,
                 active_at: Slot::NONE,
@@ -702,9 +713,6 @@ impl Table {
         out.now_active = update.is_active();
         out.now_suspect = update.state == State::Suspect;
         self.toggle_fp(i);
-        if renamed {
-            self.entries[i as usize].bucket = bucket_of(&update.id.node) as u16;
-        }
         self.entries[i as usize].member = update;
         if renamed {
             self.index_name(i);
@@ -868,17 +876,17 @@ impl Swim {
         self.table.active_fp ^ self.own_hash()
     }
 
-    /// [`Swim::fingerprint`] per bucket of node names, `count` buckets (a power of two up
-    /// to [`crate::catalog::BUCKETS`]; bucket `b` covers the names whose finest bucket is
-    /// `b` modulo `count`): two nodes that differ compare the members of the buckets that
-    /// differ only.
+    /// [`Swim::fingerprint`] per bucket of addresses, `count` buckets (a power of two up
+    /// to [`crate::catalog::BUCKETS`]; bucket `b` covers the addresses whose finest bucket
+    /// is `b` modulo `count`): two nodes that differ compare the members of the buckets
+    /// that differ only.
     pub fn bucket_fingerprints(&self, count: usize) -> Vec<u64> {
         let count = count.clamp(1, BUCKETS);
         let mut out = vec![0; count];
         for (fine, fp) in self.table.active_buckets.iter().enumerate() {
             out[fine % count] ^= fp;
         }
-        out[bucket_of(&self.id.node) % count] ^= self.own_hash();
+        out[addr_bucket(&self.id.addr) % count] ^= self.own_hash();
         out
     }
 
@@ -892,7 +900,7 @@ impl Swim {
 
     /// Every member known (Down ones included) and this node itself, alive at its
     /// incarnation: what a membership push-pull sends. With `scope` (how many buckets,
-    /// which ones, sorted), only the members whose names fall in those buckets.
+    /// which ones, sorted), only the members whose addresses fall in those buckets.
     pub fn membership(&self, scope: Option<(usize, &[u32])>) -> Vec<Member> {
         let mut v: Vec<Member> = self
             .table
@@ -901,7 +909,7 @@ impl Swim {
             .filter(|e| in_scope(scope, e.bucket))
             .map(|e| e.member.clone())
             .collect();
-        if in_scope(scope, bucket_of(&self.id.node) as u16) {
+        if in_scope(scope, addr_bucket(&self.id.addr) as u16) {
             v.push(Member::new(self.id.clone(), self.incarnation, State::Alive));
         }
         v
@@ -981,13 +989,16 @@ impl Swim {
     }
 
     /// `target` answered the reliable probe of probe `number` (see [`Outbox::reliable`]):
-    /// if that probe is still the current one, it succeeded.
-    pub fn reliable_ack(&mut self, target: &GossipId, number: u32) {
-        if self.probe.number == number
-            && self.probe.target.as_ref().is_some_and(|t| *t.id == *target)
-        {
+    /// if that probe is still the current one and nothing else acked it, it succeeded
+    /// thanks to this answer (returned).
+    pub fn reliable_ack(&mut self, target: &GossipId, number: u32) -> bool {
+        let current = self.probe.number == number
+            && self.probe.target.as_ref().is_some_and(|t| *t.id == *target);
+        let rescued = current && !self.probe.acked;
+        if rescued {
             self.probe.acked = true;
         }
+        rescued
     }
 
     /// Asks `dst` (a seed: its identity may be a guess at the address) for members.
@@ -1622,11 +1633,11 @@ mod tests {
         // And per bucket of names.
         let mut buckets = vec![0; BUCKETS];
         for e in t.entries.iter().filter(|e| e.active_at.is_some()) {
-            buckets[bucket_of(&e.member.id.node)] ^= member_hash(&e.member);
+            buckets[addr_bucket(&e.member.id.addr)] ^= member_hash(&e.member);
         }
         assert_eq!(t.active_buckets, buckets);
         for e in &t.entries {
-            assert_eq!(usize::from(e.bucket), bucket_of(&e.member.id.node));
+            assert_eq!(usize::from(e.bucket), addr_bucket(&e.member.id.addr));
         }
         // One per member on every node: kept small.
         assert_eq!(std::mem::size_of::<Entry>(), 24);
@@ -1712,14 +1723,14 @@ mod tests {
         let differ: Vec<u32> = (0..8u32)
             .filter(|b| sb[*b as usize] != tb[*b as usize])
             .collect();
-        assert_eq!(differ, vec![(bucket_of("n77") % 8) as u32]);
+        assert_eq!(differ, vec![(addr_bucket(&id(77, 1).addr) % 8) as u32]);
         // The scoped membership holds that bucket's members (Down ones too), n77 among them.
         let scoped = t.membership(Some((8, &differ)));
         assert!(scoped.len() < 60, "{}", scoped.len());
         assert!(
             scoped
                 .iter()
-                .all(|m| bucket_of(&m.id.node) % 8 == differ[0] as usize)
+                .all(|m| addr_bucket(&m.id.addr) % 8 == differ[0] as usize)
         );
         assert!(
             scoped
@@ -1730,6 +1741,29 @@ mod tests {
         assert_eq!(t.membership(None).len(), 201);
         s.apply_many(scoped, false);
         assert_eq!(s.fingerprint(), t.fingerprint());
+    }
+
+    #[test]
+    fn a_newer_identity_held_down_at_an_address_reaches_a_view_that_holds_the_older_one() {
+        let mut a = swim(0);
+        let mut b = swim(0);
+        a.apply_many((1..=100).map(|i| Member::alive(id(i, 1))), false);
+        b.apply_many((1..=100).map(|i| Member::alive(id(i, 1))), false);
+        // At n5's address a newer identity under another name came and went Down; only b
+        // saw it (the Down is in no fingerprint, the older identity is in a's).
+        let newer = GossipId::new("renamed", id(5, 1).addr, 2);
+        b.apply_many([Member::alive(newer.clone())], false);
+        b.apply_many([Member::down(newer.clone())], false);
+        let (fa, fb) = (a.bucket_fingerprints(8), b.bucket_fingerprints(8));
+        let differ: Vec<u32> = (0..8u32)
+            .filter(|k| fa[*k as usize] != fb[*k as usize])
+            .collect();
+        assert_eq!(differ.len(), 1);
+        // Members are bucketed by address: the push-pull of that bucket carries the Down.
+        a.apply_many(b.membership(Some((8, &differ))), false);
+        let held = a.member_at(&newer.addr).unwrap();
+        assert_eq!((held.id(), held.state()), (&newer, State::Down));
+        assert_eq!(a.fingerprint(), b.fingerprint());
     }
 
     #[test]
