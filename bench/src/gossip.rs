@@ -49,18 +49,6 @@ pub struct GossipFigures {
     pub wall: Duration,
 }
 
-/// Resident memory of this process (bytes), from /proc.
-fn rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// `n` nodes started as `start` says (seed `seed`), once every node knows every member
 /// (and, when `catalogs`, every record).
 fn started(n: usize, seed: u64, start: Start, catalogs: bool) -> Simulator {
@@ -84,10 +72,10 @@ fn started(n: usize, seed: u64, start: Start, catalogs: bool) -> Simulator {
 /// Runs the simulation with `n` nodes.
 pub fn simulate(n: usize, start: Start) -> GossipFigures {
     let wall = Instant::now();
-    let rss_before = rss();
+    let rss_before = crate::machine::rss_kib() * 1024;
     let mut sim = started(n, 1, start, true);
     let start_wall = wall.elapsed();
-    let memory = rss().saturating_sub(rss_before);
+    let memory = (crate::machine::rss_kib() * 1024).saturating_sub(rss_before);
     let phase = |what: &str| eprintln!("gossip {n}: {what} at {:.0?}", wall.elapsed());
     phase("started");
     sim.run_for(Duration::from_secs(10));

@@ -63,3 +63,15 @@ impl Machine {
         )
     }
 }
+
+/// Resident memory of this process (KiB), from /proc (0 when it cannot be read).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

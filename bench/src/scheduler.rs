@@ -10,17 +10,6 @@ use starling_state::{
     Outcome, TaskOp,
 };
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Places `tasks` replicas on `nodes` nodes; returns the report section.
 pub fn run(nodes: usize, tasks: u32) -> anyhow::Result<String> {
     let mut s = ClusterState::new();
@@ -75,7 +64,7 @@ pub fn run(nodes: usize, tasks: u32) -> anyhow::Result<String> {
     let Outcome::Service { .. } = apply(&mut s, Command::CreateService { spec, at: 0 }) else {
         anyhow::bail!("the service was not created");
     };
-    let rss_before = rss_kib();
+    let rss_before = crate::machine::rss_kib();
     let t0 = Instant::now();
     let plan = reconcile(&s, 0, &OrchestratorConfig::default());
     let orchestrate = t0.elapsed();
@@ -91,7 +80,7 @@ pub fn run(nodes: usize, tasks: u32) -> anyhow::Result<String> {
         );
     }
     let apply_create = t1.elapsed();
-    let rss_tasks = rss_kib().saturating_sub(rss_before);
+    let rss_tasks = crate::machine::rss_kib().saturating_sub(rss_before);
     let t2 = Instant::now();
     let placements = schedule(&s);
     let sched = t2.elapsed();
