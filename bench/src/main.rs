@@ -8,6 +8,11 @@ use starling_bench::cluster::{Etcd, Starling, etcd_available};
 use starling_bench::machine::Machine;
 use starling_bench::measures::{self, Plan};
 
+/// The allocator the `starling` binary uses: the clients of both systems run in this process
+/// and share the machine's cores with the members, so they cost as little as they can.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum Measure {
     /// Durable PUTs, 1–256 clients, spread and to the leader.
@@ -111,7 +116,8 @@ async fn real_main() -> anyhow::Result<()> {
         "# Starling beside etcd\n\n{}Command: `{}`. {}, 3 members on 127.0.0.1; Starling `{}` \
          3 managers, {} build. Data of both on the same disk under `{}`. The members share the \
          cores: each Starling node runs with `STARLING_THREADS=1` (one runtime worker thread) \
-         and each etcd member with `GOMAXPROCS=1`.\n\n",
+         and each etcd member with `GOMAXPROCS=1`. The clients of both systems run in the bench's \
+         own process (allocator: jemalloc).\n\n",
         machine.markdown(),
         command,
         if needs_clusters {

@@ -280,26 +280,44 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/cluster/ca/rotate", post(cluster::rotate_ca))
         .route("/v1/certs", get(certs::list).post(certs::issue))
         .route("/v1/certs/{name}", axum::routing::delete(certs::revoke))
-        .fallback(not_found);
-    typed(router.layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        managers_header,
-    )))
-    .with_state(state)
+        .fallback(not_found)
+        .with_state(state.clone());
+    typed(
+        router,
+        axum::middleware::from_fn_with_state(state, managers_header),
+    )
 }
 
 /// The layers that make every failure an [`ApiError`]: a handler that panics (a bug)
 /// answers `internal` while the node and its other requests go on; error answers that are
-/// not JSON yet (axum's rejections, timeouts, limits) become typed ones.
-fn typed<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
-    router
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
-        .layer(axum::middleware::from_fn(permission))
-        .layer(axum::middleware::from_fn(typed_errors))
+/// not JSON yet (axum's rejections, timeouts, limits) become typed ones. `inner` goes
+/// between them and the routes.
+///
+/// The layers wrap the routed service once (a router's only, fallback, service) rather
+/// than each route: `Router::layer` wraps every route in every layer, and each wrapped
+/// route is a boxed service cloned and a boxed future allocated per layer and request.
+fn typed<L>(routes: Router, inner: L) -> Router
+where
+    L: tower::Layer<Router>,
+    L::Service: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    <L::Service as tower::Service<Request>>::Future: Send + 'static,
+{
+    let stack = tower::ServiceBuilder::new()
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             BODY_TIMEOUT,
         ))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .map_request(|req: axum::http::Request<_>| req.map(axum::body::Body::new))
+        .layer(axum::middleware::from_fn(typed_errors))
+        .layer(axum::middleware::from_fn(permission))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(inner)
+        .service(routes);
+    Router::new().fallback_service(stack)
 }
 
 fn panicked(cause: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -589,6 +607,7 @@ mod tests {
             Router::new()
                 .route("/boom", get(|| async { panic!("kaboom") as &'static str }))
                 .route("/fine", get(|| async { "fine" })),
+            tower::layer::util::Identity::new(),
         );
         let get = |path: &str| {
             axum::http::Request::get(path)
