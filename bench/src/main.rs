@@ -8,8 +8,9 @@ use starling_bench::cluster::{Etcd, Starling, etcd_available};
 use starling_bench::machine::Machine;
 use starling_bench::measures::{self, Plan};
 
-/// The allocator the `starling` binary uses: the clients of both systems run in this process
-/// and share the machine's cores with the members, so they cost as little as they can.
+/// jemalloc, not glibc's malloc: the clients of both systems run in this process and share the
+/// machine's cores with the members, so they cost as little as they can (the `starling`
+/// binary keeps glibc's: jemalloc put an idle worker over its 15 MiB budget).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
