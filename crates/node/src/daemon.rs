@@ -125,16 +125,16 @@ pub struct RunningNode {
 }
 
 impl RunningNode {
-    /// Serves the remote API with `router` on a manager (a task of this role, stopped with
+    /// Serves the remote `api` on a manager (a task of this role, stopped with
     /// it); nothing on a worker.
-    pub fn serve_api(&self, router: axum::Router) {
+    pub fn serve_api(&self, api: crate::api::Api) {
         let listener = self
             .api_listener
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let (Some(listener), Some(store)) = (listener, self.store.clone()) {
-            let task = tokio::spawn(crate::api::serve_quic(listener, router, store));
+            let task = tokio::spawn(crate::api::serve_quic(listener, api, store));
             self.tasks
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

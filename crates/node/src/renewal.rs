@@ -120,7 +120,7 @@ impl std::error::Error for Refused {}
 /// Keeps the node's certificate valid and in the wanted role (see the module docs). On a
 /// role change it stops what the old role ran and starts the new one on the same endpoint;
 /// a new role that fails to start is retried every second until it runs.
-pub async fn renewal_loop(current: Current, api: axum::Router) {
+pub async fn renewal_loop(current: Current, api: crate::api::Api) {
     let mut pending: Option<crate::daemon::RoleChange> = None;
     let mut scheduled: Option<(starling_transport::CertSerial, SystemTime)> = None;
     let mut backoff = Duration::from_secs(1);

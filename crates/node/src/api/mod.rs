@@ -1,16 +1,17 @@
-//! The control API server: one axum router, served on the node's Unix socket
-//! (`DIR/control.sock`, local callers) and, on managers, over QUIC on ALPN `starling/api/1`
-//! (remote callers with an `admin` or `viewer` client certificate). One file per resource;
-//! each handler takes typed input and returns `Result<Json<T>, Failure>`.
+//! The control API server: one axum router inside one service ([`Api`]), served on the
+//! node's Unix socket (`DIR/control.sock`, local callers) and, on managers, over QUIC on
+//! ALPN `starling/api/1` (remote callers with an `admin` or `viewer` client certificate).
+//! One file per resource; each handler takes typed input and returns
+//! `Result<Json<T>, Failure>`.
 //!
 //! ```text
-//!   UnixListener ─┐                          ┌─ info.rs     GET  /v1/info
-//!                 ├─ hyper http1 ─ Router ───┼─ nodes.rs    /v1/nodes…
-//!   QUIC streams ─┘  (caller role as an      ├─ kv.rs       /v1/kv…, /v1/watch
-//!   (starling/api/1)  extension; viewers     ├─ tokens.rs   /v1/join-token…
-//!                     may only GET)          ├─ cluster.rs  /v1/cluster
-//!                                            ├─ members.rs  /v1/members, /v1/leave
-//!                                            └─ certs.rs    /v1/certs…
+//!   UnixListener ─┐                               ┌─ info.rs     GET  /v1/info
+//!                 ├─ hyper http1 ─ Api ─ Router ──┼─ nodes.rs    /v1/nodes…
+//!   QUIC streams ─┘  (caller role as an           ├─ kv.rs       /v1/kv…, /v1/watch
+//!   (starling/api/1)  extension; viewers          ├─ tokens.rs   /v1/join-token…
+//!                     may only GET)               ├─ cluster.rs  /v1/cluster
+//!                                                 ├─ members.rs  /v1/members, /v1/leave
+//!                                                 └─ certs.rs    /v1/certs…
 //! ```
 
 use std::sync::Arc;
@@ -18,10 +19,9 @@ use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use bytes::Bytes;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -242,8 +242,8 @@ pub fn openapi_json() -> String {
     text
 }
 
-/// The control API's router for `state`.
-pub fn router(state: ApiState) -> Router {
+/// The control API for `state`.
+pub fn router(state: ApiState) -> Api {
     let router = Router::new()
         .route("/v1/info", get(info::info))
         .route("/v1/openapi.json", get(info::openapi_json))
@@ -282,42 +282,115 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/certs/{name}", axum::routing::delete(certs::revoke))
         .fallback(not_found)
         .with_state(state.clone());
-    typed(
-        router,
-        axum::middleware::from_fn_with_state(state, managers_header),
-    )
+    Api::new(router, Some(state))
 }
 
-/// The layers that make every failure an [`ApiError`]: a handler that panics (a bug)
-/// answers `internal` while the node and its other requests go on; error answers that are
-/// not JSON yet (axum's rejections, timeouts, limits) become typed ones. `inner` goes
-/// between them and the routes.
+/// The control API as one service: the routes, and around them what every request goes
+/// through. Outermost first: the body limit ([`MAX_BODY`]) and the body timeout
+/// ([`BODY_TIMEOUT`]); a viewer's write refused; a handler that panics (a bug) answers
+/// `internal` while the node and its other requests go on; error answers that are not JSON
+/// yet (axum's rejections, timeouts, limits) become typed [`ApiError`]s; on a manager,
+/// every answer lists the managers.
 ///
-/// The layers wrap the routed service once (a router's only, fallback, service) rather
-/// than each route: `Router::layer` wraps every route in every layer, and each wrapped
-/// route is a boxed service cloned and a boxed future allocated per layer and request.
-fn typed<L>(routes: Router, inner: L) -> Router
+/// These are written as one service with one boxed future per request, not as layers:
+/// each `axum::middleware::from_fn` layer clones and boxes the service under it and boxes
+/// two futures per request, and `Router::layer` wraps every route in every layer.
+#[derive(Clone)]
+pub struct Api {
+    stack:
+        <DefaultBodyLimit as tower::Layer<tower_http::timeout::RequestBodyTimeout<Typed>>>::Service,
+}
+
+impl Api {
+    /// `routes` with the API's handling around them; `managers` lists the managers in
+    /// every answer (on a manager).
+    fn new(routes: Router, managers: Option<ApiState>) -> Self {
+        use tower::Layer as _;
+        let typed = Typed { routes, managers };
+        let timed = tower_http::timeout::RequestBodyTimeout::new(typed, BODY_TIMEOUT);
+        Api {
+            stack: DefaultBodyLimit::max(MAX_BODY).layer(timed),
+        }
+    }
+}
+
+impl<B> tower::Service<Request<B>> for Api
 where
-    L: tower::Layer<Router>,
-    L::Service: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    <L::Service as tower::Service<Request>>::Future: Send + 'static,
+    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
 {
-    let stack = tower::ServiceBuilder::new()
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            BODY_TIMEOUT,
-        ))
-        .map_request(|req: axum::http::Request<_>| req.map(axum::body::Body::new))
-        .layer(axum::middleware::from_fn(typed_errors))
-        .layer(axum::middleware::from_fn(permission))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
-        .layer(inner)
-        .service(routes);
-    Router::new().fallback_service(stack)
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Response, std::convert::Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.stack.call(req)
+    }
+}
+
+/// The API's handling inside the body limit and timeout (see [`Api`]).
+#[derive(Clone)]
+struct Typed {
+    routes: Router,
+    managers: Option<ApiState>,
+}
+
+impl<B> tower::Service<Request<B>> for Typed
+where
+    B: axum::body::HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Response, std::convert::Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        use futures::FutureExt as _;
+        use std::panic::AssertUnwindSafe;
+        let req = req.map(axum::body::Body::new);
+        let managers = self.managers.clone();
+        let answer = match refused(&req) {
+            Some(refusal) => futures::future::Either::Left(std::future::ready(refusal)),
+            None => {
+                let routes = &mut self.routes;
+                let called = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    tower::Service::call(routes, req)
+                }));
+                futures::future::Either::Right(async move {
+                    let answer = match called {
+                        Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+                        Err(cause) => Err(cause),
+                    };
+                    match answer {
+                        Ok(Ok(resp)) => resp,
+                        Ok(Err(never)) => match never {},
+                        Err(cause) => panicked(cause),
+                    }
+                })
+            }
+        };
+        Box::pin(async move {
+            let resp = typed_error(answer.await).await;
+            Ok(match &managers {
+                Some(state) => with_managers(state, resp),
+                None => resp,
+            })
+        })
+    }
 }
 
 fn panicked(cause: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -341,32 +414,35 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Failure {
 }
 
 /// A viewer may only read, and not the join tokens (a manager token is the keys to the
-/// cluster). A request without a caller marker is treated as a viewer's.
-async fn permission(req: Request, next: Next) -> Response {
+/// cluster): the refusal of a viewer's other requests. A request without a caller marker
+/// is treated as a viewer's.
+fn refused(req: &Request) -> Option<Response> {
     let caller = req
         .extensions()
         .get::<Caller>()
         .copied()
         .unwrap_or(Caller::Viewer);
-    if caller == Caller::Viewer {
-        let read = req.method() == Method::GET || req.method() == Method::HEAD;
-        let secret = req.uri().path().starts_with("/v1/join-token");
-        if !read || secret {
-            return Failure(ApiError::permission_denied(format!(
-                "a viewer certificate may only read, and not join tokens: {} {} needs an admin certificate",
-                req.method(),
-                req.uri().path()
-            )))
-            .into_response();
-        }
+    if caller != Caller::Viewer {
+        return None;
     }
-    next.run(req).await
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    let secret = req.uri().path().starts_with("/v1/join-token");
+    if read && !secret {
+        return None;
+    }
+    Some(
+        Failure(ApiError::permission_denied(format!(
+            "a viewer certificate may only read, and not join tokens: {} {} needs an admin certificate",
+            req.method(),
+            req.uri().path()
+        )))
+        .into_response(),
+    )
 }
 
 /// Answers that did not come from a handler (a malformed query, a body over the limit, a
 /// wrong method) become [`ApiError`]s too, so every error carries a code.
-async fn typed_errors(req: Request, next: Next) -> Response {
-    let resp = next.run(req).await;
+async fn typed_error(resp: Response) -> Response {
     let status = resp.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
@@ -395,8 +471,7 @@ async fn typed_errors(req: Request, next: Next) -> Response {
 }
 
 /// Every answer of a manager lists the managers, so remote clients learn the current set.
-async fn managers_header(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    let mut resp = next.run(req).await;
+fn with_managers(state: &ApiState, mut resp: Response) -> Response {
     if let Some(store) = &state.node().store {
         let key = (Arc::as_ptr(store) as usize, store.membership_index());
         let mut cache = state
@@ -428,13 +503,19 @@ async fn managers_header(State(state): State<ApiState>, req: Request, next: Next
     resp
 }
 
-/// Serves `router` on one byte stream (a Unix connection, or one QUIC stream) with
-/// HTTP/1.1: keep-alive, headers within [`HEADER_TIMEOUT`].
-pub async fn serve_io<IO>(io: IO, router: Router)
+/// Serves `service` on one byte stream (a Unix connection, a QUIC stream, a TCP
+/// connection) with HTTP/1.1: keep-alive, headers within [`HEADER_TIMEOUT`].
+pub async fn serve_io<IO, S>(io: IO, service: S)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
 {
-    let service = TowerToHyperService::new(router);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -442,6 +523,37 @@ where
         .keep_alive(true);
     if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
         tracing::debug!(error = %e, "control connection ended");
+    }
+}
+
+/// The API as one caller's connection sees it: the caller's role put on every request
+/// and, for a remote client, its revocation checked first.
+#[derive(Clone)]
+struct CallerService {
+    api: Api,
+    caller: Caller,
+    /// The remote client, whose revocation is checked before each of its requests.
+    client: Option<ApiClient>,
+}
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for CallerService {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Either<
+        std::future::Ready<Result<Response, std::convert::Infallible>>,
+        futures::future::BoxFuture<'static, Result<Response, std::convert::Infallible>>,
+    >;
+
+    fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
+        if self.client.as_ref().is_some_and(ApiClient::revoked) {
+            let refused = Failure(ApiError::permission_denied(
+                "this client certificate is revoked".to_string(),
+            ));
+            return futures::future::Either::Left(std::future::ready(Ok(refused.into_response())));
+        }
+        req.extensions_mut().insert(self.caller);
+        // `Api` is always ready (its `poll_ready` answers at once).
+        futures::future::Either::Right(tower::Service::call(&mut self.api.clone(), req))
     }
 }
 
@@ -455,12 +567,16 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixList
 }
 
 /// Serves local callers on the control socket until the task is aborted.
-pub async fn serve_unix(listener: tokio::net::UnixListener, router: Router) {
-    let router = router.layer(Extension(Caller::Local));
+pub async fn serve_unix(listener: tokio::net::UnixListener, api: Api) {
+    let service = CallerService {
+        api,
+        caller: Caller::Local,
+        client: None,
+    };
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_io(stream, router.clone()));
+                tokio::spawn(serve_io(stream, service.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "control socket accept failed");
@@ -494,11 +610,7 @@ fn config_error(e: starling_transport::IdentityError) -> starling_transport::Con
 /// connection with keep-alive (a client keeps one stream for its calls in turn). Every
 /// request is checked against the revoked set in `store` first, so a client revoked while
 /// its connection is open is shut out at its next request and its connection closed.
-pub async fn serve_quic(
-    mut listener: starling_transport::Listener,
-    router: Router,
-    store: Arc<Store>,
-) {
+pub async fn serve_quic(mut listener: starling_transport::Listener, api: Api, store: Arc<Store>) {
     while let Some(conn) = listener.accept().await {
         let Some(peer) = conn.peer().cloned() else {
             conn.close(
@@ -518,20 +630,20 @@ pub async fn serve_quic(
                 continue;
             }
         };
-        let client = ApiClient {
-            id: peer.node_id.as_str().to_owned(),
-            store: store.clone(),
-            conn: conn.clone(),
+        let service = CallerService {
+            api: api.clone(),
+            caller,
+            client: Some(ApiClient {
+                id: peer.node_id.as_str().to_owned(),
+                store: store.clone(),
+                conn: conn.clone(),
+            }),
         };
-        let router = router
-            .clone()
-            .layer(Extension(caller))
-            .layer(axum::middleware::from_fn_with_state(client, refuse_revoked));
         tokio::spawn(async move {
-            // Revocation is checked per request (`refuse_revoked`), which closes the
+            // Revocation is checked per request (`CallerService`), which closes the
             // connection and so ends this loop.
             while let Ok(stream) = conn.accept_stream().await {
-                tokio::spawn(serve_io(stream, router.clone()));
+                tokio::spawn(serve_io(stream, service.clone()));
             }
         });
     }
@@ -558,16 +670,6 @@ impl ApiClient {
     }
 }
 
-async fn refuse_revoked(State(client): State<ApiClient>, req: Request, next: Next) -> Response {
-    if client.revoked() {
-        return Failure(ApiError::permission_denied(
-            "this client certificate is revoked".to_string(),
-        ))
-        .into_response();
-    }
-    next.run(req).await
-}
-
 /// The metrics endpoint's router: Prometheus text on any path.
 pub fn metrics_router(state: ApiState) -> Router {
     async fn metrics(State(state): State<ApiState>) -> Response {
@@ -590,7 +692,7 @@ pub fn metrics_router(state: ApiState) -> Router {
 pub async fn serve_tcp(listener: tokio::net::TcpListener, router: Router) {
     loop {
         if let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve_io(stream, router.clone()));
+            tokio::spawn(serve_io(stream, TowerToHyperService::new(router.clone())));
         }
     }
 }
@@ -603,11 +705,11 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_handler_answers_internal_and_the_router_goes_on() {
         use tower::ServiceExt;
-        let app = typed(
+        let app = Api::new(
             Router::new()
                 .route("/boom", get(|| async { panic!("kaboom") as &'static str }))
                 .route("/fine", get(|| async { "fine" })),
-            tower::layer::util::Identity::new(),
+            None,
         );
         let get = |path: &str| {
             axum::http::Request::get(path)
@@ -624,6 +726,71 @@ mod tests {
         assert!(e.error.contains("kaboom"), "{}", e.error);
         let resp = app.oneshot(get("/fine")).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_viewer_may_only_read_and_every_error_is_typed() {
+        use tower::ServiceExt;
+        let app = Api::new(
+            Router::new()
+                .route(
+                    "/v1/thing",
+                    get(|| async { "read" }).put(|| async { "written" }),
+                )
+                .route("/v1/join-token/{role}", get(|| async { "secret" })),
+            None,
+        );
+        let call = |method: Method, path: &str, caller: Option<Caller>| {
+            let mut req = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            if let Some(c) = caller {
+                req.extensions_mut().insert(c);
+            }
+            app.clone().oneshot(req)
+        };
+        let error = |resp: Response| async move {
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let e: ApiError = serde_json::from_slice(&body).unwrap();
+            (status, e.code)
+        };
+        // No caller marker counts as a viewer's request.
+        for caller in [Some(Caller::Viewer), None] {
+            let resp = call(Method::GET, "/v1/thing", caller).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let resp = call(Method::PUT, "/v1/thing", caller).await.unwrap();
+            assert_eq!(
+                error(resp).await,
+                (StatusCode::FORBIDDEN, ErrorCode::PermissionDenied)
+            );
+            let resp = call(Method::GET, "/v1/join-token/worker", caller)
+                .await
+                .unwrap();
+            assert_eq!(
+                error(resp).await,
+                (StatusCode::FORBIDDEN, ErrorCode::PermissionDenied)
+            );
+        }
+        for caller in [Caller::Admin, Caller::Local] {
+            let resp = call(Method::PUT, "/v1/thing", Some(caller)).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let resp = call(Method::GET, "/v1/join-token/worker", Some(caller))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        // axum's own answer to a wrong method is plain text: it comes out an ApiError.
+        let resp = call(Method::POST, "/v1/thing", Some(Caller::Admin))
+            .await
+            .unwrap();
+        let (status, code) = error(resp).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(code, ErrorCode::MethodNotAllowed);
     }
 
     #[test]
