@@ -12,7 +12,7 @@ use starling_api::dispatch::{
     write_message,
 };
 use starling_raft_store::{Consistency, Store};
-use starling_state::{Command, Task, TaskReport};
+use starling_state::{Command, NodeStatus, Task, TaskReport};
 use starling_transport::{Connection, Listener, PeerPolicy, Protocol, Role};
 use tracing::{debug, info, warn};
 
@@ -193,6 +193,22 @@ where
         }
     };
     record_description().await;
+    // A node is `unknown` from its join until its agent's first session: only then is it
+    // `ready` (and schedulable). Later changes are liveness's, from gossip and probes.
+    let (fresh, _) = store.read_applied(|s| {
+        s.node(&node)
+            .is_some_and(|n| n.status == NodeStatus::Unknown)
+    });
+    if fresh
+        && let Err(e) = store
+            .write(Command::SetNodeStatus {
+                id: node.clone(),
+                status: NodeStatus::Ready,
+            })
+            .await
+    {
+        warn!(%node, error = %e, "marking the node ready failed");
+    }
     let (report_tx, report_rx) = tokio::sync::mpsc::channel::<Vec<TaskReport>>(64);
     let _ = report_tx.send(reports).await;
     let writer = tokio::spawn(write_reports(store.clone(), node.clone(), report_rx));

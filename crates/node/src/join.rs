@@ -723,7 +723,7 @@ async fn admit(
                 role: node_role.clone(),
                 desired_role: node_role,
                 availability: Availability::Active,
-                status: NodeStatus::Ready,
+                status: NodeStatus::Unknown,
                 labels: BTreeMap::new(),
                 cert_serial: issued.serial.to_string(),
                 cert_not_after: crate::renewal::unix_secs(issued.not_after),

@@ -225,6 +225,54 @@ fn t21_killed_worker_goes_down_and_comes_back_ready() {
         .stdout,
     )
     .unwrap();
+    let status_of = |host: &str| {
+        nodes(&m1).and_then(|l| {
+            l.iter()
+                .find(|n| n["hostname"] == host)
+                .map(|n| n["status"].as_str().unwrap_or_default().to_owned())
+        })
+    };
+    // A node that joins (a certificate issued, a record written) but never runs its agent
+    // is `unknown`, then `down`: never `ready`, so never given work.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reply = rt.block_on(async {
+        let ep = starling_transport::Endpoint::bind(
+            starling_transport::EndpointConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                ..Default::default()
+            },
+            starling_transport::ring_provider(),
+            None,
+        )
+        .unwrap();
+        let token: starling_transport::JoinToken = wt.trim().parse().unwrap();
+        let conn = ep
+            .connect_pinned(&join_protocol().unwrap(), m1_addr.parse().unwrap(), &token)
+            .await
+            .unwrap();
+        let key = starling_transport::NodeKey::generate().unwrap();
+        call(
+            &conn,
+            &JoinRequest::Join {
+                token: wt.trim().to_owned(),
+                csr: key.csr().unwrap(),
+                hostname: "ghost".into(),
+                advertise: "127.0.0.1:9".parse().unwrap(),
+            },
+        )
+        .await
+        .unwrap()
+    });
+    assert!(matches!(reply, JoinReply::Joined { .. }), "{reply:?}");
+    let seen = poll("ghost down", Duration::from_secs(30), || {
+        let s = status_of("ghost")?;
+        assert_ne!(s, "ready", "a node whose agent never ran is not ready");
+        (s == "down").then_some(s)
+    });
+    assert_eq!(seen, "down");
     let w1 = tmp.path().join("w1");
     let w1_addr = format!("127.0.0.1:{}", free_port());
     let worker = spawn(&[
