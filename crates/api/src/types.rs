@@ -384,6 +384,51 @@ impl KvEntry {
     pub fn bytes(&self) -> Result<Vec<u8>, crate::ApiError> {
         decode_bytes(&self.value_base64)
     }
+
+    /// The JSON of `KvEntry::new(key, e, revision)`, byte for byte, written straight from the
+    /// state's entry into one buffer: no owned key, text or base64 copy of the value on the
+    /// way (a GET's answer, rendered while the state is read).
+    pub fn json_of(
+        key: &str,
+        e: &starling_state::KvEntry,
+        revision: u64,
+    ) -> Result<Vec<u8>, serde_json::Error> {
+        /// The field order and names of [`KvEntry`], borrowed.
+        #[derive(Serialize)]
+        struct View<'a> {
+            key: &'a str,
+            value: Option<&'a str>,
+            value_base64: Base64<'a>,
+            create_revision: u64,
+            mod_revision: u64,
+            version: u64,
+            revision: u64,
+        }
+        struct Base64<'a>(&'a [u8]);
+        impl Serialize for Base64<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(&base64::display::Base64Display::new(
+                    self.0,
+                    &base64::engine::general_purpose::STANDARD,
+                ))
+            }
+        }
+        // Text (escapes aside) and base64 of the value, the key, and the fixed part.
+        let mut out = Vec::with_capacity(key.len() + e.value.len() * 7 / 3 + 160);
+        serde_json::to_writer(
+            &mut out,
+            &View {
+                key,
+                value: std::str::from_utf8(&e.value).ok(),
+                value_base64: Base64(&e.value),
+                create_revision: e.create_revision,
+                mod_revision: e.mod_revision,
+                version: e.version,
+                revision,
+            },
+        )?;
+        Ok(out)
+    }
 }
 
 /// `GET /v1/kv`.
@@ -665,6 +710,33 @@ pub fn certificate_pem(der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kv_entry_written_from_the_state_is_the_entry_serialised() {
+        let values: [&[u8]; 5] = [
+            b"",
+            b"plain text",
+            "quotes \" and \\ and \n, \u{1} and é".as_bytes(),
+            &[0xff, 0x00, 0x80, b'a'],
+            &[b'x'; 1000],
+        ];
+        for (i, value) in values.into_iter().enumerate() {
+            let e = starling_state::KvEntry {
+                value: value.to_vec(),
+                create_revision: 3,
+                mod_revision: 7 + i as u64,
+                version: 2,
+            };
+            for key in ["k", "a \"quoted\"/key\t"] {
+                let built = serde_json::to_vec(&KvEntry::new(key, &e, 42)).ok();
+                assert_eq!(
+                    KvEntry::json_of(key, &e, 42).ok(),
+                    built,
+                    "{value:?} {key:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn wire_names_are_what_serde_writes() {

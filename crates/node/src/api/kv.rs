@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
+use axum::response::IntoResponse as _;
 use bytes::Bytes;
 use starling_api::{
     ApiError, Consistency, ErrorCode, KvDeleted, KvEntry, KvList, ListQuery, PutQuery, ReadQuery,
@@ -34,14 +35,28 @@ pub(crate) async fn get(
     State(state): State<ApiState>,
     Path(key): Path<String>,
     Query(q): Query<ReadQuery>,
-) -> Answer<KvEntry> {
+) -> Result<axum::response::Response, Failure> {
     let store = store_of(&state.node())?;
-    match store
-        .read(consistency(q.consistency), |s| s.get(&key).cloned())
-        .await?
-    {
-        (Some(e), rev) => Ok(Json(KvEntry::new(&key, &e, rev))),
-        (None, rev) => Err(Failure(
+    // The answer is rendered from the entry in place (no copy of the entry, no owned
+    // `KvEntry`): the read lock is held for one small serialisation.
+    let (json, rev) = store
+        .read(consistency(q.consistency), |s| {
+            s.get(&key).map(|e| KvEntry::json_of(&key, e, s.revision()))
+        })
+        .await?;
+    match json {
+        Some(Ok(body)) => Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()),
+        Some(Err(e)) => Err(Failure(ApiError::internal(format!(
+            "cannot render {key:?}: {e}"
+        )))),
+        None => Err(Failure(
             ApiError::not_found(format!("key {key:?} not found")).at_revision(rev),
         )),
     }
