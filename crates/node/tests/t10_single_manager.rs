@@ -339,3 +339,55 @@ fn t11_config_file_supplies_flags_and_mistakes_are_clear() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("listn"));
 }
+
+#[test]
+fn t12_a_daemon_runs_with_a_larger_malloc_cache_unless_told_otherwise() {
+    // The environment the process image started with (glibc may cut `GLIBC_TUNABLES` into
+    // pieces in place while it reads it: searched as one text).
+    let environ = |pid: u32| -> String {
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+            .replace('\0', " ")
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let init = |name: &str, env: &[(&str, &str)]| {
+        let dir = tmp.path().join(name);
+        let port = free_port().to_string();
+        let listen = format!("127.0.0.1:{port}");
+        let d = common::spawn_with_env(
+            &[
+                "init",
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--dns-listen",
+                "off",
+            ],
+            env,
+        );
+        wait_ready(&dir);
+        d
+    };
+    // Executed again with the tunable: the same process (the pid the caller started).
+    let d = init("a", &[]);
+    let env = environ(d.0.id());
+    assert!(
+        env.contains("GLIBC_TUNABLES=glibc.malloc.tcache_count=256"),
+        "{env}"
+    );
+    // Other tunables are kept; an explicit cache size is left alone.
+    let d = init("b", &[("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")]);
+    let env = environ(d.0.id());
+    assert!(
+        env.contains("GLIBC_TUNABLES=glibc.malloc.arena_max=2")
+            && env.contains("glibc.malloc.tcache_count=256"),
+        "{env}"
+    );
+    let d = init("c", &[("GLIBC_TUNABLES", "glibc.malloc.tcache_count=7")]);
+    let env = environ(d.0.id());
+    assert!(
+        env.contains("GLIBC_TUNABLES=glibc.malloc.tcache_count=7")
+            && !env.contains("tcache_count=256"),
+        "{env}"
+    );
+}
