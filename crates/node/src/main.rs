@@ -1251,7 +1251,9 @@ fn main() -> std::process::ExitCode {
     {
         return std::process::ExitCode::from(starling_agent::exec::launch(&args[2..]));
     }
-    if let Err(e) = malloc_cache::ensure() {
+    // Parsed once, here: a bad flag is reported before anything starts.
+    let cli = Cli::parse();
+    if let Err(e) = malloc_cache::ensure(&cli.command) {
         // Not fatal: the node runs with glibc's default cache, only slower under load.
         eprintln!("warning: {e}");
     }
@@ -1281,7 +1283,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(real_main()) {
+    match runtime.block_on(real_main(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One clear line per cause, no backtrace: this is for operators.
@@ -1313,12 +1315,11 @@ mod malloc_cache {
 
     /// Returns only if nothing is to be done, or with why the re-execution failed.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    pub(super) fn ensure() -> Result<(), String> {
-        use clap::Parser as _;
+    pub(super) fn ensure(command: &super::Cmd) -> Result<(), String> {
         use std::os::unix::process::CommandExt as _;
         let daemon = matches!(
-            super::Cli::try_parse().map(|c| c.command),
-            Ok(super::Cmd::Init { .. } | super::Cmd::Join { .. } | super::Cmd::Run { .. })
+            command,
+            super::Cmd::Init { .. } | super::Cmd::Join { .. } | super::Cmd::Run { .. }
         );
         let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
         if !daemon || current.contains(TUNABLE) {
@@ -1344,12 +1345,12 @@ mod malloc_cache {
 
     /// Other C libraries have no such tunable.
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    pub(super) fn ensure() -> Result<(), String> {
+    pub(super) fn ensure(_: &super::Cmd) -> Result<(), String> {
         Ok(())
     }
 }
 
-async fn real_main() -> anyhow::Result<()> {
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("STARLING_LOG")
@@ -1361,7 +1362,6 @@ async fn real_main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     if let Some(path) = &cli.config {
         let _ = FILE_CONFIG.set(starling_node::config::FileConfig::load(path)?);
     }

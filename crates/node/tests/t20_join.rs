@@ -288,14 +288,7 @@ fn t21_killed_worker_goes_down_and_comes_back_ready() {
         "--manager",
         &m1_addr,
     ]);
-    let status = |want: &str| {
-        nodes(&m1).and_then(|l| {
-            l.iter()
-                .find(|n| n["hostname"] == "w1")
-                .filter(|n| n["status"] == want)
-                .map(|_| ())
-        })
-    };
+    let status = |want: &str| status_of("w1").filter(|s| s == want).map(|_| ());
     poll("w1 ready", Duration::from_secs(20), || status("ready"));
     // kill -9: gossip declares it Down, the leader marks it down after its grace periods.
     drop(worker);
