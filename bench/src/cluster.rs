@@ -287,6 +287,21 @@ impl Starling {
         )?)
     }
 
+    /// A QUIC endpoint with the admin certificate, for remote clients to share
+    /// ([`starling_api::Client::remote_on`]).
+    pub fn client_endpoint(&self) -> anyhow::Result<starling_transport::Endpoint> {
+        let creds = self.admin.clone().context("no admin certificate")?;
+        let cfg = starling_transport::EndpointConfig {
+            listen: "127.0.0.1:0".parse()?,
+            ..starling_transport::EndpointConfig::default()
+        };
+        Ok(starling_transport::Endpoint::bind(
+            cfg,
+            starling_transport::ring_provider(),
+            Some(creds),
+        )?)
+    }
+
     async fn token(&self, role: &str) -> anyhow::Result<String> {
         let (_, v) = control(
             &self.members[0].socket(),

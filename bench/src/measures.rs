@@ -105,25 +105,38 @@ impl StarlingClient {
         }
     }
 
-    /// A client of manager `i` through `api`.
-    pub fn to(st: &Starling, i: usize, api: Api) -> Self {
-        match api {
-            Api::Unix => StarlingClient::new(st.members[i].socket()),
-            Api::Quic => {
-                let creds = st.admin.clone();
+    /// A client of manager `i` through `api`; remote clients go through `endpoint` (one
+    /// bound with the admin certificate, shared by the clients of a load).
+    pub fn to(
+        st: &Starling,
+        i: usize,
+        api: Api,
+        endpoint: Option<&starling_transport::Endpoint>,
+    ) -> Self {
+        match (api, endpoint) {
+            (Api::Quic, Some(endpoint)) => {
+                let endpoint = endpoint.clone();
                 let m = starling_api::ManagerAddr {
                     node_id: st.members[i].node_id.clone(),
                     addr: st.members[i].addr.to_string(),
                 };
                 StarlingClient {
                     make: Box::new(move || {
-                        let creds = creds.clone().ok_or("no admin certificate")?;
-                        starling_api::Client::remote(creds, vec![m.clone()], Duration::from_secs(5))
-                            .map_err(|e| e.to_string())
+                        starling_api::Client::remote_on(
+                            &endpoint,
+                            vec![m.clone()],
+                            Duration::from_secs(5),
+                        )
+                        .map_err(|e| e.to_string())
                     }),
                     client: None,
                 }
             }
+            (Api::Quic, None) => StarlingClient {
+                make: Box::new(|| Err("no client endpoint".into())),
+                client: None,
+            },
+            (Api::Unix, _) => StarlingClient::new(st.members[i].socket()),
         }
     }
 
@@ -269,8 +282,18 @@ pub async fn starling_load(
     api: Api,
 ) -> Figures {
     let n = st.members.len();
+    // The remote clients share one QUIC endpoint (one UDP socket), as the clients of one
+    // process would; each still has its own connection, like each etcd client.
+    let endpoint = match api {
+        // Without one every call fails, and the figures count the errors.
+        Api::Quic => st
+            .client_endpoint()
+            .map_err(|e| eprintln!("no client endpoint: {e:#}"))
+            .ok(),
+        Api::Unix => None,
+    };
     let cs: Vec<StarlingClient> = (0..clients)
-        .map(|i| StarlingClient::to(st, to.unwrap_or(i % n), api))
+        .map(|i| StarlingClient::to(st, to.unwrap_or(i % n), api, endpoint.as_ref()))
         .collect();
     let space = plan.keys;
     let v = std::sync::Arc::new(value());

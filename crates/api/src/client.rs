@@ -129,8 +129,44 @@ impl Client {
         managers: Vec<ManagerAddr>,
         dial_timeout: Duration,
     ) -> Result<Client, ClientError> {
+        let endpoint = Remote::bind(credentials, &managers, dial_timeout)?;
         Ok(Client {
-            via: Via::Remote(Remote::new(credentials, managers, dial_timeout)?),
+            via: Via::Remote(Remote::new(endpoint, managers, dial_timeout)?),
+        })
+    }
+
+    /// A client of the cluster's managers over QUIC through `endpoint`, an endpoint already
+    /// bound with a client certificate (of the managers' address family). Like
+    /// [`Client::remote`], each client keeps its own connection and serves one call at a
+    /// time; unlike it, clients made on one endpoint share its UDP socket, so a process
+    /// running many clients at once reads their datagrams in batches instead of one
+    /// socket per client. The endpoint stays open while any of its clients or clones live.
+    ///
+    /// ```no_run
+    /// # async fn f(creds: starling_transport::NodeCredentials,
+    /// #            managers: Vec<starling_api::ManagerAddr>) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use starling_transport::{Endpoint, EndpointConfig, ring_provider};
+    ///
+    /// let cfg = EndpointConfig { listen: "0.0.0.0:0".parse()?, ..EndpointConfig::default() };
+    /// let endpoint = Endpoint::bind(cfg, ring_provider(), Some(creds))?;
+    /// let clients: Vec<starling_api::Client> = (0..16)
+    ///     .map(|_| starling_api::Client::remote_on(&endpoint, managers.clone(), Duration::from_secs(5)))
+    ///     .collect::<Result<_, _>>()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn remote_on(
+        endpoint: &Endpoint,
+        managers: Vec<ManagerAddr>,
+        dial_timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        if endpoint.identity().is_none() {
+            return Err(ClientError::NotSent(
+                "the endpoint has no client certificate".into(),
+            ));
+        }
+        Ok(Client {
+            via: Via::Remote(Remote::new(endpoint.clone(), managers, dial_timeout)?),
         })
     }
 
@@ -806,11 +842,12 @@ struct Current {
 }
 
 impl Remote {
-    fn new(
+    /// A client endpoint of its own, on an ephemeral port of the managers' address family.
+    fn bind(
         credentials: NodeCredentials,
-        managers: Vec<ManagerAddr>,
+        managers: &[ManagerAddr],
         dial_timeout: Duration,
-    ) -> Result<Remote, ClientError> {
+    ) -> Result<Endpoint, ClientError> {
         let ipv6 = managers
             .iter()
             .filter_map(|m| m.addr.parse::<SocketAddr>().ok())
@@ -826,8 +863,15 @@ impl Remote {
             connect_timeout: dial_timeout,
             ..EndpointConfig::default()
         };
-        let endpoint = Endpoint::bind(cfg, ring_provider(), Some(credentials))
-            .map_err(|e| ClientError::NotSent(format!("cannot open a QUIC endpoint: {e}")))?;
+        Endpoint::bind(cfg, ring_provider(), Some(credentials))
+            .map_err(|e| ClientError::NotSent(format!("cannot open a QUIC endpoint: {e}")))
+    }
+
+    fn new(
+        endpoint: Endpoint,
+        managers: Vec<ManagerAddr>,
+        dial_timeout: Duration,
+    ) -> Result<Remote, ClientError> {
         let protocol = Protocol::new(API_ALPN, PeerPolicy::roles([Role::MANAGER]))
             .map_err(|e| ClientError::NotSent(e.to_string()))?;
         let mut managers = managers;

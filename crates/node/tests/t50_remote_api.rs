@@ -405,6 +405,54 @@ fn t50_typed_errors_certificates_and_context_failover() {
         );
     }
 
+    // Clients made on one endpoint share its socket: their calls run at once, each on its
+    // own connection, and when the endpoint closes none of them can send.
+    let ops_creds = Context::load(&ctx_dir("ops"))
+        .unwrap()
+        .credentials()
+        .unwrap();
+    let shared = starling_transport::Endpoint::bind(
+        starling_transport::EndpointConfig::default(),
+        starling_transport::ring_provider(),
+        Some(ops_creds),
+    )
+    .unwrap();
+    let on_shared: Vec<Client> = (0..6)
+        .map(|_| Client::remote_on(&shared, managers.clone(), Duration::from_secs(2)).unwrap())
+        .collect();
+    let written = rt.block_on(futures::future::join_all(on_shared.iter().enumerate().map(
+        |(i, c)| async move { c.kv_put(&format!("shared-{i}"), format!("v{i}")).await },
+    )));
+    assert!(written.iter().all(Result::is_ok), "{written:?}");
+    for (i, c) in on_shared.iter().enumerate() {
+        let e = rt
+            .block_on(c.kv_get(
+                &format!("shared-{}", (i + 1) % 6),
+                Consistency::Linearizable,
+            ))
+            .unwrap();
+        assert_eq!(e.value, Some(format!("v{}", (i + 1) % 6)));
+    }
+    rt.block_on(shared.close());
+    for c in &on_shared {
+        let r = rt.block_on(c.info());
+        assert!(
+            matches!(r, Err(ClientError::NotSent(_))),
+            "a client of a closed endpoint still sends: {r:?}"
+        );
+    }
+    let bare = starling_transport::Endpoint::bind(
+        starling_transport::EndpointConfig::default(),
+        starling_transport::ring_provider(),
+        None,
+    )
+    .unwrap();
+    let r = Client::remote_on(&bare, managers.clone(), Duration::from_secs(2));
+    assert!(
+        matches!(r, Err(ClientError::NotSent(ref e)) if e.contains("no client certificate")),
+        "{r:?}"
+    );
+
     // A revoked client certificate is refused by every manager.
     let tmp_client = remote("tmp", 2);
     rt.block_on(tmp_client.info()).unwrap();
