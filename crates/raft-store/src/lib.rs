@@ -20,6 +20,7 @@
 //! postcard through openraft's serde derives (openraft is pinned exactly; the ALPN and the
 //! WAL header carry a format version); our own state and snapshots use rkyv.
 
+mod forward;
 mod log_store;
 mod network;
 mod recover;
@@ -28,6 +29,7 @@ mod store;
 mod types;
 mod wal;
 
+pub use forward::ForwardStats;
 pub use network::{RAFT_ALPN, raft_protocol};
 pub use recover::{Recovered, force_new_cluster};
 /// The object model and its pure state machine, re-exported from [`starling_state`].

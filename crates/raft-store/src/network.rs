@@ -63,6 +63,8 @@ pub(crate) enum RaftRpc {
     /// The leader's view of its followers: milliseconds since each last answered a
     /// heartbeat.
     Acks,
+    /// Client writes forwarded by a follower together; answered one reply each, in order.
+    WriteBatch(Vec<Command>),
 }
 
 /// The answer to a forwarded write or read index.
@@ -77,7 +79,7 @@ pub(crate) enum LeaderReply<T> {
 }
 
 /// Why a remote call failed, before any Raft semantics.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum CallError {
     /// The request did not leave: no connection, or it was closed before sending.
     #[error("not sent: {0}")]
@@ -92,6 +94,10 @@ pub(crate) enum CallError {
     Remote(String),
     #[error("bad reply: {0}")]
     Decode(String),
+    /// The peer could not read the request (a message of a newer version) and refused it
+    /// unread: it was not acted on.
+    #[error("not understood: {0}")]
+    Undecodable(String),
 }
 
 /// Sends one RPC to `node` and decodes the reply as `Result<T, String>`.
@@ -118,6 +124,11 @@ pub(crate) async fn call<T: DeserializeOwned>(
             }
             RequestError::Connect(_) | RequestError::Message(MessageError::NotSent(_)) => {
                 not_sent(e.to_string())
+            }
+            RequestError::Message(MessageError::Refused(code))
+                if code == starling_transport::StreamCode::UNDECODABLE =>
+            {
+                CallError::Undecodable(format!("{node}: {e}"))
             }
             other => CallError::Lost(format!("{node}: {other}")),
         })?;
@@ -177,7 +188,7 @@ fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
         CallError::NotSent(_) | CallError::Remote(_) | CallError::TooLarge(_) => {
             RPCError::Unreachable(Unreachable::from_string(e.to_string()))
         }
-        CallError::Lost(_) | CallError::Decode(_) => {
+        CallError::Lost(_) | CallError::Decode(_) | CallError::Undecodable(_) => {
             RPCError::Network(NetworkError::from_string(e.to_string()))
         }
     }
@@ -442,6 +453,12 @@ impl RaftServer {
                     .await,
             ),
             RaftRpc::Write(cmd) => reply(Ok::<_, String>(leader_write(&self.raft, *cmd).await)),
+            // Submitted together, so they share the leader's appends and replication rounds;
+            // answered in the batch's order.
+            RaftRpc::WriteBatch(cmds) => {
+                let writes = cmds.into_iter().map(|cmd| leader_write(&self.raft, cmd));
+                reply(Ok::<_, String>(futures::future::join_all(writes).await))
+            }
             RaftRpc::ReadIndex => reply(Ok::<_, String>(leader_read_index(&self.raft).await)),
             RaftRpc::Ping => reply(Ok::<_, String>(())),
             RaftRpc::Acks => {

@@ -13,6 +13,7 @@ use starling_transport::{Endpoint, NodeId, Protocol};
 use tokio::sync::broadcast;
 use tracing::{debug, info};
 
+use crate::forward::ForwardStats;
 use crate::log_store::LogStore;
 use crate::network::{
     CallError, LeaderReply, Network, Raft, RaftRpc, RaftServer, call, leader_read_index,
@@ -112,17 +113,28 @@ trait LeaderCall: Send + Sync {
     type Out: serde::de::DeserializeOwned + Send;
     /// Whether the call may be repeated when its answer is lost (reads may, writes not).
     const REPEATABLE: bool;
-    fn rpc(&self) -> RaftRpc;
+    /// Sends the call to the leader `node` from `store`, a follower.
+    fn forward(
+        &self,
+        store: &Store,
+        node: &ManagerNode,
+    ) -> impl Future<Output = Result<LeaderReply<Self::Out>, CallError>> + Send;
     fn local(&self, raft: &Raft) -> impl Future<Output = LeaderReply<Self::Out>> + Send;
 }
 
-struct WriteCall(Command);
+/// A write and its encoded size.
+struct WriteCall(Command, usize);
 
 impl LeaderCall for WriteCall {
     type Out = CommandResult;
     const REPEATABLE: bool = false;
-    fn rpc(&self) -> RaftRpc {
-        RaftRpc::Write(Box::new(self.0.clone()))
+    /// In a batch with the writes this manager forwards beside it.
+    fn forward(
+        &self,
+        store: &Store,
+        node: &ManagerNode,
+    ) -> impl Future<Output = Result<LeaderReply<CommandResult>, CallError>> + Send {
+        store.pipes.write(node, self.0.clone(), self.1)
     }
     fn local(&self, raft: &Raft) -> impl Future<Output = LeaderReply<CommandResult>> + Send {
         leader_write(raft, self.0.clone())
@@ -134,8 +146,12 @@ struct ReadIndexCall;
 impl LeaderCall for ReadIndexCall {
     type Out = u64;
     const REPEATABLE: bool = true;
-    fn rpc(&self) -> RaftRpc {
-        RaftRpc::ReadIndex
+    async fn forward(
+        &self,
+        store: &Store,
+        node: &ManagerNode,
+    ) -> Result<LeaderReply<u64>, CallError> {
+        call(&store.endpoint, &store.protocol, node, &RaftRpc::ReadIndex).await
     }
     fn local(&self, raft: &Raft) -> impl Future<Output = LeaderReply<u64>> + Send {
         leader_read_index(raft)
@@ -410,6 +426,8 @@ pub struct Store {
     server: tokio::task::JoinHandle<()>,
     contact: crate::network::LeaderContact,
     reads: Arc<ReadBatch>,
+    /// Writes forwarded to the leader, batched.
+    pipes: crate::forward::Pipes,
     /// Stops upgrading when the log is closed.
     log_closed: std::sync::Weak<crate::wal::Wal>,
 }
@@ -626,6 +644,7 @@ impl Store {
         let contact = crate::network::LeaderContact::new();
         let server = tokio::spawn(RaftServer::new(raft.clone(), contact.clone()).serve(listener));
         info!(raft_id = config.raft_id, node = %config.node, "raft store open");
+        let pipes = crate::forward::Pipes::new(endpoint.clone(), protocol.clone());
         Ok(Store {
             raft,
             sm: shared,
@@ -635,6 +654,7 @@ impl Store {
             server,
             contact,
             reads: Arc::default(),
+            pipes,
             log_closed,
         })
     }
@@ -801,17 +821,8 @@ impl Store {
                         // A leader that died without closing its connection looks alive
                         // until the idle timeout: stop waiting for it once another leader
                         // is known.
-                        let rpc = op.rpc();
                         let sent = tokio::select! {
-                            r = tokio::time::timeout(
-                                remaining,
-                                call::<LeaderReply<L::Out>>(
-                                    &self.endpoint,
-                                    &self.protocol,
-                                    &node,
-                                    &rpc,
-                                ),
-                            ) => Some(r),
+                            r = tokio::time::timeout(remaining, op.forward(self, &node)) => Some(r),
                             _ = self.leader_moves_from(id, seen) => None,
                         };
                         match sent {
@@ -940,7 +951,7 @@ impl Store {
             });
         }
         self.running()?;
-        self.on_leader(WriteCall(cmd)).await
+        self.on_leader(WriteCall(cmd, size)).await
     }
 
     /// Fails with [`StoreError::Stopped`] once this manager's Raft stopped after a fatal
@@ -950,6 +961,12 @@ impl Store {
             Ok(()) => Ok(()),
             Err(fatal) => Err(StoreError::Stopped(fatal.to_string())),
         }
+    }
+
+    /// The writes this manager forwarded to leaders, and the requests they went in
+    /// (concurrent writes go together).
+    pub fn forwarded(&self) -> ForwardStats {
+        self.pipes.stats()
     }
 
     /// How long since this manager last heard a leader's AppendEntries or heartbeat (`None`:

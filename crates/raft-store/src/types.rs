@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use starling_state::{Command, CommandResult};
 
 /// Where a manager is reached: its transport node id (the certificate's CN) and address.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ManagerNode {
     /// The node id in its certificate.
     pub name: String,

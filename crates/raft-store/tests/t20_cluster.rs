@@ -496,3 +496,65 @@ async fn t29_batched_linearizable_reads_see_every_write_acknowledged_before_them
     futures::future::join_all(loops).await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t2a_concurrent_writes_on_a_follower_go_to_the_leader_together_each_with_its_outcome() {
+    let c = TestCluster::start(3, 5_000).await;
+    let leader = c.leader_id(T).await;
+    let follower = (1..=3).find(|i| *i != leader).unwrap();
+    let store = &c.m(follower).store;
+    let first = store.write(put("base", "0")).await.unwrap();
+    let before = store.forwarded();
+    // 48 writers of their own keys beside 16 compare-and-sets that must fail, all at once:
+    // every write keeps its own outcome inside a batch.
+    let puts = (0..48u64).map(|t| async move {
+        let mut revisions = Vec::new();
+        for i in 0..20u64 {
+            let w = store
+                .write(put(&format!("w{t:02}"), &format!("{i}")))
+                .await
+                .unwrap();
+            assert!(matches!(w.outcome, Outcome::Put { .. }), "{w:?}");
+            revisions.push(w.revision);
+        }
+        revisions
+    });
+    let cases = (0..16u64).map(|_| async move {
+        let w = store
+            .write(Command::cas_revision(
+                "base",
+                first.revision + 10_000,
+                b"x".to_vec(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(w.outcome, Outcome::Txn { succeeded: false });
+    });
+    let (revisions, ()) = tokio::join!(futures::future::join_all(puts), async {
+        futures::future::join_all(cases).await;
+    });
+    let mut all: Vec<u64> = revisions.into_iter().flatten().collect();
+    let acknowledged = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), acknowledged, "two writes got one revision");
+    let last = *all.last().unwrap();
+    c.wait_applied(last, T).await;
+    for t in 0..48u64 {
+        let (v, _) = get(&c.m(leader).store, &format!("w{t:02}"), Consistency::Stale).await;
+        assert_eq!(v.as_deref(), Some(&b"19"[..]), "writer {t}");
+    }
+    let (base, _) = get(&c.m(leader).store, "base", Consistency::Stale).await;
+    assert_eq!(base.as_deref(), Some(&b"0"[..]));
+    let after = store.forwarded();
+    let (writes, requests) = (
+        after.writes - before.writes,
+        after.requests - before.requests,
+    );
+    assert_eq!(writes, 48 * 20 + 16);
+    assert!(
+        requests < writes,
+        "{writes} forwarded writes went in {requests} requests"
+    );
+    c.shutdown().await;
+}
