@@ -184,6 +184,16 @@ fn t50_typed_errors_certificates_and_context_failover() {
             .unwrap()
     };
 
+    // A QUIC endpoint on loopback with `creds` (or none).
+    let bind_endpoint = |creds: Option<starling_transport::NodeCredentials>| {
+        starling_transport::Endpoint::bind(
+            starling_transport::EndpointConfig::default(),
+            starling_transport::ring_provider(),
+            creds,
+        )
+        .unwrap()
+    };
+
     // Typed errors through the Unix socket.
     let local = c.unix(0);
     rt.block_on(local.kv_put("k", "v")).unwrap();
@@ -325,12 +335,7 @@ fn t50_typed_errors_certificates_and_context_failover() {
             .unwrap()
             .credentials()
             .unwrap();
-        let endpoint = starling_transport::Endpoint::bind(
-            starling_transport::EndpointConfig::default(),
-            starling_transport::ring_provider(),
-            Some(creds),
-        )
-        .unwrap();
+        let endpoint = bind_endpoint(Some(creds));
         let gossip = starling_transport::Protocol::new(
             b"starling/gossip/3".to_vec(),
             starling_transport::PeerPolicy::roles([starling_transport::Role::MANAGER]),
@@ -411,12 +416,7 @@ fn t50_typed_errors_certificates_and_context_failover() {
         .unwrap()
         .credentials()
         .unwrap();
-    let shared = starling_transport::Endpoint::bind(
-        starling_transport::EndpointConfig::default(),
-        starling_transport::ring_provider(),
-        Some(ops_creds),
-    )
-    .unwrap();
+    let shared = bind_endpoint(Some(ops_creds));
     let on_shared: Vec<Client> = (0..6)
         .map(|_| Client::remote_on(&shared, managers.clone(), Duration::from_secs(2)).unwrap())
         .collect();
@@ -441,12 +441,7 @@ fn t50_typed_errors_certificates_and_context_failover() {
             "a client of a closed endpoint still sends: {r:?}"
         );
     }
-    let bare = starling_transport::Endpoint::bind(
-        starling_transport::EndpointConfig::default(),
-        starling_transport::ring_provider(),
-        None,
-    )
-    .unwrap();
+    let bare = bind_endpoint(None);
     let r = Client::remote_on(&bare, managers.clone(), Duration::from_secs(2));
     assert!(
         matches!(r, Err(ClientError::NotSent(ref e)) if e.contains("no client certificate")),
