@@ -70,6 +70,10 @@ struct Args {
     /// with --quick).
     #[arg(long)]
     soak_secs: Option<u64>,
+    /// Only these client counts in `writes` and `reads` (e.g. `--clients 256` or `--clients
+    /// 1,64`), to profile or compare one cell; `all` then leaves RESULTS.md alone.
+    #[arg(long, value_delimiter = ',')]
+    clients: Option<Vec<usize>>,
 }
 
 #[tokio::main]
@@ -82,11 +86,19 @@ async fn main() {
 
 async fn real_main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let plan = if args.quick {
+    let mut plan = if args.quick {
         Plan::quick()
     } else {
         Plan::full()
     };
+    if let Some(clients) = &args.clients {
+        anyhow::ensure!(
+            !clients.is_empty() && !clients.contains(&0),
+            "--clients takes client counts of at least 1"
+        );
+        plan.write_clients = clients.clone();
+        plan.read_clients = clients.clone();
+    }
     let needs_clusters = !matches!(
         args.measure,
         Measure::Gossip
@@ -264,7 +276,8 @@ async fn real_main() -> anyhow::Result<()> {
         emit(section);
     }
     let out = args.out.clone().or_else(|| {
-        (args.measure == Measure::All && !args.quick)
+        // Only the full plan replaces RESULTS.md (not a run of a few client counts).
+        (args.measure == Measure::All && !args.quick && args.clients.is_none())
             .then(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("RESULTS.md"))
     });
     if let Some(path) = out {

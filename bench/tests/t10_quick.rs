@@ -96,6 +96,18 @@ fn t11_bad_input_is_a_clear_error() {
     let out = Command::new(BIN).arg("sideways").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value 'sideways'"));
+    for bad in ["0", "4,0", "many"] {
+        let out = Command::new(BIN)
+            .args(["writes", "--quick", "--clients", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--clients {bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("client counts of at least 1") || err.contains("invalid value 'many'"),
+            "--clients {bad}: {err}"
+        );
+    }
     // Without etcd the comparison cannot run, and says how to get it.
     let out = Command::new(BIN)
         .args(["writes", "--quick"])

@@ -40,8 +40,13 @@ pub(crate) type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 
 /// Encodes an openraft value for disk or wire (postcard over openraft's serde derives;
 /// openraft is pinned exactly, and the WAL header and ALPN carry a format version).
+///
+/// The buffer is sized first (one pass that only counts), so the bytes are written once into
+/// one allocation rather than into a vector that doubles its way up from empty.
 pub(crate) fn encode<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
-    postcard::to_stdvec(v).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    let invalid = |e| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let size = postcard::experimental::serialized_size(v).map_err(invalid)?;
+    postcard::to_extend(v, Vec::with_capacity(size)).map_err(invalid)
 }
 
 /// Decodes what [`encode`] wrote; bad bytes are an `InvalidData` error, never a panic.

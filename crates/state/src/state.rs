@@ -367,6 +367,9 @@ impl ClusterState {
         }
     }
 
+    /// Writes `value` under `key` and returns the entry it replaced. The value is copied
+    /// once into the map and once into the event; an existing key is updated in place (no
+    /// new key string, no copy of the old entry: it is moved out).
     fn put(
         &mut self,
         revision: u64,
@@ -374,22 +377,27 @@ impl ClusterState {
         value: &[u8],
         events: &mut Vec<KvEvent>,
     ) -> Option<KvEntry> {
-        let prev = self.image.kv.get(key).cloned();
-        let entry = match &prev {
-            Some(p) => KvEntry {
-                value: value.to_vec(),
-                create_revision: p.create_revision,
-                mod_revision: revision,
-                version: p.version + 1,
-            },
-            None => KvEntry {
-                value: value.to_vec(),
-                create_revision: revision,
-                mod_revision: revision,
-                version: 1,
-            },
+        let (prev, entry) = match self.image.kv.get_mut(key) {
+            Some(slot) => {
+                let entry = KvEntry {
+                    value: value.to_vec(),
+                    create_revision: slot.create_revision,
+                    mod_revision: revision,
+                    version: slot.version + 1,
+                };
+                (Some(std::mem::replace(slot, entry.clone())), entry)
+            }
+            None => {
+                let entry = KvEntry {
+                    value: value.to_vec(),
+                    create_revision: revision,
+                    mod_revision: revision,
+                    version: 1,
+                };
+                self.image.kv.insert(key.to_owned(), entry.clone());
+                (None, entry)
+            }
         };
-        self.image.kv.insert(key.to_owned(), entry.clone());
         events.push(KvEvent {
             revision,
             key: key.to_owned(),
