@@ -53,3 +53,47 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> std::io::Result<Vec<u8>> {
 pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> std::io::Result<T> {
     postcard::from_bytes(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use starling_state::{Command, Compare, TxnOp};
+
+    use super::{decode, encode};
+
+    /// Logs and snapshots written by earlier versions must still decode: a value is a
+    /// varint length and its bytes, whether serde sees it as bytes or as a sequence of u8.
+    #[test]
+    fn values_keep_their_encoding() {
+        let put = Command::Put {
+            key: "k".into(),
+            value: vec![1, 2, 3],
+        };
+        // Variant 1 (Put), key "k", value [1, 2, 3].
+        let bytes = encode(&put).unwrap();
+        assert_eq!(bytes, [1, 1, b'k', 3, 1, 2, 3]);
+        assert_eq!(decode::<Command>(&bytes).unwrap(), put);
+        let txn = Command::Txn {
+            compares: vec![
+                Compare::Value {
+                    key: "a".into(),
+                    value: Some(vec![9; 200]),
+                },
+                Compare::Value {
+                    key: "b".into(),
+                    value: None,
+                },
+            ],
+            success: vec![TxnOp::Put {
+                key: "c".into(),
+                value: vec![7],
+            }],
+            failure: vec![],
+        };
+        let bytes = encode(&txn).unwrap();
+        // The 200-byte value: Some (1), then 200 as a varint (0xc8 0x01), then the bytes.
+        let at = bytes.windows(3).position(|w| w == [1, 0xc8, 0x01]).unwrap();
+        assert_eq!(&bytes[at + 3..at + 203], &[9; 200][..]);
+        assert_eq!(decode::<Command>(&bytes).unwrap(), txn);
+    }
+}

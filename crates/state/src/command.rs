@@ -26,6 +26,7 @@ wire_type!(
             /// The key.
             key: String,
             /// Expected value.
+            #[serde(with = "serde_bytes")]
             value: Option<Vec<u8>>,
         },
     }
@@ -39,6 +40,7 @@ wire_type!(
             /// The key.
             key: String,
             /// The value.
+            #[serde(with = "serde_bytes")]
             value: Vec<u8>,
         },
         /// Remove a key (no error if absent).
@@ -59,6 +61,7 @@ wire_type!(
             /// The key.
             key: String,
             /// The value.
+            #[serde(with = "serde_bytes")]
             value: Vec<u8>,
         },
         /// Remove a key.

@@ -80,6 +80,7 @@ wire_type!(
     /// A value in the key-value store with its history counters (as etcd's `KeyValue`).
     pub struct KvEntry {
         /// The value.
+        #[serde(with = "serde_bytes")]
         pub value: Vec<u8>,
         /// Revision that created the key (since its last deletion).
         pub create_revision: u64,
