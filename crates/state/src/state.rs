@@ -377,25 +377,21 @@ impl ClusterState {
         value: &[u8],
         events: &mut Vec<KvEvent>,
     ) -> Option<KvEntry> {
-        let (prev, entry) = match self.image.kv.get_mut(key) {
-            Some(slot) => {
-                let entry = KvEntry {
-                    value: value.to_vec(),
-                    create_revision: slot.create_revision,
-                    mod_revision: revision,
-                    version: slot.version + 1,
-                };
-                (Some(std::mem::replace(slot, entry.clone())), entry)
-            }
+        let slot = self.image.kv.get_mut(key);
+        let (create_revision, version) = slot
+            .as_ref()
+            .map_or((revision, 1), |p| (p.create_revision, p.version + 1));
+        let entry = KvEntry {
+            value: value.to_vec(),
+            create_revision,
+            mod_revision: revision,
+            version,
+        };
+        let prev = match slot {
+            Some(slot) => Some(std::mem::replace(slot, entry.clone())),
             None => {
-                let entry = KvEntry {
-                    value: value.to_vec(),
-                    create_revision: revision,
-                    mod_revision: revision,
-                    version: 1,
-                };
                 self.image.kv.insert(key.to_owned(), entry.clone());
-                (None, entry)
+                None
             }
         };
         events.push(KvEvent {
