@@ -12,30 +12,29 @@ use anyhow::Context;
 use crate::cluster::{Proc, free_port, poll, starling_binary};
 
 /// A cluster on loopback: `managers` managers (the first with `--metrics` on the returned
-/// address) and `workers` workers, returned once every node is ready. None serves DNS.
-async fn start(
+/// address, when `metrics`) and `workers` workers, returned once every node is ready, the
+/// first manager first and the workers last. None serves DNS.
+pub(crate) async fn start(
     base: &Path,
     managers: usize,
     workers: usize,
+    metrics: bool,
 ) -> anyhow::Result<(Vec<Proc>, starling_api::Client, String)> {
     let bin = starling_binary()?;
     std::fs::create_dir_all(base)?;
     let m0 = base.join("m0");
     let addr = format!("127.0.0.1:{}", free_port()?);
-    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let mut init = Command::new(&bin);
+    init.args(["init", "--listen", &addr, "--dns-listen", "off"]);
+    let metrics = if metrics {
+        let at = format!("127.0.0.1:{}", free_port()?);
+        init.args(["--metrics", &at]);
+        at
+    } else {
+        String::new()
+    };
     let mut procs = vec![Proc::spawn(
-        Command::new(&bin)
-            .args([
-                "init",
-                "--listen",
-                &addr,
-                "--metrics",
-                &metrics,
-                "--dns-listen",
-                "off",
-                "--data-dir",
-            ])
-            .arg(&m0),
+        init.arg("--data-dir").arg(&m0),
         &base.join("m0.log"),
     )?];
     let client = starling_api::Client::unix(m0.join("control.sock"));
@@ -97,7 +96,7 @@ pub async fn idle_requests(
     workers: usize,
     window: Duration,
 ) -> anyhow::Result<(u64, Duration)> {
-    let (procs, _client, metrics) = start(base, 1, workers).await?;
+    let (procs, _client, metrics) = start(base, 1, workers, true).await?;
     let before = join_requests(&metrics).await?;
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
@@ -116,7 +115,7 @@ pub async fn rotation(
     workers: usize,
     rounds: usize,
 ) -> anyhow::Result<Vec<(Duration, Duration)>> {
-    let (procs, client, _) = start(base, managers, workers).await?;
+    let (procs, client, _) = start(base, managers, workers, false).await?;
     let mut out = Vec::new();
     for _ in 0..rounds {
         let t0 = Instant::now();

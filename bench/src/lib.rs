@@ -17,5 +17,6 @@ pub mod gossip;
 pub mod load;
 pub mod machine;
 pub mod measures;
+pub mod memory;
 pub mod scheduler;
 pub mod tasks;

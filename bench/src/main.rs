@@ -42,6 +42,8 @@ enum Measure {
     /// Certificates: join-protocol requests from 100 idle workers over 60 s, the spread of
     /// 1 000 nodes' renewals, and `ca rotate` on a 20-node cluster (5 rotations).
     Certs,
+    /// Idle memory: a fresh manager and a worker joined to it, beside an idle etcd member.
+    Memory,
     /// Everything, written to bench/RESULTS.md.
     All,
 }
@@ -107,8 +109,9 @@ async fn real_main() -> anyhow::Result<()> {
             | Measure::Scheduler
             | Measure::Tasks
             | Measure::Certs
+            | Measure::Memory
     );
-    let etcd_version = if needs_clusters {
+    let etcd_version = if needs_clusters || args.measure == Measure::Memory {
         etcd_available()?
     } else {
         String::new()
@@ -133,7 +136,7 @@ async fn real_main() -> anyhow::Result<()> {
          own process (allocator: jemalloc).\n\n",
         machine.markdown(),
         command,
-        if needs_clusters {
+        if !etcd_version.is_empty() {
             etcd_version.as_str()
         } else {
             "etcd not started"
@@ -177,6 +180,17 @@ async fn real_main() -> anyhow::Result<()> {
     }
     // The simulator needs no cluster: stop them first so they do not share the cores.
     drop(clusters);
+    if wants(Measure::Memory) {
+        let (rounds, idle) = if args.quick { (1, 3) } else { (3, 30) };
+        emit(
+            starling_bench::memory::run(
+                &tmp.path().join("memory"),
+                rounds,
+                std::time::Duration::from_secs(idle),
+            )
+            .await?,
+        );
+    }
     if wants(Measure::Gossip) {
         let n = plan.gossip_nodes;
         let figures = tokio::task::spawn_blocking(move || {

@@ -29,6 +29,7 @@ fn t10_every_measure_runs_quickly_against_both_systems() {
         "### Leader failover",
         "### Under load",
         "### Worker join",
+        "### Idle memory",
         "### Gossip",
         "fdatasync",
     ] {
