@@ -243,13 +243,18 @@ pub async fn run(base: &Path, rounds: usize, idle: Duration) -> anyhow::Result<S
          the binary measured (`{}`): {} of the {} names listed, {:.1} MiB of code together, \
          spanning {:.1} MiB of its {:.1} MiB of `.text` (about their own size when the order \
          was applied; fewer names found means the list is stale — a dependency or toolchain \
-         upgrade renames symbols — and RssFile grows back).\n\n",
+         upgrade renames symbols — and RssFile grows back){}.\n\n",
         bin.display(),
         layout.found,
         layout.listed,
         mib(layout.size / 1024),
         mib(layout.span / 1024),
         mib(layout.text / 1024),
+        if cfg!(debug_assertions) {
+            "; this is a debug build, whose symbols differ and which is never ordered"
+        } else {
+            ""
+        },
     )?;
     Ok(out)
 }
