@@ -68,10 +68,6 @@ impl Machine {
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+        .and_then(|s| crate::memory::Resident::parse(&s).ok())
+        .map_or(0, |r| r.total)
 }
