@@ -163,7 +163,7 @@ async fn real_main() -> anyhow::Result<()> {
     };
     if let Some((st, e)) = clusters.as_mut() {
         if wants(Measure::Writes) {
-            emit(measures::writes(st, e, &plan).await?);
+            emit(measures::writes(st, e, &plan, &machine).await?);
         }
         if wants(Measure::Reads) {
             emit(measures::reads(st, e, &plan).await?);

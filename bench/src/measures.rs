@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{Etcd, Starling};
 use crate::load::{Figures, key, run_measured, value};
+use crate::machine::Machine;
 
 /// How big a run is.
 #[derive(Debug, Clone)]
@@ -392,8 +393,14 @@ async fn both(
     })
 }
 
-/// `writes`: durable PUTs with each client count, spread and all to the leader.
-pub async fn writes(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<String> {
+/// `writes`: durable PUTs with each client count, spread and all to the leader, then the
+/// floor under them on this machine ([`floor`]).
+pub async fn writes(
+    st: &Starling,
+    e: &Etcd,
+    plan: &Plan,
+    machine: &Machine,
+) -> anyhow::Result<String> {
     let mut out = format!(
         "### Durable writes\n\nPUT of a 256-byte value under an 8-byte key drawn from {} keys; \
          closed loop, one connection per client; {:?} per cell after {:?} of warm-up.\n\n{HEADER}",
@@ -402,6 +409,8 @@ pub async fn writes(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<Stri
     let mut turn = 0;
     let mut notes = String::new();
     let mut cpu = String::from(CPU_HEADER);
+    // The cells to the leader (the one-client and the busiest), for the floor.
+    let mut to_leader: Vec<(usize, Figures, Figures)> = Vec::new();
     for &clients in &plan.write_clients {
         for placement in [Placement::Spread, Placement::Leader] {
             let (s, f) = both(st, e, plan, clients, placement, Work::Put, turn).await?;
@@ -412,6 +421,9 @@ pub async fn writes(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<Stri
             let n = errors_note(&s, &f);
             if !n.is_empty() {
                 notes.push_str(&format!("- {label}{n}\n"));
+            }
+            if placement == Placement::Leader {
+                to_leader.push((clients, s, f));
             }
         }
     }
@@ -430,7 +442,108 @@ pub async fn writes(st: &Starling, e: &Etcd, plan: &Plan) -> anyhow::Result<Stri
         Api::Quic.label()
     ));
     out.push_str(&notes);
+    let one = to_leader.iter().find(|(c, ..)| *c == 1);
+    let most = to_leader.iter().max_by_key(|(c, ..)| *c);
+    if let (Some((_, s_one, e_one)), Some((clients, s_most, e_most))) = (one, most) {
+        let (s_rtt, e_rtt) = both(st, e, plan, 1, Placement::Leader, Work::LocalGet, turn).await?;
+        out.push_str(&floor(
+            machine,
+            (&s_rtt, &e_rtt),
+            (s_one, e_one),
+            (*clients, s_most, e_most),
+        ));
+    }
     Ok(out)
+}
+
+/// What bounds a durable write on this machine, from the run's own figures.
+///
+/// Latency (`one` client writing to the leader): a write is answered once the leader has it
+/// and a majority has it on disk; with the leader's sync beside the follower's, that is at
+/// least one fdatasync and two round trips (client → leader → client, leader → follower →
+/// leader), each at least a request on a connection that touches no disk (`round_trip`: one
+/// client's local GETs to the leader). Throughput (the `most` clients' cell): when the cores
+/// are the limit, `cores` seconds of CPU per second over the CPU every process spends per
+/// write (members and client alike: they share the cores).
+fn floor(
+    machine: &Machine,
+    round_trip: (&Figures, &Figures),
+    one: (&Figures, &Figures),
+    most: (usize, &Figures, &Figures),
+) -> String {
+    let fsync = machine.fdatasync_us.0;
+    let us = |v: f64| format!("{v:.0} µs");
+    let lat = |rtt: &Figures, put: &Figures| {
+        let floor = fsync as f64 + 2.0 * rtt.p50_us as f64;
+        (floor, put.p50_us as f64)
+    };
+    let (s_floor, s_p50) = lat(round_trip.0, one.0);
+    let (e_floor, e_p50) = lat(round_trip.1, one.1);
+    let target = 0.5 * e_p50;
+    let mut out = format!(
+        "\n### The floor under a durable write\n\n\
+         A write is answered once the leader has it and a majority of members has it on disk: \
+         at least one fdatasync (the leader's beside a follower's) and two round trips \
+         (client → leader → client, leader → follower → leader). A round trip is taken as \
+         the p50 of one client's local reads from the leader over its API (Starling \
+         `consistency=stale` over QUIC, etcd `serializable` over gRPC: the same connection \
+         and request path, no disk), measured after the writes.\n\n\
+         | | Starling | etcd |\n|---|---|---|\n\
+         | fdatasync p50 (this disk) | {fsync} µs | {fsync} µs |\n\
+         | round trip p50 (1 client, to the leader) | {} | {} |\n\
+         | floor: fdatasync + 2 round trips | {} | {} |\n\
+         | 1 client writing to the leader, p50 | {} | {} |\n\
+         | above the floor | {} ({:.1}× the floor) | {} ({:.1}× the floor) |\n\
+         | target: ≤ 0.5 × etcd's p50 | {} ({}) | |\n",
+        us(round_trip.0.p50_us as f64),
+        us(round_trip.1.p50_us as f64),
+        us(s_floor),
+        us(e_floor),
+        us(s_p50),
+        us(e_p50),
+        us(s_p50 - s_floor),
+        s_p50 / s_floor.max(1.0),
+        us(e_p50 - e_floor),
+        e_p50 / e_floor.max(1.0),
+        us(target),
+        if s_floor <= target {
+            format!("the floor is {} below it", us(target - s_floor))
+        } else {
+            format!(
+                "out of reach: the floor is {} above it",
+                us(s_floor - target)
+            )
+        },
+    );
+    let (clients, s, e) = most;
+    let total = |f: &Figures| f.cpu_per_op_us().map(|(m, c)| m + c);
+    if let (Some(s_cpu), Some(e_cpu)) = (total(s), total(e)) {
+        let budget = machine.cores as f64 * 1e6;
+        let needed = budget / (3.0 * e.rate()).max(1.0);
+        out.push_str(&format!(
+            "\nThroughput, {clients} clients writing to the leader: every process of a system \
+             (members and client) shares the {cores} cores, so when they are the limit a \
+             system writes at most {cores} s of CPU per second over the CPU it spends per \
+             write.\n\n\
+             | | Starling | etcd |\n|---|---|---|\n\
+             | CPU per write, members + client | {} | {} |\n\
+             | ceiling: {cores} cores / CPU per write | {:.0}/s | {:.0}/s |\n\
+             | measured | {:.0}/s ({:.0} % of the ceiling) | {:.0}/s ({:.0} % of the ceiling) |\n\
+             | 3 × etcd's measured rate needs | ≤ {} of CPU per write ({:.2}× what Starling spends) | |\n",
+            us(s_cpu),
+            us(e_cpu),
+            budget / s_cpu,
+            budget / e_cpu,
+            s.rate(),
+            100.0 * s.rate() * s_cpu / budget,
+            e.rate(),
+            100.0 * e.rate() * e_cpu / budget,
+            us(needed),
+            needed / s_cpu,
+            cores = machine.cores,
+        ));
+    }
+    out
 }
 
 /// Writes `plan.preload` keys to both systems (so reads find values).

@@ -25,6 +25,7 @@ fn t10_every_measure_runs_quickly_against_both_systems() {
     );
     for section in [
         "### Durable writes",
+        "### The floor under a durable write",
         "### Reads",
         "### Leader failover",
         "### Under load",
