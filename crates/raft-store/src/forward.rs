@@ -212,3 +212,134 @@ async fn send_one(endpoint: &Endpoint, protocol: &Protocol, node: &ManagerNode, 
         let _ = item.reply.send(answer);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+    use serde::{Deserialize, Serialize};
+    use starling_state::Outcome;
+    use starling_transport::{
+        CertOptions, ClusterCa, ClusterId, EndpointConfig, Inbound, Listener, NodeId, Role,
+        StreamCode, ring_provider,
+    };
+
+    use super::*;
+    use crate::network::raft_protocol;
+    use crate::types::{SnapshotMeta, TypeConfig, Vote, decode, encode};
+
+    /// The Raft messages of a version before batches: `RaftRpc` without `WriteBatch`, the
+    /// same variants in the same order (postcard writes a variant as its index, so this is
+    /// what such a version decodes).
+    #[derive(Serialize, Deserialize)]
+    #[allow(dead_code)]
+    enum OldRaftRpc {
+        Append(AppendEntriesRequest<TypeConfig>),
+        Vote(VoteRequest<TypeConfig>),
+        PreVote(VoteRequest<TypeConfig>),
+        TransferLeader(TransferLeaderRequest<TypeConfig>),
+        SnapshotChunk {
+            transfer: u64,
+            offset: u64,
+            data: Vec<u8>,
+            finish: Option<(Vote, SnapshotMeta)>,
+        },
+        Write(Box<Command>),
+        ReadIndex,
+        Ping,
+        Acks,
+    }
+
+    /// A leader of that version: refuses what it cannot decode unread, as `network.rs`
+    /// does, and applies each write it can read at the revision its key names (`k7` at 7).
+    /// `seen` records what it was sent, in order.
+    async fn old_leader(mut listener: Listener, seen: Arc<Mutex<Vec<String>>>) {
+        while let Some(conn) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Ok(Inbound::Request(req)) = conn.accept().await {
+                    let cmd = match decode::<OldRaftRpc>(req.body().as_bytes()) {
+                        Ok(OldRaftRpc::Write(cmd)) => cmd,
+                        Ok(_) => {
+                            seen.lock().unwrap().push("another message".into());
+                            req.refuse(StreamCode::UNDECODABLE);
+                            continue;
+                        }
+                        Err(_) => {
+                            seen.lock().unwrap().push("refused unread".into());
+                            req.refuse(StreamCode::UNDECODABLE);
+                            continue;
+                        }
+                    };
+                    let Command::Put { key, .. } = *cmd else {
+                        panic!("only puts are sent here");
+                    };
+                    seen.lock().unwrap().push(format!("write {key}"));
+                    let revision = key.trim_start_matches('k').parse().unwrap();
+                    let reply: Result<LeaderReply<CommandResult>, String> =
+                        Ok(LeaderReply::Done(CommandResult {
+                            revision,
+                            outcome: Outcome::Put { prev: None },
+                        }));
+                    req.respond(&encode(&reply).unwrap()).await.unwrap();
+                }
+            });
+        }
+    }
+
+    fn manager_endpoint(ca: &ClusterCa, name: &str) -> Endpoint {
+        let creds = ca
+            .issue(
+                &NodeId::new(name).unwrap(),
+                &Role::MANAGER,
+                &CertOptions::default(),
+            )
+            .unwrap();
+        Endpoint::bind(EndpointConfig::default(), ring_provider(), Some(creds)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_batch_an_older_leader_cannot_read_goes_again_write_by_write() {
+        let ca = ClusterCa::create(ClusterId::new("fw").unwrap()).unwrap();
+        let (old, new) = (manager_endpoint(&ca, "m1"), manager_endpoint(&ca, "m2"));
+        let protocol = raft_protocol().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(old_leader(old.listen(&protocol).unwrap(), seen.clone()));
+        let node = ManagerNode {
+            name: "m1".into(),
+            addr: old.local_addr().to_string(),
+        };
+
+        let (mut batch, mut answers) = (Vec::new(), Vec::new());
+        for i in 1..=3 {
+            let (reply, answer) = oneshot::channel();
+            let cmd = Command::Put {
+                key: format!("k{i}"),
+                value: vec![1; 8],
+            };
+            batch.push(Item {
+                cmd,
+                size: 16,
+                reply,
+            });
+            answers.push(answer);
+        }
+        send(new.clone(), protocol, node, batch).await;
+
+        // Each write has its own answer, in order, from the writes sent one by one after
+        // the batch was refused unread (so none of them was applied twice).
+        for (i, answer) in (1..).zip(answers) {
+            match answer.await.unwrap() {
+                Ok(LeaderReply::Done(r)) => assert_eq!(r.revision, i),
+                other => panic!("write {i}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["refused unread", "write k1", "write k2", "write k3"]
+        );
+        new.close().await;
+        old.close().await;
+    }
+}
