@@ -273,7 +273,7 @@ where
             }
         }
     }
-    let mut applied = store.applied_changes();
+    let mut applied = store.object_changes();
     let mut sent: BTreeMap<String, u64> = BTreeMap::new();
     let mut full = true;
     let mut out_of_touch: Option<tokio::time::Instant> = None;

@@ -49,7 +49,7 @@ pub fn batches(ops: Vec<TaskOp>, max_ops: usize, max_bytes: usize) -> Vec<Vec<Ta
 
 /// Runs the supervisor until the store closes.
 pub async fn run(store: Arc<Store>, cfg: OrchestratorConfig) {
-    let mut applied = store.applied_changes();
+    let mut applied = store.object_changes();
     let mut wake_at: Option<u64> = None;
     let mut was_leader = false;
     loop {

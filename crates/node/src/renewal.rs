@@ -231,7 +231,7 @@ async fn wait(
     since: tokio::time::Instant,
 ) -> Need {
     let mut directive = m.directive.clone();
-    let mut applied = m.store.as_ref().map(|s| s.applied_changes());
+    let mut applied = m.store.as_ref().map(|s| s.object_changes());
     let mut digests = RootDigests::default();
     loop {
         let now = SystemTime::now();

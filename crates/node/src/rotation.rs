@@ -34,18 +34,18 @@ pub fn new_root(info: &ClusterInfo) -> anyhow::Result<CaRotation> {
 /// On the leader: finishes a rotation every node not down has renewed onto, as soon as the
 /// last renewal is applied (and checks at least every second, for nodes going down).
 pub async fn rotation_loop(store: Arc<Store>) {
-    let mut applied = store.applied_changes();
+    let mut applied = store.object_changes();
     let mut reported = None;
     loop {
-        // Woken by every applied entry (a rotation starting, a node's renewal recorded), and
-        // at least once a second (nodes going down).
+        // Woken by every applied change to the cluster's objects (a rotation starting, a
+        // node's renewal recorded), and at least once a second (nodes going down).
         tokio::select! {
             r = applied.changed() => if r.is_err() {
                 return;
             },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        // The cheap question first: this runs on every applied entry.
+        // The cheap question first: this runs on every applied change of those.
         let rotating = store.read_applied(|s| s.cluster().rotation.is_some()).0;
         if !rotating {
             reported = None;

@@ -38,7 +38,7 @@ const MAX_BATCH_BYTES: usize = 2 << 20;
 pub(crate) type Forwarded = Result<LeaderReply<CommandResult>, CallError>;
 
 struct Item {
-    cmd: Command,
+    cmd: Arc<Command>,
     size: usize,
     reply: oneshot::Sender<Forwarded>,
 }
@@ -87,7 +87,12 @@ impl Pipes {
 
     /// Forwards `cmd` (of `size` encoded bytes) to the leader `node`, in a batch with the
     /// writes forwarded beside it. Dropping the future does not withdraw the write.
-    pub(crate) async fn write(&self, node: &ManagerNode, cmd: Command, size: usize) -> Forwarded {
+    pub(crate) async fn write(
+        &self,
+        node: &ManagerNode,
+        cmd: Arc<Command>,
+        size: usize,
+    ) -> Forwarded {
         let (reply, answer) = oneshot::channel();
         let item = Item { cmd, size, reply };
         {
@@ -167,7 +172,7 @@ async fn send(endpoint: Endpoint, protocol: Protocol, node: ManagerNode, batch: 
     if batch.len() == 1 {
         return send_one(&endpoint, &protocol, &node, batch).await;
     }
-    let (cmds, replies): (Vec<Command>, Vec<oneshot::Sender<Forwarded>>) =
+    let (cmds, replies): (Vec<Arc<Command>>, Vec<oneshot::Sender<Forwarded>>) =
         batch.into_iter().map(|i| (i.cmd, i.reply)).unzip();
     let rpc = RaftRpc::WriteBatch(cmds);
     match call::<Vec<LeaderReply<CommandResult>>>(&endpoint, &protocol, &node, &rpc).await {
@@ -207,7 +212,7 @@ async fn send(endpoint: Endpoint, protocol: Protocol, node: ManagerNode, batch: 
 
 async fn send_one(endpoint: &Endpoint, protocol: &Protocol, node: &ManagerNode, batch: Vec<Item>) {
     for item in batch {
-        let rpc = RaftRpc::Write(Box::new(item.cmd));
+        let rpc = RaftRpc::Write(item.cmd);
         let answer = call::<LeaderReply<CommandResult>>(endpoint, protocol, node, &rpc).await;
         let _ = item.reply.send(answer);
     }
@@ -314,10 +319,10 @@ mod tests {
         let (mut batch, mut answers) = (Vec::new(), Vec::new());
         for i in 1..=3 {
             let (reply, answer) = oneshot::channel();
-            let cmd = Command::Put {
+            let cmd = Arc::new(Command::Put {
                 key: format!("k{i}"),
                 value: vec![1; 8],
-            };
+            });
             batch.push(Item {
                 cmd,
                 size: 16,

@@ -55,7 +55,7 @@ pub(crate) enum RaftRpc {
         finish: Option<(Vote, SnapshotMeta)>,
     },
     /// A client write forwarded by a follower.
-    Write(Box<Command>),
+    Write(Arc<Command>),
     /// A follower asks the leader for a linearizable read index.
     ReadIndex,
     /// Are you there? (Counting reachable managers for a no-quorum error.)
@@ -64,7 +64,7 @@ pub(crate) enum RaftRpc {
     /// heartbeat.
     Acks,
     /// Client writes forwarded by a follower together; answered one reply each, in order.
-    WriteBatch(Vec<Command>),
+    WriteBatch(Vec<Arc<Command>>),
 }
 
 /// The answer to a forwarded write or read index.
@@ -452,7 +452,7 @@ impl RaftServer {
                 self.snapshot_chunk(peer, transfer, offset, data, finish)
                     .await,
             ),
-            RaftRpc::Write(cmd) => reply(Ok::<_, String>(leader_write(&self.raft, *cmd).await)),
+            RaftRpc::Write(cmd) => reply(Ok::<_, String>(leader_write(&self.raft, cmd).await)),
             // Submitted together, so they share the leader's appends and replication rounds;
             // answered in the batch's order.
             RaftRpc::WriteBatch(cmds) => {
@@ -531,7 +531,7 @@ fn leader_hint(
 }
 
 /// Runs a write on this node as leader.
-pub(crate) async fn leader_write(raft: &Raft, cmd: Command) -> LeaderReply<CommandResult> {
+pub(crate) async fn leader_write(raft: &Raft, cmd: Arc<Command>) -> LeaderReply<CommandResult> {
     use openraft::errors::{ClientWriteError, RaftError};
     match raft.client_write(cmd).await {
         Ok(resp) => LeaderReply::Done(resp.data),

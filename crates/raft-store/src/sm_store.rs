@@ -50,6 +50,9 @@ pub(crate) struct Shared {
     /// Serializes snapshot saves (a build and an install may run at once).
     save: tokio::sync::Mutex<()>,
     pub(crate) applied: watch::Sender<u64>,
+    /// The last applied revision that changed more than user keys (see
+    /// [`Store::object_changes`](crate::Store::object_changes)).
+    pub(crate) objects: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -184,6 +187,7 @@ impl StateMachine {
         let revision = state.data.revision();
         let (events, _) = broadcast::channel(watch_buffer.max(1));
         let (applied, _) = watch::channel(revision);
+        let (objects, _) = watch::channel(revision);
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 state: RwLock::new(state),
@@ -191,6 +195,7 @@ impl StateMachine {
                 events,
                 save: tokio::sync::Mutex::new(()),
                 applied,
+                objects,
             }),
             dir: dir.to_owned(),
         })
@@ -281,6 +286,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
         let mut revision = None;
+        let mut objects = false;
         // Waits (as a task) for a snapshot build reading the state to finish.
         let _changing = self.shared.changes.write().await;
         while let Some((entry, responder)) = entries.try_next().await? {
@@ -289,6 +295,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             st.last_applied = Some(entry.log_id);
             match &entry.payload {
                 EntryPayload::Normal(cmd) => {
+                    objects |= !cmd.keys_only();
                     let (result, events) = st.data.apply(index, cmd);
                     drop(st);
                     for e in events {
@@ -299,7 +306,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         r.send(result);
                     }
                 }
+                // A leader's first entry: the managers' work moves to it.
                 EntryPayload::Blank => {
+                    objects = true;
                     st.data.advance(index);
                     drop(st);
                     if let Some(r) = responder {
@@ -310,6 +319,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
                 EntryPayload::Membership(m) => {
+                    objects = true;
                     st.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     st.data.advance(index);
                     drop(st);
@@ -324,6 +334,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             revision = Some(index);
         }
         if let Some(r) = revision {
+            if objects {
+                self.shared.objects.send_replace(r);
+            }
             self.shared.applied.send_replace(r);
         }
         Ok(())
@@ -352,6 +365,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             st.membership = meta.last_membership.clone();
         }
         let _ = self.shared.events.send(WatchSignal::Reset { revision });
+        self.shared.objects.send_replace(revision);
         self.shared.applied.send_replace(revision);
         tracing::info!(revision, bytes = data_len, "snapshot installed");
         Ok(())
@@ -414,6 +428,50 @@ mod tests {
         drop(reading);
         apply.await.unwrap().unwrap();
         assert_eq!(sm.shared.read().last_applied.map(|l| l.index), Some(1));
+    }
+
+    /// Writes of user keys move the applied revision but not the objects' one; a change of
+    /// anything else, and a leader's first entry, move both.
+    #[tokio::test]
+    async fn only_changes_beyond_user_keys_wake_the_object_watchers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        let (applied, objects) = (sm.shared.applied.subscribe(), sm.shared.objects.subscribe());
+        let entry = |index: u64, cmd: crate::Command| {
+            let mut e = openraft::testing::blank_ent::<TypeConfig>(1, 1, index);
+            e.payload = EntryPayload::Normal(Arc::new(cmd));
+            e
+        };
+        let put = |key: &str| crate::Command::Put {
+            key: key.into(),
+            value: b"v".to_vec(),
+        };
+        let mut apply = async |entries: Vec<crate::types::Entry>| {
+            sm.apply(futures::stream::iter(
+                entries.into_iter().map(|e| Ok((e, None))),
+            ))
+            .await
+            .unwrap();
+            (*applied.borrow(), *objects.borrow())
+        };
+
+        assert_eq!(
+            apply(vec![entry(1, put("a")), entry(2, put("b"))]).await,
+            (2, 0)
+        );
+        let delete = crate::Command::Delete { key: "a".into() };
+        assert_eq!(apply(vec![entry(3, delete)]).await, (3, 0));
+        let drain = crate::Command::SetNodeAvailability {
+            id: "n1".into(),
+            availability: starling_state::Availability::Drain,
+        };
+        assert_eq!(
+            apply(vec![entry(4, put("c")), entry(5, drain)]).await,
+            (5, 5)
+        );
+        assert_eq!(apply(vec![entry(6, put("d"))]).await, (6, 5));
+        let blank = openraft::testing::blank_ent::<TypeConfig>(2, 1, 7);
+        assert_eq!(apply(vec![blank]).await, (7, 7));
     }
 
     /// A build of a state with many keys gives a snapshot that restores it exactly.

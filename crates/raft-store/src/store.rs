@@ -122,8 +122,20 @@ trait LeaderCall: Send + Sync {
     fn local(&self, raft: &Raft) -> impl Future<Output = LeaderReply<Self::Out>> + Send;
 }
 
-/// A write and its encoded size.
-struct WriteCall(Command, usize);
+/// Where a call to the leader goes.
+#[derive(Debug)]
+enum Leader {
+    /// No leader known (or not in the membership yet): wait for one.
+    Unknown,
+    /// This manager.
+    Here,
+    /// Another manager: forwarded to it.
+    There(u64, ManagerNode),
+}
+
+/// A write (shared: the Raft log's entries hold it without copying the key and value) and
+/// its encoded size.
+struct WriteCall(Arc<Command>, usize);
 
 impl LeaderCall for WriteCall {
     type Out = CommandResult;
@@ -742,6 +754,25 @@ impl Store {
         (Some(id), node.map(|n| (id, n)))
     }
 
+    /// The leader this manager knows of, and where a call goes: here, or to its node (if it
+    /// is in the membership). Runs for every write and read index: one borrowed read of the
+    /// metrics, and the node copied only when the call is forwarded.
+    fn leader_for_call(&self) -> (Option<u64>, Leader) {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let Some(id) = m.current_leader else {
+            return (None, Leader::Unknown);
+        };
+        if id == self.config.raft_id {
+            return (Some(id), Leader::Here);
+        }
+        let there = match m.membership_config.membership().get_node(&id) {
+            Some(node) => Leader::There(id, node.clone()),
+            None => Leader::Unknown,
+        };
+        (Some(id), there)
+    }
+
     /// Runs `op` on the leader (here, or forwarded), retrying while there is no leader or
     /// the leader moved, until the quorum deadline.
     async fn on_leader<L: LeaderCall>(&self, op: L) -> Result<L::Out, StoreError> {
@@ -763,22 +794,24 @@ impl Store {
             if remaining.is_zero() {
                 return Err(self.no_quorum(started.elapsed()).await);
             }
-            let (seen, known) = self.leader_view();
-            let target = hint.take().or(known);
-            debug!(target = ?target.as_ref().map(|t| t.0), elapsed = ?started.elapsed(), "leader call");
+            let (seen, known) = self.leader_for_call();
+            let target = match hint.take() {
+                Some((id, _)) if id == self.config.raft_id => Leader::Here,
+                Some((id, node)) => Leader::There(id, node),
+                None => known,
+            };
+            debug!(?target, elapsed = ?started.elapsed(), "leader call");
             let reply = match target {
-                None => None,
-                Some((id, _)) if id == self.config.raft_id => {
-                    match tokio::time::timeout(remaining, op.local(&self.raft)).await {
-                        Ok(r) => Some(r),
-                        Err(_) => return Err(self.no_quorum(started.elapsed()).await),
-                    }
-                }
+                Leader::Unknown => None,
+                Leader::Here => match tokio::time::timeout(remaining, op.local(&self.raft)).await {
+                    Ok(r) => Some(r),
+                    Err(_) => return Err(self.no_quorum(started.elapsed()).await),
+                },
                 // A leader not heard from for longer than an election timeout is cut off
                 // from this manager (a partition): sending it the call would only make its
                 // outcome unknown. Wait for it to be heard again or replaced, or for the
                 // deadline (no quorum).
-                Some(_)
+                Leader::There(..)
                     if self
                         .contact
                         .silence()
@@ -786,7 +819,7 @@ impl Store {
                 {
                     None
                 }
-                Some((id, node)) => {
+                Leader::There(id, node) => {
                     // Dial first: nothing is sent yet, so giving up when the leader moves
                     // (a dead leader's address would take the whole connect timeout) is safe.
                     let dialed = tokio::select! {
@@ -951,7 +984,7 @@ impl Store {
             });
         }
         self.running()?;
-        self.on_leader(WriteCall(cmd, size)).await
+        self.on_leader(WriteCall(Arc::new(cmd), size)).await
     }
 
     /// Fails with [`StoreError::Stopped`] once this manager's Raft stopped after a fatal
@@ -1034,6 +1067,16 @@ impl Store {
     /// applied (the orchestrators and the dispatcher wake on it).
     pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.sm.applied.subscribe()
+    }
+
+    /// A receiver of the last applied revision that changed more than user keys: it changes
+    /// when an applied entry changes the nodes, services, tasks, cluster settings or the
+    /// managers, when a leader's term begins, and when a snapshot is installed — not for
+    /// writes of user keys. What the managers' loops (orchestration, the dispatcher's
+    /// sessions, certificate rotation) wake on, so a key-value workload does not wake them
+    /// with every applied entry.
+    pub fn object_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sm.objects.subscribe()
     }
 
     /// Waits until this manager applied `index`.

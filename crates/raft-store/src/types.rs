@@ -23,10 +23,12 @@ impl fmt::Display for ManagerNode {
 }
 
 openraft::declare_raft_types!(
-    /// Starling's Raft types: commands and results of the cluster state, u64 Raft ids
+    /// Starling's Raft types: commands (shared, so the log's entries are cloned for
+    /// replication and apply without copying keys and values; encoded as the command
+    /// itself) and results of the cluster state, u64 Raft ids
     /// (assigned once, never reused), managers reached through the transport.
     pub TypeConfig:
-        D = Command,
+        D = std::sync::Arc<Command>,
         R = CommandResult,
         NodeId = u64,
         Node = ManagerNode,

@@ -255,6 +255,15 @@ wire_type!(
 );
 
 impl Command {
+    /// Whether the command can change only user keys (or nothing): not the nodes, services,
+    /// tasks or cluster settings the managers act on.
+    pub fn keys_only(&self) -> bool {
+        matches!(
+            self,
+            Command::Noop | Command::Put { .. } | Command::Delete { .. } | Command::Txn { .. }
+        )
+    }
+
     /// Compare-and-swap on the key's mod revision (0: only if absent).
     pub fn cas_revision(key: impl Into<String>, revision: u64, value: Vec<u8>) -> Self {
         let key = key.into();

@@ -228,9 +228,11 @@ pub(crate) async fn write_frame(
     max: usize,
 ) -> Result<(), MessageError> {
     check_size(body.len(), max)?;
-    let header = (body.len() as u32).to_be_bytes();
-    send.write_all(&header).await?;
-    send.write_all(body).await?;
+    // One buffer, handed over whole: the stream keeps it rather than a copy of each part.
+    let mut frame = bytes::BytesMut::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(body);
+    send.write_chunk(frame.freeze()).await?;
     send.finish()?;
     Ok(())
 }

@@ -420,6 +420,9 @@ struct SlotState {
 
 type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
+/// A peer's pooled connections, one slot per ALPN (a peer speaks one or a few protocols).
+type PeerSlots = Vec<(Vec<u8>, Slot)>;
+
 struct Shared {
     quinn: quinn::Endpoint,
     provider: Arc<CryptoProvider>,
@@ -427,7 +430,9 @@ struct Shared {
     transport: Arc<quinn::TransportConfig>,
     certs: Arc<CertStore>,
     state: RwLock<State>,
-    pool: Mutex<HashMap<(NodeId, Vec<u8>), Slot>>,
+    /// Pooled connections by peer, then by ALPN: found on each request without copying
+    /// the peer's id or the protocol's name.
+    pool: Mutex<HashMap<NodeId, PeerSlots>>,
     /// Every open connection with a peer certificate, both directions, by peer: what
     /// [`Endpoint::revoke`] and [`Endpoint::close_peer`] close.
     live: Mutex<LiveConnections>,
@@ -925,14 +930,34 @@ impl Endpoint {
         node: &NodeId,
         addr: SocketAddr,
     ) -> Result<Connection, ConnectError> {
-        if self.identity().is_some_and(|id| id.node_id == *node) {
+        let dials_self = self
+            .shared()
+            .state()
+            .credentials
+            .as_ref()
+            .is_some_and(|c| c.identity().node_id == *node);
+        if dials_self {
             return Err(ConnectError::DialSelf);
         }
         let slot = {
             let mut pool = self.shared().pool.lock().unwrap_or_else(|p| p.into_inner());
-            pool.entry((node.clone(), protocol.alpn().to_vec()))
-                .or_default()
-                .clone()
+            let alpn = protocol.alpn();
+            let pooled = pool.get(node).and_then(|slots| {
+                slots
+                    .iter()
+                    .find(|(a, _)| a.as_slice() == alpn)
+                    .map(|(_, slot)| slot.clone())
+            });
+            match pooled {
+                Some(slot) => slot,
+                None => {
+                    let slot = Slot::default();
+                    pool.entry(node.clone())
+                        .or_default()
+                        .push((alpn.to_vec(), slot.clone()));
+                    slot
+                }
+            }
         };
         let arrived = std::time::Instant::now();
         let mut guard = slot.lock().await;
@@ -983,18 +1008,19 @@ impl Endpoint {
 
     /// Closes pooled connections to `node` (for a node that left or was removed).
     pub fn disconnect(&self, node: &NodeId) {
-        let mut pool = self.shared().pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.retain(|(n, _), slot| {
-            if n != node {
-                return true;
-            }
+        let removed = self
+            .shared()
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+        for (_, slot) in removed.into_iter().flatten() {
             if let Ok(guard) = slot.try_lock()
                 && let Some(c) = guard.conn.as_ref()
             {
                 c.close(CloseCode::SHUTDOWN, "disconnected");
             }
-            false
-        });
+        }
     }
 
     /// Sets the nodes removed from the cluster: from now on they are refused on every

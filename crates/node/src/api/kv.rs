@@ -4,8 +4,9 @@
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
-use axum::response::IntoResponse as _;
+use axum::extract::{FromRequest as _, Path, Query, Request, State};
+use axum::http::{Method, Uri};
+use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
 use starling_api::{
     ApiError, Consistency, ErrorCode, KvDeleted, KvEntry, KvList, ListQuery, PutQuery, ReadQuery,
@@ -22,6 +23,52 @@ fn consistency(c: Option<Consistency>) -> starling_raft_store::Consistency {
     }
 }
 
+/// A read or write of one key, as the route `/v1/kv/{*key}` and its handlers' extractors
+/// would read it: the API answers it without the router (its matching, the parameters and
+/// matched path it puts on each request, the boxed future of each route). Reads and writes
+/// of keys are most of the API's requests.
+#[derive(Debug)]
+pub(crate) enum KeyCall {
+    Get(String, ReadQuery),
+    Put(String, PutQuery),
+}
+
+impl KeyCall {
+    /// The call `GET` or `PUT /v1/kv/{key}` makes when the router would accept its path and
+    /// query: the key percent-decoded as a path parameter, the query as `Query` parses it.
+    /// `None` for every other request and for one the router would refuse, which then goes
+    /// through the router and gets its answer (the same error as always).
+    pub(crate) fn of(method: &Method, uri: &Uri) -> Option<KeyCall> {
+        let raw = uri.path().strip_prefix("/v1/kv/")?;
+        if raw.is_empty() {
+            return None;
+        }
+        let key = percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .ok()?
+            .into_owned();
+        match *method {
+            Method::GET => Some(KeyCall::Get(key, Query::try_from_uri(uri).ok()?.0)),
+            Method::PUT => Some(KeyCall::Put(key, Query::try_from_uri(uri).ok()?.0)),
+            _ => None,
+        }
+    }
+
+    /// Answers as the route's handler does; a `PUT`'s body is read as its `Bytes`
+    /// extractor reads it (within the API's body limit, set on `req`).
+    pub(crate) async fn answer(self, state: ApiState, req: Request) -> Response {
+        match self {
+            KeyCall::Get(key, q) => get(State(state), Path(key), Query(q)).await.into_response(),
+            KeyCall::Put(key, q) => match Bytes::from_request(req, &state).await {
+                Ok(body) => put(State(state), Path(key), Query(q), body)
+                    .await
+                    .into_response(),
+                Err(refused) => refused.into_response(),
+            },
+        }
+    }
+}
+
 /// A key's value and counters.
 #[utoipa::path(get, operation_id = "kv_get", path = "/v1/kv/{key}", tag = "kv",
     params(("key" = String, Path, description = "The key, percent-encoded"), ReadQuery),
@@ -35,7 +82,7 @@ pub(crate) async fn get(
     State(state): State<ApiState>,
     Path(key): Path<String>,
     Query(q): Query<ReadQuery>,
-) -> Result<axum::response::Response, Failure> {
+) -> Result<Response, Failure> {
     let store = store_of(&state.node())?;
     // The answer is rendered from the entry in place (no copy of the entry, no owned
     // `KvEntry`): the read lock is held for one small serialisation.
@@ -213,4 +260,104 @@ pub(crate) async fn watch(
         }
     }
     Ok(Json(WatchEvents { events }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::routing::get as route_get;
+    use tower::ServiceExt as _;
+
+    /// What the route's extractors make of a request: the key and the query, or the
+    /// router's refusal (its status).
+    async fn by_the_router(method: Method, uri: &str) -> Result<String, u16> {
+        let echo = Router::new().route(
+            "/v1/kv/{*key}",
+            route_get(
+                |Path(key): Path<String>, Query(q): Query<ReadQuery>| async move {
+                    format!("get {key:?} {:?}", q.consistency)
+                },
+            )
+            .put(
+                |Path(key): Path<String>, Query(q): Query<PutQuery>| async move {
+                    format!("put {key:?} {:?}", q.expect_revision)
+                },
+            ),
+        );
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = echo.oneshot(req).await.unwrap();
+        if !resp.status().is_success() {
+            return Err(resp.status().as_u16());
+        }
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        Ok(String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    fn by_key_call(method: Method, uri: &str) -> Option<String> {
+        Some(match KeyCall::of(&method, &uri.parse().unwrap())? {
+            KeyCall::Get(key, q) => format!("get {key:?} {:?}", q.consistency),
+            KeyCall::Put(key, q) => format!("put {key:?} {:?}", q.expect_revision),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_key_call_reads_a_request_as_the_router_does_and_leaves_it_the_rest() {
+        let uris = [
+            "/v1/kv/a",
+            "/v1/kv/a/b/c",
+            "/v1/kv/a%2Fb",
+            "/v1/kv/a%20b+c",
+            "/v1/kv/%E2%9C%93",
+            "/v1/kv//lead",
+            "/v1/kv/%FF",
+            "/v1/kv/%",
+            "/v1/kv/",
+            "/v1/kv",
+            "/v1/kvx/a",
+            "/v1/kv/a?consistency=stale",
+            "/v1/kv/a?consistency=linearizable&other=1",
+            "/v1/kv/a?consistency=bogus",
+            "/v1/kv/a?consistency=stale&consistency=stale",
+            "/v1/kv/a?expect-revision=3",
+            "/v1/kv/a?expect-revision=0",
+            "/v1/kv/a?expect-revision=-1",
+            "/v1/kv/a?expect-revision=x",
+            "/v1/kv/a?%ZZ",
+        ];
+        let methods = [
+            Method::GET,
+            Method::PUT,
+            Method::DELETE,
+            Method::HEAD,
+            Method::POST,
+        ];
+        let mut taken = 0;
+        for uri in uris {
+            for method in &methods {
+                let router = by_the_router(method.clone(), uri).await;
+                match by_key_call(method.clone(), uri) {
+                    // Taken: exactly what the route's handler would have been given.
+                    Some(call) => {
+                        taken += 1;
+                        assert_eq!(router, Ok(call), "{method} {uri}");
+                    }
+                    // Left to the router: anything it refuses, every other method, and
+                    // nothing else.
+                    None => assert!(
+                        router.is_err() || !matches!(*method, Method::GET | Method::PUT),
+                        "{method} {uri} is left to the router, which takes it: {router:?}"
+                    ),
+                }
+            }
+        }
+        assert!(taken >= 20, "{taken} calls taken");
+    }
 }

@@ -302,11 +302,12 @@ pub struct Api {
 }
 
 impl Api {
-    /// `routes` with the API's handling around them; `managers` lists the managers in
-    /// every answer (on a manager).
-    fn new(routes: Router, managers: Option<ApiState>) -> Self {
+    /// `routes` with the API's handling around them; with the node's `state`, every answer
+    /// lists the managers (on a manager) and reads and writes of keys are answered without
+    /// the router ([`kv::KeyCall`]).
+    fn new(routes: Router, state: Option<ApiState>) -> Self {
         use tower::Layer as _;
-        let typed = Typed { routes, managers };
+        let typed = Typed { routes, state };
         let timed = tower_http::timeout::RequestBodyTimeout::new(typed, BODY_TIMEOUT);
         Api {
             stack: DefaultBodyLimit::max(MAX_BODY).layer(timed),
@@ -339,7 +340,7 @@ where
 #[derive(Clone)]
 struct Typed {
     routes: Router,
-    managers: Option<ApiState>,
+    state: Option<ApiState>,
 }
 
 impl<B> tower::Service<Request<B>> for Typed
@@ -362,13 +363,20 @@ where
         use futures::FutureExt as _;
         use std::panic::AssertUnwindSafe;
         let req = req.map(axum::body::Body::new);
-        let managers = self.managers.clone();
+        let state = self.state.clone();
         let answer = match refused(&req) {
             Some(refusal) => futures::future::Either::Left(std::future::ready(refusal)),
             None => {
+                let key_call = self
+                    .state
+                    .as_ref()
+                    .and_then(|s| Some((s.clone(), kv::KeyCall::of(req.method(), req.uri())?)));
                 let routes = &mut self.routes;
-                let called = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    tower::Service::call(routes, req)
+                let called = std::panic::catch_unwind(AssertUnwindSafe(|| match key_call {
+                    Some((state, call)) => futures::future::Either::Left(async move {
+                        Ok::<_, std::convert::Infallible>(call.answer(state, req).await)
+                    }),
+                    None => futures::future::Either::Right(tower::Service::call(routes, req)),
                 }));
                 futures::future::Either::Right(async move {
                     let answer = match called {
@@ -385,7 +393,7 @@ where
         };
         Box::pin(async move {
             let resp = typed_error(answer.await).await;
-            Ok(match &managers {
+            Ok(match &state {
                 Some(state) => with_managers(state, resp),
                 None => resp,
             })
