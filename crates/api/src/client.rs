@@ -3,11 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -625,13 +625,10 @@ impl Outgoing<'_> {
 
 async fn read_answer(
     resp: http::Response<hyper::body::Incoming>,
-) -> Result<(RawResponse, Option<String>), ClientError> {
+) -> Result<(RawResponse, Option<HeaderValue>), ClientError> {
     let status = resp.status();
-    let managers = resp
-        .headers()
-        .get(MANAGERS_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    // Shares the header's bytes (no copy): every answer of a manager carries it.
+    let managers = resp.headers().get(MANAGERS_HEADER).cloned();
     let body = resp
         .into_body()
         .collect()
@@ -826,17 +823,18 @@ impl RecordReader {
 struct Remote {
     endpoint: Endpoint,
     protocol: Protocol,
-    managers: Mutex<Vec<ManagerAddr>>,
+    /// Shared, so a call takes them without copying their names and addresses.
+    managers: Mutex<Vec<Arc<ManagerAddr>>>,
     current: tokio::sync::Mutex<Option<Current>>,
     dial_timeout: Duration,
     /// The last `starling-managers` header learned from.
-    last_header: Mutex<Option<String>>,
+    last_header: Mutex<Option<HeaderValue>>,
 }
 
 /// The manager in use: its connection, and the stream of the last whole exchange kept open
 /// for the next one (HTTP/1.1 keep-alive on one QUIC stream: no stream set-up per call).
 struct Current {
-    manager: ManagerAddr,
+    manager: Arc<ManagerAddr>,
     conn: Connection,
     kept: Option<SendRequest<Full<Bytes>>>,
 }
@@ -874,7 +872,7 @@ impl Remote {
     ) -> Result<Remote, ClientError> {
         let protocol = Protocol::new(API_ALPN, PeerPolicy::roles([Role::MANAGER]))
             .map_err(|e| ClientError::NotSent(e.to_string()))?;
-        let mut managers = managers;
+        let mut managers: Vec<Arc<ManagerAddr>> = managers.into_iter().map(Arc::new).collect();
         shuffle(&mut managers);
         Ok(Remote {
             endpoint,
@@ -887,22 +885,30 @@ impl Remote {
     }
 
     fn managers(&self) -> Vec<ManagerAddr> {
+        self.shared_managers()
+            .iter()
+            .map(|m| ManagerAddr::clone(m))
+            .collect()
+    }
+
+    fn shared_managers(&self) -> Vec<Arc<ManagerAddr>> {
         self.managers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    fn learn(&self, header: Option<String>) {
+    fn learn(&self, header: Option<HeaderValue>) {
         let Some(header) = header else { return };
         {
             // Every answer carries the list; parse it only when it changed.
             let mut last = self.last_header.lock().unwrap_or_else(|p| p.into_inner());
-            if last.as_deref() == Some(header.as_str()) {
+            if last.as_ref() == Some(&header) {
                 return;
             }
             *last = Some(header.clone());
         }
+        let Ok(header) = header.to_str() else { return };
         let mut learned: Vec<ManagerAddr> = header
             .split(',')
             .filter_map(|m| {
@@ -918,13 +924,13 @@ impl Remote {
             return;
         }
         let mut known = self.managers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut a = known.clone();
+        let mut a: Vec<&ManagerAddr> = known.iter().map(|m| &**m).collect();
         a.sort();
-        let mut b = learned.clone();
+        let mut b: Vec<&ManagerAddr> = learned.iter().collect();
         b.sort();
         if a != b {
             shuffle(&mut learned);
-            *known = learned;
+            *known = learned.into_iter().map(Arc::new).collect();
         }
     }
 
@@ -950,17 +956,15 @@ impl Remote {
         let repeatable = out.method == Method::GET;
         let mut current = self.current.lock().await;
         let mut tried: Vec<String> = Vec::new();
-        let mut candidates: Vec<ManagerAddr> = Vec::new();
-        if let Some(c) = current.as_ref() {
-            candidates.push(c.manager.clone());
-        }
-        for m in self.managers() {
-            if !candidates.contains(&m) {
-                candidates.push(m);
-            }
-        }
+        // The manager in use first; the others only if it fails (listed then, not on every
+        // call).
+        let head = current.as_ref().map(|c| c.manager.clone());
+        let skip = head.clone();
+        let others = std::iter::once(())
+            .flat_map(|()| self.shared_managers())
+            .filter(move |m| skip.as_ref() != Some(m));
         let mut last_unavailable: Option<ApiError> = None;
-        for m in candidates {
+        for m in head.into_iter().chain(others) {
             let conn = match current.as_ref() {
                 Some(c) if c.manager == m && c.conn.close_reason().is_none() => c.conn.clone(),
                 _ => match self.dial(&m).await {
@@ -1014,12 +1018,7 @@ impl Remote {
             .await;
             match answer {
                 Ok(Err(resp)) => {
-                    let managers = resp
-                        .headers()
-                        .get(MANAGERS_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    self.learn(managers);
+                    self.learn(resp.headers().get(MANAGERS_HEADER).cloned());
                     return Ok(Got::Open(resp.into_body()));
                 }
                 Ok(Ok((raw, managers))) => {

@@ -742,8 +742,8 @@ impl Store {
         self.leader_view().1
     }
 
-    /// The leader this manager knows of, and its node if it is in the membership; one read of
-    /// the metrics, borrowed, not cloned: this runs for every write and read index.
+    /// The leader this manager knows of, and its node if it is in the membership (one read
+    /// of the metrics, borrowed, not cloned).
     fn leader_view(&self) -> (Option<u64>, Option<(u64, ManagerNode)>) {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
