@@ -502,6 +502,10 @@ impl Shared {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn pool(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, PeerSlots>> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Installs a server configuration for the current credentials and protocols. Without
     /// credentials there is nothing to serve with.
     fn refresh_server_config(&self) -> Result<(), rustls::Error> {
@@ -940,7 +944,7 @@ impl Endpoint {
             return Err(ConnectError::DialSelf);
         }
         let slot = {
-            let mut pool = self.shared().pool.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pool = self.shared().pool();
             let alpn = protocol.alpn();
             let pooled = pool.get(node).and_then(|slots| {
                 slots
@@ -1008,12 +1012,7 @@ impl Endpoint {
 
     /// Closes pooled connections to `node` (for a node that left or was removed).
     pub fn disconnect(&self, node: &NodeId) {
-        let removed = self
-            .shared()
-            .pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(node);
+        let removed = self.shared().pool().remove(node);
         for (_, slot) in removed.into_iter().flatten() {
             if let Ok(guard) = slot.try_lock()
                 && let Some(c) = guard.conn.as_ref()
@@ -1085,11 +1084,7 @@ impl Endpoint {
             state.listening.clear();
         }
         shared.quinn.set_server_config(None);
-        shared
-            .pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        shared.pool().clear();
         shared
             .quinn
             .close(CloseCode::SHUTDOWN.to_varint(), b"endpoint closed");
