@@ -56,9 +56,17 @@ impl KeyCall {
 
     /// Answers as the route's handler does; a `PUT`'s body is read as its `Bytes`
     /// extractor reads it (within the API's body limit, set on `req`).
+    ///
+    /// The request is dropped as soon as it is read: its head and a small body are slices
+    /// of the connection's read buffer, which HTTP/1 reads into again while the answer is
+    /// pending (to see the connection close); while a slice lives, that read allocates a
+    /// new buffer (8 KiB) instead of reusing the one it has.
     pub(crate) async fn answer(self, state: ApiState, req: Request) -> Response {
         match self {
-            KeyCall::Get(key, q) => get(State(state), Path(key), Query(q)).await.into_response(),
+            KeyCall::Get(key, q) => {
+                drop(req);
+                get(State(state), Path(key), Query(q)).await.into_response()
+            }
             KeyCall::Put(key, q) => match Bytes::from_request(req, &state).await {
                 Ok(body) => put(State(state), Path(key), Query(q), body)
                     .await
@@ -133,6 +141,8 @@ pub(crate) async fn put(
     let store = store_of(&node)?;
     let started = Instant::now();
     let value = body.to_vec();
+    // The body may be a slice of the connection's read buffer (see `KeyCall::answer`).
+    drop(body);
     let cmd = match q.expect_revision {
         None => Command::Put {
             key: key.clone(),
