@@ -4,7 +4,6 @@
 //! carries writes and read-index requests forwarded from followers to the leader.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -225,7 +224,7 @@ impl PeerClient {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = crate::sm_store::SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -284,7 +283,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         // openraft gives the whole transfer one short deadline; the transport's request
         // timeout applies to each chunk instead, so a snapshot of any size gets through.
-        let data = snapshot.snapshot.into_inner();
+        let data = snapshot.snapshot;
         let transfer = u64::from_le_bytes(rand_bytes());
         let chunks: Vec<&[u8]> = if data.is_empty() {
             vec![&[]]
@@ -505,9 +504,9 @@ impl RaftServer {
         let Some((data, (vote, meta))) = complete else {
             return Ok(None);
         };
-        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
+        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, crate::sm_store::SnapshotData> {
             meta,
-            snapshot: Cursor::new(data),
+            snapshot: Arc::new(data),
         };
         self.raft
             .install_full_snapshot(vote, snapshot)

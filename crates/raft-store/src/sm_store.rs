@@ -2,7 +2,7 @@
 //! image in rkyv, written atomically (temporary file, fsync, rename, fsync of the directory)
 //! and loaded again at start.
 
-use std::io::{self, Cursor};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -14,7 +14,11 @@ use tokio::sync::{broadcast, watch};
 use crate::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig, decode, encode};
 use starling_state::{ClusterState, KvEvent, StateImage};
 
-type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+/// An encoded state image: one buffer shared by the current snapshot, the file write and a
+/// transfer to a follower (a snapshot is tens of megabytes; none of them copies it).
+pub(crate) type SnapshotData = Arc<Vec<u8>>;
+
+type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"STRLSNP6";
@@ -24,14 +28,14 @@ pub(crate) struct SmState {
     pub(crate) data: ClusterState,
     pub(crate) last_applied: Option<LogId>,
     pub(crate) membership: StoredMembership,
-    current: Option<(SnapshotMeta, Arc<Vec<u8>>)>,
+    current: Option<(SnapshotMeta, SnapshotData)>,
 }
 
 /// What watchers are told.
 #[derive(Clone, Debug)]
 pub(crate) enum WatchSignal {
-    /// A change.
-    Event(KvEvent),
+    /// A change (the same allocation as the state's watch history holds).
+    Event(Arc<KvEvent>),
     /// A snapshot replaced the state: history before `revision` is gone, and changes
     /// between what a watcher saw and `revision` will not be reported.
     Reset { revision: u64 },
@@ -76,11 +80,14 @@ fn invalid(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
-fn encode_image(image: &StateImage) -> io::Result<Vec<u8>> {
+/// Encodes `image` into a vector of `capacity` to begin with (the last snapshot's size and
+/// some: a vector growing by doubling would copy most of the image again).
+fn encode_image(image: &StateImage, capacity: usize) -> io::Result<Vec<u8>> {
     // Written straight into a plain vector (no copy out of an aligned one): rkyv lays the
     // image out by offsets from its start, so the bytes are the same; `decode_image`
     // aligns them before reading.
-    rkyv::api::high::to_bytes_in::<_, rkyv::rancor::BoxedError>(image, Vec::new()).map_err(invalid)
+    rkyv::api::high::to_bytes_in::<_, rkyv::rancor::BoxedError>(image, Vec::with_capacity(capacity))
+        .map_err(invalid)
 }
 
 fn decode_image(bytes: &[u8]) -> io::Result<StateImage> {
@@ -89,18 +96,21 @@ fn decode_image(bytes: &[u8]) -> io::Result<StateImage> {
     rkyv::from_bytes::<StateImage, rkyv::rancor::BoxedError>(&aligned).map_err(invalid)
 }
 
-/// `magic | u32 meta len | meta | u64 data len | data | u32 crc32 of all before`.
-fn snapshot_file_bytes(meta: &SnapshotMeta, data: &[u8]) -> io::Result<Vec<u8>> {
+/// Writes `magic | u32 meta len | meta | u64 data len | data | u32 crc32 of all before` to
+/// `out`, the image as it is (not copied into one buffer with the rest).
+fn write_snapshot_file(out: &mut impl Write, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
     let meta = encode(meta)?;
-    let mut out = Vec::with_capacity(8 + 4 + meta.len() + 8 + data.len() + 4);
-    out.extend_from_slice(SNAPSHOT_MAGIC);
-    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-    out.extend_from_slice(&meta);
-    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    out.extend_from_slice(data);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    Ok(out)
+    let mut head = Vec::with_capacity(8 + 4 + meta.len() + 8);
+    head.extend_from_slice(SNAPSHOT_MAGIC);
+    head.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    head.extend_from_slice(&meta);
+    head.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    crc.update(data);
+    out.write_all(&head)?;
+    out.write_all(data)?;
+    out.write_all(&crc.finalize().to_le_bytes())
 }
 
 fn parse_snapshot_file(bytes: &[u8]) -> io::Result<(SnapshotMeta, Vec<u8>)> {
@@ -131,8 +141,12 @@ pub(crate) fn parse_snapshot(bytes: &[u8]) -> bool {
     parse_snapshot_file(bytes).is_ok_and(|(_, data)| decode_image(&data).is_ok())
 }
 
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
+/// Writes file `name` in `dir` through `write`: all of it or, after a crash, none of it.
+fn write_atomically(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
+) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
@@ -143,7 +157,7 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(bytes)?;
+    write(&mut f)?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, &path)?;
@@ -202,13 +216,15 @@ impl StateMachine {
     }
 
     fn save_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
-        write_atomically(&self.dir, SNAPSHOT_FILE, &snapshot_file_bytes(meta, data)?)
+        write_atomically(&self.dir, SNAPSHOT_FILE, |f| {
+            write_snapshot_file(f, meta, data)
+        })
     }
 
     /// Saves a snapshot unless a newer one is already current; returns whether it did.
     /// Saves are serialized, so a slow build can never overwrite a newer installed snapshot
     /// (the log before that one may already be purged).
-    async fn save_if_newer(&self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<bool> {
+    async fn save_if_newer(&self, meta: &SnapshotMeta, data: SnapshotData) -> io::Result<bool> {
         let _guard = self.shared.save.lock().await;
         let newer_exists = {
             let st = self.shared.read();
@@ -225,13 +241,13 @@ impl StateMachine {
             .await
             .map_err(io::Error::other)??;
         let _changing = self.shared.changes.write().await;
-        self.shared.write().current = Some((meta.clone(), Arc::new(data)));
+        self.shared.write().current = Some((meta.clone(), data));
         Ok(true)
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
     /// Encodes the state on a blocking thread under its read lock (tens of milliseconds
     /// for 100 000 keys): changes wait for it as tasks (see [`Shared`]), and everything
@@ -240,24 +256,22 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let started = std::time::Instant::now();
         let reading = self.shared.changes.clone().read_owned().await;
         let shared = self.shared.clone();
-        let (meta, data, copy) = tokio::task::spawn_blocking(move || {
-            let (meta, data) = {
-                let st = shared.read();
-                let meta = SnapshotMeta {
-                    last_log_id: st.last_applied,
-                    last_membership: st.membership.clone(),
-                };
-                (meta, encode_image(st.data.image())?)
+        let (meta, data) = tokio::task::spawn_blocking(move || {
+            let st = shared.read();
+            let meta = SnapshotMeta {
+                last_log_id: st.last_applied,
+                last_membership: st.membership.clone(),
             };
+            let last = st.current.as_ref().map_or(0, |(_, data)| data.len());
+            let data = encode_image(st.data.image(), last + last / 8)?;
+            drop(st);
             drop(reading);
-            // The copy kept as the current snapshot, made here rather than on the runtime.
-            let copy = data.clone();
-            Ok::<_, io::Error>((meta, data, copy))
+            Ok::<_, io::Error>((meta, Arc::new(data)))
         })
         .await
         .map_err(io::Error::other)??;
         let encoded = started.elapsed();
-        self.save_if_newer(&meta, copy).await?;
+        self.save_if_newer(&meta, data.clone()).await?;
         tracing::info!(
             revision = meta.last_log_id.map_or(0, |l| l.index),
             bytes = data.len(),
@@ -267,13 +281,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         );
         Ok(Snapshot {
             meta,
-            snapshot: Cursor::new(data),
+            snapshot: data,
         })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -351,11 +365,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: Self::SnapshotData,
     ) -> Result<(), io::Error> {
-        let data = snapshot.into_inner();
-        let data_len = data.len();
-        let image = decode_image(&data)?;
+        let data_len = snapshot.len();
+        let image = decode_image(&snapshot)?;
         // On disk first: openraft purges the log up to this snapshot once it is installed.
-        self.save_if_newer(meta, data).await?;
+        self.save_if_newer(meta, snapshot).await?;
         let revision = image.revision;
         {
             let _changing = self.shared.changes.write().await;
@@ -375,7 +388,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let st = self.shared.read();
         Ok(st.current.as_ref().map(|(meta, data)| Snapshot {
             meta: meta.clone(),
-            snapshot: Cursor::new(data.as_ref().clone()),
+            snapshot: Arc::clone(data),
         }))
     }
 }
@@ -388,7 +401,8 @@ mod tests {
     #[test]
     fn snapshot_file_detects_corruption() {
         let meta = SnapshotMeta::default();
-        let bytes = snapshot_file_bytes(&meta, b"data").unwrap();
+        let mut bytes = Vec::new();
+        write_snapshot_file(&mut bytes, &meta, b"data").unwrap();
         let (m, d) = parse_snapshot_file(&bytes).unwrap();
         assert_eq!(m, meta);
         assert_eq!(d, b"data");
@@ -492,11 +506,11 @@ mod tests {
             }
         }
         let snapshot = sm.build_snapshot().await.unwrap();
-        let image = decode_image(snapshot.snapshot.get_ref()).unwrap();
+        let image = decode_image(&snapshot.snapshot[..]).unwrap();
         assert_eq!(&image, sm.shared.read().data.image());
         // Saved as the current snapshot, and on disk for the next start.
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
-        assert_eq!(current.snapshot.get_ref(), snapshot.snapshot.get_ref());
+        assert_eq!(current.snapshot, snapshot.snapshot);
         let reopened = StateMachine::open(dir.path()).unwrap();
         assert_eq!(reopened.shared.read().data.image(), &image);
     }
@@ -511,7 +525,7 @@ mod tests {
                 value: b"v".to_vec(),
             },
         );
-        let bytes = encode_image(s.image()).unwrap();
+        let bytes = encode_image(s.image(), 0).unwrap();
         assert_eq!(&decode_image(&bytes).unwrap(), s.image());
         // rkyv finds its root at the end of the buffer, so a cut image may still validate as
         // a smaller one: the snapshot file's checksum is what detects damage. Decoding any

@@ -507,7 +507,7 @@ pub(crate) fn acks_of(raft: &Raft) -> std::collections::BTreeMap<u64, u64> {
 /// A stream of key-value changes under a prefix.
 pub struct Watch {
     sm: Arc<Shared>,
-    backlog: std::collections::VecDeque<KvEvent>,
+    backlog: std::collections::VecDeque<Arc<KvEvent>>,
     live: broadcast::Receiver<WatchSignal>,
     prefix: String,
     /// Live events below this revision were already in the backlog.
@@ -523,7 +523,7 @@ pub struct Watch {
 impl Watch {
     /// The next change, in revision order, with no gap and no duplicate; `Err` with the
     /// revision to resume from if this watcher fell too far behind the live stream.
-    pub async fn next(&mut self) -> Result<KvEvent, StoreError> {
+    pub async fn next(&mut self) -> Result<Arc<KvEvent>, StoreError> {
         if let Some(oldest) = self.broken {
             return Err(self.compacted(oldest));
         }
@@ -562,7 +562,7 @@ impl Watch {
         }
     }
 
-    fn returned(&mut self, e: KvEvent) -> KvEvent {
+    fn returned(&mut self, e: Arc<KvEvent>) -> Arc<KvEvent> {
         if self.last == Some(e.revision) {
             self.at_last += 1;
         } else {

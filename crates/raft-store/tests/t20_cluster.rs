@@ -252,7 +252,7 @@ async fn t25_watch_resumes_without_gap_or_duplicate() {
                     .await
                     .unwrap()
                     .unwrap();
-                seen.push((e.revision, e.key));
+                seen.push((e.revision, e.key.clone()));
             }
             seen
         }
@@ -430,14 +430,14 @@ async fn t28_a_watcher_that_falls_behind_the_live_buffer_catches_up_from_history
         s.write(put(&format!("l/{i:02}"), "v")).await.unwrap();
         s.write(put("other", "x")).await.unwrap();
     }
-    let mut keys = vec![first.key];
+    let mut keys = vec![first.key.clone()];
     let mut revisions = vec![first.revision];
     while keys.len() < 53 {
         let e = tokio::time::timeout(T, watch.next())
             .await
             .unwrap()
             .unwrap();
-        keys.push(e.key);
+        keys.push(e.key.clone());
         revisions.push(e.revision);
     }
     let mut want = vec!["l/t1".to_owned(), "l/t2".into(), "l/t3".into()];

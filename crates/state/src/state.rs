@@ -2,6 +2,7 @@
 //! its revision (the Raft log index that carries it), and the watch history.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +45,8 @@ pub struct ClusterState {
     /// Derived from `image` (rebuilt from a snapshot, never stored): task ids by service
     /// and by node.
     pub(crate) index: crate::workload::TaskIndex,
-    history: VecDeque<KvEvent>,
+    /// Shared with the watchers each event was sent to: one copy of a value per event.
+    history: VecDeque<Arc<KvEvent>>,
     /// Events with a revision below this are no longer in `history`.
     compacted_before: u64,
 }
@@ -83,8 +85,8 @@ impl ClusterState {
     }
 
     /// Applies `cmd`, committed at log index `revision`, and returns what it did together
-    /// with the key-value events it produced (for watchers).
-    pub fn apply(&mut self, revision: u64, cmd: &Command) -> (CommandResult, Vec<KvEvent>) {
+    /// with the key-value events it produced (for watchers; the history holds the same ones).
+    pub fn apply(&mut self, revision: u64, cmd: &Command) -> (CommandResult, Vec<Arc<KvEvent>>) {
         self.advance(revision);
         let mut events = Vec::new();
         let outcome = match cmd {
@@ -329,7 +331,7 @@ impl ClusterState {
             }
         };
         for e in &events {
-            self.history.push_back(e.clone());
+            self.history.push_back(Arc::clone(e));
         }
         while self.history.len() > WATCH_HISTORY {
             if let Some(old) = self.history.pop_front() {
@@ -375,7 +377,7 @@ impl ClusterState {
         revision: u64,
         key: &str,
         value: &[u8],
-        events: &mut Vec<KvEvent>,
+        events: &mut Vec<Arc<KvEvent>>,
     ) -> Option<KvEntry> {
         let slot = self.image.kv.get_mut(key);
         let (create_revision, version) = slot
@@ -394,22 +396,27 @@ impl ClusterState {
                 None
             }
         };
-        events.push(KvEvent {
+        events.push(Arc::new(KvEvent {
             revision,
             key: key.to_owned(),
             entry: Some(entry),
-        });
+        }));
         prev
     }
 
-    fn delete(&mut self, revision: u64, key: &str, events: &mut Vec<KvEvent>) -> Option<KvEntry> {
+    fn delete(
+        &mut self,
+        revision: u64,
+        key: &str,
+        events: &mut Vec<Arc<KvEvent>>,
+    ) -> Option<KvEntry> {
         let prev = self.image.kv.remove(key);
         if prev.is_some() {
-            events.push(KvEvent {
+            events.push(Arc::new(KvEvent {
                 revision,
                 key: key.to_owned(),
                 entry: None,
-            });
+            }));
         }
         prev
     }
@@ -461,7 +468,7 @@ impl ClusterState {
 
     /// Events for keys under `prefix` with a revision ≥ `from`, or `Err(first)` with the
     /// oldest revision still available if `from` is older than that.
-    pub fn history_since(&self, prefix: &str, from: u64) -> Result<Vec<KvEvent>, u64> {
+    pub fn history_since(&self, prefix: &str, from: u64) -> Result<Vec<Arc<KvEvent>>, u64> {
         if from < self.compacted_before {
             return Err(self.compacted_before);
         }
