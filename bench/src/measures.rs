@@ -471,7 +471,7 @@ fn floor(
     one: (&Figures, &Figures),
     most: (usize, &Figures, &Figures),
 ) -> String {
-    let fsync = machine.fdatasync_us.0;
+    let fsync = machine.fdatasync_floor_us();
     let us = |v: f64| format!("{v:.0} µs");
     let lat = |rtt: &Figures, put: &Figures| {
         let floor = fsync as f64 + 2.0 * rtt.p50_us as f64;
@@ -489,7 +489,7 @@ fn floor(
          `consistency=stale` over QUIC, etcd `serializable` over gRPC: the same connection \
          and request path, no disk), measured after the writes.\n\n\
          | | Starling | etcd |\n|---|---|---|\n\
-         | fdatasync p50 (this disk) | {fsync} µs | {fsync} µs |\n\
+         | fdatasync p50 (this disk, the faster of in place and append) | {fsync} µs | {fsync} µs |\n\
          | round trip p50 (1 client, to the leader) | {} | {} |\n\
          | floor: fdatasync + 2 round trips | {} | {} |\n\
          | 1 client writing to the leader, p50 | {} | {} |\n\
