@@ -385,11 +385,11 @@ where
                 }));
                 Box::pin(async move {
                     let answer = match called {
-                        Ok(future) => match AssertUnwindSafe(future).catch_unwind().await {
-                            Ok(Ok(resp)) => resp,
-                            Ok(Err(never)) => match never {},
-                            Err(cause) => panicked(cause),
-                        },
+                        Ok(future) => AssertUnwindSafe(future)
+                            .catch_unwind()
+                            .await
+                            .map(|routed| routed.unwrap_or_else(|never| match never {}))
+                            .unwrap_or_else(panicked),
                         Err(cause) => panicked(cause),
                     };
                     Ok(finish(state.as_ref(), answer).await)
