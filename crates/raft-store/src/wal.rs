@@ -969,25 +969,31 @@ fn scan_segment(path: &Path, out: &mut Vec<Vec<u8>>) -> io::Result<SegmentScan> 
         out.push(payload);
         pos += FRAME_HEADER_LEN as u64 + u64::from(len);
     };
-    // Where the bytes after the last good frame stop being zero.
+    // Where the bytes after the last good frame stop being zero. Reserved space reads as a
+    // hole where the file system tracks it (ext4, xfs): only the data regions are read.
     let mut file = reader.into_inner();
-    file.seek(io::SeekFrom::Start(pos))?;
     let mut written_end = pos;
-    let mut at = pos;
     let mut chunk = vec![0u8; 256 * 1024];
     let zeros = vec![0u8; chunk.len()];
-    loop {
-        let n = file.read(&mut chunk)?;
-        if n == 0 {
-            break;
+    let mut from = pos;
+    while let Some((start, end)) = data_region(&file, from, file_len) {
+        file.seek(io::SeekFrom::Start(start))?;
+        let mut at = start;
+        while at < end {
+            let want = usize::try_from(end - at).map_or(chunk.len(), |n| n.min(chunk.len()));
+            let n = file.read(&mut chunk[..want])?;
+            if n == 0 {
+                break;
+            }
+            // Compared as slices (memcmp) first: mostly zeros.
+            if chunk[..n] != zeros[..n]
+                && let Some(i) = chunk[..n].iter().rposition(|&b| b != 0)
+            {
+                written_end = at + i as u64 + 1;
+            }
+            at += n as u64;
         }
-        // Compared as slices (memcmp): a reserved segment is tens of megabytes of zeros.
-        if chunk[..n] != zeros[..n]
-            && let Some(i) = chunk[..n].iter().rposition(|&b| b != 0)
-        {
-            written_end = at + i as u64 + 1;
-        }
-        at += n as u64;
+        from = end;
     }
     Ok(SegmentScan {
         valid_len: pos,
@@ -997,6 +1003,42 @@ fn scan_segment(path: &Path, out: &mut Vec<Vec<u8>>) -> io::Result<SegmentScan> 
             reason,
         }),
     })
+}
+
+/// The next stretch of the file at or after `from` that may hold data, as `(start, end)`, or
+/// `None` if only holes (reserved space) follow. Where the system cannot tell, all of what is
+/// left.
+fn data_region(file: &File, from: u64, file_len: u64) -> Option<(u64, u64)> {
+    if from >= file_len {
+        return None;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use nix::unistd::{Whence, lseek};
+        let Ok(offset) = i64::try_from(from) else {
+            return Some((from, file_len));
+        };
+        let start = match lseek(file, offset, Whence::SeekData) {
+            Ok(at) => u64::try_from(at).map_or(from, |at| at.clamp(from, file_len)),
+            Err(nix::errno::Errno::ENXIO) => return None,
+            Err(_) => return Some((from, file_len)),
+        };
+        let end = i64::try_from(start)
+            .ok()
+            .and_then(|start| lseek(file, start, Whence::SeekHole).ok())
+            .and_then(|at| u64::try_from(at).ok())
+            .map_or(file_len, |at| at.clamp(start, file_len));
+        // A region of no length would not move the search on: read the rest instead.
+        if end <= start {
+            return Some((start, file_len));
+        }
+        Some((start, end))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = file;
+        Some((from, file_len))
+    }
 }
 
 /// Creates segment `seq` with its header, reserves it, syncs it and the directory.
@@ -1349,6 +1391,42 @@ mod tests {
             assert_eq!(segments_in(dir.path()), vec![segment.clone()]);
             records_of(&segment, &written);
         }
+    }
+
+    /// The data regions found in a reserved file cover every byte that is not zero (what
+    /// they skip is reserved space or holes), and the search ends.
+    #[test]
+    fn data_regions_cover_every_written_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("regions");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        preallocate(&file, 1 << 20);
+        for (at, len) in [(0u64, 5000usize), (300_000, 10), (700_001, 70_000)] {
+            file.write_all_at(&Rng(at + 1).bytes(len), at).unwrap();
+        }
+        file.sync_all().unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let len = bytes.len() as u64;
+        let mut covered = vec![false; bytes.len()];
+        let mut from = 0;
+        let mut regions = 0;
+        while let Some((start, end)) = data_region(&file, from, len) {
+            assert!(
+                start >= from && end > start && end <= len,
+                "{from}: {start}..{end}"
+            );
+            covered[start as usize..end as usize].fill(true);
+            from = end;
+            regions += 1;
+            assert!(regions < 1000, "the search does not end");
+        }
+        let missed = bytes.iter().zip(&covered).position(|(&b, &c)| b != 0 && !c);
+        assert_eq!(missed, None, "a written byte outside every region");
     }
 
     /// A write torn inside the reserved space (garbage, then the reserved zeros) is cut back
