@@ -4,7 +4,8 @@
 //! queue, so they reach the disk in the order openraft issued them (openraft's
 //! `docs/protocol/io_ordering.md`). Entries are readable as soon as `append` returns and
 //! acknowledged (the `IOFlushed` callback) only after the group commit's fsync. The vote is
-//! on disk before `save_vote` returns. The log is also kept in memory; after a purge the WAL
+//! on disk before `save_vote` returns. The commit mark is written without a sync of its own
+//! (`Wal::append_unsynced`): it goes to disk with the next record that is synced. The log is also kept in memory; after a purge the WAL
 //! is compacted now and then so it does not grow without bound.
 
 use std::collections::BTreeMap;
@@ -206,8 +207,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not waited for: a lost commit mark only means re-applying fewer entries at start.
-        self.write(&LogRecord::Committed(committed), |_| {})?;
+        // Not synced for: a lost commit mark only means re-applying fewer entries at start,
+        // and a sync of its own would hold the disk from the next append (at one client,
+        // every write would pay two syncs per member). The next entries' sync takes it along.
+        self.wal
+            .append_unsynced(encode(&LogRecord::Committed(committed))?);
         self.lock().committed = committed;
         Ok(())
     }

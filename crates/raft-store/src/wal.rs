@@ -9,7 +9,8 @@
 //!  --------------------                          ---------------------------------------------
 //!  append(rec, done) ----+                       take the first command, then everything queued
 //!  append_sync(rec) -----+--> one FIFO queue -->  (up to max_batch_records / max_batch_bytes)
-//!  compact(records) -----+                       write_at(frames) -> sync_data() -> done(Ok) x N
+//!  append_unsynced(rec) -+                       write_at(frames) -> sync_data() -> done(Ok) x N
+//!  compact(records) -----+                       (no sync_data when only unsynced records)
 //!                                                compact: .tmp -> fsync -> rename -> fsync dir
 //!                                                         -> delete older segments
 //!  dir/
@@ -70,7 +71,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 
 /// Magic and format version at the start of every segment file.
@@ -86,6 +87,8 @@ const SEGMENT_PREFIX: &str = "wal-";
 const SEGMENT_SUFFIX: &str = ".log";
 const TMP_SUFFIX: &str = ".log.tmp";
 const SEQUENCE_DIGITS: usize = 20;
+/// Unsynced records held before they are queued anyway (see [`Wal::append_unsynced`]).
+const HELD_UNSYNCED: usize = 64;
 
 /// Completion callback of [`Wal::append`].
 ///
@@ -220,6 +223,9 @@ impl Counters {
 #[derive(Debug)]
 pub struct Wal {
     sender: Option<mpsc::Sender<Command>>,
+    /// Unsynced records not queued yet: they go to the writer just before the next command
+    /// (or at close), so writing them costs no wake-up of the writer of their own.
+    held: Mutex<Vec<Vec<u8>>>,
     writer: Option<JoinHandle<()>>,
     failed: Arc<AtomicBool>,
     counters: Arc<Counters>,
@@ -231,6 +237,8 @@ enum Command {
     Append {
         record: Vec<u8>,
         done: AppendCallback,
+        /// False for [`Wal::append_unsynced`]: written, made durable by the next sync.
+        sync: bool,
     },
     Compact {
         records: Vec<Vec<u8>>,
@@ -320,6 +328,7 @@ impl Wal {
             active,
             active_seq,
             active_len,
+            dirty: false,
             segments: live,
             failed: Arc::clone(&failed),
             failure: None,
@@ -332,6 +341,7 @@ impl Wal {
             .map_err(io_error(dir, "starting the writer thread"))?;
         let wal = Wal {
             sender: Some(sender),
+            held: Mutex::new(Vec::new()),
             writer: Some(handle),
             failed,
             counters,
@@ -352,7 +362,58 @@ impl Wal {
             complete(done, Err(record_too_large(record.len())));
             return;
         }
-        self.submit(Command::Append { record, done });
+        self.submit(Command::Append {
+            record,
+            done,
+            sync: true,
+        });
+    }
+
+    /// Appends `record` in order with every other append without syncing for it: it is held
+    /// until the next append or compaction is queued (at most 64 records wait), goes to the
+    /// writer just before it, and becomes durable with the next sync: that append's, a
+    /// segment rotation's or [`Wal::close`]'s. A crash before then may lose it (and any
+    /// unsynced record after it), never a record acknowledged before it.
+    ///
+    /// For records whose loss only costs work after a restart, such as Raft's commit mark: a
+    /// sync of its own would hold the disk (and the next durable append) for nothing, and a
+    /// wake-up of the writer of its own would cost a context switch per record.
+    pub fn append_unsynced(&self, record: Vec<u8>) {
+        if u32::try_from(record.len()).is_err() {
+            tracing::warn!(
+                error = %record_too_large(record.len()),
+                "unsynced write-ahead log record refused"
+            );
+            return;
+        }
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut held = self.held();
+        held.push(record);
+        if held.len() >= HELD_UNSYNCED {
+            self.queue_held(&mut held);
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        // The list is only pushed to and drained: a panic elsewhere cannot leave it half-done.
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends the held unsynced records to the writer (the caller holds the list's lock, so
+    /// nothing is queued between them and what the caller sends next).
+    fn queue_held(&self, held: &mut Vec<Vec<u8>>) {
+        if let Some(sender) = &self.sender {
+            for record in held.drain(..) {
+                // A writer gone fails the command sent after these: nothing to report here.
+                let _ = sender.send(Command::Append {
+                    record,
+                    done: Box::new(|_| {}),
+                    sync: false,
+                });
+            }
+        }
     }
 
     /// Appends `record` through the same queue as [`Wal::append`] and blocks until it is durable.
@@ -419,6 +480,8 @@ impl Wal {
             command.fail(failed_error());
             return;
         }
+        let mut held = self.held();
+        self.queue_held(&mut held);
         match &self.sender {
             Some(sender) => {
                 if let Err(mpsc::SendError(command)) = sender.send(command) {
@@ -430,7 +493,10 @@ impl Wal {
     }
 
     fn shutdown(&mut self) -> io::Result<()> {
-        // Dropping the only sender lets the writer drain the queue and return.
+        // Held unsynced records go last; dropping the only sender then lets the writer drain
+        // the queue, sync what it wrote unsynced and return.
+        let mut held = std::mem::take(&mut *self.held());
+        self.queue_held(&mut held);
         drop(self.sender.take());
         if let Some(handle) = self.writer.take()
             && handle.join().is_err()
@@ -465,6 +531,8 @@ struct Writer {
     active_seq: u64,
     /// Bytes in the active segment, header included.
     active_len: u64,
+    /// Records written to the active segment since its last sync (unsynced appends).
+    dirty: bool,
     /// Sequences of the live segments, ascending; the last is the active one.
     segments: Vec<u64>,
     failed: Arc<AtomicBool>,
@@ -485,14 +553,24 @@ impl Writer {
                 Some(command) => command,
                 None => match self.receiver.recv() {
                     Ok(command) => command,
-                    // Every sender is gone and the queue is empty: closed.
-                    Err(mpsc::RecvError) => return,
+                    // Every sender is gone and the queue is empty: closed, with what was
+                    // written unsynced made durable.
+                    Err(mpsc::RecvError) => {
+                        if self.dirty
+                            && self.failure.is_none()
+                            && let Err(error) = self.sync_active()
+                        {
+                            self.enter_failed(&error);
+                        }
+                        return;
+                    }
                 },
             };
             match command {
                 Command::Compact { records, done } => self.handle_compact(&records, done),
-                Command::Append { record, done } => {
+                Command::Append { record, done, sync } => {
                     let mut batch_bytes = record.len();
+                    let mut batch_sync = sync;
                     batch.push(record);
                     dones.push(done);
                     let max_records = self.options.max_batch_records.max(1);
@@ -500,7 +578,8 @@ impl Writer {
                     // compaction ends the batch so it stays ordered after these appends.
                     while batch.len() < max_records && batch_bytes < self.options.max_batch_bytes {
                         match self.receiver.try_recv() {
-                            Ok(Command::Append { record, done }) => {
+                            Ok(Command::Append { record, done, sync }) => {
+                                batch_sync |= sync;
                                 batch_bytes += record.len();
                                 batch.push(record);
                                 dones.push(done);
@@ -512,17 +591,17 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    self.handle_batch(&batch, &mut dones);
+                    self.handle_batch(&batch, batch_sync, &mut dones);
                     batch.clear();
                 }
             }
         }
     }
 
-    fn handle_batch(&mut self, records: &[Vec<u8>], dones: &mut Vec<AppendCallback>) {
+    fn handle_batch(&mut self, records: &[Vec<u8>], sync: bool, dones: &mut Vec<AppendCallback>) {
         let result = match self.failure_error() {
             Some(error) => Err(error),
-            None => self.write_records(records),
+            None => self.write_records(records, sync),
         };
         match result {
             Ok(()) => {
@@ -551,8 +630,9 @@ impl Writer {
     }
 
     /// Writes `records` to the active segment, rotating before a frame that would take it past
-    /// `segment_size`, and syncs every segment written to.
-    fn write_records(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
+    /// `segment_size`, and syncs every segment written to (the active one only if `sync`; a
+    /// segment left behind is always synced).
+    fn write_records(&mut self, records: &[Vec<u8>], sync: bool) -> io::Result<()> {
         self.buf.clear();
         for record in records {
             let segment_len = self.active_len + self.buf.len() as u64;
@@ -560,7 +640,8 @@ impl Writer {
             if segment_len > HEADER_LEN as u64
                 && segment_len + frame_len > self.options.segment_size
             {
-                self.flush_buf()?;
+                // `rotate` syncs the segment it leaves.
+                self.flush_buf(false)?;
                 self.rotate()?;
             }
             encode_frame(record, &mut self.buf)?;
@@ -568,23 +649,32 @@ impl Writer {
         self.counters
             .records_written
             .fetch_add(records.len() as u64, Ordering::Relaxed);
-        self.flush_buf()
+        self.flush_buf(sync)
     }
 
-    fn flush_buf(&mut self) -> io::Result<()> {
+    fn flush_buf(&mut self, sync: bool) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
         // In place: the segment is reserved beyond its records (and a file opened to append
         // would ignore the offset).
         self.active.write_all_at(&self.buf, self.active_len)?;
-        self.active.sync_data()?;
+        self.dirty = true;
+        if sync {
+            self.sync_active()?;
+        }
         self.active_len += self.buf.len() as u64;
         self.counters
             .bytes_written
             .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
-        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         self.buf.clear();
+        Ok(())
+    }
+
+    fn sync_active(&mut self) -> io::Result<()> {
+        self.active.sync_data()?;
+        self.dirty = false;
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -592,8 +682,7 @@ impl Writer {
         // The segment ends at its last record: reserved zeros are only ever in the last one,
         // so damage to any other still reads as corruption.
         self.active.set_len(self.active_len)?;
-        self.active.sync_data()?;
-        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        self.sync_active()?;
         let seq = self.next_seq()?;
         self.active = create_segment(
             &self.dir,
@@ -652,6 +741,8 @@ impl Writer {
         self.active = file;
         self.active_seq = seq;
         self.active_len = self.buf.len() as u64;
+        // What the old segments held unsynced is superseded by the synced BASE.
+        self.dirty = false;
         self.buf.clear();
         let old = std::mem::replace(&mut self.segments, vec![seq]);
         // From here the compaction is durable; failing to delete superseded segments loses
@@ -1275,6 +1366,68 @@ mod tests {
             assert_eq!(i, next[t]);
             next[t] += 1;
         }
+        wal.close().unwrap();
+    }
+
+    #[test]
+    fn unsynced_appends_are_written_in_order_and_synced_by_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = open(dir.path());
+        let before = wal.stats();
+        let mut expected: Vec<Vec<u8>> = (0..10u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        for record in &expected {
+            wal.append_unsynced(record.clone());
+        }
+        // Held: the writer is not woken for them.
+        assert_eq!(wal.stats(), before, "unsynced records were written at once");
+        expected.push(b"durable".to_vec());
+        wal.append_sync(b"durable".to_vec()).unwrap();
+        let after = wal.stats();
+        assert_eq!(after.records_written - before.records_written, 11);
+        assert_eq!(
+            after.syncs - before.syncs,
+            1,
+            "ten unsynced records and one synced one take one sync"
+        );
+        // One more left unsynced: close makes it durable, and it comes back in order.
+        wal.append_unsynced(b"last".to_vec());
+        expected.push(b"last".to_vec());
+        wal.close().unwrap();
+        let (wal, replayed) = open(dir.path());
+        assert_eq!(replayed, expected);
+        wal.close().unwrap();
+    }
+
+    #[test]
+    fn held_unsynced_records_are_written_unsynced_when_too_many_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = open(dir.path());
+        let before = wal.stats();
+        let expected: Vec<Vec<u8>> = (0..HELD_UNSYNCED as u32)
+            .map(|i| i.to_le_bytes().to_vec())
+            .collect();
+        let frames: u64 = expected.iter().map(|r| frame_len(r)).sum();
+        for record in &expected {
+            wal.append_unsynced(record.clone());
+        }
+        // No append comes: the full list goes to the writer, which writes it without a sync.
+        let deadline = Instant::now() + WAIT;
+        while wal.stats().bytes_written - before.bytes_written < frames {
+            assert!(
+                Instant::now() < deadline,
+                "held records not written in time"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        let after = wal.stats();
+        assert_eq!(
+            after.records_written - before.records_written,
+            HELD_UNSYNCED as u64
+        );
+        assert_eq!(after.syncs, before.syncs, "unsynced records were synced");
+        wal.close().unwrap();
+        let (wal, replayed) = open(dir.path());
+        assert_eq!(replayed, expected);
         wal.close().unwrap();
     }
 
