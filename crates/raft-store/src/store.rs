@@ -635,7 +635,7 @@ impl Store {
                 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                other => break other?,
+                other => break other?.of_member(config.raft_id),
             }
         };
         let log_closed = log.closed_when_dropped();

@@ -70,7 +70,7 @@ use std::io::{self, BufReader, Read, Seek, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 
@@ -226,6 +226,8 @@ pub struct Wal {
     /// Unsynced records not queued yet: they go to the writer just before the next command
     /// (or at close), so writing them costs no wake-up of the writer of their own.
     held: Mutex<Vec<Vec<u8>>>,
+    /// The files, written by the writer thread or (see [`Wal::append_or_write`]) the caller.
+    shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
     failed: Arc<AtomicBool>,
     counters: Arc<Counters>,
@@ -324,7 +326,6 @@ impl Wal {
         let writer = Writer {
             dir: dir.to_path_buf(),
             options,
-            receiver,
             active,
             active_seq,
             active_len,
@@ -335,13 +336,21 @@ impl Wal {
             counters: Arc::clone(&counters),
             buf: Vec::new(),
         };
-        let handle = thread::Builder::new()
-            .name("starling-wal".to_owned())
-            .spawn(move || writer.run())
-            .map_err(io_error(dir, "starting the writer thread"))?;
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(writer),
+            queued: AtomicUsize::new(0),
+        });
+        let handle = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("starling-wal".to_owned())
+                .spawn(move || run(&receiver, &shared))
+                .map_err(io_error(dir, "starting the writer thread"))?
+        };
         let wal = Wal {
             sender: Some(sender),
             held: Mutex::new(Vec::new()),
+            shared,
             writer: Some(handle),
             failed,
             counters,
@@ -396,6 +405,39 @@ impl Wal {
         }
     }
 
+    /// Like [`Wal::append`], but when nothing is queued for the writer thread, writes and syncs
+    /// `record` (after any held unsynced records) on the caller's thread and calls `done`
+    /// before returning: no hand-off to the writer and back, at the price of blocking the
+    /// caller for the sync. Otherwise it is queued like [`Wal::append`]. Callbacks still run in
+    /// append order: a record is written here only once every earlier one's callback ran.
+    pub fn append_or_write(&self, record: Vec<u8>, done: AppendCallback) {
+        if u32::try_from(record.len()).is_err() {
+            complete(done, Err(record_too_large(record.len())));
+            return;
+        }
+        if self.failed.load(Ordering::Acquire) {
+            complete(done, Err(failed_error()));
+            return;
+        }
+        // Every other appender takes this lock before queueing, so nothing is queued between
+        // the check and the write.
+        let mut held = self.held();
+        if self.shared.queued.load(Ordering::Acquire) == 0 {
+            let mut records = std::mem::take(&mut *held);
+            records.push(record);
+            let result = self.shared.lock().write_batch(&records, true);
+            drop(held);
+            complete(done, result);
+            return;
+        }
+        self.queue_held(&mut held);
+        self.send(Command::Append {
+            record,
+            done,
+            sync: true,
+        });
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
         // The list is only pushed to and drained: a panic elsewhere cannot leave it half-done.
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
@@ -406,12 +448,16 @@ impl Wal {
     fn queue_held(&self, held: &mut Vec<Vec<u8>>) {
         if let Some(sender) = &self.sender {
             for record in held.drain(..) {
-                // A writer gone fails the command sent after these: nothing to report here.
-                let _ = sender.send(Command::Append {
+                self.shared.queued.fetch_add(1, Ordering::AcqRel);
+                let command = Command::Append {
                     record,
                     done: Box::new(|_| {}),
                     sync: false,
-                });
+                };
+                // A writer gone fails the command sent after these: nothing to report here.
+                if sender.send(command).is_err() {
+                    self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         }
     }
@@ -482,13 +528,19 @@ impl Wal {
         }
         let mut held = self.held();
         self.queue_held(&mut held);
-        match &self.sender {
-            Some(sender) => {
-                if let Err(mpsc::SendError(command)) = sender.send(command) {
-                    command.fail(writer_gone());
-                }
-            }
-            None => command.fail(writer_gone()),
+        self.send(command);
+    }
+
+    /// Queues `command` (the caller holds the held list's lock).
+    fn send(&self, command: Command) {
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        let unsent = match &self.sender {
+            Some(sender) => sender.send(command).err().map(|mpsc::SendError(c)| c),
+            None => Some(command),
+        };
+        if let Some(command) = unsent {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            command.fail(writer_gone());
         }
     }
 
@@ -522,11 +574,97 @@ impl Drop for Wal {
     }
 }
 
-/// The writer thread's state. Only this thread touches segment files after open.
+/// The files and the count of commands queued for the writer thread and not yet done.
+#[derive(Debug)]
+struct Shared {
+    writer: Mutex<Writer>,
+    /// Raised before a command is sent, lowered once it is written and its callback ran.
+    queued: AtomicUsize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+        // A panic while writing leaves the log's state unknown: FAILED says so, and the
+        // files' state is still what the next write must start from.
+        self.writer.lock().unwrap_or_else(|poisoned| {
+            let mut writer = poisoned.into_inner();
+            writer.enter_failed(&io::Error::other("a write-ahead log write panicked"));
+            writer
+        })
+    }
+}
+
+/// The writer thread: takes the commands in queue order, appends in group-commit batches.
+fn run(receiver: &mpsc::Receiver<Command>, shared: &Shared) {
+    let (max_records, max_bytes) = {
+        let writer = shared.lock();
+        (
+            writer.options.max_batch_records.max(1),
+            writer.options.max_batch_bytes,
+        )
+    };
+    let mut batch = Vec::new();
+    let mut dones = Vec::new();
+    let mut next = None;
+    loop {
+        let command = match next.take() {
+            Some(command) => command,
+            None => match receiver.recv() {
+                Ok(command) => command,
+                // Every sender is gone and the queue is empty: closed.
+                Err(mpsc::RecvError) => {
+                    shared.lock().sync_if_dirty();
+                    return;
+                }
+            },
+        };
+        match command {
+            Command::Compact { records, done } => {
+                let result = shared.lock().compact(&records);
+                complete(done, result);
+                shared.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            Command::Append { record, done, sync } => {
+                let mut batch_bytes = record.len();
+                let mut batch_sync = sync;
+                batch.push(record);
+                dones.push(done);
+                // Group commit: take whatever else is already queued, up to the limits; a
+                // compaction ends the batch so it stays ordered after these appends.
+                while batch.len() < max_records && batch_bytes < max_bytes {
+                    match receiver.try_recv() {
+                        Ok(Command::Append { record, done, sync }) => {
+                            batch_sync |= sync;
+                            batch_bytes += record.len();
+                            batch.push(record);
+                            dones.push(done);
+                        }
+                        Ok(compact @ Command::Compact { .. }) => {
+                            next = Some(compact);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let result = shared.lock().write_batch(&batch, batch_sync);
+                // Callbacks outside the lock, and before the count drops: an append written
+                // on its caller's thread comes after them.
+                for done in dones.drain(..) {
+                    complete(done, result.as_ref().map(|_| ()).map_err(copy_error));
+                }
+                shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+                batch.clear();
+            }
+        }
+    }
+}
+
+/// The log's files and where the writing stands. Written under [`Shared`]'s lock by the
+/// writer thread, or by a caller when nothing is queued.
+#[derive(Debug)]
 struct Writer {
     dir: PathBuf,
     options: WalOptions,
-    receiver: mpsc::Receiver<Command>,
     active: File,
     active_seq: u64,
     /// Bytes in the active segment, header included.
@@ -544,89 +682,38 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self) {
-        let mut batch = Vec::new();
-        let mut dones = Vec::new();
-        let mut next = None;
-        loop {
-            let command = match next.take() {
-                Some(command) => command,
-                None => match self.receiver.recv() {
-                    Ok(command) => command,
-                    // Every sender is gone and the queue is empty: closed, with what was
-                    // written unsynced made durable.
-                    Err(mpsc::RecvError) => {
-                        if self.dirty
-                            && self.failure.is_none()
-                            && let Err(error) = self.sync_active()
-                        {
-                            self.enter_failed(&error);
-                        }
-                        return;
-                    }
-                },
-            };
-            match command {
-                Command::Compact { records, done } => self.handle_compact(&records, done),
-                Command::Append { record, done, sync } => {
-                    let mut batch_bytes = record.len();
-                    let mut batch_sync = sync;
-                    batch.push(record);
-                    dones.push(done);
-                    let max_records = self.options.max_batch_records.max(1);
-                    // Group commit: take whatever else is already queued, up to the limits; a
-                    // compaction ends the batch so it stays ordered after these appends.
-                    while batch.len() < max_records && batch_bytes < self.options.max_batch_bytes {
-                        match self.receiver.try_recv() {
-                            Ok(Command::Append { record, done, sync }) => {
-                                batch_sync |= sync;
-                                batch_bytes += record.len();
-                                batch.push(record);
-                                dones.push(done);
-                            }
-                            Ok(compact @ Command::Compact { .. }) => {
-                                next = Some(compact);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.handle_batch(&batch, batch_sync, &mut dones);
-                    batch.clear();
-                }
-            }
+    /// Writes a batch of appends (syncing if `sync`), entering the FAILED state on an error.
+    fn write_batch(&mut self, records: &[Vec<u8>], sync: bool) -> io::Result<()> {
+        if let Some(error) = self.failure_error() {
+            return Err(error);
         }
-    }
-
-    fn handle_batch(&mut self, records: &[Vec<u8>], sync: bool, dones: &mut Vec<AppendCallback>) {
-        let result = match self.failure_error() {
-            Some(error) => Err(error),
-            None => self.write_records(records, sync),
-        };
-        match result {
-            Ok(()) => {
-                for done in dones.drain(..) {
-                    complete(done, Ok(()));
-                }
-            }
-            Err(error) => {
-                self.enter_failed(&error);
-                for done in dones.drain(..) {
-                    complete(done, Err(copy_error(&error)));
-                }
-            }
-        }
-    }
-
-    fn handle_compact(&mut self, records: &[Vec<u8>], done: AppendCallback) {
-        let result = match self.failure_error() {
-            Some(error) => Err(error),
-            None => self.write_base(records),
-        };
+        let result = self.write_records(records, sync);
         if let Err(error) = &result {
             self.enter_failed(error);
         }
-        complete(done, result);
+        result
+    }
+
+    /// Runs a compaction, entering the FAILED state on an error.
+    fn compact(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
+        if let Some(error) = self.failure_error() {
+            return Err(error);
+        }
+        let result = self.write_base(records);
+        if let Err(error) = &result {
+            self.enter_failed(error);
+        }
+        result
+    }
+
+    /// At close: what was written unsynced is made durable.
+    fn sync_if_dirty(&mut self) {
+        if self.dirty
+            && self.failure.is_none()
+            && let Err(error) = self.sync_active()
+        {
+            self.enter_failed(&error);
+        }
     }
 
     /// Writes `records` to the active segment, rotating before a frame that would take it past
@@ -1428,6 +1515,83 @@ mod tests {
         wal.close().unwrap();
         let (wal, replayed) = open(dir.path());
         assert_eq!(replayed, expected);
+        wal.close().unwrap();
+    }
+
+    #[test]
+    fn append_or_write_on_an_idle_log_syncs_on_the_callers_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = open(dir.path());
+        wal.append_unsynced(b"held".to_vec());
+        let before = wal.stats();
+        let ran_on = Arc::new(Mutex::new(None));
+        let seen = Arc::clone(&ran_on);
+        wal.append_or_write(
+            b"here".to_vec(),
+            Box::new(move |r| {
+                *seen.lock().unwrap() = Some((thread::current().id(), r.is_ok()));
+            }),
+        );
+        // Done before the call returned, on this thread, in one sync with the held record.
+        assert_eq!(
+            *ran_on.lock().unwrap(),
+            Some((thread::current().id(), true))
+        );
+        let after = wal.stats();
+        assert_eq!(after.records_written - before.records_written, 2);
+        assert_eq!(after.syncs - before.syncs, 1);
+        wal.close().unwrap();
+        let (wal, replayed) = open(dir.path());
+        assert_eq!(replayed, vec![b"held".to_vec(), b"here".to_vec()]);
+        wal.close().unwrap();
+    }
+
+    #[test]
+    fn appends_written_here_or_queued_keep_their_order_and_callback_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = open(dir.path());
+        let done_order = Arc::new(Mutex::new(Vec::new()));
+        thread::scope(|scope| {
+            for t in 0..4u32 {
+                let wal = &wal;
+                let done_order = &done_order;
+                scope.spawn(move || {
+                    for i in 0..300u32 {
+                        let record = [t.to_le_bytes(), i.to_le_bytes()].concat();
+                        let order = Arc::clone(done_order);
+                        let done: AppendCallback = Box::new(move |r| {
+                            assert!(r.is_ok());
+                            order.lock().unwrap().push((t, i));
+                        });
+                        if i % 2 == 0 {
+                            wal.append_or_write(record, done);
+                        } else {
+                            wal.append(record, done);
+                        }
+                    }
+                });
+            }
+        });
+        wal.close().unwrap();
+        let check = |pairs: &mut dyn Iterator<Item = (u32, u32)>, what: &str| {
+            let mut next = [0u32; 4];
+            for (t, i) in pairs {
+                assert_eq!(i, next[t as usize], "{what}: thread {t} out of order");
+                next[t as usize] += 1;
+            }
+            assert_eq!(next, [300; 4], "{what}: records missing");
+        };
+        check(&mut done_order.lock().unwrap().iter().copied(), "callbacks");
+        let (wal, replayed) = open(dir.path());
+        check(
+            &mut replayed.iter().map(|r| {
+                (
+                    u32::from_le_bytes(r[0..4].try_into().unwrap()),
+                    u32::from_le_bytes(r[4..8].try_into().unwrap()),
+                )
+            }),
+            "log",
+        );
         wal.close().unwrap();
     }
 
