@@ -13,6 +13,8 @@
 //!  compact(records) -----+                       (no sync_data when only unsynced records)
 //!                                                compact: .tmp -> fsync -> rename -> fsync dir
 //!                                                         -> delete older segments
+//!  append_or_write(rec, done): nothing queued -> write_at + sync_data + done on the caller's
+//!                              thread (under the same lock on the files); else queued
 //!  dir/
 //!    LOCK                           exclusive lock, held while a Wal is open
 //!    wal-00000000000000000007.log   BASE segment (written by compact)
@@ -219,7 +221,8 @@ impl Counters {
 ///
 /// All methods take `&self`; share it between threads with `Arc<Wal>`. Appends and compactions
 /// go through ONE queue to one writer thread, so they reach the disk in the order they were
-/// called, whichever thread called them.
+/// called, whichever thread called them; [`Wal::append_or_write`] writes on its caller's
+/// thread only when that queue is empty, which keeps the order.
 #[derive(Debug)]
 pub struct Wal {
     sender: Option<mpsc::Sender<Command>>,
