@@ -75,6 +75,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 /// Magic and format version at the start of every segment file.
 const MAGIC: &[u8; 8] = b"STRLWAL1";
@@ -89,6 +90,8 @@ const SEGMENT_PREFIX: &str = "wal-";
 const SEGMENT_SUFFIX: &str = ".log";
 const TMP_SUFFIX: &str = ".log.tmp";
 const SEQUENCE_DIGITS: usize = 20;
+/// A sync slower than this sends appends to the writer thread (see [`Wal::append_or_write`]).
+const SLOW_SYNC: Duration = Duration::from_millis(20);
 /// Unsynced records held before they are queued anyway (see [`Wal::append_unsynced`]).
 const HELD_UNSYNCED: usize = 64;
 
@@ -333,6 +336,7 @@ impl Wal {
             active_seq,
             active_len,
             dirty: false,
+            last_sync: Duration::ZERO,
             segments: live,
             failed: Arc::clone(&failed),
             failure: None,
@@ -413,6 +417,9 @@ impl Wal {
     /// before returning: no hand-off to the writer and back, at the price of blocking the
     /// caller for the sync. Otherwise it is queued like [`Wal::append`]. Callbacks still run in
     /// append order: a record is written here only once every earlier one's callback ran.
+    /// After a sync slower than 20 ms, appends go to the writer thread until one is fast
+    /// again: a stalling disk does not stall the caller (a Raft follower still answers
+    /// heartbeats).
     pub fn append_or_write(&self, record: Vec<u8>, done: AppendCallback) {
         if u32::try_from(record.len()).is_err() {
             complete(done, Err(record_too_large(record.len())));
@@ -426,12 +433,16 @@ impl Wal {
         // the check and the write.
         let mut held = self.held();
         if self.shared.queued.load(Ordering::Acquire) == 0 {
-            let mut records = std::mem::take(&mut *held);
-            records.push(record);
-            let result = self.shared.lock().write_batch(&records, true);
-            drop(held);
-            complete(done, result);
-            return;
+            let mut writer = self.shared.lock();
+            if writer.last_sync <= SLOW_SYNC {
+                let mut records = std::mem::take(&mut *held);
+                records.push(record);
+                let result = writer.write_batch(&records, true);
+                drop(writer);
+                drop(held);
+                complete(done, result);
+                return;
+            }
         }
         self.queue_held(&mut held);
         self.send(Command::Append {
@@ -674,6 +685,8 @@ struct Writer {
     active_len: u64,
     /// Records written to the active segment since its last sync (unsynced appends).
     dirty: bool,
+    /// How long the last sync of the active segment took.
+    last_sync: Duration,
     /// Sequences of the live segments, ascending; the last is the active one.
     segments: Vec<u64>,
     failed: Arc<AtomicBool>,
@@ -762,7 +775,9 @@ impl Writer {
     }
 
     fn sync_active(&mut self) -> io::Result<()> {
+        let started = Instant::now();
         self.active.sync_data()?;
+        self.last_sync = started.elapsed();
         self.dirty = false;
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1546,6 +1561,42 @@ mod tests {
         wal.close().unwrap();
         let (wal, replayed) = open(dir.path());
         assert_eq!(replayed, vec![b"held".to_vec(), b"here".to_vec()]);
+        wal.close().unwrap();
+    }
+
+    #[test]
+    fn after_a_slow_sync_append_or_write_queues_until_a_sync_is_fast() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = open(dir.path());
+        let ran_on = |wal: &Wal, record: &[u8]| {
+            let (tx, rx) = mpsc::channel();
+            wal.append_or_write(
+                record.to_vec(),
+                Box::new(move |r| {
+                    let _ = tx.send((thread::current().name().map(str::to_owned), r.is_ok()));
+                }),
+            );
+            rx.recv_timeout(WAIT).expect("callback in time")
+        };
+        wal.shared.lock().last_sync = Duration::from_secs(1);
+        // The disk looks stalled: the writer thread takes it.
+        assert_eq!(ran_on(&wal, b"0"), (Some("starling-wal".to_owned()), true));
+        // Its sync (fast on any working disk, but a loaded machine may stall one) lets the
+        // caller write again.
+        let here = (thread::current().name().map(str::to_owned), true);
+        let mut expected = vec![b"0".to_vec()];
+        for i in 1..=100u32 {
+            let record = i.to_string().into_bytes();
+            let ran = ran_on(&wal, &record);
+            expected.push(record);
+            if ran == here {
+                break;
+            }
+            assert!(i < 100, "100 appends in a row went to the writer thread");
+        }
+        wal.close().unwrap();
+        let (wal, replayed) = open(dir.path());
+        assert_eq!(replayed, expected);
         wal.close().unwrap();
     }
 
