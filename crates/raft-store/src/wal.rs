@@ -92,8 +92,6 @@ const TMP_SUFFIX: &str = ".log.tmp";
 const SEQUENCE_DIGITS: usize = 20;
 /// A sync slower than this sends appends to the writer thread (see [`Wal::append_or_write`]).
 const SLOW_SYNC: Duration = Duration::from_millis(20);
-/// Unsynced records held before they are queued anyway (see [`Wal::append_unsynced`]).
-const HELD_UNSYNCED: usize = 64;
 
 /// Completion callback of [`Wal::append`].
 ///
@@ -229,9 +227,9 @@ impl Counters {
 #[derive(Debug)]
 pub struct Wal {
     sender: Option<mpsc::Sender<Command>>,
-    /// Unsynced records not queued yet: they go to the writer just before the next command
-    /// (or at close), so writing them costs no wake-up of the writer of their own.
-    held: Mutex<Vec<Vec<u8>>>,
+    /// Taken by every appender while it queues (or writes on its own thread), so nothing is
+    /// queued between [`Wal::append_or_write`]'s look at the queue and its write.
+    order: Mutex<()>,
     /// The files, written by the writer thread or (see [`Wal::append_or_write`]) the caller.
     shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
@@ -356,7 +354,7 @@ impl Wal {
         };
         let wal = Wal {
             sender: Some(sender),
-            held: Mutex::new(Vec::new()),
+            order: Mutex::new(()),
             shared,
             writer: Some(handle),
             failed,
@@ -385,15 +383,15 @@ impl Wal {
         });
     }
 
-    /// Appends `record` in order with every other append without syncing for it: it is held
-    /// until the next append or compaction is queued (at most 64 records wait), goes to the
-    /// writer just before it, and becomes durable with the next sync: that append's, a
-    /// segment rotation's or [`Wal::close`]'s. A crash before then may lose it (and any
-    /// unsynced record after it), never a record acknowledged before it.
+    /// Appends `record` in order with every other append without syncing for it: the writer
+    /// thread writes it as soon as it comes (so it outlives the process being killed), and it
+    /// becomes durable with the next sync: the next synced append's, a segment rotation's or
+    /// [`Wal::close`]'s. A machine crash before then may lose it (and any unsynced record after
+    /// it), never a record acknowledged before it.
     ///
-    /// For records whose loss only costs work after a restart, such as Raft's commit mark: a
-    /// sync of its own would hold the disk (and the next durable append) for nothing, and a
-    /// wake-up of the writer of its own would cost a context switch per record.
+    /// For records whose loss to a machine crash only costs work after a restart, such as
+    /// Raft's commit mark: a sync of its own would hold the disk (and the next durable append)
+    /// for nothing.
     pub fn append_unsynced(&self, record: Vec<u8>) {
         if u32::try_from(record.len()).is_err() {
             tracing::warn!(
@@ -402,18 +400,15 @@ impl Wal {
             );
             return;
         }
-        if self.failed.load(Ordering::Acquire) {
-            return;
-        }
-        let mut held = self.held();
-        held.push(record);
-        if held.len() >= HELD_UNSYNCED {
-            self.queue_held(&mut held);
-        }
+        self.submit(Command::Append {
+            record,
+            done: Box::new(|_| {}),
+            sync: false,
+        });
     }
 
     /// Like [`Wal::append`], but when nothing is queued for the writer thread, writes and syncs
-    /// `record` (after any held unsynced records) on the caller's thread and calls `done`
+    /// `record` on the caller's thread and calls `done`
     /// before returning: no hand-off to the writer and back, at the price of blocking the
     /// caller for the sync. Otherwise it is queued like [`Wal::append`]. Callbacks still run in
     /// append order: a record is written here only once every earlier one's callback ran.
@@ -431,20 +426,17 @@ impl Wal {
         }
         // Every other appender takes this lock before queueing, so nothing is queued between
         // the check and the write.
-        let mut held = self.held();
+        let order = self.order();
         if self.shared.queued.load(Ordering::Acquire) == 0 {
             let mut writer = self.shared.lock();
             if writer.last_sync <= SLOW_SYNC {
-                let mut records = std::mem::take(&mut *held);
-                records.push(record);
-                let result = writer.write_batch(&records, true);
+                let result = writer.write_batch(std::slice::from_ref(&record), true);
                 drop(writer);
-                drop(held);
+                drop(order);
                 complete(done, result);
                 return;
             }
         }
-        self.queue_held(&mut held);
         self.send(Command::Append {
             record,
             done,
@@ -452,28 +444,9 @@ impl Wal {
         });
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        // The list is only pushed to and drained: a panic elsewhere cannot leave it half-done.
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Sends the held unsynced records to the writer (the caller holds the list's lock, so
-    /// nothing is queued between them and what the caller sends next).
-    fn queue_held(&self, held: &mut Vec<Vec<u8>>) {
-        if let Some(sender) = &self.sender {
-            for record in held.drain(..) {
-                self.shared.queued.fetch_add(1, Ordering::AcqRel);
-                let command = Command::Append {
-                    record,
-                    done: Box::new(|_| {}),
-                    sync: false,
-                };
-                // A writer gone fails the command sent after these: nothing to report here.
-                if sender.send(command).is_err() {
-                    self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-        }
+    fn order(&self) -> std::sync::MutexGuard<'_, ()> {
+        // It guards no data: a panic elsewhere cannot leave anything half-done.
+        self.order.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Appends `record` through the same queue as [`Wal::append`] and blocks until it is durable.
@@ -540,12 +513,11 @@ impl Wal {
             command.fail(failed_error());
             return;
         }
-        let mut held = self.held();
-        self.queue_held(&mut held);
+        let _order = self.order();
         self.send(command);
     }
 
-    /// Queues `command` (the caller holds the held list's lock).
+    /// Queues `command` (the caller holds the order lock).
     fn send(&self, command: Command) {
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
         let unsent = match &self.sender {
@@ -559,10 +531,8 @@ impl Wal {
     }
 
     fn shutdown(&mut self) -> io::Result<()> {
-        // Held unsynced records go last; dropping the only sender then lets the writer drain
-        // the queue, sync what it wrote unsynced and return.
-        let mut held = std::mem::take(&mut *self.held());
-        self.queue_held(&mut held);
+        // Dropping the only sender lets the writer drain the queue, sync what it wrote
+        // unsynced and return.
         drop(self.sender.take());
         if let Some(handle) = self.writer.take()
             && handle.join().is_err()
@@ -1483,8 +1453,14 @@ mod tests {
         for record in &expected {
             wal.append_unsynced(record.clone());
         }
-        // Held: the writer is not woken for them.
-        assert_eq!(wal.stats(), before, "unsynced records were written at once");
+        // Written at once (they outlive the process), without a sync.
+        let frames: u64 = expected.iter().map(|r| frame_len(r)).sum();
+        wait_written(&wal, before.bytes_written + frames);
+        assert_eq!(
+            wal.stats().syncs,
+            before.syncs,
+            "unsynced records were synced"
+        );
         expected.push(b"durable".to_vec());
         wal.append_sync(b"durable".to_vec()).unwrap();
         let after = wal.stats();
@@ -1503,44 +1479,28 @@ mod tests {
         wal.close().unwrap();
     }
 
-    #[test]
-    fn held_unsynced_records_are_written_unsynced_when_too_many_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let (wal, _) = open(dir.path());
-        let before = wal.stats();
-        let expected: Vec<Vec<u8>> = (0..HELD_UNSYNCED as u32)
-            .map(|i| i.to_le_bytes().to_vec())
-            .collect();
-        let frames: u64 = expected.iter().map(|r| frame_len(r)).sum();
-        for record in &expected {
-            wal.append_unsynced(record.clone());
-        }
-        // No append comes: the full list goes to the writer, which writes it without a sync.
+    /// Waits until the log has written `bytes` bytes since it was opened.
+    fn wait_written(wal: &Wal, bytes: u64) {
         let deadline = Instant::now() + WAIT;
-        while wal.stats().bytes_written - before.bytes_written < frames {
-            assert!(
-                Instant::now() < deadline,
-                "held records not written in time"
-            );
+        while wal.stats().bytes_written < bytes {
+            assert!(Instant::now() < deadline, "records not written in time");
             thread::sleep(Duration::from_millis(1));
         }
-        let after = wal.stats();
-        assert_eq!(
-            after.records_written - before.records_written,
-            HELD_UNSYNCED as u64
-        );
-        assert_eq!(after.syncs, before.syncs, "unsynced records were synced");
-        wal.close().unwrap();
-        let (wal, replayed) = open(dir.path());
-        assert_eq!(replayed, expected);
-        wal.close().unwrap();
     }
 
     #[test]
     fn append_or_write_on_an_idle_log_syncs_on_the_callers_thread() {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _) = open(dir.path());
+        let start = wal.stats();
         wal.append_unsynced(b"held".to_vec());
+        wait_written(&wal, start.bytes_written + frame_len(b"held"));
+        // The count of queued commands drops only after its callback ran: wait for that too.
+        let deadline = Instant::now() + WAIT;
+        while wal.shared.queued.load(Ordering::Acquire) > 0 {
+            assert!(Instant::now() < deadline, "the writer kept its command");
+            thread::sleep(Duration::from_millis(1));
+        }
         let before = wal.stats();
         let ran_on = Arc::new(Mutex::new(None));
         let seen = Arc::clone(&ran_on);
@@ -1550,13 +1510,14 @@ mod tests {
                 *seen.lock().unwrap() = Some((thread::current().id(), r.is_ok()));
             }),
         );
-        // Done before the call returned, on this thread, in one sync with the held record.
+        // Done before the call returned, on this thread, in one sync (taking the unsynced
+        // record along).
         assert_eq!(
             *ran_on.lock().unwrap(),
             Some((thread::current().id(), true))
         );
         let after = wal.stats();
-        assert_eq!(after.records_written - before.records_written, 2);
+        assert_eq!(after.records_written - before.records_written, 1);
         assert_eq!(after.syncs - before.syncs, 1);
         wal.close().unwrap();
         let (wal, replayed) = open(dir.path());
