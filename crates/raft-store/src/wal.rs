@@ -383,9 +383,10 @@ impl Wal {
         });
     }
 
-    /// Appends `record` in order with every other append without syncing for it: the writer
-    /// thread writes it as soon as it comes (so it outlives the process being killed), and it
-    /// becomes durable with the next sync: the next synced append's, a segment rotation's or
+    /// Appends `record` in order with every other append without syncing for it: written at
+    /// once (so it outlives the process being killed) — on the caller's thread when nothing is
+    /// queued for the writer thread, which is then not woken for it, else by the writer — and
+    /// durable with the next sync: the next synced append's, a segment rotation's or
     /// [`Wal::close`]'s. A machine crash before then may lose it (and any unsynced record after
     /// it), never a record acknowledged before it.
     ///
@@ -400,11 +401,24 @@ impl Wal {
             );
             return;
         }
-        self.submit(Command::Append {
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
+        let order = self.order();
+        if self.shared.queued.load(Ordering::Acquire) == 0 {
+            // An error puts the log in the FAILED state (logged there); nobody waits for this.
+            let _ = self
+                .shared
+                .lock()
+                .write_batch(std::slice::from_ref(&record), false);
+            return;
+        }
+        self.send(Command::Append {
             record,
             done: Box::new(|_| {}),
             sync: false,
         });
+        drop(order);
     }
 
     /// Like [`Wal::append`], but when nothing is queued for the writer thread, writes and syncs
