@@ -5,8 +5,9 @@
 //! `docs/protocol/io_ordering.md`). Entries are readable as soon as `append` returns and
 //! acknowledged (the `IOFlushed` callback) only after the group commit's fsync. The vote is
 //! on disk before `save_vote` returns. The commit mark is written without a sync of its own
-//! (`Wal::append_unsynced`): it goes to disk with the next record that is synced. The log is also kept in memory; after a purge the WAL
-//! is compacted now and then so it does not grow without bound.
+//! (`Wal::append_unsynced`): it goes to disk with the next record that is synced. The log is
+//! also kept in memory; after a purge the WAL is compacted now and then so it does not grow
+//! without bound.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

@@ -394,42 +394,28 @@ impl Wal {
     /// Raft's commit mark: a sync of its own would hold the disk (and the next durable append)
     /// for nothing.
     pub fn append_unsynced(&self, record: Vec<u8>) {
-        if u32::try_from(record.len()).is_err() {
-            tracing::warn!(
-                error = %record_too_large(record.len()),
-                "unsynced write-ahead log record refused"
-            );
-            return;
-        }
-        if self.failed.load(Ordering::Acquire) {
-            return;
-        }
-        let order = self.order();
-        if self.shared.queued.load(Ordering::Acquire) == 0 {
-            // An error puts the log in the FAILED state (logged there); nobody waits for this.
-            let _ = self
-                .shared
-                .lock()
-                .write_batch(std::slice::from_ref(&record), false);
-            return;
-        }
-        self.send(Command::Append {
-            record,
-            done: Box::new(|_| {}),
-            sync: false,
+        let done: AppendCallback = Box::new(|result| {
+            if let Err(error) = result {
+                tracing::warn!(%error, "unsynced write-ahead log record not written");
+            }
         });
-        drop(order);
+        self.write_here_or_queue(record, done, false);
     }
 
     /// Like [`Wal::append`], but when nothing is queued for the writer thread, writes and syncs
-    /// `record` on the caller's thread and calls `done`
-    /// before returning: no hand-off to the writer and back, at the price of blocking the
-    /// caller for the sync. Otherwise it is queued like [`Wal::append`]. Callbacks still run in
-    /// append order: a record is written here only once every earlier one's callback ran.
-    /// After a sync slower than 20 ms, appends go to the writer thread until one is fast
-    /// again: a stalling disk does not stall the caller (a Raft follower still answers
-    /// heartbeats).
+    /// `record` on the caller's thread and calls `done` before returning: no hand-off to the
+    /// writer and back, at the price of blocking the caller for the sync. Otherwise it is
+    /// queued like [`Wal::append`]. Callbacks still run in append order: a record is written
+    /// here only once every earlier one's callback ran. After a sync slower than 20 ms,
+    /// appends go to the writer thread until one is fast again: a stalling disk does not stall
+    /// the caller (a Raft follower still answers heartbeats).
     pub fn append_or_write(&self, record: Vec<u8>, done: AppendCallback) {
+        self.write_here_or_queue(record, done, true);
+    }
+
+    /// Writes `record` (and syncs, if `sync`) on the caller's thread when nothing is queued
+    /// for the writer thread and the last sync was not slow (when syncing), else queues it.
+    fn write_here_or_queue(&self, record: Vec<u8>, done: AppendCallback, sync: bool) {
         if u32::try_from(record.len()).is_err() {
             complete(done, Err(record_too_large(record.len())));
             return;
@@ -443,19 +429,15 @@ impl Wal {
         let order = self.order();
         if self.shared.queued.load(Ordering::Acquire) == 0 {
             let mut writer = self.shared.lock();
-            if writer.last_sync <= SLOW_SYNC {
-                let result = writer.write_batch(std::slice::from_ref(&record), true);
+            if !sync || writer.last_sync <= SLOW_SYNC {
+                let result = writer.write_batch(std::slice::from_ref(&record), sync);
                 drop(writer);
                 drop(order);
                 complete(done, result);
                 return;
             }
         }
-        self.send(Command::Append {
-            record,
-            done,
-            sync: true,
-        });
+        self.send(Command::Append { record, done, sync });
     }
 
     fn order(&self) -> std::sync::MutexGuard<'_, ()> {
