@@ -368,8 +368,11 @@ where
         // size on every request — 21 KB per key write when the answer was made outside.
         let req = req.map(axum::body::Body::new);
         let state = self.state.clone();
-        if let Some(refusal) = refused(&req) {
-            return Box::pin(async move { Ok(finish(state.as_ref(), refusal).await) });
+        if let Some(refusal) = refused(&req).or_else(|| over_limit(&req)) {
+            return Box::pin(async move {
+                drain(req.into_body()).await;
+                Ok(finish(state.as_ref(), refusal).await)
+            });
         }
         let key_call = state
             .as_ref()
@@ -442,6 +445,45 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Failure {
         "no such endpoint: {method} {}",
         uri.path()
     )))
+}
+
+/// The refusal of a request whose declared body is over [`MAX_BODY`], before reading it.
+/// (A body without a length is cut at the limit as it is read: the extractors' limit.)
+fn over_limit(req: &Request) -> Option<Response> {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    (declared > MAX_BODY as u64).then(|| {
+        Failure(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("the request body of {declared} bytes is over the limit of {MAX_BODY} bytes"),
+        ))
+        .into_response()
+    })
+}
+
+/// Most of a body [`drain`] reads before it gives up: past it, the connection is closed
+/// under the sender.
+const DRAIN_MAX: usize = 4 * MAX_BODY;
+
+/// Reads and drops a request's body (up to [`DRAIN_MAX`] bytes, each part within the body
+/// timeout) before answering without it. A client still writing its body when the answer
+/// comes would otherwise have the connection closed under its write (a broken pipe, or
+/// QUIC's STOP_SENDING) and lose the answer; drained, it reads the answer and keeps the
+/// connection.
+async fn drain(mut body: axum::body::Body) {
+    use http_body_util::BodyExt as _;
+    let mut read = 0;
+    while read <= DRAIN_MAX {
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+            Some(Err(_)) | None => return,
+        }
+    }
 }
 
 /// A viewer may only read, and not the join tokens (a manager token is the keys to the
@@ -757,6 +799,65 @@ mod tests {
         assert!(e.error.contains("kaboom"), "{}", e.error);
         let resp = app.oneshot(get("/fine")).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    /// An answer given before the body is read — over the limit by its declared length, or
+    /// a viewer's write — reaches a client still sending that body, and the connection
+    /// takes the next request (the body was drained, not left unread under the sender).
+    #[tokio::test]
+    async fn an_answer_before_the_body_reaches_a_client_still_sending_it() {
+        use http_body_util::{BodyExt as _, Full};
+        for (caller, size, status, code) in [
+            (
+                Caller::Local,
+                MAX_BODY + (1 << 20),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+            ),
+            (
+                Caller::Viewer,
+                4 << 20,
+                StatusCode::FORBIDDEN,
+                ErrorCode::PermissionDenied,
+            ),
+        ] {
+            let api = Api::new(
+                Router::new()
+                    .route("/sink", put(|b: Bytes| async move { b.len().to_string() }))
+                    .route("/fine", get(|| async { "fine" })),
+                None,
+            );
+            let (server, client) = tokio::net::UnixStream::pair().unwrap();
+            let served = tokio::spawn(serve_io(
+                server,
+                CallerService {
+                    api,
+                    caller,
+                    client: None,
+                },
+            ));
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = axum::http::Request::put("/sink")
+                .header(axum::http::header::CONTENT_LENGTH, size)
+                .body(Full::new(Bytes::from(vec![7u8; size])))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), status, "{caller:?}");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let e: ApiError = serde_json::from_slice(&body).unwrap();
+            assert_eq!(e.code, code, "{}", e.error);
+            send.ready().await.unwrap();
+            let req = axum::http::Request::get("/fine")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{caller:?}");
+            drop(send);
+            served.await.unwrap();
+        }
     }
 
     /// The future boxed for each request holds what it awaits once: a future moved into an
