@@ -81,7 +81,7 @@ pub struct Client {
 enum Via {
     Unix {
         path: PathBuf,
-        conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+        conn: tokio::sync::Mutex<Option<Kept>>,
     },
     Remote(Remote),
 }
@@ -110,7 +110,7 @@ pub fn percent_encode(s: &str) -> String {
 
 impl Client {
     /// A client of the node whose control socket is `path` (`DIR/control.sock`). One
-    /// connection is kept open and reused between calls.
+    /// connection is kept open and reused between calls (up to 20 s apart).
     pub fn unix(path: impl Into<PathBuf>) -> Client {
         Client {
             via: Via::Unix {
@@ -652,13 +652,38 @@ enum Exchange {
     Lost(String),
 }
 
+/// Longest a kept connection is reused after its last exchange. A node closes a connection
+/// idle for 30 s (its header timeout); a request sent just as it does could be cut off
+/// mid-body, its outcome unknown: past this, a call opens a fresh connection instead.
+const KEPT_IDLE: Duration = Duration::from_secs(20);
+
+/// The HTTP/1.1 sender of the last whole exchange, kept for the next call.
+struct Kept {
+    send: SendRequest<Full<Bytes>>,
+    since: tokio::time::Instant,
+}
+
+impl Kept {
+    fn new(send: SendRequest<Full<Bytes>>) -> Self {
+        Kept {
+            send,
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The sender, unless its connection closed or has been idle for [`KEPT_IDLE`].
+    fn reusable(self) -> Option<SendRequest<Full<Bytes>>> {
+        (!self.send.is_closed() && self.since.elapsed() < KEPT_IDLE).then_some(self.send)
+    }
+}
+
 /// Sends `req` on `kept` (the HTTP/1.1 sender of the last exchange) if it still takes
 /// requests, else on a fresh connection over the stream `open` gives; returns the sender (to
 /// keep for the next call) and the answer's head. A request the kept sender hands back unsent
 /// (the peer closed it while idle) goes on the fresh connection: the control socket and the
 /// remote API's QUIC streams share this.
 async fn send_kept<IO, Fut>(
-    kept: Option<SendRequest<Full<Bytes>>>,
+    kept: Option<Kept>,
     mut req: Request<Full<Bytes>>,
     open: impl FnOnce() -> Fut,
 ) -> Result<
@@ -672,7 +697,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     Fut: Future<Output = Result<IO, String>>,
 {
-    if let Some(mut send) = kept.filter(|s| !s.is_closed())
+    if let Some(mut send) = kept.and_then(Kept::reusable)
         && send.ready().await.is_ok()
     {
         match send.try_send_request(req).await {
@@ -709,13 +734,13 @@ fn unsent(
 
 async fn unix_call(
     path: &Path,
-    slot: &tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    slot: &tokio::sync::Mutex<Option<Kept>>,
     out: Outgoing<'_>,
 ) -> Result<RawResponse, ClientError> {
     let req = out.build()?;
     let mut slot = slot.lock().await;
     let (send, resp) = send_kept(slot.take(), req, || unix_stream(path)).await?;
-    *slot = Some(send);
+    *slot = Some(Kept::new(send));
     read_answer(resp).await.map(|(r, _)| r)
 }
 
@@ -836,7 +861,7 @@ struct Remote {
 struct Current {
     manager: Arc<ManagerAddr>,
     conn: Connection,
-    kept: Option<SendRequest<Full<Bytes>>>,
+    kept: Option<Kept>,
 }
 
 impl Remote {
@@ -1035,7 +1060,7 @@ impl Remote {
                     }
                     // The exchange is over: keep its stream for the next call.
                     if !streaming && let Some(c) = current.as_mut() {
-                        c.kept = Some(send);
+                        c.kept = Some(Kept::new(send));
                     }
                     return Ok(Got::Full(raw));
                 }
@@ -1068,4 +1093,43 @@ impl Remote {
 fn shuffle<T>(v: &mut [T]) {
     use rand::seq::SliceRandom as _;
     v.shuffle(&mut rand::rng());
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A kept connection is reused while it is open and recently used, never once it has
+    /// been idle for [`KEPT_IDLE`] (the node may be closing it) or closed by the node.
+    #[tokio::test]
+    async fn a_kept_connection_is_reused_only_while_open_and_recently_used() {
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
+            .await
+            .unwrap();
+        let driven = tokio::spawn(conn);
+        let send = Kept::new(send).reusable().expect("just used: reused");
+        let idle = Kept {
+            send,
+            since: tokio::time::Instant::now()
+                .checked_sub(KEPT_IDLE + Duration::from_secs(1))
+                .unwrap(),
+        };
+        assert!(idle.reusable().is_none(), "idle too long: not reused");
+
+        let (ours, theirs2) = tokio::net::UnixStream::pair().unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours))
+            .await
+            .unwrap();
+        let driven2 = tokio::spawn(conn);
+        drop(theirs2);
+        let _ = driven2.await;
+        assert!(
+            Kept::new(send).reusable().is_none(),
+            "closed by the peer: not reused"
+        );
+        drop(theirs);
+        driven.abort();
+    }
 }
