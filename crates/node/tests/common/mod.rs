@@ -77,12 +77,29 @@ pub(crate) fn join_args(
     .to_vec()
 }
 
+/// A free UDP port on 127.0.0.1, below the kernel's ephemeral range (32768 and up on
+/// Linux). A node stopped and started again on its port (a restart, a renewal test) would
+/// otherwise find it taken in between by another process's ephemeral socket — a client's
+/// endpoint, a test running beside it — and fail with "address already in use".
 pub(crate) fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test processes running beside each other start at places far apart (a multiplicative
+    // hash of the pid), then go up one port at a time.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(port).unwrap();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free UDP port on 127.0.0.1 from {LOW} to {}",
+        LOW + SPAN - 1
+    );
 }
 
 pub(crate) fn starling(args: &[&str]) -> Output {
