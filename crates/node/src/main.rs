@@ -1241,6 +1241,16 @@ async fn stream_logs(
     }
 }
 
+/// jemalloc, not glibc's malloc: a manager answering bursts of requests frees many small
+/// blocks of each size, which glibc's allocator sorts back into its bins (its `malloc`/`free`
+/// family was ~13 % of the leader's CPU at 256 writing clients, by perf, even with a
+/// 256-block per-thread cache). Measured with `starling-bench writes --clients 256`,
+/// alternated twice (bench/RESULTS-remote-api.md, run 17): the members' CPU per write 54–58
+/// → 45–50 µs, writes/s 21 700–23 800 → 25 900–26 500; idle worker / manager RSS 9.4 / 13.3
+/// → 9.5 / 12.9 MiB (with `crates/node/link/startup.order` regenerated).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     // The agent starts each task through this binary when it confines tasks in cgroups: it
     // enters the task's group, then executes the task's program (no runtime, no logging).
@@ -1253,10 +1263,6 @@ fn main() -> std::process::ExitCode {
     }
     // Parsed once, here: a bad flag is reported before anything starts.
     let cli = Cli::parse();
-    if let Err(e) = malloc_cache::ensure(&cli.command) {
-        // Not fatal: the node runs with glibc's default cache, only slower under load.
-        eprintln!("warning: {e}");
-    }
     // STARLING_THREADS: the runtime's worker threads (default: one per CPU). One is best
     // when several nodes share a few cores (a test or bench cluster on one machine): fewer
     // threads waking each other for every request.
@@ -1290,63 +1296,6 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// glibc's per-thread cache of freed small blocks (`tcache`) holds 7 blocks of each size by
-/// default. A node answering a burst of requests frees far more than that of each size at a
-/// time; past the cache they go to glibc's bins, and the next burst's allocations walk and
-/// sort those bins (`_int_malloc`, ~10 % of a manager's CPU under 64 readers, by perf). A
-/// larger cache makes them a list pop. Measured with `starling-bench reads`, same binary and
-/// hour (bench/RESULTS-remote-api.md, run 7): members' CPU per linearizable read at 64
-/// clients 36–41 → 34 µs, per local read 27–31 → 26 µs, at one client 63–65 → 61 µs; a
-/// cache of 2000 did no better and cost more memory. Idle worker RSS 14.3–14.7 → 15.0 MB
-/// (the target is 15 MiB, 15.7 MB).
-///
-/// The cache size is a glibc tunable read once, at process start, from `GLIBC_TUNABLES`: a
-/// daemon (`init`, `join`, `run`) started without it sets it and executes itself again (the
-/// same process and pid, a new image). An explicit `glibc.malloc.tcache_count` in the
-/// environment is left as it is. Tasks never see it: the agent starts them with a cleared
-/// environment.
-mod malloc_cache {
-    /// Blocks of each size kept per thread.
-    const TCACHE_COUNT: u32 = 256;
-    const TUNABLE: &str = "glibc.malloc.tcache_count";
-
-    /// Returns only if nothing is to be done, or with why the re-execution failed.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    pub(super) fn ensure(command: &super::Cmd) -> Result<(), String> {
-        use std::os::unix::process::CommandExt as _;
-        let daemon = matches!(
-            command,
-            super::Cmd::Init { .. } | super::Cmd::Join { .. } | super::Cmd::Run { .. }
-        );
-        let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-        if !daemon || current.contains(TUNABLE) {
-            return Ok(());
-        }
-        let tunables = if current.is_empty() {
-            format!("{TUNABLE}={TCACHE_COUNT}")
-        } else {
-            format!("{current}:{TUNABLE}={TCACHE_COUNT}")
-        };
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find this program to set {TUNABLE}: {e}"))?;
-        let mut args = std::env::args_os();
-        let mut cmd = std::process::Command::new(exe);
-        if let Some(arg0) = args.next() {
-            cmd.arg0(arg0);
-        }
-        let e = cmd.args(args).env("GLIBC_TUNABLES", tunables).exec();
-        Err(format!(
-            "cannot execute this program again to set {TUNABLE}: {e}"
-        ))
-    }
-
-    /// Other C libraries have no such tunable.
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    pub(super) fn ensure(_: &super::Cmd) -> Result<(), String> {
-        Ok(())
     }
 }
 
