@@ -1489,8 +1489,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _) = open(dir.path());
         let start = wal.stats();
-        wal.append_unsynced(b"held".to_vec());
-        wait_written(&wal, start.bytes_written + frame_len(b"held"));
+        wal.append_unsynced(b"unsynced".to_vec());
+        wait_written(&wal, start.bytes_written + frame_len(b"unsynced"));
         // The count of queued commands drops only after its callback ran: wait for that too.
         let deadline = Instant::now() + WAIT;
         while wal.shared.queued.load(Ordering::Acquire) > 0 {
@@ -1517,7 +1517,7 @@ mod tests {
         assert_eq!(after.syncs - before.syncs, 1);
         wal.close().unwrap();
         let (wal, replayed) = open(dir.path());
-        assert_eq!(replayed, vec![b"held".to_vec(), b"here".to_vec()]);
+        assert_eq!(replayed, vec![b"unsynced".to_vec(), b"here".to_vec()]);
         wal.close().unwrap();
     }
 
