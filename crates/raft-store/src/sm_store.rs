@@ -1,6 +1,6 @@
 //! openraft's `RaftStateMachine` around the pure [`ClusterState`], with snapshots: the state
-//! image in rkyv, written atomically (temporary file, fsync, rename, fsync of the directory)
-//! and loaded again at start.
+//! image in rkyv, written atomically (temporary file synced every MiB as it is written and
+//! at the end, rename, fsync of the directory) and loaded again at start.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
