@@ -530,14 +530,47 @@ fn leader_hint(
 }
 
 /// Runs a write on this node as leader.
+///
+/// openraft takes a write only while the leader's lease holds: a quorum acknowledged it
+/// less than a lease (the longest election timeout) ago. A leader just elected has no
+/// acknowledgement until its first append comes back, a millisecond or two later; a write
+/// arriving in between (the client's retry after a failover, which is what a failover is
+/// timed by) waits here for the acknowledgement instead of bouncing and being retried a
+/// heartbeat later. It waits one lease at most: a leader not acknowledged by then is cut off
+/// and the write is answered as not the leader, as before.
 pub(crate) async fn leader_write(raft: &Raft, cmd: Arc<Command>) -> LeaderReply<CommandResult> {
-    use openraft::errors::{ClientWriteError, RaftError};
-    match raft.client_write(cmd).await {
-        Ok(resp) => LeaderReply::Done(resp.data),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-            LeaderReply::NotLeader(leader_hint(raft, &f))
+    use openraft::errors::{ClientWriteError, ForwardReason, RaftError};
+    type Metrics = openraft::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>;
+    let mut lease: Option<(Instant, Metrics)> = None;
+    loop {
+        match raft.client_write(cmd.clone()).await {
+            Ok(resp) => return LeaderReply::Done(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                if f.reason == ForwardReason::LeaseExpired =>
+            {
+                match &mut lease {
+                    // Watch the metrics (an acknowledgement changes them), then try once
+                    // more at once: the acknowledgement may have come before the watch.
+                    None => {
+                        let mut rx = raft.metrics();
+                        rx.borrow_and_update();
+                        let until = Instant::now()
+                            + Duration::from_millis(raft.config().election_timeout_max);
+                        lease = Some((until, rx));
+                    }
+                    Some((until, rx)) => {
+                        let changed = tokio::time::timeout_at((*until).into(), rx.changed()).await;
+                        if !changed.is_ok_and(|r| r.is_ok()) {
+                            return LeaderReply::NotLeader(leader_hint(raft, &f));
+                        }
+                    }
+                }
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                return LeaderReply::NotLeader(leader_hint(raft, &f));
+            }
+            Err(e) => return LeaderReply::Failed(e.to_string()),
         }
-        Err(e) => LeaderReply::Failed(e.to_string()),
     }
 }
 
