@@ -2,8 +2,10 @@
 //! its revision (the Raft log index that carries it), and the watch history.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandResult, Compare, KvEvent, Outcome, TxnOp};
@@ -23,8 +25,10 @@ wire_type!(
         pub revision: u64,
         /// Nodes by id.
         pub nodes: BTreeMap<String, NodeRecord>,
-        /// Key-value store.
-        pub kv: BTreeMap<String, KvEntry>,
+        /// Key-value store. Keys of up to 24 bytes are held inside the map's nodes, so a
+        /// search compares them where it reads them; the archived and serialised forms are
+        /// those of `String` keys.
+        pub kv: BTreeMap<CompactString, KvEntry>,
         /// Cluster identity and settings.
         pub cluster: ClusterInfo,
         /// Revocations, Raft ids and API clients: not reachable through the key-value API.
@@ -361,10 +365,14 @@ impl ClusterState {
     fn holds(&self, c: &Compare) -> bool {
         match c {
             Compare::ModRevision { key, revision } => {
-                self.image.kv.get(key).map_or(0, |e| e.mod_revision) == *revision
+                self.image
+                    .kv
+                    .get(key.as_str())
+                    .map_or(0, |e| e.mod_revision)
+                    == *revision
             }
             Compare::Value { key, value } => {
-                self.image.kv.get(key).map(|e| &e.value) == value.as_ref()
+                self.image.kv.get(key.as_str()).map(|e| &e.value) == value.as_ref()
             }
         }
     }
@@ -392,7 +400,9 @@ impl ClusterState {
         let prev = match slot {
             Some(slot) => Some(std::mem::replace(slot, entry.clone())),
             None => {
-                self.image.kv.insert(key.to_owned(), entry.clone());
+                self.image
+                    .kv
+                    .insert(CompactString::from(key), entry.clone());
                 None
             }
         };
@@ -430,9 +440,9 @@ impl ClusterState {
     pub fn range(&self, prefix: &str) -> Vec<(String, KvEntry)> {
         self.image
             .kv
-            .range(prefix.to_owned()..)
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_string(), v.clone()))
             .collect()
     }
 
@@ -580,6 +590,54 @@ mod tests {
         assert_eq!(keys, vec!["b/1", "b/2"]);
         assert_eq!(s.range("").len(), 5);
         assert!(s.range("z").is_empty());
+    }
+
+    /// Keys short enough to be held inline and keys that are not: the map archives (the
+    /// snapshot format) and serialises exactly as a map with `String` keys, reads back from
+    /// such bytes, and ranges over both kinds in byte order.
+    #[test]
+    fn inline_and_long_keys_keep_the_string_formats() {
+        let keys = [
+            "",
+            "a",
+            "b/1",
+            "exactly-24-bytes-long-ok",
+            "twenty-five-bytes-long-ok",
+            "b/a-key-far-longer-than-any-inline-one/0001",
+            "ключ/🌍",
+        ];
+        let mut s = ClusterState::new();
+        for (i, k) in keys.iter().enumerate() {
+            s.apply(i as u64 + 1, &put(k, k));
+        }
+        let strings: BTreeMap<String, KvEntry> = s
+            .image()
+            .kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        assert_eq!(strings.len(), keys.len());
+        let ours = rkyv::to_bytes::<rkyv::rancor::Error>(&s.image().kv).unwrap();
+        let theirs = rkyv::to_bytes::<rkyv::rancor::Error>(&strings).unwrap();
+        assert_eq!(&ours[..], &theirs[..]);
+        let back =
+            rkyv::from_bytes::<BTreeMap<CompactString, KvEntry>, rkyv::rancor::Error>(&theirs)
+                .unwrap();
+        assert_eq!(back, s.image().kv);
+        assert_eq!(
+            postcard::to_allocvec(&s.image().kv).unwrap(),
+            postcard::to_allocvec(&strings).unwrap()
+        );
+        let in_order: Vec<String> = s.range("").into_iter().map(|(k, _)| k).collect();
+        assert_eq!(in_order, strings.keys().cloned().collect::<Vec<_>>());
+        let under_b: Vec<String> = s.range("b/").into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            under_b,
+            vec!["b/1", "b/a-key-far-longer-than-any-inline-one/0001"]
+        );
+        for k in keys {
+            assert_eq!(s.get(k).unwrap().value, k.as_bytes());
+        }
     }
 
     #[test]
