@@ -9,7 +9,7 @@
 //! metrics = "127.0.0.1:9470"
 //! manager = "10.0.0.1:4700"   # for `join`
 //! token = "STRL-1-…"          # for `join`
-//! snapshot_interval = 50000   # log entries between a manager's snapshots
+//! snapshot_interval = 100000  # log entries between a manager's snapshots
 //! ```
 
 use std::net::SocketAddr;

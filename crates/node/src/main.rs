@@ -62,7 +62,8 @@ struct DaemonArgs {
     #[arg(long, env = "STARLING_METRICS")]
     metrics: Option<SocketAddr>,
     /// A manager snapshots its state (and trims its log) after this many new log entries
-    /// (default 50 000).
+    /// (default 100 000, etcd's snapshot count; the log since the last snapshot is held in
+    /// memory and replayed at start).
     #[arg(long, env = "STARLING_SNAPSHOT_INTERVAL", value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_interval: Option<u64>,
     /// The longest a watch long poll (`GET /v1/watch`) waits for its first event, whatever

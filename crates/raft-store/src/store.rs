@@ -39,7 +39,10 @@ pub struct StoreConfig {
     pub timing_multiplier: u32,
     /// Time for a write or read to be answered once a leader is known.
     pub request_timeout: Duration,
-    /// Log entries between snapshots.
+    /// Log entries between snapshots (100 000 by default, etcd's snapshot count). The log
+    /// since the last snapshot is held in memory and replayed at start; each snapshot
+    /// encodes and syncs the whole state on every manager (28 MB for 100 000 keys of 256
+    /// bytes), so under a steady write load fewer snapshots cost less CPU and disk.
     pub snapshot_interval: u64,
     /// How long a new manager may take to catch up before it becomes a voter.
     pub catch_up_timeout: Duration,
@@ -61,7 +64,7 @@ impl StoreConfig {
             node,
             timing_multiplier: 1,
             request_timeout: Duration::from_secs(5),
-            snapshot_interval: 50_000,
+            snapshot_interval: 100_000,
             catch_up_timeout: Duration::from_secs(120),
             watch_buffer: WATCH_BUFFER,
         }

@@ -189,7 +189,7 @@ impl Default for Settings {
             timing_multiplier: 1,
             cert_lifetime_secs: 90 * 24 * 3600,
             cert_grace_secs: 30 * 24 * 3600,
-            snapshot_interval: 50_000,
+            snapshot_interval: 100_000,
             autopilot: Autopilot::default(),
         }
     }
