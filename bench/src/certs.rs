@@ -54,26 +54,64 @@ pub(crate) async fn start(
             (n >= want).then_some(())
         }
     };
+    let mut names = vec!["m0".to_owned()];
     let manager_token = client.join_token("manager").await?.token;
     for i in 1..managers {
-        procs.push(join(base, &bin, &manager_token, &addr, &format!("m{i}"))?);
+        names.push(format!("m{i}"));
+        procs.push(join(base, &bin, &manager_token, &addr, &names[i])?);
         // One at a time: Raft takes one membership change at a time.
         poll("the manager joined", Duration::from_secs(60), || {
-            ready(starling_api::NodeRole::Manager, i + 1)
+            let gone = exited(base, &mut procs, &names);
+            let ready = &ready;
+            async move {
+                match gone {
+                    Some(e) => Some(Err(e)),
+                    None => ready(starling_api::NodeRole::Manager, i + 1).await.map(Ok),
+                }
+            }
         })
-        .await?;
+        .await??;
     }
     let token = client.join_token("worker").await?.token;
     for i in 0..workers {
-        procs.push(join(base, &bin, &token, &addr, &format!("w{i}"))?);
+        names.push(format!("w{i}"));
+        procs.push(join(base, &bin, &token, &addr, &names[managers + i])?);
     }
     poll(
         "every worker ready",
         Duration::from_secs(30 + 2 * workers as u64),
-        || ready(starling_api::NodeRole::Worker, workers),
+        || {
+            let gone = exited(base, &mut procs, &names);
+            let ready = &ready;
+            async move {
+                match gone {
+                    Some(e) => Some(Err(e)),
+                    None => ready(starling_api::NodeRole::Worker, workers).await.map(Ok),
+                }
+            }
+        },
     )
-    .await?;
+    .await??;
     Ok((procs, client, metrics))
+}
+
+/// An error naming the first of `procs` (called `names`, their logs in `base`) that has
+/// exited, with the end of its log: a node that cannot start is reported at once, not after
+/// the whole wait for every node to be ready.
+fn exited(base: &Path, procs: &mut [Proc], names: &[String]) -> Option<anyhow::Error> {
+    let (p, name) = procs
+        .iter_mut()
+        .zip(names)
+        .find_map(|(p, name)| p.exited().map(|status| (status, name)))?;
+    let log = base.join(format!("{name}.log"));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    Some(anyhow::anyhow!(
+        "{name} exited ({p}) before the cluster was ready; the end of {}:\n{}",
+        log.display(),
+        tail.join("\n")
+    ))
 }
 
 fn join(base: &Path, bin: &Path, token: &str, manager: &str, name: &str) -> anyhow::Result<Proc> {

@@ -35,6 +35,11 @@ impl Proc {
         self.0.id()
     }
 
+    /// How it exited, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+
     /// kill -9 and reap.
     pub fn kill(mut self) {
         let _ = self.0.kill();
@@ -49,18 +54,34 @@ impl Drop for Proc {
     }
 }
 
-/// A port on 127.0.0.1 free for both UDP and TCP right now.
+/// A port on 127.0.0.1 free for both UDP and TCP right now, never handed out before by this
+/// process, below the kernel's ephemeral range (32768 and up on Linux).
+///
+/// A node binds UDP (QUIC) on it and its clients TCP, some time after this returns. A port
+/// the kernel chose (bind to port 0) could be chosen again in between — for the next node
+/// (101 draws repeat one in about a sixth of the runs) or for a client's socket — and that
+/// node would fail with "address already in use".
 pub fn free_port() -> anyhow::Result<u16> {
-    // A node binds UDP (QUIC) on it and its clients TCP: the port must be free for both.
-    // Chosen by the kernel among free UDP ports, the TCP side checked too.
-    for _ in 0..100 {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let port = udp.local_addr()?.port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Runs beside each other start far apart (a multiplicative hash of the pid), then go up
+    // one port at a time.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(port).expect("below 32 000");
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
             return Ok(port);
         }
     }
-    anyhow::bail!("no port free for both UDP and TCP on 127.0.0.1")
+    bail!(
+        "no port free for both UDP and TCP on 127.0.0.1 from {LOW} to {}",
+        LOW + SPAN - 1
+    )
 }
 
 /// Polls `f` until it returns `Some`, at most `within`.
