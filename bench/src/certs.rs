@@ -42,57 +42,55 @@ pub(crate) async fn start(
         client.nodes().await.ok()
     })
     .await?;
-    let ready = |role: starling_api::NodeRole, want: usize| {
-        let client = &client;
-        async move {
-            let list = client.nodes().await.ok()?;
-            let n = list
-                .nodes
-                .iter()
-                .filter(|n| n.role == role && n.status == starling_api::NodeStatus::Ready)
-                .count();
-            (n >= want).then_some(())
-        }
-    };
     let mut names = vec!["m0".to_owned()];
     let manager_token = client.join_token("manager").await?.token;
     for i in 1..managers {
         names.push(format!("m{i}"));
         procs.push(join(base, &bin, &manager_token, &addr, &names[i])?);
         // One at a time: Raft takes one membership change at a time.
-        poll("the manager joined", Duration::from_secs(60), || {
-            let gone = exited(base, &mut procs, &names);
-            let ready = &ready;
-            async move {
-                match gone {
-                    Some(e) => Some(Err(e)),
-                    None => ready(starling_api::NodeRole::Manager, i + 1).await.map(Ok),
-                }
-            }
-        })
-        .await??;
+        let wait = Duration::from_secs(60);
+        let role = starling_api::NodeRole::Manager;
+        ready(base, &client, &mut procs, &names, role, i + 1, wait).await?;
     }
     let token = client.join_token("worker").await?.token;
     for i in 0..workers {
         names.push(format!("w{i}"));
         procs.push(join(base, &bin, &token, &addr, &names[managers + i])?);
     }
-    poll(
-        "every worker ready",
-        Duration::from_secs(30 + 2 * workers as u64),
-        || {
-            let gone = exited(base, &mut procs, &names);
-            let ready = &ready;
-            async move {
-                match gone {
-                    Some(e) => Some(Err(e)),
-                    None => ready(starling_api::NodeRole::Worker, workers).await.map(Ok),
-                }
-            }
-        },
-    )
-    .await??;
+    let wait = Duration::from_secs(30 + 2 * workers as u64);
+    let role = starling_api::NodeRole::Worker;
+    ready(base, &client, &mut procs, &names, role, workers, wait).await?;
     Ok((procs, client, metrics))
+}
+
+/// Waits `within` until `want` nodes of `role` are ready, and fails at once when one of
+/// `procs` (called `names`, their logs in `base`) has exited.
+async fn ready(
+    base: &Path,
+    client: &starling_api::Client,
+    procs: &mut [Proc],
+    names: &[String],
+    role: starling_api::NodeRole,
+    want: usize,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let what = format!("{want} {role:?} node(s) ready");
+    poll(&what, within, || {
+        let gone = exited(base, procs, names);
+        async move {
+            if let Some(e) = gone {
+                return Some(Err(e));
+            }
+            let list = client.nodes().await.ok()?;
+            let n = list
+                .nodes
+                .iter()
+                .filter(|n| n.role == role && n.status == starling_api::NodeStatus::Ready)
+                .count();
+            (n >= want).then_some(Ok(()))
+        }
+    })
+    .await?
 }
 
 /// An error naming the first of `procs` (called `names`, their logs in `base`) that has
