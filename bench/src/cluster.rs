@@ -151,8 +151,8 @@ pub fn starling_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// Three members of each system share this machine's cores: each Starling node runs one
-/// runtime worker thread and each etcd member one Go scheduler thread (`GOMAXPROCS`), so
+/// Three members of each system share this machine's cores: each Starling node runs its
+/// async code on one thread (tokio's current-thread runtime) and each etcd member one Go scheduler thread (`GOMAXPROCS`), so
 /// neither wakes idle threads of its own on every request.
 pub const THREADS: (&str, &str) = ("STARLING_THREADS", "1");
 

@@ -570,7 +570,16 @@ impl Cluster {
     /// hosts), formed through tokens from host 0; returns once every node is `ready` in
     /// `node ls` and the managers are all reachable.
     pub fn form(managers: usize, workers: usize) -> Cluster {
+        Cluster::form_with_env(managers, workers, &[])
+    }
+
+    /// [`Cluster::form`] with environment variables set for every daemon (see
+    /// [`Cluster::set_env`]).
+    pub fn form_with_env(managers: usize, workers: usize, env: &[(&str, &str)]) -> Cluster {
         let mut c = Cluster::new(managers + workers);
+        for (k, v) in env {
+            c.set_env(k, v);
+        }
         c.init(0);
         let mt = c.token(0, "manager");
         let wt = c.token(0, "worker");

@@ -124,7 +124,10 @@ fn client(id: usize, socket: PathBuf, t0: Instant, stop: &AtomicBool, seed: u64)
 
 #[test]
 fn t20_put_get_cas_histories_stay_linearizable_under_kills_pauses_and_partitions() {
-    let mut c = Cluster::form(3, 0);
+    // The managers run tokio's current-thread runtime, as test and bench clusters on one
+    // machine do (`STARLING_THREADS=1`); the other multi-host tests run the default
+    // multi-thread runtime.
+    let mut c = Cluster::form_with_env(3, 0, &[("STARLING_THREADS", "1")]);
     let sockets: Vec<PathBuf> = (0..3).map(|i| c.socket(i)).collect();
     let stop = AtomicBool::new(false);
     let t0 = Instant::now();

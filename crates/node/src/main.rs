@@ -1266,14 +1266,14 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // STARLING_THREADS: the runtime's worker threads (default: one per CPU). One is best
     // when several nodes share a few cores (a test or bench cluster on one machine): fewer
-    // threads waking each other for every request.
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(v) = std::env::var_os("STARLING_THREADS") {
-        match v.to_str().and_then(|s| s.trim().parse::<usize>().ok()) {
-            Some(n) if (1..=1024).contains(&n) => {
-                builder.worker_threads(n);
-            }
+    // threads waking each other for every request. One means tokio's current-thread
+    // runtime, everything on the main thread: at 256 clients on 2 cores with 3 managers it
+    // took 12.7 % more writes/s to the leader and 5.3 % more spread than a multi-thread
+    // runtime of one worker (bench/RESULTS-remote-api.md, run 22).
+    let threads = match std::env::var_os("STARLING_THREADS") {
+        None => None,
+        Some(v) => match v.to_str().and_then(|s| s.trim().parse::<usize>().ok()) {
+            Some(n) if (1..=1024).contains(&n) => Some(n),
             _ => {
                 eprintln!(
                     "error: STARLING_THREADS={}: expected a number of threads from 1 to 1024",
@@ -1281,8 +1281,18 @@ fn main() -> std::process::ExitCode {
                 );
                 return std::process::ExitCode::FAILURE;
             }
+        },
+    };
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
         }
-    }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all();
     let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
