@@ -152,8 +152,8 @@ pub fn starling_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// Three members of each system share this machine's cores: each Starling node runs its
-/// async code on one thread (tokio's current-thread runtime) and each etcd member one Go scheduler thread (`GOMAXPROCS`), so
-/// neither wakes idle threads of its own on every request.
+/// async code on one thread (tokio's current-thread runtime) and each etcd member one Go
+/// scheduler thread (`GOMAXPROCS`), so neither wakes idle threads of its own on every request.
 pub const THREADS: (&str, &str) = ("STARLING_THREADS", "1");
 
 /// A command running the `starling` binary `bin` as a bench node (with [`THREADS`]).
