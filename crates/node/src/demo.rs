@@ -57,7 +57,13 @@ impl Demo {
         let mut all = args.to_vec();
         let d = dir.to_string_lossy().into_owned();
         all.extend(["--data-dir", &d, "--hostname", name]);
-        let child = Command::new(&self.exe)
+        let mut command = Command::new(&self.exe);
+        // Six nodes share this machine's cores: one thread each spares them waking each
+        // other's threads on every request (README, "Threads"), unless the user chose.
+        if std::env::var_os("STARLING_THREADS").is_none() {
+            command.env("STARLING_THREADS", "1");
+        }
+        let child = command
             .args(&all)
             .stdout(Stdio::null())
             .stderr(log)
