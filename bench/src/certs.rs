@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
-use crate::cluster::{Proc, free_port, poll, starling_binary};
+use crate::cluster::{Proc, exited, free_port, poll, ready_nodes, starling_binary};
 
 /// A cluster on loopback: `managers` managers (the first with `--metrics` on the returned
 /// address, when `metrics`) and `workers` workers, returned once every node is ready, the
@@ -74,42 +74,10 @@ async fn ready(
     want: usize,
     within: Duration,
 ) -> anyhow::Result<()> {
-    let what = format!("{want} {role:?} node(s) ready");
-    poll(&what, within, || {
-        let gone = exited(base, procs, names);
-        async move {
-            if let Some(e) = gone {
-                return Some(Err(e));
-            }
-            let list = client.nodes().await.ok()?;
-            let n = list
-                .nodes
-                .iter()
-                .filter(|n| n.role == role && n.status == starling_api::NodeStatus::Ready)
-                .count();
-            (n >= want).then_some(Ok(()))
-        }
+    ready_nodes(client, Some(role), want, within, || {
+        exited(base, names.iter().map(String::as_str).zip(procs.iter_mut()))
     })
-    .await?
-}
-
-/// An error naming the first of `procs` (called `names`, their logs in `base`) that has
-/// exited, with the end of its log: a node that cannot start is reported at once, not after
-/// the whole wait for every node to be ready.
-fn exited(base: &Path, procs: &mut [Proc], names: &[String]) -> Option<anyhow::Error> {
-    let (p, name) = procs
-        .iter_mut()
-        .zip(names)
-        .find_map(|(p, name)| p.exited().map(|status| (status, name)))?;
-    let log = base.join(format!("{name}.log"));
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: Vec<&str> = text.lines().rev().take(5).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
-    Some(anyhow::anyhow!(
-        "{name} exited ({p}) before the cluster was ready; the end of {}:\n{}",
-        log.display(),
-        tail.join("\n")
-    ))
+    .await
 }
 
 fn join(base: &Path, bin: &Path, token: &str, manager: &str, name: &str) -> anyhow::Result<Proc> {

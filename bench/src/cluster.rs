@@ -102,6 +102,60 @@ where
     }
 }
 
+/// Waits `within` until `want` nodes are ready as `client` lists them (of `role`, or of
+/// any role with `None`). `gone` is asked before each look; an error from it (a node's
+/// process that exited, see [`exited`]) ends the wait at once.
+pub async fn ready_nodes(
+    client: &starling_api::Client,
+    role: Option<starling_api::NodeRole>,
+    want: usize,
+    within: Duration,
+    mut gone: impl FnMut() -> Option<anyhow::Error>,
+) -> anyhow::Result<()> {
+    let what = match role {
+        Some(role) => format!("{want} {role:?} node(s) ready"),
+        None => format!("{want} node(s) ready"),
+    };
+    poll(&what, within, || {
+        let gone = gone();
+        async move {
+            if let Some(e) = gone {
+                return Some(Err(e));
+            }
+            let list = client.nodes().await.ok()?;
+            let n = list
+                .nodes
+                .iter()
+                .filter(|n| role.is_none_or(|r| n.role == r))
+                .filter(|n| n.status == starling_api::NodeStatus::Ready)
+                .count();
+            (n >= want).then_some(Ok(()))
+        }
+    })
+    .await?
+}
+
+/// An error naming the first of `procs` (each with its name, its log at `base/<name>.log`)
+/// that has exited, with the end of its log: a node that cannot start is reported at once,
+/// not after the whole wait for every node to be ready.
+pub fn exited<'a>(
+    base: &Path,
+    procs: impl IntoIterator<Item = (&'a str, &'a mut Proc)>,
+) -> Option<anyhow::Error> {
+    let (name, status) = procs
+        .into_iter()
+        .find_map(|(name, p)| p.exited().map(|status| (name, status)))?;
+    let log = base.join(format!("{name}.log"));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    Some(anyhow::anyhow!(
+        "{name} exited ({status}) before the cluster was ready; the end of {}:\n{}",
+        log.display(),
+        tail.join("\n")
+    ))
+}
+
 /// The `starling` binary built beside this one (built first when run under cargo).
 pub fn starling_binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("STARLING_BIN") {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use starling_api::{Client, ServiceSpec};
 
-use crate::cluster::{Proc, free_port, poll, starling_binary};
+use crate::cluster::{Proc, exited, free_port, poll, ready_nodes, starling_binary};
 
 struct Node {
     name: String,
@@ -149,15 +149,14 @@ async fn measure(
         )?;
         n.proc = Some(p);
     }
-    poll("three workers ready", Duration::from_secs(30), || async {
-        let list = api.nodes().await.ok()?;
-        (list
-            .nodes
-            .iter()
-            .filter(|n| n.status == starling_api::NodeStatus::Ready)
-            .count()
-            == 4)
-            .then_some(())
+    // The manager and three workers; a node that exits ends the wait with its log.
+    ready_nodes(&api, None, 4, Duration::from_secs(30), || {
+        exited(
+            base,
+            nodes
+                .iter_mut()
+                .filter_map(|n| Some((n.name.as_str(), n.proc.as_mut()?))),
+        )
     })
     .await?;
 
