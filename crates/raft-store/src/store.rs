@@ -485,6 +485,34 @@ pub struct RaftStatus {
     pub acked: std::collections::BTreeMap<u64, Duration>,
 }
 
+/// Keeps `flag` set while every quorum of this member's membership can form without it
+/// (`me`), until Raft stops. Read by the log store to gather the leader's own syncs.
+async fn watch_quorum_without(
+    mut rx: openraft::alias::WatchReceiverOf<
+        TypeConfig,
+        openraft::metrics::RaftServerMetrics<TypeConfig>,
+    >,
+    me: u64,
+    flag: Arc<std::sync::atomic::AtomicBool>,
+) {
+    loop {
+        let without = quorum_without(me, rx.borrow_and_update().membership_config.membership());
+        flag.store(without, std::sync::atomic::Ordering::Relaxed);
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether a majority of every configuration of `membership` (two during a joint change)
+/// can be found among its voters other than `me`: three voters or more, or `me` not a voter.
+fn quorum_without(me: u64, membership: &openraft::Membership<u64, ManagerNode>) -> bool {
+    membership.get_joint_config().iter().all(|voters| {
+        let others = voters.iter().filter(|id| **id != me).count();
+        others > voters.len() / 2
+    })
+}
+
 /// Milliseconds since each follower last acknowledged the leader's heartbeat (empty unless
 /// `raft` leads).
 pub(crate) fn acks_of(raft: &Raft) -> std::collections::BTreeMap<u64, u64> {
@@ -642,6 +670,7 @@ impl Store {
             }
         };
         let log_closed = log.closed_when_dropped();
+        let quorum_without_me = log.quorum_without_me();
         let sm = StateMachine::open_with(&config.data_dir.join("state"), config.watch_buffer)?;
         let shared = sm.shared.clone();
         let protocol = raft_protocol().map_err(|e| StoreError::Config(e.to_string()))?;
@@ -656,6 +685,11 @@ impl Store {
         let raft = Raft::new(config.raft_id, raft_config, network, log, sm)
             .await
             .map_err(|e| StoreError::Raft(e.to_string()))?;
+        tokio::spawn(watch_quorum_without(
+            raft.server_metrics(),
+            config.raft_id,
+            quorum_without_me,
+        ));
         let contact = crate::network::LeaderContact::new();
         let server = tokio::spawn(RaftServer::new(raft.clone(), contact.clone()).serve(listener));
         info!(raft_id = config.raft_id, node = %config.node, "raft store open");
@@ -1426,5 +1460,36 @@ mod read_batch_tests {
             .unwrap();
         assert!(d > c);
         assert!(!batch.lock().asking);
+    }
+}
+
+#[cfg(test)]
+mod quorum_tests {
+    use super::*;
+
+    fn membership(configs: &[&[u64]]) -> openraft::Membership<u64, ManagerNode> {
+        let configs: Vec<BTreeSet<u64>> = configs
+            .iter()
+            .map(|c| c.iter().copied().collect())
+            .collect();
+        openraft::Membership::new_with_defaults(configs, [])
+    }
+
+    #[test]
+    fn a_quorum_without_the_leader_needs_three_voters_in_every_configuration() {
+        assert!(!quorum_without(1, &membership(&[&[1]])), "alone");
+        assert!(!quorum_without(1, &membership(&[&[1, 2]])), "two voters");
+        assert!(quorum_without(1, &membership(&[&[1, 2, 3]])));
+        assert!(quorum_without(1, &membership(&[&[1, 2, 3, 4]])));
+        assert!(quorum_without(1, &membership(&[&[1, 2, 3, 4, 5]])));
+        // Not a voter: every quorum is of others.
+        assert!(quorum_without(9, &membership(&[&[1]])));
+        // A joint change needs both halves: from one voter to three, then the other way.
+        assert!(!quorum_without(1, &membership(&[&[1], &[1, 2, 3]])));
+        assert!(!quorum_without(1, &membership(&[&[1, 2, 3], &[1, 2]])));
+        assert!(quorum_without(
+            1,
+            &membership(&[&[1, 2, 3], &[1, 2, 3, 4, 5]])
+        ));
     }
 }
