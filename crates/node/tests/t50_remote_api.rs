@@ -159,6 +159,13 @@ fn cluster_with(mounts: impl FnOnce(&[PathBuf]) -> Vec<Tmpfs>) -> Cluster {
                     .then_some(())
             },
         );
+        // Its own control socket may come up after the leader has recorded it.
+        let own = Client::unix(dirs[i + 1].join("control.sock"));
+        poll(
+            &format!("{name} serves its control socket"),
+            Duration::from_secs(30),
+            || rt.block_on(own.info()).ok(),
+        );
     }
     Cluster {
         daemons,
