@@ -780,9 +780,9 @@ impl Store {
     }
 
     /// The leader this manager knows of, and its node if it is in the membership (one read
-    /// of the metrics, borrowed, not cloned).
+    /// of the server metrics, borrowed, not cloned).
     fn leader_view(&self) -> (Option<u64>, Option<(u64, ManagerNode)>) {
-        let metrics = self.raft.metrics();
+        let metrics = self.raft.server_metrics();
         let m = metrics.borrow_watched();
         let Some(id) = m.current_leader else {
             return (None, None);
@@ -793,9 +793,15 @@ impl Store {
 
     /// The leader this manager knows of, and where a call goes: here, or to its node (if it
     /// is in the membership). Runs for every write and read index: one borrowed read of the
-    /// metrics, and the node copied only when the call is forwarded.
+    /// server metrics, and the node copied only when the call is forwarded.
+    ///
+    /// From the server metrics, which [`Store::leader_view_leaves`] waits on: openraft
+    /// sends them before the full metrics, so a call that read its leader from the full
+    /// metrics could see no leader there while the wait sees one, and loop without ever
+    /// waiting (a hot spin on its thread, up to the quorum deadline, until the full metrics
+    /// caught up).
     fn leader_for_call(&self) -> (Option<u64>, Leader) {
-        let metrics = self.raft.metrics();
+        let metrics = self.raft.server_metrics();
         let m = metrics.borrow_watched();
         let Some(id) = m.current_leader else {
             return (None, Leader::Unknown);
