@@ -160,6 +160,9 @@ fn t12_a_manager_cut_off_cannot_write_while_the_majority_can_and_catches_up() {
     let island = (leader + 1) % 3;
     let majority: Vec<usize> = all.iter().copied().filter(|&i| i != island).collect();
     c.put(leader, "k", "before").unwrap();
+    // The write is acknowledged once two of three have it: the island must have it too
+    // before it is cut off, or its stale read below has nothing to show.
+    converged(&c, &all, "k", "before");
     c.net.isolate(island).unwrap();
     // Once the island has noticed that its leader went quiet, it has no quorum: its write
     // fails, fast and clearly. (A write sent before it noticed would be outcome_unknown: it

@@ -78,6 +78,10 @@ fn t32_force_new_cluster_from_the_last_manager_keeps_every_acknowledged_write() 
     // The leader is among the lost: the survivor is a follower.
     let leader = c.wait_leader(&[0, 1, 2], Duration::from_secs(20));
     let survivor = (0..3).find(|i| *i != leader).unwrap();
+    // A write is acknowledged once two of three have it: the survivor may not have been sent
+    // the last ones yet. A linearizable read through it returns once it has applied them all.
+    let (last, _) = c.get(survivor, "k59", "linearizable").unwrap();
+    assert_eq!(last.map(|(v, _)| v).as_deref(), Some("v59"));
     let lost: Vec<usize> = (0..3).filter(|i| *i != survivor).collect();
     let lost_ids: Vec<String> = lost.iter().map(|i| node_id(&c, *i)).collect();
     for &i in &lost {

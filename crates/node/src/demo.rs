@@ -191,25 +191,31 @@ pub(crate) fn run() -> anyhow::Result<()> {
             ],
         )?;
     }
+    // Through every manager, not m1 alone: a manager is reachable in the leader's view before
+    // it has finished entering the Raft group, and killing the leader then could leave it a
+    // voter that never heard of the group.
+    let manager_dirs = ["m1", "m2", "m3"].map(|m| root.join(m));
     demo.wait(
-        "six nodes with three managers",
+        "six nodes with three managers, seen by each manager",
         Duration::from_secs(60),
         || {
-            let list = demo.nodes(&m1_dir)?;
-            let managers = list
+            manager_dirs
                 .iter()
-                .filter(|n| n["manager_status"].is_string())
-                .count();
-            let reachable = list
-                .iter()
-                .filter(|n| n["manager_status"] == "reachable" || n["manager_status"] == "leader")
-                .count();
-            let ready = list.iter().all(|n| n["status"] == "ready");
-            let leaders = list
-                .iter()
-                .filter(|n| n["manager_status"] == "leader")
-                .count();
-            (list.len() == 6 && managers == 3 && reachable == 3 && leaders == 1 && ready)
+                .all(|dir| {
+                    let Some(list) = demo.nodes(dir) else {
+                        return false;
+                    };
+                    let count = |f: &dyn Fn(&serde_json::Value) -> bool| {
+                        list.iter().filter(|n| f(n)).count()
+                    };
+                    list.len() == 6
+                        && count(&|n| n["manager_status"].is_string()) == 3
+                        && count(&|n| {
+                            n["manager_status"] == "reachable" || n["manager_status"] == "leader"
+                        }) == 3
+                        && count(&|n| n["manager_status"] == "leader") == 1
+                        && list.iter().all(|n| n["status"] == "ready")
+                })
                 .then_some(())
         },
     )?;

@@ -97,7 +97,11 @@ fn t20_worker_and_manager_join_with_tokens() {
     poll("m2 serves node ls", Duration::from_secs(20), || {
         nodes(&m2).filter(|l| l.len() == 3)
     });
-    // A worker has no cluster state to show.
+    // A worker has no cluster state to show. (Its row is written before its control socket
+    // is bound: wait for that first.)
+    poll("w1 serves its socket", Duration::from_secs(30), || {
+        w1.join("control.sock").exists().then_some(())
+    });
     let on_worker = starling(&["node", "ls", "--data-dir", w1.to_str().unwrap()]);
     assert!(!on_worker.status.success());
     assert!(String::from_utf8_lossy(&on_worker.stderr).contains("worker"));
