@@ -103,7 +103,7 @@ where
 }
 
 /// Waits `within` until `want` nodes are ready as `client` lists them (of `role`, or of
-/// any role with `None`). `gone` is asked before each look; an error from it (a node's
+/// any role with `None`; a manager also reachable in the Raft group). `gone` is asked before each look; an error from it (a node's
 /// process that exited, see [`exited`]) ends the wait at once.
 pub async fn ready_nodes(
     client: &starling_api::Client,
@@ -128,6 +128,19 @@ pub async fn ready_nodes(
                 .iter()
                 .filter(|n| role.is_none_or(|r| n.role == r))
                 .filter(|n| n.status == starling_api::NodeStatus::Ready)
+                // A manager is ready in gossip before it has entered the Raft group: count
+                // it once it is reachable there too (the next join is then not a second
+                // membership change under way).
+                .filter(|n| {
+                    n.role != starling_api::NodeRole::Manager
+                        || matches!(
+                            n.manager_status,
+                            Some(
+                                starling_api::ManagerStatus::Leader
+                                    | starling_api::ManagerStatus::Reachable
+                            )
+                        )
+                })
                 .count();
             (n >= want).then_some(Ok(()))
         }
