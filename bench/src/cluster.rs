@@ -103,8 +103,9 @@ where
 }
 
 /// Waits `within` until `want` nodes are ready as `client` lists them (of `role`, or of
-/// any role with `None`; a manager also reachable in the Raft group). `gone` is asked before each look; an error from it (a node's
-/// process that exited, see [`exited`]) ends the wait at once.
+/// any role with `None`; a manager also reachable in the Raft group). `gone` is asked
+/// before each look; an error from it (a node's process that exited, see [`exited`]) ends
+/// the wait at once.
 pub async fn ready_nodes(
     client: &starling_api::Client,
     role: Option<starling_api::NodeRole>,
