@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, poll, spawn, starling};
+use common::{free_port, poll, rt, spawn, starling, wait_serving};
 
 fn nodes(dir: &Path) -> Option<Vec<serde_json::Value>> {
     let out = starling(&[
@@ -97,11 +97,8 @@ fn t20_worker_and_manager_join_with_tokens() {
     poll("m2 serves node ls", Duration::from_secs(20), || {
         nodes(&m2).filter(|l| l.len() == 3)
     });
-    // A worker has no cluster state to show. (Its row is written before its control socket
-    // is bound: wait for that first.)
-    poll("w1 serves its socket", Duration::from_secs(30), || {
-        w1.join("control.sock").exists().then_some(())
-    });
+    // A worker has no cluster state to show.
+    wait_serving(&rt(), &w1, "w1");
     let on_worker = starling(&["node", "ls", "--data-dir", w1.to_str().unwrap()]);
     assert!(!on_worker.status.success());
     assert!(String::from_utf8_lossy(&on_worker.stderr).contains("worker"));
@@ -378,9 +375,7 @@ fn t22_rotated_token_is_refused_and_a_worker_leaves() {
     assert!(String::from_utf8_lossy(&m_leave.stderr).contains("last manager"));
     // The worker leaves: its process ends, and the managers mark it down. (Ready for the
     // managers comes before the worker's control socket is bound: wait for that too.)
-    poll("w1 serves its socket", Duration::from_secs(30), || {
-        w1.join("control.sock").exists().then_some(())
-    });
+    wait_serving(&rt(), &w1, "w1");
     let left = starling(&["leave", "--data-dir", w1.to_str().unwrap()]);
     assert!(
         left.status.success(),

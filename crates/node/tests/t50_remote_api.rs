@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use starling_api::{Client, ClientError, Consistency, Context, ErrorCode, ManagerAddr};
 
 mod common;
-use common::{BIN, Daemon, free_port, poll, rt, spawn, starling};
+use common::{BIN, Daemon, free_port, poll, rt, spawn, starling, wait_serving};
 
 fn with_home(home: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
@@ -159,13 +159,7 @@ fn cluster_with(mounts: impl FnOnce(&[PathBuf]) -> Vec<Tmpfs>) -> Cluster {
                     .then_some(())
             },
         );
-        // Its own control socket may come up after the leader has recorded it.
-        let own = Client::unix(dirs[i + 1].join("control.sock"));
-        poll(
-            &format!("{name} serves its control socket"),
-            Duration::from_secs(30),
-            || rt.block_on(own.info()).ok(),
-        );
+        wait_serving(&rt, &dirs[i + 1], name);
     }
     Cluster {
         daemons,

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 use starling_api::{Client, Context, ManagerStatus, NodeDetail, NodeList, NodeRole, NodeStatus};
 
 mod common;
-use common::{Daemon, free_port, join_args, poll, rt, spawn_with_env, starling, unix};
+use common::{
+    Daemon, free_port, join_args, poll, rt, spawn_with_env, starling, unix, wait_serving,
+};
 
 const FLOOR: (&str, &str) = ("STARLING_TEST_MIN_CERT_EXPIRY_SECS", "10");
 
@@ -182,16 +184,8 @@ fn t80_certificates_of_20s_renew_for_3_minutes_without_a_failed_request() {
     daemons.insert("w1", run(&dir("w1")));
     // The new process serves (the old one's row stays ready for a few seconds, so the
     // managers' view alone would not show it), and the managers see it ready.
-    poll(
-        "w1 restarted and dispatching",
-        Duration::from_secs(30),
-        || {
-            rt.block_on(unix(&dir("w1")).info()).ok()?;
-            let list = nodes(&rt, &dir("m1"))?;
-            let w1 = list.nodes.iter().find(|n| n.hostname == "w1")?;
-            (w1.status == NodeStatus::Ready).then_some(())
-        },
-    );
+    wait_serving(&rt, &dir("w1"), "w1");
+    wait_ready(&rt, &dir("m1"), "w1", Duration::from_secs(30));
 }
 
 #[test]

@@ -53,6 +53,17 @@ pub(crate) fn unix(dir: &std::path::Path) -> starling_api::Client {
     starling_api::Client::unix(dir.join("control.sock"))
 }
 
+/// Waits until the node in `dir` (called `name`) answers on its own control socket: the
+/// leader lists a joining node before that node has bound its socket.
+pub(crate) fn wait_serving(rt: &tokio::runtime::Runtime, dir: &std::path::Path, name: &str) {
+    let client = unix(dir);
+    poll(
+        &format!("{name} serves its control socket"),
+        Duration::from_secs(30),
+        || rt.block_on(client.info()).ok(),
+    );
+}
+
 /// The arguments of `starling join` for a node named `name` in `dir`, on a free port.
 pub(crate) fn join_args(
     dir: &std::path::Path,
