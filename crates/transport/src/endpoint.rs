@@ -658,12 +658,19 @@ impl Endpoint {
             }
             None => quinn::EndpointConfig::default(),
         };
-        let quinn =
-            quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime))
-                .map_err(|source| EndpointError::Bind {
-                    addr: listen,
-                    source,
-                })?;
+        let quinn = crate::udp::Socket::wrap(socket)
+            .and_then(|socket| {
+                quinn::Endpoint::new_with_abstract_socket(
+                    endpoint_config,
+                    None,
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|source| EndpointError::Bind {
+                addr: listen,
+                source,
+            })?;
         let local_addr = quinn.local_addr().map_err(|source| EndpointError::Bind {
             addr: listen,
             source,

@@ -73,6 +73,7 @@ mod pki;
 mod stream;
 mod tls;
 mod token;
+mod udp;
 
 pub use codec::{Decode, DecodeError, Encode, EncodeError, Frame, decode};
 pub use connection::{Connection, Inbound, MessageError, Request};
