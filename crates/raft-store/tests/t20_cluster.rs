@@ -177,9 +177,20 @@ async fn t23_new_manager_catches_up_by_snapshot_after_20000_writes() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Compacted { .. }), "{err}");
     let m4 = c.m(4);
-    let status = m4.store.status();
-    assert!(status.voters.contains(&4), "{status:?}");
-    assert!(status.applied >= last);
+    // The leader's `promote` returns once the change is committed there; m4 learns it with
+    // the next append or heartbeat.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let status = m4.store.status();
+        if status.voters.contains(&4) && status.applied >= last {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "m4 not a voter with {last} applied: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let n = m4
         .store
         .read(Consistency::Stale, |s| s.range("w").len())
