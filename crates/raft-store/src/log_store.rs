@@ -4,9 +4,8 @@
 //! queue, so they reach the disk in the order openraft issued them (openraft's
 //! `docs/protocol/io_ordering.md`). Entries are readable as soon as `append` returns and
 //! acknowledged (the `IOFlushed` callback) only after the group commit's fsync. The vote is
-//! on disk before `save_vote` returns. The commit mark is not a write of its own: it rides in
-//! the next entries' record (and is written alone only when the last handle on the log is
-//! dropped or the log is compacted), so a write costs each member no extra syscall. The log is
+//! on disk before `save_vote` returns. The commit mark is written without a sync of its own
+//! (`Wal::append_unsynced`): it goes to disk with the next record that is synced. The log is
 //! also kept in memory; after a purge the WAL is compacted now and then so it does not grow
 //! without bound.
 
@@ -38,9 +37,6 @@ enum LogRecord {
     TruncateAfter(Option<LogId>),
     Purge(LogId),
     Committed(Option<LogId>),
-    /// Entries with the commit mark set before them (`save_committed` since the last record
-    /// that carried one). New variants go last: older logs decode unchanged.
-    CommittedEntries(Option<LogId>, Vec<Entry>),
 }
 
 /// Whether `bytes` decode as a log record (for the fuzz target).
@@ -52,8 +48,6 @@ pub(crate) fn decode_record(bytes: &[u8]) -> bool {
 struct Inner {
     vote: Option<Vote>,
     committed: Option<LogId>,
-    /// Whether `committed` changed since a record last carried it to the WAL.
-    committed_unwritten: bool,
     last_purged: Option<LogId>,
     log: BTreeMap<u64, Entry>,
     purged_since_compaction: u64,
@@ -81,12 +75,6 @@ impl Inner {
                 }
             }
             LogRecord::Committed(c) => self.committed = c,
-            LogRecord::CommittedEntries(c, entries) => {
-                self.committed = c;
-                for e in entries {
-                    self.log.insert(e.log_id.index, e);
-                }
-            }
         }
     }
 
@@ -118,28 +106,6 @@ pub(crate) struct LogStore {
     /// Set while every quorum of the membership can form without this member (see
     /// [`LogStore::quorum_without_me`]).
     quorum_without_me: Arc<AtomicBool>,
-    /// Writes a commit mark no record carried yet once the last handle is dropped.
-    _mark_on_close: Arc<MarkOnClose>,
-}
-
-/// Held by every handle on one log: when the last is dropped (the store closes), a commit
-/// mark that is still only in memory is written, unsynced like any commit mark, so a clean
-/// restart re-applies every committed entry at once.
-struct MarkOnClose {
-    inner: Arc<Mutex<Inner>>,
-    wal: Arc<Wal>,
-}
-
-impl Drop for MarkOnClose {
-    fn drop(&mut self) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if std::mem::take(&mut inner.committed_unwritten) {
-            match encode(&LogRecord::Committed(inner.committed)) {
-                Ok(bytes) => self.wal.append_unsynced(bytes),
-                Err(error) => tracing::warn!(%error, "commit mark not written at close"),
-            }
-        }
-    }
 }
 
 impl std::fmt::Debug for LogStore {
@@ -162,15 +128,9 @@ impl LogStore {
         for bytes in records {
             inner.replay(decode::<LogRecord>(&bytes)?);
         }
-        let inner = Arc::new(Mutex::new(inner));
-        let wal = Arc::new(wal);
         Ok(LogStore {
-            _mark_on_close: Arc::new(MarkOnClose {
-                inner: Arc::clone(&inner),
-                wal: Arc::clone(&wal),
-            }),
-            inner,
-            wal,
+            inner: Arc::new(Mutex::new(inner)),
+            wal: Arc::new(wal),
             raft_id: None,
             quorum_without_me: Arc::default(),
         })
@@ -274,14 +234,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Kept in memory until the next entries' record carries it (see `append`): a lost
-        // commit mark only means re-applying fewer entries at start, until a leader's commit
-        // index covers them again. At one client every write commits once on every member;
-        // a record of its own (even unsynced) was one more `pwrite` each, on the leader
-        // between the commit and the client's answer.
-        let mut inner = self.lock();
-        inner.committed = committed;
-        inner.committed_unwritten = true;
+        // Not synced for: a lost commit mark only means re-applying fewer entries at start,
+        // and a sync of its own would hold the disk from the next append (at one client,
+        // every write would pay two syncs per member). The next entries' sync takes it along.
+        self.wal
+            .append_unsynced(encode(&LogRecord::Committed(committed))?);
+        self.lock().committed = committed;
         Ok(())
     }
 
@@ -315,23 +273,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let gathered = !followed
             && entries.len() >= GATHER_FROM_ENTRIES
             && self.quorum_without_me.load(Ordering::Relaxed);
-        // The commit mark set since the last record that carried one rides along. Only
-        // openraft's core calls the log's writing methods, one at a time (`&mut self`), so
-        // the mark cannot change between here and clearing the flag below.
-        let mark = {
-            let inner = self.lock();
-            inner.committed_unwritten.then_some(inner.committed)
-        };
-        let record = match mark {
-            Some(committed) => LogRecord::CommittedEntries(committed, entries),
-            None => LogRecord::Entries(entries),
-        };
+        let record = LogRecord::Entries(entries);
         let bytes = encode(&record)?;
         let mut inner = self.lock();
-        inner.committed_unwritten = false;
         // Readable before the callback can run, and queued (or written) while holding the
         // lock so WAL order equals the in-memory order.
-        if let LogRecord::Entries(entries) | LogRecord::CommittedEntries(_, entries) = record {
+        if let LogRecord::Entries(entries) = record {
             for e in entries {
                 inner.log.insert(e.log_id.index, e);
             }
@@ -366,8 +313,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // compaction (which goes through the same queue, after everything before it).
             // Not waited for: appends queued after it land in the new segment.
             let image = inner.image()?;
-            // The image ends with the commit mark.
-            inner.committed_unwritten = false;
             self.wal.compact_then(
                 image,
                 Box::new(|r| {
@@ -378,87 +323,5 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             );
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use openraft::testing::{blank_ent, log_id};
-
-    use super::*;
-
-    /// Appends `entries` and waits until they are on disk.
-    async fn append_synced(log: &mut LogStore, entries: Vec<Entry>) {
-        use openraft::type_config::TypeConfigExt as _;
-        let (tx, rx) = TypeConfig::oneshot();
-        log.append(entries, IOFlushed::signal(tx)).await.unwrap();
-        rx.await.unwrap().unwrap();
-    }
-
-    fn blank(index: u64) -> Entry {
-        blank_ent::<TypeConfig>(1, 1, index)
-    }
-
-    #[tokio::test]
-    async fn a_commit_mark_is_no_write_of_its_own_and_rides_with_the_next_entries() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = LogStore::open(dir.path()).unwrap();
-        append_synced(&mut log, vec![blank(1), blank(2)]).await;
-        let before = log.wal.stats().records_written;
-        log.save_committed(Some(log_id::<TypeConfig>(1, 1, 2)))
-            .await
-            .unwrap();
-        assert_eq!(
-            log.wal.stats().records_written,
-            before,
-            "save_committed wrote a record"
-        );
-        assert_eq!(
-            log.read_committed().await.unwrap(),
-            Some(log_id::<TypeConfig>(1, 1, 2))
-        );
-        append_synced(&mut log, vec![blank(3)]).await;
-        assert_eq!(log.wal.stats().records_written, before + 1);
-        // A crash right now: the WAL's files as they are, without the close's own record.
-        let files = tempfile::tempdir().unwrap();
-        for f in std::fs::read_dir(dir.path()).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), files.path().join(f.file_name())).unwrap();
-        }
-        let mut crashed = LogStore::open(files.path()).unwrap();
-        assert_eq!(
-            crashed.read_committed().await.unwrap(),
-            Some(log_id::<TypeConfig>(1, 1, 2)),
-            "the mark did not ride with entry 3"
-        );
-        let entries = crashed.try_get_log_entries(1..).await.unwrap();
-        assert_eq!(
-            entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
-            [1, 2, 3]
-        );
-    }
-
-    #[tokio::test]
-    async fn a_commit_mark_no_entries_carried_is_written_when_the_log_closes() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = LogStore::open(dir.path()).unwrap();
-        append_synced(&mut log, vec![blank(1), blank(2)]).await;
-        log.save_committed(Some(log_id::<TypeConfig>(1, 1, 1)))
-            .await
-            .unwrap();
-        // A reader handle (openraft keeps some) does not write it when dropped.
-        let reader = log.get_log_reader().await;
-        let before = log.wal.stats().records_written;
-        drop(reader);
-        assert_eq!(log.wal.stats().records_written, before);
-        let wal = log.closed_when_dropped();
-        drop(log);
-        assert!(wal.upgrade().is_none(), "the WAL outlived its last handle");
-        let mut reopened = LogStore::open(dir.path()).unwrap();
-        assert_eq!(
-            reopened.read_committed().await.unwrap(),
-            Some(log_id::<TypeConfig>(1, 1, 1))
-        );
     }
 }
