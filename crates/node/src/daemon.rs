@@ -177,8 +177,10 @@ fn bind(
         reset_key: Some(dir.reset_key()?),
         ..EndpointConfig::default()
     };
-    Endpoint::bind(cfg, ring_provider(), creds)
-        .with_context(|| format!("cannot listen on {listen}"))
+    let endpoint = Endpoint::bind(cfg, ring_provider(), creds)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    crate::busy_poll::watch(&endpoint);
+    Ok(endpoint)
 }
 
 /// Creates a new cluster with this node as its first manager, and runs it.
@@ -579,6 +581,7 @@ pub async fn join(opts: JoinOptions) -> anyhow::Result<RunningNode> {
     };
     let endpoint = Endpoint::bind(cfg, ring_provider(), None)
         .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    crate::busy_poll::watch(&endpoint);
     let protocol = join_protocol()?;
     let conn = endpoint
         .connect_pinned(&protocol, opts.manager, &token)
@@ -1117,6 +1120,7 @@ async fn start_manager(
     if let Some(n) = SNAPSHOT_INTERVAL.get() {
         config.snapshot_interval = *n;
     }
+    config.poll_before_sleep = crate::busy_poll::policy();
     let store = Store::open(config, endpoint.clone()).await?;
     let store = Arc::new(store);
     // Earlier versions also kept the first CA in files beside the node's: never read, and a

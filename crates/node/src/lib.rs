@@ -9,6 +9,7 @@
 //! ```
 
 pub mod api;
+pub mod busy_poll;
 pub mod config;
 pub mod daemon;
 pub mod datadir;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use starling_api::{Client, ClientError, Consistency, LogsQuery, Registry};
 use starling_node::datadir::DataDir;
-use starling_node::{api, daemon};
+use starling_node::{api, busy_poll, daemon};
 
 mod demo;
 
@@ -1293,6 +1293,24 @@ fn main() -> std::process::ExitCode {
         None => tokio::runtime::Builder::new_multi_thread(),
     };
     builder.enable_all();
+    // STARLING_BUSY_POLL_US: how long a busy node's threads poll for work before they sleep
+    // (starling_node::busy_poll): the log writer with any runtime, the runtime's one thread
+    // with STARLING_THREADS=1.
+    let busy_poll = match busy_poll::policy_from_env() {
+        Ok(policy) => policy,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    busy_poll::set_policy(busy_poll);
+    if threads == Some(1) && !busy_poll.budget.is_zero() {
+        let hooks = Arc::new(busy_poll::BusyPoll::new(busy_poll));
+        let after = hooks.clone();
+        builder
+            .on_thread_park(move || hooks.before_park())
+            .on_thread_unpark(move || after.after_unpark());
+    }
     let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {

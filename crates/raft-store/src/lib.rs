@@ -23,6 +23,7 @@
 mod forward;
 mod log_store;
 mod network;
+mod poll;
 mod recover;
 mod sm_store;
 mod store;
@@ -31,6 +32,7 @@ mod wal;
 
 pub use forward::ForwardStats;
 pub use network::{RAFT_ALPN, raft_protocol};
+pub use poll::{PollBeforeSleep, Sleeps};
 pub use recover::{Recovered, force_new_cluster};
 /// The object model and its pure state machine, re-exported from [`starling_state`].
 pub use starling_state::{

@@ -118,7 +118,12 @@ impl LogStore {
     /// Opens (or creates) the log in `dir`, replaying the WAL. A torn tail from a crash is
     /// cut; corruption anywhere else is an error.
     pub(crate) fn open(dir: &Path) -> io::Result<Self> {
-        let (wal, records) = Wal::open(dir, WalOptions::default()).map_err(|e| match e {
+        Self::open_with(dir, WalOptions::default())
+    }
+
+    /// [`LogStore::open`] with the write-ahead log tuned by `options`.
+    pub(crate) fn open_with(dir: &Path, options: WalOptions) -> io::Result<Self> {
+        let (wal, records) = Wal::open(dir, options).map_err(|e| match e {
             // Another open log holds the directory: maybe this process's previous store,
             // still closing (the caller may wait for it).
             WalError::Locked { .. } => io::Error::new(io::ErrorKind::WouldBlock, e.to_string()),

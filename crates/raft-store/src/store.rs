@@ -19,8 +19,10 @@ use crate::network::{
     CallError, LeaderReply, Network, Raft, RaftRpc, RaftServer, call, leader_read_index,
     leader_write, raft_protocol,
 };
+use crate::poll::PollBeforeSleep;
 use crate::sm_store::{Shared, StateMachine, WatchSignal};
 use crate::types::{ManagerNode, TypeConfig};
+use crate::wal::WalOptions;
 use starling_state::{ClusterState, Command, CommandResult, KvEvent};
 
 /// Settings of a manager's store.
@@ -49,6 +51,9 @@ pub struct StoreConfig {
     /// Changes buffered for live watchers ([`WATCH_BUFFER`] by default); a watcher that
     /// falls further behind catches up from the kept history, unseen by its reader.
     pub watch_buffer: usize,
+    /// Whether the log's writer thread polls its queue briefly before it sleeps while busy
+    /// (off by default; see [`PollBeforeSleep`]).
+    pub poll_before_sleep: PollBeforeSleep,
 }
 
 /// The default [`StoreConfig::watch_buffer`]: every slot is allocated up front (about 120
@@ -67,6 +72,7 @@ impl StoreConfig {
             snapshot_interval: 100_000,
             catch_up_timeout: Duration::from_secs(120),
             watch_buffer: WATCH_BUFFER,
+            poll_before_sleep: PollBeforeSleep::default(),
         }
     }
 
@@ -659,8 +665,9 @@ impl Store {
         // letting go of its log (openraft's tasks drop it after the core stops): wait for
         // it a little rather than refuse; another process's open log is refused after that.
         let deadline = Instant::now() + LOG_LOCK_WAIT;
+        let wal_options = WalOptions::default().poll_before_sleep(config.poll_before_sleep);
         let log = loop {
-            match LogStore::open(&log_dir) {
+            match LogStore::open_with(&log_dir, wal_options.clone()) {
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
                 {

@@ -79,6 +79,8 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::poll::{PollBeforeSleep, Sleeps};
+
 /// Magic and format version at the start of every segment file.
 const MAGIC: &[u8; 8] = b"STRLWAL1";
 /// Segment header: magic (8), kind (1), reserved zero bytes (7).
@@ -112,6 +114,7 @@ pub struct WalOptions {
     max_batch_bytes: usize,
     max_batch_records: usize,
     gather_window: Duration,
+    poll_before_sleep: PollBeforeSleep,
 }
 
 impl Default for WalOptions {
@@ -121,6 +124,7 @@ impl Default for WalOptions {
             max_batch_bytes: 4 * 1024 * 1024,
             max_batch_records: 4096,
             gather_window: Duration::from_millis(3),
+            poll_before_sleep: PollBeforeSleep::default(),
         }
     }
 }
@@ -157,6 +161,15 @@ impl WalOptions {
     #[must_use]
     pub fn gather_window(mut self, window: Duration) -> Self {
         self.gather_window = window;
+        self
+    }
+
+    /// Whether the writer thread, with its queue empty, polls it for a while before it
+    /// sleeps (default: never). A record queued while it polls needs no wake-up through the
+    /// kernel; see [`PollBeforeSleep`].
+    #[must_use]
+    pub fn poll_before_sleep(mut self, poll: PollBeforeSleep) -> Self {
+        self.poll_before_sleep = poll;
         self
     }
 }
@@ -616,22 +629,44 @@ impl Shared {
     }
 }
 
+/// Takes the next command, polling the queue first while the writer is busy.
+fn next_command(
+    receiver: &mpsc::Receiver<Command>,
+    poll: PollBeforeSleep,
+    sleeps: &mut Sleeps,
+) -> Result<Command, mpsc::RecvError> {
+    let start = Instant::now();
+    let poll_for = poll.poll_for(sleeps);
+    let command = loop {
+        match receiver.try_recv() {
+            Ok(command) => break Ok(command),
+            Err(mpsc::TryRecvError::Disconnected) => break Err(mpsc::RecvError),
+            Err(mpsc::TryRecvError::Empty) if start.elapsed() < poll_for => thread::yield_now(),
+            Err(mpsc::TryRecvError::Empty) => break receiver.recv(),
+        }
+    };
+    poll.record(sleeps, start.elapsed());
+    command
+}
+
 /// The writer thread: takes the commands in queue order, appends in group-commit batches.
 fn run(receiver: &mpsc::Receiver<Command>, shared: &Shared) {
-    let (max_records, max_bytes) = {
+    let (max_records, max_bytes, poll) = {
         let writer = shared.lock();
         (
             writer.options.max_batch_records.max(1),
             writer.options.max_batch_bytes,
+            writer.options.poll_before_sleep,
         )
     };
+    let mut sleeps = Sleeps::default();
     let mut batch = Vec::new();
     let mut dones = Vec::new();
     let mut next = None;
     loop {
         let command = match next.take() {
             Some(command) => command,
-            None => match receiver.recv() {
+            None => match next_command(receiver, poll, &mut sleeps) {
                 Ok(command) => command,
                 // Every sender is gone and the queue is empty: closed.
                 Err(mpsc::RecvError) => {
@@ -1608,6 +1643,27 @@ mod tests {
         wal.append_sync(b"sync".to_vec()).unwrap();
         wal.append_gathered(b"next".to_vec(), reporting(&tx, 2));
         assert_eq!(rx.recv_timeout(WAIT).unwrap(), 2);
+        wal.close().unwrap();
+    }
+
+    #[test]
+    fn a_polling_writer_takes_each_record_and_close_ends_its_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        // Once busy, the writer polls its queue for up to an hour before each sleep.
+        let poll = PollBeforeSleep::new(Duration::from_secs(3600));
+        let (wal, _) =
+            Wal::open(dir.path(), WalOptions::default().poll_before_sleep(poll)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        for i in 0..20 {
+            wal.append(vec![i], reporting(&tx, u32::from(i)));
+            assert_eq!(rx.recv_timeout(WAIT).unwrap(), u32::from(i));
+        }
+        // The writer is polling now: closing must end that at once, not in an hour.
+        let (closed_tx, closed_rx) = mpsc::channel();
+        thread::spawn(move || closed_tx.send(wal.close()).unwrap());
+        closed_rx.recv_timeout(WAIT).unwrap().unwrap();
+        let (wal, replayed) = open(dir.path());
+        assert_eq!(replayed, (0..20).map(|i| vec![i]).collect::<Vec<_>>());
         wal.close().unwrap();
     }
 

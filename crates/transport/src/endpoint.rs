@@ -19,6 +19,7 @@ use crate::identity::{ClusterId, NodeId, PeerIdentity, Role, dns_name};
 use crate::pki::NodeCredentials;
 use crate::tls::{self, CertStore};
 use crate::token::{CaDigest, JoinToken};
+use crate::udp::ReadinessProbe;
 
 /// The byte a server sends on its first uni stream once it admitted a connection. A dialer
 /// waits for it, so a refusal (which TLS 1.3 client authentication reports only after the
@@ -438,6 +439,7 @@ struct Shared {
     live: Mutex<LiveConnections>,
     local_addr: SocketAddr,
     socket_buffers: (usize, usize),
+    probe: ReadinessProbe,
 }
 
 /// The connections of each peer, held weakly; entries of closed connections are dropped as
@@ -658,23 +660,20 @@ impl Endpoint {
             }
             None => quinn::EndpointConfig::default(),
         };
-        let quinn = crate::udp::Socket::wrap(socket)
-            .and_then(|socket| {
-                quinn::Endpoint::new_with_abstract_socket(
-                    endpoint_config,
-                    None,
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                )
-            })
-            .map_err(|source| EndpointError::Bind {
-                addr: listen,
-                source,
-            })?;
-        let local_addr = quinn.local_addr().map_err(|source| EndpointError::Bind {
+        let bind_error = |source| EndpointError::Bind {
             addr: listen,
             source,
-        })?;
+        };
+        let socket = crate::udp::Socket::wrap(socket).map_err(bind_error)?;
+        let probe = ReadinessProbe::new(&socket);
+        let quinn = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
+        let local_addr = quinn.local_addr().map_err(bind_error)?;
         let certs = Arc::new(CertStore::default());
         let shared = Arc::new(Shared {
             quinn,
@@ -692,6 +691,7 @@ impl Endpoint {
             live: Mutex::new(LiveConnections::default()),
             local_addr,
             socket_buffers,
+            probe,
         });
         let endpoint = Endpoint {
             inner: Arc::new(Inner {
@@ -712,6 +712,11 @@ impl Endpoint {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared().local_addr
+    }
+
+    /// Tells whether a datagram waits on this endpoint's socket; see [`ReadinessProbe`].
+    pub fn readiness_probe(&self) -> ReadinessProbe {
+        self.shared().probe.clone()
     }
 
     /// The socket buffer sizes the kernel granted (receive, send).

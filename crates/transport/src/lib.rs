@@ -91,6 +91,7 @@ pub use stream::ByteStream;
 pub use token::{
     CaDigest, JoinSecret, JoinSecrets, JoinToken, RandomnessError, TokenError, TokenPart,
 };
+pub use udp::ReadinessProbe;
 
 /// Re-exported so users can derive message types with the same rkyv as this crate:
 /// `#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]` with
