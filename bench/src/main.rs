@@ -131,8 +131,9 @@ async fn real_main() -> anyhow::Result<()> {
     let mut report = format!(
         "# Starling beside etcd\n\n{}Command: `{}`. {}, 3 members on 127.0.0.1; Starling `{}` \
          3 managers, {} build. Data of both on the same disk under `{}`. The members share the \
-         cores: each Starling node runs with `STARLING_THREADS=1` (tokio's current-thread runtime) \
-         and each etcd member with `GOMAXPROCS=1`. The clients of both systems run in the bench's \
+         cores: each Starling node runs with `STARLING_THREADS=1` (tokio's current-thread runtime, \
+         polling its socket up to 250 µs before it sleeps while busy: `STARLING_BUSY_POLL_US`'s \
+         default) and each etcd member with `GOMAXPROCS=1`. The clients of both systems run in the bench's \
          own process (allocator: jemalloc).\n\n",
         machine.markdown(),
         command,
