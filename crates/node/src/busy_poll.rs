@@ -73,7 +73,7 @@ static WATCHED: Mutex<Vec<ReadinessProbe>> = Mutex::new(Vec::new());
 /// dropped here.
 pub fn watch(endpoint: &Endpoint) {
     let mut watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
-    watched.retain(|p| p.datagram_waiting().is_some());
+    watched.retain(ReadinessProbe::is_open);
     watched.push(endpoint.readiness_probe());
 }
 
@@ -111,7 +111,8 @@ impl BusyPoll {
         };
         // The hook runs inside the runtime's context.
         if let (false, Ok(runtime)) = (poll_for.is_zero(), tokio::runtime::Handle::try_current()) {
-            let watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            // Polled under the lock, which only `watch` takes besides, when a node binds.
+            let watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
             poll_until(start + poll_for, &watched, &runtime.metrics());
         }
     }
@@ -236,7 +237,7 @@ mod tests {
             let endpoint = loopback_endpoint();
             watch(&endpoint);
             let watched = WATCHED.lock().unwrap();
-            assert!(watched.iter().all(|p| p.datagram_waiting().is_some()));
+            assert!(watched.iter().all(ReadinessProbe::is_open));
         });
     }
 

@@ -94,14 +94,16 @@ wire_type!(
 wire_type!(
     /// Cluster-wide settings, replicated like everything else.
     pub struct Settings {
-        /// Scales heartbeat and election timeouts (1 = defaults).
+        /// Not read: each manager's timeouts come from its own store configuration
+        /// (`StoreConfig::timing_multiplier`). Kept so that stored snapshots still read.
         pub timing_multiplier: u32,
         /// Lifetime of node certificates, seconds.
         pub cert_lifetime_secs: u64,
         /// How long after its certificate expired a node may still renew it with that
         /// certificate (a node powered off for a while), seconds; beyond, it rejoins.
         pub cert_grace_secs: u64,
-        /// Log entries between snapshots.
+        /// Not read: each manager snapshots as its own `--snapshot-interval` says. Kept so
+        /// that stored snapshots still read.
         pub snapshot_interval: u64,
         /// Autopilot (off by default).
         pub autopilot: Autopilot,

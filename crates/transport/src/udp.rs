@@ -89,6 +89,11 @@ impl ReadinessProbe {
         let mut fds = [PollFd::new(socket.io.get_ref().as_fd(), PollFlags::POLLIN)];
         Some(matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0))
     }
+
+    /// Whether the endpoint's socket is still open, without a syscall.
+    pub fn is_open(&self) -> bool {
+        self.0.strong_count() > 0
+    }
 }
 
 /// Registers `socket` with the runtime for `interest` only.
@@ -258,6 +263,7 @@ mod tests {
         let (socket, sender) = pair();
         let probe = ReadinessProbe::new(&socket);
         assert_eq!(probe.datagram_waiting(), Some(false));
+        assert!(probe.is_open());
         sender.send(b"x").unwrap();
         // Loopback delivers within the send; the probe does not take the datagram.
         assert_eq!(probe.datagram_waiting(), Some(true));
@@ -267,6 +273,7 @@ mod tests {
         let addr = socket.io.get_ref().local_addr().unwrap();
         drop(socket);
         assert_eq!(probe.datagram_waiting(), None);
+        assert!(!probe.is_open());
         // The probe holds no descriptor of its own: the port is free again.
         std::net::UdpSocket::bind(addr).expect("the port is still bound");
     }
